@@ -1,0 +1,331 @@
+//! The envelope every event travels in.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU64;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::codec::{Codec, ContentType};
+use crate::error::{CodecError, ValidationError};
+use crate::names::{AggregateId, EventId, EventType};
+use crate::wire;
+
+/// One event of one aggregate, with its metadata and payload.
+///
+/// Every field is validated when the envelope is built, so a value of this type is always
+/// publishable. Cloning is cheap: names are shared and the payload is reference-counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub(crate) aggregate_id: AggregateId,
+    pub(crate) event_type: EventType,
+    pub(crate) event_version: NonZeroU64,
+    pub(crate) event_id: EventId,
+    pub(crate) timestamp: SystemTime,
+    pub(crate) trace_id: Option<String>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) tenant_id: Option<String>,
+    pub(crate) content_type: ContentType,
+    pub(crate) headers: BTreeMap<String, String>,
+    pub(crate) payload: Bytes,
+}
+
+impl Envelope {
+    /// Starts an envelope for version `event_version` of aggregate `aggregate_id`.
+    ///
+    /// Validation happens in [`EnvelopeBuilder::build`], which names the field at fault.
+    pub fn builder(
+        aggregate_id: impl AsRef<str>,
+        event_type: impl AsRef<str>,
+        event_version: u64,
+    ) -> EnvelopeBuilder {
+        EnvelopeBuilder {
+            aggregate_id: aggregate_id.as_ref().to_owned(),
+            event_type: event_type.as_ref().to_owned(),
+            event_version,
+            event_id: None,
+            timestamp: None,
+            trace_id: None,
+            correlation_id: None,
+            tenant_id: None,
+            content_type: ContentType::Bytes,
+            headers: BTreeMap::new(),
+            payload: Bytes::new(),
+        }
+    }
+
+    /// The aggregate this event belongs to: the ordering key.
+    pub fn aggregate_id(&self) -> &AggregateId {
+        &self.aggregate_id
+    }
+
+    /// The event's type.
+    pub fn event_type(&self) -> &EventType {
+        &self.event_type
+    }
+
+    /// The aggregate's own version after this event, starting at 1.
+    pub fn event_version(&self) -> u64 {
+        self.event_version.get()
+    }
+
+    /// The event's unique ID; transports use it to de-duplicate retried publishes.
+    pub fn event_id(&self) -> &EventId {
+        &self.event_id
+    }
+
+    /// When the event was created (microsecond precision on the wire).
+    pub fn timestamp(&self) -> SystemTime {
+        self.timestamp
+    }
+
+    /// The distributed trace this event belongs to, if any.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.trace_id.as_deref()
+    }
+
+    /// The request or process this event was caused by, if any.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+
+    /// The tenant, in multi-tenant systems.
+    pub fn tenant_id(&self) -> Option<&str> {
+        self.tenant_id.as_deref()
+    }
+
+    /// What the payload bytes are.
+    pub fn content_type(&self) -> &ContentType {
+        &self.content_type
+    }
+
+    /// User headers, carried as they are.
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Decodes the payload with the codec its content type names.
+    pub fn decode_payload<T: DeserializeOwned>(&self) -> Result<T, CodecError> {
+        let codec = self.content_type.codec().ok_or_else(|| {
+            CodecError::new(
+                format!(
+                    "payload content type `{}` has no codec; read payload() instead",
+                    self.content_type
+                ),
+                None,
+            )
+        })?;
+        codec.decode(&self.payload)
+    }
+}
+
+/// Builds an [`Envelope`]; see [`Envelope::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct EnvelopeBuilder {
+    aggregate_id: String,
+    event_type: String,
+    event_version: u64,
+    event_id: Option<String>,
+    timestamp: Option<SystemTime>,
+    trace_id: Option<String>,
+    correlation_id: Option<String>,
+    tenant_id: Option<String>,
+    content_type: ContentType,
+    headers: BTreeMap<String, String>,
+    payload: Bytes,
+}
+
+impl EnvelopeBuilder {
+    /// Sets the event ID. Without it a new UUID v7 is generated at build time; set it when the
+    /// event already has an identity, so that publishing it twice is recognised as a duplicate.
+    pub fn event_id(mut self, event_id: impl Into<String>) -> Self {
+        self.event_id = Some(event_id.into());
+        self
+    }
+
+    /// Sets the timestamp (default: now).
+    pub fn timestamp(mut self, timestamp: SystemTime) -> Self {
+        self.timestamp = Some(timestamp);
+        self
+    }
+
+    /// Sets the trace ID.
+    pub fn trace_id(mut self, trace_id: impl Into<String>) -> Self {
+        self.trace_id = Some(trace_id.into());
+        self
+    }
+
+    /// Sets the correlation ID.
+    pub fn correlation_id(mut self, correlation_id: impl Into<String>) -> Self {
+        self.correlation_id = Some(correlation_id.into());
+        self
+    }
+
+    /// Sets the tenant ID.
+    pub fn tenant_id(mut self, tenant_id: impl Into<String>) -> Self {
+        self.tenant_id = Some(tenant_id.into());
+        self
+    }
+
+    /// Adds a user header. Names starting with `Bus-` or `Nats-` are reserved.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets raw payload bytes (content type `application/octet-stream`).
+    pub fn payload(mut self, payload: impl Into<Bytes>) -> Self {
+        self.payload = payload.into();
+        self.content_type = ContentType::Bytes;
+        self
+    }
+
+    /// Sets payload bytes of a given content type.
+    pub fn payload_with_type(
+        mut self,
+        payload: impl Into<Bytes>,
+        content_type: ContentType,
+    ) -> Self {
+        self.payload = payload.into();
+        self.content_type = content_type;
+        self
+    }
+
+    /// Encodes `value` with `codec` as the payload.
+    pub fn typed_payload<T: Serialize + ?Sized>(
+        mut self,
+        value: &T,
+        codec: Codec,
+    ) -> Result<Self, CodecError> {
+        self.payload = codec.encode(value)?.into();
+        self.content_type = codec.content_type();
+        Ok(self)
+    }
+
+    /// Validates every field and builds the envelope.
+    pub fn build(self) -> Result<Envelope, ValidationError> {
+        let event_version = NonZeroU64::new(self.event_version)
+            .ok_or_else(|| ValidationError::new("event_version", "0", "must be greater than 0"))?;
+        let event_id = match self.event_id {
+            Some(id) => EventId::new(id)?,
+            None => EventId::generate(),
+        };
+        for (field, value) in [
+            ("trace_id", &self.trace_id),
+            ("correlation_id", &self.correlation_id),
+            ("tenant_id", &self.tenant_id),
+        ] {
+            if let Some(value) = value {
+                wire::check_header_value(field, value)?;
+            }
+        }
+        if let ContentType::Other(value) = &self.content_type {
+            wire::check_header_value("content_type", value)?;
+        }
+        for (name, value) in &self.headers {
+            wire::check_user_header(name, value)?;
+        }
+        Ok(Envelope {
+            aggregate_id: AggregateId::new(self.aggregate_id)?,
+            event_type: EventType::new(self.event_type)?,
+            event_version,
+            event_id,
+            timestamp: self.timestamp.unwrap_or_else(SystemTime::now),
+            trace_id: self.trace_id,
+            correlation_id: self.correlation_id,
+            tenant_id: self.tenant_id,
+            content_type: self.content_type,
+            headers: self.headers,
+            payload: self.payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_zero_is_refused_with_its_field() {
+        let err = Envelope::builder("a", "T", 0).build().unwrap_err();
+        assert_eq!(err.field(), "event_version");
+        assert_eq!(
+            err.to_string(),
+            "event_version `0` is invalid: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn empty_fields_are_refused_by_name() {
+        assert_eq!(
+            Envelope::builder("", "T", 1).build().unwrap_err().field(),
+            "aggregate_id"
+        );
+        assert_eq!(
+            Envelope::builder("a", "", 1).build().unwrap_err().field(),
+            "event_type"
+        );
+        let err = Envelope::builder("a", "T", 1)
+            .event_id("")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "event_id");
+    }
+
+    #[test]
+    fn reserved_and_malformed_headers_are_refused() {
+        let err = Envelope::builder("a", "T", 1)
+            .header("Bus-Event-Type", "x")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
+        let err = Envelope::builder("a", "T", 1)
+            .header("nats-msg-id", "x")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
+        let err = Envelope::builder("a", "T", 1)
+            .header("X-Ok", "line\r\nbreak")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "header value");
+        let err = Envelope::builder("a", "T", 1)
+            .header("X Bad", "v")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "header name");
+        let err = Envelope::builder("a", "T", 1)
+            .trace_id("a\nb")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "trace_id");
+    }
+
+    #[test]
+    fn json_payload_round_trips() {
+        let env = Envelope::builder("a", "T", 1)
+            .typed_payload(&vec![1, 2, 3], Codec::Json)
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(env.content_type(), &ContentType::Json);
+        assert_eq!(&env.payload()[..], b"[1,2,3]");
+        assert_eq!(env.decode_payload::<Vec<i32>>().unwrap(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn raw_bytes_have_no_codec() {
+        let env = Envelope::builder("a", "T", 1)
+            .payload(vec![1u8])
+            .build()
+            .unwrap();
+        assert!(env.decode_payload::<u8>().is_err());
+    }
+}

@@ -1,0 +1,52 @@
+//! The transport-independent core of the ordered event bus.
+//!
+//! This crate holds the [`Envelope`] every event travels in, the validated names it is built
+//! from ([`Topic`], [`AggregateId`], [`EventType`]), the [wire format](wire) that maps an
+//! envelope onto message headers and a body, typed payload [codecs](Codec), and the traits a
+//! transport implements ([`Publisher`], [`Subscriber`]) and a user implements ([`Handler`]).
+//!
+//! It knows nothing about NATS or any other broker and starts no runtime: transports live in
+//! their own crates (`bus-nats`, `bus-memory`).
+//!
+//! ```
+//! use bus_core::{Codec, Envelope};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+//! struct Deposited { cents: u64 }
+//!
+//! let envelope = Envelope::builder("account-42", "Deposited", 7)
+//!     .typed_payload(&Deposited { cents: 1_250 }, Codec::MessagePack)?
+//!     .correlation_id("req-9")
+//!     .build()?;
+//! assert_eq!(envelope.event_version(), 7);
+//! assert_eq!(envelope.decode_payload::<Deposited>()?, Deposited { cents: 1_250 });
+//! # Ok(())
+//! # }
+//! ```
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![forbid(unsafe_code)]
+
+mod codec;
+mod envelope;
+mod error;
+mod names;
+mod traits;
+pub mod wire;
+
+pub use codec::{Codec, ContentType};
+pub use envelope::{Envelope, EnvelopeBuilder};
+pub use error::{
+    BoxError, CodecError, DecodeError, HandlerError, PublishError, PublishErrorKind,
+    SubscribeError, SubscribeErrorKind, ValidationError,
+};
+pub use names::{AggregateId, EventId, EventType, Topic, MAX_AGGREGATE_ID_LEN, MAX_NAME_LEN};
+pub use traits::{
+    handler_fn, raw_handler_fn, CloseReport, Handler, HandlerFn, Published, Publisher, RawHandler,
+    RawHandlerFn, RawKey, RawMessage, Receipt, Subscriber, Subscription, SubscriptionHandle,
+};

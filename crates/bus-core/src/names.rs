@@ -1,0 +1,276 @@
+//! Validated names. Each type can only hold a value that passed validation, so code that takes
+//! one never checks it again.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::ValidationError;
+
+/// The longest aggregate ID accepted, in bytes.
+///
+/// Aggregate IDs travel in a message header on every event and are hashed on every delivery;
+/// 256 bytes holds any UUID, URN or composite key while keeping headers small.
+pub const MAX_AGGREGATE_ID_LEN: usize = 256;
+
+/// The longest topic, event type or event ID accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 256;
+
+fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(ValidationError::new(field, value, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(ValidationError::new(
+            field,
+            value,
+            format!("is {} bytes long, the limit is {max}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_chars(
+    field: &'static str,
+    value: &str,
+    allowed: impl Fn(char) -> bool,
+    allowed_text: &str,
+) -> Result<(), ValidationError> {
+    if let Some(bad) = value.chars().find(|c| !allowed(*c)) {
+        return Err(ValidationError::new(
+            field,
+            value,
+            format!("contains {bad:?}; allowed are {allowed_text}"),
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! string_newtype {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// The validated value.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), &*self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = ValidationError;
+            fn try_from(value: &str) -> Result<Self, ValidationError> {
+                Self::new(value)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = ValidationError;
+            fn try_from(value: String) -> Result<Self, ValidationError> {
+                Self::new(value)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = ValidationError;
+            fn from_str(value: &str) -> Result<Self, ValidationError> {
+                Self::new(value)
+            }
+        }
+    };
+}
+
+string_newtype!(
+    /// A topic: the unit of ordering scope and of isolation between event kinds.
+    ///
+    /// A topic is one or more tokens separated by `.`; each token is non-empty and made of ASCII
+    /// letters, digits, `-` and `_`. Wildcards (`*`, `>`) and white space are refused, so a topic
+    /// is always a valid literal subject on brokers that use dotted subjects. At most
+    /// [`MAX_NAME_LEN`] bytes.
+    ///
+    /// ```
+    /// use bus_core::Topic;
+    /// assert!(Topic::new("orders.v1").is_ok());
+    /// let err = Topic::new("orders v1").unwrap_err();
+    /// assert_eq!(err.to_string(), "topic `orders v1` is invalid: contains ' '; allowed are tokens of ASCII letters, digits, '-' and '_' separated by '.'");
+    /// ```
+    Topic
+);
+
+impl Topic {
+    /// Validates `value` as a topic.
+    pub fn new(value: impl AsRef<str> + Into<Arc<str>>) -> Result<Self, ValidationError> {
+        let text = value.as_ref();
+        const ALLOWED: &str = "tokens of ASCII letters, digits, '-' and '_' separated by '.'";
+        check_len("topic", text, MAX_NAME_LEN)?;
+        check_chars(
+            "topic",
+            text,
+            |c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.',
+            ALLOWED,
+        )?;
+        if text.split('.').any(str::is_empty) {
+            return Err(ValidationError::new(
+                "topic",
+                text,
+                format!("has an empty token; allowed are {ALLOWED}"),
+            ));
+        }
+        Ok(Self(value.into()))
+    }
+}
+
+/// Characters allowed in an aggregate ID besides ASCII letters and digits.
+const AGGREGATE_ID_PUNCTUATION: &str = "-_.:@/+=~#";
+
+string_newtype!(
+    /// The identity of an aggregate: events with the same ID on the same topic are delivered
+    /// and handled strictly in order.
+    ///
+    /// Non-empty, at most [`MAX_AGGREGATE_ID_LEN`] bytes, made of ASCII letters, digits and
+    /// `- _ . : @ / + = ~ #`. White space and control characters are refused because the ID
+    /// travels in a message header.
+    ///
+    /// ```
+    /// use bus_core::AggregateId;
+    /// assert!(AggregateId::new("order-2024/17").is_ok());
+    /// assert!(AggregateId::new("").is_err());
+    /// ```
+    AggregateId
+);
+
+impl AggregateId {
+    /// Validates `value` as an aggregate ID.
+    pub fn new(value: impl AsRef<str> + Into<Arc<str>>) -> Result<Self, ValidationError> {
+        let text = value.as_ref();
+        check_len("aggregate_id", text, MAX_AGGREGATE_ID_LEN)?;
+        check_chars(
+            "aggregate_id",
+            text,
+            |c| c.is_ascii_alphanumeric() || AGGREGATE_ID_PUNCTUATION.contains(c),
+            "ASCII letters, digits and \"-_.:@/+=~#\"",
+        )?;
+        Ok(Self(value.into()))
+    }
+}
+
+string_newtype!(
+    /// The type of an event, such as `OrderPlaced` or `billing.invoice.issued`.
+    ///
+    /// Non-empty, at most [`MAX_NAME_LEN`] bytes, made of ASCII letters, digits and `- _ . : /`.
+    EventType
+);
+
+impl EventType {
+    /// Validates `value` as an event type.
+    pub fn new(value: impl AsRef<str> + Into<Arc<str>>) -> Result<Self, ValidationError> {
+        let text = value.as_ref();
+        check_len("event_type", text, MAX_NAME_LEN)?;
+        check_chars(
+            "event_type",
+            text,
+            |c| c.is_ascii_alphanumeric() || "-_.:/".contains(c),
+            "ASCII letters, digits and \"-_.:/\"",
+        )?;
+        Ok(Self(value.into()))
+    }
+}
+
+string_newtype!(
+    /// The unique identity of one event. Transports use it to recognise a retried publish
+    /// (on NATS it becomes `Nats-Msg-Id`).
+    ///
+    /// Non-empty, at most [`MAX_NAME_LEN`] bytes of printable ASCII without spaces.
+    EventId
+);
+
+impl EventId {
+    /// Validates `value` as an event ID.
+    pub fn new(value: impl AsRef<str> + Into<Arc<str>>) -> Result<Self, ValidationError> {
+        let text = value.as_ref();
+        check_len("event_id", text, MAX_NAME_LEN)?;
+        check_chars(
+            "event_id",
+            text,
+            |c| c.is_ascii_graphic(),
+            "printable ASCII without spaces",
+        )?;
+        Ok(Self(value.into()))
+    }
+
+    /// A new time-ordered unique ID (a UUID version 7).
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().to_string().into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn aggregate_id_limits() {
+        assert!(AggregateId::new("a".repeat(MAX_AGGREGATE_ID_LEN)).is_ok());
+        let err = AggregateId::new("a".repeat(MAX_AGGREGATE_ID_LEN + 1)).unwrap_err();
+        assert_eq!(err.field(), "aggregate_id");
+        assert!(err.to_string().contains("257 bytes long"), "{err}");
+        let err = AggregateId::new("a b").unwrap_err();
+        assert!(err.to_string().contains("contains ' '"), "{err}");
+        assert!(AggregateId::new("tenant:7/order#3").is_ok());
+    }
+
+    #[test]
+    fn topic_rules() {
+        for bad in ["", ".", "a.", ".a", "a..b", "a.*", "a.>", "a b", "ä"] {
+            assert!(Topic::new(bad).is_err(), "{bad:?} was accepted");
+        }
+        for good in ["a", "orders.v1", "A-b_c.D9"] {
+            assert!(Topic::new(good).is_ok(), "{good:?} was refused");
+        }
+    }
+
+    #[test]
+    fn generated_event_ids_are_valid_and_distinct() {
+        let a = EventId::generate();
+        let b = EventId::generate();
+        assert_ne!(a, b);
+        assert!(EventId::new(a.as_str()).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn aggregate_id_accepts_exactly_its_alphabet(s in "\\PC{0,300}") {
+            let expected = !s.is_empty()
+                && s.len() <= MAX_AGGREGATE_ID_LEN
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || AGGREGATE_ID_PUNCTUATION.contains(c));
+            prop_assert_eq!(AggregateId::new(s.as_str()).is_ok(), expected);
+        }
+
+        #[test]
+        fn valid_topics_round_trip(tokens in proptest::collection::vec("[A-Za-z0-9_-]{1,8}", 1..6)) {
+            let text = tokens.join(".");
+            let topic = Topic::new(text.as_str()).unwrap();
+            prop_assert_eq!(topic.as_str(), text.as_str());
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! The traits a transport implements and a user implements.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::envelope::Envelope;
+use crate::error::{HandlerError, PublishError, SubscribeError};
+use crate::names::Topic;
+
+/// Handles the events of one topic.
+///
+/// Calls for one aggregate never overlap and come in version order; calls for different
+/// aggregates run in parallel. Returning `Ok` acknowledges the event; returning an error hands
+/// it to the transport's retry and failure policy, and the aggregate's later events wait.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one event.
+    async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError>;
+}
+
+/// A message received on a raw (non-envelope) subscription.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    /// The topic it was received on.
+    pub topic: Topic,
+    /// The concrete subject or channel it was published to.
+    pub subject: String,
+    /// Its headers, as received.
+    pub headers: Vec<(String, String)>,
+    /// Its body.
+    pub payload: Bytes,
+}
+
+impl RawMessage {
+    /// The first value of header `name` (ASCII case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Handles raw messages of one topic.
+#[async_trait]
+pub trait RawHandler: Send + Sync + 'static {
+    /// Handles one message.
+    async fn handle(&self, message: RawMessage) -> Result<(), HandlerError>;
+}
+
+/// How a raw subscription chooses the ordering key of a message.
+#[derive(Clone, Default)]
+pub enum RawKey {
+    /// All messages of one subject are handled in order (the default).
+    #[default]
+    Subject,
+    /// Messages with the same extracted key are handled in order. A message for which the
+    /// function returns `None` cannot be ordered and takes the transport's dead-letter path.
+    Extract(Arc<dyn Fn(&RawMessage) -> Option<String> + Send + Sync>),
+}
+
+impl RawKey {
+    /// Orders by the value of header `name`.
+    pub fn header(name: impl Into<String>) -> Self {
+        let name = name.into();
+        RawKey::Extract(Arc::new(move |m| m.header(&name).map(str::to_owned)))
+    }
+
+    /// The key of `message`, or `None` if it has none.
+    pub fn key_of(&self, message: &RawMessage) -> Option<String> {
+        match self {
+            RawKey::Subject => Some(message.subject.clone()),
+            RawKey::Extract(f) => f(message),
+        }
+    }
+}
+
+impl fmt::Debug for RawKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RawKey::Subject => f.write_str("RawKey::Subject"),
+            RawKey::Extract(_) => f.write_str("RawKey::Extract(..)"),
+        }
+    }
+}
+
+/// What a transport reports once a message is safely stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The topic it was published on.
+    pub topic: Topic,
+    /// Its position in the broker's log, if the broker has one.
+    pub sequence: Option<u64>,
+    /// Whether the broker recognised it as a repeat of an earlier publish of the same event ID.
+    pub duplicate: bool,
+}
+
+/// A future that resolves when the broker has stored (or refused) one published message.
+///
+/// Dropping a receipt does not lose the outcome: a transport also reports failures through
+/// its `flush` and its error callback.
+#[must_use = "a receipt says whether the message was stored; await it or rely on flush()"]
+pub struct Receipt(Pin<Box<dyn Future<Output = Result<Published, PublishError>> + Send>>);
+
+impl Receipt {
+    /// Wraps a transport's future.
+    pub fn new(
+        future: impl Future<Output = Result<Published, PublishError>> + Send + 'static,
+    ) -> Self {
+        Self(Box::pin(future))
+    }
+
+    /// A receipt that is already resolved.
+    pub fn ready(result: Result<Published, PublishError>) -> Self {
+        Self::new(std::future::ready(result))
+    }
+}
+
+impl Future for Receipt {
+    type Output = Result<Published, PublishError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Receipt(..)")
+    }
+}
+
+/// Publishes envelopes and raw messages.
+///
+/// Envelopes published in order from one task are stored in that order.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Sends `envelope` on `topic` and returns once it is handed to the transport, without
+    /// waiting for the broker. May wait while the transport's in-flight window is full.
+    async fn publish(&self, topic: &Topic, envelope: Envelope) -> Result<Receipt, PublishError>;
+
+    /// Sends raw bytes with optional headers on `topic`.
+    async fn publish_raw(
+        &self,
+        topic: &Topic,
+        headers: Vec<(String, String)>,
+        payload: Bytes,
+    ) -> Result<Receipt, PublishError>;
+
+    /// Waits until every message sent so far is stored or has failed; returns the first
+    /// failure since the previous flush, if any.
+    async fn flush(&self) -> Result<(), PublishError>;
+
+    /// Flushes, then refuses further publishes.
+    async fn close(&self) -> Result<(), PublishError>;
+}
+
+/// What a closed subscription did with its in-flight messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CloseReport {
+    /// Messages handled and acknowledged over the subscription's life.
+    pub handled: u64,
+    /// Messages that were received but not handled before close; the broker delivers them
+    /// again to the next subscriber, in order.
+    pub returned: u64,
+}
+
+/// A transport's side of an active subscription.
+#[async_trait]
+pub trait SubscriptionHandle: Send + Sync {
+    /// Stops receiving, lets in-flight handlers finish within `deadline`, acknowledges what
+    /// succeeded and never what did not.
+    async fn close(self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError>;
+}
+
+/// An active subscription; close it with [`Subscription::close`] for a graceful stop.
+pub struct Subscription(Box<dyn SubscriptionHandle>);
+
+impl Subscription {
+    /// Default time [`Subscription::close`] waits for in-flight handlers.
+    pub const DEFAULT_CLOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+    /// Wraps a transport's handle.
+    pub fn new(handle: impl SubscriptionHandle + 'static) -> Self {
+        Self(Box::new(handle))
+    }
+
+    /// Stops the subscription gracefully, waiting at most [`Self::DEFAULT_CLOSE_DEADLINE`].
+    pub async fn close(self) -> Result<CloseReport, SubscribeError> {
+        self.0.close(Self::DEFAULT_CLOSE_DEADLINE).await
+    }
+
+    /// Stops the subscription gracefully, waiting at most `deadline` for in-flight handlers.
+    pub async fn close_within(self, deadline: Duration) -> Result<CloseReport, SubscribeError> {
+        self.0.close(deadline).await
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Subscription(..)")
+    }
+}
+
+/// Starts subscriptions.
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// Delivers the envelopes of `topic` to `handler`, per aggregate in order.
+    async fn subscribe(
+        &self,
+        topic: &Topic,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Subscription, SubscribeError>;
+
+    /// Delivers raw messages of `topic` to `handler`, in order per `key`.
+    async fn subscribe_raw(
+        &self,
+        topic: &Topic,
+        key: RawKey,
+        handler: Arc<dyn RawHandler>,
+    ) -> Result<Subscription, SubscribeError>;
+}
+
+/// A [`Handler`] made from an async closure; see [`handler_fn`].
+pub struct HandlerFn<F>(F);
+
+impl<F> fmt::Debug for HandlerFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HandlerFn(..)")
+    }
+}
+
+/// Makes a [`Handler`] from an async closure.
+///
+/// ```
+/// use bus_core::{handler_fn, Handler};
+/// let handler = handler_fn(|envelope| async move {
+///     println!("{} v{}", envelope.aggregate_id(), envelope.event_version());
+///     Ok(())
+/// });
+/// # fn is_handler(_: impl Handler) {}
+/// # is_handler(handler);
+/// ```
+pub fn handler_fn<F, Fut>(f: F) -> HandlerFn<F>
+where
+    F: Fn(Envelope) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    HandlerFn(f)
+}
+
+#[async_trait]
+impl<F, Fut> Handler for HandlerFn<F>
+where
+    F: Fn(Envelope) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError> {
+        (self.0)(envelope).await
+    }
+}
+
+/// A [`RawHandler`] made from an async closure; see [`raw_handler_fn`].
+pub struct RawHandlerFn<F>(F);
+
+impl<F> fmt::Debug for RawHandlerFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RawHandlerFn(..)")
+    }
+}
+
+/// Makes a [`RawHandler`] from an async closure.
+pub fn raw_handler_fn<F, Fut>(f: F) -> RawHandlerFn<F>
+where
+    F: Fn(RawMessage) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    RawHandlerFn(f)
+}
+
+#[async_trait]
+impl<F, Fut> RawHandler for RawHandlerFn<F>
+where
+    F: Fn(RawMessage) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    async fn handle(&self, message: RawMessage) -> Result<(), HandlerError> {
+        (self.0)(message).await
+    }
+}

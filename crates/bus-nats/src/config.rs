@@ -336,6 +336,10 @@ pub struct NatsConfig {
     pub dead_letters: DeadLetterConfig,
     /// Told of every failed publish, in addition to its receipt and `flush`.
     pub on_publish_error: Option<PublishFailureCallback>,
+    /// Use one connection for every topic instead of one per topic (default false). Only for
+    /// comparison with designs that share a connection; per-topic connections isolate topics
+    /// and measured faster (`docs/performance.md`).
+    pub share_connection: bool,
 }
 
 impl Default for NatsConfig {
@@ -351,6 +355,7 @@ impl Default for NatsConfig {
             retry: RetryPolicy::default(),
             dead_letters: DeadLetterConfig::default(),
             on_publish_error: None,
+            share_connection: false,
         }
     }
 }
@@ -367,6 +372,7 @@ impl fmt::Debug for NatsConfig {
             .field("pool", &self.pool)
             .field("retry", &self.retry)
             .field("dead_letters", &self.dead_letters)
+            .field("share_connection", &self.share_connection)
             .finish_non_exhaustive()
     }
 }

@@ -160,7 +160,15 @@ impl Shared {
         if let Some(c) = self.connections.read().unwrap().get(topic) {
             return Ok(c.clone());
         }
-        let client = self.connect(topic).await?;
+        let shared_client = if self.config.share_connection {
+            self.connections.read().unwrap().values().next().map(|c| c.client.clone())
+        } else {
+            None
+        };
+        let client = match shared_client {
+            Some(client) => client,
+            None => self.connect(topic).await?,
+        };
         // The ack window is ours (`max_in_flight`); the client's own is set to the same size
         // and waits rather than failing at the bound.
         let jetstream = jetstream::ContextBuilder::new()

@@ -55,6 +55,9 @@ pub trait RawHandler: Send + Sync + 'static {
     async fn handle(&self, message: RawMessage) -> Result<(), HandlerError>;
 }
 
+/// A function that extracts the ordering key of a raw message.
+pub type KeyExtractor = Arc<dyn Fn(&RawMessage) -> Option<String> + Send + Sync>;
+
 /// How a raw subscription chooses the ordering key of a message.
 #[derive(Clone, Default)]
 pub enum RawKey {
@@ -63,7 +66,7 @@ pub enum RawKey {
     Subject,
     /// Messages with the same extracted key are handled in order. A message for which the
     /// function returns `None` cannot be ordered and takes the transport's dead-letter path.
-    Extract(Arc<dyn Fn(&RawMessage) -> Option<String> + Send + Sync>),
+    Extract(KeyExtractor),
 }
 
 impl RawKey {

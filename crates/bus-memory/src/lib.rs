@@ -23,7 +23,7 @@
 //!     })))
 //!     .await?;
 //! for version in 1..=3 {
-//!     let _ = bus.publish(&topic, Envelope::builder("acc-1", "Deposited", version).build()?).await?;
+//!     let _receipt = bus.publish(&topic, Envelope::builder("acc-1", "Deposited", version).build()?).await?;
 //! }
 //! assert_eq!([rx.recv().await, rx.recv().await, rx.recv().await], [Some(1), Some(2), Some(3)]);
 //! subscription.close().await?;

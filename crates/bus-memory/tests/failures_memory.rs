@@ -37,15 +37,15 @@ async fn undecodable_and_failing_messages_are_dead_lettered_and_the_topic_flows(
         .await
         .unwrap()
     };
-    let _ = bus
+    let _receipt = bus
         .publish_raw(&topic, vec![], "garbage".into())
         .await
         .unwrap();
-    let _ = bus
+    let _receipt = bus
         .publish(&topic, Envelope::builder("panics", "T", 1).build().unwrap())
         .await
         .unwrap();
-    let _ = bus
+    let _receipt = bus
         .publish(
             &topic,
             Envelope::builder("refuses", "T", 1).build().unwrap(),
@@ -53,7 +53,7 @@ async fn undecodable_and_failing_messages_are_dead_lettered_and_the_topic_flows(
         .await
         .unwrap();
     for v in 1..=10 {
-        let _ = bus
+        let _receipt = bus
             .publish(&topic, Envelope::builder("fine", "T", v).build().unwrap())
             .await
             .unwrap();

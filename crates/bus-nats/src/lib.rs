@@ -161,7 +161,12 @@ impl Shared {
             return Ok(c.clone());
         }
         let shared_client = if self.config.share_connection {
-            self.connections.read().unwrap().values().next().map(|c| c.client.clone())
+            self.connections
+                .read()
+                .unwrap()
+                .values()
+                .next()
+                .map(|c| c.client.clone())
         } else {
             None
         };
@@ -377,3 +382,8 @@ impl Subscriber for NatsBus {
         .await
     }
 }
+
+/// The README's examples, compiled as doc-tests so the quick start stays true.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

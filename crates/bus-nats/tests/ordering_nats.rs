@@ -39,13 +39,23 @@ async fn one_aggregate_thousand_events_in_exact_order() {
         .await
         .unwrap();
     for version in 1..=1000 {
-        let _ = bus.publish(&topic, envelope("the-one", version)).await.unwrap();
+        let _receipt = bus
+            .publish(&topic, envelope("the-one", version))
+            .await
+            .unwrap();
     }
     bus.flush().await.unwrap();
     let mut previous = 0;
     for _ in 0..1000 {
-        let version = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.unwrap().unwrap();
-        assert_eq!(version, previous + 1, "event {version} arrived after {previous}");
+        let version = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            version,
+            previous + 1,
+            "event {version} arrived after {previous}"
+        );
         previous = version;
     }
     subscription.close().await.unwrap();
@@ -57,7 +67,9 @@ async fn one_aggregate_thousand_events_in_exact_order() {
 async fn hundred_thousand_events_four_topics_eight_publishers() {
     let server = NatsServer::start();
     let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
-    let topics: Vec<Topic> = (0..4).map(|i| Topic::new(format!("scaled.t{i}")).unwrap()).collect();
+    let topics: Vec<Topic> = (0..4)
+        .map(|i| Topic::new(format!("scaled.t{i}")).unwrap())
+        .collect();
     let recorder = Recorder::new();
     let mut subscriptions = Vec::new();
     for topic in &topics {
@@ -75,7 +87,7 @@ async fn hundred_thousand_events_four_topics_eight_publishers() {
             for version in 1..=VERSIONS {
                 for (t, topic) in topics.iter().enumerate() {
                     for a in (p..AGGREGATES_PER_TOPIC).step_by(PUBLISHERS) {
-                        let _ = publisher
+                        let _receipt = publisher
                             .publish(topic, envelope(&format!("t{t}-a{a}"), version))
                             .await
                             .unwrap();
@@ -106,14 +118,16 @@ async fn topics_sharing_a_stream_stay_isolated() {
     let a = Topic::new("shared.a").unwrap();
     let b = Topic::new("shared.b").unwrap();
     let mut config = test_config(&server.url());
-    config.streams.push(StreamSpec::new("SHARED", [a.clone(), b.clone()]));
+    config
+        .streams
+        .push(StreamSpec::new("SHARED", [a.clone(), b.clone()]));
     let bus = NatsBus::connect(config).await.unwrap();
     assert_eq!(bus.stream_name(&a).await.unwrap(), "SHARED");
     assert_eq!(bus.stream_name(&b).await.unwrap(), "SHARED");
     // Publish first, so both topics' messages sit interleaved in the one stream.
     for version in 1..=200 {
-        let _ = bus.publish(&a, envelope("x", version)).await.unwrap();
-        let _ = bus.publish(&b, envelope("x", version)).await.unwrap();
+        let _receipt = bus.publish(&a, envelope("x", version)).await.unwrap();
+        let _receipt = bus.publish(&b, envelope("x", version)).await.unwrap();
     }
     bus.flush().await.unwrap();
     let recorder = Recorder::new();
@@ -138,10 +152,18 @@ async fn oversized_payload_fails_before_sending() {
     let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
     let topic = Topic::new("big").unwrap();
     let payload = vec![0u8; 2 * 1024 * 1024];
-    let envelope = Envelope::builder("a", "Big", 1).payload(payload).build().unwrap();
+    let envelope = Envelope::builder("a", "Big", 1)
+        .payload(payload)
+        .build()
+        .unwrap();
     let error = bus.publish(&topic, envelope).await.unwrap_err();
     assert_eq!(error.kind(), PublishErrorKind::PayloadTooLarge);
-    assert!(error.to_string().contains("over the server's max_payload of 1048576 bytes"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("over the server's max_payload of 1048576 bytes"),
+        "{error}"
+    );
     assert_eq!(bus.publisher().outstanding(), 0);
     bus.flush().await.unwrap();
 }
@@ -154,9 +176,15 @@ fn invalid_topics_and_stream_names_are_refused_at_configuration() {
     let err = Topic::new("orders.*").unwrap_err();
     assert!(err.to_string().contains("'*'"), "{err}");
     let mut config = bus_nats::NatsConfig::default();
-    config.streams.push(StreamSpec::new("bad.name", [Topic::new("t").unwrap()]));
+    config
+        .streams
+        .push(StreamSpec::new("bad.name", [Topic::new("t").unwrap()]));
     let err = config.validate().unwrap_err();
-    assert!(err.to_string().starts_with("stream name `bad.name` is invalid"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("stream name `bad.name` is invalid"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +192,10 @@ async fn connect_refuses_invalid_configuration_with_the_field() {
     let mut config = bus_nats::NatsConfig::new("nats://127.0.0.1:1");
     config.fetch.batch = 0;
     let err = NatsBus::connect(config).await.unwrap_err();
-    assert_eq!(err.to_string(), "invalid configuration: fetch.batch `0` is invalid: must be at least 1");
+    assert_eq!(
+        err.to_string(),
+        "invalid configuration: fetch.batch `0` is invalid: must be at least 1"
+    );
 }
 
 /// Bytes that are not an envelope, published by a plain NATS client, are dead-lettered with
@@ -178,12 +209,23 @@ async fn garbage_from_a_plain_client_is_dead_lettered_and_the_topic_flows() {
     // A plain client, knowing nothing of envelopes.
     let plain = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(plain.clone());
-    js.publish(topic.to_string(), "not an envelope".into()).await.unwrap().await.unwrap();
+    js.publish(topic.to_string(), "not an envelope".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     let mut half = async_nats::HeaderMap::new();
     half.insert("Bus-Aggregate-Id", "a");
-    js.publish_with_headers(topic.to_string(), half, "missing fields".into()).await.unwrap().await.unwrap();
+    js.publish_with_headers(topic.to_string(), half, "missing fields".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     for version in 1..=20 {
-        let _ = bus.publish(&topic, envelope("fine", version)).await.unwrap();
+        let _receipt = bus
+            .publish(&topic, envelope("fine", version))
+            .await
+            .unwrap();
     }
     bus.flush().await.unwrap();
     let recorder = Recorder::new();
@@ -194,12 +236,25 @@ async fn garbage_from_a_plain_client_is_dead_lettered_and_the_topic_flows() {
 
     // Both bad messages are in the dead-letter stream with their reason.
     let dlq = js.get_stream("BUS_DEAD_LETTERS").await.unwrap();
-    let first = dlq.get_last_raw_message_by_subject(&format!("bus-dlq.{topic}")).await.unwrap();
+    let first = dlq
+        .get_last_raw_message_by_subject(&format!("bus-dlq.{topic}"))
+        .await
+        .unwrap();
     let headers = first.headers;
-    assert_eq!(headers.get("Bus-Dlq-Reason").map(|v| v.as_str()), Some("undecodable"));
-    assert_eq!(headers.get("Bus-Dlq-Topic").map(|v| v.as_str()), Some(topic.as_str()));
+    assert_eq!(
+        headers.get("Bus-Dlq-Reason").map(|v| v.as_str()),
+        Some("undecodable")
+    );
+    assert_eq!(
+        headers.get("Bus-Dlq-Topic").map(|v| v.as_str()),
+        Some(topic.as_str())
+    );
     assert!(
-        headers.get("Bus-Dlq-Error").unwrap().as_str().contains("header `Bus-Event-Type` is missing"),
+        headers
+            .get("Bus-Dlq-Error")
+            .unwrap()
+            .as_str()
+            .contains("header `Bus-Event-Type` is missing"),
         "{headers:?}"
     );
     let mut info = dlq.clone();

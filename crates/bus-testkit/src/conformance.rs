@@ -4,7 +4,7 @@
 //! panics with a description of what went wrong. A transport's test file calls each with its
 //! harness:
 //!
-//! ```ignore
+//! ```text
 //! #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 //! async fn per_aggregate_order() {
 //!     bus_testkit::conformance::per_aggregate_order(&MyHarness::new().await).await;
@@ -273,7 +273,7 @@ pub async fn redelivery_after_handler_error(h: &dyn Harness) {
     let (aggregates, versions) = (20, 12u64);
     for version in 1..=versions {
         for a in 0..aggregates {
-            let _ = publisher
+            let _receipt = publisher
                 .publish(&topic, envelope(&format!("r-{a}"), version))
                 .await
                 .expect("publish");
@@ -300,7 +300,7 @@ pub async fn no_loss_across_close_and_reopen(h: &dyn Harness) {
     let (aggregates, versions) = (20, 300u64);
     for version in 1..=versions {
         for a in 0..aggregates {
-            let _ = publisher
+            let _receipt = publisher
                 .publish(&topic, envelope(&format!("c-{a}"), version))
                 .await
                 .expect("publish");
@@ -358,11 +358,11 @@ pub async fn topic_isolation(h: &dyn Harness) {
     let sub_b = subscribe_recording(&*subscriber, &b, &recorder).await;
     let publisher = h.publisher().await;
     for version in 1..=50 {
-        let _ = publisher
+        let _receipt = publisher
             .publish(&a, envelope("only-a", version))
             .await
             .expect("publish");
-        let _ = publisher
+        let _receipt = publisher
             .publish(&b, envelope("only-b", version))
             .await
             .expect("publish");
@@ -386,7 +386,7 @@ pub async fn publisher_close_flushes(h: &dyn Harness) {
     let n = 2_000u64;
     for version in 1..=n {
         // Receipts are dropped on purpose: close() must still wait for every message.
-        let _ = publisher
+        let _receipt = publisher
             .publish(&topic, envelope("flushed", version))
             .await
             .expect("publish");
@@ -442,7 +442,7 @@ pub async fn graceful_shutdown(h: &dyn Harness) {
         .subscribe(&topic, handler.clone())
         .await
         .expect("subscribe");
-    let _ = publisher
+    let _receipt = publisher
         .publish(&topic, envelope("slow", 1))
         .await
         .expect("publish");
@@ -465,7 +465,7 @@ pub async fn graceful_shutdown(h: &dyn Harness) {
         .subscribe(&topic, handler)
         .await
         .expect("subscribe again");
-    let _ = publisher
+    let _receipt = publisher
         .publish(&topic, envelope("slow", 2))
         .await
         .expect("publish");
@@ -505,7 +505,7 @@ pub async fn raw_ordered_by_key(h: &dyn Harness) {
     let publisher = h.publisher().await;
     for n in 1..=100u64 {
         for key in ["k1", "k2", "k3"] {
-            let _ = publisher
+            let _receipt = publisher
                 .publish_raw(
                     &topic,
                     vec![("X-Key".into(), key.into())],

@@ -1,0 +1,735 @@
+//! `cargo xtask bench`: the bus measured against the raw async-nats ceiling, in one sitting,
+//! against nats-server instances it starts itself (file storage, temporary directories).
+//!
+//! Every row starts a fresh server, subscribes, publishes its workload, waits until every
+//! message is handled, and reports throughput, latency, memory, tasks and threads, and what
+//! the `SequenceVerifier` saw. Ratios are to the `ceiling` row of the same run.
+
+mod report;
+mod stats;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
+use bus_nats::{NatsBus, NatsConfig};
+use bus_testkit::{NatsServer, SequenceVerifier};
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::Notify;
+
+use report::Row;
+use stats::Histogram;
+
+/// How the bus is configured for a row.
+#[derive(Debug, Clone)]
+struct BusSetup {
+    async_publish: bool,
+    batch: usize,
+    expires: Duration,
+    max_ack_pending: i64,
+    max_waiting: i64,
+    share_connection: bool,
+}
+
+impl BusSetup {
+    /// The design note's "before": synchronous publish, fetch 10, MaxWait 1 s, MaxAckPending
+    /// 500, MaxWaiting 200, one connection for every topic.
+    fn seed_before() -> Self {
+        Self {
+            async_publish: false,
+            batch: 10,
+            expires: Duration::from_secs(1),
+            max_ack_pending: 500,
+            max_waiting: 200,
+            share_connection: true,
+        }
+    }
+
+    /// The bus's defaults: every optimisation on.
+    fn default_config() -> Self {
+        Self {
+            async_publish: true,
+            batch: bus_nats::DEFAULT_FETCH_BATCH,
+            expires: bus_nats::DEFAULT_FETCH_EXPIRES,
+            max_ack_pending: bus_nats::DEFAULT_MAX_ACK_PENDING,
+            max_waiting: bus_nats::DEFAULT_MAX_WAITING,
+            share_connection: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// Raw async-nats: async publish with a window, one pull consumer acking each message.
+    Ceiling,
+    /// Raw async-nats with MaxAckPending 1: the documented recipe for strict order.
+    Strict,
+    Bus(BusSetup),
+}
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: String,
+    kind: Kind,
+    topics: usize,
+    aggregates_per_topic: u64,
+    versions: u64,
+    payload: usize,
+    handler_delay: Option<Duration>,
+    /// Publish at this many messages per second (all topics together).
+    rate: Option<f64>,
+    /// Publish everything before the consumer starts; throughput is then the drain rate.
+    backlog: bool,
+}
+
+impl Scenario {
+    fn new(name: &str, kind: Kind, aggregates_per_topic: u64, versions: u64) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            topics: 1,
+            aggregates_per_topic,
+            versions,
+            payload: 128,
+            handler_delay: None,
+            rate: None,
+            backlog: false,
+        }
+    }
+
+    fn messages(&self) -> u64 {
+        self.topics as u64 * self.aggregates_per_topic * self.versions
+    }
+}
+
+/// The clock every timestamp in a payload is relative to.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn stamped_payload(size: usize) -> Vec<u8> {
+    let mut payload = vec![0xA5u8; size.max(8)];
+    let now = epoch().elapsed().as_nanos() as u64;
+    payload[..8].copy_from_slice(&now.to_le_bytes());
+    payload
+}
+
+fn latency_micros(payload: &[u8]) -> u64 {
+    let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
+    let now = epoch().elapsed().as_nanos() as u64;
+    now.saturating_sub(sent) / 1_000
+}
+
+/// What every handler of a row feeds.
+struct Sink {
+    verifier: SequenceVerifier,
+    latency: Histogram,
+    handled: AtomicU64,
+    expected: u64,
+    done: Notify,
+    delay: Option<Duration>,
+}
+
+impl Sink {
+    fn new(expected: u64, delay: Option<Duration>) -> Arc<Self> {
+        Arc::new(Self {
+            verifier: SequenceVerifier::new(),
+            latency: Histogram::new(),
+            handled: AtomicU64::new(0),
+            expected,
+            done: Notify::new(),
+            delay,
+        })
+    }
+
+    fn record(&self, topic: &str, aggregate: &str, version: u64, payload: &[u8]) {
+        self.latency.record(latency_micros(payload));
+        self.verifier.record(topic, aggregate, version);
+        if self.handled.fetch_add(1, Ordering::AcqRel) + 1 == self.expected {
+            self.done.notify_one();
+        }
+    }
+
+    async fn wait(&self, timeout: Duration) -> Result<()> {
+        let finished = tokio::time::timeout(timeout, async {
+            loop {
+                let notified = self.done.notified();
+                if self.handled.load(Ordering::Acquire) >= self.expected {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        if finished.is_err() {
+            bail!(
+                "only {} of {} messages were handled within {timeout:?}",
+                self.handled.load(Ordering::Acquire),
+                self.expected
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Samples tasks and threads while a row runs, and drives its progress bar.
+fn start_sampler(
+    sink: Arc<Sink>,
+    bar: ProgressBar,
+) -> (tokio::task::JoinHandle<(u64, u64)>, Arc<Notify>) {
+    let stop = Arc::new(Notify::new());
+    let stopped = stop.clone();
+    let handle = tokio::spawn(async move {
+        let (mut tasks, mut threads) = (0u64, 0u64);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = stopped.notified() => break,
+                _ = tick.tick() => {
+                    let metrics = tokio::runtime::Handle::current().metrics();
+                    tasks = tasks.max(metrics.num_alive_tasks() as u64);
+                    threads = threads.max(stats::threads());
+                    bar.set_position(sink.handled.load(Ordering::Relaxed));
+                }
+            }
+        }
+        bar.set_position(sink.handled.load(Ordering::Relaxed));
+        (tasks, threads)
+    });
+    (handle, stop)
+}
+
+struct Timing {
+    publish: Duration,
+    end_to_end: Duration,
+}
+
+fn topics_for(s: &Scenario) -> Vec<Topic> {
+    (0..s.topics)
+        .map(|t| Topic::new(format!("bench.t{t}")).unwrap())
+        .collect()
+}
+
+/// Paces publishing at `rate` messages per second, for one of `share` publishers.
+struct Pacer {
+    start: Instant,
+    per_message: Option<Duration>,
+    sent: u64,
+}
+
+impl Pacer {
+    fn new(rate: Option<f64>, share: usize) -> Self {
+        Self {
+            start: Instant::now(),
+            per_message: rate.map(|r| Duration::from_secs_f64(share as f64 / r)),
+            sent: 0,
+        }
+    }
+
+    async fn pace(&mut self) {
+        if let Some(step) = self.per_message {
+            let due = self.start + step * self.sent as u32;
+            if due > Instant::now() + Duration::from_micros(500) {
+                tokio::time::sleep_until(due.into()).await;
+            }
+        }
+        self.sent += 1;
+    }
+}
+
+async fn run_bus(
+    s: &Scenario,
+    setup: &BusSetup,
+    server: &NatsServer,
+    sink: Arc<Sink>,
+) -> Result<Timing> {
+    let mut config = NatsConfig::new(&server.url());
+    config.fetch.batch = setup.batch;
+    config.fetch.expires = setup.expires;
+    config.consumer.max_ack_pending = setup.max_ack_pending;
+    config.consumer.max_waiting = setup.max_waiting;
+    config.share_connection = setup.share_connection;
+    let bus = NatsBus::connect(config).await?;
+    let topics = topics_for(s);
+    for topic in &topics {
+        // Provision streams before the clock starts.
+        bus.stream_name(topic).await?;
+    }
+    let subscribe = |bus: NatsBus| {
+        let topics = topics.clone();
+        let sink = sink.clone();
+        async move {
+            let mut subscriptions = Vec::new();
+            for topic in &topics {
+                let sink = sink.clone();
+                let name = topic.to_string();
+                let handler = handler_fn(move |e: Envelope| {
+                    let sink = sink.clone();
+                    let name = name.clone();
+                    async move {
+                        if let Some(delay) = sink.delay {
+                            tokio::time::sleep(delay).await;
+                        }
+                        sink.record(
+                            &name,
+                            e.aggregate_id().as_str(),
+                            e.event_version(),
+                            e.payload(),
+                        );
+                        Ok(())
+                    }
+                });
+                subscriptions.push(bus.subscribe(topic, Arc::new(handler)).await?);
+            }
+            anyhow::Ok(subscriptions)
+        }
+    };
+    let mut subscriptions = if s.backlog {
+        Vec::new()
+    } else {
+        subscribe(bus.clone()).await?
+    };
+
+    let start = Instant::now();
+    let mut publishers = Vec::new();
+    for (t, topic) in topics.iter().enumerate() {
+        let publisher = bus.publisher();
+        let topic = topic.clone();
+        let s = s.clone();
+        let async_publish = setup.async_publish;
+        publishers.push(tokio::spawn(async move {
+            let mut pacer = Pacer::new(s.rate, s.topics);
+            for version in 1..=s.versions {
+                for a in 0..s.aggregates_per_topic {
+                    pacer.pace().await;
+                    let envelope = Envelope::builder(format!("t{t}-a{a}"), "BenchEvent", version)
+                        .payload(Bytes::from(stamped_payload(s.payload)))
+                        .build()?;
+                    let receipt = publisher.publish(&topic, envelope).await?;
+                    if !async_publish {
+                        receipt.await?;
+                    }
+                }
+            }
+            publisher.flush().await?;
+            anyhow::Ok(())
+        }));
+    }
+    for p in publishers {
+        p.await??;
+    }
+    let publish = start.elapsed();
+    let drain_start = Instant::now();
+    if s.backlog {
+        subscriptions = subscribe(bus.clone()).await?;
+    }
+    sink.wait(Duration::from_secs(600)).await?;
+    let end_to_end = if s.backlog {
+        drain_start.elapsed()
+    } else {
+        start.elapsed()
+    };
+    for subscription in subscriptions {
+        subscription.close().await?;
+    }
+    bus.close().await?;
+    Ok(Timing {
+        publish,
+        end_to_end,
+    })
+}
+
+async fn run_raw(
+    s: &Scenario,
+    max_ack_pending: i64,
+    server: &NatsServer,
+    sink: Arc<Sink>,
+) -> Result<Timing> {
+    let client = async_nats::connect(server.url()).await?;
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    let topic = "raw.t0".to_string();
+    let stream = js
+        .create_stream(stream::Config {
+            name: "RAW".into(),
+            subjects: vec![topic.clone()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending,
+            ..Default::default()
+        })
+        .await?;
+    let consume = {
+        let sink = sink.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut messages = consumer
+                .stream()
+                .max_messages_per_batch(500)
+                .expires(Duration::from_millis(100))
+                .messages()
+                .await?;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let headers = message
+                    .headers
+                    .as_ref()
+                    .context("raw message has headers")?;
+                let aggregate = headers
+                    .get("Agg")
+                    .context("aggregate header")?
+                    .as_str()
+                    .to_owned();
+                let version: u64 = headers
+                    .get("Ver")
+                    .context("version header")?
+                    .as_str()
+                    .parse()?;
+                sink.record(&topic, &aggregate, version, &message.payload);
+                message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                if sink.handled.load(Ordering::Acquire) >= sink.expected {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let start = Instant::now();
+    let mut in_flight = FuturesUnordered::new();
+    for version in 1..=s.versions {
+        for a in 0..s.aggregates_per_topic {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Agg", format!("t0-a{a}"));
+            headers.insert("Ver", version.to_string());
+            let ack = js
+                .publish_with_headers(
+                    topic.clone(),
+                    headers,
+                    Bytes::from(stamped_payload(s.payload)),
+                )
+                .await?;
+            in_flight.push(std::future::IntoFuture::into_future(ack));
+            while in_flight.len() >= 4096 {
+                in_flight.next().await.unwrap()?;
+            }
+        }
+    }
+    while let Some(ack) = in_flight.next().await {
+        ack?;
+    }
+    let publish = start.elapsed();
+    sink.wait(Duration::from_secs(600)).await?;
+    let end_to_end = start.elapsed();
+    consume.await??;
+    Ok(Timing {
+        publish,
+        end_to_end,
+    })
+}
+
+async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
+    let server = NatsServer::try_start(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let expected = s.messages();
+    let sink = Sink::new(expected, s.handler_delay);
+    stats::reset_peak_rss();
+    let (sampler, stop) = start_sampler(sink.clone(), bar.clone());
+    let timing = match &s.kind {
+        Kind::Ceiling => run_raw(s, 10_000, &server, sink.clone()).await,
+        Kind::Strict => run_raw(s, 1, &server, sink.clone()).await,
+        Kind::Bus(setup) => run_bus(s, setup, &server, sink.clone()).await,
+    };
+    stop.notify_one();
+    let (tasks, threads) = sampler.await?;
+    let timing = timing.with_context(|| format!("row `{}`", s.name))?;
+    let report = sink.verifier.report();
+    bar.finish();
+    Ok(Row {
+        name: s.name.clone(),
+        messages: expected,
+        publish_msgs_per_s: expected as f64 / timing.publish.as_secs_f64(),
+        e2e_msgs_per_s: expected as f64 / timing.end_to_end.as_secs_f64(),
+        p50_ms: sink.latency.quantile_ms(0.50),
+        p99_ms: sink.latency.quantile_ms(0.99),
+        p999_ms: sink.latency.quantile_ms(0.999),
+        rss_peak_mib: stats::peak_rss_mib(),
+        tasks,
+        threads,
+        order_violations: report.order_violations,
+        lost: report.lost(expected),
+        duplicates: report.duplicates,
+        ratio_to_ceiling: 0.0,
+    })
+}
+
+struct Options {
+    quick: bool,
+    only: Vec<String>,
+}
+
+fn parse_args() -> Result<Options> {
+    let mut options = Options {
+        quick: false,
+        only: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => options.quick = true,
+            "--only" => options.only.extend(
+                args.next()
+                    .context("--only needs row names")?
+                    .split(',')
+                    .map(String::from),
+            ),
+            "--help" | "-h" => {
+                println!(
+                    "cargo xtask bench [--quick] [--only ROW,ROW...]\n\n\
+                     --quick   a short run (about a minute): ceiling, nats-strict, seed-before, default, seed-single\n\
+                     --only    run only the named rows (the ceiling always runs, for the ratios)\n\n\
+                     Writes target/bench/report.{{md,json,svg}}."
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument `{other}`; see --help"),
+        }
+    }
+    Ok(options)
+}
+
+fn scenarios(quick: bool) -> Vec<Scenario> {
+    // 10 000 aggregates; versions set the message count.
+    let versions = if quick { 5 } else { 20 };
+    let seed_versions = if quick { 1 } else { 4 };
+    let bus = |setup: BusSetup| Kind::Bus(setup);
+    let seed = BusSetup::seed_before;
+    let mut rows = vec![
+        Scenario::new("ceiling", Kind::Ceiling, 10_000, versions),
+        Scenario::new(
+            "nats-strict",
+            Kind::Strict,
+            1_000,
+            if quick { 5 } else { 20 },
+        ),
+        Scenario {
+            topics: 5,
+            ..Scenario::new("seed-before", bus(seed()), 2_000, seed_versions)
+        },
+    ];
+    if !quick {
+        rows.extend([
+            Scenario {
+                topics: 5,
+                ..Scenario::new(
+                    "opt1-async-publish",
+                    bus(BusSetup {
+                        async_publish: true,
+                        ..seed()
+                    }),
+                    2_000,
+                    seed_versions,
+                )
+            },
+            Scenario {
+                topics: 5,
+                ..Scenario::new(
+                    "opt2-batch-500",
+                    bus(BusSetup {
+                        batch: 500,
+                        ..seed()
+                    }),
+                    2_000,
+                    seed_versions,
+                )
+            },
+            Scenario {
+                topics: 5,
+                ..Scenario::new(
+                    "opt3-maxwait-100ms",
+                    bus(BusSetup {
+                        expires: Duration::from_millis(100),
+                        ..seed()
+                    }),
+                    2_000,
+                    seed_versions,
+                )
+            },
+            Scenario {
+                topics: 5,
+                ..Scenario::new(
+                    "opt5-conn-per-topic",
+                    bus(BusSetup {
+                        share_connection: false,
+                        ..seed()
+                    }),
+                    2_000,
+                    seed_versions,
+                )
+            },
+            Scenario {
+                topics: 5,
+                ..Scenario::new(
+                    "opt8-config",
+                    bus(BusSetup {
+                        max_ack_pending: 10_000,
+                        max_waiting: 1_000,
+                        ..seed()
+                    }),
+                    2_000,
+                    seed_versions,
+                )
+            },
+            Scenario {
+                topics: 5,
+                ..Scenario::new(
+                    "seed-all",
+                    bus(BusSetup::default_config()),
+                    2_000,
+                    seed_versions * 10,
+                )
+            },
+        ]);
+    }
+    rows.push(Scenario::new(
+        "default",
+        bus(BusSetup::default_config()),
+        10_000,
+        versions,
+    ));
+    if !quick {
+        rows.extend([
+            Scenario {
+                topics: 5,
+                ..Scenario::new("5-topics", bus(BusSetup::default_config()), 2_000, versions)
+            },
+            Scenario::new(
+                "1m-aggregates",
+                bus(BusSetup::default_config()),
+                1_000_000,
+                1,
+            ),
+            Scenario {
+                payload: 1024,
+                ..Scenario::new(
+                    "1kib-payload",
+                    bus(BusSetup::default_config()),
+                    10_000,
+                    versions,
+                )
+            },
+            Scenario {
+                handler_delay: Some(Duration::from_millis(1)),
+                ..Scenario::new(
+                    "handler-1ms",
+                    bus(BusSetup::default_config()),
+                    10_000,
+                    versions,
+                )
+            },
+            Scenario {
+                backlog: true,
+                ..Scenario::new("backlog-1m", bus(BusSetup::default_config()), 10_000, 100)
+            },
+        ]);
+    }
+    rows.push(Scenario::new(
+        "seed-single",
+        bus(BusSetup::default_config()),
+        1,
+        1_000,
+    ));
+    rows
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let options = parse_args()?;
+    epoch();
+    let mut plan = scenarios(options.quick);
+    if !options.only.is_empty() {
+        plan.retain(|s| s.name == "ceiling" || options.only.contains(&s.name));
+    }
+    let style = ProgressStyle::with_template(
+        "{prefix:>20} [{bar:30}] {pos:>8}/{len:8} {per_sec:>12} {elapsed:>4}",
+    )
+    .unwrap()
+    .progress_chars("=> ");
+    let mut rows: Vec<Row> = Vec::new();
+    let started = Instant::now();
+    for s in &plan {
+        let bar = ProgressBar::new(s.messages())
+            .with_style(style.clone())
+            .with_prefix(s.name.clone());
+        rows.push(run_row(s, bar).await?);
+    }
+    // Latency at a fixed rate: half of the default row's measured end-to-end capacity.
+    if let Some(default) = rows.iter().find(|r| r.name == "default") {
+        let rate = default.e2e_msgs_per_s / 2.0;
+        let seconds = if options.quick { 5.0 } else { 10.0 };
+        let versions = ((rate * seconds) / 10_000.0).ceil().max(1.0) as u64;
+        let s = Scenario {
+            rate: Some(rate),
+            ..Scenario::new(
+                "latency-half-capacity",
+                Kind::Bus(BusSetup::default_config()),
+                10_000,
+                versions,
+            )
+        };
+        let bar = ProgressBar::new(s.messages())
+            .with_style(style.clone())
+            .with_prefix(s.name.clone());
+        let mut row = run_row(&s, bar).await?;
+        row.name = format!("latency-at-{:.0}-msg-s", rate);
+        rows.push(row);
+    }
+    let ceiling = rows
+        .iter()
+        .find(|r| r.name == "ceiling")
+        .map(|r| r.e2e_msgs_per_s)
+        .unwrap_or(0.0);
+    for row in &mut rows {
+        row.ratio_to_ceiling = if ceiling > 0.0 {
+            row.e2e_msgs_per_s / ceiling
+        } else {
+            0.0
+        };
+    }
+    let server_version = {
+        let server = NatsServer::try_start(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let client = async_nats::connect(server.url()).await?;
+        client.server_info().version
+    };
+    report::write(&rows, options.quick, &server_version, started.elapsed())?;
+    let bad: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.order_violations > 0 || r.lost > 0)
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "ordering or loss failures in rows: {:?}",
+            bad.iter().map(|r| &r.name).collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}

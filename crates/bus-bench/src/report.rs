@@ -1,0 +1,156 @@
+//! The report: a terminal table, `target/bench/report.md`, `report.json` and `report.svg`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+
+/// One row of the report. The JSON keys are stable.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Row {
+    pub(crate) name: String,
+    pub(crate) messages: u64,
+    pub(crate) publish_msgs_per_s: f64,
+    pub(crate) e2e_msgs_per_s: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) p999_ms: f64,
+    pub(crate) rss_peak_mib: f64,
+    pub(crate) tasks: u64,
+    pub(crate) threads: u64,
+    pub(crate) order_violations: u64,
+    pub(crate) lost: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) ratio_to_ceiling: f64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    quick: bool,
+    nats_server: &'a str,
+    machine_cores: usize,
+    elapsed_s: f64,
+    rows: &'a [Row],
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| row | messages | publish msg/s | e2e msg/s | ratio | p50 ms | p99 ms | p999 ms | peak RSS MiB | tasks | threads | violations | lost | dups |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
+            r.name,
+            r.messages,
+            r.publish_msgs_per_s,
+            r.e2e_msgs_per_s,
+            r.ratio_to_ceiling,
+            r.p50_ms,
+            r.p99_ms,
+            r.p999_ms,
+            r.rss_peak_mib,
+            r.tasks,
+            r.threads,
+            r.order_violations,
+            r.lost,
+            r.duplicates
+        );
+    }
+    out
+}
+
+fn svg(rows: &[Row]) -> String {
+    let bar_h = 22.0;
+    let left = 190.0;
+    let width = 560.0;
+    let height = 70.0 + rows.len() as f64 * bar_h * 2.0;
+    let max_rate = rows.iter().map(|r| r.e2e_msgs_per_s).fold(1.0, f64::max);
+    let max_p99 = rows.iter().map(|r| r.p99_ms).fold(0.001, f64::max);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{height}" font-family="sans-serif" font-size="12">"#,
+        left + width + 140.0
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="14">End-to-end msg/s (blue) and p99 latency ms (orange), per row</text>"#
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let y = 40.0 + i as f64 * bar_h * 2.0;
+        let w_rate = width * r.e2e_msgs_per_s / max_rate;
+        let w_p99 = width * r.p99_ms / max_p99;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#,
+            left - 8.0,
+            y + bar_h,
+            r.name
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect x="{left}" y="{y}" width="{w_rate:.1}" height="{}" fill="#3b6fb6"/>"##,
+            bar_h - 4.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}">{:.0} msg/s ({:.2}x)</text>"#,
+            left + w_rate + 4.0,
+            y + bar_h - 8.0,
+            r.e2e_msgs_per_s,
+            r.ratio_to_ceiling
+        );
+        let _ = writeln!(
+            s,
+            r##"<rect x="{left}" y="{}" width="{w_p99:.1}" height="{}" fill="#e08a2c"/>"##,
+            y + bar_h - 2.0,
+            bar_h - 8.0
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}">p99 {:.2} ms</text>"#,
+            left + w_p99 + 4.0,
+            y + bar_h * 2.0 - 12.0,
+            r.p99_ms
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+pub(crate) fn write(rows: &[Row], quick: bool, server: &str, elapsed: Duration) -> Result<()> {
+    let dir = Path::new("target/bench");
+    std::fs::create_dir_all(dir)?;
+    let table = table(rows);
+    println!("\n{table}");
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let md = format!(
+        "# Benchmark report\n\nnats-server {server}, {cores} cores, {} run, {:.0} s.\n\
+         Ratios are end-to-end msg/s against the `ceiling` row of this run.\n\n{table}",
+        if quick { "quick" } else { "full" },
+        elapsed.as_secs_f64()
+    );
+    std::fs::write(dir.join("report.md"), md)?;
+    let json = serde_json::to_string_pretty(&Report {
+        quick,
+        nats_server: server,
+        machine_cores: cores,
+        elapsed_s: elapsed.as_secs_f64(),
+        rows,
+    })?;
+    std::fs::write(dir.join("report.json"), json)?;
+    std::fs::write(dir.join("report.svg"), svg(rows))?;
+    println!("wrote target/bench/report.md, report.json and report.svg");
+    Ok(())
+}

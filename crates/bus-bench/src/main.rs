@@ -408,29 +408,38 @@ async fn run_raw(
             anyhow::Ok(())
         })
     };
+    // The publisher runs as a spawned task, like the bus's publishers, so that both compete
+    // for the same runtime threads.
     let start = Instant::now();
-    let mut in_flight = FuturesUnordered::new();
-    for version in 1..=s.versions {
-        for a in 0..s.aggregates_per_topic {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Agg", format!("t0-a{a}"));
-            headers.insert("Ver", version.to_string());
-            let ack = js
-                .publish_with_headers(
-                    topic.clone(),
-                    headers,
-                    Bytes::from(stamped_payload(s.payload)),
-                )
-                .await?;
-            in_flight.push(std::future::IntoFuture::into_future(ack));
-            while in_flight.len() >= 4096 {
-                in_flight.next().await.unwrap()?;
+    let publisher = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut in_flight = FuturesUnordered::new();
+            for version in 1..=s.versions {
+                for a in 0..s.aggregates_per_topic {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Agg", format!("t0-a{a}"));
+                    headers.insert("Ver", version.to_string());
+                    let ack = js
+                        .publish_with_headers(
+                            topic.clone(),
+                            headers,
+                            Bytes::from(stamped_payload(s.payload)),
+                        )
+                        .await?;
+                    in_flight.push(std::future::IntoFuture::into_future(ack));
+                    while in_flight.len() >= 4096 {
+                        in_flight.next().await.unwrap()?;
+                    }
+                }
             }
-        }
-    }
-    while let Some(ack) = in_flight.next().await {
-        ack?;
-    }
+            while let Some(ack) = in_flight.next().await {
+                ack?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    publisher.await??;
     let publish = start.elapsed();
     sink.wait(Duration::from_secs(600)).await?;
     let end_to_end = start.elapsed();
@@ -478,17 +487,21 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
 struct Options {
     quick: bool,
     only: Vec<String>,
+    /// Skip the ceiling and latency rows: for profiling one row alone.
+    alone: bool,
 }
 
 fn parse_args() -> Result<Options> {
     let mut options = Options {
         quick: false,
         only: Vec::new(),
+        alone: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => options.quick = true,
+            "--alone" => options.alone = true,
             "--only" => options.only.extend(
                 args.next()
                     .context("--only needs row names")?
@@ -499,7 +512,8 @@ fn parse_args() -> Result<Options> {
                 println!(
                     "cargo xtask bench [--quick] [--only ROW,ROW...]\n\n\
                      --quick   a short run (about a minute): ceiling, nats-strict, seed-before, default, seed-single\n\
-                     --only    run only the named rows (the ceiling always runs, for the ratios)\n\n\
+                     --only    run only the named rows (the ceiling always runs, for the ratios)\n\
+                     --alone   with --only: skip the ceiling and latency rows (for profiling one row)\n\n\
                      Writes target/bench/report.{{md,json,svg}}."
                 );
                 std::process::exit(0);
@@ -667,7 +681,7 @@ async fn main() -> Result<()> {
     epoch();
     let mut plan = scenarios(options.quick);
     if !options.only.is_empty() {
-        plan.retain(|s| s.name == "ceiling" || options.only.contains(&s.name));
+        plan.retain(|s| (s.name == "ceiling" && !options.alone) || options.only.contains(&s.name));
     }
     let style = ProgressStyle::with_template(
         "{prefix:>20} [{bar:30}] {pos:>8}/{len:8} {per_sec:>12} {elapsed:>4}",
@@ -683,7 +697,7 @@ async fn main() -> Result<()> {
         rows.push(run_row(s, bar).await?);
     }
     // Latency at a fixed rate: half of the default row's measured end-to-end capacity.
-    if let Some(default) = rows.iter().find(|r| r.name == "default") {
+    if let Some(default) = rows.iter().find(|r| r.name == "default" && !options.alone) {
         let rate = default.e2e_msgs_per_s / 2.0;
         let seconds = if options.quick { 5.0 } else { 10.0 };
         let versions = ((rate * seconds) / 10_000.0).ceil().max(1.0) as u64;

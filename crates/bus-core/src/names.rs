@@ -217,10 +217,65 @@ impl EventId {
         Ok(Self(value.into()))
     }
 
-    /// A new time-ordered unique ID (a UUID version 7).
+    /// A new time-ordered unique ID in UUID version 7 layout: 48 bits of Unix milliseconds
+    /// and 74 random bits, formatted `xxxxxxxx-xxxx-7xxx-yxxx-xxxxxxxxxxxx`.
+    ///
+    /// The random bits come from a per-thread generator seeded once from the standard library's
+    /// randomly keyed hasher: generating an ID costs no system call, which matters at hundreds of
+    /// thousands of events per second.
     pub fn generate() -> Self {
-        Self(uuid::Uuid::now_v7().to_string().into())
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let (a, b) = random_pair();
+        let high = (millis << 16) | 0x7000 | (a & 0x0fff);
+        let low = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+        let value = (u128::from(high) << 64) | u128::from(low);
+        let mut text = [0u8; 36];
+        let mut nibble = 0;
+        for (i, byte) in text.iter_mut().enumerate() {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                *byte = b'-';
+                continue;
+            }
+            let digit = ((value >> (124 - 4 * nibble)) & 0xf) as u8;
+            *byte = if digit < 10 {
+                b'0' + digit
+            } else {
+                b'a' + digit - 10
+            };
+            nibble += 1;
+        }
+        Self(std::str::from_utf8(&text).expect("hex is ascii").into())
     }
+}
+
+/// Two random words from a per-thread SplitMix64 generator.
+fn random_pair() -> (u64, u64) {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
+            hasher.finish()
+        });
+    }
+    fn next(state: &Cell<u64>) -> u64 {
+        let s = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(s);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    STATE.with(|state| (next(state), next(state)))
 }
 
 #[cfg(test)]
@@ -250,11 +305,29 @@ mod tests {
     }
 
     #[test]
-    fn generated_event_ids_are_valid_and_distinct() {
-        let a = EventId::generate();
-        let b = EventId::generate();
-        assert_ne!(a, b);
-        assert!(EventId::new(a.as_str()).is_ok());
+    fn generated_event_ids_are_valid_distinct_uuid_v7() {
+        let ids: std::collections::HashSet<String> = (0..10_000)
+            .map(|_| EventId::generate().to_string())
+            .collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(50) {
+            assert!(EventId::new(id.as_str()).is_ok());
+            let parts: Vec<&str> = id.split('-').collect();
+            assert_eq!(
+                parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+                [8, 4, 4, 4, 12],
+                "{id}"
+            );
+            assert!(parts[2].starts_with('7'), "version 7: {id}");
+            assert!(
+                matches!(parts[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'),
+                "variant: {id}"
+            );
+        }
+        // Time-ordered: the millisecond prefix never goes backwards.
+        let first = EventId::generate().to_string();
+        let later = EventId::generate().to_string();
+        assert!(first[..13] <= later[..13]);
     }
 
     proptest! {

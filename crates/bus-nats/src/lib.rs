@@ -133,9 +133,12 @@ impl From<ValidationError> for NatsError {
     }
 }
 
-/// A topic's connection, with its stream provisioned.
-#[derive(Clone, Debug)]
+/// A topic's connection, with its stream provisioned. Shared behind an `Arc`: the publish
+/// path looks it up per message and must not clone its strings.
+#[derive(Debug)]
 pub(crate) struct TopicConnection {
+    /// The topic as a subject, built once.
+    pub(crate) subject: async_nats::Subject,
     pub(crate) client: async_nats::Client,
     pub(crate) jetstream: jetstream::Context,
     pub(crate) stream: String,
@@ -145,14 +148,17 @@ pub(crate) struct TopicConnection {
 
 pub(crate) struct Shared {
     pub(crate) config: NatsConfig,
-    connections: RwLock<HashMap<Topic, TopicConnection>>,
+    connections: RwLock<HashMap<Topic, Arc<TopicConnection>>>,
     connecting: tokio::sync::Mutex<()>,
     pub(crate) active: Mutex<HashSet<Topic>>,
 }
 
 impl Shared {
     /// The topic's connection, connecting and provisioning its stream on first use.
-    pub(crate) async fn connection(&self, topic: &Topic) -> Result<TopicConnection, NatsError> {
+    pub(crate) async fn connection(
+        &self,
+        topic: &Topic,
+    ) -> Result<Arc<TopicConnection>, NatsError> {
         if let Some(c) = self.connections.read().unwrap().get(topic) {
             return Ok(c.clone());
         }
@@ -182,12 +188,13 @@ impl Shared {
             .build(client.clone());
         let spec = self.config.stream_for(topic);
         provision::ensure_stream(&jetstream, &spec, self.config.provisioning).await?;
-        let connection = TopicConnection {
+        let connection = Arc::new(TopicConnection {
+            subject: async_nats::Subject::from(topic.as_str()),
             max_payload: client.server_info().max_payload,
             client,
             jetstream,
             stream: spec.name,
-        };
+        });
         self.connections
             .write()
             .unwrap()
@@ -310,12 +317,12 @@ impl NatsBus {
 
     /// The underlying client of `topic`'s connection, connecting on first use.
     pub async fn client(&self, topic: &Topic) -> Result<async_nats::Client, NatsError> {
-        Ok(self.shared.connection(topic).await?.client)
+        Ok(self.shared.connection(topic).await?.client.clone())
     }
 
     /// The JetStream stream that holds `topic`, provisioning it on first use.
     pub async fn stream_name(&self, topic: &Topic) -> Result<String, NatsError> {
-        Ok(self.shared.connection(topic).await?.stream)
+        Ok(self.shared.connection(topic).await?.stream.clone())
     }
 
     /// Flushes the default publisher and closes every connection.

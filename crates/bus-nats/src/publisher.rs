@@ -129,13 +129,14 @@ impl NatsPublisher {
                 format!("cannot publish on topic `{topic}`: the publisher is closed"),
             ));
         }
-        let connection: TopicConnection = self.shared.connection(topic).await.map_err(|e| {
-            PublishError::with_source(
-                PublishErrorKind::Connection,
-                format!("no connection for topic `{topic}`"),
-                e,
-            )
-        })?;
+        let connection: Arc<TopicConnection> =
+            self.shared.connection(topic).await.map_err(|e| {
+                PublishError::with_source(
+                    PublishErrorKind::Connection,
+                    format!("no connection for topic `{topic}`"),
+                    e,
+                )
+            })?;
         let max_payload = connection.max_payload;
         let header_len: usize = headers
             .iter()
@@ -165,7 +166,7 @@ impl NatsPublisher {
             .map_err(|_| PublishError::new(PublishErrorKind::Closed, "publisher is closed"))?;
         let ack = connection
             .jetstream
-            .publish_with_headers(topic.to_string(), headers, payload)
+            .publish_with_headers(connection.subject.clone(), headers, payload)
             .await
             .map_err(|e| nats_error(topic, e))?;
         let (tx, rx) = oneshot::channel();

@@ -304,9 +304,9 @@ struct FetchPlan {
 /// every outstanding request is complete or expired, so no message is left delivered-but-unseen.
 async fn fetch(
     plan: FetchPlan,
-    pool: KeyedPool<Job>,
+    pool: KeyedPool<Box<Job>>,
     mut stop: watch::Receiver<bool>,
-) -> Result<KeyedPool<Job>, NatsError> {
+) -> Result<KeyedPool<Box<Job>>, NatsError> {
     let inbox = Subject::from(plan.client.new_inbox());
     let mut replies = plan.client.subscribe(inbox.clone()).await.map_err(|e| {
         NatsError::api(
@@ -355,7 +355,7 @@ async fn fetch(
                     None => {
                         credit = credit.saturating_sub(1);
                         let (key, input) = prepare(&plan.topic, &plan.dispatch, &message);
-                        if pool.submit(&key, Job { message, input }).await.is_err() {
+                        if pool.submit(&key, Box::new(Job { message, input })).await.is_err() {
                             break;
                         }
                     }
@@ -467,7 +467,7 @@ struct NatsSubscription {
     topic: Topic,
     client: async_nats::Client,
     stop: watch::Sender<bool>,
-    fetcher: tokio::task::JoinHandle<Result<KeyedPool<Job>, NatsError>>,
+    fetcher: tokio::task::JoinHandle<Result<KeyedPool<Box<Job>>, NatsError>>,
     counters: Arc<Counters>,
 }
 
@@ -540,10 +540,12 @@ async fn setup(
         dead_letter_subject: dlq_subject,
         counters: counters.clone(),
     });
-    let pool = KeyedPool::new(config.pool.clone(), move |job: Job| {
+    // Jobs are boxed: a worker's queue then holds pointers, not whole messages, which keeps
+    // the memory of idle queue blocks small with many workers.
+    let pool = KeyedPool::new(config.pool.clone(), move |job: Box<Job>| {
         let runner = runner.clone();
         async move {
-            runner.run(job).await;
+            runner.run(*job).await;
             Ok::<(), std::convert::Infallible>(())
         }
     });

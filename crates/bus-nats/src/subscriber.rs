@@ -1,7 +1,8 @@
 //! The consuming side: one fetcher per topic feeding a keyed pool.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, Subject};
@@ -38,6 +39,8 @@ impl Input {
 }
 
 struct Job {
+    /// The message's stream sequence, if its ack subject could be read.
+    sequence: Option<u64>,
     message: async_nats::Message,
     /// The message ready for the handler, or why it cannot be handled.
     input: Result<Input, (&'static str, String)>,
@@ -47,6 +50,81 @@ struct Job {
 struct Counters {
     handled: AtomicU64,
     dead_lettered: AtomicU64,
+    copies_skipped: AtomicU64,
+}
+
+/// What the subscription knows of a stream position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    New,
+    /// Being handled or queued: a redelivered copy must not reach the handler a second time.
+    InFlight,
+    /// Handled (acknowledged or dead-lettered) recently: a copy means the ack was lost.
+    Finished,
+}
+
+/// Stream positions in flight and recently finished in this subscription, so that a copy the
+/// broker redelivers (AckWait expiry, lost acks across a reconnect, a consumer reset) is
+/// recognised instead of being handled twice, possibly after later events of its aggregate.
+#[derive(Debug)]
+pub(crate) struct Copies {
+    /// Position → (ack subject, when it was dispatched).
+    in_flight: HashMap<u64, (Option<Subject>, Instant)>,
+    finished: HashSet<u64>,
+    finished_order: VecDeque<u64>,
+    capacity: usize,
+}
+
+impl Copies {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            in_flight: HashMap::new(),
+            finished: HashSet::new(),
+            finished_order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn admit(&mut self, sequence: u64, reply: Option<Subject>) -> Seen {
+        if self.in_flight.contains_key(&sequence) {
+            Seen::InFlight
+        } else if self.finished.contains(&sequence) {
+            Seen::Finished
+        } else {
+            self.in_flight.insert(sequence, (reply, Instant::now()));
+            Seen::New
+        }
+    }
+
+    /// Ack subjects of the messages in flight for at least `age`.
+    fn older_than(&self, age: Duration) -> Vec<Subject> {
+        self.in_flight
+            .values()
+            .filter(|(_, since)| since.elapsed() >= age)
+            .filter_map(|(reply, _)| reply.clone())
+            .collect()
+    }
+
+    fn finish(&mut self, sequence: u64) {
+        self.in_flight.remove(&sequence);
+        if self.finished.insert(sequence) {
+            self.finished_order.push_back(sequence);
+            if self.finished_order.len() > self.capacity {
+                if let Some(old) = self.finished_order.pop_front() {
+                    self.finished.remove(&old);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn admit_for_test(&mut self, sequence: u64) -> Seen {
+        self.admit(sequence, None)
+    }
+
+    fn release(&mut self, sequence: u64) {
+        self.in_flight.remove(&sequence);
+    }
 }
 
 /// Where a JetStream message sits: parsed from its ack subject.
@@ -96,9 +174,9 @@ struct Runner {
     topic: Topic,
     dispatch: Dispatch,
     retry: bus_core::RetryPolicy,
-    progress_every: Duration,
     dead_letter_subject: String,
     counters: Arc<Counters>,
+    copies: Arc<Mutex<Copies>>,
 }
 
 fn random_unit() -> f64 {
@@ -122,36 +200,25 @@ impl Runner {
         }
     }
 
-    /// Runs `work`, telling the broker every `progress_every` that the message is still being
-    /// worked on, so that it is never redelivered behind the worker's back.
-    async fn with_progress<F: std::future::Future>(
-        &self,
-        work: F,
-        reply: &Option<Subject>,
-    ) -> F::Output {
-        let mut work = std::pin::pin!(work);
-        // Fast handlers finish on the first poll and never pay for a timer.
-        if let std::task::Poll::Ready(out) = futures::poll!(work.as_mut()) {
-            return out;
-        }
-        let start = tokio::time::Instant::now() + self.progress_every;
-        let mut ticker = tokio::time::interval_at(start, self.progress_every);
-        loop {
-            tokio::select! {
-                out = work.as_mut() => return out,
-                _ = ticker.tick() => self.ack(reply, b"+WPI").await,
+    async fn run(&self, job: Job) {
+        let sequence = job.sequence;
+        let finished = self.handle(job).await;
+        if let Some(sequence) = sequence {
+            let mut copies = self.copies.lock().unwrap();
+            if finished {
+                copies.finish(sequence);
+            } else {
+                copies.release(sequence);
             }
         }
     }
 
-    async fn run(&self, job: Job) {
-        let Job { message, input } = job;
+    /// Handles one message; returns whether it is finished (acknowledged or dead-lettered).
+    async fn handle(&self, job: Job) -> bool {
+        let Job { message, input, .. } = job;
         let input = match input {
             Ok(input) => input,
-            Err((reason, error)) => {
-                self.dead_letter(&message, reason, &error, 0).await;
-                return;
-            }
+            Err((reason, error)) => return self.dead_letter(&message, reason, &error, 0).await,
         };
         let attempts = run_with_retry(
             &self.retry,
@@ -172,14 +239,15 @@ impl Runner {
                 tracing::debug!(topic = %self.topic, attempt, %error, "handler failed; retrying in place");
             },
         );
-        match self.with_progress(attempts, &message.reply).await {
+        match attempts.await {
             RetryOutcome::Succeeded { .. } => {
                 self.ack(&message.reply, b"+ACK").await;
                 self.counters.handled.fetch_add(1, Ordering::Relaxed);
+                true
             }
             RetryOutcome::Failed { attempts, reason } => {
                 self.dead_letter(&message, reason.code(), &reason.to_string(), attempts)
-                    .await;
+                    .await
             }
         }
     }
@@ -193,7 +261,7 @@ impl Runner {
         reason: &str,
         error: &str,
         attempts: u32,
-    ) {
+    ) -> bool {
         let info = message.reply.as_deref().and_then(ack_info);
         let mut headers = message.headers.clone().unwrap_or_default();
         // Header values cannot hold line breaks.
@@ -234,7 +302,7 @@ impl Runner {
                 Ok(_) => {
                     self.ack(&message.reply, b"+TERM").await;
                     self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return true;
                 }
                 Err(e) => {
                     tracing::error!(topic = %self.topic, attempt, error = %e, "dead letter could not be stored");
@@ -244,6 +312,7 @@ impl Runner {
             }
         }
         tracing::error!(topic = %self.topic, "giving up on storing the dead letter; the message stays unacknowledged and will be delivered again");
+        false
     }
 }
 
@@ -296,6 +365,8 @@ struct FetchPlan {
     expires: Duration,
     topic: Topic,
     dispatch: Dispatch,
+    copies: Arc<Mutex<Copies>>,
+    counters: Arc<Counters>,
 }
 
 /// The topic's single fetcher. It keeps up to two pull requests outstanding (so the next batch
@@ -354,8 +425,21 @@ async fn fetch(
                 match message.status {
                     None => {
                         credit = credit.saturating_sub(1);
+                        let sequence = message.reply.as_deref().and_then(ack_info).map(|i| i.stream_sequence);
+                        let seen = sequence.map_or(Seen::New, |s| plan.copies.lock().unwrap().admit(s, message.reply.clone()));
+                        if seen != Seen::New {
+                            plan.counters.copies_skipped.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(topic = %plan.topic, ?sequence, ?seen, "redelivered copy recognised; not handled again");
+                            if seen == Seen::Finished {
+                                // Its first ack was lost: acknowledge the copy.
+                                if let Some(reply) = message.reply.clone() {
+                                    let _ = plan.client.publish(reply, bytes::Bytes::from_static(b"+ACK")).await;
+                                }
+                            }
+                            continue;
+                        }
                         let (key, input) = prepare(&plan.topic, &plan.dispatch, &message);
-                        if pool.submit(&key, Box::new(Job { message, input })).await.is_err() {
+                        if pool.submit(&key, Box::new(Job { sequence, message, input })).await.is_err() {
                             break;
                         }
                     }
@@ -386,6 +470,31 @@ async fn fetch(
     }
     let _ = replies.unsubscribe().await;
     Ok(pool)
+}
+
+/// Tells the broker, every `every`, that each message in flight for longer than `every` is
+/// still being worked on (`+WPI`), whether its handler is running, retrying or it waits in its
+/// aggregate's queue behind a slow event. So the broker never redelivers a message behind the
+/// worker's back, however long the aggregate is held up.
+async fn keep_alive(
+    client: async_nats::Client,
+    copies: Arc<Mutex<Copies>>,
+    every: Duration,
+    topic: Topic,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        let replies = copies.lock().unwrap().older_than(every);
+        for reply in replies {
+            if let Err(error) = client
+                .publish(reply, bytes::Bytes::from_static(b"+WPI"))
+                .await
+            {
+                tracing::warn!(%topic, %error, "in-progress acknowledgement could not be sent");
+            }
+        }
+    }
 }
 
 /// After an unclean stop, messages the dead process held are redelivered only after AckWait,
@@ -468,6 +577,7 @@ struct NatsSubscription {
     client: async_nats::Client,
     stop: watch::Sender<bool>,
     fetcher: tokio::task::JoinHandle<Result<KeyedPool<Box<Job>>, NatsError>>,
+    keeper: tokio::task::JoinHandle<()>,
     counters: Arc<Counters>,
 }
 
@@ -530,15 +640,20 @@ async fn setup(
         .await?;
 
     let counters = Arc::new(Counters::default());
+    // Finished positions are remembered for a few windows of MaxAckPending: long enough to
+    // recognise the copies a reconnect or AckWait expiry brings back.
+    let copies = Arc::new(Mutex::new(Copies::new(
+        (config.consumer.max_ack_pending.max(1) as usize).saturating_mul(4),
+    )));
     let runner = Arc::new(Runner {
         client: connection.client.clone(),
         jetstream: connection.jetstream.clone(),
         topic: topic.clone(),
         dispatch: dispatch.clone(),
         retry: config.retry.clone(),
-        progress_every: config.consumer.ack_wait / 3,
         dead_letter_subject: dlq_subject,
         counters: counters.clone(),
+        copies: copies.clone(),
     });
     // Jobs are boxed: a worker's queue then holds pointers, not whole messages, which keeps
     // the memory of idle queue blocks small with many workers.
@@ -556,7 +671,15 @@ async fn setup(
         expires: config.fetch.expires,
         topic: topic.clone(),
         dispatch,
+        copies,
+        counters: counters.clone(),
     };
+    let keeper = tokio::spawn(keep_alive(
+        connection.client.clone(),
+        plan.copies.clone(),
+        config.consumer.ack_wait / 3,
+        topic.clone(),
+    ));
     let (stop, stop_rx) = watch::channel(false);
     let fetcher = tokio::spawn(fetch(plan, pool, stop_rx));
     Ok(Subscription::new(NatsSubscription {
@@ -565,6 +688,7 @@ async fn setup(
         client: connection.client.clone(),
         stop,
         fetcher,
+        keeper,
         counters,
     }))
 }
@@ -579,6 +703,7 @@ impl SubscriptionHandle for NatsSubscription {
             client,
             stop,
             fetcher,
+            keeper,
             counters,
         } = *self;
         let _ = stop.send(true);
@@ -616,6 +741,8 @@ impl SubscriptionHandle for NatsSubscription {
             })
         }
         .await;
+        // In-flight messages are all settled or returned by now.
+        keeper.abort();
         shared.active.lock().unwrap().remove(&topic);
         result
     }
@@ -644,6 +771,27 @@ mod tests {
             })
         );
         assert_eq!(ack_info("_INBOX.abc"), None);
+    }
+
+    #[test]
+    fn copies_are_recognised_until_forgotten() {
+        let mut copies = Copies::new(2);
+        assert_eq!(copies.admit_for_test(1), Seen::New);
+        assert_eq!(copies.admit_for_test(1), Seen::InFlight);
+        copies.finish(1);
+        assert_eq!(copies.admit_for_test(1), Seen::Finished);
+        assert_eq!(copies.admit_for_test(2), Seen::New);
+        copies.release(2);
+        assert_eq!(
+            copies.admit_for_test(2),
+            Seen::New,
+            "a released position may be handled again"
+        );
+        copies.finish(2);
+        assert_eq!(copies.admit_for_test(3), Seen::New);
+        copies.finish(3);
+        // Capacity 2: position 1 is forgotten once 2 and 3 finished.
+        assert_eq!(copies.admit_for_test(1), Seen::New);
     }
 
     #[test]

@@ -1,0 +1,167 @@
+//! A consumer process is killed with SIGKILL while thousands of messages over many aggregates
+//! are in flight; a new consumer then starts at once. JetStream would hand the new consumer
+//! newer messages immediately and the dead one's unacknowledged messages only after AckWait
+//! (30 s), so a naive design handles version 7 before the redelivered 6. The bus restarts
+//! delivery at the ack floor instead: every aggregate stays in order, nothing is lost, and the
+//! only duplicates are in-order replays of events the dead process handled but never acked.
+//!
+//! This binary is its own child: run with `BUS_CRASH_CHILD_URL` set, it is the consumer that
+//! gets killed.
+
+mod common;
+
+use std::io::{BufRead, Write};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
+use bus_nats::NatsBus;
+use bus_testkit::conformance::{subscribe_recording, Recorder};
+use bus_testkit::NatsServer;
+
+const AGGREGATES: u64 = 100;
+const VERSIONS: u64 = 100;
+const KILL_AFTER: usize = 3_000;
+
+fn topic() -> Topic {
+    Topic::new("crash").unwrap()
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Ok(url) = std::env::var("BUS_CRASH_CHILD_URL") {
+        let log = std::env::var("BUS_CRASH_CHILD_LOG").expect("child log path");
+        runtime.block_on(child(url, log));
+        return;
+    }
+    println!("running 1 test");
+    runtime.block_on(consumer_killed_mid_stream());
+    println!("test consumer_killed_mid_stream ... ok");
+    println!("\ncrash_nats: 1 passed, 0 failed");
+}
+
+/// The consumer that gets killed: records every handled event in a log, one line each.
+async fn child(url: String, log: String) {
+    let bus = NatsBus::connect(common::test_config(&url)).await.unwrap();
+    let file = Arc::new(Mutex::new(std::fs::File::create(log).unwrap()));
+    let _subscription = bus
+        .subscribe(
+            &topic(),
+            Arc::new(handler_fn(move |e: Envelope| {
+                let file = file.clone();
+                async move {
+                    // Some work, so that many messages are in flight when the kill comes.
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    let line = format!("{} {}\n", e.aggregate_id(), e.event_version());
+                    file.lock().unwrap().write_all(line.as_bytes()).unwrap();
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap();
+    std::future::pending::<()>().await;
+}
+
+async fn consumer_killed_mid_stream() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(common::test_config(&server.url()))
+        .await
+        .unwrap();
+    for version in 1..=VERSIONS {
+        for a in 0..AGGREGATES {
+            let event = Envelope::builder(format!("k-{a}"), "Tested", version)
+                .build()
+                .unwrap();
+            let _receipt = bus.publish(&topic(), event).await.unwrap();
+        }
+    }
+    bus.flush().await.unwrap();
+    let expected = AGGREGATES * VERSIONS;
+
+    let log = tempfile_path();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("BUS_CRASH_CHILD_URL", server.url())
+        .env("BUS_CRASH_CHILD_LOG", &log)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait, bounded, until the child has handled enough; it is another process, so its log is
+    // the only signal there is.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_lines(&log) < KILL_AFTER {
+        assert!(
+            Instant::now() < deadline,
+            "child handled only {} events",
+            count_lines(&log)
+        );
+        assert!(child.try_wait().unwrap().is_none(), "child exited early");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no close, no acks
+    child.wait().unwrap();
+
+    let recorder = Recorder::new();
+    let mut handled_by_child = 0;
+    for line in std::io::BufReader::new(std::fs::File::open(&log).unwrap()).lines() {
+        let line = line.unwrap();
+        let (aggregate, version) = line.split_once(' ').unwrap();
+        recorder
+            .verifier
+            .record(topic().as_str(), aggregate, version.parse().unwrap());
+        handled_by_child += 1;
+    }
+    assert!(
+        handled_by_child < expected as usize,
+        "the kill came after the end"
+    );
+
+    // The crash left delivered, unacknowledged messages: the path under test is taken.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(bus.stream_name(&topic()).await.unwrap())
+        .await
+        .unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&bus.config().consumer_name(&topic()))
+        .await
+        .unwrap();
+    let pending = consumer.info().await.unwrap().num_ack_pending;
+    assert!(pending > 0, "the crash left nothing unacknowledged");
+
+    // A new consumer starts at once, well inside AckWait.
+    let subscription = subscribe_recording(&bus, &topic(), &recorder).await;
+    recorder
+        .wait_until("every event", Duration::from_secs(20), |r| {
+            r.unique >= expected
+        })
+        .await;
+    subscription.close().await.unwrap();
+    let report = recorder.verifier.report();
+    println!(
+        "consumer crash: child handled {handled_by_child} then was killed with {pending} unacknowledged; \
+         after restart: {report:?}"
+    );
+    assert_eq!(report.order_violations, 0, "{report:?}");
+    assert_eq!(report.gaps, 0, "{report:?}");
+    assert_eq!(report.lost(expected), 0, "{report:?}");
+    // Replays are only of what the dead process had in flight.
+    assert!(report.duplicates <= pending as u64, "{report:?}");
+    let _ = std::fs::remove_file(&log);
+}
+
+fn tempfile_path() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("bus-crash-child-{}.log", std::process::id()))
+}
+
+fn count_lines(path: &std::path::Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+        .unwrap_or(0)
+}

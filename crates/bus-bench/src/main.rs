@@ -327,6 +327,8 @@ async fn run_bus(
     let publish = start.elapsed();
     let drain_start = Instant::now();
     if s.backlog {
+        // The backlog row reports memory while the backlog drains.
+        stats::reset_peak_rss();
         subscriptions = subscribe(bus.clone()).await?;
     }
     sink.wait(Duration::from_secs(600)).await?;
@@ -489,6 +491,10 @@ struct Options {
     only: Vec<String>,
     /// Skip the ceiling and latency rows: for profiling one row alone.
     alone: bool,
+    /// Run this one row in this process and print it as JSON (how the parent runs each row).
+    row: Option<String>,
+    /// The publish rate of the row, for the fixed-rate latency row.
+    rate: Option<f64>,
 }
 
 fn parse_args() -> Result<Options> {
@@ -496,12 +502,16 @@ fn parse_args() -> Result<Options> {
         quick: false,
         only: Vec::new(),
         alone: false,
+        row: None,
+        rate: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => options.quick = true,
             "--alone" => options.alone = true,
+            "--row" => options.row = Some(args.next().context("--row needs a row name")?),
+            "--rate" => options.rate = Some(args.next().context("--rate needs msg/s")?.parse()?),
             "--only" => options.only.extend(
                 args.next()
                     .context("--only needs row names")?
@@ -668,6 +678,45 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
     rows
 }
 
+fn latency_scenario(rate: f64, quick: bool) -> Scenario {
+    let seconds = if quick { 5.0 } else { 10.0 };
+    let versions = ((rate * seconds) / 10_000.0).ceil().max(1.0) as u64;
+    Scenario {
+        rate: Some(rate),
+        ..Scenario::new(
+            "latency-half-capacity",
+            Kind::Bus(BusSetup::default_config()),
+            10_000,
+            versions,
+        )
+    }
+}
+
+/// Runs one row in a child process of this binary and reads back its result.
+fn run_in_child(name: &str, quick: bool, rate: Option<f64>) -> Result<Row> {
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command.args(["--row", name]);
+    if quick {
+        command.arg("--quick");
+    }
+    if let Some(rate) = rate {
+        command.args(["--rate", &rate.to_string()]);
+    }
+    let output = command
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting row `{name}`"))?;
+    if !output.status.success() {
+        bail!("row `{name}` failed with {}", output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ROW "))
+        .with_context(|| format!("row `{name}` printed no result"))?;
+    Ok(serde_json::from_str(line)?)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -688,32 +737,32 @@ async fn main() -> Result<()> {
     )
     .unwrap()
     .progress_chars("=> ");
+    if let Some(name) = &options.row {
+        // Child mode: one row, in a fresh process, so that memory and task counts are its own.
+        let s = match options.rate {
+            Some(rate) => latency_scenario(rate, options.quick),
+            None => plan
+                .iter()
+                .find(|s| &s.name == name)
+                .cloned()
+                .with_context(|| format!("no row named `{name}`"))?,
+        };
+        let bar = ProgressBar::new(s.messages())
+            .with_style(style)
+            .with_prefix(s.name.clone());
+        let row = run_row(&s, bar).await?;
+        println!("ROW {}", serde_json::to_string(&row)?);
+        return Ok(());
+    }
     let mut rows: Vec<Row> = Vec::new();
     let started = Instant::now();
     for s in &plan {
-        let bar = ProgressBar::new(s.messages())
-            .with_style(style.clone())
-            .with_prefix(s.name.clone());
-        rows.push(run_row(s, bar).await?);
+        rows.push(run_in_child(&s.name, options.quick, None)?);
     }
     // Latency at a fixed rate: half of the default row's measured end-to-end capacity.
     if let Some(default) = rows.iter().find(|r| r.name == "default" && !options.alone) {
         let rate = default.e2e_msgs_per_s / 2.0;
-        let seconds = if options.quick { 5.0 } else { 10.0 };
-        let versions = ((rate * seconds) / 10_000.0).ceil().max(1.0) as u64;
-        let s = Scenario {
-            rate: Some(rate),
-            ..Scenario::new(
-                "latency-half-capacity",
-                Kind::Bus(BusSetup::default_config()),
-                10_000,
-                versions,
-            )
-        };
-        let bar = ProgressBar::new(s.messages())
-            .with_style(style.clone())
-            .with_prefix(s.name.clone());
-        let mut row = run_row(&s, bar).await?;
+        let mut row = run_in_child("latency-half-capacity", options.quick, Some(rate))?;
         row.name = format!("latency-at-{:.0}-msg-s", rate);
         rows.push(row);
     }

@@ -302,3 +302,76 @@ async fn server_killed_and_restarted_under_load() {
         failures.lock().unwrap()
     );
 }
+
+/// Every handler stalls while a flood is published: the broker stops delivering at
+/// MaxAckPending, so what the process holds stays bounded; nothing is dropped; once the handler
+/// recovers, everything is handled in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handler_under_a_flood_keeps_memory_bounded_and_drops_nothing() {
+    let server = NatsServer::start();
+    let mut config = test_config(&server.url());
+    config.consumer.max_ack_pending = 1_000;
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("flood").unwrap();
+    let recorder = Recorder::new();
+    let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+    let entered = Arc::new(AtomicU64::new(0));
+    let subscription = {
+        let (recorder, t, entered) = (recorder.clone(), topic.clone(), entered.clone());
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (recorder, t, mut gate, entered) = (
+                    recorder.clone(),
+                    t.clone(),
+                    gate_rx.clone(),
+                    entered.clone(),
+                );
+                async move {
+                    entered.fetch_add(1, Ordering::SeqCst);
+                    gate.wait_for(|open| *open).await.unwrap();
+                    recorder.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    const AGGREGATES: u64 = 500;
+    const VERSIONS: u64 = 40;
+    for version in 1..=VERSIONS {
+        for a in 0..AGGREGATES {
+            let _receipt = bus
+                .publish(&topic, envelope(&format!("f-{a}"), version))
+                .await
+                .unwrap();
+        }
+    }
+    bus.flush().await.unwrap();
+    let expected = AGGREGATES * VERSIONS;
+    // Let the fetcher run into the limit: wait until the broker reports nothing more it may
+    // deliver (delivered but unacknowledged = MaxAckPending).
+    let mut info = consumer_info(&server, &bus, &topic).await;
+    for _ in 0..200 {
+        if info.num_ack_pending >= 1_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        info = consumer_info(&server, &bus, &topic).await;
+    }
+    assert_eq!(info.num_ack_pending, 1_000, "{info:?}");
+    assert_eq!(
+        info.num_pending,
+        expected - 1_000,
+        "the rest waits in the stream: {info:?}"
+    );
+    // Only a bounded number of handlers could start: at most one per worker.
+    assert!(entered.load(Ordering::SeqCst) <= bus.config().pool.workers as u64);
+    assert_eq!(recorder.verifier.handled(), 0);
+
+    gate_tx.send(true).unwrap();
+    recorder.wait_unique(expected).await;
+    subscription.close().await.unwrap();
+    recorder.verifier.report().assert_exact(expected);
+}

@@ -168,7 +168,50 @@ pub fn dead_letter_headers() -> [&'static str; 6] {
     ]
 }
 
+/// Acknowledgements waiting to be sent. Workers add to it; one task sends everything queued in
+/// one burst, so the connection writes many acks per system call instead of one each.
+#[derive(Debug, Default)]
+pub(crate) struct AckQueue {
+    pending: Mutex<Vec<Subject>>,
+    wake: tokio::sync::Notify,
+}
+
+impl AckQueue {
+    fn push(&self, reply: Subject) {
+        let was_empty = {
+            let mut pending = self.pending.lock().unwrap();
+            pending.push(reply);
+            pending.len() == 1
+        };
+        if was_empty {
+            // A stored permit if the sender is busy: no wake-up is lost.
+            self.wake.notify_one();
+        }
+    }
+
+    /// Sends every queued acknowledgement.
+    async fn send_all(&self, client: &async_nats::Client, topic: &Topic) {
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap());
+        for reply in batch {
+            if let Err(error) = client
+                .publish(reply, bytes::Bytes::from_static(b"+ACK"))
+                .await
+            {
+                tracing::warn!(%topic, %error, "acknowledgement could not be sent");
+            }
+        }
+    }
+}
+
+async fn send_acks(client: async_nats::Client, acks: Arc<AckQueue>, topic: Topic) {
+    loop {
+        acks.wake.notified().await;
+        acks.send_all(&client, &topic).await;
+    }
+}
+
 struct Runner {
+    acks: Arc<AckQueue>,
     client: async_nats::Client,
     jetstream: async_nats::jetstream::Context,
     topic: Topic,
@@ -241,7 +284,9 @@ impl Runner {
         );
         match attempts.await {
             RetryOutcome::Succeeded { .. } => {
-                self.ack(&message.reply, b"+ACK").await;
+                if let Some(reply) = message.reply.clone() {
+                    self.acks.push(reply);
+                }
                 self.counters.handled.fetch_add(1, Ordering::Relaxed);
                 true
             }
@@ -578,6 +623,8 @@ struct NatsSubscription {
     stop: watch::Sender<bool>,
     fetcher: tokio::task::JoinHandle<Result<KeyedPool<Box<Job>>, NatsError>>,
     keeper: tokio::task::JoinHandle<()>,
+    acker: tokio::task::JoinHandle<()>,
+    acks: Arc<AckQueue>,
     counters: Arc<Counters>,
 }
 
@@ -645,7 +692,14 @@ async fn setup(
     let copies = Arc::new(Mutex::new(Copies::new(
         (config.consumer.max_ack_pending.max(1) as usize).saturating_mul(4),
     )));
+    let acks = Arc::new(AckQueue::default());
+    let acker = tokio::spawn(send_acks(
+        connection.client.clone(),
+        acks.clone(),
+        topic.clone(),
+    ));
     let runner = Arc::new(Runner {
+        acks: acks.clone(),
         client: connection.client.clone(),
         jetstream: connection.jetstream.clone(),
         topic: topic.clone(),
@@ -689,6 +743,8 @@ async fn setup(
         stop,
         fetcher,
         keeper,
+        acker,
+        acks,
         counters,
     }))
 }
@@ -704,6 +760,8 @@ impl SubscriptionHandle for NatsSubscription {
             stop,
             fetcher,
             keeper,
+            acker,
+            acks,
             counters,
         } = *self;
         let _ = stop.send(true);
@@ -724,6 +782,8 @@ impl SubscriptionHandle for NatsSubscription {
             let remaining = deadline.saturating_sub(started.elapsed());
             let report = pool.shutdown_within(remaining).await;
             // Push the last acknowledgements out before saying we are done.
+            acker.abort();
+            acks.send_all(&client, &topic).await;
             let _ = client.flush().await;
             let returned = report.not_run.len() as u64 + report.interrupted;
             if report.interrupted > 0 {

@@ -41,6 +41,11 @@ pub const DEFAULT_MAX_WAITING: i64 = 1_000;
 /// in-progress acknowledgements, so this only matters when a process dies.
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 
+/// Default time a publisher keeps retrying a publish that failed for a transient reason (no
+/// ack in time, connection lost) before its receipt reports the failure. Retries carry the same
+/// `Nats-Msg-Id`, so this must stay within the stream's duplicate window.
+pub const DEFAULT_PUBLISH_RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// Default stream MaxBytes (optimisation 8: 512 MiB → 1 GiB).
 pub const DEFAULT_STREAM_MAX_BYTES: i64 = 1 << 30;
 
@@ -307,6 +312,27 @@ impl Default for DeadLetterConfig {
     }
 }
 
+/// How a publisher orders the publishes of one aggregate on one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PublishOrdering {
+    /// At most one publish per aggregate and topic awaits its broker ack; the aggregate's
+    /// later publishes wait in the publisher (within `max_in_flight`) and are sent when it is
+    /// stored. A publish that fails for a transient reason is retried, with the same
+    /// `Nats-Msg-Id`, before any later event of its aggregate is sent; if it fails for good,
+    /// the aggregate's waiting publishes fail with [`PublishErrorKind::Aborted`]. So the stream
+    /// holds each aggregate's events in publish order even when the connection fails in the
+    /// middle of a pipeline. Different aggregates are pipelined freely.
+    ///
+    /// [`PublishErrorKind::Aborted`]: bus_core::PublishErrorKind::Aborted
+    #[default]
+    PerAggregate,
+    /// Every publish is sent at once, without waiting for earlier acks of its aggregate, and
+    /// is not retried. Faster for long bursts of one aggregate, but if a publish is lost on a
+    /// failing connection while a later event of its aggregate is stored, the stream holds a
+    /// gap the caller must fill by publishing again, after the later event.
+    Pipelined,
+}
+
 /// A callback told of every failed publish, with the envelope that failed.
 pub type PublishFailureCallback = Arc<dyn Fn(&PublishFailure) + Send + Sync>;
 
@@ -327,6 +353,12 @@ pub struct NatsConfig {
     /// Per publisher, the most publishes awaiting the broker's ack (default
     /// [`DEFAULT_MAX_IN_FLIGHT`]); `publish` waits while the window is full.
     pub max_in_flight: usize,
+    /// How publishes of one aggregate are ordered (default [`PublishOrdering::PerAggregate`]).
+    /// Raw publishes carry no aggregate and are always pipelined.
+    pub publish_ordering: PublishOrdering,
+    /// How long a transiently failed publish is retried under
+    /// [`PublishOrdering::PerAggregate`] (default [`DEFAULT_PUBLISH_RETRY_FOR`]).
+    pub publish_retry_for: Duration,
     /// Workers and queue sizes of each subscription's keyed pool.
     pub pool: PoolConfig,
     /// How retryable handler errors are retried. Once retries are exhausted, or on a permanent
@@ -351,6 +383,8 @@ impl Default for NatsConfig {
             provisioning: Provisioning::default(),
             fetch: FetchConfig::default(),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            publish_ordering: PublishOrdering::default(),
+            publish_retry_for: DEFAULT_PUBLISH_RETRY_FOR,
             pool: PoolConfig::default(),
             retry: RetryPolicy::default(),
             dead_letters: DeadLetterConfig::default(),
@@ -369,6 +403,8 @@ impl fmt::Debug for NatsConfig {
             .field("provisioning", &self.provisioning)
             .field("fetch", &self.fetch)
             .field("max_in_flight", &self.max_in_flight)
+            .field("publish_ordering", &self.publish_ordering)
+            .field("publish_retry_for", &self.publish_retry_for)
             .field("pool", &self.pool)
             .field("retry", &self.retry)
             .field("dead_letters", &self.dead_letters)
@@ -458,6 +494,20 @@ impl NatsConfig {
                 "consumer.ack_wait",
                 format!("{:?}", self.consumer.ack_wait),
                 "must be at least 1 s",
+            ));
+        }
+        let shortest_window = self
+            .streams
+            .iter()
+            .map(|s| s.duplicate_window)
+            .chain([DEFAULT_DUPLICATE_WINDOW])
+            .min()
+            .unwrap_or(DEFAULT_DUPLICATE_WINDOW);
+        if self.publish_retry_for > shortest_window {
+            return Err(ValidationError::new(
+                "publish_retry_for",
+                format!("{:?}", self.publish_retry_for),
+                format!("must not exceed the streams' duplicate window ({shortest_window:?}), or a retried publish could be stored twice"),
             ));
         }
         if self.retry.max_attempts < 1 {

@@ -57,9 +57,10 @@ use bytes::Bytes;
 pub use config::{
     check_stream_name, default_stream_name, Auth, ConnectionCallback, ConnectionConfig,
     ConnectionEvent, ConsumerSpec, DeadLetterConfig, FetchConfig, NatsConfig, Provisioning,
-    PublishFailureCallback, Retention, StreamSpec, TlsConfig, DEFAULT_ACK_WAIT,
+    PublishFailureCallback, PublishOrdering, Retention, StreamSpec, TlsConfig, DEFAULT_ACK_WAIT,
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_FETCH_BATCH, DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING,
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING, DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING, DEFAULT_PUBLISH_RETRY_FOR,
+    DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS,
 };
 pub use publisher::{NatsPublisher, PublishFailure};
 pub use subscriber::dead_letter_headers;

@@ -1,10 +1,15 @@
 //! The asynchronous, bounded publisher.
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind as NatsPublishErrorKind};
+use async_nats::jetstream::context::PublishErrorKind as NatsPublishErrorKind;
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use bus_core::{
@@ -14,7 +19,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::{Shared, TopicConnection};
+use crate::{PublishOrdering, Shared, TopicConnection};
 
 /// A publish that failed, as told to [`NatsConfig::on_publish_error`](crate::NatsConfig).
 #[derive(Debug)]
@@ -27,13 +32,69 @@ pub struct PublishFailure {
     pub error: PublishError,
 }
 
-struct InFlight {
-    ack: PublishAckFuture,
+/// One publish, from the call to `publish` until its receipt is settled.
+struct Message {
     topic: Topic,
-    envelope: Option<Envelope>,
+    /// The aggregate chain it belongs to, under [`PublishOrdering::PerAggregate`].
+    chain: Option<u64>,
+    source: Source,
     receipt: oneshot::Sender<Result<Published, PublishError>>,
+    /// When it was first sent; transient failures are retried until `publish_retry_for` after.
+    first_sent: Option<Instant>,
     _permit: OwnedSemaphorePermit,
 }
+
+enum Source {
+    Envelope(Envelope),
+    Raw(HeaderMap, Bytes),
+}
+
+impl Source {
+    fn parts(&self) -> (HeaderMap, Bytes) {
+        match self {
+            Source::Envelope(e) => (envelope_headers(e), e.payload().clone()),
+            Source::Raw(h, p) => (h.clone(), p.clone()),
+        }
+    }
+
+    /// Bytes of headers (as `name: value\r\n`) and of payload.
+    fn size(&self) -> (usize, usize) {
+        match self {
+            Source::Envelope(e) => {
+                let mut headers = "Nats-Msg-Id".len() + e.event_id().as_str().len() + 4;
+                wire::encode_headers(e, |name, value| headers += name.len() + value.len() + 4);
+                (headers, e.payload().len())
+            }
+            Source::Raw(h, p) => {
+                let headers = h
+                    .iter()
+                    .map(|(n, vs)| {
+                        let n: &str = n.as_ref();
+                        vs.iter()
+                            .map(|v| n.len() + v.as_str().len() + 4)
+                            .sum::<usize>()
+                    })
+                    .sum();
+                (headers, p.len())
+            }
+        }
+    }
+
+    fn into_envelope(self) -> Option<Envelope> {
+        match self {
+            Source::Envelope(e) => Some(e),
+            Source::Raw(..) => None,
+        }
+    }
+}
+
+type AckResult = Result<
+    async_nats::jetstream::publish::PublishAck,
+    async_nats::jetstream::context::PublishError,
+>;
+
+/// A publish on its way: sent, or waiting to be sent again.
+type Attempt = Pin<Box<dyn Future<Output = (AckResult, Message)> + Send>>;
 
 struct State {
     window: Arc<Semaphore>,
@@ -41,14 +102,28 @@ struct State {
     idle: Notify,
     first_error: Mutex<Option<PublishError>>,
     closed: AtomicBool,
+    /// Aggregate chains with a publish awaiting its ack → the publishes waiting behind it.
+    chains: Mutex<HashMap<u64, VecDeque<Message>>>,
+}
+
+fn chain_key(topic: &Topic, aggregate: &str) -> u64 {
+    // Fixed seeds: a collision only makes two aggregates share one chain, which keeps both in
+    // order.
+    static HASHER: std::sync::OnceLock<ahash::RandomState> = std::sync::OnceLock::new();
+    HASHER
+        .get_or_init(|| ahash::RandomState::with_seeds(7, 11, 13, 17))
+        .hash_one((topic.as_str(), aggregate))
 }
 
 /// Publishes on NATS JetStream without waiting for each ack, within a bounded window.
 ///
-/// Envelopes published in order from one task are stored in that order: they travel on their
-/// topic's single connection, which the server reads in order. Each envelope's event ID is its
-/// `Nats-Msg-Id`, so publishing the same envelope again within the stream's duplicate window is
-/// recognised by the broker (the receipt says `duplicate: true`).
+/// Envelopes of one aggregate published in order from one task are stored in that order, even
+/// when the connection fails with several of them in flight: under the default
+/// [`PublishOrdering::PerAggregate`] only one publish per aggregate awaits its ack, and one that
+/// fails for a transient reason is retried before the aggregate's next event is sent. Different
+/// aggregates are pipelined within `max_in_flight`. Each envelope's event ID is its
+/// `Nats-Msg-Id`, so a retry, or publishing the same envelope again within the stream's
+/// duplicate window, is recognised by the broker (the receipt says `duplicate: true`).
 ///
 /// A failed publish is reported three ways: through its [`Receipt`], through the next
 /// [`flush`](Publisher::flush), and through `NatsConfig::on_publish_error` with the envelope.
@@ -56,7 +131,7 @@ struct State {
 pub struct NatsPublisher {
     shared: Arc<Shared>,
     state: Arc<State>,
-    acks: mpsc::UnboundedSender<InFlight>,
+    acks: mpsc::UnboundedSender<Attempt>,
 }
 
 impl fmt::Debug for NatsPublisher {
@@ -101,6 +176,7 @@ impl NatsPublisher {
             idle: Notify::new(),
             first_error: Mutex::new(None),
             closed: AtomicBool::new(false),
+            chains: Mutex::new(HashMap::new()),
         });
         let (acks, rx) = mpsc::unbounded_channel();
         tokio::spawn(collect_acks(rx, state.clone(), shared.clone()));
@@ -116,13 +192,7 @@ impl NatsPublisher {
         self.state.outstanding.load(Ordering::Relaxed)
     }
 
-    async fn send(
-        &self,
-        topic: &Topic,
-        headers: HeaderMap,
-        payload: Bytes,
-        envelope: Option<Envelope>,
-    ) -> Result<Receipt, PublishError> {
+    async fn send(&self, topic: &Topic, source: Source) -> Result<Receipt, PublishError> {
         if self.state.closed.load(Ordering::Acquire) {
             return Err(PublishError::new(
                 PublishErrorKind::Closed,
@@ -138,22 +208,14 @@ impl NatsPublisher {
                 )
             })?;
         let max_payload = connection.max_payload;
-        let header_len: usize = headers
-            .iter()
-            .map(|(n, vs)| {
-                let n: &str = n.as_ref();
-                vs.iter()
-                    .map(|v| n.len() + v.as_str().len() + 4)
-                    .sum::<usize>()
-            })
-            .sum();
-        if payload.len() + header_len > max_payload {
+        let (header_len, payload_len) = source.size();
+        if payload_len + header_len > max_payload {
             return Err(PublishError::new(
                 PublishErrorKind::PayloadTooLarge,
                 format!(
                     "message on topic `{topic}` is {} bytes ({} payload + {header_len} headers), over the server's max_payload of {max_payload} bytes",
-                    payload.len() + header_len,
-                    payload.len()
+                    payload_len + header_len,
+                    payload_len
                 ),
             ));
         }
@@ -164,26 +226,47 @@ impl NatsPublisher {
             .acquire_owned()
             .await
             .map_err(|_| PublishError::new(PublishErrorKind::Closed, "publisher is closed"))?;
-        let ack = connection
-            .jetstream
-            .publish_with_headers(connection.subject.clone(), headers, payload)
-            .await
-            .map_err(|e| nats_error(topic, e))?;
+        let chain = match (&source, self.shared.config.publish_ordering) {
+            (Source::Envelope(e), PublishOrdering::PerAggregate) => {
+                Some(chain_key(topic, e.aggregate_id().as_str()))
+            }
+            _ => None,
+        };
         let (tx, rx) = oneshot::channel();
-        self.state.outstanding.fetch_add(1, Ordering::AcqRel);
-        let in_flight = InFlight {
-            ack,
+        let message = Message {
             topic: topic.clone(),
-            envelope,
+            chain,
+            source,
             receipt: tx,
+            first_sent: None,
             _permit: permit,
         };
-        if self.acks.send(in_flight).is_err() {
-            self.state.outstanding.fetch_sub(1, Ordering::AcqRel);
-            return Err(PublishError::new(
-                PublishErrorKind::Closed,
-                "publisher ack collector stopped",
-            ));
+        self.state.outstanding.fetch_add(1, Ordering::AcqRel);
+        let send_now = match chain {
+            None => Some(message),
+            Some(key) => {
+                let mut chains = self.state.chains.lock().unwrap();
+                match chains.entry(key) {
+                    Entry::Occupied(mut waiting) => {
+                        // An earlier event of this aggregate awaits its ack: wait behind it.
+                        waiting.get_mut().push_back(message);
+                        None
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(VecDeque::new());
+                        Some(message)
+                    }
+                }
+            }
+        };
+        if let Some(message) = send_now {
+            let attempt = transmit(connection, message).await;
+            if self.acks.send(attempt).is_err() {
+                return Err(PublishError::new(
+                    PublishErrorKind::Closed,
+                    "publisher ack collector stopped",
+                ));
+            }
         }
         Ok(Receipt::new(async move {
             rx.await.unwrap_or_else(|_| {
@@ -196,68 +279,178 @@ impl NatsPublisher {
     }
 }
 
-/// Awaits every outstanding ack, resolves receipts and records failures.
+/// Writes `message` to its topic's connection now (so publishes leave in call order) and
+/// returns the wait for its ack.
+async fn transmit(connection: Arc<TopicConnection>, mut message: Message) -> Attempt {
+    message.first_sent.get_or_insert_with(Instant::now);
+    let (headers, payload) = message.source.parts();
+    let sent = connection
+        .jetstream
+        .publish_with_headers(connection.subject.clone(), headers, payload)
+        .await;
+    Box::pin(async move {
+        let result = match sent {
+            Ok(ack) => ack.await,
+            Err(error) => Err(error),
+        };
+        (result, message)
+    })
+}
+
+/// Sends `message` again after `delay`.
+fn retransmit(shared: Arc<Shared>, message: Message, delay: Duration) -> Attempt {
+    Box::pin(async move {
+        tokio::time::sleep(delay).await;
+        match shared.connection(&message.topic).await {
+            Ok(connection) => transmit(connection, message).await.await,
+            Err(error) => {
+                let error = async_nats::jetstream::context::PublishError::with_source(
+                    NatsPublishErrorKind::Other,
+                    error,
+                );
+                (Err(error), message)
+            }
+        }
+    })
+}
+
+/// Awaits every outstanding ack, retries what failed for a transient reason, sends the next
+/// publish of each aggregate chain, resolves receipts and records failures.
 async fn collect_acks(
-    mut rx: mpsc::UnboundedReceiver<InFlight>,
+    mut rx: mpsc::UnboundedReceiver<Attempt>,
     state: Arc<State>,
     shared: Arc<Shared>,
 ) {
     let mut pending = FuturesUnordered::new();
+    let mut closing = false;
     loop {
         tokio::select! {
-            next = rx.recv() => match next {
-                Some(in_flight) => pending.push(async move {
-                    let InFlight { ack, topic, envelope, receipt, _permit } = in_flight;
-                    let result = ack.await;
-                    (result, topic, envelope, receipt)
-                }),
-                None if pending.is_empty() => return,
-                None => {
-                    while let Some(done) = pending.next().await {
-                        settle(done, &state, &shared);
-                    }
-                    return;
-                }
+            next = rx.recv(), if !closing => match next {
+                Some(attempt) => pending.push(attempt),
+                None => closing = true,
             },
-            Some(done) = pending.next(), if !pending.is_empty() => settle(done, &state, &shared),
+            Some((result, message)) = pending.next(), if !pending.is_empty() => {
+                if let Some(attempt) = settle(result, message, &state, &shared).await {
+                    pending.push(attempt);
+                }
+            }
+            else => return,
         }
     }
 }
 
-type Settled = (
-    Result<
-        async_nats::jetstream::publish::PublishAck,
-        async_nats::jetstream::context::PublishError,
-    >,
-    Topic,
-    Option<Envelope>,
-    oneshot::Sender<Result<Published, PublishError>>,
-);
+fn is_transient(error: &PublishError) -> bool {
+    matches!(
+        error.kind(),
+        PublishErrorKind::TimedOut | PublishErrorKind::Connection
+    )
+}
 
-fn settle((result, topic, envelope, receipt): Settled, state: &State, shared: &Shared) {
-    let outcome = match result {
-        Ok(ack) => Ok(Published {
-            topic,
-            sequence: Some(ack.sequence),
-            duplicate: ack.duplicate,
-        }),
+/// Settles one ack. Returns the attempts it started: a retry of this publish, or the next
+/// publish of its aggregate chain.
+async fn settle(
+    result: AckResult,
+    message: Message,
+    state: &State,
+    shared: &Arc<Shared>,
+) -> Option<Attempt> {
+    let topic = message.topic.clone();
+    match result {
+        Ok(ack) => {
+            let chain = message.chain;
+            finish(
+                message,
+                Ok(Published {
+                    topic: topic.clone(),
+                    sequence: Some(ack.sequence),
+                    duplicate: ack.duplicate,
+                }),
+                state,
+                shared,
+            );
+            let key = chain?;
+            let next = {
+                let mut chains = state.chains.lock().unwrap();
+                let next = chains.get_mut(&key).and_then(VecDeque::pop_front);
+                if next.is_none() {
+                    chains.remove(&key);
+                }
+                next
+            }?;
+            match shared.connection(&next.topic).await {
+                Ok(connection) => Some(transmit(connection, next).await),
+                Err(_) => Some(retransmit(shared.clone(), next, RETRY_FIRST_DELAY)),
+            }
+        }
         Err(error) => {
             let error = nats_error(&topic, error);
+            let elapsed = message.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
+            if message.chain.is_some()
+                && is_transient(&error)
+                && elapsed < shared.config.publish_retry_for
+            {
+                // Retried before any later event of the aggregate is sent; the same
+                // Nats-Msg-Id makes a retry of a publish that was in fact stored a duplicate.
+                let delay = (RETRY_FIRST_DELAY
+                    * 2u32.pow((elapsed.as_millis() / 500).min(5) as u32))
+                .min(RETRY_MAX_DELAY);
+                tracing::debug!(%topic, %error, ?delay, "publish failed; retrying before the aggregate's later events");
+                return Some(retransmit(shared.clone(), message, delay));
+            }
             tracing::warn!(%topic, %error, "publish failed");
-            if let Some(callback) = &shared.config.on_publish_error {
-                callback(&PublishFailure {
-                    topic: topic.clone(),
-                    envelope,
-                    error: PublishError::new(error.kind(), error.to_string()),
-                });
+            let chain = message.chain;
+            let reason = error.to_string();
+            finish(message, Err(error), state, shared);
+            if let Some(key) = chain {
+                // The aggregate's later events must not be stored after a gap: fail them too.
+                let waiting = state
+                    .chains
+                    .lock()
+                    .unwrap()
+                    .remove(&key)
+                    .unwrap_or_default();
+                for later in waiting {
+                    let error = PublishError::new(
+                        PublishErrorKind::Aborted,
+                        format!("not sent: an earlier event of its aggregate on topic `{topic}` failed ({reason})"),
+                    );
+                    finish(later, Err(error), state, shared);
+                }
             }
-            let mut first = state.first_error.lock().unwrap();
-            if first.is_none() {
-                *first = Some(PublishError::new(error.kind(), error.to_string()));
-            }
-            Err(error)
+            None
         }
-    };
+    }
+}
+
+const RETRY_FIRST_DELAY: Duration = Duration::from_millis(50);
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// Resolves a receipt and tells failures to `flush` and the failure callback.
+fn finish(
+    message: Message,
+    outcome: Result<Published, PublishError>,
+    state: &State,
+    shared: &Shared,
+) {
+    let Message {
+        topic,
+        source,
+        receipt,
+        ..
+    } = message;
+    if let Err(error) = &outcome {
+        if let Some(callback) = &shared.config.on_publish_error {
+            callback(&PublishFailure {
+                topic,
+                envelope: source.into_envelope(),
+                error: PublishError::new(error.kind(), error.to_string()),
+            });
+        }
+        let mut first = state.first_error.lock().unwrap();
+        if first.is_none() {
+            *first = Some(PublishError::new(error.kind(), error.to_string()));
+        }
+    }
     let _ = receipt.send(outcome);
     if state.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
         state.idle.notify_waiters();
@@ -275,9 +468,7 @@ pub(crate) fn envelope_headers(envelope: &Envelope) -> HeaderMap {
 #[async_trait]
 impl Publisher for NatsPublisher {
     async fn publish(&self, topic: &Topic, envelope: Envelope) -> Result<Receipt, PublishError> {
-        let headers = envelope_headers(&envelope);
-        let payload = envelope.payload().clone();
-        self.send(topic, headers, payload, Some(envelope)).await
+        self.send(topic, Source::Envelope(envelope)).await
     }
 
     async fn publish_raw(
@@ -290,7 +481,7 @@ impl Publisher for NatsPublisher {
         for (name, value) in &headers {
             map.append(name.as_str(), value.as_str());
         }
-        self.send(topic, map, payload, None).await
+        self.send(topic, Source::Raw(map, payload)).await
     }
 
     async fn flush(&self) -> Result<(), PublishError> {

@@ -284,6 +284,8 @@ pub enum SubscribeErrorKind {
     Connection,
     /// Shutdown did not finish within its deadline.
     ShutdownTimedOut,
+    /// The aggregate named in an operator call is not halted.
+    NotHalted,
 }
 
 /// Subscribing or closing a subscription failed.

@@ -84,6 +84,21 @@ pub enum RetryOutcome {
     },
 }
 
+/// What happens to an event once its handler has failed for good (retries exhausted, a
+/// permanent error, or a panic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Store it as a dead letter with the reason, terminate it at the broker, and go on with
+    /// the aggregate's next event. Other aggregates never wait.
+    #[default]
+    DeadLetter,
+    /// Keep it unacknowledged and hold the aggregate's later events behind it, until an
+    /// operator resumes or skips the aggregate through
+    /// [`AggregateControl`](crate::AggregateControl). Other aggregates keep flowing; held
+    /// events count against the consumer's MaxAckPending.
+    HaltAggregate,
+}
+
 /// Why handling an event finally failed.
 #[derive(Debug)]
 pub enum FailureReason {

@@ -175,12 +175,56 @@ pub struct CloseReport {
     pub returned: u64,
 }
 
+/// An aggregate whose events wait because one of them failed under
+/// [`FailurePolicy::HaltAggregate`](crate::FailurePolicy::HaltAggregate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaltedAggregate {
+    /// The ordering key: the aggregate ID (or what the raw key extractor returned).
+    pub key: String,
+    /// Events waiting, the failed one included.
+    pub waiting: usize,
+    /// When it halted.
+    pub since: std::time::SystemTime,
+    /// Why, as in a dead letter's reason: `permanent`, `retries-exhausted` or `panic`.
+    pub reason: String,
+    /// The last error's text.
+    pub error: String,
+    /// Handler attempts made on the failed event.
+    pub attempts: u32,
+    /// The failed event's version, when the message is an envelope.
+    pub event_version: Option<u64>,
+    /// The failed message's position in its stream, when the transport has one.
+    pub stream_sequence: Option<u64>,
+}
+
+/// Operator control of a subscription's halted aggregates.
+#[async_trait]
+pub trait AggregateControl: Send + Sync {
+    /// Every halted aggregate, in no particular order.
+    fn halted(&self) -> Vec<HaltedAggregate>;
+
+    /// Hands the failed event to the handler again (with the full retry policy), then the
+    /// aggregate's waiting events in order. If it fails again the aggregate halts again.
+    /// Returns once the resumption is queued behind the aggregate's earlier work.
+    async fn resume(&self, key: &str) -> Result<(), SubscribeError>;
+
+    /// Dead-letters the failed event (reason `skipped`) and goes on with the aggregate's
+    /// waiting events in order.
+    async fn skip(&self, key: &str) -> Result<(), SubscribeError>;
+}
+
 /// A transport's side of an active subscription.
 #[async_trait]
 pub trait SubscriptionHandle: Send + Sync {
     /// Stops receiving, lets in-flight handlers finish within `deadline`, acknowledges what
     /// succeeded and never what did not.
     async fn close(self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError>;
+
+    /// Control of halted aggregates, if the transport supports
+    /// [`FailurePolicy::HaltAggregate`](crate::FailurePolicy::HaltAggregate).
+    fn control(&self) -> Option<Arc<dyn AggregateControl>> {
+        None
+    }
 }
 
 /// An active subscription; close it with [`Subscription::close`] for a graceful stop.
@@ -203,6 +247,12 @@ impl Subscription {
     /// Stops the subscription gracefully, waiting at most `deadline` for in-flight handlers.
     pub async fn close_within(self, deadline: Duration) -> Result<CloseReport, SubscribeError> {
         self.0.close(deadline).await
+    }
+
+    /// Lists, resumes and skips halted aggregates; `None` if the transport has no halt policy.
+    /// The handle stays usable while the subscription runs and may be kept separately.
+    pub fn control(&self) -> Option<Arc<dyn AggregateControl>> {
+        self.0.control()
     }
 }
 

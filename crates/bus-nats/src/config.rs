@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus_core::{RetryPolicy, Topic, ValidationError};
+use bus_core::{FailurePolicy, RetryPolicy, Topic, ValidationError};
 use keyed_pool::PoolConfig;
 
 use crate::PublishFailure;
@@ -361,9 +361,14 @@ pub struct NatsConfig {
     pub publish_retry_for: Duration,
     /// Workers and queue sizes of each subscription's keyed pool.
     pub pool: PoolConfig,
-    /// How retryable handler errors are retried. Once retries are exhausted, or on a permanent
-    /// error or a panic, the message is dead-lettered and the aggregate moves on.
+    /// How retryable handler errors are retried, in place, while the aggregate's later events
+    /// wait. Once retries are exhausted, or on a permanent error or a panic, `on_failure`
+    /// decides.
     pub retry: RetryPolicy,
+    /// What happens once a handler has failed for good (default
+    /// [`FailurePolicy::DeadLetter`]). Undecodable messages and messages without a key are
+    /// always dead-lettered: they belong to no aggregate that could be halted.
+    pub on_failure: FailurePolicy,
     /// Where dead letters go.
     pub dead_letters: DeadLetterConfig,
     /// Told of every failed publish, in addition to its receipt and `flush`.
@@ -387,6 +392,7 @@ impl Default for NatsConfig {
             publish_retry_for: DEFAULT_PUBLISH_RETRY_FOR,
             pool: PoolConfig::default(),
             retry: RetryPolicy::default(),
+            on_failure: FailurePolicy::default(),
             dead_letters: DeadLetterConfig::default(),
             on_publish_error: None,
             share_connection: false,
@@ -407,6 +413,7 @@ impl fmt::Debug for NatsConfig {
             .field("publish_retry_for", &self.publish_retry_for)
             .field("pool", &self.pool)
             .field("retry", &self.retry)
+            .field("on_failure", &self.on_failure)
             .field("dead_letters", &self.dead_letters)
             .field("share_connection", &self.share_connection)
             .finish_non_exhaustive()

@@ -38,6 +38,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod dead_letters;
 mod provision;
 mod publisher;
 mod subscriber;
@@ -62,6 +63,7 @@ pub use config::{
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING, DEFAULT_PUBLISH_RETRY_FOR,
     DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS,
 };
+pub use dead_letters::DeadLetter;
 pub use publisher::{NatsPublisher, PublishFailure};
 pub use subscriber::dead_letter_headers;
 

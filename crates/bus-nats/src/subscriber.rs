@@ -1,19 +1,20 @@
 //! The consuming side: one fetcher per topic feeding a keyed pool.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, Subject};
 use async_trait::async_trait;
 use bus_core::{
-    run_with_retry, wire, CloseReport, Envelope, Handler, RawHandler, RawKey, RawMessage,
-    RetryOutcome, SubscribeError, SubscribeErrorKind, Subscription, SubscriptionHandle, Topic,
+    run_with_retry, wire, AggregateControl, CloseReport, Envelope, FailurePolicy, HaltedAggregate,
+    Handler, RawHandler, RawKey, RawMessage, RetryOutcome, SubscribeError, SubscribeErrorKind,
+    Subscription, SubscriptionHandle, Topic,
 };
 use futures::StreamExt;
 use keyed_pool::KeyedPool;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::{provision, NatsError, Shared, StreamSpec};
 
@@ -39,11 +40,46 @@ impl Input {
 }
 
 struct Job {
+    /// The ordering key (aggregate ID) the pool routed it by.
+    key: String,
     /// The message's stream sequence, if its ack subject could be read.
     sequence: Option<u64>,
     message: async_nats::Message,
     /// The message ready for the handler, or why it cannot be handled.
     input: Result<Input, (&'static str, String)>,
+}
+
+impl Job {
+    fn event_version(&self) -> Option<u64> {
+        match &self.input {
+            Ok(Input::Envelope(e)) => Some(e.event_version()),
+            _ => None,
+        }
+    }
+}
+
+/// What a worker is given.
+enum Work {
+    Message(Box<Job>),
+    /// An operator resumes a halted aggregate, or skips its failed event.
+    Resume {
+        key: String,
+        skip: bool,
+    },
+}
+
+/// How a handler's final failure went.
+struct Failure {
+    reason: &'static str,
+    error: String,
+    attempts: u32,
+}
+
+/// A halted aggregate: its failed event first, then the events that arrived behind it.
+struct Halt {
+    jobs: VecDeque<Box<Job>>,
+    since: std::time::SystemTime,
+    failure: Failure,
 }
 
 #[derive(Debug, Default)]
@@ -220,6 +256,10 @@ struct Runner {
     dead_letter_subject: String,
     counters: Arc<Counters>,
     copies: Arc<Mutex<Copies>>,
+    policy: FailurePolicy,
+    /// Halted aggregates by key; `halted_count` lets the hot path skip the lock while none is.
+    halted: Mutex<HashMap<String, Halt>>,
+    halted_count: AtomicUsize,
 }
 
 fn random_unit() -> f64 {
@@ -243,9 +283,26 @@ impl Runner {
         }
     }
 
-    async fn run(&self, job: Job) {
-        let sequence = job.sequence;
-        let finished = self.handle(job).await;
+    async fn run(&self, work: Work) {
+        match work {
+            Work::Message(job) => {
+                if self.halted_count.load(Ordering::Acquire) > 0 {
+                    let mut halted = self.halted.lock().unwrap();
+                    if let Some(halt) = halted.get_mut(&job.key) {
+                        // Behind the aggregate's failed event; still kept alive at the broker.
+                        halt.jobs.push_back(job);
+                        return;
+                    }
+                }
+                if let Err((job, failure)) = self.process(job).await {
+                    self.halt(job, failure, VecDeque::new());
+                }
+            }
+            Work::Resume { key, skip } => self.resume(key, skip).await,
+        }
+    }
+
+    fn settle_copies(&self, sequence: Option<u64>, finished: bool) {
         if let Some(sequence) = sequence {
             let mut copies = self.copies.lock().unwrap();
             if finished {
@@ -256,12 +313,124 @@ impl Runner {
         }
     }
 
-    /// Handles one message; returns whether it is finished (acknowledged or dead-lettered).
-    async fn handle(&self, job: Job) -> bool {
-        let Job { message, input, .. } = job;
-        let input = match input {
+    /// Handles one message to the end, unless its final failure halts its aggregate: then the
+    /// job comes back, unacknowledged, with why it failed.
+    async fn process(&self, job: Box<Job>) -> Result<(), (Box<Job>, Failure)> {
+        let finished = match self.handle(&job).await {
+            Ok(finished) => finished,
+            Err(failure) => match self.policy {
+                FailurePolicy::HaltAggregate => return Err((job, failure)),
+                FailurePolicy::DeadLetter => {
+                    self.dead_letter(
+                        &job.message,
+                        failure.reason,
+                        &failure.error,
+                        failure.attempts,
+                    )
+                    .await
+                }
+            },
+        };
+        self.settle_copies(job.sequence, finished);
+        Ok(())
+    }
+
+    fn halt(&self, first: Box<Job>, failure: Failure, mut rest: VecDeque<Box<Job>>) {
+        tracing::error!(
+            topic = %self.topic,
+            aggregate = %first.key,
+            version = ?first.event_version(),
+            stream_sequence = ?first.sequence,
+            reason = failure.reason,
+            error = %failure.error,
+            attempts = failure.attempts,
+            "aggregate halted: its later events wait until an operator resumes or skips it"
+        );
+        let key = first.key.clone();
+        rest.push_front(first);
+        let halt = Halt {
+            jobs: rest,
+            since: std::time::SystemTime::now(),
+            failure,
+        };
+        let mut halted = self.halted.lock().unwrap();
+        if halted.insert(key, halt).is_none() {
+            self.halted_count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Runs in the aggregate's worker, after everything queued there before the request.
+    async fn resume(&self, key: String, skip: bool) {
+        let Some(halt) = self.halted.lock().unwrap().remove(&key) else {
+            return;
+        };
+        self.halted_count.fetch_sub(1, Ordering::AcqRel);
+        let Halt {
+            mut jobs, failure, ..
+        } = halt;
+        tracing::warn!(topic = %self.topic, aggregate = %key, skip, waiting = jobs.len(), "operator resumes aggregate");
+        if skip {
+            if let Some(first) = jobs.pop_front() {
+                let error = format!("skipped by an operator after: {}", failure.error);
+                if self
+                    .dead_letter(&first.message, "skipped", &error, failure.attempts)
+                    .await
+                {
+                    self.settle_copies(first.sequence, true);
+                } else {
+                    // Not stored anywhere: stay halted rather than lose it.
+                    self.halt(first, failure, jobs);
+                    return;
+                }
+            }
+        }
+        while let Some(job) = jobs.pop_front() {
+            if let Err((job, failure)) = self.process(job).await {
+                self.halt(job, failure, jobs);
+                return;
+            }
+        }
+    }
+
+    fn halted_list(&self) -> Vec<HaltedAggregate> {
+        self.halted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(key, halt)| {
+                let first = halt.jobs.front();
+                HaltedAggregate {
+                    key: key.clone(),
+                    waiting: halt.jobs.len(),
+                    since: halt.since,
+                    reason: halt.failure.reason.to_owned(),
+                    error: halt.failure.error.clone(),
+                    attempts: halt.failure.attempts,
+                    event_version: first.and_then(|j| j.event_version()),
+                    stream_sequence: first.and_then(|j| j.sequence),
+                }
+            })
+            .collect()
+    }
+
+    fn halted_events(&self) -> u64 {
+        self.halted
+            .lock()
+            .unwrap()
+            .values()
+            .map(|h| h.jobs.len() as u64)
+            .sum()
+    }
+
+    /// Handles one message. `Ok(finished)` once it is acknowledged (`true`) or dead-lettered
+    /// (`true`), or could not be dead-lettered (`false`); `Err` when the handler failed for
+    /// good and the failure policy decides.
+    async fn handle(&self, job: &Job) -> Result<bool, Failure> {
+        let input = match &job.input {
             Ok(input) => input,
-            Err((reason, error)) => return self.dead_letter(&message, reason, &error, 0).await,
+            Err((reason, error)) => {
+                return Ok(self.dead_letter(&job.message, reason, error, 0).await)
+            }
         };
         let attempts = run_with_retry(
             &self.retry,
@@ -284,16 +453,17 @@ impl Runner {
         );
         match attempts.await {
             RetryOutcome::Succeeded { .. } => {
-                if let Some(reply) = message.reply.clone() {
+                if let Some(reply) = job.message.reply.clone() {
                     self.acks.push(reply);
                 }
                 self.counters.handled.fetch_add(1, Ordering::Relaxed);
-                true
+                Ok(true)
             }
-            RetryOutcome::Failed { attempts, reason } => {
-                self.dead_letter(&message, reason.code(), &reason.to_string(), attempts)
-                    .await
-            }
+            RetryOutcome::Failed { attempts, reason } => Err(Failure {
+                reason: reason.code(),
+                error: reason.to_string(),
+                attempts,
+            }),
         }
     }
 
@@ -420,9 +590,10 @@ struct FetchPlan {
 /// every outstanding request is complete or expired, so no message is left delivered-but-unseen.
 async fn fetch(
     plan: FetchPlan,
-    pool: KeyedPool<Box<Job>>,
+    pool: KeyedPool<Work>,
     mut stop: watch::Receiver<bool>,
-) -> Result<KeyedPool<Box<Job>>, NatsError> {
+    mut control: mpsc::UnboundedReceiver<(String, bool)>,
+) -> Result<KeyedPool<Work>, NatsError> {
     let inbox = Subject::from(plan.client.new_inbox());
     let mut replies = plan.client.subscribe(inbox.clone()).await.map_err(|e| {
         NatsError::api(
@@ -484,7 +655,8 @@ async fn fetch(
                             continue;
                         }
                         let (key, input) = prepare(&plan.topic, &plan.dispatch, &message);
-                        if pool.submit(&key, Box::new(Job { sequence, message, input })).await.is_err() {
+                        let job = Box::new(Job { key: key.clone(), sequence, message, input });
+                        if pool.submit(&key, Work::Message(job)).await.is_err() {
                             break;
                         }
                     }
@@ -503,6 +675,12 @@ async fn fetch(
                             tracing::warn!(topic = %plan.topic, description = ?message.description, "pull request refused");
                         }
                     }
+                }
+            }
+            Some((key, skip)) = control.recv(), if !stopping => {
+                // Routed like the aggregate's messages: it runs after what is queued before it.
+                if pool.submit(&key, Work::Resume { key: key.clone(), skip }).await.is_err() {
+                    break;
                 }
             }
             _ = watchdog.tick() => {
@@ -621,7 +799,9 @@ struct NatsSubscription {
     topic: Topic,
     client: async_nats::Client,
     stop: watch::Sender<bool>,
-    fetcher: tokio::task::JoinHandle<Result<KeyedPool<Box<Job>>, NatsError>>,
+    fetcher: tokio::task::JoinHandle<Result<KeyedPool<Work>, NatsError>>,
+    runner: Arc<Runner>,
+    control: Arc<NatsControl>,
     keeper: tokio::task::JoinHandle<()>,
     acker: tokio::task::JoinHandle<()>,
     acks: Arc<AckQueue>,
@@ -708,15 +888,27 @@ async fn setup(
         dead_letter_subject: dlq_subject,
         counters: counters.clone(),
         copies: copies.clone(),
+        policy: config.on_failure,
+        halted: Mutex::new(HashMap::new()),
+        halted_count: AtomicUsize::new(0),
     });
     // Jobs are boxed: a worker's queue then holds pointers, not whole messages, which keeps
     // the memory of idle queue blocks small with many workers.
-    let pool = KeyedPool::new(config.pool.clone(), move |job: Box<Job>| {
+    let pool = {
         let runner = runner.clone();
-        async move {
-            runner.run(*job).await;
-            Ok::<(), std::convert::Infallible>(())
-        }
+        KeyedPool::new(config.pool.clone(), move |work: Work| {
+            let runner = runner.clone();
+            async move {
+                runner.run(work).await;
+                Ok::<(), std::convert::Infallible>(())
+            }
+        })
+    };
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let control = Arc::new(NatsControl {
+        topic: topic.clone(),
+        runner: runner.clone(),
+        requests: control_tx,
     });
     let plan = FetchPlan {
         client: connection.client.clone(),
@@ -735,13 +927,15 @@ async fn setup(
         topic.clone(),
     ));
     let (stop, stop_rx) = watch::channel(false);
-    let fetcher = tokio::spawn(fetch(plan, pool, stop_rx));
+    let fetcher = tokio::spawn(fetch(plan, pool, stop_rx, control_rx));
     Ok(Subscription::new(NatsSubscription {
         shared: shared.clone(),
         topic: topic.clone(),
         client: connection.client.clone(),
         stop,
         fetcher,
+        runner,
+        control,
         keeper,
         acker,
         acks,
@@ -749,8 +943,52 @@ async fn setup(
     }))
 }
 
+/// Operator control of one subscription's halted aggregates.
+struct NatsControl {
+    topic: Topic,
+    runner: Arc<Runner>,
+    /// To the fetcher, which routes each request to the aggregate's worker.
+    requests: mpsc::UnboundedSender<(String, bool)>,
+}
+
+impl NatsControl {
+    fn request(&self, key: &str, skip: bool) -> Result<(), SubscribeError> {
+        if !self.runner.halted.lock().unwrap().contains_key(key) {
+            return Err(SubscribeError::new(
+                SubscribeErrorKind::NotHalted,
+                format!("aggregate `{key}` of topic `{}` is not halted", self.topic),
+            ));
+        }
+        self.requests.send((key.to_owned(), skip)).map_err(|_| {
+            SubscribeError::new(
+                SubscribeErrorKind::Closed,
+                format!("the subscription to topic `{}` is closed", self.topic),
+            )
+        })
+    }
+}
+
+#[async_trait]
+impl AggregateControl for NatsControl {
+    fn halted(&self) -> Vec<HaltedAggregate> {
+        self.runner.halted_list()
+    }
+
+    async fn resume(&self, key: &str) -> Result<(), SubscribeError> {
+        self.request(key, false)
+    }
+
+    async fn skip(&self, key: &str) -> Result<(), SubscribeError> {
+        self.request(key, true)
+    }
+}
+
 #[async_trait]
 impl SubscriptionHandle for NatsSubscription {
+    fn control(&self) -> Option<Arc<dyn AggregateControl>> {
+        Some(self.control.clone())
+    }
+
     async fn close(self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError> {
         let started = tokio::time::Instant::now();
         let NatsSubscription {
@@ -759,6 +997,8 @@ impl SubscriptionHandle for NatsSubscription {
             client,
             stop,
             fetcher,
+            runner,
+            control: _,
             keeper,
             acker,
             acks,
@@ -785,7 +1025,9 @@ impl SubscriptionHandle for NatsSubscription {
             acker.abort();
             acks.send_all(&client, &topic).await;
             let _ = client.flush().await;
-            let returned = report.not_run.len() as u64 + report.interrupted;
+            // Events of halted aggregates stay unacknowledged: delivered again, in order.
+            let returned =
+                report.not_run.len() as u64 + report.interrupted + runner.halted_events();
             if report.interrupted > 0 {
                 return Err(SubscribeError::new(
                     SubscribeErrorKind::ShutdownTimedOut,

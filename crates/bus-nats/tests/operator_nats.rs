@@ -1,0 +1,266 @@
+//! The halt-aggregate failure policy and its operator API (list, resume, skip), and the
+//! dead-letter API (list, replay), against a real nats-server.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::{
+    handler_fn, AggregateControl, Envelope, FailurePolicy, HandlerError, Publisher,
+    SubscribeErrorKind, Subscriber, Topic,
+};
+use bus_nats::NatsBus;
+use bus_testkit::conformance::Recorder;
+use bus_testkit::NatsServer;
+use common::test_config;
+
+fn envelope(aggregate: &str, version: u64) -> Envelope {
+    Envelope::builder(aggregate, "Tested", version)
+        .payload(format!("{aggregate}:{version}").into_bytes())
+        .build()
+        .unwrap()
+}
+
+async fn publish_all(bus: &NatsBus, topic: &Topic, events: impl IntoIterator<Item = Envelope>) {
+    let publisher = bus.publisher();
+    for event in events {
+        let _receipt = publisher.publish(topic, event).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+}
+
+/// Polls `condition` every 10 ms until it holds, failing after `timeout`.
+async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn redeliveries(server: &NatsServer, bus: &NatsBus, topic: &Topic) -> u64 {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(bus.stream_name(topic).await.unwrap())
+        .await
+        .unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&bus.config().consumer_name(topic))
+        .await
+        .unwrap();
+    consumer.info().await.unwrap().num_redelivered as u64
+}
+
+/// A permanent failure halts its aggregate: its later events wait (kept alive at the broker
+/// past several AckWaits, never redelivered), other aggregates flow, the operator sees it in
+/// `halted()`, a resume that fails again halts again, and a resume after the fault is fixed
+/// hands the failed event and everything behind it to the handler in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halted_aggregate_waits_for_the_operator_and_resumes_in_order() {
+    let server = NatsServer::start();
+    let mut config = test_config(&server.url());
+    config.on_failure = FailurePolicy::HaltAggregate;
+    config.retry.max_attempts = 2;
+    config.consumer.ack_wait = Duration::from_secs(1);
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("halting").unwrap();
+    let recorder = Recorder::new();
+    let broken = Arc::new(AtomicBool::new(true));
+    let failed_attempts = Arc::new(AtomicU64::new(0));
+    let subscription = {
+        let (recorder, t, broken, failed_attempts) = (
+            recorder.clone(),
+            topic.clone(),
+            broken.clone(),
+            failed_attempts.clone(),
+        );
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (recorder, t, broken, failed_attempts) = (
+                    recorder.clone(),
+                    t.clone(),
+                    broken.clone(),
+                    failed_attempts.clone(),
+                );
+                async move {
+                    if e.aggregate_id().as_str() == "bad"
+                        && e.event_version() == 3
+                        && broken.load(Ordering::SeqCst)
+                    {
+                        failed_attempts.fetch_add(1, Ordering::SeqCst);
+                        return Err(HandlerError::retryable("downstream unavailable"));
+                    }
+                    recorder.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    let control: Arc<dyn AggregateControl> = subscription.control().expect("NATS has control");
+
+    let mut events = Vec::new();
+    for version in 1..=20 {
+        events.push(envelope("bad", version));
+        for a in 0..10 {
+            events.push(envelope(&format!("good-{a}"), version));
+        }
+    }
+    publish_all(&bus, &topic, events).await;
+
+    // Every other aggregate completes; "bad" stops at version 2 with 3..20 waiting.
+    recorder.wait_unique(200 + 2).await;
+    wait_for(
+        "bad to hold all 18 waiting events",
+        Duration::from_secs(10),
+        || {
+            control
+                .halted()
+                .iter()
+                .any(|h| h.key == "bad" && h.waiting == 18)
+        },
+    )
+    .await;
+    let halted = control.halted();
+    assert_eq!(halted.len(), 1, "{halted:?}");
+    let halt = &halted[0];
+    assert_eq!(halt.event_version, Some(3));
+    assert_eq!(halt.reason, "retries-exhausted");
+    assert_eq!(halt.attempts, 2);
+    assert!(halt.error.contains("downstream unavailable"), "{halt:?}");
+
+    // Held well past AckWait: the keep-alive stops the broker from redelivering any of them.
+    // (This waits on purpose: what is tested is that time passing changes nothing.)
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(redeliveries(&server, &bus, &topic).await, 0);
+    assert_eq!(recorder.verifier.report().unique, 202);
+
+    // Operator calls on an aggregate that is not halted are refused.
+    let error = control.resume("good-1").await.unwrap_err();
+    assert_eq!(error.kind(), SubscribeErrorKind::NotHalted);
+
+    // A resume while the fault persists: two more attempts, then halted again.
+    control.resume("bad").await.unwrap();
+    wait_for(
+        "the resumed event to be tried twice more",
+        Duration::from_secs(10),
+        || failed_attempts.load(Ordering::SeqCst) >= 4,
+    )
+    .await;
+    wait_for("bad to halt again", Duration::from_secs(10), || {
+        control
+            .halted()
+            .iter()
+            .any(|h| h.key == "bad" && h.waiting == 18)
+    })
+    .await;
+    assert_eq!(recorder.verifier.report().unique, 202);
+
+    // Fixed: a resume hands 3..20 over in order.
+    broken.store(false, Ordering::SeqCst);
+    control.resume("bad").await.unwrap();
+    recorder.wait_unique(220).await;
+    assert!(control.halted().is_empty());
+    subscription.close().await.unwrap();
+    let report = recorder.verifier.report();
+    assert_eq!(report.order_violations, 0, "{report:?}");
+    assert_eq!(report.gaps, 0, "{report:?}");
+    assert_eq!(report.duplicates, 0, "{report:?}");
+    assert_eq!(report.lost(220), 0, "{report:?}");
+    assert!(
+        bus.dead_letters(&topic, 100).await.unwrap().is_empty(),
+        "halting dead-letters nothing"
+    );
+}
+
+/// Skipping a halted aggregate dead-letters the failed event (reason `skipped`) and hands the
+/// rest over in order; the dead letter can be listed and replayed, and a second replay of the
+/// same dead letter is stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_dead_letters_the_failed_event_and_replay_brings_it_back() {
+    let server = NatsServer::start();
+    let mut config = test_config(&server.url());
+    config.on_failure = FailurePolicy::HaltAggregate;
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("skipping").unwrap();
+    let recorder = Recorder::new();
+    let poisoned = Arc::new(AtomicBool::new(true));
+    let subscription = {
+        let (recorder, t, poisoned) = (recorder.clone(), topic.clone(), poisoned.clone());
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (recorder, t, poisoned) = (recorder.clone(), t.clone(), poisoned.clone());
+                async move {
+                    if e.aggregate_id().as_str() == "acc" && e.event_version() == 2 {
+                        if poisoned.load(Ordering::SeqCst) {
+                            return Err(HandlerError::permanent("overdraft not allowed"));
+                        }
+                        // The replay: handled after its successors, as documented.
+                        recorder.record(&Topic::new("skipping.replayed").unwrap(), &e);
+                        return Ok(());
+                    }
+                    recorder.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    let control = subscription.control().unwrap();
+    publish_all(&bus, &topic, (1..=10).map(|v| envelope("acc", v))).await;
+    wait_for(
+        "acc to halt with 9 waiting",
+        Duration::from_secs(10),
+        || {
+            control
+                .halted()
+                .iter()
+                .any(|h| h.key == "acc" && h.waiting == 9)
+        },
+    )
+    .await;
+    assert_eq!(control.halted()[0].reason, "permanent");
+
+    control.skip("acc").await.unwrap();
+    recorder.wait_unique(9).await; // 1 and 3..=10
+    assert!(control.halted().is_empty());
+    let report = recorder.verifier.report();
+    assert_eq!(report.order_violations, 0, "{report:?}");
+    assert_eq!(report.duplicates, 0, "{report:?}");
+
+    let letters = bus.dead_letters(&topic, 100).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.reason, "skipped");
+    assert_eq!(letter.topic, topic);
+    assert!(letter.error.contains("overdraft not allowed"), "{letter:?}");
+    let original = letter.envelope().unwrap();
+    assert_eq!(original.aggregate_id().as_str(), "acc");
+    assert_eq!(original.event_version(), 2);
+    assert_eq!(original.payload().as_ref(), b"acc:2");
+
+    poisoned.store(false, Ordering::SeqCst);
+    let first = bus.replay_dead_letter(letter).await.unwrap();
+    assert!(!first.duplicate);
+    let again = bus.replay_dead_letter(letter).await.unwrap();
+    assert!(
+        again.duplicate,
+        "a second replay of the same dead letter is stored once"
+    );
+    recorder.wait_unique(10).await;
+    assert!(bus.dead_letters(&topic, 100).await.unwrap().is_empty());
+    subscription.close().await.unwrap();
+    let report = recorder.verifier.report();
+    assert_eq!(report.duplicates, 0, "{report:?}");
+    assert_eq!(report.unique, 10, "{report:?}");
+}

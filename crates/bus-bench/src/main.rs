@@ -69,6 +69,10 @@ enum Kind {
     Ceiling,
     /// Raw async-nats with MaxAckPending 1: the documented recipe for strict order.
     Strict,
+    /// The ceiling's client and consumer, carrying the bus's wire format (its `Bus-Event`
+    /// header and `Nats-Msg-Id`, decoded by `wire::decode`): what the broker allows for these
+    /// messages, so the bus's own overhead can be told from the cost of its wire format.
+    CeilingWire,
     Bus(BusSetup),
 }
 
@@ -350,6 +354,7 @@ async fn run_bus(
 async fn run_raw(
     s: &Scenario,
     max_ack_pending: i64,
+    bus_wire: bool,
     server: &NatsServer,
     sink: Arc<Sink>,
 ) -> Result<Timing> {
@@ -391,17 +396,30 @@ async fn run_raw(
                     .headers
                     .as_ref()
                     .context("raw message has headers")?;
-                let aggregate = headers
-                    .get("Agg")
-                    .context("aggregate header")?
-                    .as_str()
-                    .to_owned();
-                let version: u64 = headers
-                    .get("Ver")
-                    .context("version header")?
-                    .as_str()
-                    .parse()?;
-                sink.record(&topic, &aggregate, version, &message.payload);
+                if bus_wire {
+                    let pairs = headers.iter().flat_map(|(name, values)| {
+                        values.iter().map(move |v| (name.as_ref(), v.as_str()))
+                    });
+                    let envelope = bus_core::wire::decode(pairs, message.payload.clone())?;
+                    sink.record(
+                        &topic,
+                        envelope.aggregate_id().as_str(),
+                        envelope.event_version(),
+                        envelope.payload(),
+                    );
+                } else {
+                    let aggregate = headers
+                        .get("Agg")
+                        .context("aggregate header")?
+                        .as_str()
+                        .to_owned();
+                    let version: u64 = headers
+                        .get("Ver")
+                        .context("version header")?
+                        .as_str()
+                        .parse()?;
+                    sink.record(&topic, &aggregate, version, &message.payload);
+                }
                 message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
                 if sink.handled.load(Ordering::Acquire) >= sink.expected {
                     break;
@@ -420,14 +438,20 @@ async fn run_raw(
             for version in 1..=s.versions {
                 for a in 0..s.aggregates_per_topic {
                     let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Agg", format!("t0-a{a}"));
-                    headers.insert("Ver", version.to_string());
+                    let payload = Bytes::from(stamped_payload(s.payload));
+                    if bus_wire {
+                        let envelope =
+                            Envelope::builder(format!("t0-a{a}"), "BenchEvent", version)
+                                .payload(payload.clone())
+                                .build()?;
+                        bus_core::wire::encode_headers(&envelope, |n, v| headers.insert(n, v));
+                        headers.insert("Nats-Msg-Id", envelope.event_id().as_str());
+                    } else {
+                        headers.insert("Agg", format!("t0-a{a}"));
+                        headers.insert("Ver", version.to_string());
+                    }
                     let ack = js
-                        .publish_with_headers(
-                            topic.clone(),
-                            headers,
-                            Bytes::from(stamped_payload(s.payload)),
-                        )
+                        .publish_with_headers(topic.clone(), headers, payload)
                         .await?;
                     in_flight.push(std::future::IntoFuture::into_future(ack));
                     while in_flight.len() >= 4096 {
@@ -459,8 +483,9 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
     stats::reset_peak_rss();
     let (sampler, stop) = start_sampler(sink.clone(), bar.clone());
     let timing = match &s.kind {
-        Kind::Ceiling => run_raw(s, 10_000, &server, sink.clone()).await,
-        Kind::Strict => run_raw(s, 1, &server, sink.clone()).await,
+        Kind::Ceiling => run_raw(s, 10_000, false, &server, sink.clone()).await,
+        Kind::CeilingWire => run_raw(s, 10_000, true, &server, sink.clone()).await,
+        Kind::Strict => run_raw(s, 1, false, &server, sink.clone()).await,
         Kind::Bus(setup) => run_bus(s, setup, &server, sink.clone()).await,
     };
     stop.notify_one();
@@ -542,6 +567,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
     let seed = BusSetup::seed_before;
     let mut rows = vec![
         Scenario::new("ceiling", Kind::Ceiling, 10_000, versions),
+        Scenario::new("ceiling-bus-wire", Kind::CeilingWire, 10_000, versions),
         Scenario::new(
             "nats-strict",
             Kind::Strict,

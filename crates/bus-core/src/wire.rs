@@ -5,13 +5,14 @@
 //!
 //! | header | value | required |
 //! |---|---|---|
-//! | `Bus-Aggregate-Id` | the aggregate ID | yes |
-//! | `Bus-Event-Type` | the event type | yes |
-//! | `Bus-Event-Version` | decimal integer ≥ 1 | yes |
-//! | `Bus-Event-Id` | the event ID | yes |
-//! | `Bus-Timestamp` | microseconds since the Unix epoch, decimal | yes |
+//! | `Bus-Event` | `<aggregate ID> <event version> <event type> <timestamp> <event ID>` | yes |
 //! | `Bus-Content-Type` | media type of the body | no (default `application/octet-stream`) |
 //! | `Bus-Trace-Id`, `Bus-Correlation-Id`, `Bus-Tenant-Id` | text | no |
+//!
+//! In `Bus-Event` the five fields are separated by single spaces (none of them can contain one):
+//! the event version is a decimal integer ≥ 1 and the timestamp is microseconds since the Unix
+//! epoch, in decimal. One header instead of five keeps each message small: the broker scans
+//! header blocks on every publish and stores them with every message.
 //!
 //! Every other header is a user header, carried as it is. Header names starting with `Bus-` or
 //! `Nats-` are reserved and refused as user headers. Header names are matched without regard to
@@ -26,16 +27,9 @@ use crate::envelope::Envelope;
 use crate::error::{DecodeError, ValidationError};
 use crate::names::{AggregateId, EventId, EventType};
 
-/// Header carrying the aggregate ID.
-pub const AGGREGATE_ID: &str = "Bus-Aggregate-Id";
-/// Header carrying the event type.
-pub const EVENT_TYPE: &str = "Bus-Event-Type";
-/// Header carrying the event version (decimal).
-pub const EVENT_VERSION: &str = "Bus-Event-Version";
-/// Header carrying the event ID.
-pub const EVENT_ID: &str = "Bus-Event-Id";
-/// Header carrying the timestamp (microseconds since the Unix epoch, decimal).
-pub const TIMESTAMP: &str = "Bus-Timestamp";
+/// Header carrying the required metadata: aggregate ID, event version, event type, timestamp
+/// (microseconds since the Unix epoch) and event ID, separated by single spaces.
+pub const EVENT: &str = "Bus-Event";
 /// Header carrying the payload's media type.
 pub const CONTENT_TYPE: &str = "Bus-Content-Type";
 /// Header carrying the trace ID.
@@ -93,14 +87,23 @@ fn micros_since_epoch(time: SystemTime) -> u64 {
 
 /// Calls `put(name, value)` for every header of `envelope`, required ones first.
 pub fn encode_headers(envelope: &Envelope, mut put: impl FnMut(&str, &str)) {
-    put(AGGREGATE_ID, envelope.aggregate_id.as_str());
-    put(EVENT_TYPE, envelope.event_type.as_str());
-    put(EVENT_VERSION, &envelope.event_version.get().to_string());
-    put(EVENT_ID, envelope.event_id.as_str());
-    put(
-        TIMESTAMP,
-        &micros_since_epoch(envelope.timestamp).to_string(),
+    use std::fmt::Write as _;
+    let mut event = String::with_capacity(
+        envelope.aggregate_id.as_str().len()
+            + envelope.event_type.as_str().len()
+            + envelope.event_id.as_str().len()
+            + 44,
     );
+    let _ = write!(
+        event,
+        "{} {} {} {} {}",
+        envelope.aggregate_id.as_str(),
+        envelope.event_version.get(),
+        envelope.event_type.as_str(),
+        micros_since_epoch(envelope.timestamp),
+        envelope.event_id.as_str()
+    );
+    put(EVENT, &event);
     if envelope.content_type != ContentType::Bytes {
         put(CONTENT_TYPE, envelope.content_type.as_str());
     }
@@ -139,33 +142,41 @@ pub fn decode<'a>(
 
     for (name, value) in headers {
         let is = |known: &str| name.eq_ignore_ascii_case(known);
-        if is(AGGREGATE_ID) {
-            aggregate_id = Some(AggregateId::new(value)?);
-        } else if is(EVENT_TYPE) {
-            event_type = Some(EventType::new(value)?);
-        } else if is(EVENT_VERSION) {
-            let version = value
-                .parse::<u64>()
-                .ok()
-                .and_then(std::num::NonZeroU64::new)
-                .ok_or_else(|| DecodeError::InvalidHeader {
-                    name: EVENT_VERSION,
-                    value: value.to_owned(),
-                    reason: "expected a decimal integer greater than 0".into(),
-                })?;
-            event_version = Some(version);
-        } else if is(EVENT_ID) {
-            event_id = Some(EventId::new(value)?);
-        } else if is(TIMESTAMP) {
-            let micros = value
-                .parse::<u64>()
-                .map_err(|_| DecodeError::InvalidHeader {
-                    name: TIMESTAMP,
-                    value: value.to_owned(),
-                    reason: "expected microseconds since the unix epoch as a decimal integer"
-                        .into(),
-                })?;
+        if is(EVENT) {
+            let invalid = |reason: &str| DecodeError::InvalidHeader {
+                name: EVENT,
+                value: value.to_owned(),
+                reason: reason.to_owned(),
+            };
+            let mut fields = value.split(' ');
+            let (Some(aggregate), Some(version), Some(kind), Some(micros), Some(id), None) = (
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+                fields.next(),
+            ) else {
+                return Err(invalid(
+                    "expected `<aggregate ID> <event version> <event type> <timestamp> <event ID>` separated by single spaces",
+                ));
+            };
+            aggregate_id = Some(AggregateId::new(aggregate)?);
+            event_version = Some(
+                version
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(std::num::NonZeroU64::new)
+                    .ok_or_else(|| {
+                        invalid("the event version must be a decimal integer greater than 0")
+                    })?,
+            );
+            event_type = Some(EventType::new(kind)?);
+            let micros = micros.parse::<u64>().map_err(|_| {
+                invalid("the timestamp must be microseconds since the Unix epoch, in decimal")
+            })?;
             timestamp = Some(UNIX_EPOCH + Duration::from_micros(micros));
+            event_id = Some(EventId::new(id)?);
         } else if is(CONTENT_TYPE) {
             content_type = ContentType::parse(value);
         } else if is(TRACE_ID) {
@@ -179,12 +190,22 @@ pub fn decode<'a>(
         }
     }
 
+    let (
+        Some(aggregate_id),
+        Some(event_type),
+        Some(event_version),
+        Some(event_id),
+        Some(timestamp),
+    ) = (aggregate_id, event_type, event_version, event_id, timestamp)
+    else {
+        return Err(DecodeError::MissingHeader(EVENT));
+    };
     Ok(Envelope {
-        aggregate_id: aggregate_id.ok_or(DecodeError::MissingHeader(AGGREGATE_ID))?,
-        event_type: event_type.ok_or(DecodeError::MissingHeader(EVENT_TYPE))?,
-        event_version: event_version.ok_or(DecodeError::MissingHeader(EVENT_VERSION))?,
-        event_id: event_id.ok_or(DecodeError::MissingHeader(EVENT_ID))?,
-        timestamp: timestamp.ok_or(DecodeError::MissingHeader(TIMESTAMP))?,
+        aggregate_id,
+        event_type,
+        event_version,
+        event_id,
+        timestamp,
         trace_id,
         correlation_id,
         tenant_id,
@@ -212,21 +233,46 @@ mod tests {
 
     #[test]
     fn missing_required_header_is_named() {
-        let err = decode([(EVENT_TYPE, "T")], Bytes::new()).unwrap_err();
-        assert_eq!(err, DecodeError::MissingHeader(AGGREGATE_ID));
-        assert_eq!(err.to_string(), "header `Bus-Aggregate-Id` is missing");
+        let err = decode([(CONTENT_TYPE, "application/json")], Bytes::new()).unwrap_err();
+        assert_eq!(err, DecodeError::MissingHeader(EVENT));
+        assert_eq!(err.to_string(), "header `Bus-Event` is missing");
     }
 
     #[test]
-    fn bad_version_is_named() {
-        let err = decode(
-            [(AGGREGATE_ID, "a"), (EVENT_TYPE, "T"), (EVENT_VERSION, "0")],
-            Bytes::new(),
-        )
-        .unwrap_err();
-        assert!(err
-            .to_string()
-            .starts_with("header `Bus-Event-Version` value `0` is invalid"));
+    fn bad_fields_are_named() {
+        let err = decode([(EVENT, "a 0 T 1 id")], Bytes::new()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("header `Bus-Event` value `a 0 T 1 id` is invalid"),
+            "{text}"
+        );
+        assert!(text.contains("event version"), "{text}");
+        for short in ["", "a 1 T 1", "a 1 T 1 id extra", "a  1 T 1 id"] {
+            assert!(
+                matches!(
+                    decode([(EVENT, short)], Bytes::new()),
+                    Err(DecodeError::InvalidHeader { .. }) | Err(DecodeError::Invalid(_))
+                ),
+                "`{short}` must be refused"
+            );
+        }
+        let err = decode([(EVENT, "a 1 T soon id")], Bytes::new()).unwrap_err();
+        assert!(err.to_string().contains("timestamp"), "{err}");
+    }
+
+    #[test]
+    fn one_header_carries_the_required_fields() {
+        let env = Envelope::builder("acc-1", "Opened", 7).build().unwrap();
+        let mut headers = Vec::new();
+        encode_headers(&env, |n, v| headers.push((n.to_owned(), v.to_owned())));
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        let (name, value) = &headers[0];
+        assert_eq!(name, EVENT);
+        let fields: Vec<&str> = value.split(' ').collect();
+        assert_eq!(fields[0], "acc-1");
+        assert_eq!(fields[1], "7");
+        assert_eq!(fields[2], "Opened");
+        assert_eq!(fields[4], env.event_id().as_str());
     }
 
     #[test]

@@ -169,10 +169,9 @@ impl NatsBus {
             headers.append(name.as_str(), value.as_str());
         }
         let event_id = letter
-            .headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(wire::EVENT_ID))
-            .map_or("", |(_, v)| v.as_str());
+            .envelope()
+            .map(|e| e.event_id().as_str().to_owned())
+            .unwrap_or_default();
         headers.insert(
             "Nats-Msg-Id",
             format!("replay-{}-{}-{event_id}", letter.topic, letter.sequence),

@@ -224,7 +224,13 @@ async fn panics_and_permanent_errors_are_dead_lettered_and_the_aggregate_moves_o
         let message = dlq.get_raw_message(seq).await.unwrap();
         let h = &message.headers;
         reasons.push((
-            h.get("Bus-Aggregate-Id").unwrap().as_str().to_owned(),
+            h.get("Bus-Event")
+                .unwrap()
+                .as_str()
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_owned(),
             h.get("Bus-Dlq-Reason").unwrap().as_str().to_owned(),
         ));
     }

@@ -215,7 +215,7 @@ async fn garbage_from_a_plain_client_is_dead_lettered_and_the_topic_flows() {
         .await
         .unwrap();
     let mut half = async_nats::HeaderMap::new();
-    half.insert("Bus-Aggregate-Id", "a");
+    half.insert("Bus-Event", "a 1 Tested");
     js.publish_with_headers(topic.to_string(), half, "missing fields".into())
         .await
         .unwrap()
@@ -254,7 +254,7 @@ async fn garbage_from_a_plain_client_is_dead_lettered_and_the_topic_flows() {
             .get("Bus-Dlq-Error")
             .unwrap()
             .as_str()
-            .contains("header `Bus-Event-Type` is missing"),
+            .contains("header `Bus-Event` value `a 1 Tested` is invalid"),
         "{headers:?}"
     );
     let mut info = dlq.clone();

@@ -296,8 +296,9 @@ pub async fn no_loss_across_close_and_reopen(h: &dyn Harness) {
     let recorder = Recorder::new();
     let publisher = h.publisher().await;
     // Enough events that the close comes well before the end, whatever the transport has
-    // fetched ahead (a close lets the fetched events finish).
-    let (aggregates, versions) = (20, 300u64);
+    // fetched ahead (a close lets the fetched events finish): more than twice the NATS
+    // transport's default MaxAckPending (10 000), which bounds what it holds.
+    let (aggregates, versions) = (20, 1_100u64);
     for version in 1..=versions {
         for a in 0..aggregates {
             let _receipt = publisher

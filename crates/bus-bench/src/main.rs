@@ -440,10 +440,9 @@ async fn run_raw(
                     let mut headers = async_nats::HeaderMap::new();
                     let payload = Bytes::from(stamped_payload(s.payload));
                     if bus_wire {
-                        let envelope =
-                            Envelope::builder(format!("t0-a{a}"), "BenchEvent", version)
-                                .payload(payload.clone())
-                                .build()?;
+                        let envelope = Envelope::builder(format!("t0-a{a}"), "BenchEvent", version)
+                            .payload(payload.clone())
+                            .build()?;
                         bus_core::wire::encode_headers(&envelope, |n, v| headers.insert(n, v));
                         headers.insert("Nats-Msg-Id", envelope.event_id().as_str());
                     } else {

@@ -41,51 +41,37 @@ struct Message {
     receipt: oneshot::Sender<Result<Published, PublishError>>,
     /// When it was first sent; transient failures are retried until `publish_retry_for` after.
     first_sent: Option<Instant>,
+    /// Headers and body for the first send, built once; a retry builds them again.
+    prepared: Option<(HeaderMap, Bytes)>,
     _permit: OwnedSemaphorePermit,
 }
 
 enum Source {
     Envelope(Envelope),
-    Raw(HeaderMap, Bytes),
+    /// Raw publishes are sent once, from `Message::prepared`.
+    Raw,
 }
 
 impl Source {
-    fn parts(&self) -> (HeaderMap, Bytes) {
-        match self {
-            Source::Envelope(e) => (envelope_headers(e), e.payload().clone()),
-            Source::Raw(h, p) => (h.clone(), p.clone()),
-        }
-    }
-
-    /// Bytes of headers (as `name: value\r\n`) and of payload.
-    fn size(&self) -> (usize, usize) {
-        match self {
-            Source::Envelope(e) => {
-                let mut headers = "Nats-Msg-Id".len() + e.event_id().as_str().len() + 4;
-                wire::encode_headers(e, |name, value| headers += name.len() + value.len() + 4);
-                (headers, e.payload().len())
-            }
-            Source::Raw(h, p) => {
-                let headers = h
-                    .iter()
-                    .map(|(n, vs)| {
-                        let n: &str = n.as_ref();
-                        vs.iter()
-                            .map(|v| n.len() + v.as_str().len() + 4)
-                            .sum::<usize>()
-                    })
-                    .sum();
-                (headers, p.len())
-            }
-        }
-    }
-
     fn into_envelope(self) -> Option<Envelope> {
         match self {
             Source::Envelope(e) => Some(e),
-            Source::Raw(..) => None,
+            Source::Raw => None,
         }
     }
+}
+
+/// Bytes of headers as they travel (`name: value\r\n`).
+fn header_len(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, vs)| {
+            let n: &str = n.as_ref();
+            vs.iter()
+                .map(|v| n.len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum()
 }
 
 type AckResult = Result<
@@ -192,7 +178,13 @@ impl NatsPublisher {
         self.state.outstanding.load(Ordering::Relaxed)
     }
 
-    async fn send(&self, topic: &Topic, source: Source) -> Result<Receipt, PublishError> {
+    async fn send(
+        &self,
+        topic: &Topic,
+        source: Source,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<Receipt, PublishError> {
         if self.state.closed.load(Ordering::Acquire) {
             return Err(PublishError::new(
                 PublishErrorKind::Closed,
@@ -208,7 +200,7 @@ impl NatsPublisher {
                 )
             })?;
         let max_payload = connection.max_payload;
-        let (header_len, payload_len) = source.size();
+        let (header_len, payload_len) = (header_len(&headers), payload.len());
         if payload_len + header_len > max_payload {
             return Err(PublishError::new(
                 PublishErrorKind::PayloadTooLarge,
@@ -239,6 +231,7 @@ impl NatsPublisher {
             source,
             receipt: tx,
             first_sent: None,
+            prepared: Some((headers, payload)),
             _permit: permit,
         };
         self.state.outstanding.fetch_add(1, Ordering::AcqRel);
@@ -283,7 +276,11 @@ impl NatsPublisher {
 /// returns the wait for its ack.
 async fn transmit(connection: Arc<TopicConnection>, mut message: Message) -> Attempt {
     message.first_sent.get_or_insert_with(Instant::now);
-    let (headers, payload) = message.source.parts();
+    let (headers, payload) = match (message.prepared.take(), &message.source) {
+        (Some(prepared), _) => prepared,
+        (None, Source::Envelope(e)) => (envelope_headers(e), e.payload().clone()),
+        (None, Source::Raw) => unreachable!("raw publishes are sent once"),
+    };
     let sent = connection
         .jetstream
         .publish_with_headers(connection.subject.clone(), headers, payload)
@@ -468,7 +465,10 @@ pub(crate) fn envelope_headers(envelope: &Envelope) -> HeaderMap {
 #[async_trait]
 impl Publisher for NatsPublisher {
     async fn publish(&self, topic: &Topic, envelope: Envelope) -> Result<Receipt, PublishError> {
-        self.send(topic, Source::Envelope(envelope)).await
+        let headers = envelope_headers(&envelope);
+        let payload = envelope.payload().clone();
+        self.send(topic, Source::Envelope(envelope), headers, payload)
+            .await
     }
 
     async fn publish_raw(
@@ -481,7 +481,7 @@ impl Publisher for NatsPublisher {
         for (name, value) in &headers {
             map.append(name.as_str(), value.as_str());
         }
-        self.send(topic, Source::Raw(map, payload)).await
+        self.send(topic, Source::Raw, map, payload).await
     }
 
     async fn flush(&self) -> Result<(), PublishError> {

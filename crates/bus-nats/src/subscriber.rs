@@ -105,8 +105,8 @@ enum Seen {
 #[derive(Debug)]
 pub(crate) struct Copies {
     /// Position → (ack subject, when it was dispatched).
-    in_flight: HashMap<u64, (Option<Subject>, Instant)>,
-    finished: HashSet<u64>,
+    in_flight: HashMap<u64, (Option<Subject>, Instant), ahash::RandomState>,
+    finished: HashSet<u64, ahash::RandomState>,
     finished_order: VecDeque<u64>,
     capacity: usize,
 }
@@ -114,8 +114,8 @@ pub(crate) struct Copies {
 impl Copies {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
-            in_flight: HashMap::new(),
-            finished: HashSet::new(),
+            in_flight: HashMap::default(),
+            finished: HashSet::default(),
             finished_order: VecDeque::new(),
             capacity,
         }
@@ -173,15 +173,16 @@ pub(crate) struct AckInfo {
 /// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` and the newer
 /// form with domain and account hash (`$JS.ACK.<domain>.<hash>.<stream>...`, 12 tokens).
 pub(crate) fn ack_info(reply: &str) -> Option<AckInfo> {
-    let tokens: Vec<&str> = reply.split('.').collect();
-    let offset = match tokens.len() {
+    // Runs once per message: count and pick tokens without collecting them.
+    let offset = match reply.split('.').count() {
         9 => 4,
         n if n >= 11 => 6,
         _ => return None,
     };
+    let mut tokens = reply.split('.').skip(offset);
     Some(AckInfo {
-        delivered: tokens.get(offset)?.parse().ok()?,
-        stream_sequence: tokens.get(offset + 1)?.parse().ok()?,
+        delivered: tokens.next()?.parse().ok()?,
+        stream_sequence: tokens.next()?.parse().ok()?,
     })
 }
 

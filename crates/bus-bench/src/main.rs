@@ -34,6 +34,9 @@ struct BusSetup {
     max_ack_pending: i64,
     max_waiting: i64,
     share_connection: bool,
+    /// Stream retention (the bus's default is work-queue).
+    retention: bus_nats::Retention,
+    publish_ordering: bus_nats::PublishOrdering,
 }
 
 impl BusSetup {
@@ -47,6 +50,8 @@ impl BusSetup {
             max_ack_pending: 500,
             max_waiting: 200,
             share_connection: true,
+            retention: bus_nats::Retention::default(),
+            publish_ordering: bus_nats::PublishOrdering::default(),
         }
     }
 
@@ -59,6 +64,8 @@ impl BusSetup {
             max_ack_pending: bus_nats::DEFAULT_MAX_ACK_PENDING,
             max_waiting: bus_nats::DEFAULT_MAX_WAITING,
             share_connection: false,
+            retention: bus_nats::Retention::default(),
+            publish_ordering: bus_nats::PublishOrdering::default(),
         }
     }
 }
@@ -259,6 +266,12 @@ async fn run_bus(
     config.consumer.max_ack_pending = setup.max_ack_pending;
     config.consumer.max_waiting = setup.max_waiting;
     config.share_connection = setup.share_connection;
+    config.publish_ordering = setup.publish_ordering;
+    for (i, topic) in topics_for(s).into_iter().enumerate() {
+        let mut spec = bus_nats::StreamSpec::new(format!("BENCH_{i}"), [topic]);
+        spec.retention = setup.retention;
+        config.streams.push(spec);
+    }
     let bus = NatsBus::connect(config).await?;
     let topics = topics_for(s);
     for topic in &topics {
@@ -660,6 +673,15 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
     ));
     if !quick {
         rows.extend([
+            Scenario::new(
+                "default-limits",
+                bus(BusSetup {
+                    retention: bus_nats::Retention::Limits,
+                    ..BusSetup::default_config()
+                }),
+                10_000,
+                versions,
+            ),
             Scenario {
                 topics: 5,
                 ..Scenario::new("5-topics", bus(BusSetup::default_config()), 2_000, versions)
@@ -693,6 +715,17 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
                 ..Scenario::new("backlog-1m", bus(BusSetup::default_config()), 10_000, 100)
             },
         ]);
+    }
+    if !quick {
+        rows.push(Scenario::new(
+            "seed-single-pipelined",
+            bus(BusSetup {
+                publish_ordering: bus_nats::PublishOrdering::Pipelined,
+                ..BusSetup::default_config()
+            }),
+            1,
+            1_000,
+        ));
     }
     rows.push(Scenario::new(
         "seed-single",

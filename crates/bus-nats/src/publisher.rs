@@ -37,28 +37,15 @@ struct Message {
     topic: Topic,
     /// The aggregate chain it belongs to, under [`PublishOrdering::PerAggregate`].
     chain: Option<u64>,
-    source: Source,
+    /// The envelope, kept for retries and the failure callback; `None` for raw publishes,
+    /// which are sent once, from `prepared`.
+    envelope: Option<Envelope>,
     receipt: oneshot::Sender<Result<Published, PublishError>>,
     /// When it was first sent; transient failures are retried until `publish_retry_for` after.
     first_sent: Option<Instant>,
     /// Headers and body for the first send, built once; a retry builds them again.
     prepared: Option<(HeaderMap, Bytes)>,
     _permit: OwnedSemaphorePermit,
-}
-
-enum Source {
-    Envelope(Envelope),
-    /// Raw publishes are sent once, from `Message::prepared`.
-    Raw,
-}
-
-impl Source {
-    fn into_envelope(self) -> Option<Envelope> {
-        match self {
-            Source::Envelope(e) => Some(e),
-            Source::Raw => None,
-        }
-    }
 }
 
 /// Bytes of headers as they travel (`name: value\r\n`).
@@ -181,7 +168,7 @@ impl NatsPublisher {
     async fn send(
         &self,
         topic: &Topic,
-        source: Source,
+        envelope: Option<Envelope>,
         headers: HeaderMap,
         payload: Bytes,
     ) -> Result<Receipt, PublishError> {
@@ -218,8 +205,8 @@ impl NatsPublisher {
             .acquire_owned()
             .await
             .map_err(|_| PublishError::new(PublishErrorKind::Closed, "publisher is closed"))?;
-        let chain = match (&source, self.shared.config.publish_ordering) {
-            (Source::Envelope(e), PublishOrdering::PerAggregate) => {
+        let chain = match (&envelope, self.shared.config.publish_ordering) {
+            (Some(e), PublishOrdering::PerAggregate) => {
                 Some(chain_key(topic, e.aggregate_id().as_str()))
             }
             _ => None,
@@ -228,7 +215,7 @@ impl NatsPublisher {
         let message = Message {
             topic: topic.clone(),
             chain,
-            source,
+            envelope,
             receipt: tx,
             first_sent: None,
             prepared: Some((headers, payload)),
@@ -276,10 +263,10 @@ impl NatsPublisher {
 /// returns the wait for its ack.
 async fn transmit(connection: Arc<TopicConnection>, mut message: Message) -> Attempt {
     message.first_sent.get_or_insert_with(Instant::now);
-    let (headers, payload) = match (message.prepared.take(), &message.source) {
+    let (headers, payload) = match (message.prepared.take(), &message.envelope) {
         (Some(prepared), _) => prepared,
-        (None, Source::Envelope(e)) => (envelope_headers(e), e.payload().clone()),
-        (None, Source::Raw) => unreachable!("raw publishes are sent once"),
+        (None, Some(e)) => (envelope_headers(e), e.payload().clone()),
+        (None, None) => unreachable!("raw publishes are sent once"),
     };
     let sent = connection
         .jetstream
@@ -431,7 +418,7 @@ fn finish(
 ) {
     let Message {
         topic,
-        source,
+        envelope,
         receipt,
         ..
     } = message;
@@ -439,7 +426,7 @@ fn finish(
         if let Some(callback) = &shared.config.on_publish_error {
             callback(&PublishFailure {
                 topic,
-                envelope: source.into_envelope(),
+                envelope,
                 error: PublishError::new(error.kind(), error.to_string()),
             });
         }
@@ -467,8 +454,7 @@ impl Publisher for NatsPublisher {
     async fn publish(&self, topic: &Topic, envelope: Envelope) -> Result<Receipt, PublishError> {
         let headers = envelope_headers(&envelope);
         let payload = envelope.payload().clone();
-        self.send(topic, Source::Envelope(envelope), headers, payload)
-            .await
+        self.send(topic, Some(envelope), headers, payload).await
     }
 
     async fn publish_raw(
@@ -481,7 +467,7 @@ impl Publisher for NatsPublisher {
         for (name, value) in &headers {
             map.append(name.as_str(), value.as_str());
         }
-        self.send(topic, Source::Raw, map, payload).await
+        self.send(topic, None, map, payload).await
     }
 
     async fn flush(&self) -> Result<(), PublishError> {

@@ -51,5 +51,5 @@ pub use policy::{run_with_retry, FailurePolicy, FailureReason, RetryOutcome, Ret
 pub use traits::{
     handler_fn, raw_handler_fn, AggregateControl, CloseReport, HaltedAggregate, Handler, HandlerFn,
     KeyExtractor, Published, Publisher, RawHandler, RawHandlerFn, RawKey, RawMessage, Receipt,
-    Subscriber, Subscription, SubscriptionHandle,
+    Subscriber, Subscription, SubscriptionHandle, SubscriptionMetrics,
 };

@@ -197,9 +197,29 @@ pub struct HaltedAggregate {
     pub stream_sequence: Option<u64>,
 }
 
-/// Operator control of a subscription's halted aggregates.
+/// Counters of one subscription, for metrics and health checks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubscriptionMetrics {
+    /// Messages handled and acknowledged.
+    pub handled: u64,
+    /// Messages dead-lettered (any reason, `skipped` included).
+    pub dead_lettered: u64,
+    /// Redelivered copies recognised and not handed to the handler again.
+    pub copies_skipped: u64,
+    /// Messages received and not yet settled: queued, running, retrying or held.
+    pub in_flight: u64,
+    /// Aggregates halted now.
+    pub halted_aggregates: u64,
+    /// Events held behind halted aggregates now, the failed ones included.
+    pub halted_events: u64,
+}
+
+/// Operator control and metrics of a subscription: its counters, and its halted aggregates.
 #[async_trait]
 pub trait AggregateControl: Send + Sync {
+    /// A snapshot of the subscription's counters.
+    fn metrics(&self) -> SubscriptionMetrics;
+
     /// Every halted aggregate, in no particular order.
     fn halted(&self) -> Vec<HaltedAggregate>;
 

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bus_core::{
     run_with_retry, wire, AggregateControl, CloseReport, Envelope, FailurePolicy, HaltedAggregate,
     Handler, RawHandler, RawKey, RawMessage, RetryOutcome, SubscribeError, SubscribeErrorKind,
-    Subscription, SubscriptionHandle, Topic,
+    Subscription, SubscriptionHandle, SubscriptionMetrics, Topic,
 };
 use futures::StreamExt;
 use keyed_pool::KeyedPool;
@@ -974,6 +974,25 @@ impl NatsControl {
 
 #[async_trait]
 impl AggregateControl for NatsControl {
+    fn metrics(&self) -> SubscriptionMetrics {
+        let runner = &self.runner;
+        let (halted_aggregates, halted_events) = {
+            let halted = runner.halted.lock().unwrap();
+            (
+                halted.len() as u64,
+                halted.values().map(|h| h.jobs.len() as u64).sum(),
+            )
+        };
+        SubscriptionMetrics {
+            handled: runner.counters.handled.load(Ordering::Relaxed),
+            dead_lettered: runner.counters.dead_lettered.load(Ordering::Relaxed),
+            copies_skipped: runner.counters.copies_skipped.load(Ordering::Relaxed),
+            in_flight: runner.copies.lock().unwrap().in_flight.len() as u64,
+            halted_aggregates,
+            halted_events,
+        }
+    }
+
     fn halted(&self) -> Vec<HaltedAggregate> {
         self.runner.halted_list()
     }

@@ -136,6 +136,18 @@ async fn halted_aggregate_waits_for_the_operator_and_resumes_in_order() {
     assert_eq!(halt.reason, "retries-exhausted");
     assert_eq!(halt.attempts, 2);
     assert!(halt.error.contains("downstream unavailable"), "{halt:?}");
+    // The handler records before the worker counts and acknowledges: wait for the count.
+    wait_for("202 handled", Duration::from_secs(10), || {
+        control.metrics().handled == 202
+    })
+    .await;
+    let metrics = control.metrics();
+    assert_eq!(metrics.halted_aggregates, 1, "{metrics:?}");
+    assert_eq!(metrics.halted_events, 18, "{metrics:?}");
+    assert_eq!(
+        metrics.in_flight, 18,
+        "held events stay in flight: {metrics:?}"
+    );
 
     // Held well past AckWait: the keep-alive stops the broker from redelivering any of them.
     // (This waits on purpose: what is tested is that time passing changes nothing.)
@@ -169,6 +181,20 @@ async fn halted_aggregate_waits_for_the_operator_and_resumes_in_order() {
     control.resume("bad").await.unwrap();
     recorder.wait_unique(220).await;
     assert!(control.halted().is_empty());
+    wait_for("the last acknowledgement", Duration::from_secs(10), || {
+        control.metrics().handled == 220
+    })
+    .await;
+    let metrics = control.metrics();
+    assert_eq!(
+        (
+            metrics.halted_aggregates,
+            metrics.halted_events,
+            metrics.dead_lettered
+        ),
+        (0, 0, 0),
+        "{metrics:?}"
+    );
     subscription.close().await.unwrap();
     let report = recorder.verifier.report();
     assert_eq!(report.order_violations, 0, "{report:?}");
@@ -234,6 +260,12 @@ async fn skip_dead_letters_the_failed_event_and_replay_brings_it_back() {
     control.skip("acc").await.unwrap();
     recorder.wait_unique(9).await; // 1 and 3..=10
     assert!(control.halted().is_empty());
+    wait_for(
+        "the skipped event's dead letter to be counted",
+        Duration::from_secs(10),
+        || control.metrics().dead_lettered == 1,
+    )
+    .await;
     let report = recorder.verifier.report();
     assert_eq!(report.order_violations, 0, "{report:?}");
     assert_eq!(report.duplicates, 0, "{report:?}");

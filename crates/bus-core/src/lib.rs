@@ -47,7 +47,7 @@ pub use error::{
     SubscribeError, SubscribeErrorKind, ValidationError,
 };
 pub use names::{AggregateId, EventId, EventType, Topic, MAX_AGGREGATE_ID_LEN, MAX_NAME_LEN};
-pub use policy::{run_with_retry, FailurePolicy, FailureReason, RetryOutcome, RetryPolicy};
+pub use policy::{jitter, run_with_retry, FailurePolicy, FailureReason, RetryOutcome, RetryPolicy};
 pub use traits::{
     handler_fn, raw_handler_fn, AggregateControl, CloseReport, HaltedAggregate, Handler, HandlerFn,
     KeyExtractor, Published, Publisher, RawHandler, RawHandlerFn, RawKey, RawMessage, Receipt,

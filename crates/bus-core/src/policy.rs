@@ -84,6 +84,20 @@ pub enum RetryOutcome {
     },
 }
 
+/// A number in `[0, 1)` for backoff jitter (`run_with_retry`'s `random`): a randomly keyed
+/// hash of the clock's nanoseconds, so retries of different events spread out without a
+/// random-number dependency. Not for anything that needs real randomness.
+pub fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(nanos);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// What happens to an event once its handler has failed for good (retries exhausted, a
 /// permanent error, or a panic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -213,6 +227,15 @@ mod tests {
     use super::*;
     use crate::HandlerError;
     use std::cell::Cell;
+
+    #[test]
+    fn jitter_stays_in_the_unit_interval_and_varies() {
+        let values: Vec<f64> = (0..200).map(|_| jitter()).collect();
+        assert!(values.iter().all(|v| (0.0..1.0).contains(v)));
+        let distinct: std::collections::BTreeSet<u64> =
+            values.iter().map(|v| (v * 1e6) as u64).collect();
+        assert!(distinct.len() > 100, "{} distinct of 200", distinct.len());
+    }
 
     fn run(policy: &RetryPolicy, script: &[Result<(), bool>]) -> (RetryOutcome, Vec<Duration>) {
         let calls = Cell::new(0usize);

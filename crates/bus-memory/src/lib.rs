@@ -335,14 +335,6 @@ fn as_raw(topic: &Topic, body: &Body) -> RawMessage {
     }
 }
 
-fn random_unit() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (ahash::RandomState::new().hash_one(nanos) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 impl JobRunner {
     async fn run(&self, job: Job) {
         let outcome = match job.input {
@@ -370,7 +362,7 @@ impl JobRunner {
                         }
                     },
                     tokio::time::sleep,
-                    random_unit,
+                    bus_core::jitter,
                     |attempt, error| {
                         tracing::debug!(topic = %self.topic, attempt, %error, "retrying handler");
                     },

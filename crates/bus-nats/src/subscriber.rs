@@ -266,14 +266,6 @@ struct Runner {
     halted_count: AtomicUsize,
 }
 
-fn random_unit() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (ahash::RandomState::new().hash_one(nanos) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 impl Runner {
     async fn ack(&self, reply: &Option<Subject>, kind: &'static [u8]) {
         if let Some(reply) = reply {
@@ -450,7 +442,7 @@ impl Runner {
                 }
             },
             tokio::time::sleep,
-            random_unit,
+            bus_core::jitter,
             |attempt, error| {
                 tracing::debug!(topic = %self.topic, attempt, %error, "handler failed; retrying in place");
             },

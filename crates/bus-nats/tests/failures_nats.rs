@@ -12,31 +12,13 @@ use bus_core::{handler_fn, Envelope, HandlerError, Publisher, Subscriber, Topic}
 use bus_nats::NatsBus;
 use bus_testkit::conformance::{subscribe_recording, Recorder};
 use bus_testkit::NatsServer;
-use common::test_config;
+use common::{consumer_info, test_config};
 
 fn envelope(aggregate: &str, version: u64) -> Envelope {
     Envelope::builder(aggregate, "Tested", version)
         .payload(vec![1u8; 32])
         .build()
         .unwrap()
-}
-
-async fn consumer_info(
-    server: &NatsServer,
-    bus: &NatsBus,
-    topic: &Topic,
-) -> async_nats::jetstream::consumer::Info {
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let stream = js
-        .get_stream(bus.stream_name(topic).await.unwrap())
-        .await
-        .unwrap();
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_consumer(&bus.config().consumer_name(topic))
-        .await
-        .unwrap();
-    consumer.info().await.unwrap().clone()
 }
 
 /// The broker hands out every unacknowledged message again (here by a consumer reset, as a

@@ -14,7 +14,7 @@ use bus_core::{
 use bus_nats::NatsBus;
 use bus_testkit::conformance::Recorder;
 use bus_testkit::NatsServer;
-use common::test_config;
+use common::{consumer_info, test_config};
 
 fn envelope(aggregate: &str, version: u64) -> Envelope {
     Envelope::builder(aggregate, "Tested", version)
@@ -44,17 +44,7 @@ async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 }
 
 async fn redeliveries(server: &NatsServer, bus: &NatsBus, topic: &Topic) -> u64 {
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let stream = js
-        .get_stream(bus.stream_name(topic).await.unwrap())
-        .await
-        .unwrap();
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_consumer(&bus.config().consumer_name(topic))
-        .await
-        .unwrap();
-    consumer.info().await.unwrap().num_redelivered as u64
+    consumer_info(server, bus, topic).await.num_redelivered as u64
 }
 
 /// A permanent failure halts its aggregate: its later events wait (kept alive at the broker

@@ -48,3 +48,22 @@ impl Harness for NatsHarness {
         Topic::new(format!("nats.{name}")).unwrap()
     }
 }
+
+/// The topic's durable consumer as the server sees it, read over a connection of its own.
+pub async fn consumer_info(
+    server: &NatsServer,
+    bus: &NatsBus,
+    topic: &Topic,
+) -> async_nats::jetstream::consumer::Info {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .get_stream(bus.stream_name(topic).await.unwrap())
+        .await
+        .unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .get_consumer(&bus.config().consumer_name(topic))
+        .await
+        .unwrap();
+    consumer.info().await.unwrap().clone()
+}

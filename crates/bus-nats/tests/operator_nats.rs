@@ -286,3 +286,65 @@ async fn skip_dead_letters_the_failed_event_and_replay_brings_it_back() {
     assert_eq!(report.duplicates, 0, "{report:?}");
     assert_eq!(report.unique, 10, "{report:?}");
 }
+
+/// Closing a subscription with a halted aggregate returns the held events unacknowledged; the
+/// next subscription receives them again in order, starting with the failed one, without
+/// waiting for AckWait (delivery restarts at the ack floor). With work-queue retention (the
+/// default) the acknowledged events of other aggregates are gone from the stream, so nothing
+/// else is handed over twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_events_survive_a_close_and_come_back_in_order() {
+    let server = NatsServer::start();
+    let mut config = test_config(&server.url());
+    config.on_failure = FailurePolicy::HaltAggregate;
+    config.retry.max_attempts = 1;
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("held").unwrap();
+    let recorder = Recorder::new();
+    let broken = Arc::new(AtomicBool::new(true));
+    let handler = {
+        let (recorder, t, broken) = (recorder.clone(), topic.clone(), broken.clone());
+        Arc::new(handler_fn(move |e: Envelope| {
+            let (recorder, t, broken) = (recorder.clone(), t.clone(), broken.clone());
+            async move {
+                if e.aggregate_id().as_str() == "stuck"
+                    && e.event_version() == 2
+                    && broken.load(Ordering::SeqCst)
+                {
+                    return Err(HandlerError::permanent("not yet"));
+                }
+                recorder.record(&t, &e);
+                Ok(())
+            }
+        }))
+    };
+    let mut events = Vec::new();
+    for version in 1..=10 {
+        events.push(envelope("stuck", version));
+        events.push(envelope("free", version));
+    }
+    publish_all(&bus, &topic, events).await;
+
+    let subscription = bus.subscribe(&topic, handler.clone()).await.unwrap();
+    let control = subscription.control().unwrap();
+    recorder.wait_unique(11).await; // stuck v1 and free v1..10
+    wait_for("stuck to hold 9 events", Duration::from_secs(10), || {
+        control.metrics().halted_events == 9
+    })
+    .await;
+    let report = subscription.close().await.unwrap();
+    assert_eq!(report.returned, 9, "{report:?}");
+    let error = control.resume("stuck").await.unwrap_err();
+    assert_eq!(error.kind(), SubscribeErrorKind::Closed, "{error}");
+
+    broken.store(false, Ordering::SeqCst);
+    let subscription = bus.subscribe(&topic, handler).await.unwrap();
+    recorder.wait_unique(20).await;
+    subscription.close().await.unwrap();
+    let report = recorder.verifier.report();
+    eprintln!("after reopening: {report:?}");
+    assert_eq!(report.order_violations, 0, "{report:?}");
+    assert_eq!(report.gaps, 0, "{report:?}");
+    assert_eq!(report.lost(20), 0, "{report:?}");
+    assert_eq!(report.duplicates, 0, "{report:?}");
+}

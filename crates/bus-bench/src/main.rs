@@ -448,8 +448,10 @@ async fn run_raw(
         let s = s.clone();
         tokio::spawn(async move {
             let mut in_flight = FuturesUnordered::new();
+            let mut pacer = Pacer::new(s.rate, 1);
             for version in 1..=s.versions {
                 for a in 0..s.aggregates_per_topic {
+                    pacer.pace().await;
                     let mut headers = async_nats::HeaderMap::new();
                     let payload = Bytes::from(stamped_payload(s.payload));
                     if bus_wire {
@@ -736,17 +738,19 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
     rows
 }
 
-fn latency_scenario(rate: f64, quick: bool) -> Scenario {
+/// A fixed-rate row: the bus's default (`latency-half-capacity`), or the raw ceiling's client
+/// at the same rate (`ceiling-latency`), so the bus's latency can be told from the broker's.
+fn latency_scenario(name: &str, rate: f64, quick: bool) -> Scenario {
     let seconds = if quick { 5.0 } else { 10.0 };
     let versions = ((rate * seconds) / 10_000.0).ceil().max(1.0) as u64;
+    let kind = if name == "ceiling-latency" {
+        Kind::Ceiling
+    } else {
+        Kind::Bus(BusSetup::default_config())
+    };
     Scenario {
         rate: Some(rate),
-        ..Scenario::new(
-            "latency-half-capacity",
-            Kind::Bus(BusSetup::default_config()),
-            10_000,
-            versions,
-        )
+        ..Scenario::new(name, kind, 10_000, versions)
     }
 }
 
@@ -798,7 +802,7 @@ async fn main() -> Result<()> {
     if let Some(name) = &options.row {
         // Child mode: one row, in a fresh process, so that memory and task counts are its own.
         let s = match options.rate {
-            Some(rate) => latency_scenario(rate, options.quick),
+            Some(rate) => latency_scenario(name, rate, options.quick),
             None => plan
                 .iter()
                 .find(|s| &s.name == name)
@@ -822,6 +826,9 @@ async fn main() -> Result<()> {
         let rate = default.e2e_msgs_per_s / 2.0;
         let mut row = run_in_child("latency-half-capacity", options.quick, Some(rate))?;
         row.name = format!("latency-at-{:.0}-msg-s", rate);
+        rows.push(row);
+        let mut row = run_in_child("ceiling-latency", options.quick, Some(rate))?;
+        row.name = format!("ceiling-at-{:.0}-msg-s", rate);
         rows.push(row);
     }
     let ceiling = rows

@@ -590,6 +590,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn publish_retries_must_fit_the_duplicate_window() {
+        let mut config = NatsConfig::new("nats://localhost:4222");
+        config.publish_retry_for = DEFAULT_DUPLICATE_WINDOW + Duration::from_secs(1);
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.field(), "publish_retry_for");
+        config.publish_retry_for = DEFAULT_PUBLISH_RETRY_FOR;
+        let topic = Topic::new("t").unwrap();
+        let mut spec = StreamSpec::new("SHORT", [topic]);
+        spec.duplicate_window = Duration::from_secs(10);
+        config.streams.push(spec);
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("10s"), "{err}");
+        config.publish_retry_for = Duration::from_secs(10);
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn bad_stream_names_are_refused_by_name() {
         let mut config = NatsConfig::default();
         config.streams.push(StreamSpec::new(

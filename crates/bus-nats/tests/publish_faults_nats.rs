@@ -144,3 +144,46 @@ async fn pipelined_publishing_reports_every_publish_lost_in_a_cut() {
     assert_eq!(report.duplicates, 0, "{report:?}");
     assert_eq!(report.order_violations, 0, "{report:?}");
 }
+
+/// A publish the broker refuses for good (here: a full work-queue stream) is not retried, and
+/// the events of its aggregate waiting behind it fail with `Aborted` instead of being stored
+/// after the gap; other aggregates are not affected by that chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_publish_aborts_the_aggregates_waiting_events() {
+    use bus_core::PublishErrorKind;
+
+    let server = NatsServer::start();
+    let topic = Topic::new("full").unwrap();
+    let mut config = test_config(&server.url());
+    let mut spec = bus_nats::StreamSpec::new("FULL", [topic.clone()]);
+    spec.max_msgs = 5;
+    config.streams.push(spec);
+    let bus = NatsBus::connect(config).await.unwrap();
+    let publisher = bus.publisher();
+    let mut receipts = Vec::new();
+    for version in 1..=10 {
+        let event = Envelope::builder("acc", "Filled", version).build().unwrap();
+        receipts.push(publisher.publish(&topic, event).await.unwrap());
+    }
+    let mut outcomes = Vec::new();
+    for receipt in receipts {
+        outcomes.push(receipt.await.map_err(|e| e.kind()));
+    }
+    let stored = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!(stored, 5, "{outcomes:?}");
+    assert!(outcomes[..5].iter().all(Result::is_ok), "{outcomes:?}");
+    assert_eq!(outcomes[5], Err(PublishErrorKind::Rejected), "{outcomes:?}");
+    assert!(
+        outcomes[6..]
+            .iter()
+            .all(|o| *o == Err(PublishErrorKind::Aborted)),
+        "{outcomes:?}"
+    );
+    // The chain is over: the aggregate can publish again (and is refused again while full).
+    let again = Envelope::builder("acc", "Filled", 6).build().unwrap();
+    let result = publisher.publish(&topic, again).await.unwrap().await;
+    assert_eq!(
+        result.map_err(|e| e.kind()).unwrap_err(),
+        PublishErrorKind::Rejected
+    );
+}

@@ -739,11 +739,14 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
 }
 
 /// A fixed-rate row: the bus's default (`latency-half-capacity`), or the raw ceiling's client
-/// at the same rate (`ceiling-latency`), so the bus's latency can be told from the broker's.
+/// at the same rate, plain (`ceiling-latency`) or carrying the bus's wire format
+/// (`ceiling-bus-wire-latency`), so the bus's latency can be told from the broker's.
 fn latency_scenario(name: &str, rate: f64, quick: bool) -> Scenario {
     let seconds = if quick { 5.0 } else { 10.0 };
     let versions = ((rate * seconds) / 10_000.0).ceil().max(1.0) as u64;
-    let kind = if name == "ceiling-latency" {
+    let kind = if name == "ceiling-bus-wire-latency" {
+        Kind::CeilingWire
+    } else if name == "ceiling-latency" {
         Kind::Ceiling
     } else {
         Kind::Bus(BusSetup::default_config())
@@ -828,9 +831,14 @@ async fn main() -> Result<()> {
         row.name = format!("latency-at-{:.0}-msg-s", rate);
         rows.push(row);
         if !options.quick {
-            let mut row = run_in_child("ceiling-latency", options.quick, Some(rate))?;
-            row.name = format!("ceiling-at-{:.0}-msg-s", rate);
-            rows.push(row);
+            for (child, label) in [
+                ("ceiling-latency", "ceiling"),
+                ("ceiling-bus-wire-latency", "ceiling-bus-wire"),
+            ] {
+                let mut row = run_in_child(child, options.quick, Some(rate))?;
+                row.name = format!("{label}-at-{:.0}-msg-s", rate);
+                rows.push(row);
+            }
         }
     }
     let ceiling = rows

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -111,26 +110,8 @@ async fn pump(client: TcpStream, server: TcpStream, mut cut: watch::Receiver<(bo
     let _ = server.set_nodelay(true);
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
-    let upstream = async {
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let n = client_read.read(&mut buffer).await?;
-            if n == 0 {
-                return std::io::Result::Ok(());
-            }
-            server_write.write_all(&buffer[..n]).await?;
-        }
-    };
-    let downstream = async {
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let n = server_read.read(&mut buffer).await?;
-            if n == 0 {
-                return std::io::Result::Ok(());
-            }
-            client_write.write_all(&buffer[..n]).await?;
-        }
-    };
+    let upstream = tokio::io::copy(&mut client_read, &mut server_write);
+    let downstream = tokio::io::copy(&mut server_read, &mut client_write);
     let cut_now = async {
         let (is_cut, born) = *cut.borrow_and_update();
         if is_cut {
@@ -156,6 +137,7 @@ async fn pump(client: TcpStream, server: TcpStream, mut cut: watch::Receiver<(bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn forwards_then_cuts_then_forwards_again() {

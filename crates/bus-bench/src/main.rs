@@ -77,8 +77,9 @@ enum Kind {
     /// Raw async-nats with MaxAckPending 1: the documented recipe for strict order.
     Strict,
     /// The ceiling's client and consumer, carrying the bus's wire format (its `Bus-Event`
-    /// header and `Nats-Msg-Id`, decoded by `wire::decode`): what the broker allows for these
-    /// messages, so the bus's own overhead can be told from the cost of its wire format.
+    /// header and `Nats-Msg-Id`, decoded by `wire::decode`) into a stream with the bus's default
+    /// work-queue retention: what the broker allows for the bus's messages, so the bus's own
+    /// overhead can be told from what the broker does for its guarantees.
     CeilingWire,
     Bus(BusSetup),
 }
@@ -382,6 +383,13 @@ async fn run_raw(
             name: "RAW".into(),
             subjects: vec![topic.clone()],
             storage: stream::StorageType::File,
+            // With the bus's wire format, also the bus's default retention: the broker then
+            // does for each message what it does for the bus's.
+            retention: if bus_wire {
+                stream::RetentionPolicy::WorkQueue
+            } else {
+                stream::RetentionPolicy::Limits
+            },
             ..Default::default()
         })
         .await?;

@@ -64,7 +64,7 @@ pub use config::{
     DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS,
 };
 pub use dead_letters::DeadLetter;
-pub use publisher::{NatsPublisher, PublishFailure};
+pub use publisher::{NatsPublisher, PublishFailure, PUBLISH_ACK_TIMEOUT};
 pub use subscriber::dead_letter_headers;
 
 /// Errors of the NATS transport.
@@ -210,7 +210,10 @@ impl Shared {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("{}:{topic}", c.client_name))
             .connection_timeout(c.connect_timeout)
-            .max_reconnects(c.max_reconnects);
+            .max_reconnects(c.max_reconnects)
+            // A publisher's acks come back on one subscription, up to `max_in_flight` at a time;
+            // a full subscription would drop them (and the publishes would time out).
+            .subscription_capacity(self.config.max_in_flight.saturating_mul(2).max(65_536));
         options = match &c.auth {
             config::Auth::None => options,
             config::Auth::Token(t) => options.token(t.clone()),

@@ -1,4 +1,10 @@
 //! The asynchronous, bounded publisher.
+//!
+//! A publish is one write: the message goes to its topic's connection with a reply subject of
+//! the publisher's own ack inbox (`<inbox>.<id>`), and waits in a map until the broker's ack
+//! comes back on that inbox. One task per publisher reads the acks in bursts, resolves receipts,
+//! retries transient failures, times out the acks that never come and sends the next event of
+//! each aggregate chain. So publishing wakes no task of its own and arms no timer per message.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
@@ -6,20 +12,26 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::context::PublishErrorKind as NatsPublishErrorKind;
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, StatusCode, Subject};
 use async_trait::async_trait;
 use bus_core::{
     wire, Envelope, PublishError, PublishErrorKind, Published, Publisher, Receipt, Topic,
 };
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesUnordered, SelectAll, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::{PublishOrdering, Shared, TopicConnection};
+
+/// How long a publish waits for the broker's ack before it counts as timed out (and, under
+/// [`PublishOrdering::PerAggregate`], is sent again with the same `Nats-Msg-Id`).
+pub const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the ack task looks for publishes past [`PUBLISH_ACK_TIMEOUT`].
+const TIMEOUT_CHECK: Duration = Duration::from_millis(250);
 
 /// A publish that failed, as told to [`NatsConfig::on_publish_error`](crate::NatsConfig).
 #[derive(Debug)]
@@ -61,13 +73,37 @@ fn header_len(headers: &HeaderMap) -> usize {
         .sum()
 }
 
-type AckResult = Result<
-    async_nats::jetstream::publish::PublishAck,
-    async_nats::jetstream::context::PublishError,
->;
+/// The broker's answer to one publish: its stream sequence and whether it was a duplicate.
+type AckResult = Result<(u64, bool), PublishError>;
 
-/// A publish on its way: sent, or waiting to be sent again.
-type Attempt = Pin<Box<dyn Future<Output = (AckResult, Message)> + Send>>;
+/// Where a topic's publishes go and where their acks come back.
+struct Route {
+    connection: Arc<TopicConnection>,
+    /// `<inbox>.`: a publish's reply subject is this followed by its ID.
+    reply_prefix: String,
+}
+
+/// Sent publishes awaiting their ack, by ID, with when they were sent.
+#[derive(Default)]
+struct Awaiting {
+    by_id: HashMap<u64, (Instant, Message), ahash::RandomState>,
+}
+
+impl Awaiting {
+    /// The publishes sent at least `timeout` ago, taken out.
+    fn expired(&mut self, timeout: Duration) -> Vec<Message> {
+        let now = Instant::now();
+        let ids: Vec<u64> = self
+            .by_id
+            .iter()
+            .filter(|(_, (sent, _))| now.duration_since(*sent) >= timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.by_id.remove(&id).map(|(_, m)| m))
+            .collect()
+    }
+}
 
 struct State {
     window: Arc<Semaphore>,
@@ -77,6 +113,11 @@ struct State {
     closed: AtomicBool,
     /// Aggregate chains with a publish awaiting its ack → the publishes waiting behind it.
     chains: Mutex<HashMap<u64, VecDeque<Message>>>,
+    /// Each topic's connection and ack inbox, set up on its first publish.
+    routes: RwLock<HashMap<Topic, Arc<Route>>>,
+    routing: tokio::sync::Mutex<()>,
+    awaiting: Mutex<Awaiting>,
+    next_id: AtomicU64,
 }
 
 fn chain_key(topic: &Topic, aggregate: &str) -> u64 {
@@ -86,6 +127,14 @@ fn chain_key(topic: &Topic, aggregate: &str) -> u64 {
     HASHER
         .get_or_init(|| ahash::RandomState::with_seeds(7, 11, 13, 17))
         .hash_one((topic.as_str(), aggregate))
+}
+
+/// What the publishing side tells the ack task.
+enum Event {
+    /// A topic's ack inbox, subscribed on the first publish to the topic.
+    Inbox(async_nats::Subscriber),
+    /// A publish that could not be written.
+    Failed(Box<Message>, PublishError),
 }
 
 /// Publishes on NATS JetStream without waiting for each ack, within a bounded window.
@@ -98,13 +147,14 @@ fn chain_key(topic: &Topic, aggregate: &str) -> u64 {
 /// `Nats-Msg-Id`, so a retry, or publishing the same envelope again within the stream's
 /// duplicate window, is recognised by the broker (the receipt says `duplicate: true`).
 ///
+/// An ack that does not arrive within [`PUBLISH_ACK_TIMEOUT`] counts as a transient failure.
 /// A failed publish is reported three ways: through its [`Receipt`], through the next
 /// [`flush`](Publisher::flush), and through `NatsConfig::on_publish_error` with the envelope.
 #[derive(Clone)]
 pub struct NatsPublisher {
     shared: Arc<Shared>,
     state: Arc<State>,
-    acks: mpsc::UnboundedSender<Attempt>,
+    events: mpsc::UnboundedSender<Event>,
 }
 
 impl fmt::Debug for NatsPublisher {
@@ -119,28 +169,6 @@ impl fmt::Debug for NatsPublisher {
     }
 }
 
-fn nats_error(topic: &Topic, error: async_nats::jetstream::context::PublishError) -> PublishError {
-    let kind = match error.kind() {
-        NatsPublishErrorKind::TimedOut => PublishErrorKind::TimedOut,
-        NatsPublishErrorKind::BrokenPipe => PublishErrorKind::Connection,
-        NatsPublishErrorKind::StreamNotFound => PublishErrorKind::Rejected,
-        NatsPublishErrorKind::MaxPayloadExceeded => PublishErrorKind::PayloadTooLarge,
-        NatsPublishErrorKind::WrongLastMessageId | NatsPublishErrorKind::WrongLastSequence => {
-            PublishErrorKind::Rejected
-        }
-        _ => {
-            // "Other" covers both broker refusals (limits) and client-side send failures.
-            let text = error.to_string();
-            if text.contains("jetstream error") || text.contains("maximum") {
-                PublishErrorKind::Rejected
-            } else {
-                PublishErrorKind::Connection
-            }
-        }
-    };
-    PublishError::with_source(kind, format!("publish on topic `{topic}` failed"), error)
-}
-
 impl NatsPublisher {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         let state = Arc::new(State {
@@ -150,19 +178,66 @@ impl NatsPublisher {
             first_error: Mutex::new(None),
             closed: AtomicBool::new(false),
             chains: Mutex::new(HashMap::new()),
+            routes: RwLock::new(HashMap::new()),
+            routing: tokio::sync::Mutex::new(()),
+            awaiting: Mutex::new(Awaiting::default()),
+            next_id: AtomicU64::new(0),
         });
-        let (acks, rx) = mpsc::unbounded_channel();
+        let (events, rx) = mpsc::unbounded_channel();
         tokio::spawn(collect_acks(rx, state.clone(), shared.clone()));
         Self {
             shared,
             state,
-            acks,
+            events,
         }
     }
 
     /// Publishes whose ack has not arrived yet.
     pub fn outstanding(&self) -> u64 {
         self.state.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// The topic's connection and ack inbox, set up on the first publish to the topic.
+    async fn route(&self, topic: &Topic) -> Result<Arc<Route>, PublishError> {
+        if let Some(route) = self.state.routes.read().unwrap().get(topic) {
+            return Ok(route.clone());
+        }
+        let _one_at_a_time = self.state.routing.lock().await;
+        if let Some(route) = self.state.routes.read().unwrap().get(topic) {
+            return Ok(route.clone());
+        }
+        let connection = self.shared.connection(topic).await.map_err(|e| {
+            PublishError::with_source(
+                PublishErrorKind::Connection,
+                format!("no connection for topic `{topic}`"),
+                e,
+            )
+        })?;
+        let inbox = connection.client.new_inbox();
+        let subscriber = connection
+            .client
+            .subscribe(Subject::from(format!("{inbox}.*")))
+            .await
+            .map_err(|e| {
+                PublishError::with_source(
+                    PublishErrorKind::Connection,
+                    format!("subscribing to the ack inbox of topic `{topic}`"),
+                    e,
+                )
+            })?;
+        self.events.send(Event::Inbox(subscriber)).map_err(|_| {
+            PublishError::new(PublishErrorKind::Closed, "publisher ack task stopped")
+        })?;
+        let route = Arc::new(Route {
+            connection,
+            reply_prefix: format!("{inbox}."),
+        });
+        self.state
+            .routes
+            .write()
+            .unwrap()
+            .insert(topic.clone(), route.clone());
+        Ok(route)
     }
 
     async fn send(
@@ -178,15 +253,8 @@ impl NatsPublisher {
                 format!("cannot publish on topic `{topic}`: the publisher is closed"),
             ));
         }
-        let connection: Arc<TopicConnection> =
-            self.shared.connection(topic).await.map_err(|e| {
-                PublishError::with_source(
-                    PublishErrorKind::Connection,
-                    format!("no connection for topic `{topic}`"),
-                    e,
-                )
-            })?;
-        let max_payload = connection.max_payload;
+        let route = self.route(topic).await?;
+        let max_payload = route.connection.max_payload;
         let (header_len, payload_len) = (header_len(&headers), payload.len());
         if payload_len + header_len > max_payload {
             return Err(PublishError::new(
@@ -240,12 +308,18 @@ impl NatsPublisher {
             }
         };
         if let Some(message) = send_now {
-            let attempt = transmit(connection, message).await;
-            if self.acks.send(attempt).is_err() {
-                return Err(PublishError::new(
-                    PublishErrorKind::Closed,
-                    "publisher ack collector stopped",
-                ));
+            if let Err((message, error)) = transmit(&self.state, &route, message).await {
+                // The ack task settles it, like any other failure.
+                if self
+                    .events
+                    .send(Event::Failed(Box::new(message), error))
+                    .is_err()
+                {
+                    return Err(PublishError::new(
+                        PublishErrorKind::Closed,
+                        "publisher ack task stopped",
+                    ));
+                }
             }
         }
         Ok(Receipt::new(async move {
@@ -259,68 +333,302 @@ impl NatsPublisher {
     }
 }
 
-/// Writes `message` to its topic's connection now (so publishes leave in call order) and
-/// returns the wait for its ack.
-async fn transmit(connection: Arc<TopicConnection>, mut message: Message) -> Attempt {
-    message.first_sent.get_or_insert_with(Instant::now);
+/// Writes `message` to its topic's connection now (so publishes leave in call order), with a
+/// reply subject of the publisher's ack inbox, and leaves it awaiting its ack. A message that
+/// could not be written comes back with why.
+async fn transmit(
+    state: &State,
+    route: &Route,
+    mut message: Message,
+) -> Result<(), (Message, PublishError)> {
+    let now = Instant::now();
+    message.first_sent.get_or_insert(now);
     let (headers, payload) = match (message.prepared.take(), &message.envelope) {
         (Some(prepared), _) => prepared,
         (None, Some(e)) => (envelope_headers(e), e.payload().clone()),
         (None, None) => unreachable!("raw publishes are sent once"),
     };
-    let sent = connection
-        .jetstream
-        .publish_with_headers(connection.subject.clone(), headers, payload)
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let reply = Subject::from(format!("{}{id}", route.reply_prefix));
+    // In the map before it is written: the ack may come back before the write returns.
+    state
+        .awaiting
+        .lock()
+        .unwrap()
+        .by_id
+        .insert(id, (now, message));
+    let written = route
+        .connection
+        .client
+        .publish_with_reply_and_headers(route.connection.subject.clone(), reply, headers, payload)
         .await;
-    Box::pin(async move {
-        let result = match sent {
-            Ok(ack) => ack.await,
-            Err(error) => Err(error),
-        };
-        (result, message)
-    })
-}
-
-/// Sends `message` again after `delay`.
-fn retransmit(shared: Arc<Shared>, message: Message, delay: Duration) -> Attempt {
-    Box::pin(async move {
-        tokio::time::sleep(delay).await;
-        match shared.connection(&message.topic).await {
-            Ok(connection) => transmit(connection, message).await.await,
-            Err(error) => {
-                let error = async_nats::jetstream::context::PublishError::with_source(
-                    NatsPublishErrorKind::Other,
+    match written {
+        Ok(()) => Ok(()),
+        Err(error) => match state.awaiting.lock().unwrap().by_id.remove(&id) {
+            Some((_, message)) => {
+                let error = PublishError::with_source(
+                    PublishErrorKind::Connection,
+                    format!("publish on topic `{}` could not be written", message.topic),
                     error,
                 );
-                (Err(error), message)
+                Err((message, error))
             }
-        }
-    })
+            None => Ok(()),
+        },
+    }
 }
 
-/// Awaits every outstanding ack, retries what failed for a transient reason, sends the next
-/// publish of each aggregate chain, resolves receipts and records failures.
+/// The publish ID an ack's subject (`<inbox>.<id>`) carries.
+fn ack_id(subject: &str) -> Option<u64> {
+    subject.rsplit('.').next()?.parse().ok()
+}
+
+/// Reads the broker's answer to a publish.
+fn read_ack(topic: &Topic, ack: &async_nats::Message) -> AckResult {
+    #[derive(serde::Deserialize)]
+    struct ApiError {
+        code: Option<u64>,
+        err_code: Option<u64>,
+        description: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        seq: Option<u64>,
+        #[serde(default)]
+        duplicate: bool,
+        error: Option<ApiError>,
+    }
+    match ack.status {
+        None => {}
+        Some(StatusCode::NO_RESPONDERS) => {
+            return Err(PublishError::new(
+                PublishErrorKind::Rejected,
+                format!("publish on topic `{topic}` failed: no stream stores its subject"),
+            ))
+        }
+        Some(status) => {
+            return Err(PublishError::new(
+                PublishErrorKind::Connection,
+                format!(
+                "publish on topic `{topic}` failed: the broker answered with status {status} ({})",
+                ack.description.as_deref().unwrap_or("no description")
+            ),
+            ))
+        }
+    }
+    match serde_json::from_slice::<Body>(&ack.payload) {
+        Ok(Body {
+            error: Some(error), ..
+        }) => Err(PublishError::new(
+            PublishErrorKind::Rejected,
+            format!(
+                "publish on topic `{topic}` refused by the broker: {} (code {}, error code {})",
+                error.description.as_deref().unwrap_or("no description"),
+                error.code.unwrap_or(0),
+                error.err_code.unwrap_or(0)
+            ),
+        )),
+        Ok(Body {
+            seq: Some(seq),
+            duplicate,
+            ..
+        }) => Ok((seq, duplicate)),
+        _ => Err(PublishError::new(
+            PublishErrorKind::Connection,
+            format!(
+                "publish on topic `{topic}`: unreadable ack `{}`",
+                String::from_utf8_lossy(&ack.payload)
+            ),
+        )),
+    }
+}
+
+/// A publish waiting to be sent again.
+type Retry = Pin<Box<dyn Future<Output = Message> + Send>>;
+
+/// The publisher's ack task: reads acks from every topic's inbox, times out the ones that do not
+/// come, retries what failed for a transient reason, sends the next publish of each aggregate
+/// chain, resolves receipts and records failures. It ends once every handle of the publisher
+/// is dropped and nothing is outstanding.
 async fn collect_acks(
-    mut rx: mpsc::UnboundedReceiver<Attempt>,
+    mut events: mpsc::UnboundedReceiver<Event>,
     state: Arc<State>,
     shared: Arc<Shared>,
 ) {
-    let mut pending = FuturesUnordered::new();
+    let mut inboxes = SelectAll::new();
+    let mut retries: FuturesUnordered<Retry> = FuturesUnordered::new();
+    let mut tick = tokio::time::interval(TIMEOUT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut closing = false;
+    let settler = Settler {
+        state: &state,
+        shared: &shared,
+    };
     loop {
+        if closing && state.outstanding.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut settled: Vec<(AckResult, Message)> = Vec::new();
         tokio::select! {
-            next = rx.recv(), if !closing => match next {
-                Some(attempt) => pending.push(attempt),
+            event = events.recv(), if !closing => match event {
+                Some(Event::Inbox(subscriber)) => inboxes.push(subscriber),
+                Some(Event::Failed(message, error)) => settled.push((Err(error), *message)),
                 None => closing = true,
             },
-            Some((result, message)) = pending.next(), if !pending.is_empty() => {
-                if let Some(attempt) = settle(result, message, &state, &shared).await {
-                    pending.push(attempt);
+            Some(ack) = inboxes.next(), if !inboxes.is_empty() => {
+                // A late ack of a publish that already timed out (and was sent again) is
+                // no longer awaited: the retry's own ack settles it.
+                let found = ack_id(ack.subject.as_str())
+                    .and_then(|id| state.awaiting.lock().unwrap().by_id.remove(&id));
+                if let Some((_, message)) = found {
+                    settled.push((read_ack(&message.topic, &ack), message));
                 }
             }
-            else => return,
+            Some(message) = retries.next(), if !retries.is_empty() => {
+                if let Err((message, error)) = settler.transmit(message).await {
+                    settled.push((Err(error), message));
+                }
+            }
+            _ = tick.tick() => {
+                let expired = state.awaiting.lock().unwrap().expired(PUBLISH_ACK_TIMEOUT);
+                for message in expired {
+                    let error = PublishError::new(
+                        PublishErrorKind::TimedOut,
+                        format!("publish on topic `{}`: no ack within {PUBLISH_ACK_TIMEOUT:?}", message.topic),
+                    );
+                    settled.push((Err(error), message));
+                }
+            }
+        }
+        settler.settle(settled, &mut retries).await;
+    }
+}
+
+struct Settler<'a> {
+    state: &'a State,
+    shared: &'a Arc<Shared>,
+}
+
+impl Settler<'_> {
+    async fn transmit(&self, message: Message) -> Result<(), (Message, PublishError)> {
+        let route = self
+            .state
+            .routes
+            .read()
+            .unwrap()
+            .get(&message.topic)
+            .cloned();
+        match route {
+            Some(route) => transmit(self.state, &route, message).await,
+            None => {
+                let error = PublishError::new(
+                    PublishErrorKind::Connection,
+                    format!("no connection for topic `{}`", message.topic),
+                );
+                Err((message, error))
+            }
         }
     }
+
+    /// Settles acks and failures; what they start (the next publish of a chain) may fail at
+    /// once, and is settled in turn.
+    async fn settle(
+        &self,
+        mut work: Vec<(AckResult, Message)>,
+        retries: &mut FuturesUnordered<Retry>,
+    ) {
+        while let Some((result, message)) = work.pop() {
+            match self.decide(result, message) {
+                Next::Nothing => {}
+                Next::Send(message) => {
+                    if let Err((message, error)) = self.transmit(message).await {
+                        work.push((Err(error), message));
+                    }
+                }
+                Next::Retry(message, delay) => retries.push(Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    message
+                })),
+            }
+        }
+    }
+
+    fn decide(&self, result: AckResult, message: Message) -> Next {
+        let state = self.state;
+        let shared = self.shared;
+        let topic = message.topic.clone();
+        match result {
+            Ok((sequence, duplicate)) => {
+                let chain = message.chain;
+                finish(
+                    message,
+                    Ok(Published {
+                        topic,
+                        sequence: Some(sequence),
+                        duplicate,
+                    }),
+                    state,
+                    shared,
+                );
+                let Some(key) = chain else {
+                    return Next::Nothing;
+                };
+                let mut chains = state.chains.lock().unwrap();
+                match chains.get_mut(&key).and_then(VecDeque::pop_front) {
+                    Some(next) => Next::Send(next),
+                    None => {
+                        chains.remove(&key);
+                        Next::Nothing
+                    }
+                }
+            }
+            Err(error) => {
+                let elapsed = message.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
+                if message.chain.is_some()
+                    && is_transient(&error)
+                    && elapsed < shared.config.publish_retry_for
+                {
+                    // Retried before any later event of the aggregate is sent; the same
+                    // Nats-Msg-Id makes a retry of a publish that was in fact stored a duplicate.
+                    let delay = (RETRY_FIRST_DELAY
+                        * 2u32.pow((elapsed.as_millis() / 500).min(5) as u32))
+                    .min(RETRY_MAX_DELAY);
+                    tracing::debug!(%topic, %error, ?delay, "publish failed; retrying before the aggregate's later events");
+                    return Next::Retry(message, delay);
+                }
+                tracing::warn!(%topic, %error, "publish failed");
+                let chain = message.chain;
+                let reason = error.to_string();
+                finish(message, Err(error), state, shared);
+                if let Some(key) = chain {
+                    // The aggregate's later events must not be stored after a gap: fail them too.
+                    let waiting = state
+                        .chains
+                        .lock()
+                        .unwrap()
+                        .remove(&key)
+                        .unwrap_or_default();
+                    for later in waiting {
+                        let error = PublishError::new(
+                            PublishErrorKind::Aborted,
+                            format!("not sent: an earlier event of its aggregate on topic `{topic}` failed ({reason})"),
+                        );
+                        finish(later, Err(error), state, shared);
+                    }
+                }
+                Next::Nothing
+            }
+        }
+    }
+}
+
+/// What settling one publish starts.
+enum Next {
+    Nothing,
+    /// The next publish of its aggregate chain.
+    Send(Message),
+    /// The same publish again, after a delay.
+    Retry(Message, Duration),
 }
 
 fn is_transient(error: &PublishError) -> bool {
@@ -328,82 +636,6 @@ fn is_transient(error: &PublishError) -> bool {
         error.kind(),
         PublishErrorKind::TimedOut | PublishErrorKind::Connection
     )
-}
-
-/// Settles one ack. Returns the attempts it started: a retry of this publish, or the next
-/// publish of its aggregate chain.
-async fn settle(
-    result: AckResult,
-    message: Message,
-    state: &State,
-    shared: &Arc<Shared>,
-) -> Option<Attempt> {
-    let topic = message.topic.clone();
-    match result {
-        Ok(ack) => {
-            let chain = message.chain;
-            finish(
-                message,
-                Ok(Published {
-                    topic: topic.clone(),
-                    sequence: Some(ack.sequence),
-                    duplicate: ack.duplicate,
-                }),
-                state,
-                shared,
-            );
-            let key = chain?;
-            let next = {
-                let mut chains = state.chains.lock().unwrap();
-                let next = chains.get_mut(&key).and_then(VecDeque::pop_front);
-                if next.is_none() {
-                    chains.remove(&key);
-                }
-                next
-            }?;
-            match shared.connection(&next.topic).await {
-                Ok(connection) => Some(transmit(connection, next).await),
-                Err(_) => Some(retransmit(shared.clone(), next, RETRY_FIRST_DELAY)),
-            }
-        }
-        Err(error) => {
-            let error = nats_error(&topic, error);
-            let elapsed = message.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
-            if message.chain.is_some()
-                && is_transient(&error)
-                && elapsed < shared.config.publish_retry_for
-            {
-                // Retried before any later event of the aggregate is sent; the same
-                // Nats-Msg-Id makes a retry of a publish that was in fact stored a duplicate.
-                let delay = (RETRY_FIRST_DELAY
-                    * 2u32.pow((elapsed.as_millis() / 500).min(5) as u32))
-                .min(RETRY_MAX_DELAY);
-                tracing::debug!(%topic, %error, ?delay, "publish failed; retrying before the aggregate's later events");
-                return Some(retransmit(shared.clone(), message, delay));
-            }
-            tracing::warn!(%topic, %error, "publish failed");
-            let chain = message.chain;
-            let reason = error.to_string();
-            finish(message, Err(error), state, shared);
-            if let Some(key) = chain {
-                // The aggregate's later events must not be stored after a gap: fail them too.
-                let waiting = state
-                    .chains
-                    .lock()
-                    .unwrap()
-                    .remove(&key)
-                    .unwrap_or_default();
-                for later in waiting {
-                    let error = PublishError::new(
-                        PublishErrorKind::Aborted,
-                        format!("not sent: an earlier event of its aggregate on topic `{topic}` failed ({reason})"),
-                    );
-                    finish(later, Err(error), state, shared);
-                }
-            }
-            None
-        }
-    }
 }
 
 const RETRY_FIRST_DELAY: Duration = Duration::from_millis(50);
@@ -487,5 +719,93 @@ impl Publisher for NatsPublisher {
     async fn close(&self) -> Result<(), PublishError> {
         self.state.closed.store(true, Ordering::Release);
         self.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(payload: &str, status: Option<StatusCode>) -> async_nats::Message {
+        async_nats::Message {
+            subject: Subject::from("_INBOX.abc.42"),
+            reply: None,
+            payload: Bytes::from(payload.to_owned()),
+            headers: None,
+            status,
+            description: status.map(|_| "test".to_owned()),
+            length: payload.len(),
+        }
+    }
+
+    fn topic() -> Topic {
+        Topic::new("orders").unwrap()
+    }
+
+    fn message() -> Message {
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        Message {
+            topic: topic(),
+            chain: None,
+            envelope: None,
+            receipt: oneshot::channel().0,
+            first_sent: None,
+            prepared: None,
+            _permit: permit,
+        }
+    }
+
+    #[test]
+    fn the_publish_id_is_the_last_token_of_the_ack_subject() {
+        assert_eq!(ack_id("_INBOX.abc.42"), Some(42));
+        assert_eq!(ack_id("_INBOX.abc.x"), None);
+        assert_eq!(ack_id(""), None);
+    }
+
+    #[test]
+    fn acks_are_read_as_sequence_duplicate_or_refusal() {
+        let t = topic();
+        assert_eq!(
+            read_ack(&t, &ack(r#"{"stream":"S","seq":7}"#, None)).unwrap(),
+            (7, false)
+        );
+        assert_eq!(
+            read_ack(&t, &ack(r#"{"stream":"S","seq":7,"duplicate":true}"#, None)).unwrap(),
+            (7, true)
+        );
+        let refused = read_ack(
+            &t,
+            &ack(
+                r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}"#,
+                None,
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(refused.kind(), PublishErrorKind::Rejected);
+        assert!(
+            refused.to_string().contains("maximum messages exceeded"),
+            "{refused}"
+        );
+        let no_stream = read_ack(&t, &ack("", Some(StatusCode::NO_RESPONDERS))).unwrap_err();
+        assert_eq!(no_stream.kind(), PublishErrorKind::Rejected);
+        // Anything else is not a refusal: it is retried with the same Nats-Msg-Id.
+        let garbage = read_ack(&t, &ack("not json", None)).unwrap_err();
+        assert_eq!(garbage.kind(), PublishErrorKind::Connection);
+        let status = read_ack(&t, &ack("", Some(StatusCode::REQUEST_TERMINATED))).unwrap_err();
+        assert_eq!(status.kind(), PublishErrorKind::Connection);
+    }
+
+    #[test]
+    fn only_publishes_past_the_timeout_expire() {
+        let mut awaiting = Awaiting::default();
+        let now = Instant::now();
+        awaiting
+            .by_id
+            .insert(1, (now - Duration::from_secs(6), message()));
+        awaiting.by_id.insert(2, (now, message()));
+        let expired = awaiting.expired(Duration::from_secs(5));
+        assert_eq!(expired.len(), 1);
+        assert_eq!(awaiting.by_id.keys().copied().collect::<Vec<_>>(), [2]);
+        assert!(awaiting.expired(Duration::from_secs(5)).is_empty());
     }
 }

@@ -211,6 +211,8 @@ pub fn dead_letter_headers() -> [&'static str; 6] {
 pub(crate) struct AckQueue {
     pending: Mutex<Vec<Subject>>,
     wake: tokio::sync::Notify,
+    /// Set on close: the sender sends what is queued and stops.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl AckQueue {
@@ -226,10 +228,11 @@ impl AckQueue {
         }
     }
 
-    /// Sends every queued acknowledgement.
-    async fn send_all(&self, client: &async_nats::Client, topic: &Topic) {
-        let batch = std::mem::take(&mut *self.pending.lock().unwrap());
-        for reply in batch {
+    /// Sends every queued acknowledgement. `spare` is an empty vector swapped in for the queue,
+    /// so neither side grows a vector from nothing for every burst.
+    async fn send_all(&self, client: &async_nats::Client, topic: &Topic, spare: &mut Vec<Subject>) {
+        std::mem::swap(&mut *self.pending.lock().unwrap(), spare);
+        for reply in spare.drain(..) {
             if let Err(error) = client
                 .publish(reply, bytes::Bytes::from_static(b"+ACK"))
                 .await
@@ -241,12 +244,17 @@ impl AckQueue {
 }
 
 async fn send_acks(client: async_nats::Client, acks: Arc<AckQueue>, topic: Topic) {
+    let mut spare = Vec::new();
     loop {
         acks.wake.notified().await;
         // Let the workers that are ready run first: their acks join this burst, so the
         // connection writes them in one system call instead of a few each.
         tokio::task::yield_now().await;
-        acks.send_all(&client, &topic).await;
+        acks.send_all(&client, &topic, &mut spare).await;
+        if acks.closing.load(Ordering::Acquire) {
+            acks.send_all(&client, &topic, &mut spare).await;
+            return;
+        }
     }
 }
 
@@ -1020,6 +1028,7 @@ impl SubscriptionHandle for NatsSubscription {
             counters,
         } = *self;
         let _ = stop.send(true);
+        let acker_abort = acker.abort_handle();
         let result = async {
             let pool = match tokio::time::timeout(deadline, fetcher).await {
                 Ok(Ok(Ok(pool))) => pool,
@@ -1036,9 +1045,16 @@ impl SubscriptionHandle for NatsSubscription {
             };
             let remaining = deadline.saturating_sub(started.elapsed());
             let report = pool.shutdown_within(remaining).await;
-            // Push the last acknowledgements out before saying we are done.
-            acker.abort();
-            acks.send_all(&client, &topic).await;
+            // Push the last acknowledgements out before saying we are done: the sender finishes
+            // the burst it may be in the middle of, then sends what is left, and stops.
+            acks.closing.store(true, Ordering::Release);
+            acks.wake.notify_one();
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let mut acker = acker;
+            if tokio::time::timeout(remaining, &mut acker).await.is_err() {
+                acker.abort();
+            }
+            acks.send_all(&client, &topic, &mut Vec::new()).await;
             let _ = client.flush().await;
             // Events of halted aggregates stay unacknowledged: delivered again, in order.
             let returned =
@@ -1060,6 +1076,7 @@ impl SubscriptionHandle for NatsSubscription {
         .await;
         // In-flight messages are all settled or returned by now.
         keeper.abort();
+        acker_abort.abort();
         shared.active.lock().unwrap().remove(&topic);
         result
     }

@@ -402,7 +402,7 @@ async fn worker<J, F, Fut, E>(
     mut queue: mpsc::Receiver<Slot<J>>,
     run: Arc<F>,
     counters: Arc<Counters>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> (Vec<J>, u64)
 where
     F: Fn(J) -> Fut + Send + Sync + 'static,
@@ -410,10 +410,17 @@ where
     E: fmt::Display + 'static,
 {
     let mut interrupted = 0;
+    // One wait for the stop signal for the worker's whole life: building it anew for every
+    // job cost a registration and a deregistration per job.
+    let stopped = async move {
+        let mut stop = stop;
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped);
     loop {
         let slot = tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => break,
+            _ = &mut stopped => break,
             slot = queue.recv() => match slot {
                 Some(slot) => slot,
                 None => return (Vec::new(), 0),
@@ -435,7 +442,7 @@ where
                     JobOutcome::Panicked(message)
                 }
             },
-            _ = stop.wait_for(|s| *s) => {
+            _ = &mut stopped => {
                 interrupted += 1;
                 break;
             }

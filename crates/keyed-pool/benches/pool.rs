@@ -3,7 +3,9 @@
 //! `cargo bench -p keyed-pool`. Results and their reading are in `docs/performance.md`.
 #![allow(missing_docs)]
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use keyed_pool::{KeyedPool, PoolConfig};
@@ -41,38 +43,88 @@ fn distinct_keys(c: &mut Criterion) {
 }
 
 /// One key in a hundred sleeps 1 ms per job; every other key is instant. With W workers the
-/// slow key's worker also serves about 1/W of the other keys, which wait behind it.
+/// slow key's worker also serves about 1/W of the other keys, which wait behind it, and once its
+/// queue is full the producer waits too. Two measures, both from the first submit: when 99 % of
+/// the fast keys' jobs have finished (`one_slow_key`), and when the last one has
+/// (`one_slow_key_last`). The slow key's own 200 jobs take at least 200 ms whatever the pool
+/// does.
 fn head_of_line(c: &mut Criterion) {
     let rt = runtime();
-    let mut group = c.benchmark_group("one_slow_key");
-    group.sample_size(10);
-    for workers in [16usize, 256, 1024] {
-        group.bench_with_input(
-            BenchmarkId::from_parameter(workers),
-            &workers,
-            |b, &workers| {
-                b.to_async(&rt).iter(|| async move {
-                    let config = PoolConfig {
-                        workers,
-                        ..PoolConfig::default()
-                    };
-                    let pool = KeyedPool::new(config, |slow: bool| async move {
-                        if slow {
-                            tokio::time::sleep(Duration::from_millis(1)).await;
+    for (name, measure) in [
+        ("one_slow_key", Measure::NinetyNinePercent),
+        ("one_slow_key_last", Measure::Last),
+    ] {
+        let mut group = c.benchmark_group(name);
+        group.sample_size(10);
+        for workers in [16usize, 256, 1024] {
+            group.bench_with_input(
+                BenchmarkId::from_parameter(workers),
+                &workers,
+                |b, &workers| {
+                    b.to_async(&rt).iter_custom(|iterations| async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iterations {
+                            total += fast_keys_done(workers, measure).await;
                         }
-                        Ok::<(), std::convert::Infallible>(())
+                        total
                     });
-                    for i in 0..20_000u64 {
-                        let slow = i % 100 == 0;
-                        let key = if slow { u64::MAX } else { i };
-                        pool.submit(&key, slow).await.unwrap();
-                    }
-                    pool.shutdown().await;
-                });
-            },
-        );
+                },
+            );
+        }
+        group.finish();
     }
-    group.finish();
+}
+
+#[derive(Clone, Copy)]
+enum Measure {
+    NinetyNinePercent,
+    Last,
+}
+
+const SLOW_ROUND_JOBS: u64 = 20_000;
+
+/// Runs one round of [`head_of_line`] and returns when the measured share of fast jobs had
+/// finished, counted from the first submit.
+async fn fast_keys_done(workers: usize, measure: Measure) -> Duration {
+    let config = PoolConfig {
+        workers,
+        ..PoolConfig::default()
+    };
+    let fast_jobs = SLOW_ROUND_JOBS - SLOW_ROUND_JOBS / 100;
+    let target = match measure {
+        Measure::NinetyNinePercent => fast_jobs * 99 / 100,
+        Measure::Last => fast_jobs,
+    };
+    let start = Instant::now();
+    let finished = Arc::new(AtomicU64::new(0));
+    // Nanoseconds after `start` at which the target count of fast jobs was reached.
+    let reached = Arc::new(AtomicU64::new(0));
+    let pool = {
+        let (finished, reached) = (finished.clone(), reached.clone());
+        KeyedPool::new(config, move |slow: bool| {
+            let (finished, reached) = (finished.clone(), reached.clone());
+            async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                } else if finished.fetch_add(1, Ordering::Relaxed) + 1 == target {
+                    reached.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
+                Ok::<(), std::convert::Infallible>(())
+            }
+        })
+    };
+    for i in 0..SLOW_ROUND_JOBS {
+        let slow = i % 100 == 0;
+        let key = if slow { u64::MAX } else { i };
+        pool.submit(&key, slow).await.unwrap();
+    }
+    pool.shutdown().await;
+    assert_eq!(
+        finished.load(Ordering::Relaxed),
+        fast_jobs,
+        "every fast job ran"
+    );
+    Duration::from_nanos(reached.load(Ordering::Relaxed))
 }
 
 criterion_group!(benches, distinct_keys, head_of_line);

@@ -204,11 +204,15 @@ pub enum Retention {
     /// A message is removed once the topic's consumer acknowledges it; when the stream is full
     /// new publishes are refused (the publisher's receipt says so), never silently dropped.
     /// The default, because it is the only combination that loses nothing by itself.
+    ///
+    /// One consumer group (one [`ConsumerSpec::name_prefix`]) reads each topic: a second
+    /// group's subscribe fails with a configuration error naming the first.
     #[default]
     WorkQueue,
     /// Messages stay until the stream's limits remove the oldest ones (JetStream's default).
-    /// Allows replay and extra consumers, but a consumer that falls `max_msgs` behind loses
-    /// messages.
+    /// Allows replay and several consumer groups, each receiving every event in order, but a
+    /// consumer that falls `max_msgs` behind loses messages, and a subscriber that restarts
+    /// with unacknowledged messages replays from its ack floor, handled events included.
     Limits,
 }
 

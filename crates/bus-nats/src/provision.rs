@@ -268,11 +268,55 @@ pub(crate) async fn ensure_consumer(
                 .await
                 .map_err(|e| NatsError::api(format!("updating consumer `{name}`"), e))
         }
-        (Provisioning::Create | Provisioning::CreateOrUpdate, None) => stream
-            .create_consumer(want.clone())
-            .await
-            .map_err(|e| NatsError::api(format!("creating consumer `{name}`"), e)),
+        (Provisioning::Create | Provisioning::CreateOrUpdate, None) => {
+            match stream.create_consumer(want.clone()).await {
+                Ok(c) => Ok(c),
+                Err(e) if work_queue_taken(&e) => {
+                    Err(second_group_error(&stream, stream_name, &name, want).await)
+                }
+                Err(e) => Err(NatsError::api(format!("creating consumer `{name}`"), e)),
+            }
+        }
     }
+}
+
+/// Whether the broker refused a consumer because the work-queue stream's subjects already have
+/// one.
+fn work_queue_taken(error: &async_nats::jetstream::stream::ConsumerError) -> bool {
+    use async_nats::jetstream::{stream::ConsumerErrorKind, ErrorCode};
+    match error.kind() {
+        ConsumerErrorKind::JetStream(e) => matches!(
+            e.error_code(),
+            ErrorCode::CONSUMER_WQ_CONSUMER_NOT_UNIQUE | ErrorCode::CONSUMER_WQ_MULTIPLE_UNFILTERED
+        ),
+        _ => false,
+    }
+}
+
+/// Says that a work-queue topic has a consumer group already, which one, and what to do.
+async fn second_group_error(
+    stream: &jetstream::stream::Stream,
+    stream_name: &str,
+    name: &str,
+    want: &consumer::pull::Config,
+) -> NatsError {
+    use futures::TryStreamExt;
+    let others: Vec<String> = match stream.consumer_names().try_collect::<Vec<_>>().await {
+        Ok(names) => names.into_iter().filter(|n| n != name).collect(),
+        Err(_) => Vec::new(),
+    };
+    let others = if others.is_empty() {
+        "another consumer".to_owned()
+    } else {
+        format!("`{}`", others.join("`, `"))
+    };
+    NatsError::Configuration(format!(
+        "consumer `{name}` cannot read `{topic}`: stream `{stream_name}` uses work-queue retention, \
+         which lets one consumer group read a topic, and {others} already does. For several \
+         groups (several services, projections) give the topic's stream `Retention::Limits`; \
+         to join the existing group use its `consumer.name_prefix`",
+        topic = want.filter_subject,
+    ))
 }
 
 /// The dead-letter stream: kept by limits (dead letters are for reading and replaying), and

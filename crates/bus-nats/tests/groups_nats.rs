@@ -1,0 +1,93 @@
+//! Consumer groups (`ConsumerSpec::name_prefix`): how many may read one topic under each
+//! retention, and what a user is told when one too many tries.
+
+mod common;
+
+use std::sync::Arc;
+
+use bus_core::{handler_fn, Envelope, Publisher, SubscribeErrorKind, Subscriber, Topic};
+use bus_nats::{NatsBus, Retention, StreamSpec};
+use bus_testkit::conformance::{subscribe_recording, Recorder};
+use bus_testkit::NatsServer;
+use common::test_config;
+
+fn envelope(aggregate: &str, version: u64) -> Envelope {
+    Envelope::builder(aggregate, "Tested", version)
+        .payload(format!("{aggregate}:{version}").into_bytes())
+        .build()
+        .unwrap()
+}
+
+/// A bus of consumer group `group`; the topic's stream kept with `retention`.
+async fn group(server: &NatsServer, group: &str, topic: &Topic, retention: Retention) -> NatsBus {
+    let mut config = test_config(&server.url());
+    config.consumer.name_prefix = group.to_owned();
+    let mut spec = StreamSpec::new("GROUPS", [topic.clone()]);
+    spec.retention = retention;
+    config.streams.push(spec);
+    NatsBus::connect(config).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_work_queue_topic_refuses_a_second_group_and_says_why() {
+    let server = NatsServer::start();
+    let topic = Topic::new("groups.wq").unwrap();
+    let orders = group(&server, "orders", &topic, Retention::WorkQueue).await;
+    let billing = group(&server, "billing", &topic, Retention::WorkQueue).await;
+    let recorder = Recorder::new();
+    let first = subscribe_recording(&orders, &topic, &recorder).await;
+
+    let handler = Arc::new(handler_fn(|_e: Envelope| async { Ok(()) }));
+    let error = billing.subscribe(&topic, handler).await.unwrap_err();
+    assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
+    let text = error.to_string();
+    eprintln!("{text}");
+    for part in ["work-queue", "Retention::Limits", "orders-groups_wq"] {
+        assert!(text.contains(part), "`{part}` missing from: {text}");
+    }
+
+    // The first group is unaffected.
+    let publisher = orders.publisher();
+    for version in 1..=5 {
+        let _receipt = publisher
+            .publish(&topic, envelope("a", version))
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    recorder.wait_unique(5).await;
+    first.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_limits_topic_serves_every_group_everything_in_order() {
+    let server = NatsServer::start();
+    let topic = Topic::new("groups.limits").unwrap();
+    let orders = group(&server, "orders", &topic, Retention::Limits).await;
+    let billing = group(&server, "billing", &topic, Retention::Limits).await;
+    let (seen_by_orders, seen_by_billing) = (Recorder::new(), Recorder::new());
+    let a = subscribe_recording(&orders, &topic, &seen_by_orders).await;
+    let b = subscribe_recording(&billing, &topic, &seen_by_billing).await;
+
+    let publisher = orders.publisher();
+    for version in 1..=50 {
+        for aggregate in ["a", "b", "c", "d"] {
+            let _receipt = publisher
+                .publish(&topic, envelope(aggregate, version))
+                .await
+                .unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+    seen_by_orders.wait_unique(200).await;
+    seen_by_billing.wait_unique(200).await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    for (name, recorder) in [("orders", &seen_by_orders), ("billing", &seen_by_billing)] {
+        let report = recorder.verifier.report();
+        assert_eq!(report.order_violations, 0, "{name}: {report:?}");
+        assert_eq!(report.gaps, 0, "{name}: {report:?}");
+        assert_eq!(report.lost(200), 0, "{name}: {report:?}");
+        assert_eq!(report.duplicates, 0, "{name}: {report:?}");
+    }
+}

@@ -530,6 +530,7 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
         lost: report.lost(expected),
         duplicates: report.duplicates,
         ratio_to_ceiling: 0.0,
+        ratio_to_ceiling_bus_wire: 0.0,
     })
 }
 
@@ -854,12 +855,15 @@ async fn main() -> Result<()> {
         .find(|r| r.name == "ceiling")
         .map(|r| r.e2e_msgs_per_s)
         .unwrap_or(0.0);
+    let wire = rows
+        .iter()
+        .find(|r| r.name == "ceiling-bus-wire")
+        .map(|r| r.e2e_msgs_per_s)
+        .unwrap_or(0.0);
+    let ratio = |rate: f64, to: f64| if to > 0.0 { rate / to } else { 0.0 };
     for row in &mut rows {
-        row.ratio_to_ceiling = if ceiling > 0.0 {
-            row.e2e_msgs_per_s / ceiling
-        } else {
-            0.0
-        };
+        row.ratio_to_ceiling = ratio(row.e2e_msgs_per_s, ceiling);
+        row.ratio_to_ceiling_bus_wire = ratio(row.e2e_msgs_per_s, wire);
     }
     let server_version = {
         let server = NatsServer::try_start(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;

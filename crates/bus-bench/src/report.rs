@@ -24,6 +24,10 @@ pub(crate) struct Row {
     pub(crate) lost: u64,
     pub(crate) duplicates: u64,
     pub(crate) ratio_to_ceiling: f64,
+    /// End-to-end msg/s against the `ceiling-bus-wire` row of the run (the broker's limit for
+    /// the bus's wire format and default retention); 0 when that row did not run.
+    #[serde(default)]
+    pub(crate) ratio_to_ceiling_bus_wire: f64,
 }
 
 #[derive(Serialize)]
@@ -39,21 +43,27 @@ fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| row | messages | publish msg/s | e2e msg/s | ratio | p50 ms | p99 ms | p999 ms | peak RSS MiB | tasks | threads | violations | lost | dups |"
+        "| row | messages | publish msg/s | e2e msg/s | ratio | vs wire | p50 ms | p99 ms | p999 ms | peak RSS MiB | tasks | threads | violations | lost | dups |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rows {
+        let vs_wire = if r.ratio_to_ceiling_bus_wire > 0.0 {
+            format!("{:.2}", r.ratio_to_ceiling_bus_wire)
+        } else {
+            "-".to_owned()
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
             r.name,
             r.messages,
             r.publish_msgs_per_s,
             r.e2e_msgs_per_s,
             r.ratio_to_ceiling,
+            vs_wire,
             r.p50_ms,
             r.p99_ms,
             r.p999_ms,
@@ -137,7 +147,8 @@ pub(crate) fn write(rows: &[Row], quick: bool, server: &str, elapsed: Duration) 
         .unwrap_or(0);
     let md = format!(
         "# Benchmark report\n\nnats-server {server}, {cores} cores, {} run, {:.0} s.\n\
-         Ratios are end-to-end msg/s against the `ceiling` row of this run.\n\n{table}",
+         Ratios are end-to-end msg/s against the `ceiling` row of this run; \"vs wire\" is against\n\
+         `ceiling-bus-wire`, the broker's limit for the bus's wire format and default retention.\n\n{table}",
         if quick { "quick" } else { "full" },
         elapsed.as_secs_f64()
     );
@@ -153,4 +164,66 @@ pub(crate) fn write(rows: &[Row], quick: bool, server: &str, elapsed: Duration) 
     std::fs::write(dir.join("report.svg"), svg(rows))?;
     println!("wrote target/bench/report.md, report.json and report.svg");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, rate: f64, vs_wire: f64) -> Row {
+        Row {
+            name: name.into(),
+            messages: 10,
+            publish_msgs_per_s: rate,
+            e2e_msgs_per_s: rate,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+            p999_ms: 3.0,
+            rss_peak_mib: 4.0,
+            tasks: 5,
+            threads: 6,
+            order_violations: 0,
+            lost: 0,
+            duplicates: 0,
+            ratio_to_ceiling: 0.5,
+            ratio_to_ceiling_bus_wire: vs_wire,
+        }
+    }
+
+    #[test]
+    fn rows_keep_their_json_keys() {
+        let json = serde_json::to_value(row("default", 100.0, 0.9)).unwrap();
+        let keys: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        for key in [
+            "name",
+            "publish_msgs_per_s",
+            "e2e_msgs_per_s",
+            "p50_ms",
+            "p99_ms",
+            "p999_ms",
+            "rss_peak_mib",
+            "tasks",
+            "threads",
+            "order_violations",
+            "lost",
+            "duplicates",
+            "ratio_to_ceiling",
+            "ratio_to_ceiling_bus_wire",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn the_table_shows_a_dash_where_the_wire_row_did_not_run() {
+        let table = table(&[row("default", 100.0, 0.9), row("seed-single", 10.0, 0.0)]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[2].contains("| 0.50 | 0.90 |"), "{}", lines[2]);
+        assert!(lines[3].contains("| 0.50 | - |"), "{}", lines[3]);
+    }
 }

@@ -569,7 +569,7 @@ fn parse_args() -> Result<Options> {
             "--help" | "-h" => {
                 println!(
                     "cargo xtask bench [--quick] [--only ROW,ROW...]\n\n\
-                     --quick   a short run (about a minute): ceiling, ceiling-bus-wire, nats-strict, seed-before, default, seed-single, latency\n\
+                     --quick   a short run (about a minute): ceiling, ceiling-bus-wire, nats-strict, seed-before, default, seed-single, latency (as configured, and with the broker's GC tuned: GOGC=off GOMEMLIMIT=1GiB)\n\
                      --only    run only the named rows (the ceiling always runs, for the ratios)\n\
                      --alone   with --only: skip the ceiling and latency rows (for profiling one row)\n\n\
                      Writes target/bench/report.{{md,json,svg}}."
@@ -766,10 +766,16 @@ fn latency_scenario(name: &str, rate: f64, quick: bool) -> Scenario {
     }
 }
 
-/// Runs one row in a child process of this binary and reads back its result.
-fn run_in_child(name: &str, quick: bool, rate: Option<f64>) -> Result<Row> {
+/// The broker's garbage collector tuned for latency: no proportional collection, a heap limit
+/// instead. nats-server reads both from its environment, which the row's server inherits.
+const BROKER_GC_TUNED: &[(&str, &str)] = &[("GOGC", "off"), ("GOMEMLIMIT", "1GiB")];
+
+/// Runs one row in a child process of this binary (with `env` added to its environment, and so
+/// to its nats-server's) and reads back its result.
+fn run_in_child(name: &str, quick: bool, rate: Option<f64>, env: &[(&str, &str)]) -> Result<Row> {
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command.args(["--row", name]);
+    command.envs(env.iter().copied());
     if quick {
         command.arg("--quick");
     }
@@ -831,20 +837,29 @@ async fn main() -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let started = Instant::now();
     for s in &plan {
-        rows.push(run_in_child(&s.name, options.quick, None)?);
+        rows.push(run_in_child(&s.name, options.quick, None, &[])?);
     }
     // Latency at a fixed rate: half of the default row's measured end-to-end capacity.
     if let Some(default) = rows.iter().find(|r| r.name == "default" && !options.alone) {
         let rate = default.e2e_msgs_per_s / 2.0;
-        let mut row = run_in_child("latency-half-capacity", options.quick, Some(rate))?;
+        let mut row = run_in_child("latency-half-capacity", options.quick, Some(rate), &[])?;
         row.name = format!("latency-at-{:.0}-msg-s", rate);
+        rows.push(row);
+        // The same with the broker's garbage collector tuned: the tail above is mostly its.
+        let mut row = run_in_child(
+            "latency-half-capacity",
+            options.quick,
+            Some(rate),
+            BROKER_GC_TUNED,
+        )?;
+        row.name = format!("latency-broker-gogc-off-at-{:.0}-msg-s", rate);
         rows.push(row);
         if !options.quick {
             for (child, label) in [
                 ("ceiling-latency", "ceiling"),
                 ("ceiling-bus-wire-latency", "ceiling-bus-wire"),
             ] {
-                let mut row = run_in_child(child, options.quick, Some(rate))?;
+                let mut row = run_in_child(child, options.quick, Some(rate), &[])?;
                 row.name = format!("{label}-at-{:.0}-msg-s", rate);
                 rows.push(row);
             }

@@ -693,6 +693,15 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
                 10_000,
                 versions,
             ),
+            Scenario::new(
+                "default-acknowledged",
+                bus(BusSetup {
+                    retention: bus_nats::Retention::Acknowledged,
+                    ..BusSetup::default_config()
+                }),
+                10_000,
+                versions,
+            ),
             Scenario {
                 topics: 5,
                 ..Scenario::new("5-topics", bus(BusSetup::default_config()), 2_000, versions)

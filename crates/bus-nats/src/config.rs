@@ -52,6 +52,10 @@ pub const DEFAULT_STREAM_MAX_BYTES: i64 = 1 << 30;
 /// Default stream MaxMsgs (optimisation 8: 100 000 → 1 000 000).
 pub const DEFAULT_STREAM_MAX_MSGS: i64 = 1_000_000;
 
+/// How often a subscription to a [`Retention::Acknowledged`] topic removes what every consumer
+/// of the topic has acknowledged.
+pub const ACKNOWLEDGED_PURGE_EVERY: Duration = Duration::from_secs(1);
+
 /// Default window in which the broker recognises a re-published event ID as a duplicate.
 pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -214,6 +218,16 @@ pub enum Retention {
     /// consumer that falls `max_msgs` behind loses messages, and a subscriber that restarts
     /// with unacknowledged messages replays from its ack floor, handled events included.
     Limits,
+    /// Kept until every consumer of the topic has acknowledged it: the stream keeps messages
+    /// by limits and refuses publishes when full, and each subscription removes, every
+    /// [`ACKNOWLEDGED_PURGE_EVERY`], the messages below the lowest ack floor of the topic's
+    /// consumers, in one purge. Several consumer groups may read the topic and none loses
+    /// anything; removing in bulk costs the broker less than a work-queue stream's delete per
+    /// message. As with `Limits`, a subscriber that restarts with unacknowledged messages
+    /// replays from its ack floor, handled events included; and a consumer that stops
+    /// acknowledging (a halted aggregate, a group that is gone) keeps everything after its
+    /// floor until the stream is full. A group created later starts with what is still kept.
+    Acknowledged,
 }
 
 /// A JetStream stream holding one or more topics.

@@ -41,6 +41,7 @@ mod config;
 mod dead_letters;
 mod provision;
 mod publisher;
+mod retention;
 mod subscriber;
 
 use std::collections::{HashMap, HashSet};
@@ -58,10 +59,10 @@ use bytes::Bytes;
 pub use config::{
     check_stream_name, default_stream_name, Auth, ConnectionCallback, ConnectionConfig,
     ConnectionEvent, ConsumerSpec, DeadLetterConfig, FetchConfig, NatsConfig, Provisioning,
-    PublishFailureCallback, PublishOrdering, Retention, StreamSpec, TlsConfig, DEFAULT_ACK_WAIT,
-    DEFAULT_DUPLICATE_WINDOW, DEFAULT_FETCH_BATCH, DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING,
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING, DEFAULT_PUBLISH_RETRY_FOR,
-    DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS,
+    PublishFailureCallback, PublishOrdering, Retention, StreamSpec, TlsConfig,
+    ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT, DEFAULT_DUPLICATE_WINDOW, DEFAULT_FETCH_BATCH,
+    DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING,
+    DEFAULT_PUBLISH_RETRY_FOR, DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS,
 };
 pub use dead_letters::DeadLetter;
 pub use publisher::{NatsPublisher, PublishFailure, PUBLISH_ACK_TIMEOUT};

@@ -11,12 +11,13 @@ pub(crate) fn stream_config(spec: &StreamSpec) -> stream::Config {
         subjects: spec.topics.iter().map(|t| t.to_string()).collect(),
         retention: match spec.retention {
             Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
-            Retention::Limits => stream::RetentionPolicy::Limits,
+            // The bus removes what every consumer has acknowledged (`retention.rs`).
+            Retention::Limits | Retention::Acknowledged => stream::RetentionPolicy::Limits,
         },
-        // With work-queue retention a full stream refuses new messages (the publisher is told)
-        // rather than dropping old ones nobody has handled yet.
+        // A full stream refuses new messages (the publisher is told) rather than dropping old
+        // ones a consumer has not handled yet, unless limits retention was asked for.
         discard: match spec.retention {
-            Retention::WorkQueue => stream::DiscardPolicy::New,
+            Retention::WorkQueue | Retention::Acknowledged => stream::DiscardPolicy::New,
             Retention::Limits => stream::DiscardPolicy::Old,
         },
         max_bytes: spec.max_bytes,
@@ -313,8 +314,8 @@ async fn second_group_error(
     NatsError::Configuration(format!(
         "consumer `{name}` cannot read `{topic}`: stream `{stream_name}` uses work-queue retention, \
          which lets one consumer group read a topic, and {others} already does. For several \
-         groups (several services, projections) give the topic's stream `Retention::Limits`; \
-         to join the existing group use its `consumer.name_prefix`",
+         groups (several services, projections) give the topic's stream \
+         `Retention::Acknowledged`; to join the existing group use its `consumer.name_prefix`",
         topic = want.filter_subject,
     ))
 }

@@ -807,6 +807,8 @@ struct NatsSubscription {
     runner: Arc<Runner>,
     control: Arc<NatsControl>,
     keeper: tokio::task::JoinHandle<()>,
+    /// Removes what every consumer acknowledged, for `Retention::Acknowledged` topics.
+    purger: Option<tokio::task::JoinHandle<()>>,
     acker: tokio::task::JoinHandle<()>,
     acks: Arc<AckQueue>,
     counters: Arc<Counters>,
@@ -930,6 +932,15 @@ async fn setup(
         config.consumer.ack_wait / 3,
         topic.clone(),
     ));
+    let purger =
+        (config.stream_for(topic).retention == crate::Retention::Acknowledged).then(|| {
+            tokio::spawn(crate::retention::purge_acknowledged(
+                connection.jetstream.clone(),
+                connection.stream.clone(),
+                topic.clone(),
+                crate::ACKNOWLEDGED_PURGE_EVERY,
+            ))
+        });
     let (stop, stop_rx) = watch::channel(false);
     let fetcher = tokio::spawn(fetch(plan, pool, stop_rx, control_rx));
     Ok(Subscription::new(NatsSubscription {
@@ -941,6 +952,7 @@ async fn setup(
         runner,
         control,
         keeper,
+        purger,
         acker,
         acks,
         counters,
@@ -1023,6 +1035,7 @@ impl SubscriptionHandle for NatsSubscription {
             runner,
             control: _,
             keeper,
+            purger,
             acker,
             acks,
             counters,
@@ -1076,6 +1089,9 @@ impl SubscriptionHandle for NatsSubscription {
         .await;
         // In-flight messages are all settled or returned by now.
         keeper.abort();
+        if let Some(purger) = purger {
+            purger.abort();
+        }
         acker_abort.abort();
         shared.active.lock().unwrap().remove(&topic);
         result

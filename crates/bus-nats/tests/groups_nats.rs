@@ -4,6 +4,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bus_core::{handler_fn, Envelope, Publisher, SubscribeErrorKind, Subscriber, Topic};
 use bus_nats::{NatsBus, Retention, StreamSpec};
@@ -42,7 +43,7 @@ async fn a_work_queue_topic_refuses_a_second_group_and_says_why() {
     assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
     let text = error.to_string();
     eprintln!("{text}");
-    for part in ["work-queue", "Retention::Limits", "orders-groups_wq"] {
+    for part in ["work-queue", "Retention::Acknowledged", "orders-groups_wq"] {
         assert!(text.contains(part), "`{part}` missing from: {text}");
     }
 
@@ -81,6 +82,90 @@ async fn a_limits_topic_serves_every_group_everything_in_order() {
     publisher.flush().await.unwrap();
     seen_by_orders.wait_unique(200).await;
     seen_by_billing.wait_unique(200).await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    for (name, recorder) in [("orders", &seen_by_orders), ("billing", &seen_by_billing)] {
+        let report = recorder.verifier.report();
+        assert_eq!(report.order_violations, 0, "{name}: {report:?}");
+        assert_eq!(report.gaps, 0, "{name}: {report:?}");
+        assert_eq!(report.lost(200), 0, "{name}: {report:?}");
+        assert_eq!(report.duplicates, 0, "{name}: {report:?}");
+    }
+}
+
+/// Messages the topic's stream holds, read over a connection of its own.
+async fn kept(server: &NatsServer) -> u64 {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("GROUPS").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// Polls `condition` every 50 ms until it holds, failing after `timeout`.
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !condition().await {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn publish_versions(bus: &NatsBus, topic: &Topic, versions: std::ops::RangeInclusive<u64>) {
+    let publisher = bus.publisher();
+    for version in versions {
+        for aggregate in ["a", "b", "c", "d"] {
+            let _receipt = publisher
+                .publish(topic, envelope(aggregate, version))
+                .await
+                .unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_acknowledged_topic_keeps_what_any_group_still_needs_and_drops_the_rest() {
+    let server = NatsServer::start();
+    let topic = Topic::new("groups.acked").unwrap();
+    let orders = group(&server, "orders", &topic, Retention::Acknowledged).await;
+    let billing = group(&server, "billing", &topic, Retention::Acknowledged).await;
+    let (seen_by_orders, seen_by_billing) = (Recorder::new(), Recorder::new());
+    let a = subscribe_recording(&orders, &topic, &seen_by_orders).await;
+
+    // Both groups handle the first 100 events (stream sequences 1..=100); then billing stops.
+    let b = subscribe_recording(&billing, &topic, &seen_by_billing).await;
+    publish_versions(&orders, &topic, 1..=25).await;
+    seen_by_billing.wait_unique(100).await;
+    b.close().await.unwrap();
+
+    // 100 more, which only orders handles. The stream must keep exactly the 100 billing has
+    // not acknowledged, and drop the 100 both have: removal follows the lowest ack floor.
+    publish_versions(&orders, &topic, 26..=50).await;
+    seen_by_orders.wait_unique(200).await;
+    wait_for(
+        "the stream to keep only billing's 100",
+        Duration::from_secs(15),
+        || async { kept(&server).await == 100 },
+    )
+    .await;
+
+    // Billing comes back: it gets the other 100, in order and without a gap, and then
+    // nothing is kept.
+    let b = subscribe_recording(&billing, &topic, &seen_by_billing).await;
+    seen_by_billing.wait_unique(200).await;
+    wait_for(
+        "the stream to be emptied",
+        Duration::from_secs(15),
+        || async { kept(&server).await == 0 },
+    )
+    .await;
     a.close().await.unwrap();
     b.close().await.unwrap();
     for (name, recorder) in [("orders", &seen_by_orders), ("billing", &seen_by_billing)] {

@@ -5,6 +5,9 @@
 //! delivery at the ack floor instead: every aggregate stays in order, nothing is lost, and the
 //! only duplicates are in-order replays of events the dead process handled but never acked.
 //!
+//! Run under the default work-queue retention and under `Retention::Acknowledged`, where the
+//! replays also include handled events above the ack floor.
+//!
 //! This binary is its own child: run with `BUS_CRASH_CHILD_URL` set, it is the consumer that
 //! gets killed.
 
@@ -16,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
-use bus_nats::NatsBus;
+use bus_nats::{default_stream_name, NatsBus, NatsConfig, Retention, StreamSpec};
 use bus_testkit::conformance::{subscribe_recording, Recorder};
 use bus_testkit::NatsServer;
 
@@ -28,6 +31,23 @@ fn topic() -> Topic {
     Topic::new("crash").unwrap()
 }
 
+/// The tests' configuration with the topic's stream kept by `retention`.
+fn config(url: &str, retention: Retention) -> NatsConfig {
+    let mut config = common::test_config(url);
+    let mut spec = StreamSpec::new(default_stream_name(&topic()), [topic()]);
+    spec.retention = retention;
+    config.streams.push(spec);
+    config
+}
+
+fn retention_named(name: &str) -> Retention {
+    match name {
+        "WorkQueue" => Retention::WorkQueue,
+        "Acknowledged" => Retention::Acknowledged,
+        other => panic!("unexpected retention {other}"),
+    }
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -36,18 +56,21 @@ fn main() {
         .unwrap();
     if let Ok(url) = std::env::var("BUS_CRASH_CHILD_URL") {
         let log = std::env::var("BUS_CRASH_CHILD_LOG").expect("child log path");
-        runtime.block_on(child(url, log));
+        let retention = std::env::var("BUS_CRASH_CHILD_RETENTION").expect("child retention");
+        runtime.block_on(child(url, log, retention_named(&retention)));
         return;
     }
-    println!("running 1 test");
-    runtime.block_on(consumer_killed_mid_stream());
-    println!("test consumer_killed_mid_stream ... ok");
-    println!("\ncrash_nats: 1 passed, 0 failed");
+    println!("running 2 tests");
+    for retention in [Retention::WorkQueue, Retention::Acknowledged] {
+        runtime.block_on(consumer_killed_mid_stream(retention));
+        println!("test consumer_killed_mid_stream ({retention:?}) ... ok");
+    }
+    println!("\ncrash_nats: 2 passed, 0 failed");
 }
 
 /// The consumer that gets killed: records every handled event in a log, one line each.
-async fn child(url: String, log: String) {
-    let bus = NatsBus::connect(common::test_config(&url)).await.unwrap();
+async fn child(url: String, log: String, retention: Retention) {
+    let bus = NatsBus::connect(config(&url, retention)).await.unwrap();
     let file = Arc::new(Mutex::new(std::fs::File::create(log).unwrap()));
     let _subscription = bus
         .subscribe(
@@ -68,9 +91,9 @@ async fn child(url: String, log: String) {
     std::future::pending::<()>().await;
 }
 
-async fn consumer_killed_mid_stream() {
+async fn consumer_killed_mid_stream(retention: Retention) {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(common::test_config(&server.url()))
+    let bus = NatsBus::connect(config(&server.url(), retention))
         .await
         .unwrap();
     for version in 1..=VERSIONS {
@@ -88,6 +111,7 @@ async fn consumer_killed_mid_stream() {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env("BUS_CRASH_CHILD_URL", server.url())
         .env("BUS_CRASH_CHILD_LOG", &log)
+        .env("BUS_CRASH_CHILD_RETENTION", format!("{retention:?}"))
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -132,8 +156,15 @@ async fn consumer_killed_mid_stream() {
         .get_consumer(&bus.config().consumer_name(&topic()))
         .await
         .unwrap();
-    let pending = consumer.info().await.unwrap().num_ack_pending;
+    let info = consumer.info().await.unwrap().clone();
+    let pending = info.num_ack_pending;
     assert!(pending > 0, "the crash left nothing unacknowledged");
+    // What delivery restarts from: under work-queue retention only the unacknowledged
+    // messages are still there; otherwise everything above the ack floor is.
+    let replayable = match retention {
+        Retention::WorkQueue => pending as u64,
+        _ => info.delivered.stream_sequence - info.ack_floor.stream_sequence,
+    };
 
     // A new consumer starts at once, well inside AckWait.
     let subscription = subscribe_recording(&bus, &topic(), &recorder).await;
@@ -145,14 +176,14 @@ async fn consumer_killed_mid_stream() {
     subscription.close().await.unwrap();
     let report = recorder.verifier.report();
     println!(
-        "consumer crash: child handled {handled_by_child} then was killed with {pending} unacknowledged; \
-         after restart: {report:?}"
+        "consumer crash ({retention:?}): child handled {handled_by_child} then was killed with \
+         {pending} unacknowledged, {replayable} replayable; after restart: {report:?}"
     );
     assert_eq!(report.order_violations, 0, "{report:?}");
     assert_eq!(report.gaps, 0, "{report:?}");
     assert_eq!(report.lost(expected), 0, "{report:?}");
     // Replays are only of what the dead process had in flight.
-    assert!(report.duplicates <= pending as u64, "{report:?}");
+    assert!(report.duplicates <= replayable, "{report:?}");
     let _ = std::fs::remove_file(&log);
 }
 

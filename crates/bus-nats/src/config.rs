@@ -227,6 +227,7 @@ pub enum Retention {
     /// replays from its ack floor, handled events included; and a consumer that stops
     /// acknowledging (a halted aggregate, a group that is gone) keeps everything after its
     /// floor until the stream is full. A group created later starts with what is still kept.
+    /// Needs nats-server 2.14 or newer; subscribing to such a topic on an older server fails.
     Acknowledged,
 }
 

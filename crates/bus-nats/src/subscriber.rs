@@ -853,6 +853,17 @@ async fn setup(
 ) -> Result<Subscription, NatsError> {
     let config = &shared.config;
     let connection = shared.connection(topic).await?;
+    let acknowledged = config.stream_for(topic).retention == crate::Retention::Acknowledged;
+    if acknowledged {
+        // Before 2.14 an order-safe restart deletes and recreates the consumer; while it is
+        // gone, another group's purge would not see its ack floor.
+        let version = connection.client.server_info().version;
+        if !server_at_least(&version, (2, 14)) {
+            return Err(NatsError::Configuration(format!(
+                "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {version}"
+            )));
+        }
+    }
     let name = config.consumer_name(topic);
     let want = provision::consumer_config(&name, topic.as_str(), &config.consumer);
     let consumer = provision::ensure_consumer(
@@ -932,15 +943,14 @@ async fn setup(
         config.consumer.ack_wait / 3,
         topic.clone(),
     ));
-    let purger =
-        (config.stream_for(topic).retention == crate::Retention::Acknowledged).then(|| {
-            tokio::spawn(crate::retention::purge_acknowledged(
-                connection.jetstream.clone(),
-                connection.stream.clone(),
-                topic.clone(),
-                crate::ACKNOWLEDGED_PURGE_EVERY,
-            ))
-        });
+    let purger = acknowledged.then(|| {
+        tokio::spawn(crate::retention::purge_acknowledged(
+            connection.jetstream.clone(),
+            connection.stream.clone(),
+            topic.clone(),
+            crate::ACKNOWLEDGED_PURGE_EVERY,
+        ))
+    });
     let (stop, stop_rx) = watch::channel(false);
     let fetcher = tokio::spawn(fetch(plan, pool, stop_rx, control_rx));
     Ok(Subscription::new(NatsSubscription {

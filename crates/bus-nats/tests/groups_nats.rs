@@ -176,3 +176,37 @@ async fn an_acknowledged_topic_keeps_what_any_group_still_needs_and_drops_the_re
         assert_eq!(report.duplicates, 0, "{name}: {report:?}");
     }
 }
+
+#[tokio::test]
+async fn an_acknowledged_topic_goes_on_removing_after_the_broker_restarts() {
+    let mut server = NatsServer::start();
+    let topic = Topic::new("groups.restart").unwrap();
+    let orders = group(&server, "orders", &topic, Retention::Acknowledged).await;
+    let seen = Recorder::new();
+    let subscription = subscribe_recording(&orders, &topic, &seen).await;
+    publish_versions(&orders, &topic, 1..=25).await;
+    seen.wait_unique(100).await;
+    wait_for(
+        "the first 100 to be removed",
+        Duration::from_secs(15),
+        || async { kept(&server).await == 0 },
+    )
+    .await;
+
+    // SIGKILL and restart on the same store: the purger's rounds fail meanwhile, then resume.
+    server.kill();
+    server.restart().unwrap();
+    publish_versions(&orders, &topic, 26..=50).await;
+    seen.wait_unique(200).await;
+    wait_for(
+        "the next 100 to be removed after the restart",
+        Duration::from_secs(20),
+        || async { kept(&server).await == 0 },
+    )
+    .await;
+    subscription.close().await.unwrap();
+    let report = seen.verifier.report();
+    assert_eq!(report.order_violations, 0, "{report:?}");
+    assert_eq!(report.gaps, 0, "{report:?}");
+    assert_eq!(report.lost(200), 0, "{report:?}");
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bus_core::{Publisher, RetryPolicy, Subscriber, Topic};
-use bus_nats::{NatsBus, NatsConfig};
+use bus_nats::{default_stream_name, NatsBus, NatsConfig, Retention, StreamSpec};
 use bus_testkit::conformance::Harness;
 use bus_testkit::NatsServer;
 
@@ -24,15 +24,48 @@ pub fn test_config(url: &str) -> NatsConfig {
 pub struct NatsHarness {
     pub server: NatsServer,
     pub bus: NatsBus,
+    retention: Retention,
+}
+
+/// Every topic name the conformance suite uses; a harness with a retention other than the
+/// default gives each of them a stream of that retention.
+const CONFORMANCE_TOPICS: [&str; 9] = [
+    "round-trip",
+    "order",
+    "retry",
+    "reopen",
+    "iso-a",
+    "iso-b",
+    "close-flush",
+    "graceful",
+    "raw",
+];
+
+fn conformance_topic(name: &str) -> Topic {
+    Topic::new(format!("nats.{name}")).unwrap()
 }
 
 impl NatsHarness {
     pub async fn new() -> Self {
+        Self::with_retention(Retention::default()).await
+    }
+
+    /// A harness whose topics' streams are kept by `retention`.
+    pub async fn with_retention(retention: Retention) -> Self {
         let server = NatsServer::start();
-        let bus = NatsBus::connect(test_config(&server.url()))
-            .await
-            .expect("connect");
-        Self { server, bus }
+        let mut config = test_config(&server.url());
+        for name in CONFORMANCE_TOPICS {
+            let topic = conformance_topic(name);
+            let mut spec = StreamSpec::new(default_stream_name(&topic), [topic]);
+            spec.retention = retention;
+            config.streams.push(spec);
+        }
+        let bus = NatsBus::connect(config).await.expect("connect");
+        Self {
+            server,
+            bus,
+            retention,
+        }
     }
 }
 
@@ -45,7 +78,12 @@ impl Harness for NatsHarness {
         Arc::new(self.bus.clone())
     }
     fn topic(&self, name: &str) -> Topic {
-        Topic::new(format!("nats.{name}")).unwrap()
+        assert!(
+            CONFORMANCE_TOPICS.contains(&name),
+            "topic `{name}` is not in CONFORMANCE_TOPICS, so it would not get {:?} retention",
+            self.retention
+        );
+        conformance_topic(name)
     }
 }
 

@@ -29,6 +29,30 @@ async fn group(server: &NatsServer, group: &str, topic: &Topic, retention: Reten
     NatsBus::connect(config).await.unwrap()
 }
 
+async fn publish_versions(bus: &NatsBus, topic: &Topic, versions: std::ops::RangeInclusive<u64>) {
+    let publisher = bus.publisher();
+    for version in versions {
+        for aggregate in ["a", "b", "c", "d"] {
+            let _receipt = publisher
+                .publish(topic, envelope(aggregate, version))
+                .await
+                .unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+}
+
+/// Each recorder saw `n` events, in order per aggregate, none missing, none twice.
+fn assert_all_in_order(recorders: &[(&str, &Arc<Recorder>)], n: u64) {
+    for (name, recorder) in recorders {
+        let report = recorder.verifier.report();
+        assert_eq!(report.order_violations, 0, "{name}: {report:?}");
+        assert_eq!(report.gaps, 0, "{name}: {report:?}");
+        assert_eq!(report.lost(n), 0, "{name}: {report:?}");
+        assert_eq!(report.duplicates, 0, "{name}: {report:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_work_queue_topic_refuses_a_second_group_and_says_why() {
     let server = NatsServer::start();
@@ -42,21 +66,13 @@ async fn a_work_queue_topic_refuses_a_second_group_and_says_why() {
     let error = billing.subscribe(&topic, handler).await.unwrap_err();
     assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
     let text = error.to_string();
-    eprintln!("{text}");
     for part in ["work-queue", "Retention::Acknowledged", "orders-groups_wq"] {
         assert!(text.contains(part), "`{part}` missing from: {text}");
     }
 
     // The first group is unaffected.
-    let publisher = orders.publisher();
-    for version in 1..=5 {
-        let _receipt = publisher
-            .publish(&topic, envelope("a", version))
-            .await
-            .unwrap();
-    }
-    publisher.flush().await.unwrap();
-    recorder.wait_unique(5).await;
+    publish_versions(&orders, &topic, 1..=5).await;
+    recorder.wait_unique(20).await;
     first.close().await.unwrap();
 }
 
@@ -70,27 +86,15 @@ async fn a_limits_topic_serves_every_group_everything_in_order() {
     let a = subscribe_recording(&orders, &topic, &seen_by_orders).await;
     let b = subscribe_recording(&billing, &topic, &seen_by_billing).await;
 
-    let publisher = orders.publisher();
-    for version in 1..=50 {
-        for aggregate in ["a", "b", "c", "d"] {
-            let _receipt = publisher
-                .publish(&topic, envelope(aggregate, version))
-                .await
-                .unwrap();
-        }
-    }
-    publisher.flush().await.unwrap();
+    publish_versions(&orders, &topic, 1..=50).await;
     seen_by_orders.wait_unique(200).await;
     seen_by_billing.wait_unique(200).await;
     a.close().await.unwrap();
     b.close().await.unwrap();
-    for (name, recorder) in [("orders", &seen_by_orders), ("billing", &seen_by_billing)] {
-        let report = recorder.verifier.report();
-        assert_eq!(report.order_violations, 0, "{name}: {report:?}");
-        assert_eq!(report.gaps, 0, "{name}: {report:?}");
-        assert_eq!(report.lost(200), 0, "{name}: {report:?}");
-        assert_eq!(report.duplicates, 0, "{name}: {report:?}");
-    }
+    assert_all_in_order(
+        &[("orders", &seen_by_orders), ("billing", &seen_by_billing)],
+        200,
+    );
 }
 
 /// Messages the topic's stream holds, read over a connection of its own.
@@ -115,19 +119,6 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn publish_versions(bus: &NatsBus, topic: &Topic, versions: std::ops::RangeInclusive<u64>) {
-    let publisher = bus.publisher();
-    for version in versions {
-        for aggregate in ["a", "b", "c", "d"] {
-            let _receipt = publisher
-                .publish(topic, envelope(aggregate, version))
-                .await
-                .unwrap();
-        }
-    }
-    publisher.flush().await.unwrap();
 }
 
 #[tokio::test]
@@ -168,13 +159,10 @@ async fn an_acknowledged_topic_keeps_what_any_group_still_needs_and_drops_the_re
     .await;
     a.close().await.unwrap();
     b.close().await.unwrap();
-    for (name, recorder) in [("orders", &seen_by_orders), ("billing", &seen_by_billing)] {
-        let report = recorder.verifier.report();
-        assert_eq!(report.order_violations, 0, "{name}: {report:?}");
-        assert_eq!(report.gaps, 0, "{name}: {report:?}");
-        assert_eq!(report.lost(200), 0, "{name}: {report:?}");
-        assert_eq!(report.duplicates, 0, "{name}: {report:?}");
-    }
+    assert_all_in_order(
+        &[("orders", &seen_by_orders), ("billing", &seen_by_billing)],
+        200,
+    );
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bus_core::{Publisher, RetryPolicy, Subscriber, Topic};
 use bus_memory::{MemoryBus, MemoryConfig};
-use bus_testkit::conformance::{self, Harness};
+use bus_testkit::conformance::Harness;
 
 struct MemoryHarness(MemoryBus);
 
@@ -40,22 +40,4 @@ impl Harness for MemoryHarness {
     }
 }
 
-macro_rules! conformance_tests {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $name() {
-            conformance::$name(&MemoryHarness::new()).await;
-        }
-    )*};
-}
-
-conformance_tests!(
-    round_trip,
-    per_aggregate_order,
-    redelivery_after_handler_error,
-    no_loss_across_close_and_reopen,
-    topic_isolation,
-    publisher_close_flushes,
-    graceful_shutdown,
-    raw_ordered_by_key,
-);
+bus_testkit::conformance_tests!(MemoryHarness::new());

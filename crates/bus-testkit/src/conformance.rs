@@ -1,14 +1,11 @@
 //! The transport conformance suite: functions any transport's tests call.
 //!
 //! Each function sets up its own topics (named by [`Harness::topic`]), publishes, subscribes and
-//! panics with a description of what went wrong. A transport's test file calls each with its
-//! harness:
+//! panics with a description of what went wrong. A transport's test file generates one test per
+//! function, each with a fresh harness, with [`conformance_tests!`](crate::conformance_tests):
 //!
 //! ```text
-//! #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-//! async fn per_aggregate_order() {
-//!     bus_testkit::conformance::per_aggregate_order(&MyHarness::new().await).await;
-//! }
+//! bus_testkit::conformance_tests!(MyHarness::new().await);
 //! ```
 
 use std::collections::HashSet;
@@ -520,6 +517,31 @@ pub async fn raw_ordered_by_key(h: &dyn Harness) {
     recorder.wait_unique(300).await;
     subscription.close().await.expect("close");
     recorder.verifier.report().assert_exact(300);
+}
+
+/// Generates one `#[tokio::test]` per function of the suite, each against a fresh harness from
+/// `$harness` (an expression, which may `.await`), so that a transport's tests cannot miss one.
+/// The calling crate needs `tokio` with `macros` and `rt-multi-thread`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::conformance_tests!(@each $harness;
+            round_trip,
+            per_aggregate_order,
+            redelivery_after_handler_error,
+            no_loss_across_close_and_reopen,
+            topic_isolation,
+            publisher_close_flushes,
+            graceful_shutdown,
+            raw_ordered_by_key,
+        );
+    };
+    (@each $harness:expr; $($name:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            $crate::conformance::$name(&$harness).await;
+        }
+    )*};
 }
 
 /// Runs every function of the suite in turn.

@@ -75,7 +75,7 @@ async fn purge_once(
     topic: &str,
     purged_below: u64,
 ) -> Result<Option<u64>, Box<dyn std::error::Error + Send + Sync>> {
-    let mut stream = js.get_stream(stream_name).await?;
+    let stream = js.get_stream(stream_name).await?;
     let consumers: Vec<consumer::Info> = stream.consumers().try_collect().await?;
     let Some(through) = acknowledged_through(&consumers, topic) else {
         return Ok(None);
@@ -84,10 +84,9 @@ async fn purge_once(
     if below <= purged_below.max(1) {
         return Ok(None);
     }
-    let only_topic = {
-        let info = stream.info().await?;
-        info.config.subjects.len() == 1 && info.config.subjects[0] == topic
-    };
+    // Looking the stream up already read its configuration.
+    let subjects = &stream.cached_info().config.subjects;
+    let only_topic = subjects.len() == 1 && subjects[0] == topic;
     // A stream holding only this topic is compacted (whole blocks dropped); otherwise only
     // this topic's messages go.
     let purged = if only_topic {

@@ -1,0 +1,174 @@
+//! Connections: one per topic (or one shared), each with its stream provisioned, and what the
+//! transport's parts share.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_nats::jetstream;
+use bus_core::Topic;
+use tokio::sync::watch;
+
+use crate::config::{self, ConnectionEvent, NatsConfig};
+use crate::{provision, NatsError};
+
+/// A topic's connection, with its stream provisioned. Shared behind an `Arc`: the publish
+/// path looks it up per message and must not clone its strings.
+#[derive(Debug)]
+pub(crate) struct TopicConnection {
+    /// The topic as a subject, built once.
+    pub(crate) subject: async_nats::Subject,
+    pub(crate) client: async_nats::Client,
+    pub(crate) jetstream: jetstream::Context,
+    pub(crate) stream: String,
+    /// The server's `max_payload`, read once: `server_info()` clones a large struct.
+    pub(crate) max_payload: usize,
+    /// Counts the connection's re-connections: a change means the socket was replaced, and
+    /// whatever the broker wrote to the old one is gone.
+    pub(crate) reconnects: watch::Receiver<u64>,
+}
+
+/// What a bus's publishers and subscriptions share: the configuration and the connections.
+pub(crate) struct Shared {
+    pub(crate) config: NatsConfig,
+    pub(crate) connections: RwLock<HashMap<Topic, Arc<TopicConnection>>>,
+    pub(crate) connecting: tokio::sync::Mutex<()>,
+    pub(crate) active: Mutex<HashSet<Topic>>,
+}
+
+impl Shared {
+    /// The topic's connection, connecting and provisioning its stream on first use.
+    pub(crate) async fn connection(
+        &self,
+        topic: &Topic,
+    ) -> Result<Arc<TopicConnection>, NatsError> {
+        if let Some(c) = self.connections.read().unwrap().get(topic) {
+            return Ok(c.clone());
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self.connections.read().unwrap().get(topic) {
+            return Ok(c.clone());
+        }
+        let shared_client = if self.config.share_connection {
+            self.connections
+                .read()
+                .unwrap()
+                .values()
+                .next()
+                .map(|c| (c.client.clone(), c.reconnects.clone()))
+        } else {
+            None
+        };
+        let (client, reconnects) = match shared_client {
+            Some(shared) => shared,
+            None => self.connect(topic).await?,
+        };
+        // The ack window is ours (`max_in_flight`); the client's own is set to the same size
+        // and waits rather than failing at the bound.
+        let jetstream = jetstream::ContextBuilder::new()
+            .max_ack_inflight(self.config.max_in_flight)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let spec = self.config.stream_for(topic);
+        provision::ensure_stream(&jetstream, &spec, self.config.provisioning).await?;
+        let connection = Arc::new(TopicConnection {
+            subject: async_nats::Subject::from(topic.as_str()),
+            max_payload: client.server_info().max_payload,
+            client,
+            jetstream,
+            stream: spec.name,
+            reconnects,
+        });
+        self.connections
+            .write()
+            .unwrap()
+            .insert(topic.clone(), connection.clone());
+        Ok(connection)
+    }
+
+    /// Connects for `topic`, with a counter of the connection's re-connections.
+    pub(crate) async fn connect(
+        &self,
+        topic: &Topic,
+    ) -> Result<(async_nats::Client, watch::Receiver<u64>), NatsError> {
+        let c = &self.config.connection;
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("{}:{topic}", c.client_name))
+            .connection_timeout(c.connect_timeout)
+            .max_reconnects(c.max_reconnects)
+            // A publisher's acks come back on one subscription, up to `max_in_flight` at a time;
+            // a full subscription would drop them (and the publishes would time out).
+            .subscription_capacity(self.config.max_in_flight.saturating_mul(2).max(65_536));
+        options = match &c.auth {
+            config::Auth::None => options,
+            config::Auth::Token(t) => options.token(t.clone()),
+            config::Auth::UserPassword { user, password } => {
+                options.user_and_password(user.clone(), password.clone())
+            }
+            config::Auth::NKey(seed) => options.nkey(seed.clone()),
+            config::Auth::CredentialsFile(path) => {
+                options.credentials_file(path).await.map_err(|e| {
+                    NatsError::Configuration(format!(
+                        "credentials file `{}` could not be read: {e}",
+                        path.display()
+                    ))
+                })?
+            }
+        };
+        if let Some(tls) = &c.tls {
+            for ca in &tls.ca_files {
+                options = options.add_root_certificates(ca.clone());
+            }
+            if let Some((cert, key)) = &tls.client_certificate {
+                options = options.add_client_certificate(cert.clone(), key.clone());
+            }
+            options = options.require_tls(tls.require_tls);
+        }
+        if c.retry_on_initial_connect {
+            options = options.retry_on_initial_connect();
+        }
+        let callback = c.on_event.clone();
+        let event_topic = topic.clone();
+        let (reconnected, reconnects) = watch::channel(0u64);
+        let reconnected = Arc::new(reconnected);
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        options = options.event_callback(move |event| {
+            let callback = callback.clone();
+            let topic = event_topic.clone();
+            let reconnected = reconnected.clone();
+            let first = first.clone();
+            async move {
+                let event = match event {
+                    async_nats::Event::Connected => {
+                        // The first event is the first connection; every later one replaced a
+                        // lost socket.
+                        if first.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                            tracing::debug!(%topic, "connected");
+                        } else {
+                            reconnected.send_modify(|n| *n += 1);
+                        }
+                        ConnectionEvent::Connected { topic }
+                    }
+                    async_nats::Event::Disconnected => ConnectionEvent::Disconnected { topic },
+                    async_nats::Event::Closed => ConnectionEvent::Closed { topic },
+                    other => ConnectionEvent::Error {
+                        topic,
+                        message: other.to_string(),
+                    },
+                };
+                tracing::info!(?event, "nats connection event");
+                if let Some(callback) = callback {
+                    callback(event);
+                }
+            }
+        });
+        let client =
+            options
+                .connect(c.servers.clone())
+                .await
+                .map_err(|source| NatsError::Connect {
+                    servers: c.servers.clone(),
+                    source,
+                })?;
+        Ok((client, reconnects))
+    }
+}

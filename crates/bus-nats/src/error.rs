@@ -1,0 +1,110 @@
+//! The transport's error type.
+
+use std::fmt;
+
+use bus_core::ValidationError;
+
+/// What kind of failure a [`NatsError`] is, for callers that decide by kind, not by text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum NatsErrorKind {
+    /// The configuration was refused before anything was sent.
+    Invalid,
+    /// No connection could be made.
+    Connect,
+    /// A stream or consumer is missing or differs from the configuration, or the broker refused
+    /// what the configuration asks for.
+    Configuration,
+    /// A JetStream API call failed or went unanswered.
+    Api,
+    /// The server lacks a feature the configuration needs.
+    Unsupported,
+    /// Another subscription owns the topic's consumer group and this server cannot hold a
+    /// standby (servers before 2.14).
+    Owned,
+}
+
+/// Errors of the NATS transport.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum NatsError {
+    /// The configuration was refused before anything was sent.
+    Invalid(ValidationError),
+    /// Connecting failed.
+    Connect {
+        /// The servers tried, credentials removed.
+        servers: Vec<String>,
+        /// Why.
+        source: async_nats::ConnectError,
+    },
+    /// A stream or consumer is missing or differs from the configuration.
+    Configuration(String),
+    /// A JetStream API call failed.
+    Api {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The server lacks a feature the configuration needs.
+    Unsupported(String),
+    /// Another process owns the consumer group of a topic, and the server cannot keep this
+    /// one as a standby.
+    Owned(String),
+}
+
+impl NatsError {
+    pub(crate) fn api(
+        what: String,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        NatsError::Api {
+            what,
+            source: source.into(),
+        }
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> NatsErrorKind {
+        match self {
+            NatsError::Invalid(_) => NatsErrorKind::Invalid,
+            NatsError::Connect { .. } => NatsErrorKind::Connect,
+            NatsError::Configuration(_) => NatsErrorKind::Configuration,
+            NatsError::Api { .. } => NatsErrorKind::Api,
+            NatsError::Unsupported(_) => NatsErrorKind::Unsupported,
+            NatsError::Owned(_) => NatsErrorKind::Owned,
+        }
+    }
+}
+
+impl fmt::Display for NatsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NatsError::Invalid(e) => write!(f, "invalid configuration: {e}"),
+            NatsError::Connect { servers, source } => {
+                write!(f, "could not connect to {}: {source}", servers.join(", "))
+            }
+            NatsError::Configuration(m) | NatsError::Unsupported(m) | NatsError::Owned(m) => {
+                f.write_str(m)
+            }
+            NatsError::Api { what, source } => write!(f, "{what} failed: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for NatsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NatsError::Invalid(e) => Some(e),
+            NatsError::Connect { source, .. } => Some(source),
+            NatsError::Api { source, .. } => Some(&**source),
+            _ => None,
+        }
+    }
+}
+
+impl From<ValidationError> for NatsError {
+    fn from(value: ValidationError) -> Self {
+        NatsError::Invalid(value)
+    }
+}

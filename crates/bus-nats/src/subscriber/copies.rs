@@ -1,0 +1,151 @@
+//! What the subscription has seen of the stream: positions in flight and recently finished,
+//! and where a delivered message sits, read from its ack subject.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use async_nats::Subject;
+
+/// What the subscription knows of a stream position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    New,
+    /// Being handled or queued: a redelivered copy must not reach the handler a second time.
+    InFlight,
+    /// Handled (acknowledged or dead-lettered) recently: a copy means the ack was lost.
+    Finished,
+}
+
+/// Stream positions in flight and recently finished in this subscription, so that a copy the
+/// broker redelivers (AckWait expiry, lost acks across a reconnect, a consumer reset) is
+/// recognised instead of being handled twice, possibly after later events of its aggregate.
+#[derive(Debug)]
+pub(crate) struct Copies {
+    /// Position → (ack subject, when it was dispatched).
+    pub(crate) in_flight: HashMap<u64, (Option<Subject>, Instant), ahash::RandomState>,
+    finished: HashSet<u64, ahash::RandomState>,
+    finished_order: VecDeque<u64>,
+    capacity: usize,
+}
+
+impl Copies {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            in_flight: HashMap::default(),
+            finished: HashSet::default(),
+            finished_order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    pub(crate) fn admit(&mut self, sequence: u64, reply: Option<Subject>) -> Seen {
+        if self.in_flight.contains_key(&sequence) {
+            Seen::InFlight
+        } else if self.finished.contains(&sequence) {
+            Seen::Finished
+        } else {
+            self.in_flight.insert(sequence, (reply, Instant::now()));
+            Seen::New
+        }
+    }
+
+    /// Ack subjects of the messages in flight for at least `age`.
+    pub(crate) fn older_than(&self, age: Duration) -> Vec<Subject> {
+        self.in_flight
+            .values()
+            .filter(|(_, since)| since.elapsed() >= age)
+            .filter_map(|(reply, _)| reply.clone())
+            .collect()
+    }
+
+    pub(crate) fn finish(&mut self, sequence: u64) {
+        self.in_flight.remove(&sequence);
+        if self.finished.insert(sequence) {
+            self.finished_order.push_back(sequence);
+            if self.finished_order.len() > self.capacity {
+                if let Some(old) = self.finished_order.pop_front() {
+                    self.finished.remove(&old);
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn admit_for_test(&mut self, sequence: u64) -> Seen {
+        self.admit(sequence, None)
+    }
+
+    pub(crate) fn release(&mut self, sequence: u64) {
+        self.in_flight.remove(&sequence);
+    }
+}
+
+/// Where a JetStream message sits: parsed from its ack subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AckInfo {
+    pub(crate) delivered: u64,
+    pub(crate) stream_sequence: u64,
+}
+
+/// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` and the newer
+/// form with domain and account hash (`$JS.ACK.<domain>.<hash>.<stream>...`, 12 tokens).
+pub(crate) fn ack_info(reply: &str) -> Option<AckInfo> {
+    // Runs once per message: count and pick tokens without collecting them.
+    let offset = match reply.split('.').count() {
+        9 => 4,
+        n if n >= 11 => 6,
+        _ => return None,
+    };
+    let mut tokens = reply.split('.').skip(offset);
+    Some(AckInfo {
+        delivered: tokens.next()?.parse().ok()?,
+        stream_sequence: tokens.next()?.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_subjects_parse_in_both_forms() {
+        let v1 = "$JS.ACK.ORDERS.bus-orders.3.1042.17.1700000000000000000.5";
+        assert_eq!(
+            ack_info(v1),
+            Some(AckInfo {
+                delivered: 3,
+                stream_sequence: 1042
+            })
+        );
+        let v2 = "$JS.ACK.hub.ACCHASH.ORDERS.bus-orders.1.77.70.1700000000000000000.0.tok";
+        assert_eq!(
+            ack_info(v2),
+            Some(AckInfo {
+                delivered: 1,
+                stream_sequence: 77
+            })
+        );
+        assert_eq!(ack_info("_INBOX.abc"), None);
+    }
+
+    #[test]
+    fn copies_are_recognised_until_forgotten() {
+        let mut copies = Copies::new(2);
+        assert_eq!(copies.admit_for_test(1), Seen::New);
+        assert_eq!(copies.admit_for_test(1), Seen::InFlight);
+        copies.finish(1);
+        assert_eq!(copies.admit_for_test(1), Seen::Finished);
+        assert_eq!(copies.admit_for_test(2), Seen::New);
+        copies.release(2);
+        assert_eq!(
+            copies.admit_for_test(2),
+            Seen::New,
+            "a released position may be handled again"
+        );
+        copies.finish(2);
+        assert_eq!(copies.admit_for_test(3), Seen::New);
+        copies.finish(3);
+        // Capacity 2: position 1 is forgotten once 2 and 3 finished.
+        assert_eq!(copies.admit_for_test(1), Seen::New);
+    }
+}

@@ -1,0 +1,105 @@
+//! Halted aggregates (`FailurePolicy::HaltAggregate`): their failed event and the events behind
+//! it wait in the subscription, not in a worker, until an operator resumes or skips them.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+use bus_core::HaltedAggregate;
+
+use super::runner::{Failure, Job, Runner};
+
+/// A halted aggregate: its failed event first, then the events that arrived behind it.
+pub(crate) struct Halt {
+    pub(crate) jobs: VecDeque<Box<Job>>,
+    pub(crate) since: std::time::SystemTime,
+    pub(crate) failure: Failure,
+}
+
+impl Runner {
+    pub(crate) fn halt(&self, first: Box<Job>, failure: Failure, mut rest: VecDeque<Box<Job>>) {
+        tracing::error!(
+            topic = %self.topic,
+            aggregate = %first.key,
+            version = ?first.event_version(),
+            stream_sequence = ?first.sequence,
+            reason = failure.reason,
+            error = %failure.error,
+            attempts = failure.attempts,
+            "aggregate halted: its later events wait until an operator resumes or skips it"
+        );
+        let key = first.key.clone();
+        rest.push_front(first);
+        let halt = Halt {
+            jobs: rest,
+            since: std::time::SystemTime::now(),
+            failure,
+        };
+        let mut halted = self.halted.lock().unwrap();
+        if halted.insert(key, halt).is_none() {
+            self.halted_count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Runs in the aggregate's worker, after everything queued there before the request.
+    pub(crate) async fn resume(&self, key: String, skip: bool) {
+        let Some(halt) = self.halted.lock().unwrap().remove(&key) else {
+            return;
+        };
+        self.halted_count.fetch_sub(1, Ordering::AcqRel);
+        let Halt {
+            mut jobs, failure, ..
+        } = halt;
+        tracing::warn!(topic = %self.topic, aggregate = %key, skip, waiting = jobs.len(), "operator resumes aggregate");
+        if skip {
+            if let Some(first) = jobs.pop_front() {
+                let error = format!("skipped by an operator after: {}", failure.error);
+                if self
+                    .dead_letter(&first.message, "skipped", &error, failure.attempts)
+                    .await
+                {
+                    self.settle_copies(first.sequence, true);
+                } else {
+                    // Not stored anywhere: stay halted rather than lose it.
+                    self.halt(first, failure, jobs);
+                    return;
+                }
+            }
+        }
+        while let Some(job) = jobs.pop_front() {
+            if let Err((job, failure)) = self.process(job).await {
+                self.halt(job, failure, jobs);
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn halted_list(&self) -> Vec<HaltedAggregate> {
+        self.halted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(key, halt)| {
+                let first = halt.jobs.front();
+                HaltedAggregate {
+                    key: key.clone(),
+                    waiting: halt.jobs.len(),
+                    since: halt.since,
+                    reason: halt.failure.reason.to_owned(),
+                    error: halt.failure.error.clone(),
+                    attempts: halt.failure.attempts,
+                    event_version: first.and_then(|j| j.event_version()),
+                    stream_sequence: first.and_then(|j| j.sequence),
+                }
+            })
+            .collect()
+    }
+
+    pub(crate) fn halted_events(&self) -> u64 {
+        self.halted
+            .lock()
+            .unwrap()
+            .values()
+            .map(|h| h.jobs.len() as u64)
+            .sum()
+    }
+}

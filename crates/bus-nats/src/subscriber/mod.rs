@@ -1,0 +1,343 @@
+//! The consuming side: one fetcher per topic feeding a keyed pool.
+//!
+//! * `fetch`: the single fetcher and its pull requests;
+//! * `runner`: one message through the handler, retries in place, dead letters;
+//! * `halts`: aggregates held after a failure under `FailurePolicy::HaltAggregate`;
+//! * `acker`: every acknowledgement the subscription sends;
+//! * `copies`: what was delivered and finished, to recognise redelivered copies;
+//! * `recovery`: restarting delivery at the ack floor.
+
+mod acker;
+mod copies;
+mod fetch;
+mod halts;
+mod recovery;
+mod runner;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bus_core::{
+    AggregateControl, CloseReport, HaltedAggregate, Handler, RawHandler, RawKey, SubscribeError,
+    SubscribeErrorKind, Subscription, SubscriptionHandle, SubscriptionMetrics, Topic,
+};
+use keyed_pool::KeyedPool;
+use tokio::sync::{mpsc, watch};
+
+use crate::{provision, NatsError, Shared, StreamSpec};
+use acker::Acker;
+use copies::Copies;
+use fetch::{fetch, FetchPlan};
+use recovery::{recover_order, server_at_least};
+pub use runner::dead_letter_headers;
+use runner::{Counters, Runner, Work};
+
+/// The handler a subscription delivers to.
+#[derive(Clone)]
+pub(crate) enum Dispatch {
+    Envelope(Arc<dyn Handler>),
+    Raw(Arc<dyn RawHandler>, RawKey),
+}
+
+struct NatsSubscription {
+    shared: Arc<Shared>,
+    topic: Topic,
+    stop: watch::Sender<bool>,
+    fetcher: tokio::task::JoinHandle<Result<KeyedPool<Work>, NatsError>>,
+    runner: Arc<Runner>,
+    control: Arc<NatsControl>,
+    keeper: tokio::task::JoinHandle<()>,
+    /// Removes what every consumer acknowledged, for `Retention::Acknowledged` topics.
+    purger: Option<tokio::task::JoinHandle<()>>,
+    acker_task: tokio::task::JoinHandle<()>,
+    acker: Arc<Acker>,
+    counters: Arc<Counters>,
+}
+
+fn subscribe_error(topic: &Topic, error: NatsError) -> SubscribeError {
+    let kind = match &error {
+        NatsError::Connect { .. } => SubscribeErrorKind::Connection,
+        _ => SubscribeErrorKind::Configuration,
+    };
+    SubscribeError::with_source(
+        kind,
+        format!("subscribing to topic `{topic}` failed"),
+        error,
+    )
+}
+
+pub(crate) async fn start(
+    shared: Arc<Shared>,
+    topic: &Topic,
+    dispatch: Dispatch,
+) -> Result<Subscription, SubscribeError> {
+    if !shared.active.lock().unwrap().insert(topic.clone()) {
+        return Err(SubscribeError::new(
+            SubscribeErrorKind::AlreadySubscribed,
+            format!("topic `{topic}` already has an active subscription on this bus (one fetcher per topic keeps order)"),
+        ));
+    }
+    match setup(&shared, topic, dispatch).await {
+        Ok(subscription) => Ok(subscription),
+        Err(error) => {
+            shared.active.lock().unwrap().remove(topic);
+            Err(subscribe_error(topic, error))
+        }
+    }
+}
+
+async fn setup(
+    shared: &Arc<Shared>,
+    topic: &Topic,
+    dispatch: Dispatch,
+) -> Result<Subscription, NatsError> {
+    let config = &shared.config;
+    let connection = shared.connection(topic).await?;
+    let acknowledged = config.stream_for(topic).retention == crate::Retention::Acknowledged;
+    if acknowledged {
+        // Before 2.14 an order-safe restart deletes and recreates the consumer; while it is
+        // gone, another group's purge would not see its ack floor.
+        let version = connection.client.server_info().version;
+        if !server_at_least(&version, (2, 14)) {
+            return Err(NatsError::Configuration(format!(
+                "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {version}"
+            )));
+        }
+    }
+    let name = config.consumer_name(topic);
+    let want = provision::consumer_config(&name, topic.as_str(), &config.consumer);
+    let consumer = provision::ensure_consumer(
+        &connection.jetstream,
+        &connection.stream,
+        &want,
+        config.provisioning,
+    )
+    .await?;
+    recover_order(&connection, &connection.stream, &want, consumer).await?;
+
+    let dlq_subject = format!("{}.{topic}", config.dead_letters.subject_prefix);
+    let mut dlq = StreamSpec::new(config.dead_letters.stream.clone(), []);
+    dlq.retention = crate::Retention::Limits;
+    let mut dlq_config = provision::stream_config(&dlq);
+    dlq_config.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
+    provision::ensure_dead_letter_stream(&connection.jetstream, dlq_config, config.provisioning)
+        .await?;
+
+    let counters = Arc::new(Counters::default());
+    // Finished positions are remembered for a few windows of MaxAckPending: long enough to
+    // recognise the copies a reconnect or AckWait expiry brings back.
+    let copies = Arc::new(Mutex::new(Copies::new(
+        (config.consumer.max_ack_pending.max(1) as usize).saturating_mul(4),
+    )));
+    let acker = Arc::new(Acker::new(connection.client.clone(), topic.clone()));
+    let acker_task = tokio::spawn(acker.clone().run());
+    let runner = Arc::new(Runner {
+        acker: acker.clone(),
+        jetstream: connection.jetstream.clone(),
+        topic: topic.clone(),
+        dispatch: dispatch.clone(),
+        retry: config.retry.clone(),
+        dead_letter_subject: dlq_subject,
+        counters: counters.clone(),
+        copies: copies.clone(),
+        policy: config.on_failure,
+        halted: Mutex::new(HashMap::new()),
+        halted_count: AtomicUsize::new(0),
+    });
+    // Jobs are boxed: a worker's queue then holds pointers, not whole messages, which keeps
+    // the memory of idle queue blocks small with many workers.
+    let pool = {
+        let runner = runner.clone();
+        KeyedPool::new(config.pool.clone(), move |work: Work| {
+            let runner = runner.clone();
+            async move {
+                runner.run(work).await;
+                Ok::<(), std::convert::Infallible>(())
+            }
+        })
+    };
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let control = Arc::new(NatsControl {
+        topic: topic.clone(),
+        runner: runner.clone(),
+        requests: control_tx,
+    });
+    let plan = FetchPlan {
+        client: connection.client.clone(),
+        next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{name}", connection.stream),
+        batch: config.fetch.batch,
+        expires: config.fetch.expires,
+        topic: topic.clone(),
+        dispatch,
+        copies,
+        counters: counters.clone(),
+        acker: acker.clone(),
+    };
+    let keeper = tokio::spawn(acker::keep_alive(
+        acker.clone(),
+        plan.copies.clone(),
+        config.consumer.ack_wait / 3,
+    ));
+    let purger = acknowledged.then(|| {
+        tokio::spawn(crate::retention::purge_acknowledged(
+            connection.jetstream.clone(),
+            connection.stream.clone(),
+            topic.clone(),
+            crate::ACKNOWLEDGED_PURGE_EVERY,
+        ))
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let fetcher = tokio::spawn(fetch(plan, pool, stop_rx, control_rx));
+    Ok(Subscription::new(NatsSubscription {
+        shared: shared.clone(),
+        topic: topic.clone(),
+        stop,
+        fetcher,
+        runner,
+        control,
+        keeper,
+        purger,
+        acker_task,
+        acker,
+        counters,
+    }))
+}
+
+/// Operator control of one subscription's halted aggregates.
+struct NatsControl {
+    topic: Topic,
+    runner: Arc<Runner>,
+    /// To the fetcher, which routes each request to the aggregate's worker.
+    requests: mpsc::UnboundedSender<(String, bool)>,
+}
+
+impl NatsControl {
+    fn request(&self, key: &str, skip: bool) -> Result<(), SubscribeError> {
+        if !self.runner.halted.lock().unwrap().contains_key(key) {
+            return Err(SubscribeError::new(
+                SubscribeErrorKind::NotHalted,
+                format!("aggregate `{key}` of topic `{}` is not halted", self.topic),
+            ));
+        }
+        self.requests.send((key.to_owned(), skip)).map_err(|_| {
+            SubscribeError::new(
+                SubscribeErrorKind::Closed,
+                format!("the subscription to topic `{}` is closed", self.topic),
+            )
+        })
+    }
+}
+
+#[async_trait]
+impl AggregateControl for NatsControl {
+    fn metrics(&self) -> SubscriptionMetrics {
+        let runner = &self.runner;
+        let (halted_aggregates, halted_events) = {
+            let halted = runner.halted.lock().unwrap();
+            (
+                halted.len() as u64,
+                halted.values().map(|h| h.jobs.len() as u64).sum(),
+            )
+        };
+        SubscriptionMetrics {
+            handled: runner.counters.handled.load(Ordering::Relaxed),
+            dead_lettered: runner.counters.dead_lettered.load(Ordering::Relaxed),
+            copies_skipped: runner.counters.copies_skipped.load(Ordering::Relaxed),
+            in_flight: runner.copies.lock().unwrap().in_flight.len() as u64,
+            halted_aggregates,
+            halted_events,
+        }
+    }
+
+    fn halted(&self) -> Vec<HaltedAggregate> {
+        self.runner.halted_list()
+    }
+
+    async fn resume(&self, key: &str) -> Result<(), SubscribeError> {
+        self.request(key, false)
+    }
+
+    async fn skip(&self, key: &str) -> Result<(), SubscribeError> {
+        self.request(key, true)
+    }
+}
+
+#[async_trait]
+impl SubscriptionHandle for NatsSubscription {
+    fn control(&self) -> Option<Arc<dyn AggregateControl>> {
+        Some(self.control.clone())
+    }
+
+    async fn close(self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError> {
+        let started = tokio::time::Instant::now();
+        let NatsSubscription {
+            shared,
+            topic,
+            stop,
+            fetcher,
+            runner,
+            control: _,
+            keeper,
+            purger,
+            acker_task,
+            acker,
+            counters,
+        } = *self;
+        let _ = stop.send(true);
+        let acker_abort = acker_task.abort_handle();
+        let result = async {
+            let pool = match tokio::time::timeout(deadline, fetcher).await {
+                Ok(Ok(Ok(pool))) => pool,
+                Ok(Ok(Err(e))) => return Err(subscribe_error(&topic, e)),
+                Ok(Err(join)) => {
+                    return Err(SubscribeError::with_source(SubscribeErrorKind::Closed, "fetcher task failed", join))
+                }
+                Err(_) => {
+                    return Err(SubscribeError::new(
+                        SubscribeErrorKind::ShutdownTimedOut,
+                        format!("fetcher of topic `{}` did not stop within {deadline:?}", topic),
+                    ))
+                }
+            };
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let report = pool.shutdown_within(remaining).await;
+            // Push the last acknowledgements out before saying we are done: the sender finishes
+            // the burst it may be in the middle of, then sends what is left, and stops.
+            acker.finish();
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let mut acker_task = acker_task;
+            if tokio::time::timeout(remaining, &mut acker_task).await.is_err() {
+                acker_task.abort();
+            }
+            acker.flush().await;
+            // Events of halted aggregates stay unacknowledged: delivered again, in order.
+            let returned =
+                report.not_run.len() as u64 + report.interrupted + runner.halted_events();
+            if report.interrupted > 0 {
+                return Err(SubscribeError::new(
+                    SubscribeErrorKind::ShutdownTimedOut,
+                    format!(
+                        "{} handlers of topic `{}` were still running after {deadline:?}; {returned} messages were not acknowledged and will be delivered again, in order",
+                        report.interrupted, topic
+                    ),
+                ));
+            }
+            Ok(CloseReport {
+                handled: counters.handled.load(Ordering::Relaxed),
+                returned,
+            })
+        }
+        .await;
+        // In-flight messages are all settled or returned by now.
+        keeper.abort();
+        if let Some(purger) = purger {
+            purger.abort();
+        }
+        acker_abort.abort();
+        shared.active.lock().unwrap().remove(&topic);
+        result
+    }
+}

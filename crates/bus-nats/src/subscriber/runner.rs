@@ -1,0 +1,311 @@
+//! Running one message: decoding it, calling the handler with retries in place, and settling
+//! it (acknowledged, dead-lettered, or halted with its aggregate).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bus_core::{run_with_retry, wire, Envelope, FailurePolicy, RawMessage, RetryOutcome, Topic};
+
+use super::acker::Acker;
+use super::copies::{ack_info, Copies};
+use super::halts::Halt;
+use super::Dispatch;
+
+pub(crate) enum Input {
+    Envelope(Envelope),
+    Raw(RawMessage),
+}
+
+impl Input {
+    fn clone_for_attempt(&self) -> Input {
+        match self {
+            Input::Envelope(e) => Input::Envelope(e.clone()),
+            Input::Raw(m) => Input::Raw(m.clone()),
+        }
+    }
+}
+
+pub(crate) struct Job {
+    /// The ordering key (aggregate ID) the pool routed it by.
+    pub(crate) key: String,
+    /// The message's stream sequence, if its ack subject could be read.
+    pub(crate) sequence: Option<u64>,
+    pub(crate) message: async_nats::Message,
+    /// The message ready for the handler, or why it cannot be handled.
+    pub(crate) input: Result<Input, (&'static str, String)>,
+}
+
+impl Job {
+    pub(crate) fn event_version(&self) -> Option<u64> {
+        match &self.input {
+            Ok(Input::Envelope(e)) => Some(e.event_version()),
+            _ => None,
+        }
+    }
+}
+
+/// What a worker is given.
+pub(crate) enum Work {
+    Message(Box<Job>),
+    /// An operator resumes a halted aggregate, or skips its failed event.
+    Resume {
+        key: String,
+        skip: bool,
+    },
+}
+
+/// How a handler's final failure went.
+pub(crate) struct Failure {
+    pub(crate) reason: &'static str,
+    pub(crate) error: String,
+    pub(crate) attempts: u32,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) handled: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) copies_skipped: AtomicU64,
+}
+
+pub(crate) fn header_pairs(headers: Option<&HeaderMap>) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .into_iter()
+        .flat_map(|h| h.iter())
+        .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v.as_str())))
+}
+
+/// The headers a dead letter carries besides the original message's own.
+pub fn dead_letter_headers() -> [&'static str; 6] {
+    [
+        "Bus-Dlq-Reason",
+        "Bus-Dlq-Error",
+        "Bus-Dlq-Attempts",
+        "Bus-Dlq-Topic",
+        "Bus-Dlq-Stream-Seq",
+        "Bus-Dlq-Delivered",
+    ]
+}
+
+pub(crate) struct Runner {
+    pub(crate) acker: Arc<Acker>,
+    pub(crate) jetstream: async_nats::jetstream::Context,
+    pub(crate) topic: Topic,
+    pub(crate) dispatch: Dispatch,
+    pub(crate) retry: bus_core::RetryPolicy,
+    pub(crate) dead_letter_subject: String,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) copies: Arc<Mutex<Copies>>,
+    pub(crate) policy: FailurePolicy,
+    /// Halted aggregates by key; `halted_count` lets the hot path skip the lock while none is.
+    pub(crate) halted: Mutex<HashMap<String, Halt>>,
+    pub(crate) halted_count: AtomicUsize,
+}
+
+impl Runner {
+    pub(crate) async fn run(&self, work: Work) {
+        match work {
+            Work::Message(job) => {
+                if self.halted_count.load(Ordering::Acquire) > 0 {
+                    let mut halted = self.halted.lock().unwrap();
+                    if let Some(halt) = halted.get_mut(&job.key) {
+                        // Behind the aggregate's failed event; still kept alive at the broker.
+                        halt.jobs.push_back(job);
+                        return;
+                    }
+                }
+                if let Err((job, failure)) = self.process(job).await {
+                    self.halt(job, failure, VecDeque::new());
+                }
+            }
+            Work::Resume { key, skip } => self.resume(key, skip).await,
+        }
+    }
+
+    pub(crate) fn settle_copies(&self, sequence: Option<u64>, finished: bool) {
+        if let Some(sequence) = sequence {
+            let mut copies = self.copies.lock().unwrap();
+            if finished {
+                copies.finish(sequence);
+            } else {
+                copies.release(sequence);
+            }
+        }
+    }
+
+    /// Handles one message to the end, unless its final failure halts its aggregate: then the
+    /// job comes back, unacknowledged, with why it failed.
+    pub(crate) async fn process(&self, job: Box<Job>) -> Result<(), (Box<Job>, Failure)> {
+        let finished = match self.handle(&job).await {
+            Ok(finished) => finished,
+            Err(failure) => match self.policy {
+                FailurePolicy::HaltAggregate => return Err((job, failure)),
+                FailurePolicy::DeadLetter => {
+                    self.dead_letter(
+                        &job.message,
+                        failure.reason,
+                        &failure.error,
+                        failure.attempts,
+                    )
+                    .await
+                }
+            },
+        };
+        self.settle_copies(job.sequence, finished);
+        Ok(())
+    }
+
+    /// Handles one message. `Ok(finished)` once it is acknowledged (`true`) or dead-lettered
+    /// (`true`), or could not be dead-lettered (`false`); `Err` when the handler failed for
+    /// good and the failure policy decides.
+    async fn handle(&self, job: &Job) -> Result<bool, Failure> {
+        let input = match &job.input {
+            Ok(input) => input,
+            Err((reason, error)) => {
+                return Ok(self.dead_letter(&job.message, reason, error, 0).await)
+            }
+        };
+        let attempts = run_with_retry(
+            &self.retry,
+            || {
+                let input = input.clone_for_attempt();
+                let dispatch = &self.dispatch;
+                async move {
+                    match (dispatch, input) {
+                        (Dispatch::Envelope(h), Input::Envelope(e)) => h.handle(e).await,
+                        (Dispatch::Raw(h, _), Input::Raw(m)) => h.handle(m).await,
+                        _ => unreachable!("jobs are prepared for their subscription's handler"),
+                    }
+                }
+            },
+            tokio::time::sleep,
+            bus_core::jitter,
+            |attempt, error| {
+                tracing::debug!(topic = %self.topic, attempt, %error, "handler failed; retrying in place");
+            },
+        );
+        match attempts.await {
+            RetryOutcome::Succeeded { .. } => {
+                if let Some(reply) = job.message.reply.clone() {
+                    self.acker.ack(reply);
+                }
+                self.counters.handled.fetch_add(1, Ordering::Relaxed);
+                Ok(true)
+            }
+            RetryOutcome::Failed { attempts, reason } => Err(Failure {
+                reason: reason.code(),
+                error: reason.to_string(),
+                attempts,
+            }),
+        }
+    }
+
+    /// Stores the message in the dead-letter stream with why it failed, then terminates the
+    /// original so the broker never redelivers it. If the dead letter cannot be stored, the
+    /// original is left unacknowledged rather than lost.
+    pub(crate) async fn dead_letter(
+        &self,
+        message: &async_nats::Message,
+        reason: &str,
+        error: &str,
+        attempts: u32,
+    ) -> bool {
+        let info = message.reply.as_deref().and_then(ack_info);
+        let mut headers = message.headers.clone().unwrap_or_default();
+        // Header values cannot hold line breaks.
+        let error_text: String = error
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(1024)
+            .collect();
+        let [h_reason, h_error, h_attempts, h_topic, h_seq, h_delivered] = dead_letter_headers();
+        headers.insert(h_reason, reason);
+        headers.insert(h_error, error_text.as_str());
+        headers.insert(h_attempts, attempts.to_string());
+        headers.insert(h_topic, self.topic.as_str());
+        if let Some(info) = info {
+            headers.insert(h_seq, info.stream_sequence.to_string());
+            headers.insert(h_delivered, info.delivered.to_string());
+            // One dead letter per stream position, even if this is tried twice.
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("dlq-{}-{}", self.topic, info.stream_sequence),
+            );
+        }
+        tracing::warn!(topic = %self.topic, reason, error = %error_text, ?info, "dead-lettering message");
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=5 {
+            let stored = async {
+                self.jetstream
+                    .publish_with_headers(
+                        self.dead_letter_subject.clone(),
+                        headers.clone(),
+                        message.payload.clone(),
+                    )
+                    .await?
+                    .await
+            }
+            .await;
+            match stored {
+                Ok(_) => {
+                    if let Some(reply) = &message.reply {
+                        self.acker.term(reply).await;
+                    }
+                    self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::error!(topic = %self.topic, attempt, error = %e, "dead letter could not be stored");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        tracing::error!(topic = %self.topic, "giving up on storing the dead letter; the message stays unacknowledged and will be delivered again");
+        false
+    }
+}
+
+/// Decodes a message for the subscription's handler and picks its ordering key.
+pub(crate) fn prepare(
+    topic: &Topic,
+    dispatch: &Dispatch,
+    message: &async_nats::Message,
+) -> (String, Result<Input, (&'static str, String)>) {
+    match dispatch {
+        Dispatch::Envelope(_) => {
+            match wire::decode(
+                header_pairs(message.headers.as_ref()),
+                message.payload.clone(),
+            ) {
+                Ok(e) => (e.aggregate_id().to_string(), Ok(Input::Envelope(e))),
+                // Undecodable messages have no aggregate; they share one key so they never hold
+                // up an aggregate, and are dead-lettered in stream order.
+                Err(err) => (
+                    String::new(),
+                    Err(("undecodable", format!("not an envelope: {err}"))),
+                ),
+            }
+        }
+        Dispatch::Raw(_, key) => {
+            let raw = RawMessage {
+                topic: topic.clone(),
+                subject: message.subject.to_string(),
+                headers: header_pairs(message.headers.as_ref())
+                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                    .collect(),
+                payload: message.payload.clone(),
+            };
+            match key.key_of(&raw) {
+                Some(k) => (k, Ok(Input::Raw(raw))),
+                None => (
+                    String::new(),
+                    Err(("no-key", "no ordering key could be extracted".to_owned())),
+                ),
+            }
+        }
+    }
+}

@@ -212,6 +212,18 @@ pub struct SubscriptionMetrics {
     pub halted_aggregates: u64,
     /// Events held behind halted aggregates now, the failed ones included.
     pub halted_events: u64,
+    /// Whether this subscription consumes its topic now; `false` while it waits as a standby
+    /// for another subscription of its group (in this or another process) to go.
+    pub owner: bool,
+    /// Times this subscription became the one consuming its topic.
+    pub ownership_gained: u64,
+    /// Times it lost the topic to another subscription of its group.
+    pub ownership_lost: u64,
+    /// Times delivery was restarted in order after a discontinuity (a dropped connection, a
+    /// gap in the deliveries, a consumer-leader change).
+    pub delivery_restarts: u64,
+    /// Messages no client could read, dead-lettered with their raw bytes and removed.
+    pub unreadable: u64,
 }
 
 /// Operator control and metrics of a subscription: its counters, and its halted aggregates.

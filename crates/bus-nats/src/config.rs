@@ -56,6 +56,18 @@ pub const DEFAULT_STREAM_MAX_MSGS: i64 = 1_000_000;
 /// of the topic has acknowledged.
 pub const ACKNOWLEDGED_PURGE_EVERY: Duration = Duration::from_secs(1);
 
+/// Default time after which a standby subscriber takes a topic over from an owner that stopped
+/// pulling (it crashed, hangs or lost its network). An owner that is alive refreshes its claim
+/// several times within this time, even while its handlers are slow; a shorter time means a
+/// quicker takeover after a crash and a quicker loss of ownership during a network blip.
+pub const DEFAULT_TAKEOVER_AFTER: Duration = Duration::from_secs(5);
+
+/// Default time a publish waits for the broker's ack before it counts as a transient failure
+/// and (under [`PublishOrdering::PerAggregate`]) is sent again with the same `Nats-Msg-Id`.
+/// A broker that restarts, or a cluster that elects a stream leader, answers within a few
+/// seconds; waiting longer only delays the retry.
+pub const DEFAULT_PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Default window in which the broker recognises a re-published event ID as a duplicate.
 pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -280,6 +292,11 @@ pub struct ConsumerSpec {
     pub max_waiting: i64,
     /// AckWait (default [`DEFAULT_ACK_WAIT`]).
     pub ack_wait: Duration,
+    /// How long an owner that stopped pulling keeps its topic before a standby subscriber of
+    /// the same group takes it over (default [`DEFAULT_TAKEOVER_AFTER`]). On servers with
+    /// priority groups and the consumer reset API (2.14+) it is the consumer's
+    /// `priority_timeout`; on older servers, the lifetime of the ownership lease.
+    pub takeover_after: Duration,
 }
 
 impl Default for ConsumerSpec {
@@ -289,6 +306,7 @@ impl Default for ConsumerSpec {
             max_ack_pending: DEFAULT_MAX_ACK_PENDING,
             max_waiting: DEFAULT_MAX_WAITING,
             ack_wait: DEFAULT_ACK_WAIT,
+            takeover_after: DEFAULT_TAKEOVER_AFTER,
         }
     }
 }
@@ -378,6 +396,9 @@ pub struct NatsConfig {
     /// How long a transiently failed publish is retried under
     /// [`PublishOrdering::PerAggregate`] (default [`DEFAULT_PUBLISH_RETRY_FOR`]).
     pub publish_retry_for: Duration,
+    /// How long a publish waits for the broker's ack before it counts as a transient failure
+    /// (default [`DEFAULT_PUBLISH_ACK_TIMEOUT`]).
+    pub publish_ack_timeout: Duration,
     /// Workers and queue sizes of each subscription's keyed pool.
     pub pool: PoolConfig,
     /// How retryable handler errors are retried, in place, while the aggregate's later events
@@ -409,6 +430,7 @@ impl Default for NatsConfig {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             publish_ordering: PublishOrdering::default(),
             publish_retry_for: DEFAULT_PUBLISH_RETRY_FOR,
+            publish_ack_timeout: DEFAULT_PUBLISH_ACK_TIMEOUT,
             pool: PoolConfig::default(),
             retry: RetryPolicy::default(),
             on_failure: FailurePolicy::default(),
@@ -430,6 +452,7 @@ impl fmt::Debug for NatsConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("publish_ordering", &self.publish_ordering)
             .field("publish_retry_for", &self.publish_retry_for)
+            .field("publish_ack_timeout", &self.publish_ack_timeout)
             .field("pool", &self.pool)
             .field("retry", &self.retry)
             .field("on_failure", &self.on_failure)
@@ -520,6 +543,30 @@ impl NatsConfig {
                 "consumer.ack_wait",
                 format!("{:?}", self.consumer.ack_wait),
                 "must be at least 1 s",
+            ));
+        }
+        if self.consumer.takeover_after < Duration::from_secs(1) {
+            return Err(ValidationError::new(
+                "consumer.takeover_after",
+                format!("{:?}", self.consumer.takeover_after),
+                "must be at least 1 s",
+            ));
+        }
+        if self.fetch.expires * 2 > self.consumer.takeover_after {
+            return Err(ValidationError::new(
+                "fetch.expires",
+                format!("{:?}", self.fetch.expires),
+                format!(
+                    "must be at most half of consumer.takeover_after ({:?}), or a live owner could lose its topic between two pulls",
+                    self.consumer.takeover_after
+                ),
+            ));
+        }
+        if self.publish_ack_timeout < Duration::from_millis(10) {
+            return Err(ValidationError::new(
+                "publish_ack_timeout",
+                format!("{:?}", self.publish_ack_timeout),
+                "must be at least 10 ms",
             ));
         }
         let shortest_window = self

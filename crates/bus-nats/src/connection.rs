@@ -1,8 +1,8 @@
 //! Connections: one per topic (or one shared), each with its stream provisioned, and what the
 //! transport's parts share.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use async_nats::jetstream;
 use bus_core::Topic;
@@ -32,7 +32,6 @@ pub(crate) struct Shared {
     pub(crate) config: NatsConfig,
     pub(crate) connections: RwLock<HashMap<Topic, Arc<TopicConnection>>>,
     pub(crate) connecting: tokio::sync::Mutex<()>,
-    pub(crate) active: Mutex<HashSet<Topic>>,
 }
 
 impl Shared {

@@ -17,7 +17,8 @@ pub struct DeadLetter {
     pub sequence: u64,
     /// The topic it was consumed from.
     pub topic: Topic,
-    /// Why: `permanent`, `retries-exhausted`, `panic`, `undecodable`, `no-key` or `skipped`.
+    /// Why: `permanent`, `retries-exhausted`, `panic`, `undecodable`, `no-key`, `skipped`, or
+    /// `unreadable` (a header block no client could parse; see `raw_headers`).
     pub reason: String,
     /// The last error's text.
     pub error: String,
@@ -31,6 +32,9 @@ pub struct DeadLetter {
     pub headers: Vec<(String, String)>,
     /// The original payload.
     pub payload: Bytes,
+    /// For an `unreadable` message, its header block as stored, in base64: it could not be
+    /// carried as headers.
+    pub raw_headers: Option<String>,
 }
 
 impl DeadLetter {
@@ -55,6 +59,7 @@ impl DeadLetter {
             delivered: None,
             headers: Vec::new(),
             payload: message.payload.clone(),
+            raw_headers: None,
         };
         for (name, values) in message.headers.iter().flat_map(|h| h.iter()) {
             let name: &str = name.as_ref();
@@ -71,6 +76,7 @@ impl DeadLetter {
                     }
                     Some(4) => letter.stream_sequence = value.parse().ok(),
                     Some(5) => letter.delivered = value.parse().ok(),
+                    Some(6) => letter.raw_headers = Some(value.to_owned()),
                     _ if name.eq_ignore_ascii_case("Nats-Msg-Id") => {
                         // The dead letter's own de-duplication key; the original's is its
                         // event ID, which the envelope carries.

@@ -46,9 +46,9 @@ mod publisher;
 mod retention;
 mod subscriber;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
 use bus_core::{
@@ -63,12 +63,13 @@ pub use config::{
     PublishFailureCallback, PublishOrdering, Retention, StreamSpec, TlsConfig,
     ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT, DEFAULT_DUPLICATE_WINDOW, DEFAULT_FETCH_BATCH,
     DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING,
-    DEFAULT_PUBLISH_RETRY_FOR, DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS,
+    DEFAULT_PUBLISH_ACK_TIMEOUT, DEFAULT_PUBLISH_RETRY_FOR, DEFAULT_STREAM_MAX_BYTES,
+    DEFAULT_STREAM_MAX_MSGS, DEFAULT_TAKEOVER_AFTER,
 };
 pub(crate) use connection::{Shared, TopicConnection};
 pub use dead_letters::DeadLetter;
 pub use error::{NatsError, NatsErrorKind};
-pub use publisher::{NatsPublisher, PublishFailure, PUBLISH_ACK_TIMEOUT};
+pub use publisher::{NatsPublisher, PublishFailure};
 pub use subscriber::dead_letter_headers;
 
 /// The NATS JetStream transport: a [`Publisher`] (through its default [`NatsPublisher`]) and a
@@ -96,7 +97,6 @@ impl NatsBus {
             config,
             connections: RwLock::new(HashMap::new()),
             connecting: tokio::sync::Mutex::new(()),
-            active: Mutex::new(HashSet::new()),
         });
         // Fail at start-up, not at the first publish, when no server answers.
         let probe = Topic::new("bus-probe").expect("valid topic");

@@ -1,5 +1,7 @@
 //! Creating, updating or validating streams and consumers.
 
+use std::time::Duration;
+
 use async_nats::jetstream::{self, consumer, stream};
 
 use crate::config::{ConsumerSpec, Provisioning, Retention, StreamSpec};
@@ -33,12 +35,27 @@ pub(crate) fn stream_config(spec: &StreamSpec) -> stream::Config {
     }
 }
 
+/// The topic's durable. With `pinned` (servers 2.14+) it has a priority group with the
+/// pinned-client policy, so that one subscription consumes and the others wait as standbys.
 pub(crate) fn consumer_config(
     name: &str,
     filter_subject: &str,
     spec: &ConsumerSpec,
+    pinned: bool,
 ) -> consumer::pull::Config {
+    let (priority_policy, priority_groups, priority_timeout) = if pinned {
+        (
+            consumer::PriorityPolicy::PinnedClient,
+            vec![crate::subscriber::PRIORITY_GROUP.to_owned()],
+            spec.takeover_after,
+        )
+    } else {
+        (consumer::PriorityPolicy::None, Vec::new(), Duration::ZERO)
+    };
     consumer::pull::Config {
+        priority_policy,
+        priority_groups,
+        priority_timeout,
         durable_name: Some(name.to_owned()),
         name: Some(name.to_owned()),
         // Every consumer filters on its topic, so one topic's fetcher never receives another
@@ -148,6 +165,21 @@ fn consumer_mismatches(
         "max_waiting",
         want.max_waiting.to_string(),
         have.max_waiting.to_string(),
+    );
+    check(
+        "priority_policy",
+        format!("{:?}", want.priority_policy),
+        format!("{:?}", have.priority_policy),
+    );
+    check(
+        "priority_groups",
+        format!("{:?}", want.priority_groups),
+        format!("{:?}", have.priority_groups),
+    );
+    check(
+        "priority_timeout",
+        format!("{:?}", want.priority_timeout),
+        format!("{:?}", have.priority_timeout),
     );
     out
 }

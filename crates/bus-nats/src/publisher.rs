@@ -26,12 +26,8 @@ use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::{PublishOrdering, Shared, TopicConnection};
 
-/// How long a publish waits for the broker's ack before it counts as timed out (and, under
-/// [`PublishOrdering::PerAggregate`], is sent again with the same `Nats-Msg-Id`).
-pub const PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How often the ack task looks for publishes past [`PUBLISH_ACK_TIMEOUT`].
-const TIMEOUT_CHECK: Duration = Duration::from_millis(250);
+/// How often the ack task looks for publishes past `NatsConfig::publish_ack_timeout`.
+const TIMEOUT_CHECK: Duration = Duration::from_millis(100);
 
 /// A publish that failed, as told to [`NatsConfig::on_publish_error`](crate::NatsConfig).
 #[derive(Debug)]
@@ -147,7 +143,8 @@ enum Event {
 /// `Nats-Msg-Id`, so a retry, or publishing the same envelope again within the stream's
 /// duplicate window, is recognised by the broker (the receipt says `duplicate: true`).
 ///
-/// An ack that does not arrive within [`PUBLISH_ACK_TIMEOUT`] counts as a transient failure.
+/// An ack that does not arrive within `NatsConfig::publish_ack_timeout` counts as a transient
+/// failure.
 /// A failed publish is reported three ways: through its [`Receipt`], through the next
 /// [`flush`](Publisher::flush), and through `NatsConfig::on_publish_error` with the envelope.
 #[derive(Clone)]
@@ -490,11 +487,12 @@ async fn collect_acks(
                 }
             }
             _ = tick.tick() => {
-                let expired = state.awaiting.lock().unwrap().expired(PUBLISH_ACK_TIMEOUT);
+                let timeout = shared.config.publish_ack_timeout;
+                let expired = state.awaiting.lock().unwrap().expired(timeout);
                 for message in expired {
                     let error = PublishError::new(
                         PublishErrorKind::TimedOut,
-                        format!("publish on topic `{}`: no ack within {PUBLISH_ACK_TIMEOUT:?}", message.topic),
+                        format!("publish on topic `{}`: no ack within {timeout:?}", message.topic),
                     );
                     settled.push((Err(error), message));
                 }

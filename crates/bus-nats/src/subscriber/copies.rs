@@ -26,6 +26,8 @@ pub(crate) struct Copies {
     finished: HashSet<u64, ahash::RandomState>,
     finished_order: VecDeque<u64>,
     capacity: usize,
+    /// Woken when the last message in flight settles.
+    drained: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Copies {
@@ -35,6 +37,7 @@ impl Copies {
             finished: HashSet::default(),
             finished_order: VecDeque::new(),
             capacity,
+            drained: Default::default(),
         }
     }
 
@@ -58,8 +61,19 @@ impl Copies {
             .collect()
     }
 
+    /// Wakes whoever waits for the last message in flight once none is.
+    pub(crate) fn drained(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.drained.clone()
+    }
+
+    fn settled(&mut self, sequence: u64) {
+        if self.in_flight.remove(&sequence).is_some() && self.in_flight.is_empty() {
+            self.drained.notify_waiters();
+        }
+    }
+
     pub(crate) fn finish(&mut self, sequence: u64) {
-        self.in_flight.remove(&sequence);
+        self.settled(sequence);
         if self.finished.insert(sequence) {
             self.finished_order.push_back(sequence);
             if self.finished_order.len() > self.capacity {
@@ -76,15 +90,20 @@ impl Copies {
     }
 
     pub(crate) fn release(&mut self, sequence: u64) {
-        self.in_flight.remove(&sequence);
+        self.settled(sequence);
     }
 }
 
 /// Where a JetStream message sits: parsed from its ack subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AckInfo {
+    /// How many times the broker has delivered the message.
     pub(crate) delivered: u64,
+    /// Its position in the stream.
     pub(crate) stream_sequence: u64,
+    /// Its position in the consumer's deliveries: one more than the delivery before it, so a
+    /// jump says deliveries were lost on the way.
+    pub(crate) consumer_sequence: u64,
 }
 
 /// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` and the newer
@@ -100,6 +119,7 @@ pub(crate) fn ack_info(reply: &str) -> Option<AckInfo> {
     Some(AckInfo {
         delivered: tokens.next()?.parse().ok()?,
         stream_sequence: tokens.next()?.parse().ok()?,
+        consumer_sequence: tokens.next()?.parse().ok()?,
     })
 }
 
@@ -114,7 +134,8 @@ mod tests {
             ack_info(v1),
             Some(AckInfo {
                 delivered: 3,
-                stream_sequence: 1042
+                stream_sequence: 1042,
+                consumer_sequence: 17,
             })
         );
         let v2 = "$JS.ACK.hub.ACCHASH.ORDERS.bus-orders.1.77.70.1700000000000000000.0.tok";
@@ -122,7 +143,8 @@ mod tests {
             ack_info(v2),
             Some(AckInfo {
                 delivered: 1,
-                stream_sequence: 77
+                stream_sequence: 77,
+                consumer_sequence: 70,
             })
         );
         assert_eq!(ack_info("_INBOX.abc"), None);

@@ -1,4 +1,14 @@
 //! The topic's single fetcher: pull requests in stream order, each message to its key's worker.
+//!
+//! The fetcher runs in *epochs*. An epoch starts when delivery (re)starts at a known consumer
+//! sequence, with a fresh inbox for its pull requests, and it dispatches only a contiguous run
+//! of deliveries: each one must carry the consumer sequence after the one before. Anything that
+//! breaks that (a re-connection, a jump in the consumer sequence, a consumer-leader change, pull
+//! requests the broker forgot) ends the epoch at once, before anything after the break reaches
+//! a worker; the next epoch restarts delivery at the ack floor + 1 ([`super::recovery`]). The
+//! old inbox is dropped, so what the broker still sends on old requests is never handled.
+//! Messages already dispatched keep running: a redelivered copy of one of them is recognised
+//! ([`super::copies`]), and every message after the break comes again, in order, behind them.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -12,7 +22,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::acker::Acker;
 use super::copies::{ack_info, Copies, Seen};
-use super::runner::{prepare, Counters, Job, Work};
+use super::ownership::{Ownership, Wait};
+use super::recovery::{Restarter, Start};
+use super::runner::{prepare, Counters, Job, Runner, Work};
 use super::Dispatch;
 use crate::NatsError;
 
@@ -27,115 +39,340 @@ pub(crate) struct FetchPlan {
     pub(crate) copies: Arc<Mutex<Copies>>,
     pub(crate) counters: Arc<Counters>,
     pub(crate) acker: Arc<Acker>,
+    pub(crate) runner: Arc<Runner>,
+    pub(crate) restarter: Restarter,
+    pub(crate) reconnects: watch::Receiver<u64>,
 }
 
-/// The topic's single fetcher. It keeps up to two pull requests outstanding (so the next batch
-/// is on its way while this one is dispatched), reads the replies in stream order, and gives
-/// each message to the worker of its key. On stop it sends no new request and returns once
-/// every outstanding request is complete or expired, so no message is left delivered-but-unseen.
+/// Why an epoch ended.
+#[derive(Debug)]
+enum End {
+    /// Close was asked for and every outstanding pull request is over.
+    Stopped,
+    /// Delivery is no longer contiguous; `seen_up_to` is the highest stream sequence received.
+    Discontinuity { why: String, seen_up_to: u64 },
+    /// Another subscription owns the topic now.
+    Lost(String),
+}
+
+/// What the fetcher hands back when it stops: the pool to drain, and the claim to release once
+/// the pool is drained and the acks are out.
+pub(crate) type Stopped = (KeyedPool<Work>, Ownership);
+
+struct Fetcher {
+    plan: FetchPlan,
+    pool: KeyedPool<Work>,
+    stop: watch::Receiver<bool>,
+    control: mpsc::UnboundedReceiver<(String, bool)>,
+    ownership: Ownership,
+}
+
+/// Runs the topic's fetcher until `stop` changes: waits to own the topic, then runs epochs,
+/// restarting delivery after every discontinuity and waiting again after losing the topic.
+/// On stop it sends no new request and returns once every outstanding request is complete or
+/// expired, so no message is left delivered-but-unseen.
 pub(crate) async fn fetch(
     plan: FetchPlan,
     pool: KeyedPool<Work>,
-    mut stop: watch::Receiver<bool>,
-    mut control: mpsc::UnboundedReceiver<(String, bool)>,
-) -> Result<KeyedPool<Work>, NatsError> {
-    let inbox = Subject::from(plan.client.new_inbox());
-    let mut replies = plan.client.subscribe(inbox.clone()).await.map_err(|e| {
-        NatsError::api(
-            format!("subscribing to the pull inbox of topic `{}`", plan.topic),
-            e,
-        )
-    })?;
-    let request = bytes::Bytes::from(
-        serde_json::to_vec(&serde_json::json!({
-            "batch": plan.batch,
-            "expires": plan.expires.as_nanos() as u64,
-        }))
-        .expect("pull request serialises"),
-    );
-    // Messages asked for and neither delivered nor expired yet.
-    let mut credit: usize = 0;
-    let mut stopping = false;
-    let mut last_reply = Instant::now();
-    // A request the server forgot (a reconnect, a restart) never reports; after this much
-    // silence its credit is written off so the fetcher asks again.
-    let forget_after = plan.expires + Duration::from_secs(2);
-    let mut watchdog = tokio::time::interval(plan.expires.max(Duration::from_millis(50)));
-    loop {
-        if !stopping && credit < plan.batch {
-            match plan
-                .client
-                .publish_with_reply(plan.next_subject.clone(), inbox.clone(), request.clone())
-                .await
-            {
-                Ok(()) => credit += plan.batch,
-                Err(e) => tracing::warn!(topic = %plan.topic, error = %e, "pull request not sent"),
-            }
-            last_reply = Instant::now();
-        }
-        if stopping && credit == 0 {
-            break;
-        }
-        tokio::select! {
-            biased;
-            // Any change, or the sender going away, means stop.
-            _ = stop.changed(), if !stopping => stopping = true,
-            message = replies.next() => {
-                let Some(message) = message else { break };
-                last_reply = Instant::now();
-                match message.status {
-                    None => {
-                        credit = credit.saturating_sub(1);
-                        let sequence = message.reply.as_deref().and_then(ack_info).map(|i| i.stream_sequence);
-                        let seen = sequence.map_or(Seen::New, |s| plan.copies.lock().unwrap().admit(s, message.reply.clone()));
-                        if seen != Seen::New {
-                            plan.counters.copies_skipped.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(topic = %plan.topic, ?sequence, ?seen, "redelivered copy recognised; not handled again");
-                            if seen == Seen::Finished {
-                                // Its first ack was lost: acknowledge the copy.
-                                if let Some(reply) = message.reply.clone() {
-                                    plan.acker.ack(reply);
-                                }
+    stop: watch::Receiver<bool>,
+    control: mpsc::UnboundedReceiver<(String, bool)>,
+    ownership: Ownership,
+) -> Result<Stopped, NatsError> {
+    let mut fetcher = Fetcher {
+        plan,
+        pool,
+        stop,
+        control,
+        ownership,
+    };
+    fetcher.run().await?;
+    Ok((fetcher.pool, fetcher.ownership))
+}
+
+impl Fetcher {
+    async fn run(&mut self) -> Result<(), NatsError> {
+        let mut next: Option<Start> = None;
+        loop {
+            let start = match next.take() {
+                Some(start) => start,
+                None => {
+                    if !self.ownership.is_held() {
+                        let mut reconnects = self.plan.reconnects.clone();
+                        match self.ownership.wait(&mut self.stop, &mut reconnects).await? {
+                            Wait::Gained => {}
+                            Wait::Stopped => return Ok(()),
+                        }
+                    }
+                    self.plan
+                        .counters
+                        .gained
+                        .store(self.ownership.gained, Ordering::Relaxed);
+                    self.plan.counters.owner.store(1, Ordering::Relaxed);
+                    let restarter = self.plan.restarter.clone();
+                    match self
+                        .retrying("starting delivery", || restarter.start_on_gain())
+                        .await
+                    {
+                        Some(start) => start,
+                        None => return Ok(()),
+                    }
+                }
+            };
+            match self.epoch(start).await? {
+                End::Stopped => return Ok(()),
+                End::Discontinuity { why, seen_up_to } => {
+                    tracing::warn!(topic = %self.plan.topic, %why, "delivery is no longer contiguous; restarting it at the ack floor");
+                    self.plan.counters.restarts.fetch_add(1, Ordering::Relaxed);
+                    let restarter = self.plan.restarter.clone();
+                    let counters = self.plan.counters.clone();
+                    next = self
+                        .retrying("restarting delivery", || {
+                            let restarter = restarter.clone();
+                            let counters = counters.clone();
+                            async move {
+                                let removed = restarter.remove_unreadable(seen_up_to).await?;
+                                counters.unreadable.fetch_add(removed, Ordering::Relaxed);
+                                counters.dead_lettered.fetch_add(removed, Ordering::Relaxed);
+                                restarter.restart().await
                             }
-                            continue;
-                        }
-                        let (key, input) = prepare(&plan.topic, &plan.dispatch, &message);
-                        let job = Box::new(Job { key: key.clone(), sequence, message, input });
-                        if pool.submit(&key, Work::Message(job)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(status) if status.as_u16() == 100 => {} // idle heartbeat
-                    Some(status) => {
-                        // 408 (expired), 404 (nothing), 409 (limits, leadership change): the
-                        // request is over; its undelivered part is in Nats-Pending-Messages.
-                        let pending = message
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get("Nats-Pending-Messages"))
-                            .and_then(|v| v.as_str().parse::<usize>().ok())
-                            .unwrap_or(plan.batch);
-                        credit = credit.saturating_sub(pending);
-                        if status.as_u16() == 409 {
-                            tracing::warn!(topic = %plan.topic, description = ?message.description, "pull request refused");
-                        }
+                        })
+                        .await;
+                    if next.is_none() {
+                        return Ok(());
                     }
                 }
-            }
-            Some((key, skip)) = control.recv(), if !stopping => {
-                // Routed like the aggregate's messages: it runs after what is queued before it.
-                if pool.submit(&key, Work::Resume { key: key.clone(), skip }).await.is_err() {
-                    break;
-                }
-            }
-            _ = watchdog.tick() => {
-                if credit > 0 && last_reply.elapsed() > forget_after {
-                    tracing::debug!(topic = %plan.topic, credit, "pull requests went unanswered; asking again");
-                    credit = 0;
+                End::Lost(why) => {
+                    tracing::warn!(topic = %self.plan.topic, %why, "this subscription lost the topic; waiting as a standby");
+                    self.plan.counters.lost.fetch_add(1, Ordering::Relaxed);
+                    self.plan.counters.owner.store(0, Ordering::Relaxed);
+                    self.ownership.forget();
+                    if !self.abandon().await {
+                        return Ok(());
+                    }
                 }
             }
         }
     }
-    let _ = replies.unsubscribe().await;
-    Ok(pool)
+
+    /// Runs `attempt` until it succeeds, backing off, unless close is asked for (`None`). A
+    /// failed attempt is followed by a check that the consumer exists.
+    async fn retrying<T, F, Fut>(&mut self, what: &str, mut attempt: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, NatsError>>,
+    {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            if *self.stop.borrow() {
+                return None;
+            }
+            match attempt().await {
+                Ok(value) => return Some(value),
+                Err(error) => {
+                    tracing::warn!(topic = %self.plan.topic, %error, ?delay, "{what} failed; trying again");
+                }
+            }
+            tokio::select! {
+                _ = self.stop.changed() => return None,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+            if let Err(error) = self.plan.restarter.ensure_consumer().await {
+                tracing::warn!(topic = %self.plan.topic, %error, "the consumer could not be checked");
+            }
+        }
+    }
+
+    /// After losing the topic: what was queued is not handled (its term is over), halted
+    /// aggregates are given up, and the handlers still running finish before this subscription
+    /// may become the owner again. `false` if close was asked for meanwhile.
+    async fn abandon(&mut self) -> bool {
+        let runner = &self.plan.runner;
+        runner.term.fetch_add(1, Ordering::AcqRel);
+        runner.drop_halts();
+        let drained = self.plan.copies.lock().unwrap().drained();
+        loop {
+            let notified = drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.plan.copies.lock().unwrap().in_flight.is_empty() {
+                return true;
+            }
+            tokio::select! {
+                _ = self.stop.changed() => return false,
+                _ = notified => {}
+            }
+        }
+    }
+
+    fn pull_request(&self) -> bytes::Bytes {
+        let mut request = serde_json::Map::new();
+        request.insert("batch".into(), self.plan.batch.into());
+        request.insert(
+            "expires".into(),
+            (self.plan.expires.as_nanos() as u64).into(),
+        );
+        self.ownership.pull_fields(&mut request);
+        bytes::Bytes::from(serde_json::to_vec(&request).expect("pull request serialises"))
+    }
+
+    /// One contiguous run of deliveries.
+    async fn epoch(&mut self, start: Start) -> Result<End, NatsError> {
+        let plan = &self.plan;
+        let inbox = Subject::from(plan.client.new_inbox());
+        let mut replies = plan.client.subscribe(inbox.clone()).await.map_err(|e| {
+            NatsError::api(
+                format!("subscribing to the pull inbox of topic `{}`", plan.topic),
+                e,
+            )
+        })?;
+        let mut reconnects = plan.reconnects.clone();
+        reconnects.mark_unchanged();
+        let request = self.pull_request();
+        let term = plan.runner.term.load(Ordering::Acquire);
+        let mut next_delivery = start.next_delivery;
+        let mut seen_up_to = start.seen_up_to;
+        // Messages asked for and neither delivered nor expired yet.
+        let mut credit: usize = 0;
+        let mut stopping = *self.stop.borrow();
+        let mut last_reply = Instant::now();
+        // A request the broker forgot (a restart, a consumer-leader change) never answers.
+        let forget_after = plan.expires + Duration::from_secs(1);
+        let mut watchdog = tokio::time::interval(plan.expires.max(Duration::from_millis(50)));
+        let end = loop {
+            if !stopping && credit < plan.batch {
+                match plan
+                    .client
+                    .publish_with_reply(plan.next_subject.clone(), inbox.clone(), request.clone())
+                    .await
+                {
+                    Ok(()) => credit += plan.batch,
+                    Err(e) => {
+                        tracing::warn!(topic = %plan.topic, error = %e, "pull request not sent")
+                    }
+                }
+                last_reply = Instant::now();
+            }
+            if stopping && credit == 0 {
+                break End::Stopped;
+            }
+            tokio::select! {
+                biased;
+                // Any change, or the sender going away, means stop.
+                _ = self.stop.changed(), if !stopping => stopping = true,
+                _ = reconnects.changed() => {
+                    break if stopping { End::Stopped } else {
+                        End::Discontinuity { why: "the connection was re-established".into(), seen_up_to }
+                    };
+                }
+                why = self.ownership.lost() => {
+                    break if stopping { End::Stopped } else { End::Lost(why) };
+                }
+                message = replies.next() => {
+                    let Some(message) = message else {
+                        break End::Discontinuity { why: "the pull inbox closed".into(), seen_up_to };
+                    };
+                    last_reply = Instant::now();
+                    match message.status.map(|s| s.as_u16()) {
+                        None => {
+                            credit = credit.saturating_sub(1);
+                            let info = message.reply.as_deref().and_then(ack_info);
+                            let Some(info) = info else {
+                                tracing::warn!(topic = %plan.topic, reply = ?message.reply, "a delivery without a JetStream ack subject; ignored");
+                                continue;
+                            };
+                            if info.consumer_sequence != next_delivery {
+                                if stopping {
+                                    break End::Stopped;
+                                }
+                                break End::Discontinuity {
+                                    why: format!(
+                                        "delivery {} arrived where {next_delivery} was due",
+                                        info.consumer_sequence
+                                    ),
+                                    seen_up_to,
+                                };
+                            }
+                            next_delivery += 1;
+                            seen_up_to = seen_up_to.max(info.stream_sequence);
+                            let sequence = info.stream_sequence;
+                            let seen = plan.copies.lock().unwrap().admit(sequence, message.reply.clone());
+                            if seen != Seen::New {
+                                plan.counters.copies_skipped.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(topic = %plan.topic, sequence, ?seen, "redelivered copy recognised; not handled again");
+                                if seen == Seen::Finished {
+                                    // Its first ack was lost or came too early: acknowledge the copy.
+                                    if let Some(reply) = message.reply.clone() {
+                                        plan.acker.ack(reply);
+                                    }
+                                }
+                                continue;
+                            }
+                            let (key, input) = prepare(&plan.topic, &plan.dispatch, &message);
+                            let job = Box::new(Job { key: key.clone(), sequence: Some(sequence), message, input, term });
+                            if self.pool.submit(&key, Work::Message(job)).await.is_err() {
+                                break End::Stopped;
+                            }
+                        }
+                        Some(100) => {} // idle heartbeat
+                        Some(423) => {
+                            break if stopping { End::Stopped } else {
+                                End::Lost("the broker pinned another subscriber (423)".into())
+                            };
+                        }
+                        Some(status) => {
+                            // 408 (expired), 404 (nothing), 409 (limits, leadership change): the
+                            // request is over; its undelivered part is in Nats-Pending-Messages.
+                            let pending = message
+                                .headers
+                                .as_ref()
+                                .and_then(|h| h.get("Nats-Pending-Messages"))
+                                .and_then(|v| v.as_str().parse::<usize>().ok())
+                                .unwrap_or(plan.batch);
+                            credit = credit.saturating_sub(pending);
+                            let description = message.description.clone().unwrap_or_default();
+                            if status == 409 && description.to_ascii_lowercase().contains("leadership") {
+                                // The new consumer leader may not know what the old one handed
+                                // out; those messages would come back only after AckWait.
+                                break if stopping { End::Stopped } else {
+                                    End::Discontinuity { why: format!("pull request refused: {description}"), seen_up_to }
+                                };
+                            }
+                            if status == 409 && description.to_ascii_lowercase().contains("deleted") {
+                                break if stopping { End::Stopped } else {
+                                    End::Discontinuity { why: format!("pull request refused: {description}"), seen_up_to }
+                                };
+                            }
+                            if status == 400 {
+                                tracing::error!(topic = %plan.topic, %description, "pull request refused as malformed");
+                                break End::Discontinuity { why: format!("pull request refused: {description}"), seen_up_to };
+                            }
+                            if status == 409 {
+                                tracing::warn!(topic = %plan.topic, %description, "pull request refused");
+                            }
+                        }
+                    }
+                }
+                Some((key, skip)) = self.control.recv(), if !stopping => {
+                    // Routed like the aggregate's messages: it runs after what is queued before it.
+                    if self.pool.submit(&key, Work::Resume { key: key.clone(), skip }).await.is_err() {
+                        break End::Stopped;
+                    }
+                }
+                _ = watchdog.tick() => {
+                    if credit > 0 && last_reply.elapsed() > forget_after {
+                        if stopping {
+                            break End::Stopped;
+                        }
+                        break End::Discontinuity {
+                            why: format!("pull requests went unanswered for {forget_after:?}"),
+                            seen_up_to,
+                        };
+                    }
+                }
+            }
+        };
+        let _ = replies.unsubscribe().await;
+        Ok(end)
+    }
 }

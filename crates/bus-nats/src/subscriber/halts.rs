@@ -16,6 +16,24 @@ pub(crate) struct Halt {
 }
 
 impl Runner {
+    /// Gives up every halted aggregate without acknowledging anything: the subscription lost
+    /// the topic, and the new owner has their events delivered again.
+    pub(crate) fn drop_halts(&self) {
+        let halts: Vec<Halt> = self
+            .halted
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        self.halted_count.store(0, Ordering::Release);
+        for halt in halts {
+            for job in halt.jobs {
+                self.settle_copies(job.sequence, false);
+            }
+        }
+    }
+
     pub(crate) fn halt(&self, first: Box<Job>, failure: Failure, mut rest: VecDeque<Box<Job>>) {
         tracing::error!(
             topic = %self.topic,

@@ -5,17 +5,19 @@
 //! * `halts`: aggregates held after a failure under `FailurePolicy::HaltAggregate`;
 //! * `acker`: every acknowledgement the subscription sends;
 //! * `copies`: what was delivered and finished, to recognise redelivered copies;
-//! * `recovery`: restarting delivery at the ack floor.
+//! * `ownership`: one subscription of a group consumes, the others wait as standbys;
+//! * `recovery`: restarting delivery at the ack floor, and removing unreadable messages.
 
 mod acker;
 mod copies;
 mod fetch;
 mod halts;
+mod ownership;
 mod recovery;
 mod runner;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,11 +29,13 @@ use bus_core::{
 use keyed_pool::KeyedPool;
 use tokio::sync::{mpsc, watch};
 
-use crate::{provision, NatsError, Shared, StreamSpec};
+use crate::{provision, NatsError, NatsErrorKind, Shared, StreamSpec};
 use acker::Acker;
 use copies::Copies;
 use fetch::{fetch, FetchPlan};
-use recovery::{recover_order, server_at_least};
+pub(crate) use ownership::PRIORITY_GROUP;
+use ownership::{Ownership, Registration};
+use recovery::{server_at_least, Restarter};
 pub use runner::dead_letter_headers;
 use runner::{Counters, Runner, Work};
 
@@ -43,10 +47,9 @@ pub(crate) enum Dispatch {
 }
 
 struct NatsSubscription {
-    shared: Arc<Shared>,
     topic: Topic,
     stop: watch::Sender<bool>,
-    fetcher: tokio::task::JoinHandle<Result<KeyedPool<Work>, NatsError>>,
+    fetcher: tokio::task::JoinHandle<Result<fetch::Stopped, NatsError>>,
     runner: Arc<Runner>,
     control: Arc<NatsControl>,
     keeper: tokio::task::JoinHandle<()>,
@@ -55,11 +58,15 @@ struct NatsSubscription {
     acker_task: tokio::task::JoinHandle<()>,
     acker: Arc<Acker>,
     counters: Arc<Counters>,
+    restarter: Restarter,
+    /// This process's claim on the topic and group; released when the subscription ends.
+    _registration: Registration,
 }
 
 fn subscribe_error(topic: &Topic, error: NatsError) -> SubscribeError {
-    let kind = match &error {
-        NatsError::Connect { .. } => SubscribeErrorKind::Connection,
+    let kind = match error.kind() {
+        NatsErrorKind::Connect => SubscribeErrorKind::Connection,
+        NatsErrorKind::Owned => SubscribeErrorKind::AlreadySubscribed,
         _ => SubscribeErrorKind::Configuration,
     };
     SubscribeError::with_source(
@@ -74,49 +81,42 @@ pub(crate) async fn start(
     topic: &Topic,
     dispatch: Dispatch,
 ) -> Result<Subscription, SubscribeError> {
-    if !shared.active.lock().unwrap().insert(topic.clone()) {
-        return Err(SubscribeError::new(
-            SubscribeErrorKind::AlreadySubscribed,
-            format!("topic `{topic}` already has an active subscription on this bus (one fetcher per topic keeps order)"),
-        ));
-    }
-    match setup(&shared, topic, dispatch).await {
-        Ok(subscription) => Ok(subscription),
-        Err(error) => {
-            shared.active.lock().unwrap().remove(topic);
-            Err(subscribe_error(topic, error))
-        }
-    }
+    setup(&shared, topic, dispatch).await
 }
 
 async fn setup(
     shared: &Arc<Shared>,
     topic: &Topic,
     dispatch: Dispatch,
-) -> Result<Subscription, NatsError> {
+) -> Result<Subscription, SubscribeError> {
     let config = &shared.config;
-    let connection = shared.connection(topic).await?;
-    let acknowledged = config.stream_for(topic).retention == crate::Retention::Acknowledged;
-    if acknowledged {
+    let fail = |e: NatsError| subscribe_error(topic, e);
+    let connection = shared.connection(topic).await.map_err(fail)?;
+    let name = config.consumer_name(topic);
+    let registration =
+        Registration::claim(&config.connection.servers, &connection.stream, &name, topic)?;
+    let version = connection.client.server_info().version;
+    // Priority groups came in 2.11, the consumer reset API in 2.14: a standby that takes over
+    // must restart delivery at the ack floor without deleting the consumer under the others.
+    let pinned = server_at_least(&version, (2, 14));
+    let spec = config.stream_for(topic);
+    let acknowledged = spec.retention == crate::Retention::Acknowledged;
+    if acknowledged && !pinned {
         // Before 2.14 an order-safe restart deletes and recreates the consumer; while it is
         // gone, another group's purge would not see its ack floor.
-        let version = connection.client.server_info().version;
-        if !server_at_least(&version, (2, 14)) {
-            return Err(NatsError::Configuration(format!(
-                "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {version}"
-            )));
-        }
+        return Err(fail(NatsError::Unsupported(format!(
+            "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {version}"
+        ))));
     }
-    let name = config.consumer_name(topic);
-    let want = provision::consumer_config(&name, topic.as_str(), &config.consumer);
-    let consumer = provision::ensure_consumer(
+    let want = provision::consumer_config(&name, topic.as_str(), &config.consumer, pinned);
+    provision::ensure_consumer(
         &connection.jetstream,
         &connection.stream,
         &want,
         config.provisioning,
     )
-    .await?;
-    recover_order(&connection, &connection.stream, &want, consumer).await?;
+    .await
+    .map_err(fail)?;
 
     let dlq_subject = format!("{}.{topic}", config.dead_letters.subject_prefix);
     let mut dlq = StreamSpec::new(config.dead_letters.stream.clone(), []);
@@ -124,11 +124,42 @@ async fn setup(
     let mut dlq_config = provision::stream_config(&dlq);
     dlq_config.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
     provision::ensure_dead_letter_stream(&connection.jetstream, dlq_config, config.provisioning)
-        .await?;
+        .await
+        .map_err(fail)?;
+
+    let next_subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{name}", connection.stream);
+    let mode = if pinned {
+        ownership::Mode::Pinned
+    } else {
+        ownership::Mode::Lease {
+            kv: Box::new(
+                ownership::lease_store(&connection.jetstream, config.consumer.takeover_after)
+                    .await
+                    .map_err(fail)?,
+            ),
+            key: name.clone(),
+            holder: format!(
+                "{} (pid {}, connection {})",
+                config.connection.client_name,
+                std::process::id(),
+                connection.client.new_inbox()
+            ),
+        }
+    };
+    let mut ownership = Ownership::new(
+        connection.client.clone(),
+        topic.clone(),
+        connection.stream.clone(),
+        name.clone(),
+        next_subject.clone(),
+        config.consumer.takeover_after,
+        mode,
+    );
+    ownership.acquire_or_refuse().await.map_err(fail)?;
 
     let counters = Arc::new(Counters::default());
     // Finished positions are remembered for a few windows of MaxAckPending: long enough to
-    // recognise the copies a reconnect or AckWait expiry brings back.
+    // recognise the copies a reconnect, a restart of delivery or AckWait expiry brings back.
     let copies = Arc::new(Mutex::new(Copies::new(
         (config.consumer.max_ack_pending.max(1) as usize).saturating_mul(4),
     )));
@@ -140,12 +171,13 @@ async fn setup(
         topic: topic.clone(),
         dispatch: dispatch.clone(),
         retry: config.retry.clone(),
-        dead_letter_subject: dlq_subject,
+        dead_letter_subject: dlq_subject.clone(),
         counters: counters.clone(),
         copies: copies.clone(),
         policy: config.on_failure,
         halted: Mutex::new(HashMap::new()),
         halted_count: AtomicUsize::new(0),
+        term: AtomicU64::new(0),
     });
     // Jobs are boxed: a worker's queue then holds pointers, not whole messages, which keeps
     // the memory of idle queue blocks small with many workers.
@@ -165,9 +197,20 @@ async fn setup(
         runner: runner.clone(),
         requests: control_tx,
     });
+    let restarter = Restarter {
+        client: connection.client.clone(),
+        jetstream: connection.jetstream.clone(),
+        topic: topic.clone(),
+        stream: connection.stream.clone(),
+        want,
+        provisioning: config.provisioning,
+        can_reset: pinned,
+        work_queue: spec.retention == crate::Retention::WorkQueue,
+        dead_letter_subject: dlq_subject,
+    };
     let plan = FetchPlan {
         client: connection.client.clone(),
-        next_subject: format!("$JS.API.CONSUMER.MSG.NEXT.{}.{name}", connection.stream),
+        next_subject,
         batch: config.fetch.batch,
         expires: config.fetch.expires,
         topic: topic.clone(),
@@ -175,6 +218,9 @@ async fn setup(
         copies,
         counters: counters.clone(),
         acker: acker.clone(),
+        runner: runner.clone(),
+        restarter: restarter.clone(),
+        reconnects: connection.reconnects.clone(),
     };
     let keeper = tokio::spawn(acker::keep_alive(
         acker.clone(),
@@ -190,9 +236,8 @@ async fn setup(
         ))
     });
     let (stop, stop_rx) = watch::channel(false);
-    let fetcher = tokio::spawn(fetch(plan, pool, stop_rx, control_rx));
+    let fetcher = tokio::spawn(fetch(plan, pool, stop_rx, control_rx, ownership));
     Ok(Subscription::new(NatsSubscription {
-        shared: shared.clone(),
         topic: topic.clone(),
         stop,
         fetcher,
@@ -203,6 +248,8 @@ async fn setup(
         acker_task,
         acker,
         counters,
+        restarter,
+        _registration: registration,
     }))
 }
 
@@ -249,6 +296,11 @@ impl AggregateControl for NatsControl {
             in_flight: runner.copies.lock().unwrap().in_flight.len() as u64,
             halted_aggregates,
             halted_events,
+            owner: runner.counters.owner.load(Ordering::Relaxed) == 1,
+            ownership_gained: runner.counters.gained.load(Ordering::Relaxed),
+            ownership_lost: runner.counters.lost.load(Ordering::Relaxed),
+            delivery_restarts: runner.counters.restarts.load(Ordering::Relaxed),
+            unreadable: runner.counters.unreadable.load(Ordering::Relaxed),
         }
     }
 
@@ -274,7 +326,6 @@ impl SubscriptionHandle for NatsSubscription {
     async fn close(self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError> {
         let started = tokio::time::Instant::now();
         let NatsSubscription {
-            shared,
             topic,
             stop,
             fetcher,
@@ -285,12 +336,14 @@ impl SubscriptionHandle for NatsSubscription {
             acker_task,
             acker,
             counters,
+            restarter,
+            _registration,
         } = *self;
         let _ = stop.send(true);
         let acker_abort = acker_task.abort_handle();
         let result = async {
-            let pool = match tokio::time::timeout(deadline, fetcher).await {
-                Ok(Ok(Ok(pool))) => pool,
+            let (pool, ownership) = match tokio::time::timeout(deadline, fetcher).await {
+                Ok(Ok(Ok(stopped))) => stopped,
                 Ok(Ok(Err(e))) => return Err(subscribe_error(&topic, e)),
                 Ok(Err(join)) => {
                     return Err(SubscribeError::with_source(SubscribeErrorKind::Closed, "fetcher task failed", join))
@@ -316,6 +369,14 @@ impl SubscriptionHandle for NatsSubscription {
             // Events of halted aggregates stay unacknowledged: delivered again, in order.
             let returned =
                 report.not_run.len() as u64 + report.interrupted + runner.halted_events();
+            if ownership.is_held() {
+                // The broker processes acks after their connection flushed; a standby that
+                // took over before they count would replay handled events. So the claim is
+                // released once the consumer shows no more than what was returned.
+                let remaining = deadline.saturating_sub(started.elapsed());
+                restarter.wait_for_acks(returned, remaining.min(Duration::from_secs(2))).await;
+                ownership.release(returned).await;
+            }
             if report.interrupted > 0 {
                 return Err(SubscribeError::new(
                     SubscribeErrorKind::ShutdownTimedOut,
@@ -337,7 +398,6 @@ impl SubscriptionHandle for NatsSubscription {
             purger.abort();
         }
         acker_abort.abort();
-        shared.active.lock().unwrap().remove(&topic);
         result
     }
 }

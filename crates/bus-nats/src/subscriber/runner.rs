@@ -36,6 +36,9 @@ pub(crate) struct Job {
     pub(crate) message: async_nats::Message,
     /// The message ready for the handler, or why it cannot be handled.
     pub(crate) input: Result<Input, (&'static str, String)>,
+    /// The ownership term it was delivered in: a job of an earlier term (the subscription lost
+    /// the topic since) is not handled, since the new owner has it delivered again.
+    pub(crate) term: u64,
 }
 
 impl Job {
@@ -69,6 +72,16 @@ pub(crate) struct Counters {
     pub(crate) handled: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) copies_skipped: AtomicU64,
+    /// Times delivery was restarted at the ack floor after a discontinuity.
+    pub(crate) restarts: AtomicU64,
+    /// Times this subscription gained the topic.
+    pub(crate) gained: AtomicU64,
+    /// Times it lost the topic to another subscription.
+    pub(crate) lost: AtomicU64,
+    /// Unreadable messages dead-lettered and removed from the stream.
+    pub(crate) unreadable: AtomicU64,
+    /// Whether it owns the topic now (0 or 1).
+    pub(crate) owner: AtomicU64,
 }
 
 pub(crate) fn header_pairs(headers: Option<&HeaderMap>) -> impl Iterator<Item = (&str, &str)> {
@@ -78,8 +91,10 @@ pub(crate) fn header_pairs(headers: Option<&HeaderMap>) -> impl Iterator<Item = 
         .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v.as_str())))
 }
 
-/// The headers a dead letter carries besides the original message's own.
-pub fn dead_letter_headers() -> [&'static str; 6] {
+/// The headers a dead letter carries besides the original message's own: reason, error,
+/// attempts, topic, the original's stream sequence, its delivery count, and (for a message no
+/// client could read, whose own headers cannot be carried) its raw header block in base64.
+pub fn dead_letter_headers() -> [&'static str; 7] {
     [
         "Bus-Dlq-Reason",
         "Bus-Dlq-Error",
@@ -87,6 +102,7 @@ pub fn dead_letter_headers() -> [&'static str; 6] {
         "Bus-Dlq-Topic",
         "Bus-Dlq-Stream-Seq",
         "Bus-Dlq-Delivered",
+        "Bus-Dlq-Raw-Headers",
     ]
 }
 
@@ -103,12 +119,19 @@ pub(crate) struct Runner {
     /// Halted aggregates by key; `halted_count` lets the hot path skip the lock while none is.
     pub(crate) halted: Mutex<HashMap<String, Halt>>,
     pub(crate) halted_count: AtomicUsize,
+    /// The current ownership term; see [`Job::term`].
+    pub(crate) term: AtomicU64,
 }
 
 impl Runner {
     pub(crate) async fn run(&self, work: Work) {
         match work {
             Work::Message(job) => {
+                if job.term != self.term.load(Ordering::Acquire) {
+                    // Delivered before the subscription lost the topic: the new owner has it.
+                    self.settle_copies(job.sequence, false);
+                    return;
+                }
                 if self.halted_count.load(Ordering::Acquire) > 0 {
                     let mut halted = self.halted.lock().unwrap();
                     if let Some(halt) = halted.get_mut(&job.key) {
@@ -221,7 +244,7 @@ impl Runner {
             .map(|c| if c.is_control() { ' ' } else { c })
             .take(1024)
             .collect();
-        let [h_reason, h_error, h_attempts, h_topic, h_seq, h_delivered] = dead_letter_headers();
+        let [h_reason, h_error, h_attempts, h_topic, h_seq, h_delivered, _] = dead_letter_headers();
         headers.insert(h_reason, reason);
         headers.insert(h_error, error_text.as_str());
         headers.insert(h_attempts, attempts.to_string());

@@ -1,0 +1,572 @@
+//! Exclusive ownership of a topic's consumer: any number of subscriptions of one group may
+//! exist, in any number of processes; exactly one consumes at a time, the others wait as
+//! standbys and take over when it goes.
+//!
+//! * **nats-server 2.14+: a priority group with the pinned-client policy** (ADR-42). Every pull
+//!   request carries the group; the broker pins one client and delivers only to pull requests
+//!   that carry its pin ID. A standby pulls without an ID; when the pin is free (the owner
+//!   unpinned it on close, or sent no pull for `takeover_after`), the broker pins the standby
+//!   and delivers it one message carrying the new `Nats-Pin-Id`. That message is not handled:
+//!   the new owner first restarts delivery at the ack floor + 1 (the consumer reset API), so
+//!   what the old owner left unacknowledged comes first. The broker does not wait for the old
+//!   owner's messages in flight (ADR-42 promises no exclusivity); the reset is what keeps order.
+//! * **Older servers: a lease in a KV bucket** (`BUS_OWNERS`, one key per consumer, the bucket's
+//!   `max_age` as the lease's lifetime, renewed by compare-and-set). A second subscription is
+//!   refused while the lease is held; an owner that loses its lease stops consuming and polls
+//!   for it like a standby.
+//!
+//! While it owns the topic, a keeper task refreshes the claim several times per
+//! `takeover_after`, independently of the fetcher, so slow handlers or a full worker queue never
+//! cost the owner its topic; it reports the loss of the claim to the fetcher.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use async_nats::Subject;
+use bus_core::{SubscribeError, SubscribeErrorKind, Topic};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::NatsError;
+
+/// The priority group every subscription of the bus pulls in.
+pub(crate) const PRIORITY_GROUP: &str = "bus";
+
+/// The KV bucket holding ownership leases on servers before 2.14.
+pub(crate) const LEASE_BUCKET: &str = "BUS_OWNERS";
+
+/// The header that carries the pin ID on deliveries of a pinned-client consumer.
+const PIN_HEADER: &str = "Nats-Pin-Id";
+
+/// Subscriptions live in this process, by servers, stream and consumer: a second subscription
+/// of one topic and group in one process is refused, whichever `NatsBus` it comes through.
+fn registry() -> &'static Mutex<HashSet<String>> {
+    static ACTIVE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    ACTIVE.get_or_init(|| Mutex::new(HashSet::new()))
+}
+
+/// This process's claim on one topic and group; dropping it releases the claim.
+#[derive(Debug)]
+pub(crate) struct Registration(String);
+
+impl Registration {
+    pub(crate) fn claim(
+        servers: &[String],
+        stream: &str,
+        consumer: &str,
+        topic: &Topic,
+    ) -> Result<Self, SubscribeError> {
+        let mut servers = servers.to_vec();
+        servers.sort();
+        let key = format!("{}|{stream}|{consumer}", servers.join(","));
+        if registry().lock().unwrap().insert(key.clone()) {
+            Ok(Self(key))
+        } else {
+            Err(SubscribeError::new(
+                SubscribeErrorKind::AlreadySubscribed,
+                format!(
+                    "topic `{topic}` already has a subscription of consumer `{consumer}` in this process; \
+                     one per process is enough (one consumes, the others of other processes wait as standbys)"
+                ),
+            ))
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        registry().lock().unwrap().remove(&self.0);
+    }
+}
+
+/// How this server lets one subscription own a consumer.
+#[derive(Debug, Clone)]
+pub(crate) enum Mode {
+    /// Priority group, pinned client (2.14+).
+    Pinned,
+    /// A lease in [`LEASE_BUCKET`] (older servers).
+    Lease {
+        kv: Box<kv::Store>,
+        /// The consumer's name: the lease's key.
+        key: String,
+        /// Who holds it, as stored in the lease.
+        holder: String,
+    },
+}
+
+/// What the subscription holds while it owns the topic.
+#[derive(Debug, Clone)]
+enum Held {
+    Pin(String),
+    Lease(u64),
+}
+
+/// The outcome of waiting to own the topic.
+pub(crate) enum Wait {
+    Gained,
+    Stopped,
+}
+
+/// One subscription's side of the ownership of its topic's consumer.
+pub(crate) struct Ownership {
+    client: async_nats::Client,
+    topic: Topic,
+    stream: String,
+    consumer: String,
+    next_subject: String,
+    takeover_after: Duration,
+    mode: Mode,
+    held: Option<Held>,
+    keeper: Option<tokio::task::JoinHandle<()>>,
+    lost: Option<mpsc::Receiver<String>>,
+    /// Times this subscription gained the topic.
+    pub(crate) gained: u64,
+}
+
+impl Ownership {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        client: async_nats::Client,
+        topic: Topic,
+        stream: String,
+        consumer: String,
+        next_subject: String,
+        takeover_after: Duration,
+        mode: Mode,
+    ) -> Self {
+        Self {
+            client,
+            topic,
+            stream,
+            consumer,
+            next_subject,
+            takeover_after,
+            mode,
+            held: None,
+            keeper: None,
+            lost: None,
+            gained: 0,
+        }
+    }
+
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// The priority-group fields of a pull request (`"group"` and, once pinned, `"id"`).
+    pub(crate) fn pull_fields(&self, request: &mut serde_json::Map<String, serde_json::Value>) {
+        if let Mode::Pinned = self.mode {
+            request.insert("group".into(), PRIORITY_GROUP.into());
+            if let Some(Held::Pin(pin)) = &self.held {
+                request.insert("id".into(), pin.clone().into());
+            }
+        }
+    }
+
+    /// On a server before 2.14, takes the lease now or fails saying who holds it: such a server
+    /// cannot keep a standby that would take over safely.
+    pub(crate) async fn acquire_or_refuse(&mut self) -> Result<(), NatsError> {
+        let Mode::Lease { kv, key, holder } = &self.mode else {
+            return Ok(());
+        };
+        match try_lease(kv, key, holder).await? {
+            Some(revision) => {
+                self.gain(Held::Lease(revision));
+                Ok(())
+            }
+            None => {
+                let other = match kv.get(key.as_str()).await {
+                    Ok(Some(value)) => String::from_utf8_lossy(&value).into_owned(),
+                    _ => "another process".to_owned(),
+                };
+                let version = self.client.server_info().version;
+                Err(NatsError::Owned(format!(
+                    "topic `{}`: consumer `{}` is owned by {other}; nats-server {version} cannot keep a \
+                     standby subscriber (2.14 or newer can), so this one is refused. Close the other \
+                     one, or wait until its lease runs out ({:?} after it stopped)",
+                    self.topic, self.consumer, self.takeover_after
+                )))
+            }
+        }
+    }
+
+    /// Waits until this subscription owns the topic, or `stop` changes.
+    pub(crate) async fn wait(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        reconnects: &mut watch::Receiver<u64>,
+    ) -> Result<Wait, NatsError> {
+        if *stop.borrow() {
+            return Ok(Wait::Stopped);
+        }
+        let held = match self.mode.clone() {
+            Mode::Pinned => self.wait_for_pin(stop, reconnects).await?,
+            Mode::Lease { kv, key, holder } => {
+                let mut poll = tokio::time::interval(self.takeover_after / 3);
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => return Ok(Wait::Stopped),
+                        _ = poll.tick() => {
+                            match try_lease(&kv, &key, &holder).await {
+                                Ok(Some(revision)) => break Some(Held::Lease(revision)),
+                                Ok(None) => {}
+                                Err(error) => tracing::warn!(topic = %self.topic, %error, "ownership lease could not be read"),
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        match held {
+            Some(held) => {
+                self.gain(held);
+                Ok(Wait::Gained)
+            }
+            None => Ok(Wait::Stopped),
+        }
+    }
+
+    /// Pulls as a candidate of the priority group until the broker pins this subscription.
+    async fn wait_for_pin(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+        reconnects: &mut watch::Receiver<u64>,
+    ) -> Result<Option<Held>, NatsError> {
+        let inbox = Subject::from(self.client.new_inbox());
+        let mut replies = self.client.subscribe(inbox.clone()).await.map_err(|e| {
+            NatsError::api(
+                format!("subscribing to the standby inbox of topic `{}`", self.topic),
+                e,
+            )
+        })?;
+        // One message at a time: the message that comes with the pin is only the sign of it.
+        let expires = (self.takeover_after / 2).min(Duration::from_secs(1));
+        let request = bytes::Bytes::from(
+            serde_json::to_vec(&serde_json::json!({
+                "batch": 1,
+                "expires": expires.as_nanos() as u64,
+                "group": PRIORITY_GROUP,
+            }))
+            .expect("pull request serialises"),
+        );
+        let mut sent_at: Option<tokio::time::Instant> = None;
+        let mut check = tokio::time::interval(expires);
+        let result = loop {
+            if sent_at.is_none() {
+                match self
+                    .client
+                    .publish_with_reply(self.next_subject.clone(), inbox.clone(), request.clone())
+                    .await
+                {
+                    Ok(()) => sent_at = Some(tokio::time::Instant::now()),
+                    Err(e) => {
+                        tracing::debug!(topic = %self.topic, error = %e, "standby pull not sent")
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.changed() => break Ok(None),
+                _ = reconnects.changed() => sent_at = None,
+                message = replies.next() => {
+                    let Some(message) = message else { break Ok(None) };
+                    match message.status.map(|s| s.as_u16()) {
+                        None => {
+                            let pin = message.headers.as_ref().and_then(|h| h.get(PIN_HEADER)).map(|v| v.as_str().to_owned());
+                            match pin {
+                                Some(pin) => break Ok(Some(Held::Pin(pin))),
+                                None => break Err(NatsError::Configuration(format!(
+                                    "consumer `{}` of stream `{}` delivered without a pin: it has no pinned-client priority group (was it created outside the bus?)",
+                                    self.consumer, self.stream
+                                ))),
+                            }
+                        }
+                        Some(100) => {}
+                        Some(400) => break Err(NatsError::Configuration(format!(
+                            "consumer `{}` of stream `{}` refused a pull of priority group `{PRIORITY_GROUP}`: {}",
+                            self.consumer, self.stream, message.description.as_deref().unwrap_or("bad request")
+                        ))),
+                        Some(_) => sent_at = None,
+                    }
+                }
+                _ = check.tick() => {
+                    // A request the server forgot (a restart) never answers.
+                    if sent_at.is_some_and(|t| t.elapsed() > expires + Duration::from_secs(1)) {
+                        sent_at = None;
+                    }
+                    self.free_orphans().await;
+                }
+            }
+        };
+        let _ = replies.unsubscribe().await;
+        result
+    }
+
+    /// The broker pins a standby only when it has a message to deliver. Messages an owner that
+    /// crashed left unacknowledged are not deliverable until their AckWait runs out, so on a
+    /// quiet topic the standby would wait that long. When nobody is pinned and messages await
+    /// acknowledgement, their owner is gone: restarting delivery at the ack floor makes them
+    /// deliverable at once, and the standby that gets the pin restarts again before handling
+    /// anything. A restart never breaks order for an owner either: it sees the consumer
+    /// sequence start again and restarts itself.
+    async fn free_orphans(&self) {
+        let subject = format!("$JS.API.CONSUMER.INFO.{}.{}", self.stream, self.consumer);
+        let Ok(reply) = self.client.request(subject, bytes::Bytes::new()).await else {
+            return;
+        };
+        let info: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+        let pending = info
+            .get("num_ack_pending")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let pinned = info
+            .get("priority_groups")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|groups| {
+                groups.iter().any(|g| {
+                    g.get("pinned_client_id")
+                        .and_then(serde_json::Value::as_str)
+                        .is_some_and(|id| !id.is_empty())
+                })
+            });
+        if pending == 0 || pinned || info.get("error").is_some() {
+            return;
+        }
+        tracing::info!(topic = %self.topic, consumer = %self.consumer, pending, "no subscriber owns the topic and messages await acknowledgement; restarting delivery at the ack floor");
+        let subject = format!("$JS.API.CONSUMER.RESET.{}.{}", self.stream, self.consumer);
+        if let Err(error) = self.client.request(subject, bytes::Bytes::new()).await {
+            tracing::debug!(topic = %self.topic, %error, "restarting delivery for a standby failed");
+        }
+    }
+
+    fn gain(&mut self, held: Held) {
+        self.gained += 1;
+        tracing::info!(topic = %self.topic, consumer = %self.consumer, ?held, "this subscription now owns the topic");
+        let (lost_tx, lost_rx) = mpsc::channel(1);
+        let keeper = match &held {
+            Held::Pin(pin) => tokio::spawn(keep_pin(
+                self.client.clone(),
+                self.next_subject.clone(),
+                pin.clone(),
+                self.takeover_after,
+                lost_tx,
+            )),
+            Held::Lease(revision) => {
+                let Mode::Lease { kv, key, holder } = &self.mode else {
+                    unreachable!("a lease is held only in lease mode")
+                };
+                tokio::spawn(keep_lease(
+                    (**kv).clone(),
+                    key.clone(),
+                    holder.clone(),
+                    *revision,
+                    self.takeover_after,
+                    lost_tx,
+                ))
+            }
+        };
+        if let Some(old) = self.keeper.replace(keeper) {
+            old.abort();
+        }
+        self.lost = Some(lost_rx);
+        self.held = Some(held);
+    }
+
+    /// Resolves when the keeper finds that the claim was lost, with why.
+    pub(crate) async fn lost(&mut self) -> String {
+        match &mut self.lost {
+            Some(lost) => lost
+                .recv()
+                .await
+                .unwrap_or_else(|| "ownership keeper stopped".to_owned()),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Forgets the claim after the broker or the lease said it is gone.
+    pub(crate) fn forget(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+        }
+        self.lost = None;
+        self.held = None;
+    }
+
+    /// Gives the topic up at once (after a graceful close has drained), so a standby takes
+    /// over without waiting for `takeover_after`. With `returned` messages left
+    /// unacknowledged (held by halted aggregates), delivery is restarted at the ack floor first,
+    /// so they are deliverable to the next owner at once instead of after AckWait.
+    pub(crate) async fn release(mut self, returned: u64) {
+        let held = self.held.take();
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+        }
+        match (held, &self.mode) {
+            (Some(Held::Pin(_)), Mode::Pinned) => {
+                if returned > 0 {
+                    let subject =
+                        format!("$JS.API.CONSUMER.RESET.{}.{}", self.stream, self.consumer);
+                    if let Err(error) = self.client.request(subject, bytes::Bytes::new()).await {
+                        tracing::debug!(topic = %self.topic, %error, "restarting delivery before releasing the topic failed");
+                    }
+                }
+                let subject = format!("$JS.API.CONSUMER.UNPIN.{}.{}", self.stream, self.consumer);
+                let body = serde_json::json!({ "group": PRIORITY_GROUP }).to_string();
+                match self.client.request(subject, body.into()).await {
+                    Ok(reply) => {
+                        let body: serde_json::Value =
+                            serde_json::from_slice(&reply.payload).unwrap_or_default();
+                        if let Some(error) = body.get("error") {
+                            tracing::debug!(topic = %self.topic, %error, "unpin refused");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(topic = %self.topic, %error, "unpin failed; a standby takes over after takeover_after")
+                    }
+                }
+            }
+            (Some(Held::Lease(revision)), Mode::Lease { kv, key, .. }) => {
+                if let Err(error) = kv
+                    .delete_expect_revision(key.as_str(), Some(revision))
+                    .await
+                {
+                    tracing::debug!(topic = %self.topic, %error, "ownership lease not released; it runs out by itself");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl std::fmt::Debug for Ownership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ownership")
+            .field("topic", &self.topic)
+            .field("consumer", &self.consumer)
+            .field("held", &self.held)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The lease bucket, created on first use with `takeover_after` as the lifetime of a lease.
+pub(crate) async fn lease_store(
+    jetstream: &async_nats::jetstream::Context,
+    takeover_after: Duration,
+) -> Result<kv::Store, NatsError> {
+    if let Ok(store) = jetstream.get_key_value(LEASE_BUCKET).await {
+        return Ok(store);
+    }
+    jetstream
+        .create_key_value(kv::Config {
+            bucket: LEASE_BUCKET.to_owned(),
+            history: 1,
+            max_age: takeover_after,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| NatsError::api(format!("creating the lease bucket `{LEASE_BUCKET}`"), e))
+}
+
+/// Takes the lease if nobody holds it: `Some(revision)`, or `None` when it is held.
+async fn try_lease(kv: &kv::Store, key: &str, holder: &str) -> Result<Option<u64>, NatsError> {
+    match kv.create(key, holder.to_owned().into()).await {
+        Ok(revision) => Ok(Some(revision)),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(NatsError::api(
+            format!("taking the ownership lease `{key}`"),
+            e,
+        )),
+    }
+}
+
+/// Keeps the pin: a pull request that carries the pin ID restarts the broker's
+/// `priority_timeout`. These ask for at most 1 byte, so the broker never delivers on them (it
+/// answers 409 when a message is waiting, 408 at expiry), and they go on while the fetcher is
+/// blocked behind a full worker queue or drains on close. A 423 means the pin is gone.
+async fn keep_pin(
+    client: async_nats::Client,
+    next_subject: String,
+    pin: String,
+    takeover_after: Duration,
+    lost: mpsc::Sender<String>,
+) {
+    let every = takeover_after / 4;
+    let inbox = Subject::from(client.new_inbox());
+    let Ok(mut replies) = client.subscribe(inbox.clone()).await else {
+        let _ = lost
+            .send("the pin keeper could not subscribe".to_owned())
+            .await;
+        return;
+    };
+    let request = bytes::Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "batch": 1,
+            "max_bytes": 1,
+            "expires": every.as_nanos() as u64,
+            "group": PRIORITY_GROUP,
+            "id": pin,
+        }))
+        .expect("pull request serialises"),
+    );
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(error) = client.publish_with_reply(next_subject.clone(), inbox.clone(), request.clone()).await {
+                    tracing::debug!(%error, "pin keep-alive not sent");
+                }
+            }
+            Some(reply) = replies.next() => {
+                if reply.status.map(|s| s.as_u16()) == Some(423) {
+                    let _ = lost.send("the broker moved the pin to another subscriber (423)".to_owned()).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Renews the lease every third of its lifetime; a renewal refused because someone else wrote
+/// the key, or no successful renewal for a whole lifetime, means it is lost.
+async fn keep_lease(
+    kv: kv::Store,
+    key: String,
+    holder: String,
+    mut revision: u64,
+    lifetime: Duration,
+    lost: mpsc::Sender<String>,
+) {
+    let mut tick = tokio::time::interval(lifetime / 3);
+    tick.tick().await;
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        match kv
+            .update(key.as_str(), holder.clone().into(), revision)
+            .await
+        {
+            Ok(next) => {
+                revision = next;
+                renewed = tokio::time::Instant::now();
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                let _ = lost
+                    .send(format!("the ownership lease `{key}` was taken over"))
+                    .await;
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%key, %error, "ownership lease not renewed");
+                if renewed.elapsed() >= lifetime {
+                    let _ = lost
+                        .send(format!(
+                            "the ownership lease `{key}` could not be renewed for {lifetime:?}"
+                        ))
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -14,7 +14,7 @@ use bus_core::{
 use bus_nats::NatsBus;
 use bus_testkit::conformance::Recorder;
 use bus_testkit::NatsServer;
-use common::{consumer_info, test_config};
+use common::{consumer_info, test_config, wait_for};
 
 fn envelope(aggregate: &str, version: u64) -> Envelope {
     Envelope::builder(aggregate, "Tested", version)
@@ -32,17 +32,6 @@ async fn publish_all(bus: &NatsBus, topic: &Topic, events: impl IntoIterator<Ite
 }
 
 /// Polls `condition` every 10 ms until it holds, failing after `timeout`.
-async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn redeliveries(server: &NatsServer, bus: &NatsBus, topic: &Topic) -> u64 {
     consumer_info(server, bus, topic).await.num_redelivered as u64
 }

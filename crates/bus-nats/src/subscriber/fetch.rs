@@ -219,6 +219,9 @@ impl Fetcher {
     /// One contiguous run of deliveries.
     async fn epoch(&mut self, start: Start) -> Result<End, NatsError> {
         let plan = &self.plan;
+        // A re-connection from here on may lose what this epoch asks for.
+        let mut reconnects = plan.reconnects.clone();
+        reconnects.mark_unchanged();
         let inbox = Subject::from(plan.client.new_inbox());
         let mut replies = plan.client.subscribe(inbox.clone()).await.map_err(|e| {
             NatsError::api(
@@ -226,8 +229,6 @@ impl Fetcher {
                 e,
             )
         })?;
-        let mut reconnects = plan.reconnects.clone();
-        reconnects.mark_unchanged();
         let request = self.pull_request();
         let term = plan.runner.term.load(Ordering::Acquire);
         let mut next_delivery = start.next_delivery;

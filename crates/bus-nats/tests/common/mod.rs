@@ -105,3 +105,16 @@ pub async fn consumer_info(
         .unwrap();
     consumer.info().await.unwrap().clone()
 }
+
+/// Waits until `condition` holds, checking every 10 ms, for at most `timeout`; for state that
+/// has no event to wait on (a subscription's metrics).
+pub async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,278 @@
+//! What production does to a consumer first, in one process: its connection drops in the
+//! middle of a batch, another client publishes bytes no client can read, a second subscription
+//! of the same group is started by mistake.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::{handler_fn, Envelope, Publisher, SubscribeErrorKind, Subscriber, Topic};
+use bus_nats::NatsBus;
+use bus_testkit::conformance::{subscribe_recording, Recorder};
+use bus_testkit::{NatsServer, TcpProxy};
+use common::test_config;
+
+fn envelope(aggregate: &str, version: u64) -> Envelope {
+    Envelope::builder(aggregate, "Deployed", version)
+        .payload(format!("{aggregate}:{version}").into_bytes())
+        .build()
+        .unwrap()
+}
+
+/// The consumer reaches the server through a proxy that cuts its connection five times while a
+/// backlog of 10 000 events over 50 aggregates is being handled. Every cut loses whatever the
+/// broker had written to the dead socket; JetStream would redeliver those only after AckWait
+/// (30 s), after newer events of the same aggregates. The subscription restarts delivery at
+/// the ack floor after each re-connection instead: nothing overtaken, nothing lost, nothing
+/// handled twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_connection_cut_mid_batch_keeps_order_and_loses_nothing() {
+    const AGGREGATES: u64 = 50;
+    const VERSIONS: u64 = 200;
+    const CUTS: u64 = 5;
+    let server = NatsServer::start();
+    let target = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+    let proxy = TcpProxy::start(target).await.unwrap();
+    let topic = Topic::new("cut-consumer").unwrap();
+
+    let publisher = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    for version in 1..=VERSIONS {
+        for a in 0..AGGREGATES {
+            let _receipt = publisher
+                .publish(&topic, envelope(&format!("c-{a}"), version))
+                .await
+                .unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+    let expected = AGGREGATES * VERSIONS;
+
+    let consumer = NatsBus::connect(test_config(&proxy.url())).await.unwrap();
+    let recorder = Recorder::new();
+    let handled = Arc::new(AtomicU64::new(0));
+    let subscription = {
+        let (recorder, handled, t) = (recorder.clone(), handled.clone(), topic.clone());
+        consumer
+            .subscribe(
+                &topic,
+                Arc::new(handler_fn(move |e: Envelope| {
+                    let (recorder, handled, t) = (recorder.clone(), handled.clone(), t.clone());
+                    async move {
+                        // Slow enough that every cut finds batches half handled.
+                        tokio::time::sleep(Duration::from_micros(300)).await;
+                        recorder.record(&t, &e);
+                        handled.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    }
+                })),
+            )
+            .await
+            .unwrap()
+    };
+    let control = subscription.control().unwrap();
+    for cut in 1..=CUTS {
+        recorder
+            .wait_until(
+                &format!("{} handled before cut {cut}", cut * expected / (CUTS + 2)),
+                Duration::from_secs(60),
+                |r| r.unique >= cut * expected / (CUTS + 2),
+            )
+            .await;
+        let restarts = control.metrics().delivery_restarts;
+        proxy.cut();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        proxy.restore();
+        // The next cut only once this one was noticed and delivery runs again.
+        common::wait_for(
+            &format!("delivery restart after cut {cut}"),
+            Duration::from_secs(30),
+            || control.metrics().delivery_restarts > restarts,
+        )
+        .await;
+        let resumed = recorder.verifier.report().unique + 100;
+        recorder
+            .wait_until(
+                &format!("delivery after cut {cut}"),
+                Duration::from_secs(30),
+                |r| r.unique >= resumed,
+            )
+            .await;
+    }
+    recorder
+        .wait_until("every event", Duration::from_secs(60), |r| {
+            r.unique >= expected
+        })
+        .await;
+    let metrics = control.metrics();
+    subscription.close().await.unwrap();
+    let report = recorder.verifier.report();
+    eprintln!(
+        "{CUTS} cuts: {report:?}; restarts {}, copies skipped {}",
+        metrics.delivery_restarts, metrics.copies_skipped
+    );
+    assert_eq!(proxy.cuts(), CUTS);
+    // Each cut was repaired by a restart of delivery, not by AckWait.
+    assert!(metrics.delivery_restarts >= CUTS, "{metrics:?}");
+    report.assert_exact(expected);
+}
+
+/// Writes one message to `subject` over a raw connection, with `header_block` exactly as given
+/// (the client library would refuse to build it), and waits until the server has read it.
+fn publish_raw_header_block(url: &str, subject: &str, header_block: &[u8], payload: &[u8]) {
+    let address = url.trim_start_matches("nats://");
+    let mut socket = std::net::TcpStream::connect(address).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut info = [0u8; 4096];
+    let _ = socket.read(&mut info).unwrap();
+    let mut frame = Vec::new();
+    frame.extend_from_slice(
+        b"CONNECT {\"verbose\":false,\"pedantic\":false,\"headers\":true,\"protocol\":1}\r\n",
+    );
+    frame.extend_from_slice(
+        format!(
+            "HPUB {subject} {} {}\r\n",
+            header_block.len(),
+            header_block.len() + payload.len()
+        )
+        .as_bytes(),
+    );
+    frame.extend_from_slice(header_block);
+    frame.extend_from_slice(payload);
+    frame.extend_from_slice(b"\r\nPING\r\n");
+    socket.write_all(&frame).unwrap();
+    let mut reply = Vec::new();
+    let mut buffer = [0u8; 256];
+    while !String::from_utf8_lossy(&reply).contains("PONG") {
+        let n = socket.read(&mut buffer).unwrap();
+        assert!(n > 0, "the server closed the raw connection: {reply:?}");
+        reply.extend_from_slice(&buffer[..n]);
+    }
+    assert!(
+        !String::from_utf8_lossy(&reply).contains("-ERR"),
+        "the server refused the raw publish: {}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
+/// Another client publishes two messages whose header blocks the client library cannot parse
+/// (a line without `:`, bytes that are not UTF-8) amid valid events; nats-server stores them.
+/// Delivered, each would make the client drop its connection, again and again. The
+/// subscription finds each one after the re-connection, dead-letters it with its raw header
+/// block, removes it from the stream, and every valid event is handled in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_messages_are_dead_lettered_and_the_topic_flows_in_order() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let topic = Topic::new("hostile").unwrap();
+    let stream_name = bus.stream_name(&topic).await.unwrap();
+    let publish = |aggregate: &'static str, versions: std::ops::RangeInclusive<u64>| {
+        let bus = bus.clone();
+        let topic = topic.clone();
+        async move {
+            for version in versions {
+                let _receipt = bus
+                    .publish(&topic, envelope(aggregate, version))
+                    .await
+                    .unwrap();
+            }
+            bus.flush().await.unwrap();
+        }
+    };
+    let no_colon: &[u8] = b"NATS/1.0\r\nBus-Event: a 11 Deployed\r\nthis line has no colon\r\n\r\n";
+    let not_utf8: &[u8] = b"NATS/1.0\r\nX-Bytes: \xff\xfe\xfd\r\n\r\n";
+    publish("a", 1..=10).await;
+    publish("b", 1..=10).await;
+    publish_raw_header_block(&server.url(), topic.as_str(), no_colon, b"first");
+    publish("a", 11..=20).await;
+    publish_raw_header_block(&server.url(), topic.as_str(), not_utf8, b"second");
+    publish("b", 11..=20).await;
+
+    let plain = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(plain);
+    let mut stream = js.get_stream(&stream_name).await.unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        42,
+        "the server stored both unreadable messages"
+    );
+
+    let recorder = Recorder::new();
+    let subscription = subscribe_recording(&bus, &topic, &recorder).await;
+    let control = subscription.control().unwrap();
+    recorder
+        .wait_until("every valid event", Duration::from_secs(60), |r| {
+            r.unique >= 40
+        })
+        .await;
+    common::wait_for("both removals", Duration::from_secs(10), || {
+        control.metrics().unreadable == 2
+    })
+    .await;
+    let metrics = control.metrics();
+    subscription.close().await.unwrap();
+    recorder.verifier.report().assert_exact(40);
+    assert!(metrics.delivery_restarts >= 1, "{metrics:?}");
+
+    let letters = bus.dead_letters(&topic, 10).await.unwrap();
+    let unreadable: Vec<_> = letters
+        .iter()
+        .filter(|l| l.reason == "unreadable")
+        .collect();
+    assert_eq!(unreadable.len(), 2, "{letters:?}");
+    use base64::Engine;
+    let raw: Vec<Vec<u8>> = unreadable
+        .iter()
+        .map(|l| {
+            base64::engine::general_purpose::STANDARD
+                .decode(l.raw_headers.as_deref().expect("raw header block kept"))
+                .unwrap()
+        })
+        .collect();
+    assert!(raw.contains(&no_colon.to_vec()), "{letters:?}");
+    assert!(raw.contains(&not_utf8.to_vec()), "{letters:?}");
+    let payloads: Vec<&[u8]> = unreadable.iter().map(|l| &l.payload[..]).collect();
+    assert!(payloads.contains(&&b"first"[..]) && payloads.contains(&&b"second"[..]));
+    assert!(
+        unreadable[0].error.contains("no `:`") || unreadable[1].error.contains("no `:`"),
+        "{letters:?}"
+    );
+    // Removed from the topic's stream: nothing of the topic is left.
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+}
+
+/// A second subscription of one topic and group in one process is refused, through the same
+/// bus or another one; once the first is closed, it is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_subscription_in_one_process_is_refused_through_any_bus() {
+    let server = NatsServer::start();
+    let topic = Topic::new("twice").unwrap();
+    let first_bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let second_bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let recorder = Recorder::new();
+    let first = subscribe_recording(&first_bus, &topic, &recorder).await;
+    for bus in [&first_bus, &second_bus] {
+        let error = bus
+            .subscribe(
+                &topic,
+                Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.kind(),
+            SubscribeErrorKind::AlreadySubscribed,
+            "{error}"
+        );
+        assert!(error.to_string().contains("twice"), "{error}");
+    }
+    first.close().await.unwrap();
+    let again = subscribe_recording(&second_bus, &topic, &recorder).await;
+    let _receipt = first_bus.publish(&topic, envelope("t", 1)).await.unwrap();
+    recorder.wait_unique(1).await;
+    again.close().await.unwrap();
+}

@@ -369,13 +369,16 @@ impl SubscriptionHandle for NatsSubscription {
             // Events of halted aggregates stay unacknowledged: delivered again, in order.
             let returned =
                 report.not_run.len() as u64 + report.interrupted + runner.halted_events();
+            tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: pool drained and acks sent");
             if ownership.is_held() {
                 // The broker processes acks after their connection flushed; a standby that
                 // took over before they count would replay handled events. So the claim is
                 // released once the consumer shows no more than what was returned.
                 let remaining = deadline.saturating_sub(started.elapsed());
                 restarter.wait_for_acks(returned, remaining.min(Duration::from_secs(2))).await;
+                tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: acks confirmed");
                 ownership.release(returned).await;
+                tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: released");
             }
             if report.interrupted > 0 {
                 return Err(SubscribeError::new(

@@ -380,6 +380,11 @@ fn ack_id(subject: &str) -> Option<u64> {
     subject.rsplit('.').next()?.parse().ok()
 }
 
+/// JetStream error codes of a publish that say "not now" rather than "no": the cluster is
+/// unavailable (10008), this server is not the leader (10009), JetStream is not enabled yet
+/// (10076, while a server starts), a per-subject sequence is not ready (10163).
+const TRANSIENT_ERR_CODES: [u64; 4] = [10008, 10009, 10076, 10163];
+
 /// Reads the broker's answer to a publish.
 fn read_ack(topic: &Topic, ack: &async_nats::Message) -> AckResult {
     #[derive(serde::Deserialize)]
@@ -398,10 +403,13 @@ fn read_ack(topic: &Topic, ack: &async_nats::Message) -> AckResult {
     match ack.status {
         None => {}
         Some(StatusCode::NO_RESPONDERS) => {
+            // Nothing stores the subject right now: a stream leader is being elected, or the
+            // server restarts. Transient: retried with the same Nats-Msg-Id within
+            // `publish_retry_for`.
             return Err(PublishError::new(
-                PublishErrorKind::Rejected,
-                format!("publish on topic `{topic}` failed: no stream stores its subject"),
-            ))
+                PublishErrorKind::Connection,
+                format!("publish on topic `{topic}` failed: no responders (no stream leader stores its subject; an election or a restart is under way, or the stream is gone)"),
+            ));
         }
         Some(status) => {
             return Err(PublishError::new(
@@ -416,15 +424,24 @@ fn read_ack(topic: &Topic, ack: &async_nats::Message) -> AckResult {
     match serde_json::from_slice::<Body>(&ack.payload) {
         Ok(Body {
             error: Some(error), ..
-        }) => Err(PublishError::new(
-            PublishErrorKind::Rejected,
-            format!(
-                "publish on topic `{topic}` refused by the broker: {} (code {}, error code {})",
-                error.description.as_deref().unwrap_or("no description"),
-                error.code.unwrap_or(0),
-                error.err_code.unwrap_or(0)
-            ),
-        )),
+        }) => {
+            let err_code = error.err_code.unwrap_or(0);
+            // Errors that an election, a restart or a busy cluster cause; the publish is
+            // retried. Every other refusal (a full stream, a wrong expectation) is final.
+            let kind = if TRANSIENT_ERR_CODES.contains(&err_code) {
+                PublishErrorKind::Connection
+            } else {
+                PublishErrorKind::Rejected
+            };
+            Err(PublishError::new(
+                kind,
+                format!(
+                    "publish on topic `{topic}` refused by the broker: {} (code {}, error code {err_code})",
+                    error.description.as_deref().unwrap_or("no description"),
+                    error.code.unwrap_or(0),
+                ),
+            ))
+        }
         Ok(Body {
             seq: Some(seq),
             duplicate,
@@ -784,8 +801,18 @@ mod tests {
             refused.to_string().contains("maximum messages exceeded"),
             "{refused}"
         );
+        // No responders: a stream leader is being elected; retried, not refused.
         let no_stream = read_ack(&t, &ack("", Some(StatusCode::NO_RESPONDERS))).unwrap_err();
-        assert_eq!(no_stream.kind(), PublishErrorKind::Rejected);
+        assert_eq!(no_stream.kind(), PublishErrorKind::Connection);
+        let electing = read_ack(
+            &t,
+            &ack(
+                r#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#,
+                None,
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(electing.kind(), PublishErrorKind::Connection);
         // Anything else is not a refusal: it is retried with the same Nats-Msg-Id.
         let garbage = read_ack(&t, &ack("not json", None)).unwrap_err();
         assert_eq!(garbage.kind(), PublishErrorKind::Connection);

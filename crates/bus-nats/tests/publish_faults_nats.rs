@@ -187,3 +187,76 @@ async fn refused_publish_aborts_the_aggregates_waiting_events() {
         PublishErrorKind::Rejected
     );
 }
+
+/// While no stream stores the topic's subject (what publishers see while a cluster elects a
+/// stream leader: "no responders"), publishes are retried with the same `Nats-Msg-Id` within
+/// `publish_retry_for`, the aggregates' later events waiting behind them; none is refused or
+/// aborted, and once the stream answers again everything is stored once, in order. Here the
+/// stream stops storing the subject for a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_are_retried_while_no_stream_answers() {
+    const AGGREGATES: u64 = 10;
+    const VERSIONS: u64 = 40;
+    let server = NatsServer::start();
+    let topic = Topic::new("electing").unwrap();
+    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let stream_name = bus.stream_name(&topic).await.unwrap();
+    let admin = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let mut stream = admin.get_stream(&stream_name).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+
+    let publish = |versions: std::ops::RangeInclusive<u64>| {
+        let bus = bus.clone();
+        let topic = topic.clone();
+        async move {
+            let mut receipts = Vec::new();
+            for version in versions {
+                for a in 0..AGGREGATES {
+                    let event = Envelope::builder(format!("e-{a}"), "Elected", version)
+                        .build()
+                        .unwrap();
+                    receipts.push(bus.publish(&topic, event).await.unwrap());
+                }
+            }
+            receipts
+        }
+    };
+    let mut receipts = publish(1..=10).await;
+    bus.flush().await.unwrap();
+    // The subject has no stream now: publishes get "no responders".
+    let subjects = std::mem::replace(&mut config.subjects, vec!["elsewhere".into()]);
+    admin.update_stream(&config).await.unwrap();
+    let plain = async_nats::connect(server.url()).await.unwrap();
+    let probe = plain
+        .request(topic.to_string(), "probe".into())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        probe.kind(),
+        async_nats::RequestErrorKind::NoResponders,
+        "the outage is real"
+    );
+    receipts.extend(publish(11..=VERSIONS).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    config.subjects = subjects;
+    admin.update_stream(&config).await.unwrap();
+
+    let mut failures = Vec::new();
+    for receipt in receipts {
+        if let Err(error) = receipt.await {
+            failures.push(error.to_string());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    let total = AGGREGATES * VERSIONS;
+    assert_eq!(stream.info().await.unwrap().state.messages, total);
+    let recorder = Recorder::new();
+    let subscription = subscribe_recording(&bus, &topic, &recorder).await;
+    recorder.wait_unique(total).await;
+    subscription.close().await.unwrap();
+    recorder.verifier.report().assert_exact(total);
+}

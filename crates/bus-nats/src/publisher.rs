@@ -77,6 +77,9 @@ struct Route {
     connection: Arc<TopicConnection>,
     /// `<inbox>.`: a publish's reply subject is this followed by its ID.
     reply_prefix: String,
+    /// The connection's re-connections when last looked at: a change means the acks of what
+    /// was sent before may have gone down the old socket.
+    reconnects_seen: AtomicU64,
 }
 
 /// Sent publishes awaiting their ack, by ID, with when they were sent.
@@ -86,6 +89,19 @@ struct Awaiting {
 }
 
 impl Awaiting {
+    /// The publishes to `topic`, taken out.
+    fn of_topic(&mut self, topic: &Topic) -> Vec<Message> {
+        let ids: Vec<u64> = self
+            .by_id
+            .iter()
+            .filter(|(_, (_, m))| &m.topic == topic)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.by_id.remove(&id).map(|(_, m)| m))
+            .collect()
+    }
+
     /// The publishes sent at least `timeout` ago, taken out.
     fn expired(&mut self, timeout: Duration) -> Vec<Message> {
         let now = Instant::now();
@@ -225,7 +241,9 @@ impl NatsPublisher {
         self.events.send(Event::Inbox(subscriber)).map_err(|_| {
             PublishError::new(PublishErrorKind::Closed, "publisher ack task stopped")
         })?;
+        let reconnects_seen = AtomicU64::new(*connection.reconnects.borrow());
         let route = Arc::new(Route {
+            reconnects_seen,
             connection,
             reply_prefix: format!("{inbox}."),
         });
@@ -504,6 +522,23 @@ async fn collect_acks(
                 }
             }
             _ = tick.tick() => {
+                // A re-connection: the acks of publishes sent before it may have been written
+                // to the old socket. They are retried now (the same Nats-Msg-Id makes a stored
+                // one a duplicate) instead of after the ack timeout.
+                let routes: Vec<(Topic, Arc<Route>)> = state.routes.read().unwrap().iter().map(|(t, r)| (t.clone(), r.clone())).collect();
+                for (topic, route) in routes {
+                    let now = *route.connection.reconnects.borrow();
+                    if route.reconnects_seen.swap(now, Ordering::AcqRel) != now {
+                        let lost = state.awaiting.lock().unwrap().of_topic(&topic);
+                        for message in lost {
+                            let error = PublishError::new(
+                                PublishErrorKind::Connection,
+                                format!("publish on topic `{topic}`: the connection was re-established before its ack arrived"),
+                            );
+                            settled.push((Err(error), message));
+                        }
+                    }
+                }
                 let timeout = shared.config.publish_ack_timeout;
                 let expired = state.awaiting.lock().unwrap().expired(timeout);
                 for message in expired {

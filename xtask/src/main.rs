@@ -65,11 +65,71 @@ fn cargo() -> Command {
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     let server = ensure_nats_server(root)?;
+    let old = ensure_old_nats_server(root)?;
     step("running the test suite");
     run(cargo()
         .args(["test", "--workspace", "--exclude", "xtask"])
         .args(extra)
-        .env("NATS_SERVER_BIN", &server))
+        .env("NATS_SERVER_BIN", &server)
+        .env("NATS_SERVER_OLD_BIN", &old))
+}
+
+/// Where `cargo xtask` unpacks Debian's nats-server package: an old server (2.9 on Debian 12,
+/// no priority groups, no consumer reset API), for the tests of what the bus does there.
+const OLD_SERVER_DIR: &str = "target/nats-server-debian";
+
+/// Finds or installs the old nats-server the compatibility tests run against: `$NATS_SERVER_OLD_BIN`,
+/// or Debian's `nats-server` package unpacked (not installed: no service, nothing system-wide)
+/// under `target/`.
+fn ensure_old_nats_server(root: &Path) -> Result<PathBuf> {
+    step("looking for an old nats-server (Debian's package) for the compatibility tests");
+    if let Some(path) = env::var_os("NATS_SERVER_OLD_BIN") {
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            eprintln!("    using {} (NATS_SERVER_OLD_BIN)", path.display());
+            return Ok(path);
+        }
+        bail!("NATS_SERVER_OLD_BIN={} is not a file", path.display());
+    }
+    let dir = root.join(OLD_SERVER_DIR);
+    let binary = dir.join("usr/sbin/nats-server");
+    if binary.is_file() {
+        eprintln!("    found {}", binary.display());
+        return Ok(binary);
+    }
+    step("downloading Debian's nats-server package into target/ (apt-get download, dpkg -x)");
+    let download = dir.join("download");
+    std::fs::create_dir_all(&download)?;
+    let fetch = || {
+        Command::new("apt-get")
+            .args(["download", "nats-server"])
+            .current_dir(&download)
+            .status()
+    };
+    let mut fetched = fetch();
+    if !matches!(&fetched, Ok(s) if s.success()) {
+        // A fresh machine may have no package lists yet.
+        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        fetched = fetch();
+    }
+    let deb = std::fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"));
+    match (fetched, deb) {
+        (Ok(s), Some(deb)) if s.success() => {
+            run(Command::new("dpkg").arg("-x").arg(&deb).arg(&dir))?;
+        }
+        (other, _) => bail!(
+            "Debian's nats-server package could not be downloaded ({other:?}).\n\
+             Download it by hand, then run the command again:\n  \
+             (cd {} && apt-get download nats-server && dpkg -x nats-server_*.deb ..)\n  \
+             or set NATS_SERVER_OLD_BIN=/path/to/an/old/nats-server",
+            download.display()
+        ),
+    }
+    let v = server_version(&binary).context("the unpacked nats-server reports no version")?;
+    eprintln!("    unpacked {} v{}.{}.{}", binary.display(), v.0, v.1, v.2);
+    Ok(binary)
 }
 
 fn ci(root: &Path) -> Result<()> {

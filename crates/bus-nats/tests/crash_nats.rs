@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
+use bus_core::{handler_fn, Envelope, Publisher, SubscribeErrorKind, Subscriber, Topic};
 use bus_nats::{default_stream_name, NatsBus, NatsConfig, Retention, StreamSpec};
 use bus_testkit::conformance::{subscribe_recording, Recorder};
 use bus_testkit::NatsServer;
@@ -34,6 +34,8 @@ fn topic() -> Topic {
 /// The tests' configuration with the topic's stream kept by `retention`.
 fn config(url: &str, retention: Retention) -> NatsConfig {
     let mut config = common::test_config(url);
+    // Quick takeovers: the next subscriber waits this long for the dead one's claim.
+    config.consumer.takeover_after = Duration::from_secs(2);
     let mut spec = StreamSpec::new(default_stream_name(&topic()), [topic()]);
     spec.retention = retention;
     config.streams.push(spec);
@@ -60,12 +62,17 @@ fn main() {
         runtime.block_on(child(url, log, retention_named(&retention)));
         return;
     }
-    println!("running 2 tests");
+    println!("running 3 tests");
     for retention in [Retention::WorkQueue, Retention::Acknowledged] {
-        runtime.block_on(consumer_killed_mid_stream(retention));
+        runtime.block_on(consumer_killed_mid_stream(retention, Server::Current));
         println!("test consumer_killed_mid_stream ({retention:?}) ... ok");
     }
-    println!("\ncrash_nats: 2 passed, 0 failed");
+    runtime.block_on(consumer_killed_mid_stream(
+        Retention::WorkQueue,
+        Server::Old,
+    ));
+    println!("test consumer_killed_mid_stream (WorkQueue, old server) ... ok");
+    println!("\ncrash_nats: 3 passed, 0 failed");
 }
 
 /// The consumer that gets killed: records every handled event in a log, one line each.
@@ -91,8 +98,21 @@ async fn child(url: String, log: String, retention: Retention) {
     std::future::pending::<()>().await;
 }
 
-async fn consumer_killed_mid_stream(retention: Retention) {
-    let server = NatsServer::start();
+/// Which nats-server runs the test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    /// The current one (2.14+): a standby takes over after `takeover_after`.
+    Current,
+    /// Debian's 2.9: no priority groups, no consumer reset API. Ownership is a lease; a second
+    /// subscriber is refused while it is held, and recovery deletes and recreates the consumer.
+    Old,
+}
+
+async fn consumer_killed_mid_stream(retention: Retention, which: Server) {
+    let server = match which {
+        Server::Current => NatsServer::start(),
+        Server::Old => NatsServer::start_old(),
+    };
     let bus = NatsBus::connect(config(&server.url(), retention))
         .await
         .unwrap();
@@ -167,7 +187,44 @@ async fn consumer_killed_mid_stream(retention: Retention) {
     };
 
     // A new consumer starts at once, well inside AckWait.
-    let subscription = subscribe_recording(&bus, &topic(), &recorder).await;
+    let subscription = match which {
+        Server::Current => subscribe_recording(&bus, &topic(), &recorder).await,
+        Server::Old => {
+            // The dead process's lease still stands: refused, saying why and for how long.
+            let handler = Arc::new(handler_fn(|_e: Envelope| async { Ok(()) }));
+            let refused = bus.subscribe(&topic(), handler).await.unwrap_err();
+            assert_eq!(
+                refused.kind(),
+                SubscribeErrorKind::AlreadySubscribed,
+                "{refused}"
+            );
+            let why = format!(
+                "{refused}: {}",
+                std::error::Error::source(&refused).unwrap()
+            );
+            assert!(why.contains("2.9.10") && why.contains("2.14"), "{why}");
+            println!("old server, while the lease stands: {why}");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let recorder = recorder.clone();
+                let handler = Arc::new(handler_fn(move |e: Envelope| {
+                    let recorder = recorder.clone();
+                    async move {
+                        recorder.record(&topic(), &e);
+                        Ok(())
+                    }
+                }));
+                match bus.subscribe(&topic(), handler).await {
+                    Ok(subscription) => break subscription,
+                    Err(e) if e.kind() == SubscribeErrorKind::AlreadySubscribed => {
+                        assert!(Instant::now() < deadline, "the lease never ran out: {e}")
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    };
     recorder
         .wait_until("every event", Duration::from_secs(20), |r| {
             r.unique >= expected
@@ -176,7 +233,7 @@ async fn consumer_killed_mid_stream(retention: Retention) {
     subscription.close().await.unwrap();
     let report = recorder.verifier.report();
     println!(
-        "consumer crash ({retention:?}): child handled {handled_by_child} then was killed with \
+        "consumer crash ({retention:?}, {which:?} server): child handled {handled_by_child} then was killed with \
          {pending} unacknowledged, {replayable} replayable; after restart: {report:?}"
     );
     assert_eq!(report.order_violations, 0, "{report:?}");

@@ -21,5 +21,5 @@ mod server;
 mod verifier;
 
 pub use proxy::TcpProxy;
-pub use server::{find_nats_server, NatsServer, NatsServerError};
+pub use server::{find_nats_server, find_old_nats_server, NatsServer, NatsServerError};
 pub use verifier::{SequenceVerifier, VerifierReport};

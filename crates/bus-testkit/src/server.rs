@@ -72,6 +72,33 @@ pub fn find_nats_server() -> Result<PathBuf, NatsServerError> {
     })
 }
 
+/// Finds the old `nats-server` the compatibility tests use (Debian's 2.9, without priority
+/// groups or the consumer reset API): `$NATS_SERVER_OLD_BIN`, then the package `cargo xtask test`
+/// unpacks under `target/nats-server-debian`.
+pub fn find_old_nats_server() -> Result<PathBuf, NatsServerError> {
+    if let Some(path) = std::env::var_os("NATS_SERVER_OLD_BIN") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(NatsServerError::NotFound(format!(
+                "NATS_SERVER_OLD_BIN={} is not a file",
+                path.display()
+            )))
+        };
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let unpacked = root.join("target/nats-server-debian/usr/sbin/nats-server");
+    if unpacked.is_file() {
+        return Ok(unpacked);
+    }
+    Err(NatsServerError::NotFound(
+        "no old nats-server in NATS_SERVER_OLD_BIN or target/nats-server-debian \
+         (`cargo xtask test` unpacks Debian's package there)"
+            .into(),
+    ))
+}
+
 /// A running `nats-server` with JetStream, on `127.0.0.1` and a port chosen by the OS, with a
 /// temporary store directory. Killed and its store removed on drop.
 ///
@@ -107,7 +134,19 @@ impl NatsServer {
 
     /// Starts a server with extra command-line arguments.
     pub fn try_start(extra_args: &[&str]) -> Result<Self, NatsServerError> {
-        let binary = find_nats_server()?;
+        Self::try_start_binary(find_nats_server()?, extra_args)
+    }
+
+    /// Starts the old server of [`find_old_nats_server`], panicking with how to get it if there
+    /// is none.
+    pub fn start_old() -> Self {
+        find_old_nats_server()
+            .and_then(|binary| Self::try_start_binary(binary, &[]))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts `binary` with extra command-line arguments.
+    pub fn try_start_binary(binary: PathBuf, extra_args: &[&str]) -> Result<Self, NatsServerError> {
         let store = tempfile::Builder::new()
             .prefix("bus-nats-store-")
             .tempdir()

@@ -133,16 +133,23 @@ async fn setup(
     } else {
         ownership::Mode::Lease {
             kv: Box::new(
-                ownership::lease_store(&connection.jetstream, config.consumer.takeover_after)
-                    .await
-                    .map_err(fail)?,
+                ownership::lease_store(
+                    &connection.client,
+                    &connection.jetstream,
+                    config.consumer.takeover_after,
+                )
+                .await
+                .map_err(fail)?,
             ),
             key: name.clone(),
             holder: format!(
-                "{} (pid {}, connection {})",
+                "`{}` (host {}, pid {})",
                 config.connection.client_name,
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .or_else(|_| std::env::var("HOSTNAME"))
+                    .unwrap_or_else(|_| "unknown".into()),
                 std::process::id(),
-                connection.client.new_inbox()
             ),
         }
     };

@@ -450,22 +450,51 @@ impl std::fmt::Debug for Ownership {
 }
 
 /// The lease bucket, created on first use with `takeover_after` as the lifetime of a lease.
+/// Created through the stream API directly: async-nats's `create_key_value` cannot read the
+/// reply of the servers that need leases (before 2.14; seen with 2.9.10).
 pub(crate) async fn lease_store(
+    client: &async_nats::Client,
     jetstream: &async_nats::jetstream::Context,
     takeover_after: Duration,
 ) -> Result<kv::Store, NatsError> {
     if let Ok(store) = jetstream.get_key_value(LEASE_BUCKET).await {
         return Ok(store);
     }
-    jetstream
-        .create_key_value(kv::Config {
-            bucket: LEASE_BUCKET.to_owned(),
-            history: 1,
-            max_age: takeover_after,
-            ..Default::default()
-        })
+    let stream = format!("KV_{LEASE_BUCKET}");
+    let config = serde_json::json!({
+        "name": stream,
+        "subjects": [format!("$KV.{LEASE_BUCKET}.>")],
+        "max_msgs_per_subject": 1,
+        "max_age": takeover_after.as_nanos() as u64,
+        "discard": "new",
+        "storage": "file",
+        "num_replicas": 1,
+        "allow_rollup_hdrs": true,
+        "deny_delete": true,
+        "allow_direct": true,
+    });
+    let what = || format!("creating the lease bucket `{LEASE_BUCKET}`");
+    let reply = client
+        .request(
+            format!("$JS.API.STREAM.CREATE.{stream}"),
+            config.to_string().into(),
+        )
         .await
-        .map_err(|e| NatsError::api(format!("creating the lease bucket `{LEASE_BUCKET}`"), e))
+        .map_err(|e| NatsError::api(what(), e))?;
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+    if let Some(error) = body.get("error") {
+        // Another subscription may have created it meanwhile.
+        if jetstream.get_key_value(LEASE_BUCKET).await.is_err() {
+            return Err(NatsError::Configuration(format!(
+                "{} failed: {error}",
+                what()
+            )));
+        }
+    }
+    jetstream
+        .get_key_value(LEASE_BUCKET)
+        .await
+        .map_err(|e| NatsError::api(what(), e))
 }
 
 /// Takes the lease if nobody holds it: `Some(revision)`, or `None` when it is held.

@@ -276,3 +276,77 @@ async fn a_second_subscription_in_one_process_is_refused_through_any_bus() {
     recorder.wait_unique(1).await;
     again.close().await.unwrap();
 }
+
+/// An owner dies holding every message of a quiet topic, unacknowledged: JetStream would make
+/// them deliverable again only after AckWait (30 s), and the broker pins a standby only when it
+/// has a message to deliver. The standby sees that nobody is pinned while messages await
+/// acknowledgement, restarts delivery at the ack floor, takes the pin with the first of them,
+/// and handles them all in order, long before AckWait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_frees_what_a_dead_owner_held_on_a_quiet_topic() {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+
+    let server = NatsServer::start();
+    let topic = Topic::new("orphans").unwrap();
+    let mut config = test_config(&server.url());
+    config.consumer.takeover_after = Duration::from_secs(2);
+    let bus = NatsBus::connect(config.clone()).await.unwrap();
+    for version in 1..=5 {
+        let _receipt = bus.publish(&topic, envelope("o", version)).await.unwrap();
+    }
+    bus.flush().await.unwrap();
+    let stream = bus.stream_name(&topic).await.unwrap();
+    let name = config.consumer_name(&topic);
+
+    // The owner that dies: pulls every message as the pinned client, acknowledges none.
+    let owner = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(owner.clone());
+    js.get_stream(&stream)
+        .await
+        .unwrap()
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            name: Some(name.clone()),
+            filter_subject: topic.to_string(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: config.consumer.ack_wait,
+            max_ack_pending: config.consumer.max_ack_pending,
+            max_waiting: config.consumer.max_waiting,
+            max_deliver: -1,
+            priority_policy: consumer::PriorityPolicy::PinnedClient,
+            priority_groups: vec!["bus".into()],
+            priority_timeout: config.consumer.takeover_after,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let inbox = owner.new_inbox();
+    let mut replies = owner.subscribe(inbox.clone()).await.unwrap();
+    owner
+        .publish_with_reply(
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"),
+            inbox,
+            r#"{"batch":5,"expires":1000000000,"group":"bus"}"#.into(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let message = replies.next().await.unwrap();
+        assert!(message.headers.unwrap().get("Nats-Pin-Id").is_some());
+    }
+    drop(replies);
+    drop(owner); // dies: no acks, no unpin
+
+    let recorder = Recorder::new();
+    let subscription = subscribe_recording(&bus, &topic, &recorder).await;
+    recorder
+        .wait_until("the dead owner's events", Duration::from_secs(10), |r| {
+            r.unique >= 5
+        })
+        .await;
+    let metrics = subscription.control().unwrap().metrics();
+    subscription.close().await.unwrap();
+    recorder.verifier.report().assert_exact(5);
+    assert_eq!(metrics.ownership_gained, 1, "{metrics:?}");
+}

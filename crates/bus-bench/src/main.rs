@@ -261,7 +261,7 @@ async fn run_bus(
     server: &NatsServer,
     sink: Arc<Sink>,
 ) -> Result<Timing> {
-    let mut config = NatsConfig::new(&server.url());
+    let mut config = NatsConfig::new(&server.url()).with_group("bench");
     config.fetch.batch = setup.batch;
     config.fetch.expires = setup.expires;
     config.consumer.max_ack_pending = setup.max_ack_pending;

@@ -221,7 +221,7 @@ pub enum Retention {
     /// new publishes are refused (the publisher's receipt says so), never silently dropped.
     /// The default, because it is the only combination that loses nothing by itself.
     ///
-    /// One consumer group (one [`ConsumerSpec::name_prefix`]) reads each topic: a second
+    /// One consumer group (one [`ConsumerSpec::group`]) reads each topic: a second
     /// group's subscribe fails with a configuration error naming the first.
     #[default]
     WorkQueue,
@@ -283,9 +283,12 @@ impl StreamSpec {
 /// The durable pull consumer of each topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsumerSpec {
-    /// Prefix of durable names (default `bus`); the full name is
-    /// `<prefix>-<topic with . as _>-<8 hex digits of the topic's hash>`.
-    pub name_prefix: String,
+    /// The consumer group: name it after the service. The replicas of one service share it
+    /// (one of them consumes each topic, the others wait as standbys); different services must
+    /// not, or one would wait behind the other. No default: subscribing without a group fails
+    /// (publishing needs none). ASCII letters, digits, `-` and `_`. Each topic's durable is
+    /// named `<group>-<topic with . as _>-<8 hex digits of the topic's hash>`.
+    pub group: String,
     /// MaxAckPending (default [`DEFAULT_MAX_ACK_PENDING`]).
     pub max_ack_pending: i64,
     /// MaxWaiting (default [`DEFAULT_MAX_WAITING`]).
@@ -302,7 +305,7 @@ pub struct ConsumerSpec {
 impl Default for ConsumerSpec {
     fn default() -> Self {
         Self {
-            name_prefix: "bus".into(),
+            group: String::new(),
             max_ack_pending: DEFAULT_MAX_ACK_PENDING,
             max_waiting: DEFAULT_MAX_WAITING,
             ack_wait: DEFAULT_ACK_WAIT,
@@ -514,7 +517,9 @@ impl NatsConfig {
         Topic::new(self.dead_letters.subject_prefix.as_str()).map_err(|e| {
             ValidationError::new("dead_letters.subject_prefix", e.value(), e.reason())
         })?;
-        check_token("consumer.name_prefix", &self.consumer.name_prefix)?;
+        if !self.consumer.group.is_empty() {
+            check_token("consumer.group", &self.consumer.group)?;
+        }
         for (field, value) in [
             ("consumer.max_ack_pending", self.consumer.max_ack_pending),
             ("consumer.max_waiting", self.consumer.max_waiting),
@@ -602,6 +607,12 @@ impl NatsConfig {
             .unwrap_or_else(|| StreamSpec::new(default_stream_name(topic), [topic.clone()]))
     }
 
+    /// This configuration with `group` as its consumer group (see [`ConsumerSpec::group`]).
+    pub fn with_group(mut self, group: impl Into<String>) -> Self {
+        self.consumer.group = group.into();
+        self
+    }
+
     /// The durable consumer name of `topic`.
     pub fn consumer_name(&self, topic: &Topic) -> String {
         // FNV-1a: stable across versions and platforms, unlike std's hasher.
@@ -610,7 +621,7 @@ impl NatsConfig {
         });
         format!(
             "{}-{}-{hash:08x}",
-            self.consumer.name_prefix,
+            self.consumer.group,
             topic.as_str().replace('.', "_")
         )
     }
@@ -704,7 +715,7 @@ mod tests {
 
     #[test]
     fn names_are_derived_stably() {
-        let config = NatsConfig::default();
+        let config = NatsConfig::default().with_group("bus");
         let t = Topic::new("orders.v1").unwrap();
         assert_eq!(default_stream_name(&t), "BUS_ORDERS_V1");
         assert_eq!(config.stream_for(&t).topics, vec![t.clone()]);

@@ -14,7 +14,8 @@
 //! use bus_nats::{NatsBus, NatsConfig};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let bus = NatsBus::connect(NatsConfig::new("nats://127.0.0.1:4222")).await?;
+//! let config = NatsConfig::new("nats://127.0.0.1:4222").with_group("accounting");
+//! let bus = NatsBus::connect(config).await?;
 //! let topic = Topic::new("accounts")?;
 //! let subscription = bus
 //!     .subscribe(&topic, Arc::new(handler_fn(|e: Envelope| async move {

@@ -347,7 +347,7 @@ async fn second_group_error(
         "consumer `{name}` cannot read `{topic}`: stream `{stream_name}` uses work-queue retention, \
          which lets one consumer group read a topic, and {others} already does. For several \
          groups (several services, projections) give the topic's stream \
-         `Retention::Acknowledged`; to join the existing group use its `consumer.name_prefix`",
+         `Retention::Acknowledged`; to join the existing group use its `consumer.group`",
         topic = want.filter_subject,
     ))
 }

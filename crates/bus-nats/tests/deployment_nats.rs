@@ -350,3 +350,29 @@ async fn a_standby_frees_what_a_dead_owner_held_on_a_quiet_topic() {
     recorder.verifier.report().assert_exact(5);
     assert_eq!(metrics.ownership_gained, 1, "{metrics:?}");
 }
+
+/// Without a consumer group, two unrelated services would share one and one of them would wait
+/// behind the other for ever; subscribing without one fails at once and says what to set.
+/// Publishing needs no group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_without_a_group_fails_and_says_what_to_set() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(bus_nats::NatsConfig::new(&server.url()))
+        .await
+        .unwrap();
+    let topic = Topic::new("nameless").unwrap();
+    bus.publish(&topic, envelope("n", 1))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let error = bus
+        .subscribe(
+            &topic,
+            Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
+    assert!(error.to_string().contains("consumer.group"), "{error}");
+}

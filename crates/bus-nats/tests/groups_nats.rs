@@ -1,4 +1,4 @@
-//! Consumer groups (`ConsumerSpec::name_prefix`): how many may read one topic under each
+//! Consumer groups (`ConsumerSpec::group`): how many may read one topic under each
 //! retention, and what a user is told when one too many tries.
 
 mod common;
@@ -22,7 +22,7 @@ fn envelope(aggregate: &str, version: u64) -> Envelope {
 /// A bus of consumer group `group`; the topic's stream kept with `retention`.
 async fn group(server: &NatsServer, group: &str, topic: &Topic, retention: Retention) -> NatsBus {
     let mut config = test_config(&server.url());
-    config.consumer.name_prefix = group.to_owned();
+    config.consumer.group = group.to_owned();
     let mut spec = StreamSpec::new("GROUPS", [topic.clone()]);
     spec.retention = retention;
     config.streams.push(spec);

@@ -91,6 +91,12 @@ async fn setup(
 ) -> Result<Subscription, SubscribeError> {
     let config = &shared.config;
     let fail = |e: NatsError| subscribe_error(topic, e);
+    if config.consumer.group.is_empty() {
+        return Err(fail(NatsError::Configuration(format!(
+            "topic `{topic}`: no consumer group; set `consumer.group` (or `NatsConfig::with_group`) \
+             to the service's name: its replicas share it, other services must not"
+        ))));
+    }
     let connection = shared.connection(topic).await.map_err(fail)?;
     let name = config.consumer_name(topic);
     let registration =

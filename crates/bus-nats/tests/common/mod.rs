@@ -12,7 +12,7 @@ use bus_testkit::NatsServer;
 
 /// The configuration tests use: defaults, but quick retries.
 pub fn test_config(url: &str) -> NatsConfig {
-    let mut config = NatsConfig::new(url);
+    let mut config = NatsConfig::new(url).with_group("test");
     config.retry = RetryPolicy {
         initial_backoff: Duration::from_millis(5),
         max_backoff: Duration::from_millis(100),

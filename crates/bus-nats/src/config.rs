@@ -105,6 +105,75 @@ impl fmt::Debug for Auth {
     }
 }
 
+/// Credentials written into a server URL (`nats://user:password@host`, `nats://token@host`).
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) enum UrlCredentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// Splits the credentials out of a server URL: the URL without them, and them. The client
+/// library ignores credentials in URLs, so the bus passes them on as `Auth`.
+impl fmt::Debug for UrlCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets are never printed.
+        match self {
+            UrlCredentials::UserPassword(user, _) => write!(f, "UserPassword({user}, ***)"),
+            UrlCredentials::Token(_) => f.write_str("Token(***)"),
+        }
+    }
+}
+
+pub(crate) fn split_url_credentials(url: &str) -> (String, Option<UrlCredentials>) {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => (&url[..i + 3], &url[i + 3..]),
+        None => ("", url),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (url.to_owned(), None);
+    };
+    let userinfo = &rest[..at];
+    let stripped = format!("{scheme}{}", &rest[at + 1..]);
+    let credentials = match userinfo.split_once(':') {
+        Some((user, password)) => {
+            UrlCredentials::UserPassword(percent_decode(user), percent_decode(password))
+        }
+        None => UrlCredentials::Token(percent_decode(userinfo)),
+    };
+    (stripped, Some(credentials))
+}
+
+/// A server URL fit for logs and errors: any credentials in it replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match split_url_credentials(url) {
+        (stripped, Some(_)) => match stripped.find("://") {
+            Some(i) => format!("{}***@{}", &stripped[..i + 3], &stripped[i + 3..]),
+            None => format!("***@{stripped}"),
+        },
+        (url, None) => url,
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// TLS settings.
 #[derive(Debug, Clone, Default)]
 pub struct TlsConfig {
@@ -188,7 +257,14 @@ impl Default for ConnectionConfig {
 impl fmt::Debug for ConnectionConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectionConfig")
-            .field("servers", &self.servers)
+            .field(
+                "servers",
+                &self
+                    .servers
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("client_name", &self.client_name)
             .field("auth", &self.auth)
             .field("tls", &self.tls)
@@ -332,6 +408,11 @@ impl Default for FetchConfig {
     }
 }
 
+/// Default bytes the dead-letter stream keeps (128 MiB). It reserves this much of the
+/// server's storage, so it is kept smaller than a topic's stream; when it is full it refuses new
+/// dead letters, and the messages stay unacknowledged (see `docs/guarantees.md`).
+pub const DEFAULT_DEAD_LETTER_MAX_BYTES: i64 = 128 << 20;
+
 /// Where messages that cannot be handled go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterConfig {
@@ -341,6 +422,11 @@ pub struct DeadLetterConfig {
     /// Subject prefix: a dead letter of topic `t` is published on `<prefix>.t`
     /// (default `bus-dlq`).
     pub subject_prefix: String,
+    /// Bytes the dead-letter stream keeps at most (default [`DEFAULT_DEAD_LETTER_MAX_BYTES`]).
+    pub max_bytes: i64,
+    /// Replicas of the dead-letter stream, 1 to 5 (default 1). In a cluster give it as many as
+    /// the topics' streams, or losing one node loses the dead letters and stops dead-lettering.
+    pub replicas: usize,
 }
 
 impl Default for DeadLetterConfig {
@@ -348,6 +434,8 @@ impl Default for DeadLetterConfig {
         Self {
             stream: "BUS_DEAD_LETTERS".into(),
             subject_prefix: "bus-dlq".into(),
+            max_bytes: DEFAULT_DEAD_LETTER_MAX_BYTES,
+            replicas: 1,
         }
     }
 }
@@ -514,6 +602,20 @@ impl NatsConfig {
             }
         }
         check_stream_name(&self.dead_letters.stream)?;
+        if !(1..=5).contains(&self.dead_letters.replicas) {
+            return Err(ValidationError::new(
+                "dead_letters.replicas",
+                self.dead_letters.replicas.to_string(),
+                "must be 1 to 5",
+            ));
+        }
+        if self.dead_letters.max_bytes < 1 {
+            return Err(ValidationError::new(
+                "dead_letters.max_bytes",
+                self.dead_letters.max_bytes.to_string(),
+                "must be at least 1",
+            ));
+        }
         Topic::new(self.dead_letters.subject_prefix.as_str()).map_err(|e| {
             ValidationError::new("dead_letters.subject_prefix", e.value(), e.reason())
         })?;
@@ -710,6 +812,43 @@ mod tests {
         assert!(
             err.to_string().contains("is listed in streams `A` and `B`"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn credentials_in_urls_are_split_out_and_redacted() {
+        assert_eq!(
+            split_url_credentials("nats://alice:s%40cret@host:4222"),
+            (
+                "nats://host:4222".to_owned(),
+                Some(UrlCredentials::UserPassword(
+                    "alice".into(),
+                    "s@cret".into()
+                ))
+            )
+        );
+        assert_eq!(
+            split_url_credentials("tls://t0ken@host"),
+            (
+                "tls://host".to_owned(),
+                Some(UrlCredentials::Token("t0ken".into()))
+            )
+        );
+        assert_eq!(
+            split_url_credentials("nats://host:4222"),
+            ("nats://host:4222".to_owned(), None)
+        );
+        assert_eq!(
+            redact_url("nats://alice:pw@host:4222"),
+            "nats://***@host:4222"
+        );
+        assert_eq!(redact_url("host:4222"), "host:4222");
+        let mut config = NatsConfig::new("nats://alice:hunter2@h1,nats://h2");
+        config.connection.auth = Auth::Token("tok-secret".into());
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok-secret"),
+            "{shown}"
         );
     }
 

@@ -32,6 +32,8 @@ pub(crate) struct Shared {
     pub(crate) config: NatsConfig,
     pub(crate) connections: RwLock<HashMap<Topic, Arc<TopicConnection>>>,
     pub(crate) connecting: tokio::sync::Mutex<()>,
+    /// Set by `NatsBus::close`: every later operation fails at once with `Closed`.
+    pub(crate) closed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -40,6 +42,7 @@ impl Shared {
         &self,
         topic: &Topic,
     ) -> Result<Arc<TopicConnection>, NatsError> {
+        self.check_open()?;
         if let Some(c) = self.connections.read().unwrap().get(topic) {
             return Ok(c.clone());
         }
@@ -84,6 +87,15 @@ impl Shared {
         Ok(connection)
     }
 
+    /// Fails with `Closed` once the bus was closed.
+    pub(crate) fn check_open(&self) -> Result<(), NatsError> {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            Err(NatsError::Closed("the bus is closed".into()))
+        } else {
+            Ok(())
+        }
+    }
+
     /// Connects for `topic`, with a counter of the connection's re-connections.
     pub(crate) async fn connect(
         &self,
@@ -97,7 +109,37 @@ impl Shared {
             // A publisher's acks come back on one subscription, up to `max_in_flight` at a time;
             // a full subscription would drop them (and the publishes would time out).
             .subscription_capacity(self.config.max_in_flight.saturating_mul(2).max(65_536));
-        options = match &c.auth {
+        // The client ignores credentials written into URLs: take them out (they must not be
+        // printed either) and pass them on as the connection's authentication.
+        let mut servers = Vec::with_capacity(c.servers.len());
+        let mut from_urls: Option<config::UrlCredentials> = None;
+        for url in &c.servers {
+            let (stripped, credentials) = config::split_url_credentials(url);
+            servers.push(stripped);
+            if let Some(credentials) = credentials {
+                if from_urls.as_ref().is_some_and(|seen| *seen != credentials) {
+                    return Err(NatsError::Configuration(
+                        "connection.servers: the server URLs carry different credentials; give one set in `connection.auth`".into(),
+                    ));
+                }
+                from_urls = Some(credentials);
+            }
+        }
+        let auth = match (&c.auth, from_urls) {
+            (auth, None) => auth.clone(),
+            (config::Auth::None, Some(config::UrlCredentials::UserPassword(user, password))) => {
+                config::Auth::UserPassword { user, password }
+            }
+            (config::Auth::None, Some(config::UrlCredentials::Token(token))) => {
+                config::Auth::Token(token)
+            }
+            (_, Some(_)) => {
+                return Err(NatsError::Configuration(
+                    "connection.servers: credentials are given in a server URL and in `connection.auth`; keep one".into(),
+                ))
+            }
+        };
+        options = match &auth {
             config::Auth::None => options,
             config::Auth::Token(t) => options.token(t.clone()),
             config::Auth::UserPassword { user, password } => {
@@ -160,14 +202,10 @@ impl Shared {
                 }
             }
         });
-        let client =
-            options
-                .connect(c.servers.clone())
-                .await
-                .map_err(|source| NatsError::Connect {
-                    servers: c.servers.clone(),
-                    source,
-                })?;
+        let client = options
+            .connect(servers.clone())
+            .await
+            .map_err(|source| NatsError::Connect { servers, source })?;
         Ok((client, reconnects))
     }
 }

@@ -22,6 +22,8 @@ pub enum NatsErrorKind {
     /// Another subscription owns the topic's consumer group and this server cannot hold a
     /// standby (servers before 2.14).
     Owned,
+    /// The bus was closed.
+    Closed,
 }
 
 /// Errors of the NATS transport.
@@ -51,6 +53,8 @@ pub enum NatsError {
     /// Another process owns the consumer group of a topic, and the server cannot keep this
     /// one as a standby.
     Owned(String),
+    /// The bus was closed; nothing more can be done with it.
+    Closed(String),
 }
 
 impl NatsError {
@@ -73,6 +77,7 @@ impl NatsError {
             NatsError::Api { .. } => NatsErrorKind::Api,
             NatsError::Unsupported(_) => NatsErrorKind::Unsupported,
             NatsError::Owned(_) => NatsErrorKind::Owned,
+            NatsError::Closed(_) => NatsErrorKind::Closed,
         }
     }
 }
@@ -84,9 +89,10 @@ impl fmt::Display for NatsError {
             NatsError::Connect { servers, source } => {
                 write!(f, "could not connect to {}: {source}", servers.join(", "))
             }
-            NatsError::Configuration(m) | NatsError::Unsupported(m) | NatsError::Owned(m) => {
-                f.write_str(m)
-            }
+            NatsError::Configuration(m)
+            | NatsError::Unsupported(m)
+            | NatsError::Owned(m)
+            | NatsError::Closed(m) => f.write_str(m),
             NatsError::Api { what, source } => write!(f, "{what} failed: {source}"),
         }
     }

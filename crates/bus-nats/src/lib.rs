@@ -59,18 +59,21 @@ use bus_core::{
 use bytes::Bytes;
 
 pub use config::{
-    check_stream_name, default_stream_name, Auth, ConnectionCallback, ConnectionConfig,
+    check_stream_name, default_stream_name, redact_url, Auth, ConnectionCallback, ConnectionConfig,
     ConnectionEvent, ConsumerSpec, DeadLetterConfig, FetchConfig, NatsConfig, Provisioning,
     PublishFailureCallback, PublishOrdering, Retention, StreamSpec, TlsConfig,
-    ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT, DEFAULT_DUPLICATE_WINDOW, DEFAULT_FETCH_BATCH,
-    DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING,
-    DEFAULT_PUBLISH_ACK_TIMEOUT, DEFAULT_PUBLISH_RETRY_FOR, DEFAULT_STREAM_MAX_BYTES,
-    DEFAULT_STREAM_MAX_MSGS, DEFAULT_TAKEOVER_AFTER,
+    ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT, DEFAULT_DEAD_LETTER_MAX_BYTES,
+    DEFAULT_DUPLICATE_WINDOW, DEFAULT_FETCH_BATCH, DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING, DEFAULT_PUBLISH_ACK_TIMEOUT,
+    DEFAULT_PUBLISH_RETRY_FOR, DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS,
+    DEFAULT_TAKEOVER_AFTER,
 };
 pub(crate) use connection::{Shared, TopicConnection};
 pub use dead_letters::DeadLetter;
 pub use error::{NatsError, NatsErrorKind};
-pub use publisher::{NatsPublisher, PublishFailure};
+/// The keyed pool's settings, as `NatsConfig::pool` takes them.
+pub use keyed_pool::PoolConfig;
+pub use publisher::{message_size, NatsPublisher, PublishFailure};
 pub use subscriber::dead_letter_headers;
 
 /// The NATS JetStream transport: a [`Publisher`] (through its default [`NatsPublisher`]) and a
@@ -98,6 +101,7 @@ impl NatsBus {
             config,
             connections: RwLock::new(HashMap::new()),
             connecting: tokio::sync::Mutex::new(()),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         // Fail at start-up, not at the first publish, when no server answers.
         let probe = Topic::new("bus-probe").expect("valid topic");
@@ -130,8 +134,12 @@ impl NatsBus {
         Ok(self.shared.connection(topic).await?.stream.clone())
     }
 
-    /// Flushes the default publisher and closes every connection.
+    /// Flushes the default publisher and closes every connection. From then on every
+    /// operation of this bus and of its publishers fails at once with `Closed`.
     pub async fn close(&self) -> Result<(), PublishError> {
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
         let flushed = self.publisher.close().await;
         let connections: Vec<_> = self.shared.connections.write().unwrap().drain().collect();
         for (_, connection) in connections {

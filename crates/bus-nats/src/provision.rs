@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
+use bus_core::Topic;
+
 use crate::config::{ConsumerSpec, Provisioning, Retention, StreamSpec};
 use crate::NatsError;
 
@@ -195,6 +197,41 @@ fn mismatch_error(what: String, mismatches: Vec<(String, String, String)>) -> Na
     ))
 }
 
+/// Subjects of `have` that `want` does not list: the stream holds other topics.
+fn foreign_subjects(want: &stream::Config, have: &stream::Config) -> Vec<String> {
+    have.subjects
+        .iter()
+        .filter(|s| !want.subjects.contains(s))
+        .cloned()
+        .collect()
+}
+
+/// Refuses a stream that already holds other topics than the configuration gives it: two topics
+/// whose default stream names coincide (`orders.v1` and `orders-v1` are both `BUS_ORDERS_V1`),
+/// or a stream configured elsewhere. Its subjects are never rewritten away from a topic in use.
+fn refuse_foreign(spec: &StreamSpec, foreign: &[String]) -> NatsError {
+    let topics: Vec<String> = spec.topics.iter().map(|t| format!("`{t}`")).collect();
+    NatsError::Configuration(format!(
+        "stream `{}` already holds `{}`, which the configuration does not give it; it cannot \
+         also hold {} without taking the stream from them. Give {} a stream of its own in \
+         `NatsConfig::streams` (a `StreamSpec` with another name), or list every topic of the \
+         stream in one `StreamSpec`",
+        spec.name,
+        foreign.join("`, `"),
+        topics.join(", "),
+        topics.join(", "),
+    ))
+}
+
+/// Whether the broker said that the stream does not exist.
+fn stream_missing(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     spec: &StreamSpec,
@@ -209,14 +246,7 @@ pub(crate) async fn ensure_stream(
                 .config
                 .clone(),
         ),
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(_)
-            ) && e.to_string().contains("not found") =>
-        {
-            None
-        }
+        Err(e) if stream_missing(&e) => None,
         Err(e) => {
             return Err(NatsError::api(
                 format!("looking up stream `{}`", spec.name),
@@ -224,6 +254,30 @@ pub(crate) async fn ensure_stream(
             ))
         }
     };
+    if let Some(have) = &existing {
+        let foreign = foreign_subjects(&want, have);
+        if !foreign.is_empty() && strategy != Provisioning::UseExisting {
+            return Err(refuse_foreign(spec, &foreign));
+        }
+        let missing: Vec<&Topic> = spec
+            .topics
+            .iter()
+            .filter(|t| {
+                !have
+                    .subjects
+                    .iter()
+                    .any(|s| crate::retention::subject_matches(s, t.as_str()))
+            })
+            .collect();
+        if !missing.is_empty() && strategy == Provisioning::UseExisting {
+            let missing: Vec<String> = missing.iter().map(|t| t.to_string()).collect();
+            return Err(NatsError::Configuration(format!(
+                "stream `{}` does not store topic `{}` and provisioning is UseExisting",
+                spec.name,
+                missing.join("`, `")
+            )));
+        }
+    }
     match (strategy, existing) {
         (Provisioning::UseExisting | Provisioning::ValidateOnly, None) => {
             Err(NatsError::Configuration(format!(
@@ -253,11 +307,30 @@ pub(crate) async fn ensure_stream(
             Ok(())
         }
         (Provisioning::Create | Provisioning::CreateOrUpdate, None) => {
-            js.create_stream(want)
-                .await
-                .map_err(|e| NatsError::api(format!("creating stream `{}`", spec.name), e))?;
-            Ok(())
+            match js.create_stream(want).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(storage_hint(
+                    NatsError::api(format!("creating stream `{}`", spec.name), e),
+                    spec.max_bytes,
+                )),
+            }
         }
+    }
+}
+
+/// Adds to a refused stream creation what to change when the server lacks the storage: each
+/// stream reserves its `max_bytes` of the server's `max_file_store` (or `max_memory_store`).
+fn storage_hint(error: NatsError, max_bytes: i64) -> NatsError {
+    let text = error.to_string();
+    if text.contains("insufficient") && text.contains("resources") {
+        NatsError::Configuration(format!(
+            "{text}: every stream reserves its max_bytes ({max_bytes} bytes here; the default is \
+             1 GiB per topic and 128 MiB for dead letters) of the server's max_file_store; lower \
+             `StreamSpec::max_bytes` (or `DeadLetterConfig::max_bytes`) or raise the server's \
+             jetstream max_file_store"
+        ))
+    } else {
+        error
     }
 }
 
@@ -272,10 +345,21 @@ pub(crate) async fn ensure_consumer(
         .get_stream(stream_name)
         .await
         .map_err(|e| NatsError::api(format!("looking up stream `{stream_name}`"), e))?;
-    let existing = match stream.get_consumer::<consumer::pull::Config>(&name).await {
-        Ok(c) => Some(c),
-        Err(e) if e.to_string().contains("not found") => None,
+    // Looked up by its info first: that error says "not found" by kind, not by text.
+    let exists = match stream.consumer_info(&name).await {
+        Ok(_) => true,
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => false,
         Err(e) => return Err(NatsError::api(format!("looking up consumer `{name}`"), e)),
+    };
+    let existing = if exists {
+        Some(
+            stream
+                .get_consumer::<consumer::pull::Config>(&name)
+                .await
+                .map_err(|e| NatsError::api(format!("looking up consumer `{name}`"), e))?,
+        )
+    } else {
+        None
     };
     match (strategy, existing) {
         (Provisioning::UseExisting | Provisioning::ValidateOnly, None) => Err(NatsError::Configuration(format!(
@@ -361,25 +445,31 @@ pub(crate) async fn ensure_dead_letter_stream(
 ) -> Result<(), NatsError> {
     match js.get_stream(&want.name).await {
         Ok(_) => Ok(()),
-        Err(_)
-            if matches!(
-                strategy,
-                Provisioning::Create | Provisioning::CreateOrUpdate
-            ) =>
+        Err(e)
+            if stream_missing(&e)
+                && matches!(
+                    strategy,
+                    Provisioning::Create | Provisioning::CreateOrUpdate
+                ) =>
         {
+            let max_bytes = want.max_bytes;
             match js.create_stream(want.clone()).await {
                 Ok(_) => Ok(()),
                 // Another subscription created it meanwhile.
                 Err(_) if js.get_stream(&want.name).await.is_ok() => Ok(()),
-                Err(e) => Err(NatsError::api(
-                    format!("creating dead-letter stream `{}`", want.name),
-                    e,
+                Err(e) => Err(storage_hint(
+                    NatsError::api(format!("creating dead-letter stream `{}`", want.name), e),
+                    max_bytes,
                 )),
             }
         }
-        Err(_) => Err(NatsError::Configuration(format!(
+        Err(e) if stream_missing(&e) => Err(NatsError::Configuration(format!(
             "dead-letter stream `{}` does not exist and provisioning is {strategy:?}",
             want.name
         ))),
+        Err(e) => Err(NatsError::api(
+            format!("looking up dead-letter stream `{}`", want.name),
+            e,
+        )),
     }
 }

@@ -56,9 +56,13 @@ struct Message {
     _permit: OwnedSemaphorePermit,
 }
 
-/// Bytes of headers as they travel (`name: value\r\n`).
+/// Bytes of a header block as it travels: `NATS/1.0\r\n`, each `name: value\r\n`, then
+/// `\r\n`; an empty map sends no block. The server counts it against `max_payload`.
 fn header_len(headers: &HeaderMap) -> usize {
-    headers
+    if headers.is_empty() {
+        return 0;
+    }
+    let lines: usize = headers
         .iter()
         .map(|(n, vs)| {
             let n: &str = n.as_ref();
@@ -66,7 +70,15 @@ fn header_len(headers: &HeaderMap) -> usize {
                 .map(|v| n.len() + v.as_str().len() + 4)
                 .sum::<usize>()
         })
-        .sum()
+        .sum();
+    b"NATS/1.0\r\n".len() + lines + b"\r\n".len()
+}
+
+/// The bytes `envelope` takes on the wire, header block included: what the server compares
+/// with its `max_payload` (1 MiB by default). A publish over it fails at once with
+/// `PublishErrorKind::PayloadTooLarge`.
+pub fn message_size(envelope: &Envelope) -> usize {
+    header_len(&envelope_headers(envelope)) + envelope.payload().len()
 }
 
 /// The broker's answer to one publish: its stream sequence and whether it was a duplicate.
@@ -220,11 +232,14 @@ impl NatsPublisher {
             return Ok(route.clone());
         }
         let connection = self.shared.connection(topic).await.map_err(|e| {
-            PublishError::with_source(
-                PublishErrorKind::Connection,
-                format!("no connection for topic `{topic}`"),
-                e,
-            )
+            let kind = match e.kind() {
+                crate::NatsErrorKind::Closed => PublishErrorKind::Closed,
+                crate::NatsErrorKind::Invalid | crate::NatsErrorKind::Configuration => {
+                    PublishErrorKind::Invalid
+                }
+                _ => PublishErrorKind::Connection,
+            };
+            PublishError::with_source(kind, format!("no connection for topic `{topic}`"), e)
         })?;
         let inbox = connection.client.new_inbox();
         let subscriber = connection
@@ -268,6 +283,12 @@ impl NatsPublisher {
                 format!("cannot publish on topic `{topic}`: the publisher is closed"),
             ));
         }
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(PublishError::new(
+                PublishErrorKind::Closed,
+                format!("cannot publish on topic `{topic}`: the bus is closed"),
+            ));
+        }
         let route = self.route(topic).await?;
         let max_payload = route.connection.max_payload;
         let (header_len, payload_len) = (header_len(&headers), payload.len());
@@ -275,7 +296,7 @@ impl NatsPublisher {
             return Err(PublishError::new(
                 PublishErrorKind::PayloadTooLarge,
                 format!(
-                    "message on topic `{topic}` is {} bytes ({} payload + {header_len} headers), over the server's max_payload of {max_payload} bytes",
+                    "message on topic `{topic}` is {} bytes ({} payload + {header_len} header block), over the server's max_payload of {max_payload} bytes",
                     payload_len + header_len,
                     payload_len
                 ),
@@ -381,8 +402,15 @@ async fn transmit(
         Ok(()) => Ok(()),
         Err(error) => match state.awaiting.lock().unwrap().by_id.remove(&id) {
             Some((_, message)) => {
+                // Too large is final: sending it again cannot help.
+                let kind = match error.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
+                        PublishErrorKind::PayloadTooLarge
+                    }
+                    _ => PublishErrorKind::Connection,
+                };
                 let error = PublishError::with_source(
-                    PublishErrorKind::Connection,
+                    kind,
                     format!("publish on topic `{}` could not be written", message.topic),
                     error,
                 );

@@ -65,8 +65,10 @@ struct NatsSubscription {
 
 fn subscribe_error(topic: &Topic, error: NatsError) -> SubscribeError {
     let kind = match error.kind() {
-        NatsErrorKind::Connect => SubscribeErrorKind::Connection,
+        // An API call that failed or went unanswered: the broker, not the configuration.
+        NatsErrorKind::Connect | NatsErrorKind::Api => SubscribeErrorKind::Connection,
         NatsErrorKind::Owned => SubscribeErrorKind::AlreadySubscribed,
+        NatsErrorKind::Closed => SubscribeErrorKind::Closed,
         _ => SubscribeErrorKind::Configuration,
     };
     SubscribeError::with_source(
@@ -127,6 +129,8 @@ async fn setup(
     let dlq_subject = format!("{}.{topic}", config.dead_letters.subject_prefix);
     let mut dlq = StreamSpec::new(config.dead_letters.stream.clone(), []);
     dlq.retention = crate::Retention::Limits;
+    dlq.max_bytes = config.dead_letters.max_bytes;
+    dlq.replicas = config.dead_letters.replicas;
     let mut dlq_config = provision::stream_config(&dlq);
     dlq_config.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
     provision::ensure_dead_letter_stream(&connection.jetstream, dlq_config, config.provisioning)

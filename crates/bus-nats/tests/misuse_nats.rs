@@ -1,0 +1,187 @@
+//! Misconfiguration and odd input, as a new user would try them: each ends in a clear, typed
+//! error at once, nothing is lost, nothing secret is printed.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bus_core::{
+    handler_fn, Envelope, PublishErrorKind, Publisher, SubscribeErrorKind, Subscriber, Topic,
+};
+use bus_nats::{message_size, NatsBus, NatsConfig, NatsErrorKind};
+use bus_testkit::conformance::{subscribe_recording, Recorder};
+use bus_testkit::NatsServer;
+use common::test_config;
+
+fn envelope(aggregate: &str, version: u64, payload: Vec<u8>) -> Envelope {
+    Envelope::builder(aggregate, "Misused", version)
+        .payload(payload)
+        .build()
+        .unwrap()
+}
+
+/// The server counts the whole header block against `max_payload` (`NATS/1.0\r\n`, the lines,
+/// the final `\r\n`). A message of exactly `max_payload` bytes is stored; one byte more fails
+/// at once as `PayloadTooLarge`, not as a retryable error half a minute later, and the
+/// aggregate's next event is not aborted by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_one_byte_over_max_payload_fails_at_once_and_harms_nothing() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let topic = Topic::new("sized").unwrap();
+    let max_payload = bus.client(&topic).await.unwrap().server_info().max_payload;
+    let base = message_size(&envelope("s", 1, Vec::new()));
+    let fits = envelope("s", 1, vec![b'x'; max_payload - base]);
+    assert_eq!(message_size(&fits), max_payload);
+    bus.publish(&topic, fits).await.unwrap().await.unwrap();
+
+    let over = envelope("s", 2, vec![b'x'; max_payload - base + 1]);
+    let started = Instant::now();
+    let error = bus.publish(&topic, over).await.unwrap_err();
+    assert_eq!(error.kind(), PublishErrorKind::PayloadTooLarge, "{error}");
+    assert!(!error.is_retryable(), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // The aggregate goes on: its next event is stored and handled after the first.
+    bus.publish(&topic, envelope("s", 2, b"small".to_vec()))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let recorder = Recorder::new();
+    let subscription = subscribe_recording(&bus, &topic, &recorder).await;
+    recorder.wait_unique(2).await;
+    subscription.close().await.unwrap();
+    recorder.verifier.report().assert_exact(2);
+}
+
+/// After `NatsBus::close`, every operation fails at once with `Closed`: publishing through the
+/// bus, through a publisher taken before or after the close, and subscribing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_after_close_fails_at_once_with_closed() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let topic = Topic::new("closing").unwrap();
+    let before = bus.publisher();
+    bus.publish(&topic, envelope("c", 1, Vec::new()))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    bus.close().await.unwrap();
+    let started = Instant::now();
+    let after = bus.publisher();
+    for publisher in [&before, &after] {
+        let error = publisher
+            .publish(&topic, envelope("c", 2, Vec::new()))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), PublishErrorKind::Closed, "{error}");
+    }
+    let error = bus
+        .publish(&topic, envelope("c", 2, Vec::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), PublishErrorKind::Closed, "{error}");
+    let error = bus
+        .subscribe(
+            &topic,
+            Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), SubscribeErrorKind::Closed, "{error}");
+    let error = bus
+        .stream_name(&Topic::new("other").unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), NatsErrorKind::Closed, "{error}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+/// `coll.orders`, `coll-orders` and `Coll_Orders` all map to the default stream
+/// `BUS_COLL_ORDERS`. The first topic gets it; the others are refused with an error naming the
+/// stream and both topics, and the first topic's stream keeps its subject: its events are all
+/// handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_whose_default_streams_collide_are_refused_and_lose_nothing() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let first = Topic::new("coll.orders").unwrap();
+    for version in 1..=5 {
+        bus.publish(&first, envelope("o", version, Vec::new()))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    for other in ["coll-orders", "Coll_Orders"] {
+        let other = Topic::new(other).unwrap();
+        let error = bus
+            .publish(&other, envelope("o", 1, Vec::new()))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), PublishErrorKind::Invalid, "{error}");
+        let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        for part in [
+            "BUS_COLL_ORDERS",
+            "coll.orders",
+            other.as_str(),
+            "NatsConfig::streams",
+        ] {
+            assert!(text.contains(part), "`{part}` missing from: {text}");
+        }
+        let error = bus
+            .subscribe(
+                &other,
+                Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
+    }
+    let recorder = Recorder::new();
+    let subscription = subscribe_recording(&bus, &first, &recorder).await;
+    recorder.wait_unique(5).await;
+    subscription.close().await.unwrap();
+    recorder.verifier.report().assert_exact(5);
+}
+
+/// Credentials written into the server URL authenticate (the client library alone would ignore
+/// them), and never appear in errors or in the configuration's `Debug`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_url_authenticate_and_are_never_printed() {
+    let server = NatsServer::try_start(&["--user", "alice", "--pass", "s3cret-pw"]).unwrap();
+    let with = |password: &str| {
+        let url = server
+            .url()
+            .replace("nats://", &format!("nats://alice:{password}@"));
+        test_config(&url)
+    };
+    let config = with("s3cret-pw");
+    assert!(!format!("{config:?}").contains("s3cret-pw"));
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("authed").unwrap();
+    bus.publish(&topic, envelope("a", 1, Vec::new()))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    bus.close().await.unwrap();
+
+    let mut wrong = with("wrong-pw");
+    wrong.connection.connect_timeout = Duration::from_secs(2);
+    let error = NatsBus::connect(wrong).await.unwrap_err();
+    assert_eq!(error.kind(), NatsErrorKind::Connect, "{error}");
+    let shown = format!("{error} {error:?}");
+    assert!(!shown.contains("wrong-pw"), "{shown}");
+    assert!(
+        shown.contains("***@127.0.0.1") || shown.contains("127.0.0.1"),
+        "{shown}"
+    );
+
+    // Without the URL's credentials there is no way in: the test server does ask for them.
+    let mut anonymous = NatsConfig::new(&server.url()).with_group("test");
+    anonymous.connection.connect_timeout = Duration::from_secs(2);
+    assert!(NatsBus::connect(anonymous).await.is_err());
+}

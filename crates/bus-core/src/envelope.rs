@@ -150,7 +150,8 @@ impl EnvelopeBuilder {
         self
     }
 
-    /// Sets the timestamp (default: now).
+    /// Sets the timestamp (default: now). It is kept to whole microseconds, as the wire carries
+    /// it; one before the Unix epoch is refused at build time.
     pub fn timestamp(mut self, timestamp: SystemTime) -> Self {
         self.timestamp = Some(timestamp);
         self
@@ -237,7 +238,7 @@ impl EnvelopeBuilder {
             event_type: EventType::new(self.event_type)?,
             event_version,
             event_id,
-            timestamp: self.timestamp.unwrap_or_else(SystemTime::now),
+            timestamp: wire::wire_timestamp(self.timestamp.unwrap_or_else(SystemTime::now))?,
             trace_id: self.trace_id,
             correlation_id: self.correlation_id,
             tenant_id: self.tenant_id,

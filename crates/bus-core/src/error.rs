@@ -44,16 +44,31 @@ impl ValidationError {
 impl fmt::Display for ValidationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const SHOWN: usize = 80;
-        if self.value.chars().count() > SHOWN {
-            let head: String = self.value.chars().take(SHOWN).collect();
-            write!(f, "{} `{head}…` is invalid: {}", self.field, self.reason)
+        // Control characters are escaped (`\r`, `\n`, `\0`, ...): a refused value must not
+        // forge lines in the log that prints the error.
+        let shown: String = self
+            .value
+            .chars()
+            .take(SHOWN)
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect();
+        let cut = if self.value.chars().count() > SHOWN {
+            "…"
         } else {
-            write!(
-                f,
-                "{} `{}` is invalid: {}",
-                self.field, self.value, self.reason
-            )
-        }
+            ""
+        };
+        write!(
+            f,
+            "{} `{shown}{cut}` is invalid: {}",
+            self.field, self.reason
+        )
     }
 }
 

@@ -35,6 +35,9 @@ pub struct DeadLetter {
     /// For an `unreadable` message, its header block as stored, in base64: it could not be
     /// carried as headers.
     pub raw_headers: Option<String>,
+    /// Where in the dead-letter stream the body was stored apart, when the letter would not
+    /// fit `max_payload` with it (`payload` holds the body either way).
+    pub body_sequence: Option<u64>,
 }
 
 impl DeadLetter {
@@ -60,6 +63,7 @@ impl DeadLetter {
             headers: Vec::new(),
             payload: message.payload.clone(),
             raw_headers: None,
+            body_sequence: None,
         };
         for (name, values) in message.headers.iter().flat_map(|h| h.iter()) {
             let name: &str = name.as_ref();
@@ -77,9 +81,11 @@ impl DeadLetter {
                     Some(4) => letter.stream_sequence = value.parse().ok(),
                     Some(5) => letter.delivered = value.parse().ok(),
                     Some(6) => letter.raw_headers = Some(value.to_owned()),
-                    _ if name.eq_ignore_ascii_case("Nats-Msg-Id") => {
-                        // The dead letter's own de-duplication key; the original's is its
-                        // event ID, which the envelope carries.
+                    Some(7) => letter.body_sequence = value.parse().ok(),
+                    _ if name.len() >= 5 && name[..5].eq_ignore_ascii_case("Nats-") => {
+                        // The broker's: the dead letter's own de-duplication key (the
+                        // original's is its event ID, which the envelope carries), or headers
+                        // added on delivery. Replaying them could only do harm.
                     }
                     _ => letter.headers.push((name.to_owned(), value.to_owned())),
                 }
@@ -149,7 +155,16 @@ impl NatsBus {
                 let message = message.map_err(|e| {
                     NatsError::api(format!("reading dead letters of `{subject}`"), e)
                 })?;
-                if let Some(letter) = DeadLetter::from_message(&message) {
+                if let Some(mut letter) = DeadLetter::from_message(&message) {
+                    if let Some(body) = letter.body_sequence {
+                        let stored = stream.get_raw_message(body).await.map_err(|e| {
+                            NatsError::api(
+                                format!("reading the body of dead letter {}", letter.sequence),
+                                e,
+                            )
+                        })?;
+                        letter.payload = stored.payload;
+                    }
                     letters.push(letter);
                 }
             }
@@ -166,22 +181,17 @@ impl NatsBus {
     /// Publishes a dead letter's original message on its topic again and, once it is stored,
     /// removes the dead letter. The replay is a new message at the end of the topic, so the
     /// handler sees it after the aggregate's events that followed it when it was dead-lettered.
-    /// Its `Nats-Msg-Id` is derived from the dead letter's position, so replaying the same dead
-    /// letter twice stores it once.
+    /// Its `Nats-Msg-Id` is `replay-<dead letter's position>`, so replaying the same dead letter
+    /// twice stores it once.
     pub async fn replay_dead_letter(&self, letter: &DeadLetter) -> Result<Published, NatsError> {
         let connection = self.shared.connection(&letter.topic).await?;
         let mut headers = async_nats::HeaderMap::new();
         for (name, value) in &letter.headers {
             headers.append(name.as_str(), value.as_str());
         }
-        let event_id = letter
-            .envelope()
-            .map(|e| e.event_id().as_str().to_owned())
-            .unwrap_or_default();
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("replay-{}-{}-{event_id}", letter.topic, letter.sequence),
-        );
+        // Not the event ID: the original may still be in the duplicate window. Short, so that
+        // an original that filled `max_payload` still fits: replaying twice stores it once.
+        headers.insert("Nats-Msg-Id", format!("replay-{}", letter.sequence));
         let what = || {
             format!(
                 "replaying dead letter {} of `{}`",
@@ -205,6 +215,10 @@ impl NatsBus {
             if !ack.duplicate {
                 return Err(NatsError::api(what(), e));
             }
+        }
+        if let Some(body) = letter.body_sequence {
+            // Gone already if replayed before.
+            let _ = dlq.delete_message(body).await;
         }
         Ok(Published {
             topic: letter.topic.clone(),

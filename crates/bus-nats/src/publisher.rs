@@ -58,7 +58,7 @@ struct Message {
 
 /// Bytes of a header block as it travels: `NATS/1.0\r\n`, each `name: value\r\n`, then
 /// `\r\n`; an empty map sends no block. The server counts it against `max_payload`.
-fn header_len(headers: &HeaderMap) -> usize {
+pub(crate) fn header_len(headers: &HeaderMap) -> usize {
     if headers.is_empty() {
         return 0;
     }

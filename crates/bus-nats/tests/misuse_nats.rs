@@ -185,3 +185,70 @@ async fn credentials_in_the_url_authenticate_and_are_never_printed() {
     anonymous.connection.connect_timeout = Duration::from_secs(2);
     assert!(NatsBus::connect(anonymous).await.is_err());
 }
+
+/// An event of exactly `max_payload` bytes fails for good: its dead letter would not fit with
+/// the dead-letter headers added, so its body is stored apart and the letter points at it. It
+/// is dead-lettered once (not redelivered for ever), listed with its whole body, and replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_for_its_headers_is_stored_with_its_body_apart() {
+    use bus_core::HandlerError;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let server = NatsServer::start();
+    let mut config = test_config(&server.url());
+    config.retry.max_attempts = 1;
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("huge").unwrap();
+    let max_payload = bus.client(&topic).await.unwrap().server_info().max_payload;
+    let base = message_size(&envelope("h", 1, Vec::new()));
+    let body = vec![b'h'; max_payload - base];
+    bus.publish(&topic, envelope("h", 1, body.clone()))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    bus.publish(&topic, envelope("h", 2, b"next".to_vec()))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicU64::new(0));
+    let handled = Recorder::new();
+    let subscription = {
+        let (calls, handled, t) = (calls.clone(), handled.clone(), topic.clone());
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (calls, handled, t) = (calls.clone(), handled.clone(), t.clone());
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    if e.event_version() == 1 && e.payload().len() > 100 {
+                        return Err(HandlerError::permanent("too big to handle"));
+                    }
+                    handled.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    handled.wait_unique(1).await; // v2, after v1 was dead-lettered
+    let metrics = subscription.control().unwrap().metrics();
+    assert_eq!(metrics.dead_lettered, 1, "{metrics:?}");
+    let letters = bus.dead_letters(&topic, 10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert!(letter.body_sequence.is_some(), "the body was stored apart");
+    assert_eq!(letter.payload.len(), body.len());
+    assert_eq!(letter.envelope().unwrap().payload(), &body[..]);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "dead-lettered once, not redelivered"
+    );
+    subscription.close().await.unwrap();
+    // The replay brings the whole event back to the topic.
+    bus.replay_dead_letter(letter).await.unwrap();
+    assert!(bus.dead_letters(&topic, 10).await.unwrap().is_empty());
+}

@@ -189,6 +189,11 @@ async fn setup(
         dispatch: dispatch.clone(),
         retry: config.retry.clone(),
         dead_letter_subject: dlq_subject.clone(),
+        dead_letter_body_subject: runner::dead_letter_body_subject(
+            &config.dead_letters.subject_prefix,
+            topic,
+        ),
+        max_payload: connection.max_payload,
         counters: counters.clone(),
         copies: copies.clone(),
         policy: config.on_failure,

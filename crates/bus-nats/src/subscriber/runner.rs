@@ -92,9 +92,11 @@ pub(crate) fn header_pairs(headers: Option<&HeaderMap>) -> impl Iterator<Item = 
 }
 
 /// The headers a dead letter carries besides the original message's own: reason, error,
-/// attempts, topic, the original's stream sequence, its delivery count, and (for a message no
-/// client could read, whose own headers cannot be carried) its raw header block in base64.
-pub fn dead_letter_headers() -> [&'static str; 7] {
+/// attempts, topic, the original's stream sequence, its delivery count, (for a message no client
+/// could read, whose own headers cannot be carried) its raw header block in base64, and (for a
+/// message too large to carry the others besides its body) the dead-letter stream position
+/// where its body was stored apart.
+pub fn dead_letter_headers() -> [&'static str; 8] {
     [
         "Bus-Dlq-Reason",
         "Bus-Dlq-Error",
@@ -103,7 +105,14 @@ pub fn dead_letter_headers() -> [&'static str; 7] {
         "Bus-Dlq-Stream-Seq",
         "Bus-Dlq-Delivered",
         "Bus-Dlq-Raw-Headers",
+        "Bus-Dlq-Body-Seq",
     ]
+}
+
+/// The subject a dead letter's body goes to when it is stored apart: under the dead-letter
+/// prefix, with a `$` token no topic can have.
+pub(crate) fn dead_letter_body_subject(prefix: &str, topic: &Topic) -> String {
+    format!("{prefix}.$body.{topic}")
 }
 
 pub(crate) struct Runner {
@@ -113,6 +122,10 @@ pub(crate) struct Runner {
     pub(crate) dispatch: Dispatch,
     pub(crate) retry: bus_core::RetryPolicy,
     pub(crate) dead_letter_subject: String,
+    /// Where a dead letter's body goes when the letter would not fit with it.
+    pub(crate) dead_letter_body_subject: String,
+    /// The server's `max_payload`.
+    pub(crate) max_payload: usize,
     pub(crate) counters: Arc<Counters>,
     pub(crate) copies: Arc<Mutex<Copies>>,
     pub(crate) policy: FailurePolicy,
@@ -237,14 +250,21 @@ impl Runner {
         attempts: u32,
     ) -> bool {
         let info = message.reply.as_deref().and_then(ack_info);
-        let mut headers = message.headers.clone().unwrap_or_default();
+        // The original's headers, less the pin ID the broker added on delivery.
+        let mut headers = HeaderMap::new();
+        for (name, value) in header_pairs(message.headers.as_ref()) {
+            if !name.eq_ignore_ascii_case("Nats-Pin-Id") {
+                headers.append(name, value);
+            }
+        }
         // Header values cannot hold line breaks.
         let error_text: String = error
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .take(1024)
             .collect();
-        let [h_reason, h_error, h_attempts, h_topic, h_seq, h_delivered, _] = dead_letter_headers();
+        let [h_reason, h_error, h_attempts, h_topic, h_seq, h_delivered, ..] =
+            dead_letter_headers();
         headers.insert(h_reason, reason);
         headers.insert(h_error, error_text.as_str());
         headers.insert(h_attempts, attempts.to_string());
@@ -259,15 +279,28 @@ impl Runner {
             );
         }
         tracing::warn!(topic = %self.topic, reason, error = %error_text, ?info, "dead-lettering message");
+        // The original fitted `max_payload` with its own headers; with the dead-letter headers
+        // added it may not. Then its body is stored apart first, with no headers at all (so it
+        // always fits), and the letter points at it.
+        let apart =
+            crate::publisher::header_len(&headers) + message.payload.len() > self.max_payload;
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=5 {
             let stored = async {
+                let mut headers = headers.clone();
+                let mut payload = message.payload.clone();
+                if apart {
+                    let body = self
+                        .jetstream
+                        .publish(self.dead_letter_body_subject.clone(), payload)
+                        .await?
+                        .await?;
+                    let [.., h_body] = dead_letter_headers();
+                    headers.insert(h_body, body.sequence.to_string());
+                    payload = bytes::Bytes::new();
+                }
                 self.jetstream
-                    .publish_with_headers(
-                        self.dead_letter_subject.clone(),
-                        headers.clone(),
-                        message.payload.clone(),
-                    )
+                    .publish_with_headers(self.dead_letter_subject.clone(), headers, payload)
                     .await?
                     .await
             }
@@ -317,7 +350,9 @@ pub(crate) fn prepare(
             let raw = RawMessage {
                 topic: topic.clone(),
                 subject: message.subject.to_string(),
+                // The pin ID is the broker's, added on delivery: not the message's.
                 headers: header_pairs(message.headers.as_ref())
+                    .filter(|(n, _)| !n.eq_ignore_ascii_case("Nats-Pin-Id"))
                     .map(|(n, v)| (n.to_owned(), v.to_owned()))
                     .collect(),
                 payload: message.payload.clone(),

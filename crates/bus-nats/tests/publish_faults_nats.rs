@@ -136,6 +136,10 @@ async fn pipelined_publishing_reports_every_publish_lost_in_a_cut() {
         outcome.stored, outcome.failed, outcome.reconnections
     );
     assert!(outcome.reconnections >= 1);
+    assert!(
+        outcome.failed > 0,
+        "the cuts lost no pipelined publish: the test shows nothing"
+    );
     assert_eq!(outcome.stored + outcome.failed, total);
     assert!(
         report.unique >= outcome.stored && report.unique <= total,

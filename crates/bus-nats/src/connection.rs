@@ -156,6 +156,15 @@ impl Shared {
             }
         };
         if let Some(tls) = &c.tls {
+            // The client would skip a CA file it cannot read or parse, and fail later with a
+            // handshake error that names no file.
+            for ca in &tls.ca_files {
+                check_pem(ca, "CA certificate", "CERTIFICATE")?;
+            }
+            if let Some((cert, key)) = &tls.client_certificate {
+                check_pem(cert, "client certificate", "CERTIFICATE")?;
+                check_pem(key, "client key", "PRIVATE KEY")?;
+            }
             for ca in &tls.ca_files {
                 options = options.add_root_certificates(ca.clone());
             }
@@ -207,5 +216,28 @@ impl Shared {
             .await
             .map_err(|source| NatsError::Connect { servers, source })?;
         Ok((client, reconnects))
+    }
+}
+
+/// Checks that `path` is a readable PEM file holding a `label` block (`-----BEGIN <label>`,
+/// any `... <label>` such as `RSA PRIVATE KEY` included).
+fn check_pem(path: &std::path::Path, what: &str, label: &str) -> Result<(), NatsError> {
+    let text = std::fs::read(path).map_err(|e| {
+        NatsError::Configuration(format!(
+            "TLS {what} file `{}` could not be read: {e}",
+            path.display()
+        ))
+    })?;
+    let text = String::from_utf8_lossy(&text);
+    let found = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{label}-----")));
+    if found {
+        Ok(())
+    } else {
+        Err(NatsError::Configuration(format!(
+            "TLS {what} file `{}` is not PEM: no `-----BEGIN ...{label}-----` line",
+            path.display()
+        )))
     }
 }

@@ -252,3 +252,30 @@ async fn a_dead_letter_too_large_for_its_headers_is_stored_with_its_body_apart()
     bus.replay_dead_letter(letter).await.unwrap();
     assert!(bus.dead_letters(&topic, 10).await.unwrap().is_empty());
 }
+
+/// A CA file that is missing, or is not PEM, fails the connection at once with an error naming
+/// the file, instead of being skipped and failing later in a handshake that names nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_files_that_cannot_be_used_are_named() {
+    let server = NatsServer::start();
+    let dir = std::env::temp_dir().join(format!("bus-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_pem = dir.join("ca.txt");
+    std::fs::write(&not_pem, "this is no certificate").unwrap();
+    let missing = dir.join("missing-ca.pem");
+    for (file, says) in [(&missing, "could not be read"), (&not_pem, "is not PEM")] {
+        let mut config = test_config(&server.url());
+        config.connection.tls = Some(bus_nats::TlsConfig {
+            ca_files: vec![file.clone()],
+            ..Default::default()
+        });
+        let error = NatsBus::connect(config).await.unwrap_err();
+        assert_eq!(error.kind(), NatsErrorKind::Configuration, "{error}");
+        let text = error.to_string();
+        assert!(
+            text.contains(&file.display().to_string()) && text.contains(says),
+            "{text}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -295,6 +295,9 @@ pub enum SubscribeErrorKind {
     AlreadySubscribed,
     /// The broker-side configuration is missing or differs from what was asked for.
     Configuration,
+    /// The broker refused this client an operation it needs (a subject it may not publish or
+    /// subscribe to); the message names the subject.
+    PermissionDenied,
     /// The connection failed.
     Connection,
     /// Shutdown did not finish within its deadline.

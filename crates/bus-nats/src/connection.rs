@@ -25,6 +25,36 @@ pub(crate) struct TopicConnection {
     /// Counts the connection's re-connections: a change means the socket was replaced, and
     /// whatever the broker wrote to the old one is gone.
     pub(crate) reconnects: watch::Receiver<u64>,
+    /// The last permissions violation the server reported on this connection.
+    pub(crate) violations: watch::Receiver<Option<String>>,
+}
+
+/// What a connection tells the parts that use it.
+pub(crate) struct Signals {
+    pub(crate) reconnects: watch::Receiver<u64>,
+    pub(crate) violations: watch::Receiver<Option<String>>,
+}
+
+/// Runs `operation`, failing it at once with `PermissionDenied` if the server reports a
+/// permissions violation on the connection meanwhile: the server answers a refused publish or
+/// subscription only with that report, so the operation itself would wait for its timeout.
+pub(crate) async fn guarded<T>(
+    violations: &watch::Receiver<Option<String>>,
+    what: impl FnOnce() -> String,
+    operation: impl std::future::Future<Output = Result<T, NatsError>>,
+) -> Result<T, NatsError> {
+    let mut violations = violations.clone();
+    violations.mark_unchanged();
+    tokio::select! {
+        result = operation => result,
+        Ok(()) = violations.changed() => {
+            let violation = violations.borrow().clone().unwrap_or_default();
+            Err(NatsError::PermissionDenied(format!(
+                "{}: the server refused it for this user ({violation}); see docs/permissions.md for the subjects each role needs",
+                what()
+            )))
+        }
+    }
 }
 
 /// What a bus's publishers and subscriptions share: the configuration and the connections.
@@ -51,16 +81,19 @@ impl Shared {
             return Ok(c.clone());
         }
         let shared_client = if self.config.share_connection {
-            self.connections
-                .read()
-                .unwrap()
-                .values()
-                .next()
-                .map(|c| (c.client.clone(), c.reconnects.clone()))
+            self.connections.read().unwrap().values().next().map(|c| {
+                (
+                    c.client.clone(),
+                    Signals {
+                        reconnects: c.reconnects.clone(),
+                        violations: c.violations.clone(),
+                    },
+                )
+            })
         } else {
             None
         };
-        let (client, reconnects) = match shared_client {
+        let (client, signals) = match shared_client {
             Some(shared) => shared,
             None => self.connect(topic).await?,
         };
@@ -71,14 +104,20 @@ impl Shared {
             .backpressure_on_inflight(true)
             .build(client.clone());
         let spec = self.config.stream_for(topic);
-        provision::ensure_stream(&jetstream, &spec, self.config.provisioning).await?;
+        guarded(
+            &signals.violations,
+            || format!("provisioning stream `{}` of topic `{topic}`", spec.name),
+            provision::ensure_stream(&jetstream, &spec, self.config.provisioning),
+        )
+        .await?;
         let connection = Arc::new(TopicConnection {
             subject: async_nats::Subject::from(topic.as_str()),
             max_payload: client.server_info().max_payload,
             client,
             jetstream,
             stream: spec.name,
-            reconnects,
+            reconnects: signals.reconnects,
+            violations: signals.violations,
         });
         self.connections
             .write()
@@ -100,7 +139,7 @@ impl Shared {
     pub(crate) async fn connect(
         &self,
         topic: &Topic,
-    ) -> Result<(async_nats::Client, watch::Receiver<u64>), NatsError> {
+    ) -> Result<(async_nats::Client, Signals), NatsError> {
         let c = &self.config.connection;
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("{}:{topic}", c.client_name))
@@ -180,12 +219,15 @@ impl Shared {
         let event_topic = topic.clone();
         let (reconnected, reconnects) = watch::channel(0u64);
         let reconnected = Arc::new(reconnected);
+        let (violated, violations) = watch::channel(None::<String>);
+        let violated = Arc::new(violated);
         let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
         options = options.event_callback(move |event| {
             let callback = callback.clone();
             let topic = event_topic.clone();
             let reconnected = reconnected.clone();
             let first = first.clone();
+            let violated = violated.clone();
             async move {
                 let event = match event {
                     async_nats::Event::Connected => {
@@ -200,6 +242,15 @@ impl Shared {
                     }
                     async_nats::Event::Disconnected => ConnectionEvent::Disconnected { topic },
                     async_nats::Event::Closed => ConnectionEvent::Closed { topic },
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+                        if text.to_ascii_lowercase().contains("permissions violation") =>
+                    {
+                        violated.send_replace(Some(text.clone()));
+                        ConnectionEvent::Error {
+                            topic,
+                            message: text,
+                        }
+                    }
                     other => ConnectionEvent::Error {
                         topic,
                         message: other.to_string(),
@@ -215,7 +266,13 @@ impl Shared {
             .connect(servers.clone())
             .await
             .map_err(|source| NatsError::Connect { servers, source })?;
-        Ok((client, reconnects))
+        Ok((
+            client,
+            Signals {
+                reconnects,
+                violations,
+            },
+        ))
     }
 }
 

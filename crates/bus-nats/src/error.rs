@@ -24,6 +24,8 @@ pub enum NatsErrorKind {
     Owned,
     /// The bus was closed.
     Closed,
+    /// The server refused this user a subject the operation needs.
+    PermissionDenied,
 }
 
 /// Errors of the NATS transport.
@@ -55,6 +57,9 @@ pub enum NatsError {
     Owned(String),
     /// The bus was closed; nothing more can be done with it.
     Closed(String),
+    /// The server refused this user a subject the operation needs (its permissions); says
+    /// which operation and which subject.
+    PermissionDenied(String),
 }
 
 impl NatsError {
@@ -78,6 +83,7 @@ impl NatsError {
             NatsError::Unsupported(_) => NatsErrorKind::Unsupported,
             NatsError::Owned(_) => NatsErrorKind::Owned,
             NatsError::Closed(_) => NatsErrorKind::Closed,
+            NatsError::PermissionDenied(_) => NatsErrorKind::PermissionDenied,
         }
     }
 }
@@ -92,7 +98,8 @@ impl fmt::Display for NatsError {
             NatsError::Configuration(m)
             | NatsError::Unsupported(m)
             | NatsError::Owned(m)
-            | NatsError::Closed(m) => f.write_str(m),
+            | NatsError::Closed(m)
+            | NatsError::PermissionDenied(m) => f.write_str(m),
             NatsError::Api { what, source } => write!(f, "{what} failed: {source}"),
         }
     }

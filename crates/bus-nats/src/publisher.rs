@@ -92,6 +92,8 @@ struct Route {
     /// The connection's re-connections when last looked at: a change means the acks of what
     /// was sent before may have gone down the old socket.
     reconnects_seen: AtomicU64,
+    /// The connection's permissions violations, to notice a refused publish to the topic.
+    violations: Mutex<tokio::sync::watch::Receiver<Option<String>>>,
 }
 
 /// Sent publishes awaiting their ack, by ID, with when they were sent.
@@ -234,6 +236,7 @@ impl NatsPublisher {
         let connection = self.shared.connection(topic).await.map_err(|e| {
             let kind = match e.kind() {
                 crate::NatsErrorKind::Closed => PublishErrorKind::Closed,
+                crate::NatsErrorKind::PermissionDenied => PublishErrorKind::Rejected,
                 crate::NatsErrorKind::Invalid | crate::NatsErrorKind::Configuration => {
                     PublishErrorKind::Invalid
                 }
@@ -257,8 +260,11 @@ impl NatsPublisher {
             PublishError::new(PublishErrorKind::Closed, "publisher ack task stopped")
         })?;
         let reconnects_seen = AtomicU64::new(*connection.reconnects.borrow());
+        let mut violations = connection.violations.clone();
+        violations.mark_unchanged();
         let route = Arc::new(Route {
             reconnects_seen,
+            violations: Mutex::new(violations),
             connection,
             reply_prefix: format!("{inbox}."),
         });
@@ -555,6 +561,27 @@ async fn collect_acks(
                 // one a duplicate) instead of after the ack timeout.
                 let routes: Vec<(Topic, Arc<Route>)> = state.routes.read().unwrap().iter().map(|(t, r)| (t.clone(), r.clone())).collect();
                 for (topic, route) in routes {
+                    // The server answers a publish this user may not make only with a
+                    // permissions violation report; the ack never comes. Final, not retried.
+                    let refused = {
+                        let mut violations = route.violations.lock().unwrap();
+                        match violations.has_changed() {
+                            Ok(true) => violations.borrow_and_update().clone().filter(|v| {
+                                v.contains(&format!("\"{}\"", route.connection.subject))
+                            }),
+                            _ => None,
+                        }
+                    };
+                    if let Some(violation) = refused {
+                        let lost = state.awaiting.lock().unwrap().of_topic(&topic);
+                        for message in lost {
+                            let error = PublishError::new(
+                                PublishErrorKind::Rejected,
+                                format!("publish on topic `{topic}` refused: the server does not let this user publish to `{topic}` ({violation})"),
+                            );
+                            settled.push((Err(error), message));
+                        }
+                    }
                     let now = *route.connection.reconnects.borrow();
                     if route.reconnects_seen.swap(now, Ordering::AcqRel) != now {
                         let lost = state.awaiting.lock().unwrap().of_topic(&topic);

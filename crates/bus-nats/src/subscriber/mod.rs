@@ -69,6 +69,7 @@ fn subscribe_error(topic: &Topic, error: NatsError) -> SubscribeError {
         NatsErrorKind::Connect | NatsErrorKind::Api => SubscribeErrorKind::Connection,
         NatsErrorKind::Owned => SubscribeErrorKind::AlreadySubscribed,
         NatsErrorKind::Closed => SubscribeErrorKind::Closed,
+        NatsErrorKind::PermissionDenied => SubscribeErrorKind::PermissionDenied,
         _ => SubscribeErrorKind::Configuration,
     };
     SubscribeError::with_source(
@@ -117,11 +118,19 @@ async fn setup(
         ))));
     }
     let want = provision::consumer_config(&name, topic.as_str(), &config.consumer, pinned);
-    provision::ensure_consumer(
-        &connection.jetstream,
-        &connection.stream,
-        &want,
-        config.provisioning,
+    let guard = |what: &'static str| {
+        let name = name.clone();
+        move || format!("{what} `{name}` of topic `{topic}`")
+    };
+    crate::connection::guarded(
+        &connection.violations,
+        guard("provisioning consumer"),
+        provision::ensure_consumer(
+            &connection.jetstream,
+            &connection.stream,
+            &want,
+            config.provisioning,
+        ),
     )
     .await
     .map_err(fail)?;
@@ -133,9 +142,17 @@ async fn setup(
     dlq.replicas = config.dead_letters.replicas;
     let mut dlq_config = provision::stream_config(&dlq);
     dlq_config.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
-    provision::ensure_dead_letter_stream(&connection.jetstream, dlq_config, config.provisioning)
-        .await
-        .map_err(fail)?;
+    crate::connection::guarded(
+        &connection.violations,
+        guard("provisioning the dead-letter stream for consumer"),
+        provision::ensure_dead_letter_stream(
+            &connection.jetstream,
+            dlq_config,
+            config.provisioning,
+        ),
+    )
+    .await
+    .map_err(fail)?;
 
     let next_subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{name}", connection.stream);
     let mode = if pinned {
@@ -143,10 +160,14 @@ async fn setup(
     } else {
         ownership::Mode::Lease {
             kv: Box::new(
-                ownership::lease_store(
-                    &connection.client,
-                    &connection.jetstream,
-                    config.consumer.takeover_after,
+                crate::connection::guarded(
+                    &connection.violations,
+                    guard("opening the ownership lease of consumer"),
+                    ownership::lease_store(
+                        &connection.client,
+                        &connection.jetstream,
+                        config.consumer.takeover_after,
+                    ),
                 )
                 .await
                 .map_err(fail)?,
@@ -172,7 +193,13 @@ async fn setup(
         config.consumer.takeover_after,
         mode,
     );
-    ownership.acquire_or_refuse().await.map_err(fail)?;
+    crate::connection::guarded(
+        &connection.violations,
+        guard("taking the ownership lease of consumer"),
+        ownership.acquire_or_refuse(),
+    )
+    .await
+    .map_err(fail)?;
 
     let counters = Arc::new(Counters::default());
     // Finished positions are remembered for a few windows of MaxAckPending: long enough to

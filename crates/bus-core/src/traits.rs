@@ -173,6 +173,11 @@ pub struct CloseReport {
     /// Messages that were received but not handled before close; the broker delivers them
     /// again to the next subscriber, in order.
     pub returned: u64,
+    /// Messages handled and acknowledged whose acknowledgement the broker had still not taken
+    /// into account when the subscription closed (after it was sent again): the next
+    /// subscriber receives them again, in order. Zero unless the broker lost acknowledgements
+    /// (a cluster electing a consumer leader at that moment).
+    pub unconfirmed: u64,
 }
 
 /// An aggregate whose events wait because one of them failed under

@@ -496,6 +496,7 @@ impl SubscriptionHandle for MemorySubscription {
         let result = CloseReport {
             handled: self.handled.load(Ordering::Relaxed),
             returned: report.not_run.len() as u64 + report.interrupted,
+            unconfirmed: 0,
         };
         if report.interrupted > 0 {
             return Err(SubscribeError::new(

@@ -144,6 +144,8 @@ struct State {
     routing: tokio::sync::Mutex<()>,
     awaiting: Mutex<Awaiting>,
     next_id: AtomicU64,
+    /// Publishes sent again after a transient failure.
+    retries: AtomicU64,
 }
 
 fn chain_key(topic: &Topic, aggregate: &str) -> u64 {
@@ -209,6 +211,7 @@ impl NatsPublisher {
             routing: tokio::sync::Mutex::new(()),
             awaiting: Mutex::new(Awaiting::default()),
             next_id: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
         });
         let (events, rx) = mpsc::unbounded_channel();
         tokio::spawn(collect_acks(rx, state.clone(), shared.clone()));
@@ -222,6 +225,12 @@ impl NatsPublisher {
     /// Publishes whose ack has not arrived yet.
     pub fn outstanding(&self) -> u64 {
         self.state.outstanding.load(Ordering::Relaxed)
+    }
+
+    /// Publishes this publisher has sent again after a transient failure (a lost connection,
+    /// no ack in time, no stream leader), with the same `Nats-Msg-Id`.
+    pub fn retries(&self) -> u64 {
+        self.state.retries.load(Ordering::Relaxed)
     }
 
     /// The topic's connection and ack inbox, set up on the first publish to the topic.
@@ -699,6 +708,7 @@ impl Settler<'_> {
                         * 2u32.pow((elapsed.as_millis() / 500).min(5) as u32))
                     .min(RETRY_MAX_DELAY);
                     tracing::debug!(%topic, %error, ?delay, "publish failed; retrying before the aggregate's later events");
+                    state.retries.fetch_add(1, Ordering::Relaxed);
                     return Next::Retry(message, delay);
                 }
                 tracing::warn!(%topic, %error, "publish failed");
@@ -744,7 +754,9 @@ fn is_transient(error: &PublishError) -> bool {
 }
 
 const RETRY_FIRST_DELAY: Duration = Duration::from_millis(50);
-const RETRY_MAX_DELAY: Duration = Duration::from_secs(2);
+/// At most this long between two sends of a publish failing for a transient reason: an
+/// election or a restart is noticed this soon after it ends.
+const RETRY_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// Resolves a receipt and tells failures to `flush` and the failure callback.
 fn finish(

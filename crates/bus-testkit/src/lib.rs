@@ -4,6 +4,8 @@
 //!   duplicates, cheaply enough to run inside a benchmark with a million aggregates.
 //! * [`NatsServer`]: a real `nats-server` with JetStream on a dynamic port and its own store,
 //!   that can be killed and restarted on the same port and store.
+//! * [`NatsCluster`]: several such servers forming a JetStream cluster on loopback, whose nodes
+//!   can be killed and restarted.
 //! * [`TcpProxy`]: a loopback TCP proxy that cuts every connection through it on demand, to
 //!   inject network failures between a client and the server.
 //! * [`conformance`]: the suite every transport passes.
@@ -15,11 +17,13 @@
 )]
 #![forbid(unsafe_code)]
 
+mod cluster;
 pub mod conformance;
 mod proxy;
 mod server;
 mod verifier;
 
+pub use cluster::NatsCluster;
 pub use proxy::TcpProxy;
 pub use server::{find_nats_server, find_old_nats_server, NatsServer, NatsServerError};
 pub use verifier::{SequenceVerifier, VerifierReport};

@@ -52,6 +52,11 @@ impl Acker {
         self.send(reply.clone(), b"+TERM").await;
     }
 
+    /// Sends `+ACK` at once (acknowledgements sent again at close).
+    pub(crate) async fn ack_now(&self, reply: Subject) {
+        self.send(reply, b"+ACK").await;
+    }
+
     /// Restarts the message's AckWait clock: it is still being worked on.
     pub(crate) async fn progress(&self, reply: Subject) {
         self.send(reply, b"+WPI").await;

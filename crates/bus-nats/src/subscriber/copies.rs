@@ -28,6 +28,9 @@ pub(crate) struct Copies {
     capacity: usize,
     /// Woken when the last message in flight settles.
     drained: std::sync::Arc<tokio::sync::Notify>,
+    /// The ack subjects of the most recently finished messages, so that acknowledgements the
+    /// broker lost (a consumer-leader election) can be sent again before close reports them.
+    recent_acks: VecDeque<Subject>,
 }
 
 impl Copies {
@@ -38,6 +41,7 @@ impl Copies {
             finished_order: VecDeque::new(),
             capacity,
             drained: Default::default(),
+            recent_acks: VecDeque::new(),
         }
     }
 
@@ -66,14 +70,26 @@ impl Copies {
         self.drained.clone()
     }
 
-    fn settled(&mut self, sequence: u64) {
-        if self.in_flight.remove(&sequence).is_some() && self.in_flight.is_empty() {
+    fn settled(&mut self, sequence: u64) -> Option<Subject> {
+        let entry = self.in_flight.remove(&sequence);
+        if entry.is_some() && self.in_flight.is_empty() {
             self.drained.notify_waiters();
         }
+        entry.and_then(|(reply, _)| reply)
+    }
+
+    /// The ack subjects of recently finished messages, newest last.
+    pub(crate) fn recent_acks(&self) -> Vec<Subject> {
+        self.recent_acks.iter().cloned().collect()
     }
 
     pub(crate) fn finish(&mut self, sequence: u64) {
-        self.settled(sequence);
+        if let Some(reply) = self.settled(sequence) {
+            self.recent_acks.push_back(reply);
+            if self.recent_acks.len() > self.capacity / 4 {
+                self.recent_acks.pop_front();
+            }
+        }
         if self.finished.insert(sequence) {
             self.finished_order.push_back(sequence);
             if self.finished_order.len() > self.capacity {
@@ -91,6 +107,11 @@ impl Copies {
 
     pub(crate) fn release(&mut self, sequence: u64) {
         self.settled(sequence);
+    }
+
+    /// Forgets the ack subjects kept for re-sending.
+    pub(crate) fn clear_recent_acks(&mut self) {
+        self.recent_acks.clear();
     }
 }
 

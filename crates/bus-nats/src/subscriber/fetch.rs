@@ -28,6 +28,9 @@ use super::runner::{prepare, Counters, Job, Runner, Work};
 use super::Dispatch;
 use crate::NatsError;
 
+/// How long one attempt to restart delivery may take before it is tried again.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the fetcher needs besides its pool.
 pub(crate) struct FetchPlan {
     pub(crate) client: async_nats::Client,
@@ -130,9 +133,16 @@ impl Fetcher {
                             let restarter = restarter.clone();
                             let counters = counters.clone();
                             async move {
-                                let removed = restarter.remove_unreadable(seen_up_to).await?;
-                                counters.unreadable.fetch_add(removed, Ordering::Relaxed);
-                                counters.dead_lettered.fetch_add(removed, Ordering::Relaxed);
+                                // Best effort: if the stream cannot be read now (an election),
+                                // restart anyway; an unreadable message would drop the
+                                // connection again and be found on the next restart.
+                                match restarter.remove_unreadable(seen_up_to).await {
+                                    Ok(removed) => {
+                                        counters.unreadable.fetch_add(removed, Ordering::Relaxed);
+                                        counters.dead_lettered.fetch_add(removed, Ordering::Relaxed);
+                                    }
+                                    Err(error) => tracing::warn!(topic = %restarter.topic, %error, "looking for unreadable messages failed; restarting delivery without"),
+                                }
                                 restarter.restart().await
                             }
                         })
@@ -162,23 +172,42 @@ impl Fetcher {
         Fut: std::future::Future<Output = Result<T, NatsError>>,
     {
         let mut delay = Duration::from_millis(50);
+        let mut failures = 0u32;
         loop {
             if *self.stop.borrow() {
                 return None;
             }
-            match attempt().await {
-                Ok(value) => return Some(value),
-                Err(error) => {
+            // A request to a stream or consumer without a leader waits for the client's whole
+            // request timeout; an election is over sooner, so attempts are cut short.
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt()).await {
+                Ok(Ok(value)) => return Some(value),
+                Ok(Err(error)) => {
                     tracing::warn!(topic = %self.plan.topic, %error, ?delay, "{what} failed; trying again");
+                }
+                Err(_) => {
+                    tracing::warn!(topic = %self.plan.topic, ?delay, "{what} took over {ATTEMPT_TIMEOUT:?}; trying again");
                 }
             }
             tokio::select! {
                 _ = self.stop.changed() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
-            if let Err(error) = self.plan.restarter.ensure_consumer().await {
-                tracing::warn!(topic = %self.plan.topic, %error, "the consumer could not be checked");
+            delay = (delay * 2).min(Duration::from_millis(250));
+            failures += 1;
+            // A consumer that is gone (deleted, lost with a memory store) answers nothing; check
+            // now and then rather than after every failure, which is usually an election.
+            if failures % 3 != 0 {
+                continue;
+            }
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, self.plan.restarter.ensure_consumer()).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(topic = %self.plan.topic, %error, "the consumer could not be checked")
+                }
+                Err(_) => {
+                    tracing::warn!(topic = %self.plan.topic, "checking the consumer took over {ATTEMPT_TIMEOUT:?}")
+                }
             }
         }
     }
@@ -190,6 +219,8 @@ impl Fetcher {
         let runner = &self.plan.runner;
         runner.term.fetch_add(1, Ordering::AcqRel);
         runner.drop_halts();
+        // Their acks are the new owner's business now.
+        self.plan.copies.lock().unwrap().clear_recent_acks();
         let drained = self.plan.copies.lock().unwrap().drained();
         loop {
             let notified = drained.notified();

@@ -419,15 +419,30 @@ impl SubscriptionHandle for NatsSubscription {
             let returned =
                 report.not_run.len() as u64 + report.interrupted + runner.halted_events();
             tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: pool drained and acks sent");
+            // The broker processes acks after their connection flushed, and a cluster electing
+            // a consumer leader can lose them; a standby that took over before they count
+            // would replay handled events. So the claim is released once the consumer shows no
+            // more than what was returned, the recent acks sent again if it does not.
+            let mut unconfirmed = 0;
             if ownership.is_held() {
-                // The broker processes acks after their connection flushed; a standby that
-                // took over before they count would replay handled events. So the claim is
-                // released once the consumer shows no more than what was returned.
                 let remaining = deadline.saturating_sub(started.elapsed());
-                restarter.wait_for_acks(returned, remaining.min(Duration::from_secs(2))).await;
-                tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: acks confirmed");
+                unconfirmed = restarter
+                    .wait_for_acks(returned, remaining.min(Duration::from_secs(1)))
+                    .await;
+                if unconfirmed > 0 {
+                    let again = runner.copies.lock().unwrap().recent_acks();
+                    tracing::warn!(%topic, unconfirmed, resent = again.len(), "acknowledgements not taken into account by the broker; sending them again");
+                    for reply in again {
+                        acker.ack_now(reply).await;
+                    }
+                    acker.flush().await;
+                    let remaining = deadline.saturating_sub(started.elapsed());
+                    unconfirmed = restarter
+                        .wait_for_acks(returned, remaining.min(Duration::from_secs(2)))
+                        .await;
+                }
+                tracing::debug!(%topic, elapsed = ?started.elapsed(), unconfirmed, "close: acks checked");
                 ownership.release(returned).await;
-                tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: released");
             }
             if report.interrupted > 0 {
                 return Err(SubscribeError::new(
@@ -441,6 +456,7 @@ impl SubscriptionHandle for NatsSubscription {
             Ok(CloseReport {
                 handled: counters.handled.load(Ordering::Relaxed),
                 returned,
+                unconfirmed,
             })
         }
         .await;

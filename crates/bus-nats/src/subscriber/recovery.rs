@@ -149,23 +149,23 @@ impl Restarter {
 
     /// Waits, up to `within`, until the consumer shows at most `expected` messages awaiting
     /// acknowledgement: the broker processes acks some time after they were written, and a
-    /// claim released before they count would hand handled events to the next owner.
-    pub(crate) async fn wait_for_acks(&self, expected: u64, within: std::time::Duration) {
+    /// claim released before they count would hand handled events to the next owner. Returns
+    /// how many more than `expected` are still awaiting acknowledgement (0 when confirmed).
+    pub(crate) async fn wait_for_acks(&self, expected: u64, within: std::time::Duration) -> u64 {
         let deadline = tokio::time::Instant::now() + within;
         let name = self.name().to_owned();
         let Ok(stream) = self.jetstream.get_stream(&self.stream).await else {
-            return;
+            return 0;
         };
         loop {
             match stream.consumer_info(&name).await {
-                Ok(info) if info.num_ack_pending as u64 <= expected => return,
+                Ok(info) if info.num_ack_pending as u64 <= expected => return 0,
                 Ok(info) if tokio::time::Instant::now() >= deadline => {
-                    tracing::warn!(topic = %self.topic, pending = info.num_ack_pending, expected, "acknowledgements not confirmed by the broker before releasing the topic");
-                    return;
+                    return info.num_ack_pending as u64 - expected;
                 }
                 Err(error) if tokio::time::Instant::now() >= deadline => {
                     tracing::warn!(topic = %self.topic, %error, "acknowledgements could not be confirmed");
-                    return;
+                    return 0;
                 }
                 _ => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
             }

@@ -343,3 +343,34 @@ async fn node_loss_under_load_refuses_nothing_overtakes_nothing_repeats_nothing(
         "the reopen repeated events: {after:?}"
     );
 }
+
+/// The conformance suite on the cluster: every topic's stream and the dead letters with three
+/// replicas.
+struct ClusterHarness {
+    bus: NatsBus,
+}
+
+#[async_trait::async_trait]
+impl bus_testkit::conformance::Harness for ClusterHarness {
+    async fn publisher(&self) -> std::sync::Arc<dyn bus_core::Publisher> {
+        std::sync::Arc::new(self.bus.publisher())
+    }
+    async fn subscriber(&self) -> std::sync::Arc<dyn bus_core::Subscriber> {
+        std::sync::Arc::new(self.bus.clone())
+    }
+    fn topic(&self, name: &str) -> Topic {
+        common::conformance_topic_checked(name)
+    }
+}
+
+/// One cluster for the whole suite, run part after part: a cluster per part would start 24
+/// servers at once on two cores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_passes_on_replicated_topics() {
+    let cluster = NatsCluster::start(3).await;
+    let config = common::conformance_config(&cluster.urls(), bus_nats::Retention::WorkQueue, 3);
+    let harness = ClusterHarness {
+        bus: NatsBus::connect(config).await.unwrap(),
+    };
+    bus_testkit::conformance::run_all(&harness).await;
+}

@@ -53,13 +53,7 @@ impl NatsHarness {
     /// A harness whose topics' streams are kept by `retention`.
     pub async fn with_retention(retention: Retention) -> Self {
         let server = NatsServer::start();
-        let mut config = test_config(&server.url());
-        for name in CONFORMANCE_TOPICS {
-            let topic = conformance_topic(name);
-            let mut spec = StreamSpec::new(default_stream_name(&topic), [topic]);
-            spec.retention = retention;
-            config.streams.push(spec);
-        }
+        let config = conformance_config(&server.url(), retention, 1);
         let bus = NatsBus::connect(config).await.expect("connect");
         Self {
             server,
@@ -67,6 +61,30 @@ impl NatsHarness {
             retention,
         }
     }
+}
+
+/// The tests' configuration with a stream of `retention` and `replicas` for every topic the
+/// conformance suite uses.
+pub fn conformance_config(url: &str, retention: Retention, replicas: usize) -> NatsConfig {
+    let mut config = test_config(url);
+    for name in CONFORMANCE_TOPICS {
+        let topic = conformance_topic(name);
+        let mut spec = StreamSpec::new(default_stream_name(&topic), [topic]);
+        spec.retention = retention;
+        spec.replicas = replicas;
+        config.streams.push(spec);
+    }
+    config.dead_letters.replicas = replicas;
+    config
+}
+
+/// The conformance suite's topic for test `name`, which must be one of `CONFORMANCE_TOPICS`.
+pub fn conformance_topic_checked(name: &str) -> Topic {
+    assert!(
+        CONFORMANCE_TOPICS.contains(&name),
+        "topic `{name}` is not in CONFORMANCE_TOPICS, so its stream is not configured"
+    );
+    conformance_topic(name)
 }
 
 #[async_trait]

@@ -97,6 +97,8 @@ struct Scenario {
     rate: Option<f64>,
     /// Publish everything before the consumer starts; throughput is then the drain rate.
     backlog: bool,
+    /// Above 1: run against a cluster of this many nodes, every stream with this many replicas.
+    replicas: usize,
 }
 
 impl Scenario {
@@ -111,6 +113,7 @@ impl Scenario {
             handler_delay: None,
             rate: None,
             backlog: false,
+            replicas: 1,
         }
     }
 
@@ -255,13 +258,8 @@ impl Pacer {
     }
 }
 
-async fn run_bus(
-    s: &Scenario,
-    setup: &BusSetup,
-    server: &NatsServer,
-    sink: Arc<Sink>,
-) -> Result<Timing> {
-    let mut config = NatsConfig::new(&server.url()).with_group("bench");
+async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> Result<Timing> {
+    let mut config = NatsConfig::new(url).with_group("bench");
     config.fetch.batch = setup.batch;
     config.fetch.expires = setup.expires;
     config.consumer.max_ack_pending = setup.max_ack_pending;
@@ -271,8 +269,10 @@ async fn run_bus(
     for (i, topic) in topics_for(s).into_iter().enumerate() {
         let mut spec = bus_nats::StreamSpec::new(format!("BENCH_{i}"), [topic]);
         spec.retention = setup.retention;
+        spec.replicas = s.replicas;
         config.streams.push(spec);
     }
+    config.dead_letters.replicas = s.replicas;
     let bus = NatsBus::connect(config).await?;
     let topics = topics_for(s);
     for topic in &topics {
@@ -369,30 +369,48 @@ async fn run_raw(
     s: &Scenario,
     max_ack_pending: i64,
     bus_wire: bool,
-    server: &NatsServer,
+    url: &str,
     sink: Arc<Sink>,
 ) -> Result<Timing> {
-    let client = async_nats::connect(server.url()).await?;
+    let addrs: Vec<async_nats::ServerAddr> = url
+        .split(',')
+        .map(|u| u.parse())
+        .collect::<Result<_, _>>()?;
+    let client = async_nats::connect(addrs).await?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(4096)
         .backpressure_on_inflight(true)
         .build(client.clone());
     let topic = "raw.t0".to_string();
-    let stream = js
-        .create_stream(stream::Config {
-            name: "RAW".into(),
-            subjects: vec![topic.clone()],
-            storage: stream::StorageType::File,
-            // With the bus's wire format, also the bus's default retention: the broker then
-            // does for each message what it does for the bus's.
-            retention: if bus_wire {
-                stream::RetentionPolicy::WorkQueue
-            } else {
-                stream::RetentionPolicy::Limits
-            },
-            ..Default::default()
-        })
-        .await?;
+    // A cluster that has just formed may still refuse a replicated stream for a moment.
+    let mut attempts = 0;
+    let stream = loop {
+        let created = js
+            .create_stream(stream::Config {
+                name: "RAW".into(),
+                subjects: vec![topic.clone()],
+                storage: stream::StorageType::File,
+                // With the bus's wire format, also the bus's default retention: the broker then
+                // does for each message what it does for the bus's.
+                retention: if bus_wire {
+                    stream::RetentionPolicy::WorkQueue
+                } else {
+                    stream::RetentionPolicy::Limits
+                },
+                num_replicas: s.replicas,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(stream) => break stream,
+            Err(e) if attempts < 40 => {
+                attempts += 1;
+                tracing::warn!(error = %e, "creating the raw stream; trying again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some("raw".into()),
@@ -498,17 +516,41 @@ async fn run_raw(
     })
 }
 
+/// The broker a row runs against: one server, or a cluster.
+enum Broker {
+    Single(NatsServer),
+    Cluster(bus_testkit::NatsCluster),
+}
+
+impl Broker {
+    fn url(&self) -> String {
+        match self {
+            Broker::Single(server) => server.url(),
+            Broker::Cluster(cluster) => cluster.urls(),
+        }
+    }
+}
+
 async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
-    let server = NatsServer::try_start(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let broker = if s.replicas > 1 {
+        Broker::Cluster(
+            bus_testkit::NatsCluster::try_start(s.replicas)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+        )
+    } else {
+        Broker::Single(NatsServer::try_start(&[]).map_err(|e| anyhow::anyhow!("{e}"))?)
+    };
+    let url = broker.url();
     let expected = s.messages();
     let sink = Sink::new(expected, s.handler_delay);
     stats::reset_peak_rss();
     let (sampler, stop) = start_sampler(sink.clone(), bar.clone());
     let timing = match &s.kind {
-        Kind::Ceiling => run_raw(s, 10_000, false, &server, sink.clone()).await,
-        Kind::CeilingWire => run_raw(s, 10_000, true, &server, sink.clone()).await,
-        Kind::Strict => run_raw(s, 1, false, &server, sink.clone()).await,
-        Kind::Bus(setup) => run_bus(s, setup, &server, sink.clone()).await,
+        Kind::Ceiling => run_raw(s, 10_000, false, &url, sink.clone()).await,
+        Kind::CeilingWire => run_raw(s, 10_000, true, &url, sink.clone()).await,
+        Kind::Strict => run_raw(s, 1, false, &url, sink.clone()).await,
+        Kind::Bus(setup) => run_bus(s, setup, &url, sink.clone()).await,
     };
     stop.notify_one();
     let (tasks, threads) = sampler.await?;
@@ -682,6 +724,32 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         10_000,
         versions,
     ));
+    // The same on a 3-node cluster, every stream with three replicas, next to the raw client
+    // there: what replication costs, and what of it is the bus's.
+    rows.extend([
+        Scenario {
+            replicas: 3,
+            ..Scenario::new("ceiling-r3-cluster", Kind::Ceiling, 10_000, versions)
+        },
+        Scenario {
+            replicas: 3,
+            ..Scenario::new(
+                "ceiling-bus-wire-r3-cluster",
+                Kind::CeilingWire,
+                10_000,
+                versions,
+            )
+        },
+        Scenario {
+            replicas: 3,
+            ..Scenario::new(
+                "default-r3-cluster",
+                bus(BusSetup::default_config()),
+                10_000,
+                versions,
+            )
+        },
+    ]);
     if !quick {
         rows.extend([
             Scenario::new(

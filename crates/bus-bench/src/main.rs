@@ -405,7 +405,7 @@ async fn run_raw(
             Ok(stream) => break stream,
             Err(e) if attempts < 40 => {
                 attempts += 1;
-                tracing::warn!(error = %e, "creating the raw stream; trying again");
+                eprintln!("creating the raw stream: {e}; trying again");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(e) => return Err(e.into()),

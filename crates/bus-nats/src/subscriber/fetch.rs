@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::Subject;
 use bus_core::Topic;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use keyed_pool::KeyedPool;
 use tokio::sync::{mpsc, watch};
 
@@ -305,84 +305,26 @@ impl Fetcher {
                         break End::Discontinuity { why: "the pull inbox closed".into(), seen_up_to };
                     };
                     last_reply = Instant::now();
-                    match message.status.map(|s| s.as_u16()) {
-                        None => {
-                            credit = credit.saturating_sub(1);
-                            let info = message.reply.as_deref().and_then(ack_info);
-                            let Some(info) = info else {
-                                tracing::warn!(topic = %plan.topic, reply = ?message.reply, "a delivery without a JetStream ack subject; ignored");
-                                continue;
-                            };
-                            if info.consumer_sequence != next_delivery {
-                                if stopping {
-                                    break End::Stopped;
-                                }
-                                break End::Discontinuity {
-                                    why: format!(
-                                        "delivery {} arrived where {next_delivery} was due",
-                                        info.consumer_sequence
-                                    ),
-                                    seen_up_to,
-                                };
+                    let mut st = Progress { credit, next_delivery, seen_up_to, stopping };
+                    let mut outcome = on_reply(plan, &self.pool, term, &mut st, message).await;
+                    // The rest of what has arrived, without another turn of the select: its other
+                    // branches cost a few wake-up registrations each turn.
+                    let mut burst = 0;
+                    while outcome.is_none() && burst < BURST {
+                        match replies.next().now_or_never() {
+                            Some(Some(message)) => {
+                                outcome = on_reply(plan, &self.pool, term, &mut st, message).await;
+                                burst += 1;
                             }
-                            next_delivery += 1;
-                            seen_up_to = seen_up_to.max(info.stream_sequence);
-                            let sequence = info.stream_sequence;
-                            let seen = plan.copies.lock().unwrap().admit(sequence, message.reply.clone());
-                            if seen != Seen::New {
-                                plan.counters.copies_skipped.fetch_add(1, Ordering::Relaxed);
-                                tracing::debug!(topic = %plan.topic, sequence, ?seen, "redelivered copy recognised; not handled again");
-                                if seen == Seen::Finished {
-                                    // Its first ack was lost or came too early: acknowledge the copy.
-                                    if let Some(reply) = message.reply.clone() {
-                                        plan.acker.ack(reply);
-                                    }
-                                }
-                                continue;
+                            Some(None) => {
+                                outcome = Some(End::Discontinuity { why: "the pull inbox closed".into(), seen_up_to: st.seen_up_to });
                             }
-                            let (key, input) = prepare(&plan.topic, &plan.dispatch, &message);
-                            let job = Box::new(Job { key: key.clone(), sequence: Some(sequence), message, input, term });
-                            if self.pool.submit(&key, Work::Message(job)).await.is_err() {
-                                break End::Stopped;
-                            }
+                            None => break,
                         }
-                        Some(100) => {} // idle heartbeat
-                        Some(423) => {
-                            break if stopping { End::Stopped } else {
-                                End::Lost("the broker pinned another subscriber (423)".into())
-                            };
-                        }
-                        Some(status) => {
-                            // 408 (expired), 404 (nothing), 409 (limits, leadership change): the
-                            // request is over; its undelivered part is in Nats-Pending-Messages.
-                            let pending = message
-                                .headers
-                                .as_ref()
-                                .and_then(|h| h.get("Nats-Pending-Messages"))
-                                .and_then(|v| v.as_str().parse::<usize>().ok())
-                                .unwrap_or(plan.batch);
-                            credit = credit.saturating_sub(pending);
-                            let description = message.description.clone().unwrap_or_default();
-                            if status == 409 && description.to_ascii_lowercase().contains("leadership") {
-                                // The new consumer leader may not know what the old one handed
-                                // out; those messages would come back only after AckWait.
-                                break if stopping { End::Stopped } else {
-                                    End::Discontinuity { why: format!("pull request refused: {description}"), seen_up_to }
-                                };
-                            }
-                            if status == 409 && description.to_ascii_lowercase().contains("deleted") {
-                                break if stopping { End::Stopped } else {
-                                    End::Discontinuity { why: format!("pull request refused: {description}"), seen_up_to }
-                                };
-                            }
-                            if status == 400 {
-                                tracing::error!(topic = %plan.topic, %description, "pull request refused as malformed");
-                                break End::Discontinuity { why: format!("pull request refused: {description}"), seen_up_to };
-                            }
-                            if status == 409 {
-                                tracing::warn!(topic = %plan.topic, %description, "pull request refused");
-                            }
-                        }
+                    }
+                    Progress { credit, next_delivery, seen_up_to, stopping } = st;
+                    if let Some(end) = outcome {
+                        break end;
                     }
                 }
                 Some((key, skip)) = self.control.recv(), if !stopping => {
@@ -407,4 +349,134 @@ impl Fetcher {
         let _ = replies.unsubscribe().await;
         Ok(end)
     }
+}
+
+/// How many replies the fetcher takes in one turn of its select.
+const BURST: usize = 256;
+
+/// Where an epoch's deliveries stand.
+struct Progress {
+    /// Messages asked for and neither delivered nor expired yet.
+    credit: usize,
+    /// The consumer sequence the next delivery must carry.
+    next_delivery: u64,
+    /// The highest stream sequence received.
+    seen_up_to: u64,
+    stopping: bool,
+}
+
+/// Handles one reply on the epoch's inbox: a delivery (dispatched if it is the next in
+/// sequence and not a copy) or a status. `Some` ends the epoch.
+async fn on_reply(
+    plan: &FetchPlan,
+    pool: &KeyedPool<Work>,
+    term: u64,
+    st: &mut Progress,
+    message: async_nats::Message,
+) -> Option<End> {
+    match message.status.map(|s| s.as_u16()) {
+        None => {
+            st.credit = st.credit.saturating_sub(1);
+            let info = message.reply.as_deref().and_then(ack_info);
+            let Some(info) = info else {
+                tracing::warn!(topic = %plan.topic, reply = ?message.reply, "a delivery without a JetStream ack subject; ignored");
+                return None;
+            };
+            if info.consumer_sequence != st.next_delivery {
+                if st.stopping {
+                    return Some(End::Stopped);
+                }
+                return Some(End::Discontinuity {
+                    why: format!(
+                        "delivery {} arrived where {} was due",
+                        info.consumer_sequence, st.next_delivery
+                    ),
+                    seen_up_to: st.seen_up_to,
+                });
+            }
+            st.next_delivery += 1;
+            st.seen_up_to = st.seen_up_to.max(info.stream_sequence);
+            let sequence = info.stream_sequence;
+            let seen = plan
+                .copies
+                .lock()
+                .unwrap()
+                .admit(sequence, message.reply.clone());
+            if seen != Seen::New {
+                plan.counters.copies_skipped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(topic = %plan.topic, sequence, ?seen, "redelivered copy recognised; not handled again");
+                if seen == Seen::Finished {
+                    // Its first ack was lost or came too early: acknowledge the copy.
+                    if let Some(reply) = message.reply.clone() {
+                        plan.acker.ack(reply);
+                    }
+                }
+                return None;
+            }
+            let (key, input) = prepare(&plan.topic, &plan.dispatch, &message);
+            let job = Box::new(Job {
+                key: key.clone(),
+                sequence: Some(sequence),
+                message,
+                input,
+                term,
+            });
+            if pool.submit(&key, Work::Message(job)).await.is_err() {
+                return Some(End::Stopped);
+            }
+        }
+        Some(100) => {} // idle heartbeat
+        Some(423) => {
+            return Some(if st.stopping {
+                End::Stopped
+            } else {
+                End::Lost("the broker pinned another subscriber (423)".into())
+            });
+        }
+        Some(status) => {
+            // 408 (expired), 404 (nothing), 409 (limits, leadership change): the
+            // request is over; its undelivered part is in Nats-Pending-Messages.
+            let pending = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Pending-Messages"))
+                .and_then(|v| v.as_str().parse::<usize>().ok())
+                .unwrap_or(plan.batch);
+            st.credit = st.credit.saturating_sub(pending);
+            let description = message.description.clone().unwrap_or_default();
+            if status == 409 && description.to_ascii_lowercase().contains("leadership") {
+                // The new consumer leader may not know what the old one handed
+                // out; those messages would come back only after AckWait.
+                return Some(if st.stopping {
+                    End::Stopped
+                } else {
+                    End::Discontinuity {
+                        why: format!("pull request refused: {description}"),
+                        seen_up_to: st.seen_up_to,
+                    }
+                });
+            }
+            if status == 409 && description.to_ascii_lowercase().contains("deleted") {
+                return Some(if st.stopping {
+                    End::Stopped
+                } else {
+                    End::Discontinuity {
+                        why: format!("pull request refused: {description}"),
+                        seen_up_to: st.seen_up_to,
+                    }
+                });
+            }
+            if status == 400 {
+                tracing::error!(topic = %plan.topic, %description, "pull request refused as malformed");
+                return Some(End::Discontinuity {
+                    why: format!("pull request refused: {description}"),
+                    seen_up_to: st.seen_up_to,
+                });
+            }
+            if status == 409 {
+                tracing::warn!(topic = %plan.topic, %description, "pull request refused");
+            }
+        }
+    }
+    None
 }

@@ -309,20 +309,29 @@ pub(crate) async fn ensure_stream(
         (Provisioning::Create | Provisioning::CreateOrUpdate, None) => {
             match js.create_stream(want).await {
                 Ok(_) => Ok(()),
-                Err(e) => Err(storage_hint(
+                Err(e) => Err(creation_hint(
                     NatsError::api(format!("creating stream `{}`", spec.name), e),
                     spec.max_bytes,
+                    spec.replicas,
                 )),
             }
         }
     }
 }
 
-/// Adds to a refused stream creation what to change when the server lacks the storage: each
-/// stream reserves its `max_bytes` of the server's `max_file_store` (or `max_memory_store`).
-fn storage_hint(error: NatsError, max_bytes: i64) -> NatsError {
+/// Adds to a refused stream creation what to change: more replicas than the cluster has nodes,
+/// or storage the server lacks (each stream reserves its `max_bytes` of the server's
+/// `max_file_store` or `max_memory_store`).
+fn creation_hint(error: NatsError, max_bytes: i64, replicas: usize) -> NatsError {
     let text = error.to_string();
-    if text.contains("insufficient") && text.contains("resources") {
+    let insufficient = text.contains("insufficient") && text.contains("resources");
+    if replicas > 1 && (text.contains("replicas") || insufficient) {
+        NatsError::Configuration(format!(
+            "{text}: the stream asks for {replicas} replicas, and needs a JetStream cluster of at \
+             least {replicas} nodes (with room for it on each); lower `StreamSpec::replicas` \
+             (or `DeadLetterConfig::replicas`) to what the cluster has"
+        ))
+    } else if insufficient {
         NatsError::Configuration(format!(
             "{text}: every stream reserves its max_bytes ({max_bytes} bytes here; the default is \
              1 GiB per topic and 128 MiB for dead letters) of the server's max_file_store; lower \
@@ -452,14 +461,15 @@ pub(crate) async fn ensure_dead_letter_stream(
                     Provisioning::Create | Provisioning::CreateOrUpdate
                 ) =>
         {
-            let max_bytes = want.max_bytes;
+            let (max_bytes, replicas) = (want.max_bytes, want.num_replicas);
             match js.create_stream(want.clone()).await {
                 Ok(_) => Ok(()),
                 // Another subscription created it meanwhile.
                 Err(_) if js.get_stream(&want.name).await.is_ok() => Ok(()),
-                Err(e) => Err(storage_hint(
+                Err(e) => Err(creation_hint(
                     NatsError::api(format!("creating dead-letter stream `{}`", want.name), e),
                     max_bytes,
+                    replicas,
                 )),
             }
         }

@@ -374,3 +374,29 @@ async fn the_conformance_suite_passes_on_replicated_topics() {
     };
     bus_testkit::conformance::run_all(&harness).await;
 }
+
+/// A stream asking for more replicas than there are nodes is refused when the topic is first
+/// used, with an error that names the stream and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_replicas_than_nodes_is_refused_clearly() {
+    let server = bus_testkit::NatsServer::start();
+    let topic = Topic::new("overreplicated").unwrap();
+    let mut config = common::test_config(&server.url());
+    let mut spec = StreamSpec::new(default_stream_name(&topic), [topic.clone()]);
+    spec.replicas = 3;
+    config.streams.push(spec);
+    let bus = NatsBus::connect(config).await.unwrap();
+    let error = bus
+        .publish(
+            &topic,
+            bus_core::Envelope::builder("o", "Over", 1).build().unwrap(),
+        )
+        .await
+        .unwrap_err();
+    let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+    eprintln!("{text}");
+    assert!(
+        text.contains("BUS_OVERREPLICATED") && text.contains("3 replicas"),
+        "{text}"
+    );
+}

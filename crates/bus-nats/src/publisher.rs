@@ -238,6 +238,13 @@ impl NatsPublisher {
         if let Some(route) = self.state.routes.read().unwrap().get(topic) {
             return Ok(route.clone());
         }
+        // Boxed: the first publish to a topic connects and provisions, and that future is
+        // large; inlined, every publish's future would carry (and copy) its size.
+        Box::pin(self.new_route(topic)).await
+    }
+
+    /// Connects, provisions and subscribes to the ack inbox of a topic's first publish.
+    async fn new_route(&self, topic: &Topic) -> Result<Arc<Route>, PublishError> {
         let _one_at_a_time = self.state.routing.lock().await;
         if let Some(route) = self.state.routes.read().unwrap().get(topic) {
             return Ok(route.clone());

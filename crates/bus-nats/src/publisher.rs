@@ -138,9 +138,9 @@ struct State {
     first_error: Mutex<Option<PublishError>>,
     closed: AtomicBool,
     /// Aggregate chains with a publish awaiting its ack → the publishes waiting behind it.
-    chains: Mutex<HashMap<u64, VecDeque<Message>>>,
+    chains: Mutex<HashMap<u64, VecDeque<Message>, ahash::RandomState>>,
     /// Each topic's connection and ack inbox, set up on its first publish.
-    routes: RwLock<HashMap<Topic, Arc<Route>>>,
+    routes: RwLock<HashMap<Topic, Arc<Route>, ahash::RandomState>>,
     routing: tokio::sync::Mutex<()>,
     awaiting: Mutex<Awaiting>,
     next_id: AtomicU64,
@@ -206,8 +206,8 @@ impl NatsPublisher {
             idle: Notify::new(),
             first_error: Mutex::new(None),
             closed: AtomicBool::new(false),
-            chains: Mutex::new(HashMap::new()),
-            routes: RwLock::new(HashMap::new()),
+            chains: Mutex::new(HashMap::default()),
+            routes: RwLock::new(HashMap::default()),
             routing: tokio::sync::Mutex::new(()),
             awaiting: Mutex::new(Awaiting::default()),
             next_id: AtomicU64::new(0),

@@ -128,6 +128,28 @@ pub(crate) fn wire_timestamp(time: SystemTime) -> Result<SystemTime, ValidationE
     Ok(UNIX_EPOCH + Duration::from_micros(micros))
 }
 
+/// The partition of a topic with `partitions` partitions that an aggregate's events go to:
+/// FNV-1a (32 bits) of the aggregate ID's bytes, modulo `partitions`.
+///
+/// It is the function of nats-server's `partition(n, ...)` subject mapping, so a stream
+/// transform `{{partition(n,1)}}` over a subject whose token 1 is the aggregate ID puts events in
+/// the same partition (for IDs without a `.`); other languages reproduce it in a few lines.
+/// `partitions` of 0 or 1 means no partitioning: always 0.
+///
+/// ```
+/// assert_eq!(bus_core::wire::partition_of("account-42", 8), 5);
+/// assert_eq!(bus_core::wire::partition_of("anything", 1), 0);
+/// ```
+pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
+    if partitions <= 1 {
+        return 0;
+    }
+    let hash = aggregate_id.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    hash % partitions
+}
+
 /// Calls `put(name, value)` for every header of `envelope`, required ones first.
 pub fn encode_headers(envelope: &Envelope, mut put: impl FnMut(&str, &str)) {
     use std::fmt::Write as _;

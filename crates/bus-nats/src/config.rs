@@ -338,7 +338,17 @@ pub struct StreamSpec {
     pub file_storage: bool,
     /// Replicas, 1 to 5 (default 1).
     pub replicas: usize,
+    /// Partitions of each topic of the stream, 1 to [`MAX_PARTITIONS`] (default 1: none).
+    /// With `n` > 1, topic `t` is stored on subjects `t.0` … `t.<n-1>`, an event on
+    /// `t.<partition>` where the partition is [`bus_core::wire::partition_of`] of its aggregate
+    /// ID; each partition has its own consumer, and the processes of a consumer group share the
+    /// partitions out. Changing `n` of a topic that holds events is refused: it would move
+    /// aggregates between partitions; drain the topic first, or move to a new topic.
+    pub partitions: u32,
 }
+
+/// The most partitions a topic may have.
+pub const MAX_PARTITIONS: u32 = 1024;
 
 impl StreamSpec {
     /// A stream named `name` holding `topics`, with the default limits.
@@ -352,6 +362,7 @@ impl StreamSpec {
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             file_storage: true,
             replicas: 1,
+            partitions: 1,
         }
     }
 }
@@ -584,6 +595,13 @@ impl NatsConfig {
                     "a stream needs at least one topic",
                 ));
             }
+            if !(1..=MAX_PARTITIONS).contains(&stream.partitions) {
+                return Err(ValidationError::new(
+                    "stream.partitions",
+                    stream.partitions.to_string(),
+                    format!("must be 1 to {MAX_PARTITIONS}"),
+                ));
+            }
             if !(1..=5).contains(&stream.replicas) {
                 return Err(ValidationError::new(
                     "stream.replicas",
@@ -713,6 +731,14 @@ impl NatsConfig {
     pub fn with_group(mut self, group: impl Into<String>) -> Self {
         self.consumer.group = group.into();
         self
+    }
+
+    /// The partitions of `topic` (1 when it is not partitioned).
+    pub fn partitions_of(&self, topic: &Topic) -> u32 {
+        self.streams
+            .iter()
+            .find(|s| s.topics.contains(topic))
+            .map_or(1, |s| s.partitions.max(1))
     }
 
     /// The durable consumer name of `topic`.

@@ -17,6 +17,8 @@ use crate::{provision, NatsError};
 pub(crate) struct TopicConnection {
     /// The topic as a subject, built once.
     pub(crate) subject: async_nats::Subject,
+    /// For a partitioned topic, the subject of each partition (`<topic>.<p>`); empty otherwise.
+    pub(crate) partitions: Vec<async_nats::Subject>,
     pub(crate) client: async_nats::Client,
     pub(crate) jetstream: jetstream::Context,
     pub(crate) stream: String,
@@ -27,6 +29,18 @@ pub(crate) struct TopicConnection {
     pub(crate) reconnects: watch::Receiver<u64>,
     /// The last permissions violation the server reported on this connection.
     pub(crate) violations: watch::Receiver<Option<String>>,
+}
+
+impl TopicConnection {
+    /// The subject an event of `aggregate` is published on.
+    pub(crate) fn subject_for(&self, aggregate: &str) -> &async_nats::Subject {
+        if self.partitions.is_empty() {
+            &self.subject
+        } else {
+            let p = bus_core::wire::partition_of(aggregate, self.partitions.len() as u32);
+            &self.partitions[p as usize]
+        }
+    }
 }
 
 /// What a connection tells the parts that use it.
@@ -112,6 +126,14 @@ impl Shared {
         .await?;
         let connection = Arc::new(TopicConnection {
             subject: async_nats::Subject::from(topic.as_str()),
+            partitions: if spec.partitions > 1 {
+                provision::partition_subjects(topic.as_str(), spec.partitions)
+                    .into_iter()
+                    .map(async_nats::Subject::from)
+                    .collect()
+            } else {
+                Vec::new()
+            },
             max_payload: client.server_info().max_payload,
             client,
             jetstream,

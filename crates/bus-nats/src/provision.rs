@@ -9,10 +9,27 @@ use bus_core::Topic;
 use crate::config::{ConsumerSpec, Provisioning, Retention, StreamSpec};
 use crate::NatsError;
 
+/// The subjects of a stream: each topic, or each topic's partitions.
+pub(crate) fn stream_subjects(spec: &StreamSpec) -> Vec<String> {
+    spec.topics
+        .iter()
+        .flat_map(|t| partition_subjects(t.as_str(), spec.partitions))
+        .collect()
+}
+
+/// The subjects of topic `topic` with `partitions` partitions (`topic` itself when 1).
+pub(crate) fn partition_subjects(topic: &str, partitions: u32) -> Vec<String> {
+    if partitions <= 1 {
+        vec![topic.to_owned()]
+    } else {
+        (0..partitions).map(|p| format!("{topic}.{p}")).collect()
+    }
+}
+
 pub(crate) fn stream_config(spec: &StreamSpec) -> stream::Config {
     stream::Config {
         name: spec.name.clone(),
-        subjects: spec.topics.iter().map(|t| t.to_string()).collect(),
+        subjects: stream_subjects(spec),
         retention: match spec.retention {
             Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
             // The bus removes what every consumer has acknowledged (`retention.rs`).
@@ -223,6 +240,59 @@ fn refuse_foreign(spec: &StreamSpec, foreign: &[String]) -> NatsError {
     ))
 }
 
+/// Whether a stream's topics are partitioned differently from the configuration.
+enum Repartition {
+    /// No: the difference is something else.
+    No,
+    /// Yes, and the stream holds no message: the count may change.
+    Drained,
+    /// Yes, and it holds messages: aggregates would change partition, and their order with them.
+    Refused(NatsError),
+}
+
+async fn repartitioned(
+    js: &jetstream::Context,
+    spec: &StreamSpec,
+    have: &stream::Config,
+) -> Repartition {
+    for topic in &spec.topics {
+        let t = topic.as_str();
+        let stored: Vec<&String> = have
+            .subjects
+            .iter()
+            .filter(|s| {
+                *s == t
+                    || s.strip_prefix(t)
+                        .and_then(|r| r.strip_prefix('.'))
+                        .is_some_and(|p| p.parse::<u32>().is_ok())
+            })
+            .collect();
+        let had = if stored.len() == 1 && stored[0] == t {
+            1
+        } else {
+            stored.len() as u32
+        };
+        if had == 0 || had == spec.partitions {
+            continue;
+        }
+        let messages = match js.get_stream(&spec.name).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(u64::MAX),
+            Err(_) => u64::MAX,
+        };
+        if messages == 0 {
+            return Repartition::Drained;
+        }
+        return Repartition::Refused(NatsError::Configuration(format!(
+            "topic `{topic}` has {had} partition(s) in stream `{}` and {} in the configuration; \
+             changing the count moves aggregates between partitions, so it is refused while the \
+             stream holds messages ({messages} now): drain the topic first, or publish to a new \
+             topic with the new count",
+            spec.name, spec.partitions
+        )));
+    }
+    Repartition::No
+}
+
 /// Whether the broker said that the stream does not exist.
 fn stream_missing(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
@@ -257,7 +327,12 @@ pub(crate) async fn ensure_stream(
     if let Some(have) = &existing {
         let foreign = foreign_subjects(&want, have);
         if !foreign.is_empty() && strategy != Provisioning::UseExisting {
-            return Err(refuse_foreign(spec, &foreign));
+            match repartitioned(js, spec, have).await {
+                Repartition::Refused(error) => return Err(error),
+                // Empty: the count may change; the update below does it.
+                Repartition::Drained if strategy == Provisioning::CreateOrUpdate => {}
+                _ => return Err(refuse_foreign(spec, &foreign)),
+            }
         }
         let missing: Vec<&Topic> = spec
             .topics

@@ -312,6 +312,12 @@ impl NatsPublisher {
             ));
         }
         let route = self.route(topic).await?;
+        if envelope.is_none() && !route.connection.partitions.is_empty() {
+            return Err(PublishError::new(
+                PublishErrorKind::Invalid,
+                format!("topic `{topic}` is partitioned: publish envelopes, whose aggregate ID picks the partition, not raw messages"),
+            ));
+        }
         let max_payload = route.connection.max_payload;
         let (header_len, payload_len) = (header_len(&headers), payload.len());
         if payload_len + header_len > max_payload {
@@ -406,6 +412,13 @@ async fn transmit(
         (None, Some(e)) => (envelope_headers(e), e.payload().clone()),
         (None, None) => unreachable!("raw publishes are sent once"),
     };
+    let subject = match &message.envelope {
+        Some(e) => route
+            .connection
+            .subject_for(e.aggregate_id().as_str())
+            .clone(),
+        None => route.connection.subject.clone(),
+    };
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let reply = Subject::from(format!("{}{id}", route.reply_prefix));
     // In the map before it is written: the ack may come back before the write returns.
@@ -418,7 +431,7 @@ async fn transmit(
     let written = route
         .connection
         .client
-        .publish_with_reply_and_headers(route.connection.subject.clone(), reply, headers, payload)
+        .publish_with_reply_and_headers(subject, reply, headers, payload)
         .await;
     match written {
         Ok(()) => Ok(()),
@@ -583,7 +596,8 @@ async fn collect_acks(
                         let mut violations = route.violations.lock().unwrap();
                         match violations.has_changed() {
                             Ok(true) => violations.borrow_and_update().clone().filter(|v| {
-                                v.contains(&format!("\"{}\"", route.connection.subject))
+                                let topic = route.connection.subject.as_str();
+                                v.contains(&format!("\"{topic}\"")) || v.contains(&format!("\"{topic}."))
                             }),
                             _ => None,
                         }

@@ -1,0 +1,152 @@
+//! Partitioned topics: where events go, and that other clients can put them there too.
+
+mod common;
+
+use bus_core::{wire::partition_of, Envelope, Publisher, Topic};
+use bus_nats::{NatsBus, StreamSpec};
+use bus_testkit::NatsServer;
+
+/// The bus's partition function is nats-server's: a stream transform
+/// `{{partition(8,1)}}` puts a subject whose token 1 is the aggregate ID in the same partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_function_is_the_brokers() {
+    use async_nats::jetstream::stream;
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .create_stream(stream::Config {
+            name: "TRANSFORMED".into(),
+            subjects: vec!["tx.*".into()],
+            subject_transform: Some(stream::SubjectTransform {
+                source: "tx.*".into(),
+                destination: "tx.{{partition(8,1)}}.{{wildcard(1)}}".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..200)
+        .map(|i| format!("account-{i}"))
+        .chain(["a".into(), "order:7/x".into(), "ÜTF-8".into()])
+        .collect();
+    for id in &ids {
+        js.publish(format!("tx.{id}"), "x".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let stored = stream.get_raw_message(i as u64 + 1).await.unwrap();
+        assert_eq!(
+            stored.subject.as_str(),
+            format!("tx.{}.{id}", partition_of(id, 8)),
+            "aggregate `{id}`"
+        );
+    }
+}
+
+/// Events of a partitioned topic are stored on `<topic>.<partition of their aggregate>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_stored_on_their_aggregates_partition() {
+    let server = NatsServer::start();
+    let topic = Topic::new("parted").unwrap();
+    let mut config = common::test_config(&server.url());
+    let mut spec = StreamSpec::new("PARTED", [topic.clone()]);
+    spec.partitions = 4;
+    config.streams.push(spec);
+    let bus = NatsBus::connect(config).await.unwrap();
+    for a in 0..20 {
+        let e = Envelope::builder(format!("p-{a}"), "Parted", 1)
+            .build()
+            .unwrap();
+        bus.publish(&topic, e).await.unwrap().await.unwrap();
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let stream = js.get_stream("PARTED").await.unwrap();
+    for seq in 1..=20u64 {
+        let stored = stream.get_raw_message(seq).await.unwrap();
+        let headers: Vec<(String, String)> = stored
+            .headers
+            .iter()
+            .flat_map(|(n, vs)| vs.iter().map(move |v| (n.to_string(), v.to_string())))
+            .collect();
+        let e = bus_core::wire::decode(
+            headers.iter().map(|(n, v)| (n.as_str(), v.as_str())),
+            stored.payload.clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            stored.subject.as_str(),
+            format!("parted.{}", partition_of(e.aggregate_id().as_str(), 4))
+        );
+    }
+    // A raw message has no aggregate to pick a partition by.
+    let error = bus
+        .publish_raw(&topic, Vec::new(), "raw".into())
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), bus_core::PublishErrorKind::Invalid, "{error}");
+}
+
+/// The partition count of a topic that holds events cannot change (aggregates would move and
+/// lose their order); it can once the topic is drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_partition_count_is_refused_unless_drained() {
+    let server = NatsServer::start();
+    let topic = Topic::new("recount").unwrap();
+    let with = |partitions: u32| {
+        let mut config = common::test_config(&server.url());
+        let mut spec = StreamSpec::new("RECOUNT", [topic.clone()]);
+        spec.partitions = partitions;
+        spec.retention = bus_nats::Retention::Limits;
+        config.streams.push(spec);
+        config
+    };
+    let four = NatsBus::connect(with(4)).await.unwrap();
+    four.publish(
+        &topic,
+        Envelope::builder("r", "Counted", 1).build().unwrap(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let two = NatsBus::connect(with(2)).await.unwrap();
+    let error = two
+        .publish(
+            &topic,
+            Envelope::builder("r", "Counted", 2).build().unwrap(),
+        )
+        .await
+        .unwrap_err();
+    let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+    assert!(
+        text.contains("4 partition(s)") && text.contains("2 in the configuration"),
+        "{text}"
+    );
+    // Drained, it may change.
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    js.get_stream("RECOUNT")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    let two = NatsBus::connect(with(2)).await.unwrap();
+    two.publish(
+        &topic,
+        Envelope::builder("r", "Counted", 2).build().unwrap(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut stream = js.get_stream("RECOUNT").await.unwrap();
+    let subjects = stream.info().await.unwrap().config.subjects.clone();
+    assert_eq!(
+        subjects,
+        vec!["recount.0".to_owned(), "recount.1".to_owned()]
+    );
+}

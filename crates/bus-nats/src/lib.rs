@@ -74,7 +74,7 @@ pub use error::{NatsError, NatsErrorKind};
 /// The keyed pool's settings, as `NatsConfig::pool` takes them.
 pub use keyed_pool::PoolConfig;
 pub use publisher::{message_size, NatsPublisher, PublishFailure};
-pub use subscriber::dead_letter_headers;
+pub use subscriber::{current_delivery, dead_letter_headers, Delivery};
 
 /// The NATS JetStream transport: a [`Publisher`] (through its default [`NatsPublisher`]) and a
 /// [`Subscriber`]. Clones share connections.

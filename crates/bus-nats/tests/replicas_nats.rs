@@ -14,33 +14,26 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
-use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
+use bus_core::{Envelope, Publisher, Topic};
 use bus_nats::NatsBus;
-use bus_testkit::{NatsServer, SequenceVerifier};
+use bus_testkit::NatsServer;
+use common::replicas::{
+    calls, first_call_after, history, now_ns, owner, tempfile_dir, unique_handled, wait_handled,
+    Replica, STEP,
+};
 
 const AGGREGATES: u64 = 40;
 /// Versions published at least, however early the handovers are done.
 const MIN_VERSIONS: u64 = 100;
 /// Short, so the test does not wait long for the takeover after the kill.
 const TAKEOVER_AFTER: Duration = Duration::from_secs(2);
-const STEP: Duration = Duration::from_secs(60);
 
 fn topic() -> Topic {
     Topic::new("replicated").unwrap()
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
 }
 
 fn main() {
@@ -49,291 +42,17 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    if let Ok(url) = std::env::var("BUS_REPLICA_URL") {
-        let log = std::env::var("BUS_REPLICA_LOG").expect("replica log path");
-        let name = std::env::var("BUS_REPLICA_NAME").expect("replica name");
-        runtime.block_on(replica(url, PathBuf::from(log), name));
+    if common::replicas::run_if_replica(&runtime, topic(), |url| {
+        let mut config = common::test_config(url);
+        config.consumer.takeover_after = TAKEOVER_AFTER;
+        config
+    }) {
         return;
     }
     println!("running 1 test");
     owner_killed_then_closed_while_standbys_wait(&runtime);
     println!("test owner_killed_then_closed_while_standbys_wait ... ok");
     println!("\nreplicas_nats: 1 passed, 0 failed");
-}
-
-/// One replica: subscribes, records every handler call, reports ownership changes on stdout,
-/// and closes gracefully when told so on stdin.
-async fn replica(url: String, log: PathBuf, name: String) {
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .init();
-    }
-    let mut config = common::test_config(&url);
-    config.consumer.takeover_after = TAKEOVER_AFTER;
-    let bus = NatsBus::connect(config).await.unwrap();
-    let file = Arc::new(Mutex::new(std::fs::File::create(log).unwrap()));
-    let subscription = {
-        let name = name.clone();
-        bus.subscribe(
-            &topic(),
-            Arc::new(handler_fn(move |e: Envelope| {
-                let (file, name) = (file.clone(), name.clone());
-                async move {
-                    let start = now_ns();
-                    // As slow as events are published (an event per aggregate every 5 ms), so
-                    // that events are in flight whenever the owner is killed.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    let line = format!(
-                        "{name} {} {} {start} {}\n",
-                        e.aggregate_id(),
-                        e.event_version(),
-                        now_ns()
-                    );
-                    // One write per call: a kill never leaves half a line.
-                    file.lock().unwrap().write_all(line.as_bytes()).unwrap();
-                    Ok(())
-                }
-            })),
-        )
-        .await
-        .unwrap()
-    };
-    let control = subscription.control().unwrap();
-    println!("ready");
-    let monitor = {
-        let control = control.clone();
-        tokio::spawn(async move {
-            let mut last = None;
-            loop {
-                let m = control.metrics();
-                if last != Some((m.owner, m.ownership_gained)) {
-                    println!(
-                        "owner {} gained {} lost {} restarts {}",
-                        m.owner, m.ownership_gained, m.ownership_lost, m.delivery_restarts
-                    );
-                    last = Some((m.owner, m.ownership_gained));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
-    let _ = tokio::task::spawn_blocking(|| {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line)
-    })
-    .await;
-    monitor.abort();
-    let m = control.metrics();
-    let report = subscription.close().await.unwrap();
-    println!(
-        "closed handled {} returned {} gained {} restarts {} at {}",
-        report.handled,
-        report.returned,
-        m.ownership_gained,
-        m.delivery_restarts,
-        now_ns()
-    );
-    bus.close().await.unwrap();
-}
-
-/// What the parent knows of one replica from its stdout.
-#[derive(Debug, Default)]
-struct Seen {
-    ready: bool,
-    owner: bool,
-    gained: u64,
-    closed: Option<String>,
-}
-
-struct Replica {
-    name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    log: PathBuf,
-    seen: Arc<(Mutex<Seen>, Condvar)>,
-}
-
-impl Replica {
-    fn spawn(name: &str, url: &str, dir: &Path) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .env("BUS_REPLICA_URL", url)
-            .env("BUS_REPLICA_LOG", &log)
-            .env("BUS_REPLICA_NAME", name)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let seen: Arc<(Mutex<Seen>, Condvar)> = Arc::default();
-        {
-            let seen = seen.clone();
-            let name = name.to_owned();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    eprintln!("[{name}] {line}");
-                    let mut state = seen.0.lock().unwrap();
-                    let words: Vec<&str> = line.split_whitespace().collect();
-                    match words.first() {
-                        Some(&"ready") => state.ready = true,
-                        Some(&"owner") => {
-                            state.owner = words[1] == "true";
-                            state.gained = words[3].parse().unwrap();
-                        }
-                        Some(&"closed") => state.closed = Some(line.clone()),
-                        _ => {}
-                    }
-                    seen.1.notify_all();
-                }
-            });
-        }
-        Self {
-            name: name.to_owned(),
-            stdin: child.stdin.take(),
-            child,
-            log,
-            seen,
-        }
-    }
-
-    fn wait(&self, what: &str, done: impl Fn(&Seen) -> bool) {
-        let (lock, changed) = &*self.seen;
-        let deadline = Instant::now() + STEP;
-        let mut state = lock.lock().unwrap();
-        while !done(&state) {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("replica {} never {what}: {state:?}", self.name));
-            state = changed.wait_timeout(state, left).unwrap().0;
-        }
-    }
-
-    fn is_owner(&self) -> bool {
-        self.seen.0.lock().unwrap().owner
-    }
-
-    fn gained(&self) -> u64 {
-        self.seen.0.lock().unwrap().gained
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL: no close, no acks, no unpin
-        self.child.wait().unwrap();
-    }
-
-    /// Asks for a graceful close and waits for the report.
-    fn close(&mut self) -> String {
-        let mut stdin = self.stdin.take().expect("open stdin");
-        stdin.write_all(b"close\n").unwrap();
-        drop(stdin);
-        self.wait("closed", |s| s.closed.is_some());
-        let deadline = Instant::now() + STEP;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica {} did not exit after closing",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert!(
-            status.success(),
-            "replica {} exited with {status}",
-            self.name
-        );
-        self.seen.0.lock().unwrap().closed.clone().unwrap()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        // A failed assertion must not leave replicas running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One handler call, as a replica recorded it.
-#[derive(Debug, Clone)]
-struct Call {
-    process: String,
-    aggregate: String,
-    version: u64,
-    start: u128,
-    end: u128,
-}
-
-fn calls(replicas: &[&Replica]) -> Vec<Call> {
-    let mut out = Vec::new();
-    for replica in replicas {
-        let Ok(text) = std::fs::read_to_string(&replica.log) else {
-            continue;
-        };
-        for line in text.lines() {
-            let w: Vec<&str> = line.split(' ').collect();
-            out.push(Call {
-                process: w[0].to_owned(),
-                aggregate: w[1].to_owned(),
-                version: w[2].parse().unwrap(),
-                start: w[3].parse().unwrap(),
-                end: w[4].parse().unwrap(),
-            });
-        }
-    }
-    out.sort_by_key(|c| c.start);
-    out
-}
-
-fn unique_handled(replicas: &[&Replica]) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    for call in calls(replicas) {
-        seen.insert((call.aggregate, call.version));
-    }
-    seen.len() as u64
-}
-
-fn wait_handled(replicas: &[&Replica], at_least: u64) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let handled = unique_handled(replicas);
-        if handled >= at_least {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {handled} of {at_least} events handled"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn owner<'a>(replicas: &'a mut [Replica], what: &str) -> &'a mut Replica {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let owners: Vec<usize> = (0..replicas.len())
-            .filter(|&i| replicas[i].child.try_wait().unwrap().is_none() && replicas[i].is_owner())
-            .collect();
-        assert!(owners.len() <= 1, "two replicas report owning the topic");
-        if let Some(&i) = owners.first() {
-            return &mut replicas[i];
-        }
-        assert!(Instant::now() < deadline, "no replica took over {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// The first call a process started after `since` (ns since the epoch).
-fn first_call_after(process: &str, since: u128, all: &[Call]) -> Option<u128> {
-    all.iter()
-        .filter(|c| c.process == process && c.start >= since)
-        .map(|c| c.start)
-        .min()
 }
 
 fn owner_killed_then_closed_while_standbys_wait(runtime: &tokio::runtime::Runtime) {
@@ -443,31 +162,13 @@ fn owner_killed_then_closed_while_standbys_wait(runtime: &tokio::runtime::Runtim
 
     // The history across every process.
     let all = calls(&replicas.iter().collect::<Vec<_>>());
-    let verifier = SequenceVerifier::new();
-    let mut overlaps = 0;
-    let mut in_process_disorder = 0;
-    let mut last_call: HashMap<&str, &Call> = HashMap::new();
-    let mut last_in_process: HashMap<(&str, &str), u64> = HashMap::new();
-    let mut duplicates_by: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
-    for call in &all {
-        verifier.record("replicated", &call.aggregate, call.version);
-        if let Some(previous) = last_call.get(call.aggregate.as_str()) {
-            if call.start < previous.end {
-                overlaps += 1;
-            }
-        }
-        last_call.insert(&call.aggregate, call);
-        if let Some(v) = last_in_process.insert((&call.process, &call.aggregate), call.version) {
-            if call.version != v + 1 {
-                in_process_disorder += 1;
-            }
-        }
-        if !seen.insert((&call.aggregate, call.version)) {
-            *duplicates_by.entry(&call.process).or_default() += 1;
-        }
-    }
-    let report = verifier.report();
+    let h = history(&all, "replicated");
+    let (report, overlaps, in_process_disorder, duplicates_by) = (
+        h.report.clone(),
+        h.overlaps,
+        h.in_process_disorder,
+        h.duplicates_by.clone(),
+    );
     let takeover_kill = first_call_after(&successor, killed_at, &all)
         .map(|t| Duration::from_nanos((t - killed_at) as u64));
     let closing = Duration::from_nanos((close_returned_at - closed_at) as u64);
@@ -493,18 +194,8 @@ fn owner_killed_then_closed_while_standbys_wait(runtime: &tokio::runtime::Runtim
     // Repeats only by the process that took over after the kill, of what the killed one
     // left unacknowledged; none after the graceful handover.
     for (process, count) in &duplicates_by {
-        assert_eq!(
-            *process,
-            successor.as_str(),
-            "{process} repeated {count} events"
-        );
+        assert_eq!(process, &successor, "{process} repeated {count} events");
         assert!(*count <= pending_at_kill, "{count} repeats");
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempfile_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bus-replicas-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

@@ -11,6 +11,7 @@
 mod acker;
 mod copies;
 mod fetch;
+mod group;
 mod halts;
 mod ownership;
 mod recovery;
@@ -36,7 +37,7 @@ use fetch::{fetch, FetchPlan};
 pub(crate) use ownership::PRIORITY_GROUP;
 use ownership::{Ownership, Registration};
 use recovery::{server_at_least, Restarter};
-pub use runner::dead_letter_headers;
+pub use runner::{current_delivery, dead_letter_headers, Delivery};
 use runner::{Counters, Runner, Work};
 
 /// The handler a subscription delivers to.
@@ -84,16 +85,41 @@ pub(crate) async fn start(
     topic: &Topic,
     dispatch: Dispatch,
 ) -> Result<Subscription, SubscribeError> {
-    setup(&shared, topic, dispatch).await
+    let partitions = shared.config.partitions_of(topic);
+    if partitions > 1 {
+        return group::start(shared, topic, dispatch, partitions).await;
+    }
+    let target = Target {
+        topic: topic.clone(),
+        subject: topic.clone(),
+        consumer: shared.config.consumer_name(topic),
+        partition: None,
+    };
+    Ok(Subscription::new(setup(&shared, &target, dispatch).await?))
+}
+
+/// What one fetcher consumes: a topic, or one partition of it.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// The topic.
+    pub(crate) topic: Topic,
+    /// The subject the consumer filters on: the topic, or `<topic>.<partition>`.
+    pub(crate) subject: Topic,
+    /// The durable consumer's name.
+    pub(crate) consumer: String,
+    /// The partition, for a partitioned topic.
+    pub(crate) partition: Option<u32>,
 }
 
 async fn setup(
     shared: &Arc<Shared>,
-    topic: &Topic,
+    target: &Target,
     dispatch: Dispatch,
-) -> Result<Subscription, SubscribeError> {
+) -> Result<NatsSubscription, SubscribeError> {
     let config = &shared.config;
-    let fail = |e: NatsError| subscribe_error(topic, e);
+    let topic = &target.topic;
+    let subject = &target.subject;
+    let fail = |e: NatsError| subscribe_error(subject, e);
     if config.consumer.group.is_empty() {
         return Err(fail(NatsError::Configuration(format!(
             "topic `{topic}`: no consumer group; set `consumer.group` (or `NatsConfig::with_group`) \
@@ -101,9 +127,13 @@ async fn setup(
         ))));
     }
     let connection = shared.connection(topic).await.map_err(fail)?;
-    let name = config.consumer_name(topic);
-    let registration =
-        Registration::claim(&config.connection.servers, &connection.stream, &name, topic)?;
+    let name = target.consumer.clone();
+    let registration = Registration::claim(
+        &config.connection.servers,
+        &connection.stream,
+        &name,
+        subject,
+    )?;
     let version = connection.client.server_info().version;
     // Priority groups came in 2.11, the consumer reset API in 2.14: a standby that takes over
     // must restart delivery at the ack floor without deleting the consumer under the others.
@@ -117,10 +147,10 @@ async fn setup(
             "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {version}"
         ))));
     }
-    let want = provision::consumer_config(&name, topic.as_str(), &config.consumer, pinned);
+    let want = provision::consumer_config(&name, subject.as_str(), &config.consumer, pinned);
     let guard = |what: &'static str| {
         let name = name.clone();
-        move || format!("{what} `{name}` of topic `{topic}`")
+        move || format!("{what} `{name}` of `{subject}`")
     };
     crate::connection::guarded(
         &connection.violations,
@@ -186,7 +216,7 @@ async fn setup(
     };
     let mut ownership = Ownership::new(
         connection.client.clone(),
-        topic.clone(),
+        subject.clone(),
         connection.stream.clone(),
         name.clone(),
         next_subject.clone(),
@@ -207,7 +237,7 @@ async fn setup(
     let copies = Arc::new(Mutex::new(Copies::new(
         (config.consumer.max_ack_pending.max(1) as usize).saturating_mul(4),
     )));
-    let acker = Arc::new(Acker::new(connection.client.clone(), topic.clone()));
+    let acker = Arc::new(Acker::new(connection.client.clone(), subject.clone()));
     let acker_task = tokio::spawn(acker.clone().run());
     let runner = Arc::new(Runner {
         acker: acker.clone(),
@@ -227,6 +257,7 @@ async fn setup(
         halted: Mutex::new(HashMap::new()),
         halted_count: AtomicUsize::new(0),
         term: AtomicU64::new(0),
+        partition: target.partition,
     });
     // Jobs are boxed: a worker's queue then holds pointers, not whole messages, which keeps
     // the memory of idle queue blocks small with many workers.
@@ -242,7 +273,7 @@ async fn setup(
     };
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let control = Arc::new(NatsControl {
-        topic: topic.clone(),
+        topic: subject.clone(),
         runner: runner.clone(),
         requests: control_tx,
     });
@@ -250,6 +281,7 @@ async fn setup(
         client: connection.client.clone(),
         jetstream: connection.jetstream.clone(),
         topic: topic.clone(),
+        subject: subject.clone(),
         stream: connection.stream.clone(),
         want,
         provisioning: config.provisioning,
@@ -280,14 +312,14 @@ async fn setup(
         tokio::spawn(crate::retention::purge_acknowledged(
             connection.jetstream.clone(),
             connection.stream.clone(),
-            topic.clone(),
+            subject.clone(),
             crate::ACKNOWLEDGED_PURGE_EVERY,
         ))
     });
     let (stop, stop_rx) = watch::channel(false);
     let fetcher = tokio::spawn(fetch(plan, pool, stop_rx, control_rx, ownership));
-    Ok(Subscription::new(NatsSubscription {
-        topic: topic.clone(),
+    Ok(NatsSubscription {
+        topic: subject.clone(),
         stop,
         fetcher,
         runner,
@@ -299,7 +331,7 @@ async fn setup(
         counters,
         restarter,
         _registration: registration,
-    }))
+    })
 }
 
 /// Operator control of one subscription's halted aggregates.

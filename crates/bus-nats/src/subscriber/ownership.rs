@@ -450,22 +450,32 @@ impl std::fmt::Debug for Ownership {
 }
 
 /// The lease bucket, created on first use with `takeover_after` as the lifetime of a lease.
-/// Created through the stream API directly: async-nats's `create_key_value` cannot read the
-/// reply of the servers that need leases (before 2.14; seen with 2.9.10).
 pub(crate) async fn lease_store(
     client: &async_nats::Client,
     jetstream: &async_nats::jetstream::Context,
     takeover_after: Duration,
 ) -> Result<kv::Store, NatsError> {
-    if let Ok(store) = jetstream.get_key_value(LEASE_BUCKET).await {
+    ensure_bucket(client, jetstream, LEASE_BUCKET, takeover_after).await
+}
+
+/// A KV bucket whose keys live `max_age` after their last write, created on first use.
+/// Created through the stream API directly: async-nats's `create_key_value` cannot read the
+/// reply of servers before 2.14 (seen with 2.9.10).
+pub(crate) async fn ensure_bucket(
+    client: &async_nats::Client,
+    jetstream: &async_nats::jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+) -> Result<kv::Store, NatsError> {
+    if let Ok(store) = jetstream.get_key_value(bucket).await {
         return Ok(store);
     }
-    let stream = format!("KV_{LEASE_BUCKET}");
+    let stream = format!("KV_{bucket}");
     let config = serde_json::json!({
         "name": stream,
-        "subjects": [format!("$KV.{LEASE_BUCKET}.>")],
+        "subjects": [format!("$KV.{bucket}.>")],
         "max_msgs_per_subject": 1,
-        "max_age": takeover_after.as_nanos() as u64,
+        "max_age": max_age.as_nanos() as u64,
         "discard": "new",
         "storage": "file",
         "num_replicas": 1,
@@ -473,7 +483,7 @@ pub(crate) async fn lease_store(
         "deny_delete": true,
         "allow_direct": true,
     });
-    let what = || format!("creating the lease bucket `{LEASE_BUCKET}`");
+    let what = || format!("creating the KV bucket `{bucket}`");
     let reply = client
         .request(
             format!("$JS.API.STREAM.CREATE.{stream}"),
@@ -484,7 +494,7 @@ pub(crate) async fn lease_store(
     let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
     if let Some(error) = body.get("error") {
         // Another subscription may have created it meanwhile.
-        if jetstream.get_key_value(LEASE_BUCKET).await.is_err() {
+        if jetstream.get_key_value(bucket).await.is_err() {
             return Err(NatsError::Configuration(format!(
                 "{} failed: {error}",
                 what()
@@ -492,7 +502,7 @@ pub(crate) async fn lease_store(
         }
     }
     jetstream
-        .get_key_value(LEASE_BUCKET)
+        .get_key_value(bucket)
         .await
         .map_err(|e| NatsError::api(what(), e))
 }

@@ -31,6 +31,8 @@ pub(crate) struct Restarter {
     pub(crate) client: async_nats::Client,
     pub(crate) jetstream: async_nats::jetstream::Context,
     pub(crate) topic: Topic,
+    /// The subject the consumer filters on: the topic or one of its partitions.
+    pub(crate) subject: Topic,
     pub(crate) stream: String,
     pub(crate) want: consumer::pull::Config,
     pub(crate) provisioning: Provisioning,
@@ -212,7 +214,7 @@ impl Restarter {
             data: Option<String>,
         }
         let subject = format!("$JS.API.STREAM.MSG.GET.{}", self.stream);
-        let body = serde_json::json!({ "seq": sequence, "next_by_subj": self.topic.as_str() });
+        let body = serde_json::json!({ "seq": sequence, "next_by_subj": self.subject.as_str() });
         let reply = self
             .client
             .request(subject, body.to_string().into())

@@ -115,6 +115,29 @@ pub(crate) fn dead_letter_body_subject(prefix: &str, topic: &Topic) -> String {
     format!("{prefix}.$body.{topic}")
 }
 
+/// Where the event a handler is running for was delivered from, for the handler to read with
+/// [`current_delivery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// The partition of a partitioned topic, `None` otherwise.
+    pub partition: Option<u32>,
+    /// The event's position in its stream. Within one partition (or one unpartitioned topic)
+    /// positions only grow, so it serves as a fencing token for the handler's own writes: a
+    /// store that refuses a write older than the last one it accepted for the partition never
+    /// takes one from an owner that lost the partition while it was running.
+    pub stream_sequence: u64,
+}
+
+tokio::task_local! {
+    static DELIVERY: Delivery;
+}
+
+/// Inside a handler of a NATS subscription: where the event being handled was delivered from.
+/// `None` outside one.
+pub fn current_delivery() -> Option<Delivery> {
+    DELIVERY.try_with(|d| *d).ok()
+}
+
 pub(crate) struct Runner {
     pub(crate) acker: Arc<Acker>,
     pub(crate) jetstream: async_nats::jetstream::Context,
@@ -134,6 +157,8 @@ pub(crate) struct Runner {
     pub(crate) halted_count: AtomicUsize,
     /// The current ownership term; see [`Job::term`].
     pub(crate) term: AtomicU64,
+    /// The partition consumed, for a partitioned topic.
+    pub(crate) partition: Option<u32>,
 }
 
 impl Runner {
@@ -204,18 +229,22 @@ impl Runner {
                 return Ok(self.dead_letter(&job.message, reason, error, 0).await)
             }
         };
+        let delivery = Delivery {
+            partition: self.partition,
+            stream_sequence: job.sequence.unwrap_or(0),
+        };
         let attempts = run_with_retry(
             &self.retry,
             || {
                 let input = input.clone_for_attempt();
                 let dispatch = &self.dispatch;
-                async move {
+                DELIVERY.scope(delivery, async move {
                     match (dispatch, input) {
                         (Dispatch::Envelope(h), Input::Envelope(e)) => h.handle(e).await,
                         (Dispatch::Raw(h, _), Input::Raw(m)) => h.handle(m).await,
                         _ => unreachable!("jobs are prepared for their subscription's handler"),
                     }
-                }
+                })
             },
             tokio::time::sleep,
             bus_core::jitter,

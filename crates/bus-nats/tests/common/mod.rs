@@ -1,6 +1,8 @@
 //! Shared set-up of the NATS integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod replicas;
+
 use std::sync::Arc;
 use std::time::Duration;
 

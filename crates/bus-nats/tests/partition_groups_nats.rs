@@ -1,0 +1,219 @@
+//! A consumer group scales out over a partitioned topic: each process consumes the partitions
+//! assigned to it, and partitions move when processes come and go, without reordering.
+//!
+//! An 8-partition topic, three consumer processes of one group, events of 40 aggregates
+//! published throughout. A fourth process joins (partitions move to it), one closes gracefully
+//! (its partitions move to the others), one is killed with SIGKILL (its partitions move once
+//! its membership runs out and its pins expire). Every handler call is recorded with its
+//! process and partition; across processes: no aggregate out of order, no two calls for one
+//! aggregate at once, no two processes handling one partition at once, nothing lost, repeats
+//! only by the processes that took over the killed one's partitions, and every process handled
+//! some partitions.
+//!
+//! This binary is its own child: run with `BUS_REPLICA_URL` set, it is one member.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::{Envelope, Publisher, Topic};
+use bus_nats::{NatsBus, NatsConfig, StreamSpec};
+use bus_testkit::NatsServer;
+use common::replicas::{calls, history, tempfile_dir, unique_handled, wait_handled, Replica};
+
+const AGGREGATES: u64 = 40;
+const PARTITIONS: u32 = 8;
+const MIN_VERSIONS: u64 = 100;
+const TAKEOVER_AFTER: Duration = Duration::from_secs(2);
+
+fn topic() -> Topic {
+    Topic::new("grouped").unwrap()
+}
+
+fn config(url: &str) -> NatsConfig {
+    let mut config = common::test_config(url);
+    config.consumer.takeover_after = TAKEOVER_AFTER;
+    let mut spec = StreamSpec::new("GROUPED", [topic()]);
+    spec.partitions = PARTITIONS;
+    config.streams.push(spec);
+    config
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if common::replicas::run_if_replica(&runtime, topic(), config) {
+        return;
+    }
+    println!("running 1 test");
+    members_join_leave_and_crash_under_load(&runtime);
+    println!("test members_join_leave_and_crash_under_load ... ok");
+    println!("\npartition_groups_nats: 1 passed, 0 failed");
+}
+
+fn handled_by(process: &str, replicas: &[&Replica]) -> u64 {
+    calls(replicas)
+        .iter()
+        .filter(|c| c.process == process)
+        .count() as u64
+}
+
+fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime) {
+    let server = NatsServer::start();
+    let url = server.url();
+    let dir = tempfile_dir();
+    let bus = runtime.block_on(NatsBus::connect(config(&url))).unwrap();
+    runtime.block_on(bus.stream_name(&topic())).unwrap();
+
+    let mut replicas: Vec<Replica> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Replica::spawn(n, &url, &dir))
+        .collect();
+    for r in &replicas {
+        r.wait("became ready", |s| s.ready);
+    }
+    let stop_publishing = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let bus = bus.clone();
+        let stop = stop_publishing.clone();
+        runtime.spawn(async move {
+            let mut version = 0;
+            while !stop.load(Ordering::SeqCst) || version < MIN_VERSIONS {
+                version += 1;
+                for a in 0..AGGREGATES {
+                    let event = Envelope::builder(format!("g-{a}"), "Grouped", version)
+                        .build()
+                        .unwrap();
+                    let _receipt = bus.publish(&topic(), event).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            bus.flush().await.unwrap();
+            version
+        })
+    };
+    let all = |r: &Vec<Replica>| unique_handled(&r.iter().collect::<Vec<_>>());
+
+    // Every one of the three takes part.
+    wait_handled(&replicas.iter().collect::<Vec<_>>(), 2_000);
+    for name in ["a", "b", "c"] {
+        let deadline = std::time::Instant::now() + common::replicas::STEP;
+        while handled_by(name, &replicas.iter().collect::<Vec<_>>()) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} was given no partition"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // A fourth joins and is given partitions.
+    replicas.push(Replica::spawn("d", &url, &dir));
+    replicas.last().unwrap().wait("became ready", |s| s.ready);
+    let deadline = std::time::Instant::now() + common::replicas::STEP;
+    while handled_by("d", &replicas.iter().collect::<Vec<_>>()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new member was given no partition"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // One leaves gracefully.
+    let so_far = all(&replicas);
+    wait_handled(&replicas.iter().collect::<Vec<_>>(), so_far + 1_000);
+    let report = replicas.iter_mut().find(|r| r.name == "b").unwrap().close();
+    assert!(report.contains("returned 0"), "{report}");
+    // One is killed while it owns partitions.
+    let so_far = all(&replicas);
+    wait_handled(&replicas.iter().collect::<Vec<_>>(), so_far + 1_000);
+    let killed_at = common::replicas::now_ns();
+    replicas.iter_mut().find(|r| r.name == "c").unwrap().kill();
+    // What each partition's consumer had awaiting acknowledgement at the kill.
+    let pending_at_kill: Vec<u64> = runtime.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+        let stream = js.get_stream("GROUPED").await.unwrap();
+        let base = config(&url).consumer_name(&topic());
+        let mut pending = Vec::new();
+        for p in 0..PARTITIONS {
+            let info = stream.consumer_info(format!("{base}-p{p}")).await.unwrap();
+            pending.push(info.num_ack_pending as u64);
+        }
+        pending
+    });
+    let so_far = all(&replicas);
+    wait_handled(&replicas.iter().collect::<Vec<_>>(), so_far + 2_000);
+
+    stop_publishing.store(true, Ordering::SeqCst);
+    let versions = runtime
+        .block_on(async { tokio::time::timeout(common::replicas::STEP, publisher).await })
+        .expect("publishing finished")
+        .unwrap();
+    let expected = AGGREGATES * versions;
+    wait_handled(&replicas.iter().collect::<Vec<_>>(), expected);
+    for name in ["a", "d"] {
+        replicas
+            .iter_mut()
+            .find(|r| r.name == name)
+            .unwrap()
+            .close();
+    }
+
+    let all_calls = calls(&replicas.iter().collect::<Vec<_>>());
+    let h = history(&all_calls, "grouped");
+    // Partitions the killed member held (it handled them in its last 300 ms), and when
+    // another member handled them after the kill.
+    let orphaned: std::collections::BTreeSet<u32> = all_calls
+        .iter()
+        .filter(|c| c.process == "c" && c.start + 300_000_000 > killed_at)
+        .filter_map(|c| c.partition)
+        .collect();
+    let resumed_after_kill = all_calls
+        .iter()
+        .filter(|c| {
+            c.process != "c"
+                && c.start > killed_at
+                && c.partition.is_some_and(|p| orphaned.contains(&p))
+        })
+        .map(|c| c.start)
+        .min()
+        .map(|t| Duration::from_nanos((t - killed_at) as u64));
+    println!(
+        "partition groups: {versions} rounds, {expected} events; calls by process {:?}; \
+         repeats by process {:?}; overlapping calls {}, two owners of a partition at once {}; \
+         the killed member's partitions {orphaned:?} resumed {resumed_after_kill:?} after the \
+         kill (takeover_after {TAKEOVER_AFTER:?}); {:?}",
+        h.calls_by, h.duplicates_by, h.overlaps, h.partition_overlaps, h.report
+    );
+    assert_eq!(h.report.order_violations, 0, "{:?}", h.report);
+    assert_eq!(h.report.gaps, 0, "{:?}", h.report);
+    assert_eq!(h.report.lost(expected), 0, "{:?}", h.report);
+    assert_eq!(h.overlaps, 0, "calls for one aggregate overlapped");
+    assert_eq!(
+        h.partition_overlaps, 0,
+        "two processes handled one partition at once"
+    );
+    assert_eq!(h.in_process_disorder, 0);
+    assert!(!orphaned.is_empty(), "the killed member owned no partition");
+    assert!(
+        resumed_after_kill.is_some(),
+        "its partitions were never taken over"
+    );
+    // Repeats only of what the killed member had in flight, by those who took it over.
+    let replayable: u64 = orphaned.iter().map(|p| pending_at_kill[*p as usize]).sum();
+    let repeats: u64 = h.duplicates_by.values().sum();
+    for (process, count) in &h.duplicates_by {
+        assert!(
+            process == "a" || process == "d",
+            "{process} repeated {count} events"
+        );
+    }
+    assert!(
+        repeats <= replayable,
+        "{repeats} repeats, {replayable} awaited acknowledgement in the killed member's partitions"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -387,6 +387,10 @@ pub struct ConsumerSpec {
     /// priority groups and the consumer reset API (2.14+) it is the consumer's
     /// `priority_timeout`; on older servers, the lifetime of the ownership lease.
     pub takeover_after: Duration,
+    /// Replicas of the KV buckets that hold consumer-group memberships (`BUS_MEMBERS`, for
+    /// partitioned topics) and ownership leases (`BUS_OWNERS`, servers before 2.14), 1 to 5
+    /// (default 1). In a cluster give them as many as the topics' streams.
+    pub coordination_replicas: usize,
 }
 
 impl Default for ConsumerSpec {
@@ -397,6 +401,7 @@ impl Default for ConsumerSpec {
             max_waiting: DEFAULT_MAX_WAITING,
             ack_wait: DEFAULT_ACK_WAIT,
             takeover_after: DEFAULT_TAKEOVER_AFTER,
+            coordination_replicas: 1,
         }
     }
 }
@@ -620,6 +625,13 @@ impl NatsConfig {
             }
         }
         check_stream_name(&self.dead_letters.stream)?;
+        if !(1..=5).contains(&self.consumer.coordination_replicas) {
+            return Err(ValidationError::new(
+                "consumer.coordination_replicas",
+                self.consumer.coordination_replicas.to_string(),
+                "must be 1 to 5",
+            ));
+        }
         if !(1..=5).contains(&self.dead_letters.replicas) {
             return Err(ValidationError::new(
                 "dead_letters.replicas",

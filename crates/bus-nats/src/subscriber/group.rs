@@ -114,6 +114,7 @@ pub(crate) async fn start(
         &connection.jetstream,
         MEMBERS_BUCKET,
         config.consumer.takeover_after,
+        config.consumer.coordination_replicas,
     )
     .await
     .map_err(fail)?;

@@ -197,6 +197,7 @@ async fn setup(
                         &connection.client,
                         &connection.jetstream,
                         config.consumer.takeover_after,
+                        config.consumer.coordination_replicas,
                     ),
                 )
                 .await

@@ -454,8 +454,9 @@ pub(crate) async fn lease_store(
     client: &async_nats::Client,
     jetstream: &async_nats::jetstream::Context,
     takeover_after: Duration,
+    replicas: usize,
 ) -> Result<kv::Store, NatsError> {
-    ensure_bucket(client, jetstream, LEASE_BUCKET, takeover_after).await
+    ensure_bucket(client, jetstream, LEASE_BUCKET, takeover_after, replicas).await
 }
 
 /// A KV bucket whose keys live `max_age` after their last write, created on first use.
@@ -466,6 +467,7 @@ pub(crate) async fn ensure_bucket(
     jetstream: &async_nats::jetstream::Context,
     bucket: &str,
     max_age: Duration,
+    replicas: usize,
 ) -> Result<kv::Store, NatsError> {
     if let Ok(store) = jetstream.get_key_value(bucket).await {
         return Ok(store);
@@ -478,7 +480,7 @@ pub(crate) async fn ensure_bucket(
         "max_age": max_age.as_nanos() as u64,
         "discard": "new",
         "storage": "file",
-        "num_replicas": 1,
+        "num_replicas": replicas,
         "allow_rollup_hdrs": true,
         "deny_delete": true,
         "allow_direct": true,

@@ -5,6 +5,7 @@
 //! message is handled, and reports throughput, latency, memory, tasks and threads, and what
 //! the `SequenceVerifier` saw. Ratios are to the `ceiling` row of the same run.
 
+mod members;
 mod report;
 mod stats;
 
@@ -99,6 +100,9 @@ struct Scenario {
     backlog: bool,
     /// Above 1: run against a cluster of this many nodes, every stream with this many replicas.
     replicas: usize,
+    /// Above 0: the consumers are this many member processes of one group over the
+    /// partitioned topic of `members.rs`, with its 1 ms handler.
+    members: usize,
 }
 
 impl Scenario {
@@ -114,6 +118,7 @@ impl Scenario {
             rate: None,
             backlog: false,
             replicas: 1,
+            members: 0,
         }
     }
 
@@ -128,17 +133,24 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
+/// Nanoseconds since the Unix epoch: the clock payloads are stamped with, the same in every
+/// process of a row (members of a group are other processes).
+fn wall_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
 fn stamped_payload(size: usize) -> Vec<u8> {
     let mut payload = vec![0xA5u8; size.max(8)];
-    let now = epoch().elapsed().as_nanos() as u64;
-    payload[..8].copy_from_slice(&now.to_le_bytes());
+    payload[..8].copy_from_slice(&wall_nanos().to_le_bytes());
     payload
 }
 
-fn latency_micros(payload: &[u8]) -> u64 {
+pub(crate) fn latency_micros(payload: &[u8]) -> u64 {
     let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
-    let now = epoch().elapsed().as_nanos() as u64;
-    now.saturating_sub(sent) / 1_000
+    wall_nanos().saturating_sub(sent) / 1_000
 }
 
 /// What every handler of a row feeds.
@@ -146,6 +158,10 @@ struct Sink {
     verifier: SequenceVerifier,
     latency: Histogram,
     handled: AtomicU64,
+    /// For group rows, what the member processes saw.
+    group_violations: AtomicU64,
+    group_duplicates: AtomicU64,
+    group_unique: AtomicU64,
     expected: u64,
     done: Notify,
     delay: Option<Duration>,
@@ -157,6 +173,9 @@ impl Sink {
             verifier: SequenceVerifier::new(),
             latency: Histogram::new(),
             handled: AtomicU64::new(0),
+            group_violations: AtomicU64::new(0),
+            group_duplicates: AtomicU64::new(0),
+            group_unique: AtomicU64::new(0),
             expected,
             done: Notify::new(),
             delay,
@@ -365,6 +384,81 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
     })
 }
 
+/// A group row: `s.members` member processes consume the partitioned topic; this process
+/// publishes, then waits until the members together have handled everything, and merges what
+/// they saw into `sink`.
+async fn run_group(s: &Scenario, url: &str, sink: Arc<Sink>) -> Result<Timing> {
+    let bus = NatsBus::connect(members::config(url)).await?;
+    let topic = members::topic();
+    bus.stream_name(&topic).await?;
+    let group: Vec<members::Member> = (0..s.members)
+        .map(|_| members::Member::spawn(url))
+        .collect::<Result<_>>()?;
+    for member in &group {
+        member.wait_ready()?;
+    }
+    // The partitions are shared out before the clock starts: every one taken, every member
+    // with its share.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts: Vec<u64> = group.iter().map(|m| m.partitions()).collect();
+        let fair = u64::from(members::PARTITIONS) / s.members as u64;
+        if counts.iter().sum::<u64>() == u64::from(members::PARTITIONS)
+            && counts.iter().all(|&c| c >= fair.max(1))
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the group never shared out its partitions: {counts:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let expected = s.messages();
+    let start = Instant::now();
+    let publisher = bus.publisher();
+    let mut pacer = Pacer::new(s.rate, 1);
+    for version in 1..=s.versions {
+        for a in 0..s.aggregates_per_topic {
+            pacer.pace().await;
+            let envelope = Envelope::builder(format!("g-a{a}"), "BenchEvent", version)
+                .payload(Bytes::from(stamped_payload(s.payload)))
+                .build()?;
+            let _receipt = publisher.publish(&topic, envelope).await?;
+        }
+    }
+    publisher.flush().await?;
+    let publish = start.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let handled: u64 = group.iter().map(|m| m.handled()).sum();
+        sink.handled.store(handled, Ordering::Relaxed);
+        if handled >= expected {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the members handled only {handled} of {expected}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let end_to_end = start.elapsed();
+    let mut unique = 0;
+    for member in group {
+        let summary = member.close()?;
+        sink.latency.add(&summary.latency);
+        sink.group_violations
+            .fetch_add(summary.order_violations, Ordering::Relaxed);
+        sink.group_duplicates
+            .fetch_add(summary.duplicates, Ordering::Relaxed);
+        unique += summary.unique;
+    }
+    sink.group_unique.store(unique, Ordering::Relaxed);
+    bus.close().await?;
+    Ok(Timing {
+        publish,
+        end_to_end,
+    })
+}
+
 async fn run_raw(
     s: &Scenario,
     max_ack_pending: i64,
@@ -550,12 +644,18 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
         Kind::Ceiling => run_raw(s, 10_000, false, &url, sink.clone()).await,
         Kind::CeilingWire => run_raw(s, 10_000, true, &url, sink.clone()).await,
         Kind::Strict => run_raw(s, 1, false, &url, sink.clone()).await,
+        Kind::Bus(_) if s.members > 0 => run_group(s, &url, sink.clone()).await,
         Kind::Bus(setup) => run_bus(s, setup, &url, sink.clone()).await,
     };
     stop.notify_one();
     let (tasks, threads) = sampler.await?;
     let timing = timing.with_context(|| format!("row `{}`", s.name))?;
-    let report = sink.verifier.report();
+    let mut report = sink.verifier.report();
+    if s.members > 0 {
+        report.order_violations = sink.group_violations.load(Ordering::Relaxed);
+        report.duplicates = sink.group_duplicates.load(Ordering::Relaxed);
+        report.unique = sink.group_unique.load(Ordering::Relaxed);
+    }
     bar.finish();
     Ok(Row {
         name: s.name.clone(),
@@ -585,6 +685,8 @@ struct Options {
     row: Option<String>,
     /// The publish rate of the row, for the fixed-rate latency row.
     rate: Option<f64>,
+    /// Run as a member process of a group row, against this server.
+    member: Option<String>,
 }
 
 fn parse_args() -> Result<Options> {
@@ -594,6 +696,7 @@ fn parse_args() -> Result<Options> {
         alone: false,
         row: None,
         rate: None,
+        member: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -602,6 +705,7 @@ fn parse_args() -> Result<Options> {
             "--alone" => options.alone = true,
             "--row" => options.row = Some(args.next().context("--row needs a row name")?),
             "--rate" => options.rate = Some(args.next().context("--rate needs msg/s")?.parse()?),
+            "--member" => options.member = Some(args.next().context("--member needs a URL")?),
             "--only" => options.only.extend(
                 args.next()
                     .context("--only needs row names")?
@@ -798,6 +902,38 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
                     versions,
                 )
             },
+            // One group over an 8-partition topic with the 1 ms handler, consumed by 1, 2 and 4
+            // member processes: how far partitions scale out on this machine's two cores.
+            Scenario {
+                handler_delay: Some(Duration::from_millis(1)),
+                members: 1,
+                ..Scenario::new(
+                    "group-8p-1-member",
+                    bus(BusSetup::default_config()),
+                    10_000,
+                    versions,
+                )
+            },
+            Scenario {
+                handler_delay: Some(Duration::from_millis(1)),
+                members: 2,
+                ..Scenario::new(
+                    "group-8p-2-members",
+                    bus(BusSetup::default_config()),
+                    10_000,
+                    versions,
+                )
+            },
+            Scenario {
+                handler_delay: Some(Duration::from_millis(1)),
+                members: 4,
+                ..Scenario::new(
+                    "group-8p-4-members",
+                    bus(BusSetup::default_config()),
+                    10_000,
+                    versions,
+                )
+            },
             Scenario {
                 backlog: true,
                 ..Scenario::new("backlog-1m", bus(BusSetup::default_config()), 10_000, 100)
@@ -885,6 +1021,9 @@ async fn main() -> Result<()> {
         .init();
     let options = parse_args()?;
     epoch();
+    if let Some(url) = &options.member {
+        return members::run_member(url).await;
+    }
     let mut plan = scenarios(options.quick);
     if !options.only.is_empty() {
         plan.retain(|s| (s.name == "ceiling" && !options.alone) || options.only.contains(&s.name));

@@ -41,6 +41,21 @@ impl Histogram {
         self.counts[index(micros)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The counts of every bucket, to carry a histogram to another process.
+    pub(crate) fn counts(&self) -> Vec<u64> {
+        self.counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Adds the counts of another histogram (from [`counts`](Self::counts)).
+    pub(crate) fn add(&self, counts: &[u64]) {
+        for (mine, theirs) in self.counts.iter().zip(counts) {
+            mine.fetch_add(*theirs, Ordering::Relaxed);
+        }
+    }
+
     /// The value at quantile `q` (0..1), in milliseconds.
     pub(crate) fn quantile_ms(&self, q: f64) -> f64 {
         let total: u64 = self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();

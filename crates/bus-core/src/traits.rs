@@ -229,6 +229,9 @@ pub struct SubscriptionMetrics {
     pub delivery_restarts: u64,
     /// Messages no client could read, dead-lettered with their raw bytes and removed.
     pub unreadable: u64,
+    /// For a partitioned topic, the partitions this subscription consumes now (its share of
+    /// the consumer group); 0 otherwise.
+    pub partitions: u64,
 }
 
 /// Operator control and metrics of a subscription: its counters, and its halted aggregates.

@@ -340,8 +340,12 @@ impl GroupControl {
 #[async_trait]
 impl AggregateControl for GroupControl {
     fn metrics(&self) -> SubscriptionMetrics {
-        let mut total = SubscriptionMetrics::default();
-        for control in self.controls() {
+        let controls = self.controls();
+        let mut total = SubscriptionMetrics {
+            partitions: controls.len() as u64,
+            ..SubscriptionMetrics::default()
+        };
+        for control in controls {
             let m = control.metrics();
             total.handled += m.handled;
             total.dead_lettered += m.dead_lettered;

@@ -383,6 +383,7 @@ impl AggregateControl for NatsControl {
             ownership_lost: runner.counters.lost.load(Ordering::Relaxed),
             delivery_restarts: runner.counters.restarts.load(Ordering::Relaxed),
             unreadable: runner.counters.unreadable.load(Ordering::Relaxed),
+            partitions: 0,
         }
     }
 

@@ -444,19 +444,10 @@ async fn on_reply(
                 .unwrap_or(plan.batch);
             st.credit = st.credit.saturating_sub(pending);
             let description = message.description.clone().unwrap_or_default();
-            if status == 409 && description.to_ascii_lowercase().contains("leadership") {
-                // The new consumer leader may not know what the old one handed
-                // out; those messages would come back only after AckWait.
-                return Some(if st.stopping {
-                    End::Stopped
-                } else {
-                    End::Discontinuity {
-                        why: format!("pull request refused: {description}"),
-                        seen_up_to: st.seen_up_to,
-                    }
-                });
-            }
-            if status == 409 && description.to_ascii_lowercase().contains("deleted") {
+            let lower = description.to_ascii_lowercase();
+            // A new consumer leader may not know what the old one handed out (those messages
+            // would come back only after AckWait); a deleted consumer is recreated on restart.
+            if status == 409 && (lower.contains("leadership") || lower.contains("deleted")) {
                 return Some(if st.stopping {
                     End::Stopped
                 } else {

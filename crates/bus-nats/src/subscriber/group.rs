@@ -102,12 +102,7 @@ pub(crate) async fn start(
 ) -> Result<Subscription, SubscribeError> {
     let fail = |e: NatsError| subscribe_error(topic, e);
     let config = &shared.config;
-    if config.consumer.group.is_empty() {
-        return Err(fail(NatsError::Configuration(format!(
-            "topic `{topic}`: no consumer group; set `consumer.group` (or `NatsConfig::with_group`) \
-             to the service's name: its replicas share it, other services must not"
-        ))));
-    }
+    super::require_group(config, topic).map_err(fail)?;
     let connection = shared.connection(topic).await.map_err(fail)?;
     let kv = super::ownership::ensure_bucket(
         &connection.client,

@@ -98,6 +98,18 @@ pub(crate) async fn start(
     Ok(Subscription::new(setup(&shared, &target, dispatch).await?))
 }
 
+/// Subscribing needs a consumer group: two services sharing a default one would leave one
+/// waiting behind the other.
+fn require_group(config: &crate::NatsConfig, topic: &Topic) -> Result<(), NatsError> {
+    if config.consumer.group.is_empty() {
+        return Err(NatsError::Configuration(format!(
+            "topic `{topic}`: no consumer group; set `consumer.group` (or `NatsConfig::with_group`) \
+             to the service's name: its replicas share it, other services must not"
+        )));
+    }
+    Ok(())
+}
+
 /// What one fetcher consumes: a topic, or one partition of it.
 #[derive(Debug, Clone)]
 pub(crate) struct Target {
@@ -120,12 +132,7 @@ async fn setup(
     let topic = &target.topic;
     let subject = &target.subject;
     let fail = |e: NatsError| subscribe_error(subject, e);
-    if config.consumer.group.is_empty() {
-        return Err(fail(NatsError::Configuration(format!(
-            "topic `{topic}`: no consumer group; set `consumer.group` (or `NatsConfig::with_group`) \
-             to the service's name: its replicas share it, other services must not"
-        ))));
-    }
+    require_group(config, topic).map_err(fail)?;
     let connection = shared.connection(topic).await.map_err(fail)?;
     let name = target.consumer.clone();
     let registration = Registration::claim(

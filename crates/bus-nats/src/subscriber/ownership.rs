@@ -334,8 +334,9 @@ impl Ownership {
             return;
         }
         tracing::info!(topic = %self.topic, consumer = %self.consumer, pending, "no subscriber owns the topic and messages await acknowledgement; restarting delivery at the ack floor");
-        let subject = format!("$JS.API.CONSUMER.RESET.{}.{}", self.stream, self.consumer);
-        if let Err(error) = self.client.request(subject, bytes::Bytes::new()).await {
+        if let Err(error) =
+            super::recovery::reset_consumer(&self.client, &self.stream, &self.consumer).await
+        {
             tracing::debug!(topic = %self.topic, %error, "restarting delivery for a standby failed");
         }
     }
@@ -405,9 +406,10 @@ impl Ownership {
         match (held, &self.mode) {
             (Some(Held::Pin(_)), Mode::Pinned) => {
                 if returned > 0 {
-                    let subject =
-                        format!("$JS.API.CONSUMER.RESET.{}.{}", self.stream, self.consumer);
-                    if let Err(error) = self.client.request(subject, bytes::Bytes::new()).await {
+                    if let Err(error) =
+                        super::recovery::reset_consumer(&self.client, &self.stream, &self.consumer)
+                            .await
+                    {
                         tracing::debug!(topic = %self.topic, %error, "restarting delivery before releasing the topic failed");
                     }
                 }

@@ -61,28 +61,7 @@ impl Restarter {
     pub(crate) async fn restart(&self) -> Result<Start, NatsError> {
         let name = self.name().to_owned();
         if self.can_reset {
-            let subject = format!("$JS.API.CONSUMER.RESET.{}.{name}", self.stream);
-            let reply = self
-                .client
-                .request(subject, bytes::Bytes::new())
-                .await
-                .map_err(|e| NatsError::api(format!("resetting consumer `{name}`"), e))?;
-            let body: serde_json::Value =
-                serde_json::from_slice(&reply.payload).unwrap_or_default();
-            if let Some(error) = body.get("error") {
-                return Err(NatsError::Configuration(format!(
-                    "resetting consumer `{name}` failed: {error}"
-                )));
-            }
-            let reset = body
-                .get("reset_seq")
-                .and_then(serde_json::Value::as_u64)
-                .ok_or_else(|| {
-                    NatsError::Configuration(format!(
-                        "resetting consumer `{name}`: the reply has no reset_seq: {}",
-                        String::from_utf8_lossy(&reply.payload)
-                    ))
-                })?;
+            let reset = reset_consumer(&self.client, &self.stream, &name).await?;
             return Ok(Start {
                 next_delivery: 1,
                 seen_up_to: reset.saturating_sub(1),
@@ -300,6 +279,34 @@ impl Restarter {
             None => Ok(()),
         }
     }
+}
+
+/// Restarts a consumer's delivery at its ack floor + 1 (`$JS.API.CONSUMER.RESET`, nats-server
+/// 2.14+); returns the stream sequence delivery restarts at.
+pub(crate) async fn reset_consumer(
+    client: &async_nats::Client,
+    stream: &str,
+    consumer: &str,
+) -> Result<u64, NatsError> {
+    let subject = format!("$JS.API.CONSUMER.RESET.{stream}.{consumer}");
+    let reply = client
+        .request(subject, bytes::Bytes::new())
+        .await
+        .map_err(|e| NatsError::api(format!("resetting consumer `{consumer}`"), e))?;
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+    if let Some(error) = body.get("error") {
+        return Err(NatsError::Configuration(format!(
+            "resetting consumer `{consumer}` failed: {error}"
+        )));
+    }
+    body.get("reset_seq")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| {
+            NatsError::Configuration(format!(
+                "resetting consumer `{consumer}`: the reply has no reset_seq: {}",
+                String::from_utf8_lossy(&reply.payload)
+            ))
+        })
 }
 
 /// A message read from the stream as data.

@@ -150,3 +150,68 @@ async fn changing_the_partition_count_is_refused_unless_drained() {
         vec!["recount.0".to_owned(), "recount.1".to_owned()]
     );
 }
+
+/// One member alone consumes every partition, in order per aggregate, and tells the handler
+/// which partition each event came from; a second member in the same process is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_member_consumes_every_partition_in_order() {
+    use bus_core::{handler_fn, SubscribeErrorKind, Subscriber};
+    use std::sync::{Arc, Mutex};
+
+    let server = NatsServer::start();
+    let topic = Topic::new("alone").unwrap();
+    let mut config = common::test_config(&server.url());
+    let mut spec = StreamSpec::new("ALONE", [topic.clone()]);
+    spec.partitions = 4;
+    config.streams.push(spec);
+    let bus = NatsBus::connect(config).await.unwrap();
+    let recorder = bus_testkit::conformance::Recorder::new();
+    let wrong_partition = Arc::new(Mutex::new(Vec::new()));
+    let subscription = {
+        let (recorder, t, wrong) = (recorder.clone(), topic.clone(), wrong_partition.clone());
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (recorder, t, wrong) = (recorder.clone(), t.clone(), wrong.clone());
+                async move {
+                    let delivery = bus_nats::current_delivery().expect("inside a handler");
+                    if delivery.partition != Some(partition_of(e.aggregate_id().as_str(), 4)) {
+                        wrong.lock().unwrap().push(e.aggregate_id().to_string());
+                    }
+                    recorder.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    let again = bus
+        .subscribe(
+            &topic,
+            Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        again.kind(),
+        SubscribeErrorKind::AlreadySubscribed,
+        "{again}"
+    );
+    for version in 1..=10 {
+        for a in 0..20 {
+            let e = Envelope::builder(format!("m-{a}"), "Alone", version)
+                .build()
+                .unwrap();
+            let _receipt = bus.publish(&topic, e).await.unwrap();
+        }
+    }
+    bus.flush().await.unwrap();
+    recorder.wait_unique(200).await;
+    let metrics = subscription.control().unwrap().metrics();
+    subscription.close().await.unwrap();
+    recorder.verifier.report().assert_exact(200);
+    assert_eq!(metrics.partitions, 4, "{metrics:?}");
+    assert!(wrong_partition.lock().unwrap().is_empty());
+    assert!(bus_nats::current_delivery().is_none(), "outside a handler");
+}

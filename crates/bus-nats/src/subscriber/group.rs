@@ -92,6 +92,7 @@ struct GroupSubscription {
     key: String,
     /// Reports of partitions handed over while the subscription ran.
     handed_over: Arc<Mutex<CloseReport>>,
+    _registration: super::ownership::Registration,
 }
 
 pub(crate) async fn start(
@@ -104,6 +105,13 @@ pub(crate) async fn start(
     let config = &shared.config;
     super::require_group(config, topic).map_err(fail)?;
     let connection = shared.connection(topic).await.map_err(fail)?;
+    // One member per process: a second one would only fight for the same partitions.
+    let registration = super::ownership::Registration::claim(
+        &config.connection.servers,
+        &connection.stream,
+        &config.consumer_name(topic),
+        topic,
+    )?;
     let kv = super::ownership::ensure_bucket(
         &connection.client,
         &connection.jetstream,
@@ -171,6 +179,7 @@ pub(crate) async fn start(
         kv,
         key,
         handed_over,
+        _registration: registration,
     }))
 }
 
@@ -387,6 +396,7 @@ impl SubscriptionHandle for GroupSubscription {
             kv,
             key,
             handed_over,
+            _registration,
         } = *self;
         let _ = stop.send(true);
         let _ = task.await;

@@ -42,6 +42,7 @@ mod config;
 mod connection;
 mod dead_letters;
 mod error;
+mod lag;
 mod provision;
 mod publisher;
 mod retention;
@@ -73,6 +74,7 @@ pub use dead_letters::DeadLetter;
 pub use error::{NatsError, NatsErrorKind};
 /// The keyed pool's settings, as `NatsConfig::pool` takes them.
 pub use keyed_pool::PoolConfig;
+pub use lag::Lag;
 pub use publisher::{message_size, NatsPublisher, PublishFailure};
 pub use subscriber::{current_delivery, dead_letter_headers, Delivery};
 

@@ -337,3 +337,65 @@ async fn held_events_survive_a_close_and_come_back_in_order() {
     assert_eq!(report.lost(20), 0, "{report:?}");
     assert_eq!(report.duplicates, 0, "{report:?}");
 }
+
+/// The group's lag, as the broker sees it: undelivered events before anyone subscribes (with
+/// the age of the oldest), unacknowledged ones while the handler is stuck, none once handled;
+/// for a partitioned topic too, summed over its partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_counts_what_the_group_has_not_handled_and_how_old_it_is() {
+    for partitions in [1u32, 4] {
+        let server = NatsServer::start();
+        let topic = Topic::new("lagging").unwrap();
+        let mut config = test_config(&server.url());
+        let mut spec = bus_nats::StreamSpec::new("LAGGING", [topic.clone()]);
+        spec.partitions = partitions;
+        config.streams.push(spec);
+        let bus = NatsBus::connect(config).await.unwrap();
+        publish_all(
+            &bus,
+            &topic,
+            (1..=30).map(|v| envelope("l", v)).collect::<Vec<_>>(),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // so the oldest has an age
+        let lag = bus.lag(&topic).await.unwrap();
+        assert_eq!((lag.undelivered, lag.unacknowledged), (30, 0), "{lag:?}");
+        assert!(
+            lag.oldest_unhandled_age.unwrap() >= Duration::from_millis(20),
+            "{lag:?}"
+        );
+
+        let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+        let subscription = bus
+            .subscribe(
+                &topic,
+                Arc::new(handler_fn(move |_e: Envelope| {
+                    let mut gate = gate_rx.clone();
+                    async move {
+                        gate.wait_for(|open| *open).await.unwrap();
+                        Ok(())
+                    }
+                })),
+            )
+            .await
+            .unwrap();
+        let control = subscription.control().unwrap();
+        wait_for(
+            "delivery to the stuck handler",
+            Duration::from_secs(10),
+            || control.metrics().in_flight == 30,
+        )
+        .await;
+        let lag = bus.lag(&topic).await.unwrap();
+        assert_eq!((lag.undelivered, lag.unacknowledged), (0, 30), "{lag:?}");
+        gate_tx.send(true).unwrap();
+        wait_for("everything handled", Duration::from_secs(10), || {
+            control.metrics().handled == 30
+        })
+        .await;
+        subscription.close().await.unwrap();
+        let lag = bus.lag(&topic).await.unwrap();
+        assert_eq!((lag.undelivered, lag.unacknowledged), (0, 0), "{lag:?}");
+        assert_eq!(lag.oldest_unhandled_age, None, "{lag:?}");
+    }
+}

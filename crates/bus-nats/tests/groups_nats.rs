@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus_core::{handler_fn, Envelope, Publisher, SubscribeErrorKind, Subscriber, Topic};
+use bus_core::{Envelope, Publisher, SubscribeErrorKind, Topic};
 use bus_nats::{NatsBus, Retention, StreamSpec};
 use bus_testkit::conformance::{subscribe_recording, Recorder};
 use bus_testkit::NatsServer;
@@ -62,8 +62,9 @@ async fn a_work_queue_topic_refuses_a_second_group_and_says_why() {
     let recorder = Recorder::new();
     let first = subscribe_recording(&orders, &topic, &recorder).await;
 
-    let handler = Arc::new(handler_fn(|_e: Envelope| async { Ok(()) }));
-    let error = billing.subscribe(&topic, handler).await.unwrap_err();
+    let error = common::subscribe_ignoring(&billing, &topic)
+        .await
+        .unwrap_err();
     assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
     let text = error.to_string();
     for part in ["work-queue", "Retention::Acknowledged", "orders-groups_wq"] {

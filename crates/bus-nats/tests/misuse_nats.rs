@@ -83,13 +83,7 @@ async fn everything_after_close_fails_at_once_with_closed() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), PublishErrorKind::Closed, "{error}");
-    let error = bus
-        .subscribe(
-            &topic,
-            Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
-        )
-        .await
-        .unwrap_err();
+    let error = common::subscribe_ignoring(&bus, &topic).await.unwrap_err();
     assert_eq!(error.kind(), SubscribeErrorKind::Closed, "{error}");
     let error = bus
         .stream_name(&Topic::new("other").unwrap())
@@ -131,13 +125,7 @@ async fn topics_whose_default_streams_collide_are_refused_and_lose_nothing() {
         ] {
             assert!(text.contains(part), "`{part}` missing from: {text}");
         }
-        let error = bus
-            .subscribe(
-                &other,
-                Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
-            )
-            .await
-            .unwrap_err();
+        let error = common::subscribe_ignoring(&bus, &other).await.unwrap_err();
         assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
     }
     let recorder = Recorder::new();

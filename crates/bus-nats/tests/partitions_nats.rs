@@ -186,13 +186,7 @@ async fn a_lone_member_consumes_every_partition_in_order() {
         .await
         .unwrap()
     };
-    let again = bus
-        .subscribe(
-            &topic,
-            Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
-        )
-        .await
-        .unwrap_err();
+    let again = common::subscribe_ignoring(&bus, &topic).await.unwrap_err();
     assert_eq!(
         again.kind(),
         SubscribeErrorKind::AlreadySubscribed,

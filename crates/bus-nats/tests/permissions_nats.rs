@@ -86,13 +86,7 @@ async fn each_role_works_with_the_documented_subjects_and_nothing_else() {
     let mut admin = config(&server, "admin", "a");
     admin.provisioning = Provisioning::CreateOrUpdate;
     let admin = NatsBus::connect(admin).await.unwrap();
-    let provisioned = admin
-        .subscribe(
-            &topic,
-            Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
-        )
-        .await
-        .unwrap();
+    let provisioned = common::subscribe_ignoring(&admin, &topic).await.unwrap();
     provisioned.close().await.unwrap();
     admin.close().await.unwrap();
 
@@ -127,11 +121,7 @@ async fn each_role_works_with_the_documented_subjects_and_nothing_else() {
             .unwrap();
     }
     let started = Instant::now();
-    let error = publisher
-        .subscribe(
-            &topic,
-            Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
-        )
+    let error = common::subscribe_ignoring(&publisher, &topic)
         .await
         .unwrap_err();
     assert_eq!(

@@ -138,3 +138,13 @@ pub async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Subscribes a handler that accepts every event and does nothing: for tests about whether a
+/// subscription is accepted, or to provision its consumer.
+pub async fn subscribe_ignoring(
+    bus: &NatsBus,
+    topic: &Topic,
+) -> Result<bus_core::Subscription, bus_core::SubscribeError> {
+    let handler = bus_core::handler_fn(|_e: bus_core::Envelope| async { Ok(()) });
+    bus.subscribe(topic, Arc::new(handler)).await
+}

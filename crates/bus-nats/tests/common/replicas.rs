@@ -254,7 +254,12 @@ pub fn calls(replicas: &[&Replica]) -> Vec<Call> {
         let Ok(text) = std::fs::read_to_string(&replica.log) else {
             continue;
         };
-        for line in text.lines() {
+        // A replica may be writing while this reads: a last line without its newline is
+        // not complete yet, and is read again next time.
+        for line in text.split_inclusive('\n') {
+            let Some(line) = line.strip_suffix('\n') else {
+                break;
+            };
             let w: Vec<&str> = line.split(' ').collect();
             out.push(Call {
                 process: w[0].to_owned(),

@@ -33,14 +33,17 @@
 #![forbid(unsafe_code)]
 
 mod codec;
+mod delivery;
 mod envelope;
 mod error;
 mod names;
 mod policy;
 mod traits;
+mod typed;
 pub mod wire;
 
 pub use codec::{Codec, ContentType};
+pub use delivery::{current_delivery, with_delivery, CancelSource, Cancellation, Delivery};
 pub use envelope::{Envelope, EnvelopeBuilder};
 pub use error::{
     BoxError, CodecError, DecodeError, HandlerError, PublishError, PublishErrorKind,
@@ -53,3 +56,4 @@ pub use traits::{
     KeyExtractor, Published, Publisher, RawHandler, RawHandlerFn, RawKey, RawMessage, Receipt,
     Subscriber, Subscription, SubscriptionHandle, SubscriptionMetrics,
 };
+pub use typed::{Event, EventContext, EventHandlers, PublishEvent, UnknownEvents};

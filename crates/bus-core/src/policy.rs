@@ -142,7 +142,7 @@ impl std::fmt::Display for FailureReason {
     }
 }
 
-/// Calls `attempt` until it succeeds, fails permanently, panics or runs out of attempts,
+/// Calls `attempt` (with the attempt's number, from 1) until it succeeds, fails permanently, panics or runs out of attempts,
 /// sleeping `policy.backoff(..)` between attempts with the caller's `sleep`.
 ///
 /// A panic inside `attempt` is caught and ends the loop as [`FailureReason::Panicked`]: a
@@ -157,7 +157,7 @@ pub async fn run_with_retry<A, AF, S, SF>(
     mut before_retry: impl FnMut(u32, &crate::HandlerError),
 ) -> RetryOutcome
 where
-    A: FnMut() -> AF,
+    A: FnMut(u32) -> AF,
     AF: std::future::Future<Output = Result<(), crate::HandlerError>>,
     S: FnMut(Duration) -> SF,
     SF: std::future::Future<Output = ()>,
@@ -166,7 +166,7 @@ where
     loop {
         attempts += 1;
         match (CatchUnwind {
-            inner: Box::pin(attempt()),
+            inner: Box::pin(attempt(attempts)),
         })
         .await
         {
@@ -245,8 +245,9 @@ mod tests {
             .unwrap();
         let outcome = rt.block_on(run_with_retry(
             policy,
-            || {
+            |attempt| {
                 let i = calls.get();
+                assert_eq!(attempt as usize, i + 1, "attempts are numbered from 1");
                 calls.set(i + 1);
                 let step = script[i];
                 async move {
@@ -310,7 +311,7 @@ mod tests {
             .unwrap();
         let outcome = rt.block_on(run_with_retry(
             &RetryPolicy::default(),
-            || async { panic!("boom") },
+            |_| async { panic!("boom") },
             |_| std::future::ready(()),
             || 0.0,
             |_, _| {},

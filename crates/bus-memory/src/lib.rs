@@ -38,7 +38,7 @@
 )]
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,9 +46,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bus_core::{
-    run_with_retry, wire, CloseReport, Envelope, Handler, PublishError, PublishErrorKind,
-    Published, Publisher, RawHandler, RawKey, RawMessage, Receipt, RetryOutcome, RetryPolicy,
-    SubscribeError, SubscribeErrorKind, Subscriber, Subscription, SubscriptionHandle, Topic,
+    run_with_retry, wire, with_delivery, CancelSource, CloseReport, Delivery, Envelope, Handler,
+    HandlerError, PublishError, PublishErrorKind, Published, Publisher, RawHandler, RawKey,
+    RawMessage, Receipt, RetryOutcome, RetryPolicy, SubscribeError, SubscribeErrorKind, Subscriber,
+    Subscription, SubscriptionHandle, Topic,
 };
 use bytes::Bytes;
 use keyed_pool::{KeyedPool, PoolConfig};
@@ -272,7 +273,12 @@ impl MemoryBus {
             retry: self.inner.config.retry.clone(),
             handled: handled.clone(),
             bus: self.inner.clone(),
+            cancel: Arc::new(CancelSource::new()),
+            stopped: Arc::default(),
+            returned: Arc::default(),
         };
+        let cancel = runner.cancel.clone();
+        let returned = runner.returned.clone();
         let pool = KeyedPool::new(self.inner.config.pool.clone(), move |job: Job| {
             let runner = runner.clone();
             async move {
@@ -287,6 +293,8 @@ impl MemoryBus {
             stop,
             fetcher,
             handled,
+            cancel,
+            returned,
         }))
     }
 }
@@ -299,6 +307,8 @@ enum Dispatch {
 
 struct Job {
     offset: u64,
+    /// The ordering key the pool routed it by.
+    key: String,
     body: Arc<Body>,
     /// The message decoded for the handler, or why it could not be.
     input: Result<Input, String>,
@@ -317,6 +327,12 @@ struct JobRunner {
     retry: RetryPolicy,
     handled: Arc<AtomicU64>,
     bus: Arc<Inner>,
+    cancel: Arc<CancelSource>,
+    /// Keys whose event failed after the subscription started closing: that event and the
+    /// key's later ones stay in the log unacknowledged, for the next subscriber, in order.
+    stopped: Arc<Mutex<HashSet<String>>>,
+    /// Events left unacknowledged that way.
+    returned: Arc<AtomicU64>,
 }
 
 fn as_raw(topic: &Topic, body: &Body) -> RawMessage {
@@ -337,6 +353,10 @@ fn as_raw(topic: &Topic, body: &Body) -> RawMessage {
 
 impl JobRunner {
     async fn run(&self, job: Job) {
+        if self.stopped.lock().unwrap().contains(&job.key) {
+            self.returned.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let outcome = match job.input {
             Err(reason) => {
                 self.dead_letter(&job.body, "undecodable", reason, 0);
@@ -347,19 +367,30 @@ impl JobRunner {
                 let input = &input;
                 run_with_retry(
                     &self.retry,
-                    || {
+                    |attempt| {
                         let dispatch = self.dispatch.clone();
                         let input = match input {
                             Input::Envelope(e) => Input::Envelope(e.clone()),
                             Input::Raw(m) => Input::Raw(m.clone()),
                         };
-                        async move {
+                        let delivery = Delivery {
+                            attempt,
+                            stream_sequence: Some(job.offset + 1),
+                            partition: None,
+                            cancellation: self.cancel.signal(),
+                        };
+                        // Once closing, a failed event is not tried again: it is returned.
+                        let closing = attempt > 1 && self.cancel.signal().is_cancelled();
+                        with_delivery(delivery, async move {
+                            if closing {
+                                return Err(HandlerError::permanent("the subscription is closing"));
+                            }
                             match (&*dispatch, input) {
                                 (Dispatch::Envelope(h), Input::Envelope(e)) => h.handle(e).await,
                                 (Dispatch::Raw(h, _), Input::Raw(m)) => h.handle(m).await,
                                 _ => unreachable!("jobs are decoded for their dispatch"),
                             }
-                        }
+                        })
                     },
                     tokio::time::sleep,
                     bus_core::jitter,
@@ -373,6 +404,12 @@ impl JobRunner {
         match outcome {
             RetryOutcome::Succeeded { .. } => {
                 self.handled.fetch_add(1, Ordering::Relaxed);
+            }
+            RetryOutcome::Failed { .. } if self.cancel.signal().is_cancelled() => {
+                // Closing: not dead-lettered, but returned with the key's later events.
+                self.stopped.lock().unwrap().insert(job.key);
+                self.returned.fetch_add(1, Ordering::Relaxed);
+                return;
             }
             RetryOutcome::Failed { attempts, reason } => {
                 self.dead_letter(&job.body, reason.code(), reason.to_string(), attempts);
@@ -451,6 +488,7 @@ async fn fetch(
                 let (key, input) = prepare(&topic, &dispatch, &body);
                 let job = Job {
                     offset,
+                    key: key.clone(),
                     body,
                     input,
                 };
@@ -481,12 +519,17 @@ struct MemorySubscription {
     stop: watch::Sender<bool>,
     fetcher: tokio::task::JoinHandle<KeyedPool<Job>>,
     handled: Arc<AtomicU64>,
+    /// Fired when the subscription starts closing; handlers see it in their [`Delivery`].
+    cancel: Arc<CancelSource>,
+    /// Events that failed while closing, or waited behind one, left for the next subscriber.
+    returned: Arc<AtomicU64>,
 }
 
 #[async_trait]
 impl SubscriptionHandle for MemorySubscription {
     async fn close(self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError> {
         let _ = self.stop.send(true);
+        self.cancel.cancel();
         let pool = self.fetcher.await.map_err(|e| {
             SubscribeError::with_source(SubscribeErrorKind::Closed, "subscription reader failed", e)
         })?;
@@ -495,7 +538,9 @@ impl SubscriptionHandle for MemorySubscription {
         self.log.state.lock().unwrap().subscribed = false;
         let result = CloseReport {
             handled: self.handled.load(Ordering::Relaxed),
-            returned: report.not_run.len() as u64 + report.interrupted,
+            returned: report.not_run.len() as u64
+                + report.interrupted
+                + self.returned.load(Ordering::Relaxed),
             unconfirmed: 0,
         };
         if report.interrupted > 0 {

@@ -59,6 +59,7 @@ use bus_core::{
 };
 use bytes::Bytes;
 
+pub use bus_core::{current_delivery, Delivery};
 pub use config::{
     check_stream_name, default_stream_name, redact_url, Auth, ConnectionCallback, ConnectionConfig,
     ConnectionEvent, ConsumerSpec, DeadLetterConfig, FetchConfig, NatsConfig, Provisioning,
@@ -76,7 +77,7 @@ pub use error::{NatsError, NatsErrorKind};
 pub use keyed_pool::PoolConfig;
 pub use lag::Lag;
 pub use publisher::{message_size, NatsPublisher, PublishFailure};
-pub use subscriber::{current_delivery, dead_letter_headers, Delivery};
+pub use subscriber::dead_letter_headers;
 
 /// The NATS JetStream transport: a [`Publisher`] (through its default [`NatsPublisher`]) and a
 /// [`Subscriber`]. Clones share connections.

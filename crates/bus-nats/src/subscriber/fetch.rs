@@ -218,6 +218,9 @@ impl Fetcher {
     async fn abandon(&mut self) -> bool {
         let runner = &self.plan.runner;
         runner.term.fetch_add(1, Ordering::AcqRel);
+        // Handlers still running learn that their outcome will not be acknowledged; those of
+        // a later term get a fresh signal.
+        std::mem::take(&mut *runner.cancel.lock().unwrap()).cancel();
         runner.drop_halts();
         // Their acks are the new owner's business now.
         self.plan.copies.lock().unwrap().clear_recent_acks();

@@ -37,7 +37,7 @@ use fetch::{fetch, FetchPlan};
 pub(crate) use ownership::PRIORITY_GROUP;
 use ownership::{Ownership, Registration};
 use recovery::{server_at_least, Restarter};
-pub use runner::{current_delivery, dead_letter_headers, Delivery};
+pub use runner::dead_letter_headers;
 use runner::{Counters, Runner, Work};
 
 /// The handler a subscription delivers to.
@@ -265,6 +265,7 @@ async fn setup(
         halted: Mutex::new(HashMap::new()),
         halted_count: AtomicUsize::new(0),
         term: AtomicU64::new(0),
+        cancel: Mutex::new(bus_core::CancelSource::new()),
         partition: target.partition,
     });
     // Jobs are boxed: a worker's queue then holds pointers, not whole messages, which keeps
@@ -430,6 +431,7 @@ impl SubscriptionHandle for NatsSubscription {
             _registration,
         } = *self;
         let _ = stop.send(true);
+        runner.cancel.lock().unwrap().cancel();
         let acker_abort = acker_task.abort_handle();
         let result = async {
             let (pool, ownership) = match tokio::time::timeout(deadline, fetcher).await {

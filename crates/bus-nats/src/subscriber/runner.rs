@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use bus_core::{run_with_retry, wire, Envelope, FailurePolicy, RawMessage, RetryOutcome, Topic};
+use bus_core::{
+    run_with_retry, wire, with_delivery, CancelSource, Delivery, Envelope, FailurePolicy,
+    HandlerError, RawMessage, RetryOutcome, Topic,
+};
 
 use super::acker::Acker;
 use super::copies::{ack_info, Copies};
@@ -59,6 +62,10 @@ pub(crate) enum Work {
         skip: bool,
     },
 }
+
+/// The failure reason of an event that failed after the subscription started closing or lost
+/// its topic: never dead-lettered, always returned.
+pub(crate) const CANCELLED: &str = "cancelled";
 
 /// How a handler's final failure went.
 pub(crate) struct Failure {
@@ -115,29 +122,6 @@ pub(crate) fn dead_letter_body_subject(prefix: &str, topic: &Topic) -> String {
     format!("{prefix}.$body.{topic}")
 }
 
-/// Where the event a handler is running for was delivered from, for the handler to read with
-/// [`current_delivery`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    /// The partition of a partitioned topic, `None` otherwise.
-    pub partition: Option<u32>,
-    /// The event's position in its stream. Within one partition (or one unpartitioned topic)
-    /// positions only grow, so it serves as a fencing token for the handler's own writes: a
-    /// store that refuses a write older than the last one it accepted for the partition never
-    /// takes one from an owner that lost the partition while it was running.
-    pub stream_sequence: u64,
-}
-
-tokio::task_local! {
-    static DELIVERY: Delivery;
-}
-
-/// Inside a handler of a NATS subscription: where the event being handled was delivered from.
-/// `None` outside one.
-pub fn current_delivery() -> Option<Delivery> {
-    DELIVERY.try_with(|d| *d).ok()
-}
-
 pub(crate) struct Runner {
     pub(crate) acker: Arc<Acker>,
     pub(crate) jetstream: async_nats::jetstream::Context,
@@ -159,6 +143,9 @@ pub(crate) struct Runner {
     pub(crate) term: AtomicU64,
     /// The partition consumed, for a partitioned topic.
     pub(crate) partition: Option<u32>,
+    /// Fires when the subscription closes or loses its topic; replaced by a fresh one when it
+    /// becomes the owner again. Handlers see it in their [`Delivery`].
+    pub(crate) cancel: Mutex<CancelSource>,
 }
 
 impl Runner {
@@ -179,6 +166,11 @@ impl Runner {
                     }
                 }
                 if let Err((job, failure)) = self.process(job).await {
+                    if job.term != self.term.load(Ordering::Acquire) {
+                        // The topic was lost meanwhile: the new owner has it.
+                        self.settle_copies(job.sequence, false);
+                        return;
+                    }
                     self.halt(job, failure, VecDeque::new());
                 }
             }
@@ -202,6 +194,9 @@ impl Runner {
     pub(crate) async fn process(&self, job: Box<Job>) -> Result<(), (Box<Job>, Failure)> {
         let finished = match self.handle(&job).await {
             Ok(finished) => finished,
+            // Failed while the subscription is going: held like a halt, so that it and its
+            // aggregate's later events are returned unacknowledged, in order.
+            Err(failure) if failure.reason == CANCELLED => return Err((job, failure)),
             Err(failure) => match self.policy {
                 FailurePolicy::HaltAggregate => return Err((job, failure)),
                 FailurePolicy::DeadLetter => {
@@ -229,16 +224,26 @@ impl Runner {
                 return Ok(self.dead_letter(&job.message, reason, error, 0).await)
             }
         };
-        let delivery = Delivery {
-            partition: self.partition,
-            stream_sequence: job.sequence.unwrap_or(0),
-        };
+        let cancellation = self.cancel.lock().unwrap().signal();
         let attempts = run_with_retry(
             &self.retry,
-            || {
+            |attempt| {
                 let input = input.clone_for_attempt();
                 let dispatch = &self.dispatch;
-                DELIVERY.scope(delivery, async move {
+                // Once the subscription is going, a failed event is not tried again.
+                let going = attempt > 1 && cancellation.is_cancelled();
+                let delivery = Delivery {
+                    attempt,
+                    stream_sequence: job.sequence,
+                    partition: self.partition,
+                    cancellation: cancellation.clone(),
+                };
+                with_delivery(delivery, async move {
+                    if going {
+                        return Err(HandlerError::permanent(
+                            "the subscription is closing or lost its topic",
+                        ));
+                    }
                     match (dispatch, input) {
                         (Dispatch::Envelope(h), Input::Envelope(e)) => h.handle(e).await,
                         (Dispatch::Raw(h, _), Input::Raw(m)) => h.handle(m).await,
@@ -261,7 +266,11 @@ impl Runner {
                 Ok(true)
             }
             RetryOutcome::Failed { attempts, reason } => Err(Failure {
-                reason: reason.code(),
+                reason: if cancellation.is_cancelled() {
+                    CANCELLED
+                } else {
+                    reason.code()
+                },
                 error: reason.to_string(),
                 attempts,
             }),

@@ -1,0 +1,404 @@
+//! Typed events: publish any serialisable struct under its event type, and subscribe with one
+//! handler per event type that receives the decoded struct and the delivery's context.
+//!
+//! ```
+//! use bus_core::{Event, EventContext, EventHandlers, HandlerError};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Deposited { cents: u64 }
+//! impl Event for Deposited { const TYPE: &'static str = "Deposited"; }
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Withdrawn { cents: u64 }
+//! impl Event for Withdrawn { const TYPE: &'static str = "Withdrawn"; }
+//!
+//! let handlers = EventHandlers::new()
+//!     .on(|e: Deposited, cx: EventContext| async move {
+//!         println!("{} +{} (v{}, attempt {})", cx.aggregate_id(), e.cents, cx.version(), cx.attempt());
+//!         Ok(())
+//!     })
+//!     .on(|e: Withdrawn, cx: EventContext| async move {
+//!         println!("{} -{}", cx.aggregate_id(), e.cents);
+//!         Ok::<_, HandlerError>(())
+//!     });
+//! // bus.subscribe(&topic, std::sync::Arc::new(handlers)).await?;
+//! # let _ = handlers;
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::codec::Codec;
+use crate::delivery::{current_delivery, Cancellation, Delivery};
+use crate::envelope::{Envelope, EnvelopeBuilder};
+use crate::error::{CodecError, HandlerError, PublishError, PublishErrorKind};
+use crate::names::{AggregateId, EventId, Topic};
+use crate::traits::{Handler, Publisher, Receipt};
+
+/// An event struct with its event type, the name written on the wire and matched by
+/// [`EventHandlers`]. Keep `TYPE` stable once events of it are stored.
+pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The event type, as in [`Envelope::event_type`].
+    const TYPE: &'static str;
+    /// How the struct is written into the payload; readers decode by the envelope's content
+    /// type, so changing it later does not break stored events.
+    const CODEC: Codec = Codec::MessagePack;
+}
+
+impl Envelope {
+    /// An envelope builder for `event` of `aggregate_id` at `version`, its payload encoded with
+    /// `E::CODEC`; add metadata (correlation ID, trace ID, headers) and `build()`.
+    pub fn for_event<E: Event>(
+        aggregate_id: impl AsRef<str>,
+        version: u64,
+        event: &E,
+    ) -> Result<EnvelopeBuilder, CodecError> {
+        Envelope::builder(aggregate_id, E::TYPE, version).typed_payload(event, E::CODEC)
+    }
+}
+
+/// Publishing typed events through any [`Publisher`].
+#[async_trait]
+pub trait PublishEvent: Publisher {
+    /// Publishes `event` of `aggregate_id` at `version` (the aggregate's version after it) on
+    /// `topic`, like [`Publisher::publish`]. For metadata, build the envelope with
+    /// [`Envelope::for_event`] and publish it.
+    async fn publish_event<E: Event>(
+        &self,
+        topic: &Topic,
+        aggregate_id: &str,
+        version: u64,
+        event: &E,
+    ) -> Result<Receipt, PublishError> {
+        let envelope = Envelope::for_event(aggregate_id, version, event)
+            .map_err(|e| {
+                PublishError::with_source(
+                    PublishErrorKind::Invalid,
+                    format!("event `{}` could not be encoded", E::TYPE),
+                    e,
+                )
+            })?
+            .build()?;
+        self.publish(topic, envelope).await
+    }
+}
+
+impl<P: Publisher + ?Sized> PublishEvent for P {}
+
+/// What a typed handler is told besides the event: the envelope it came in (aggregate,
+/// version, IDs, headers) and the [`Delivery`] (attempt, stream position, partition,
+/// cancellation).
+#[derive(Debug, Clone)]
+pub struct EventContext {
+    envelope: Envelope,
+    delivery: Delivery,
+}
+
+impl EventContext {
+    /// The envelope the event came in, payload included.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The aggregate the event belongs to.
+    pub fn aggregate_id(&self) -> &AggregateId {
+        self.envelope.aggregate_id()
+    }
+
+    /// The aggregate's version after this event.
+    pub fn version(&self) -> u64 {
+        self.envelope.event_version()
+    }
+
+    /// The event's ID.
+    pub fn event_id(&self) -> &EventId {
+        self.envelope.event_id()
+    }
+
+    /// Which attempt at handling this event this is, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.delivery.attempt
+    }
+
+    /// The event's position in its stream, when the transport has one.
+    pub fn stream_sequence(&self) -> Option<u64> {
+        self.delivery.stream_sequence
+    }
+
+    /// The event's partition, on a partitioned topic.
+    pub fn partition(&self) -> Option<u32> {
+        self.delivery.partition
+    }
+
+    /// Fires when the subscription is closing or lost its topic; see [`Cancellation`].
+    pub fn cancellation(&self) -> &Cancellation {
+        &self.delivery.cancellation
+    }
+
+    /// The delivery as the transport described it.
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+}
+
+/// What [`EventHandlers`] does with an event whose type has no handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownEvents {
+    /// Fail it as a permanent error, so the transport's failure policy applies (by default it
+    /// is dead-lettered with reason `permanent`, and can be replayed once a handler exists;
+    /// under `HaltAggregate` its aggregate halts). Nothing is dropped unseen. The default.
+    #[default]
+    Fail,
+    /// Acknowledge it without handling it: for a service that reads only some of a topic's
+    /// event types. Counted in [`EventHandlers::unknown_acknowledged`].
+    Acknowledge,
+}
+
+type Call = dyn Fn(Envelope, Delivery) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>
+    + Send
+    + Sync;
+
+/// A [`Handler`] that decodes each event into the struct registered for its event type and
+/// calls that type's handler. Calls for one aggregate still never overlap and come in version
+/// order, whatever their types.
+///
+/// A payload that does not decode into the registered struct is a permanent error (the
+/// transport's failure policy applies); an event type with no handler is dealt with by
+/// [`UnknownEvents`].
+pub struct EventHandlers {
+    calls: HashMap<&'static str, Arc<Call>>,
+    unknown: UnknownEvents,
+    unknown_acknowledged: AtomicU64,
+}
+
+impl EventHandlers {
+    /// No handlers; unknown event types fail.
+    pub fn new() -> Self {
+        Self {
+            calls: HashMap::new(),
+            unknown: UnknownEvents::default(),
+            unknown_acknowledged: AtomicU64::new(0),
+        }
+    }
+
+    /// Handles events of type `E::TYPE` with `handler`.
+    ///
+    /// # Panics
+    ///
+    /// If `E::TYPE` already has a handler: two handlers for one type is a programming error.
+    pub fn on<E, F, Fut>(mut self, handler: F) -> Self
+    where
+        E: Event,
+        F: Fn(E, EventContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let call: Arc<Call> = Arc::new(move |envelope: Envelope, delivery: Delivery| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let event = envelope.decode_payload::<E>().map_err(|e| {
+                    HandlerError::permanent(format!(
+                        "event `{}` v{} of `{}` does not decode into {}: {e}",
+                        E::TYPE,
+                        envelope.event_version(),
+                        envelope.aggregate_id(),
+                        std::any::type_name::<E>(),
+                    ))
+                })?;
+                handler(event, EventContext { envelope, delivery }).await
+            })
+        });
+        if self.calls.insert(E::TYPE, call).is_some() {
+            panic!("event type `{}` has two handlers", E::TYPE);
+        }
+        self
+    }
+
+    /// What to do with event types that have no handler.
+    pub fn unknown(mut self, policy: UnknownEvents) -> Self {
+        self.unknown = policy;
+        self
+    }
+
+    /// The event types that have a handler, in no particular order.
+    pub fn event_types(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.calls.keys().copied()
+    }
+
+    /// Events acknowledged unhandled under [`UnknownEvents::Acknowledge`].
+    pub fn unknown_acknowledged(&self) -> u64 {
+        self.unknown_acknowledged.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for EventHandlers {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for EventHandlers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut types: Vec<_> = self.calls.keys().collect();
+        types.sort();
+        f.debug_struct("EventHandlers")
+            .field("event_types", &types)
+            .field("unknown", &self.unknown)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Handler for EventHandlers {
+    async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError> {
+        let delivery = current_delivery().unwrap_or_else(|| Delivery::new(1));
+        match self.calls.get(envelope.event_type().as_str()) {
+            Some(call) => call(envelope, delivery).await,
+            None => match self.unknown {
+                UnknownEvents::Fail => Err(HandlerError::permanent(format!(
+                    "no handler for event type `{}` (v{} of `{}`); register one with EventHandlers::on, or acknowledge unknown types with UnknownEvents::Acknowledge",
+                    envelope.event_type(),
+                    envelope.event_version(),
+                    envelope.aggregate_id()
+                ))),
+                UnknownEvents::Acknowledge => {
+                    self.unknown_acknowledged.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::{with_delivery, CancelSource};
+    use serde::Deserialize;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Deposited {
+        cents: u64,
+    }
+    impl Event for Deposited {
+        const TYPE: &'static str = "Deposited";
+    }
+
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Renamed {
+        name: String,
+    }
+    impl Event for Renamed {
+        const TYPE: &'static str = "Renamed";
+        const CODEC: Codec = Codec::Json;
+    }
+
+    fn envelope<E: Event>(version: u64, event: &E) -> Envelope {
+        Envelope::for_event("acc-1", version, event)
+            .unwrap()
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn each_type_reaches_its_handler_decoded_with_its_context() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (a, b) = (seen.clone(), seen.clone());
+        let handlers = EventHandlers::new()
+            .on(move |e: Deposited, cx: EventContext| {
+                let a = a.clone();
+                async move {
+                    a.lock().unwrap().push(format!(
+                        "dep {} v{} attempt {} seq {:?} part {:?} cancelled {}",
+                        e.cents,
+                        cx.version(),
+                        cx.attempt(),
+                        cx.stream_sequence(),
+                        cx.partition(),
+                        cx.cancellation().is_cancelled()
+                    ));
+                    Ok(())
+                }
+            })
+            .on(move |e: Renamed, cx: EventContext| {
+                let b = b.clone();
+                async move {
+                    b.lock()
+                        .unwrap()
+                        .push(format!("ren {} v{}", e.name, cx.version()));
+                    Ok(())
+                }
+            });
+        let renamed = envelope(2, &Renamed { name: "x".into() });
+        assert_eq!(renamed.content_type().as_str(), "application/json");
+        let source = CancelSource::new();
+        source.cancel();
+        let delivery = Delivery {
+            attempt: 2,
+            stream_sequence: Some(9),
+            partition: Some(1),
+            cancellation: source.signal(),
+        };
+        with_delivery(
+            delivery,
+            handlers.handle(envelope(1, &Deposited { cents: 5 })),
+        )
+        .await
+        .unwrap();
+        handlers.handle(renamed).await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "dep 5 v1 attempt 2 seq Some(9) part Some(1) cancelled true",
+                "ren x v2"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_types_fail_unless_acknowledged_and_bad_payloads_fail_for_good() {
+        let handlers = EventHandlers::new().on(|_: Deposited, _| async { Ok(()) });
+        let other = Envelope::builder("acc-1", "Closed", 3).build().unwrap();
+        let err = handlers.handle(other.clone()).await.unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(
+            err.to_string()
+                .contains("no handler for event type `Closed`"),
+            "{err}"
+        );
+        assert_eq!(handlers.unknown_acknowledged(), 0);
+
+        let lenient = EventHandlers::new()
+            .on(|_: Deposited, _| async { Ok(()) })
+            .unknown(UnknownEvents::Acknowledge);
+        lenient.handle(other).await.unwrap();
+        assert_eq!(lenient.unknown_acknowledged(), 1);
+
+        // A `Deposited` whose body is some other struct.
+        let wrong = Envelope::builder("acc-1", "Deposited", 4)
+            .typed_payload(&Renamed { name: "y".into() }, Codec::MessagePack)
+            .unwrap()
+            .build()
+            .unwrap();
+        let err = lenient.handle(wrong).await.unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("does not decode into"), "{err}");
+    }
+
+    #[test]
+    #[should_panic(expected = "event type `Deposited` has two handlers")]
+    fn two_handlers_for_one_type_are_refused() {
+        let _ = EventHandlers::new()
+            .on(|_: Deposited, _| async { Ok(()) })
+            .on(|_: Deposited, _| async { Ok(()) });
+    }
+}

@@ -213,6 +213,8 @@ pub struct SubscriptionMetrics {
     pub copies_skipped: u64,
     /// Messages received and not yet settled: queued, running, retrying or held.
     pub in_flight: u64,
+    /// Of those, messages waiting in the worker queues for their aggregate's turn.
+    pub queued: u64,
     /// Aggregates halted now.
     pub halted_aggregates: u64,
     /// Events held behind halted aggregates now, the failed ones included.

@@ -524,7 +524,14 @@ pub struct NatsConfig {
     /// comparison with designs that share a connection; per-topic connections isolate topics
     /// and measured faster (`docs/performance.md`).
     pub share_connection: bool,
+    /// How often each subscription sets its sampled gauges (in flight, queued, halted, owner,
+    /// and the group's lag, read from the broker) through the `metrics` facade (default
+    /// [`DEFAULT_METRICS_INTERVAL`]); zero samples nothing. See [`crate::telemetry`].
+    pub metrics_interval: Duration,
 }
+
+/// Default [`NatsConfig::metrics_interval`].
+pub const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Default for NatsConfig {
     fn default() -> Self {
@@ -544,6 +551,7 @@ impl Default for NatsConfig {
             dead_letters: DeadLetterConfig::default(),
             on_publish_error: None,
             share_connection: false,
+            metrics_interval: DEFAULT_METRICS_INTERVAL,
         }
     }
 }
@@ -565,6 +573,7 @@ impl fmt::Debug for NatsConfig {
             .field("on_failure", &self.on_failure)
             .field("dead_letters", &self.dead_letters)
             .field("share_connection", &self.share_connection)
+            .field("metrics_interval", &self.metrics_interval)
             .finish_non_exhaustive()
     }
 }

@@ -4,6 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use bus_core::Topic;
 
+use crate::connection::Shared;
 use crate::{NatsBus, NatsError};
 
 /// How far this bus's consumer group is behind on a topic (every partition, for a partitioned
@@ -29,8 +30,15 @@ impl NatsBus {
     /// consumers (one per partition) and, for the age, the first stored event above the lowest
     /// ack floor; does not need a subscription in this process.
     pub async fn lag(&self, topic: &Topic) -> Result<Lag, NatsError> {
-        let connection = self.shared.connection(topic).await?;
-        let config = &self.shared.config;
+        lag_of(&self.shared, topic).await
+    }
+}
+
+/// See [`NatsBus::lag`].
+pub(crate) async fn lag_of(shared: &Shared, topic: &Topic) -> Result<Lag, NatsError> {
+    {
+        let connection = shared.connection(topic).await?;
+        let config = &shared.config;
         let partitions = config.partitions_of(topic);
         let base = config.consumer_name(topic);
         let consumers: Vec<(String, String)> = if partitions > 1 {

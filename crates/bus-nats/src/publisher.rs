@@ -24,6 +24,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, SelectAll, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
+use crate::telemetry::PublishMetrics;
 use crate::{PublishOrdering, Shared, TopicConnection};
 
 /// How often the ack task looks for publishes past `NatsConfig::publish_ack_timeout`.
@@ -53,6 +54,9 @@ struct Message {
     first_sent: Option<Instant>,
     /// Headers and body for the first send, built once; a retry builds them again.
     prepared: Option<(HeaderMap, Bytes)>,
+    /// When `publish` was called.
+    created: Instant,
+    metrics: Arc<PublishMetrics>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -94,6 +98,7 @@ struct Route {
     reconnects_seen: AtomicU64,
     /// The connection's permissions violations, to notice a refused publish to the topic.
     violations: Mutex<tokio::sync::watch::Receiver<Option<String>>>,
+    metrics: Arc<PublishMetrics>,
 }
 
 /// Sent publishes awaiting their ack, by ID, with when they were sent.
@@ -283,6 +288,7 @@ impl NatsPublisher {
             violations: Mutex::new(violations),
             connection,
             reply_prefix: format!("{inbox}."),
+            metrics: Arc::new(PublishMetrics::new(topic)),
         });
         self.state
             .routes
@@ -351,6 +357,8 @@ impl NatsPublisher {
             receipt: tx,
             first_sent: None,
             prepared: Some((headers, payload)),
+            created: Instant::now(),
+            metrics: route.metrics.clone(),
             _permit: permit,
         };
         self.state.outstanding.fetch_add(1, Ordering::AcqRel);
@@ -730,6 +738,7 @@ impl Settler<'_> {
                     .min(RETRY_MAX_DELAY);
                     tracing::debug!(%topic, %error, ?delay, "publish failed; retrying before the aggregate's later events");
                     state.retries.fetch_add(1, Ordering::Relaxed);
+                    message.metrics.retries.increment(1);
                     return Next::Retry(message, delay);
                 }
                 tracing::warn!(%topic, %error, "publish failed");
@@ -790,8 +799,16 @@ fn finish(
         topic,
         envelope,
         receipt,
+        created,
+        metrics,
         ..
     } = message;
+    metrics.seconds.record(created.elapsed().as_secs_f64());
+    match &outcome {
+        Ok(published) if published.duplicate => metrics.duplicate.increment(1),
+        Ok(_) => metrics.stored.increment(1),
+        Err(_) => metrics.failed.increment(1),
+    }
     if let Err(error) = &outcome {
         if let Some(callback) = &shared.config.on_publish_error {
             callback(&PublishFailure {

@@ -193,6 +193,39 @@ impl PoolMetrics {
     }
 }
 
+/// Reads a pool's queue depths; see [`KeyedPool::probe`].
+pub struct PoolProbe<J> {
+    senders: Vec<mpsc::WeakSender<Slot<J>>>,
+}
+
+impl<J> PoolProbe<J> {
+    /// Jobs waiting in all queues now (not counting those running); 0 once the pool is shut
+    /// down.
+    pub fn queued(&self) -> usize {
+        self.senders
+            .iter()
+            .filter_map(mpsc::WeakSender::upgrade)
+            .map(|s| s.max_capacity() - s.capacity())
+            .sum()
+    }
+}
+
+impl<J> Clone for PoolProbe<J> {
+    fn clone(&self) -> Self {
+        Self {
+            senders: self.senders.clone(),
+        }
+    }
+}
+
+impl<J> fmt::Debug for PoolProbe<J> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolProbe")
+            .field("queued", &self.queued())
+            .finish()
+    }
+}
+
 /// What [`KeyedPool::shutdown_within`] left undone.
 #[derive(Debug)]
 pub struct ShutdownReport<J> {
@@ -347,6 +380,14 @@ impl<J: Send + 'static> KeyedPool<J> {
             jobs_run: self.counters.jobs_run.load(Ordering::Relaxed),
             failures: self.counters.failures.load(Ordering::Relaxed),
             panics: self.counters.panics.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A handle that reads the queue depths from elsewhere (a metrics sampler) without
+    /// keeping the pool's queues open.
+    pub fn probe(&self) -> PoolProbe<J> {
+        PoolProbe {
+            senders: self.senders.iter().map(mpsc::Sender::downgrade).collect(),
         }
     }
 

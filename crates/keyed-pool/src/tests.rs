@@ -80,13 +80,18 @@ async fn try_submit_hands_back_on_full() {
     while pool.metrics().queued() != 0 {
         tokio::task::yield_now().await;
     }
+    let probe = pool.probe();
+    assert_eq!(probe.queued(), 0);
     pool.try_submit(&0u8, 2).unwrap();
     assert_eq!(pool.metrics().queue_depths, vec![1]);
+    assert_eq!(probe.queued(), 1, "the probe sees the queued job");
     assert_eq!(pool.try_submit(&0u8, 3), Err(TrySubmitError::Full(3)));
     gate_tx.send(true).unwrap();
     assert_eq!(running.await, JobOutcome::Succeeded);
+    // The probe does not keep the queues open: shutdown completes.
     let report = pool.shutdown().await;
     assert!(report.not_run.is_empty());
+    assert_eq!(probe.queued(), 0);
 }
 
 #[tokio::test(flavor = "current_thread")]

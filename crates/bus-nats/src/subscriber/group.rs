@@ -355,6 +355,7 @@ impl AggregateControl for GroupControl {
             total.dead_lettered += m.dead_lettered;
             total.copies_skipped += m.copies_skipped;
             total.in_flight += m.in_flight;
+            total.queued += m.queued;
             total.halted_aggregates += m.halted_aggregates;
             total.halted_events += m.halted_events;
             total.owner |= m.owner;

@@ -45,6 +45,11 @@ impl Runner {
             attempts = failure.attempts,
             "aggregate halted: its later events wait until an operator resumes or skips it"
         );
+        if failure.reason == super::runner::CANCELLED {
+            self.metrics.returned.increment(1);
+        } else {
+            self.metrics.halted.increment(1);
+        }
         let key = first.key.clone();
         rest.push_front(first);
         let halt = Halt {

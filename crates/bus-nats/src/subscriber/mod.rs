@@ -86,16 +86,18 @@ pub(crate) async fn start(
     dispatch: Dispatch,
 ) -> Result<Subscription, SubscribeError> {
     let partitions = shared.config.partitions_of(topic);
-    if partitions > 1 {
-        return group::start(shared, topic, dispatch, partitions).await;
-    }
-    let target = Target {
-        topic: topic.clone(),
-        subject: topic.clone(),
-        consumer: shared.config.consumer_name(topic),
-        partition: None,
+    let subscription = if partitions > 1 {
+        group::start(shared.clone(), topic, dispatch, partitions).await?
+    } else {
+        let target = Target {
+            topic: topic.clone(),
+            subject: topic.clone(),
+            consumer: shared.config.consumer_name(topic),
+            partition: None,
+        };
+        Subscription::new(setup(&shared, &target, dispatch).await?)
     };
-    Ok(Subscription::new(setup(&shared, &target, dispatch).await?))
+    Ok(crate::telemetry::sampled(shared, topic, subscription))
 }
 
 /// Subscribing needs a consumer group: two services sharing a default one would leave one
@@ -267,6 +269,7 @@ async fn setup(
         term: AtomicU64::new(0),
         cancel: Mutex::new(bus_core::CancelSource::new()),
         partition: target.partition,
+        metrics: crate::telemetry::HandleMetrics::new(topic, &config.consumer.group),
     });
     // Jobs are boxed: a worker's queue then holds pointers, not whole messages, which keeps
     // the memory of idle queue blocks small with many workers.
@@ -285,6 +288,7 @@ async fn setup(
         topic: subject.clone(),
         runner: runner.clone(),
         requests: control_tx,
+        queues: pool.probe(),
     });
     let restarter = Restarter {
         client: connection.client.clone(),
@@ -349,6 +353,7 @@ struct NatsControl {
     runner: Arc<Runner>,
     /// To the fetcher, which routes each request to the aggregate's worker.
     requests: mpsc::UnboundedSender<(String, bool)>,
+    queues: keyed_pool::PoolProbe<Work>,
 }
 
 impl NatsControl {
@@ -384,6 +389,7 @@ impl AggregateControl for NatsControl {
             dead_lettered: runner.counters.dead_lettered.load(Ordering::Relaxed),
             copies_skipped: runner.counters.copies_skipped.load(Ordering::Relaxed),
             in_flight: runner.copies.lock().unwrap().in_flight.len() as u64,
+            queued: self.queues.queued() as u64,
             halted_aggregates,
             halted_events,
             owner: runner.counters.owner.load(Ordering::Relaxed) == 1,

@@ -146,6 +146,7 @@ pub(crate) struct Runner {
     /// Fires when the subscription closes or loses its topic; replaced by a fresh one when it
     /// becomes the owner again. Handlers see it in their [`Delivery`].
     pub(crate) cancel: Mutex<CancelSource>,
+    pub(crate) metrics: crate::telemetry::HandleMetrics,
 }
 
 impl Runner {
@@ -225,6 +226,7 @@ impl Runner {
             }
         };
         let cancellation = self.cancel.lock().unwrap().signal();
+        let started = std::time::Instant::now();
         let attempts = run_with_retry(
             &self.retry,
             |attempt| {
@@ -254,11 +256,15 @@ impl Runner {
             tokio::time::sleep,
             bus_core::jitter,
             |attempt, error| {
+                self.metrics.retries.increment(1);
                 tracing::debug!(topic = %self.topic, attempt, %error, "handler failed; retrying in place");
             },
         );
-        match attempts.await {
+        let outcome = attempts.await;
+        self.metrics.seconds.record(started.elapsed().as_secs_f64());
+        match outcome {
             RetryOutcome::Succeeded { .. } => {
+                self.metrics.handled.increment(1);
                 if let Some(reply) = job.message.reply.clone() {
                     self.acker.ack(reply);
                 }
@@ -349,6 +355,8 @@ impl Runner {
                         self.acker.term(reply).await;
                     }
                     self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.dead_lettered.increment(1);
+                    self.metrics.dead_letter(reason);
                     return true;
                 }
                 Err(e) => {

@@ -906,6 +906,8 @@ mod tests {
             receipt: oneshot::channel().0,
             first_sent: None,
             prepared: None,
+            created: Instant::now(),
+            metrics: Arc::new(PublishMetrics::new(&topic())),
             _permit: permit,
         }
     }

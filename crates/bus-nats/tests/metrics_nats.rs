@@ -17,11 +17,14 @@ use bus_testkit::NatsServer;
 use common::{test_config, wait_for};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
+/// A metric's name and its sorted labels.
+type Series = (String, Vec<(String, String)>);
+
 /// The process's one recorder, and what its (destructive) snapshots added up to.
 struct Recorded {
     snapshotter: Snapshotter,
     /// Counters summed over snapshots, histograms' sample counts summed, gauges' last value.
-    seen: Mutex<HashMap<(String, Vec<(String, String)>), f64>>,
+    seen: Mutex<HashMap<Series, f64>>,
 }
 
 fn recorded() -> &'static Recorded {

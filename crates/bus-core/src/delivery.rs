@@ -9,6 +9,9 @@ use std::future::Future;
 
 use tokio::sync::watch;
 
+use crate::envelope::Envelope;
+use crate::trace::{TraceParent, TRACEPARENT};
+
 /// Where and how the event a handler is running for was delivered.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -25,6 +28,9 @@ pub struct Delivery {
     pub partition: Option<u32>,
     /// Fires when the subscription stops waiting for this call's outcome to matter.
     pub cancellation: Cancellation,
+    /// The W3C trace context the event carried (its `traceparent` header), if any. What the
+    /// handler publishes continues this trace.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl Delivery {
@@ -35,6 +41,7 @@ impl Delivery {
             stream_sequence: None,
             partition: None,
             cancellation: Cancellation::never(),
+            traceparent: None,
         }
     }
 }
@@ -47,6 +54,36 @@ tokio::task_local! {
 /// (and on tasks the handler spawned).
 pub fn current_delivery() -> Option<Delivery> {
     DELIVERY.try_with(Delivery::clone).ok()
+}
+
+/// The trace context of the event being handled on this task, under a new parent.
+fn current_trace_child(parent_id: impl FnOnce() -> u64) -> Option<TraceParent> {
+    DELIVERY
+        .try_with(|d| d.traceparent.as_ref().map(|t| t.child(parent_id())))
+        .ok()
+        .flatten()
+}
+
+/// What a publisher does to each envelope before sending it: one without a `traceparent`
+/// header gets one that continues the trace of the event being handled on this task (when
+/// published from a handler) or, failing that, starts from the envelope's trace ID when that
+/// is a W3C trace ID. `parent_id` gives the new parent ID (random, from the transport), called
+/// only when one is needed.
+pub fn continue_trace(envelope: Envelope, parent_id: impl FnOnce() -> u64) -> Envelope {
+    if envelope.headers().contains_key(TRACEPARENT) {
+        return envelope;
+    }
+    let mut parent_id = Some(parent_id);
+    let mut next_id = || parent_id.take().map_or(1, |f| f());
+    let traceparent = current_trace_child(&mut next_id).or_else(|| {
+        envelope
+            .trace_id()
+            .and_then(|id| TraceParent::new(id, next_id()))
+    });
+    match traceparent {
+        Some(traceparent) => envelope.with_traceparent(&traceparent),
+        None => envelope,
+    }
 }
 
 /// Runs `call` (a handler call) with `delivery` readable through [`current_delivery`]. For
@@ -136,6 +173,7 @@ mod tests {
             stream_sequence: Some(17),
             partition: Some(2),
             cancellation: source.signal(),
+            traceparent: None,
         };
         let seen = with_delivery(delivery, async {
             let d = current_delivery().expect("inside a call");
@@ -153,5 +191,42 @@ mod tests {
         assert_eq!(seen, (3, Some(17), Some(2), true));
         assert!(current_delivery().is_none());
         assert!(!Cancellation::never().is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_publish_continues_the_trace_of_the_event_being_handled() {
+        let plain = Envelope::builder("a", "T", 1).build().unwrap();
+        // Outside a handler, with no W3C trace ID: nothing to continue.
+        let out = continue_trace(plain.clone(), || panic!("no parent ID is needed"));
+        assert!(out.headers().get(TRACEPARENT).is_none());
+        // A W3C trace ID on the envelope starts the trace.
+        let traced = Envelope::builder("a", "T", 1)
+            .trace_id("4bf92f3577b34da6a3ce929d0e0e4736")
+            .build()
+            .unwrap();
+        let out = continue_trace(traced, || 7);
+        assert_eq!(
+            out.headers()[TRACEPARENT],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000007-01"
+        );
+        // Inside a handler, the handled event's trace wins, under the new parent.
+        let mut delivery = Delivery::new(1);
+        delivery.traceparent =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let out = with_delivery(delivery, async { continue_trace(plain, || 9) }).await;
+        assert_eq!(
+            out.headers()[TRACEPARENT],
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000009-01"
+        );
+        // One set by the user is kept.
+        let own = Envelope::builder("a", "T", 1)
+            .header(
+                TRACEPARENT,
+                "00-11111111111111111111111111111111-2222222222222222-00",
+            )
+            .build()
+            .unwrap();
+        let out = continue_trace(own.clone(), || 5);
+        assert_eq!(out, own);
     }
 }

@@ -10,6 +10,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::codec::{Codec, ContentType};
 use crate::error::{CodecError, ValidationError};
 use crate::names::{AggregateId, EventId, EventType};
+use crate::trace::{TraceParent, TRACEPARENT};
 use crate::wire;
 
 /// One event of one aggregate, with its metadata and payload.
@@ -108,6 +109,20 @@ impl Envelope {
     /// The payload bytes.
     pub fn payload(&self) -> &Bytes {
         &self.payload
+    }
+
+    /// The W3C trace context in its `traceparent` header, if it carries a valid one.
+    pub fn traceparent(&self) -> Option<TraceParent> {
+        self.headers
+            .get(TRACEPARENT)
+            .and_then(|v| TraceParent::parse(v))
+    }
+
+    /// The same envelope with its `traceparent` header set to `traceparent`.
+    pub fn with_traceparent(mut self, traceparent: &TraceParent) -> Self {
+        self.headers
+            .insert(TRACEPARENT.to_owned(), traceparent.to_string());
+        self
     }
 
     /// Decodes the payload with the codec its content type names.

@@ -38,12 +38,15 @@ mod envelope;
 mod error;
 mod names;
 mod policy;
+mod trace;
 mod traits;
 mod typed;
 pub mod wire;
 
 pub use codec::{Codec, ContentType};
-pub use delivery::{current_delivery, with_delivery, CancelSource, Cancellation, Delivery};
+pub use delivery::{
+    continue_trace, current_delivery, with_delivery, CancelSource, Cancellation, Delivery,
+};
 pub use envelope::{Envelope, EnvelopeBuilder};
 pub use error::{
     BoxError, CodecError, DecodeError, HandlerError, PublishError, PublishErrorKind,
@@ -51,6 +54,7 @@ pub use error::{
 };
 pub use names::{AggregateId, EventId, EventType, Topic, MAX_AGGREGATE_ID_LEN, MAX_NAME_LEN};
 pub use policy::{jitter, run_with_retry, FailurePolicy, FailureReason, RetryOutcome, RetryPolicy};
+pub use trace::{TraceParent, TRACEPARENT};
 pub use traits::{
     handler_fn, raw_handler_fn, AggregateControl, CloseReport, HaltedAggregate, Handler, HandlerFn,
     KeyExtractor, Published, Publisher, RawHandler, RawHandlerFn, RawKey, RawMessage, Receipt,

@@ -347,6 +347,7 @@ mod tests {
             stream_sequence: Some(9),
             partition: Some(1),
             cancellation: source.signal(),
+            traceparent: None,
         };
         with_delivery(
             delivery,

@@ -56,6 +56,10 @@ struct Message {
     prepared: Option<(HeaderMap, Bytes)>,
     /// When `publish` was called.
     created: Instant,
+    /// `bus.publish`, from the call to the settled receipt.
+    span: tracing::Span,
+    /// Times sent.
+    sends: u32,
     metrics: Arc<PublishMetrics>,
     _permit: OwnedSemaphorePermit,
 }
@@ -349,6 +353,34 @@ impl NatsPublisher {
             }
             _ => None,
         };
+        let span = tracing::info_span!(
+            "bus.publish",
+            topic = %topic,
+            aggregate = tracing::field::Empty,
+            version = tracing::field::Empty,
+            event_type = tracing::field::Empty,
+            event_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            traceparent = tracing::field::Empty,
+            attempt = tracing::field::Empty,
+            sequence = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        if let (false, Some(e)) = (span.is_disabled(), &envelope) {
+            span.record("aggregate", e.aggregate_id().as_str());
+            span.record("version", e.event_version());
+            span.record("event_type", e.event_type().as_str());
+            span.record("event_id", e.event_id().as_str());
+            if let Some(trace_id) = e.trace_id() {
+                span.record("trace_id", trace_id);
+            }
+            if let Some(t) = e.traceparent() {
+                span.record("traceparent", tracing::field::display(&t));
+                if e.trace_id().is_none() {
+                    span.record("trace_id", t.trace_id());
+                }
+            }
+        }
         let (tx, rx) = oneshot::channel();
         let message = Message {
             topic: topic.clone(),
@@ -359,6 +391,8 @@ impl NatsPublisher {
             prepared: Some((headers, payload)),
             created: Instant::now(),
             metrics: route.metrics.clone(),
+            span,
+            sends: 0,
             _permit: permit,
         };
         self.state.outstanding.fetch_add(1, Ordering::AcqRel);
@@ -415,6 +449,8 @@ async fn transmit(
 ) -> Result<(), (Message, PublishError)> {
     let now = Instant::now();
     message.first_sent.get_or_insert(now);
+    message.sends += 1;
+    message.span.record("attempt", message.sends);
     let (headers, payload) = match (message.prepared.take(), &message.envelope) {
         (Some(prepared), _) => prepared,
         (None, Some(e)) => (envelope_headers(e), e.payload().clone()),
@@ -801,9 +837,31 @@ fn finish(
         receipt,
         created,
         metrics,
+        span,
         ..
     } = message;
     metrics.seconds.record(created.elapsed().as_secs_f64());
+    if !span.is_disabled() {
+        match &outcome {
+            Ok(published) => {
+                span.record(
+                    "outcome",
+                    if published.duplicate {
+                        "duplicate"
+                    } else {
+                        "stored"
+                    },
+                );
+                if let Some(sequence) = published.sequence {
+                    span.record("sequence", sequence);
+                }
+            }
+            Err(error) => {
+                span.record("outcome", "failed");
+                span.in_scope(|| tracing::debug!(%error, "publish failed"));
+            }
+        }
+    }
     match &outcome {
         Ok(published) if published.duplicate => metrics.duplicate.increment(1),
         Ok(_) => metrics.stored.increment(1),
@@ -828,6 +886,20 @@ fn finish(
     }
 }
 
+/// A new W3C parent (span) ID for a publish that continues a trace: random, from the
+/// standard library's per-hasher random keys, so no random-number crate is needed.
+fn new_span_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    hasher.finish()
+}
+
 pub(crate) fn envelope_headers(envelope: &Envelope) -> HeaderMap {
     let mut headers = HeaderMap::new();
     wire::encode_headers(envelope, |name, value| headers.insert(name, value));
@@ -839,6 +911,7 @@ pub(crate) fn envelope_headers(envelope: &Envelope) -> HeaderMap {
 #[async_trait]
 impl Publisher for NatsPublisher {
     async fn publish(&self, topic: &Topic, envelope: Envelope) -> Result<Receipt, PublishError> {
+        let envelope = bus_core::continue_trace(envelope, new_span_id);
         let headers = envelope_headers(&envelope);
         let payload = envelope.payload().clone();
         self.send(topic, Some(envelope), headers, payload).await
@@ -908,6 +981,8 @@ mod tests {
             prepared: None,
             created: Instant::now(),
             metrics: Arc::new(PublishMetrics::new(&topic())),
+            span: tracing::Span::none(),
+            sends: 0,
             _permit: permit,
         }
     }

@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use tracing::Instrument;
+
 use bus_core::{
     run_with_retry, wire, with_delivery, CancelSource, Delivery, Envelope, FailurePolicy,
-    HandlerError, RawMessage, RetryOutcome, Topic,
+    HandlerError, RawMessage, RetryOutcome, Topic, TraceParent, TRACEPARENT,
 };
 
 use super::acker::Acker;
@@ -227,9 +229,11 @@ impl Runner {
         };
         let cancellation = self.cancel.lock().unwrap().signal();
         let started = std::time::Instant::now();
+        let (traceparent, span) = self.span(job, input);
         let attempts = run_with_retry(
             &self.retry,
             |attempt| {
+                span.record("attempt", attempt);
                 let input = input.clone_for_attempt();
                 let dispatch = &self.dispatch;
                 // Once the subscription is going, a failed event is not tried again.
@@ -239,6 +243,7 @@ impl Runner {
                     stream_sequence: job.sequence,
                     partition: self.partition,
                     cancellation: cancellation.clone(),
+                    traceparent: traceparent.clone(),
                 };
                 with_delivery(delivery, async move {
                     if going {
@@ -260,7 +265,14 @@ impl Runner {
                 tracing::debug!(topic = %self.topic, attempt, %error, "handler failed; retrying in place");
             },
         );
-        let outcome = attempts.await;
+        let outcome = attempts.instrument(span.clone()).await;
+        span.record(
+            "outcome",
+            match &outcome {
+                RetryOutcome::Succeeded { .. } => "handled",
+                RetryOutcome::Failed { .. } => "failed",
+            },
+        );
         self.metrics.seconds.record(started.elapsed().as_secs_f64());
         match outcome {
             RetryOutcome::Succeeded { .. } => {
@@ -281,6 +293,49 @@ impl Runner {
                 attempts,
             }),
         }
+    }
+
+    /// The span of one message's handling, and the trace context it carried: `bus.handle`,
+    /// with topic, aggregate (or key), version, event type and ID, trace ID, stream sequence,
+    /// partition, then the attempt and the outcome as they happen.
+    fn span(&self, job: &Job, input: &Input) -> (Option<TraceParent>, tracing::Span) {
+        let traceparent = match input {
+            Input::Envelope(e) => e.traceparent(),
+            Input::Raw(m) => m.header(TRACEPARENT).and_then(TraceParent::parse),
+        };
+        let span = tracing::info_span!(
+            "bus.handle",
+            topic = %self.topic,
+            aggregate = %job.key,
+            version = tracing::field::Empty,
+            event_type = tracing::field::Empty,
+            event_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            traceparent = tracing::field::Empty,
+            stream_sequence = job.sequence,
+            partition = self.partition,
+            attempt = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            if let Input::Envelope(e) = input {
+                span.record("version", e.event_version());
+                span.record("event_type", e.event_type().as_str());
+                span.record("event_id", e.event_id().as_str());
+            }
+            let trace_id = match (input, &traceparent) {
+                (Input::Envelope(e), _) if e.trace_id().is_some() => e.trace_id(),
+                (_, Some(t)) => Some(t.trace_id()),
+                _ => None,
+            };
+            if let Some(trace_id) = trace_id {
+                span.record("trace_id", trace_id);
+            }
+            if let Some(t) = &traceparent {
+                span.record("traceparent", tracing::field::display(t));
+            }
+        }
+        (traceparent, span)
     }
 
     /// Stores the message in the dead-letter stream with why it failed, then terminates the

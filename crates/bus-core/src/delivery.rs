@@ -95,7 +95,8 @@ pub async fn with_delivery<F: Future>(delivery: Delivery, call: F) -> F::Output 
 /// A signal that a subscription no longer waits for a handler's outcome, or will not
 /// acknowledge it: the subscription is closing, or it lost its topic to another subscription of
 /// its group (which gets the event again). A handler doing long work can stop early when it
-/// fires; returning an error then is safe (the event is not acknowledged, so it comes again).
+/// fires: a *retryable* error returned then is not retried and never dead-lettered; the event
+/// stays unacknowledged, with its aggregate's later events, and comes again, in order.
 #[derive(Clone)]
 pub struct Cancellation(Option<watch::Receiver<bool>>);
 

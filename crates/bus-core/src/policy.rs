@@ -131,6 +131,11 @@ impl FailureReason {
             FailureReason::Panicked(_) => "panic",
         }
     }
+
+    /// Whether the last error was retryable (the attempts ran out).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, FailureReason::Handler(e) if e.is_retryable())
+    }
 }
 
 impl std::fmt::Display for FailureReason {

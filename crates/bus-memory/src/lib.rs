@@ -49,7 +49,7 @@ use bus_core::{
     run_with_retry, wire, with_delivery, CancelSource, CloseReport, Delivery, Envelope, Handler,
     HandlerError, PublishError, PublishErrorKind, Published, Publisher, RawHandler, RawKey,
     RawMessage, Receipt, RetryOutcome, RetryPolicy, SubscribeError, SubscribeErrorKind, Subscriber,
-    Subscription, SubscriptionHandle, Topic,
+    Subscription, SubscriptionHandle, Topic, TraceParent, TRACEPARENT,
 };
 use bytes::Bytes;
 use keyed_pool::{KeyedPool, PoolConfig};
@@ -142,6 +142,8 @@ struct Inner {
     topics: Mutex<HashMap<Topic, Arc<TopicLog>>>,
     dead_letters: Mutex<Vec<DeadLetter>>,
     closed: std::sync::atomic::AtomicBool,
+    /// Seeds the parent IDs of the trace contexts publishes continue.
+    next_span: AtomicU64,
 }
 
 /// The in-memory transport: both [`Publisher`] and [`Subscriber`]. Clones share one bus;
@@ -179,6 +181,7 @@ impl MemoryBus {
                 topics: Mutex::new(HashMap::new()),
                 dead_letters: Mutex::new(Vec::new()),
                 closed: Default::default(),
+                next_span: AtomicU64::new(1),
             }),
         }
     }
@@ -369,21 +372,25 @@ impl JobRunner {
                     &self.retry,
                     |attempt| {
                         let dispatch = self.dispatch.clone();
-                        let input = match input {
-                            Input::Envelope(e) => Input::Envelope(e.clone()),
-                            Input::Raw(m) => Input::Raw(m.clone()),
+                        let (input, traceparent) = match input {
+                            Input::Envelope(e) => (Input::Envelope(e.clone()), e.traceparent()),
+                            Input::Raw(m) => (
+                                Input::Raw(m.clone()),
+                                m.header(TRACEPARENT).and_then(TraceParent::parse),
+                            ),
                         };
                         let delivery = Delivery {
                             attempt,
                             stream_sequence: Some(job.offset + 1),
                             partition: None,
                             cancellation: self.cancel.signal(),
+                            traceparent,
                         };
                         // Once closing, a failed event is not tried again: it is returned.
                         let closing = attempt > 1 && self.cancel.signal().is_cancelled();
                         with_delivery(delivery, async move {
                             if closing {
-                                return Err(HandlerError::permanent("the subscription is closing"));
+                                return Err(HandlerError::retryable("the subscription is closing"));
                             }
                             match (&*dispatch, input) {
                                 (Dispatch::Envelope(h), Input::Envelope(e)) => h.handle(e).await,
@@ -392,7 +399,15 @@ impl JobRunner {
                             }
                         })
                     },
-                    tokio::time::sleep,
+                    |delay| {
+                        let cancellation = self.cancel.signal();
+                        async move {
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = cancellation.cancelled() => {}
+                            }
+                        }
+                    },
                     bus_core::jitter,
                     |attempt, error| {
                         tracing::debug!(topic = %self.topic, attempt, %error, "retrying handler");
@@ -405,7 +420,10 @@ impl JobRunner {
             RetryOutcome::Succeeded { .. } => {
                 self.handled.fetch_add(1, Ordering::Relaxed);
             }
-            RetryOutcome::Failed { .. } if self.cancel.signal().is_cancelled() => {
+            // A retryable failure while closing may be the handler giving up because of it.
+            RetryOutcome::Failed { ref reason, .. }
+                if reason.is_retryable() && self.cancel.signal().is_cancelled() =>
+            {
                 // Closing: not dead-lettered, but returned with the key's later events.
                 self.stopped.lock().unwrap().insert(job.key);
                 self.returned.fetch_add(1, Ordering::Relaxed);
@@ -559,6 +577,12 @@ impl SubscriptionHandle for MemorySubscription {
 #[async_trait]
 impl Publisher for MemoryBus {
     async fn publish(&self, topic: &Topic, envelope: Envelope) -> Result<Receipt, PublishError> {
+        let envelope = bus_core::continue_trace(envelope, || {
+            use std::hash::{BuildHasher, Hasher};
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(self.inner.next_span.fetch_add(1, Ordering::Relaxed));
+            hasher.finish()
+        });
         self.append(topic, Body::Envelope(envelope)).await
     }
 

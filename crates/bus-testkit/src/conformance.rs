@@ -473,6 +473,62 @@ pub async fn graceful_shutdown(h: &dyn Harness) {
     recorder.verifier.report().assert_exact(2);
 }
 
+/// A handler that gives up with a retryable error when its subscription's cancellation fires
+/// (at close) has its event, and the aggregate's later ones, handed to the next subscription
+/// in order: not retried, not dead-lettered, not overtaken.
+pub async fn cancelled_handler_returns_its_events(h: &dyn Harness) {
+    let topic = h.topic("cancel");
+    let publisher = h.publisher().await;
+    let started = Arc::new(Notify::new());
+    let gave_up = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (started, gave_up) = (started.clone(), gave_up.clone());
+        Arc::new(handler_fn(move |e: Envelope| {
+            let (started, gave_up) = (started.clone(), gave_up.clone());
+            async move {
+                let delivery = bus_core::current_delivery().expect("inside a handler call");
+                if e.event_version() == 1 {
+                    started.notify_one();
+                }
+                delivery.cancellation.cancelled().await;
+                gave_up.fetch_add(1, Ordering::SeqCst);
+                Err(HandlerError::retryable("the subscription is going"))
+            }
+        }))
+    };
+    let subscriber = h.subscriber().await;
+    let subscription = subscriber
+        .subscribe(&topic, handler)
+        .await
+        .expect("subscribe");
+    for version in 1..=3 {
+        let _receipt = publisher
+            .publish(&topic, envelope("c", version))
+            .await
+            .expect("publish");
+    }
+    publisher.flush().await.expect("flush");
+    tokio::time::timeout(STEP_TIMEOUT, started.notified())
+        .await
+        .expect("handler starts");
+    let report = tokio::time::timeout(STEP_TIMEOUT, subscription.close())
+        .await
+        .expect("close fires the cancellation and returns")
+        .expect("close");
+    assert_eq!(
+        gave_up.load(Ordering::SeqCst),
+        1,
+        "one call, not retried; the later events did not reach the handler"
+    );
+    assert_eq!(report.handled, 0, "{report:?}");
+    assert!(report.returned >= 1, "{report:?}");
+    let recorder = Recorder::new();
+    let subscription = subscribe_recording(&*subscriber, &topic, &recorder).await;
+    recorder.wait_unique(3).await;
+    subscription.close().await.expect("close");
+    recorder.verifier.report().assert_exact(3);
+}
+
 /// Raw messages keyed by a header are handled in order per key.
 pub async fn raw_ordered_by_key(h: &dyn Harness) {
     let topic = h.topic("raw");
@@ -533,6 +589,7 @@ macro_rules! conformance_tests {
             topic_isolation,
             publisher_close_flushes,
             graceful_shutdown,
+            cancelled_handler_returns_its_events,
             raw_ordered_by_key,
         );
     };
@@ -553,5 +610,6 @@ pub async fn run_all(h: &dyn Harness) {
     topic_isolation(h).await;
     publisher_close_flushes(h).await;
     graceful_shutdown(h).await;
+    cancelled_handler_returns_its_events(h).await;
     raw_ordered_by_key(h).await;
 }

@@ -65,8 +65,8 @@ pub(crate) enum Work {
     },
 }
 
-/// The failure reason of an event that failed after the subscription started closing or lost
-/// its topic: never dead-lettered, always returned.
+/// The failure reason of an event that failed with a retryable error after the subscription
+/// started closing or lost its topic: never dead-lettered, always returned.
 pub(crate) const CANCELLED: &str = "cancelled";
 
 /// How a handler's final failure went.
@@ -247,7 +247,7 @@ impl Runner {
                 };
                 with_delivery(delivery, async move {
                     if going {
-                        return Err(HandlerError::permanent(
+                        return Err(HandlerError::retryable(
                             "the subscription is closing or lost its topic",
                         ));
                     }
@@ -258,7 +258,16 @@ impl Runner {
                     }
                 })
             },
-            tokio::time::sleep,
+            // Backoffs end early once the subscription is going.
+            |delay| {
+                let cancellation = cancellation.clone();
+                async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancellation.cancelled() => {}
+                    }
+                }
+            },
             bus_core::jitter,
             |attempt, error| {
                 self.metrics.retries.increment(1);
@@ -284,7 +293,10 @@ impl Runner {
                 Ok(true)
             }
             RetryOutcome::Failed { attempts, reason } => Err(Failure {
-                reason: if cancellation.is_cancelled() {
+                // A retryable failure once the subscription is going may be the handler giving
+                // up because of it: returned, never dead-lettered. Permanent failures and
+                // panics follow the failure policy as ever.
+                reason: if cancellation.is_cancelled() && reason.is_retryable() {
                     CANCELLED
                 } else {
                     reason.code()

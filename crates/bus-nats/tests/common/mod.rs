@@ -31,7 +31,7 @@ pub struct NatsHarness {
 
 /// Every topic name the conformance suite uses; a harness with a retention other than the
 /// default gives each of them a stream of that retention.
-const CONFORMANCE_TOPICS: [&str; 9] = [
+const CONFORMANCE_TOPICS: [&str; 10] = [
     "round-trip",
     "order",
     "retry",
@@ -40,6 +40,7 @@ const CONFORMANCE_TOPICS: [&str; 9] = [
     "iso-b",
     "close-flush",
     "graceful",
+    "cancel",
     "raw",
 ];
 

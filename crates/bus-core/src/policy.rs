@@ -4,13 +4,19 @@ use std::time::Duration;
 
 /// How a retryable handler error is retried: in place, inside the aggregate's worker, so the
 /// aggregate's later events wait while other aggregates keep flowing.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Deserialises (any serde format) with every field optional; durations are written as
+/// `"50ms"`, `"5s"`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (default 5). 1 means no retry.
     pub max_attempts: u32,
     /// Delay before the second attempt (default 50 ms).
+    #[serde(with = "humantime_serde")]
     pub initial_backoff: Duration,
     /// Upper bound of any delay (default 5 s).
+    #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
     /// Growth factor between attempts (default 2).
     pub multiplier: f64,
@@ -100,7 +106,10 @@ pub fn jitter() -> f64 {
 
 /// What happens to an event once its handler has failed for good (retries exhausted, a
 /// permanent error, or a panic).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// In configuration files: `"dead-letter"` or `"halt-aggregate"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum FailurePolicy {
     /// Store it as a dead letter with the reason, terminate it at the broker, and go on with
     /// the aggregate's next event. Other aggregates never wait.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::NatsError;
 use bus_core::{FailurePolicy, RetryPolicy, Topic, ValidationError};
 use keyed_pool::PoolConfig;
 
@@ -72,7 +73,12 @@ pub const DEFAULT_PUBLISH_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
 /// How the client authenticates.
-#[derive(Clone, Default)]
+///
+/// In configuration files: `auth = "none"`, `auth = { token = "..." }`,
+/// `auth = { user-password = { user = "...", password = "..." } }`, `auth = { nkey = "..." }`
+/// or `auth = { credentials-file = "/path/to.creds" }`.
+#[derive(Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Auth {
     /// No credentials.
     #[default]
@@ -87,6 +93,7 @@ pub enum Auth {
         password: String,
     },
     /// An NKey seed.
+    #[serde(rename = "nkey")]
     NKey(String),
     /// A `.creds` file (JWT and NKey seed).
     CredentialsFile(PathBuf),
@@ -175,7 +182,8 @@ fn percent_decode(text: &str) -> String {
 }
 
 /// TLS settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM files of CA certificates to trust (besides the system's).
     pub ca_files: Vec<PathBuf>,
@@ -216,7 +224,8 @@ pub enum ConnectionEvent {
 pub type ConnectionCallback = Arc<dyn Fn(ConnectionEvent) + Send + Sync>;
 
 /// How to reach and authenticate with the NATS servers.
-#[derive(Clone)]
+#[derive(Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ConnectionConfig {
     /// Server URLs; the client picks one and fails over to the others (default
     /// `nats://127.0.0.1:4222`).
@@ -231,11 +240,13 @@ pub struct ConnectionConfig {
     /// server restart never ends a long-running service.
     pub max_reconnects: Option<usize>,
     /// Timeout of one connection attempt (default 5 s).
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Keep retrying the first connection instead of failing at once (default false: a
     /// misconfigured URL should fail loudly at start-up).
     pub retry_on_initial_connect: bool,
     /// Called on every connection event.
+    #[serde(skip)]
     pub on_event: Option<ConnectionCallback>,
 }
 
@@ -277,7 +288,11 @@ impl fmt::Debug for ConnectionConfig {
 }
 
 /// Where the bus's streams and consumers come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// In configuration files: `"create"`, `"create-or-update"`, `"validate-only"`,
+/// `"use-existing"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Provisioning {
     /// Create what is missing; fail if something exists with a different configuration.
     Create,
@@ -290,8 +305,10 @@ pub enum Provisioning {
     UseExisting,
 }
 
-/// How a stream keeps messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How a stream keeps messages. In configuration files: `"work-queue"`, `"limits"`,
+/// `"acknowledged"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Retention {
     /// A message is removed once the topic's consumer acknowledges it; when the stream is full
     /// new publishes are refused (the publisher's receipt says so), never silently dropped.
@@ -319,24 +336,53 @@ pub enum Retention {
     Acknowledged,
 }
 
+/// What a full stream does with a new message. In configuration files: `"new"`, `"old"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Discard {
+    /// Refuse it: the publisher's receipt fails with `Rejected`, nothing stored is lost.
+    New,
+    /// Store it and remove the oldest message, handled or not. Only with
+    /// [`Retention::Limits`]: the other retentions keep what a group has not handled.
+    Old,
+}
+
 /// A JetStream stream holding one or more topics.
-#[derive(Debug, Clone)]
+///
+/// In configuration files, `[[streams]]` tables with the field names below; `name` and
+/// `topics` are required, the rest default as documented.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamSpec {
     /// The stream's name: letters, digits, `-` and `_` only.
     pub name: String,
     /// The topics it holds; each topic is one subject.
     pub topics: Vec<Topic>,
     /// How messages are kept (default [`Retention::WorkQueue`]).
+    #[serde(default)]
     pub retention: Retention,
     /// Bytes kept at most (default [`DEFAULT_STREAM_MAX_BYTES`]).
+    #[serde(default = "defaults::stream_max_bytes")]
     pub max_bytes: i64,
     /// Messages kept at most (default [`DEFAULT_STREAM_MAX_MSGS`]).
+    #[serde(default = "defaults::stream_max_msgs")]
     pub max_msgs: i64,
+    /// How long a message is kept at most, handled or not; zero (the default) for no limit.
+    /// Only with [`Retention::Limits`]: the other retentions keep what a group has not handled.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Duration,
+    /// What a full stream does with a new message; `None` (the default) for what the retention
+    /// implies: [`Discard::Old`] under [`Retention::Limits`], [`Discard::New`] otherwise.
+    #[serde(default)]
+    pub discard: Option<Discard>,
     /// Window for de-duplicating event IDs (default [`DEFAULT_DUPLICATE_WINDOW`]).
+    #[serde(default = "defaults::duplicate_window", with = "humantime_serde")]
     pub duplicate_window: Duration,
     /// File storage (the default) or memory.
+    #[serde(default = "defaults::yes")]
     pub file_storage: bool,
     /// Replicas, 1 to 5 (default 1).
+    #[serde(default = "defaults::one")]
     pub replicas: usize,
     /// Partitions of each topic of the stream, 1 to [`MAX_PARTITIONS`] (default 1: none).
     /// With `n` > 1, topic `t` is stored on subjects `t.0` … `t.<n-1>`, an event on
@@ -344,7 +390,31 @@ pub struct StreamSpec {
     /// ID; each partition has its own consumer, and the processes of a consumer group share the
     /// partitions out. Changing `n` of a topic that holds events is refused: it would move
     /// aggregates between partitions; drain the topic first, or move to a new topic.
+    #[serde(default = "defaults::one_u32")]
     pub partitions: u32,
+}
+
+/// Defaults of the fields `serde` fills in when a configuration file leaves them out.
+mod defaults {
+    use super::*;
+    pub(super) fn stream_max_bytes() -> i64 {
+        DEFAULT_STREAM_MAX_BYTES
+    }
+    pub(super) fn stream_max_msgs() -> i64 {
+        DEFAULT_STREAM_MAX_MSGS
+    }
+    pub(super) fn duplicate_window() -> Duration {
+        DEFAULT_DUPLICATE_WINDOW
+    }
+    pub(super) fn yes() -> bool {
+        true
+    }
+    pub(super) fn one() -> usize {
+        1
+    }
+    pub(super) fn one_u32() -> u32 {
+        1
+    }
 }
 
 /// The most partitions a topic may have.
@@ -359,6 +429,8 @@ impl StreamSpec {
             retention: Retention::default(),
             max_bytes: DEFAULT_STREAM_MAX_BYTES,
             max_msgs: DEFAULT_STREAM_MAX_MSGS,
+            max_age: Duration::ZERO,
+            discard: None,
             duplicate_window: DEFAULT_DUPLICATE_WINDOW,
             file_storage: true,
             replicas: 1,
@@ -368,7 +440,8 @@ impl StreamSpec {
 }
 
 /// The durable pull consumer of each topic.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ConsumerSpec {
     /// The consumer group: name it after the service. The replicas of one service share it
     /// (one of them consumes each topic, the others wait as standbys); different services must
@@ -381,11 +454,13 @@ pub struct ConsumerSpec {
     /// MaxWaiting (default [`DEFAULT_MAX_WAITING`]).
     pub max_waiting: i64,
     /// AckWait (default [`DEFAULT_ACK_WAIT`]).
+    #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     /// How long an owner that stopped pulling keeps its topic before a standby subscriber of
     /// the same group takes it over (default [`DEFAULT_TAKEOVER_AFTER`]). On servers with
     /// priority groups and the consumer reset API (2.14+) it is the consumer's
     /// `priority_timeout`; on older servers, the lifetime of the ownership lease.
+    #[serde(with = "humantime_serde")]
     pub takeover_after: Duration,
     /// Replicas of the KV buckets that hold consumer-group memberships (`BUS_MEMBERS`, for
     /// partitioned topics) and ownership leases (`BUS_OWNERS`, servers before 2.14), 1 to 5
@@ -407,11 +482,13 @@ impl Default for ConsumerSpec {
 }
 
 /// How each topic's single fetcher pulls.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FetchConfig {
     /// Messages per pull request (default [`DEFAULT_FETCH_BATCH`]).
     pub batch: usize,
     /// Expiry of a pull request (default [`DEFAULT_FETCH_EXPIRES`]).
+    #[serde(with = "humantime_serde")]
     pub expires: Duration,
 }
 
@@ -430,7 +507,8 @@ impl Default for FetchConfig {
 pub const DEFAULT_DEAD_LETTER_MAX_BYTES: i64 = 128 << 20;
 
 /// Where messages that cannot be handled go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DeadLetterConfig {
     /// The stream that stores dead letters (default `BUS_DEAD_LETTERS`); provisioned with the
     /// bus's strategy.
@@ -456,8 +534,10 @@ impl Default for DeadLetterConfig {
     }
 }
 
-/// How a publisher orders the publishes of one aggregate on one topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How a publisher orders the publishes of one aggregate on one topic. In configuration
+/// files: `"per-aggregate"` or `"pipelined"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum PublishOrdering {
     /// At most one publish per aggregate and topic awaits its broker ack; the aggregate's
     /// later publishes wait in the publisher (within `max_in_flight`) and are sent when it is
@@ -481,7 +561,8 @@ pub enum PublishOrdering {
 pub type PublishFailureCallback = Arc<dyn Fn(&PublishFailure) + Send + Sync>;
 
 /// Everything [`NatsBus`](crate::NatsBus) needs.
-#[derive(Clone)]
+#[derive(Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Servers, credentials, TLS, reconnects.
     pub connection: ConnectionConfig,
@@ -502,9 +583,11 @@ pub struct NatsConfig {
     pub publish_ordering: PublishOrdering,
     /// How long a transiently failed publish is retried under
     /// [`PublishOrdering::PerAggregate`] (default [`DEFAULT_PUBLISH_RETRY_FOR`]).
+    #[serde(with = "humantime_serde")]
     pub publish_retry_for: Duration,
     /// How long a publish waits for the broker's ack before it counts as a transient failure
     /// (default [`DEFAULT_PUBLISH_ACK_TIMEOUT`]).
+    #[serde(with = "humantime_serde")]
     pub publish_ack_timeout: Duration,
     /// Workers and queue sizes of each subscription's keyed pool.
     pub pool: PoolConfig,
@@ -519,6 +602,7 @@ pub struct NatsConfig {
     /// Where dead letters go.
     pub dead_letters: DeadLetterConfig,
     /// Told of every failed publish, in addition to its receipt and `flush`.
+    #[serde(skip)]
     pub on_publish_error: Option<PublishFailureCallback>,
     /// Use one connection for every topic instead of one per topic (default false). Only for
     /// comparison with designs that share a connection; per-topic connections isolate topics
@@ -527,6 +611,7 @@ pub struct NatsConfig {
     /// How often each subscription sets its sampled gauges (in flight, queued, halted, owner,
     /// and the group's lag, read from the broker) through the `metrics` facade (default
     /// [`DEFAULT_METRICS_INTERVAL`]); zero samples nothing. See [`crate::telemetry`].
+    #[serde(with = "humantime_serde")]
     pub metrics_interval: Duration,
 }
 
@@ -590,6 +675,84 @@ impl NatsConfig {
         }
     }
 
+    /// The prefix of environment variables that override a configuration file's values; see
+    /// [`NatsConfig::from_toml_with_env`].
+    pub const ENV_PREFIX: &'static str = "BUS__";
+
+    /// Reads a configuration from TOML text: every field optional, with the documented
+    /// defaults, durations written as `"5s"` or `"250ms"`, enums in kebab case
+    /// (`on_failure = "halt-aggregate"`). Unknown fields are refused, naming them, and the
+    /// result is [validated](Self::validate). Callbacks cannot be written in a file; set them
+    /// on the result.
+    pub fn from_toml(text: &str) -> Result<Self, NatsError> {
+        Self::from_toml_with_env(text, std::iter::empty::<(String, String)>())
+    }
+
+    /// [`NatsConfig::from_toml`], then each variable of `env` named
+    /// `BUS__<FIELD>[__<FIELD>...]` overrides the field at that path (lower-cased):
+    /// `BUS__CONSUMER__GROUP=billing`, `BUS__CONNECTION__SERVERS='["nats://a:4222"]'`,
+    /// `BUS__RETRY__MAX_ATTEMPTS=3`. A value is read as a TOML value when it is one (a number,
+    /// a boolean, an array, a quoted string) and as a plain string otherwise. Other variables
+    /// are ignored. Pass `std::env::vars()` for the process's environment.
+    pub fn from_toml_with_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, NatsError> {
+        let mut table: toml::Table = text.parse().map_err(|e| {
+            NatsError::Configuration(format!("configuration is not valid TOML: {e}"))
+        })?;
+        for (name, raw) in env {
+            let Some(path) = name.strip_prefix(Self::ENV_PREFIX) else {
+                continue;
+            };
+            let keys: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            if keys.iter().any(String::is_empty) {
+                return Err(NatsError::Configuration(format!(
+                    "environment variable `{name}` does not name a field"
+                )));
+            }
+            let value = format!("value = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("value"))
+                .unwrap_or(toml::Value::String(raw));
+            let (last, parents) = keys.split_last().expect("at least one key");
+            let mut at = &mut table;
+            for key in parents {
+                let entry = at
+                    .entry(key.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                at = entry.as_table_mut().ok_or_else(|| {
+                    NatsError::Configuration(format!(
+                        "environment variable `{name}`: `{key}` is not a table"
+                    ))
+                })?;
+            }
+            at.insert(last.clone(), value);
+        }
+        let config: NatsConfig = table
+            .try_into()
+            .map_err(|e| NatsError::Configuration(format!("configuration: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| NatsError::Configuration(format!("configuration: {e}")))?;
+        Ok(config)
+    }
+
+    /// Reads the TOML file at `path`, with overrides from the process's `BUS__*` environment
+    /// variables ([`NatsConfig::from_toml_with_env`]). Errors name the file.
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, NatsError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            NatsError::Configuration(format!(
+                "reading configuration file {}: {e}",
+                path.display()
+            ))
+        })?;
+        Self::from_toml_with_env(&text, std::env::vars())
+            .map_err(|e| NatsError::Configuration(format!("{}: {e}", path.display())))
+    }
+
     /// Checks every name and number; the error names the field and value at fault.
     pub fn validate(&self) -> Result<(), ValidationError> {
         if self.connection.servers.is_empty() {
@@ -622,6 +785,22 @@ impl NatsConfig {
                     stream.replicas.to_string(),
                     "must be 1 to 5",
                 ));
+            }
+            if stream.retention != Retention::Limits {
+                if !stream.max_age.is_zero() {
+                    return Err(ValidationError::new(
+                        "stream.max_age",
+                        format!("{:?}", stream.max_age),
+                        format!("would remove events of stream `{}` that its consumer group has not handled; only a stream with limits retention may have one", stream.name),
+                    ));
+                }
+                if stream.discard == Some(Discard::Old) {
+                    return Err(ValidationError::new(
+                        "stream.discard",
+                        "old",
+                        format!("would remove events of stream `{}` that its consumer group has not handled when it is full; only a stream with limits retention may discard old ones", stream.name),
+                    ));
+                }
             }
             for topic in &stream.topics {
                 if let Some(other) = seen.insert(topic, &stream.name) {
@@ -921,5 +1100,94 @@ mod tests {
             ..NatsConfig::default()
         };
         assert_eq!(config.validate().unwrap_err().field(), "max_in_flight");
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    /// The example file documents the defaults: read, it equals the defaults but for the group
+    /// and the stream it sets.
+    #[test]
+    fn the_example_file_is_the_defaults() {
+        let read = NatsConfig::from_toml(include_str!("../../../examples/bus.toml")).unwrap();
+        let mut expected = NatsConfig::new("nats://127.0.0.1:4222").with_group("billing");
+        expected.streams.push(StreamSpec::new(
+            "ACCOUNTS",
+            [Topic::new("accounts").unwrap()],
+        ));
+        assert_eq!(format!("{read:?}"), format!("{expected:?}"));
+        assert_eq!(
+            format!("{:?}", NatsConfig::from_toml("").unwrap()),
+            format!("{:?}", NatsConfig::default())
+        );
+    }
+
+    #[test]
+    fn environment_variables_override_the_file() {
+        let env = [
+            ("BUS__CONSUMER__GROUP", "payments"),
+            (
+                "BUS__CONNECTION__SERVERS",
+                r#"["nats://a:4222", "nats://b:4222"]"#,
+            ),
+            ("BUS__RETRY__MAX_ATTEMPTS", "3"),
+            ("BUS__RETRY__INITIAL_BACKOFF", "10ms"),
+            ("BUS__ON_FAILURE", "halt-aggregate"),
+            ("BUS__CONNECTION__AUTH__TOKEN", "s3cret"),
+            ("PATH", "/usr/bin"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let config =
+            NatsConfig::from_toml_with_env("[consumer]\ngroup = \"billing\"\n", env).unwrap();
+        assert_eq!(config.consumer.group, "payments");
+        assert_eq!(
+            config.connection.servers,
+            ["nats://a:4222", "nats://b:4222"]
+        );
+        assert_eq!(config.retry.max_attempts, 3);
+        assert_eq!(config.retry.initial_backoff, Duration::from_millis(10));
+        assert_eq!(config.on_failure, FailurePolicy::HaltAggregate);
+        assert!(matches!(&config.connection.auth, Auth::Token(t) if t == "s3cret"));
+        assert!(
+            !format!("{config:?}").contains("s3cret"),
+            "secrets stay out of Debug"
+        );
+    }
+
+    #[test]
+    fn mistakes_are_refused_naming_them() {
+        let err = NatsConfig::from_toml("[consumer]\ngropu = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gropu"), "{err}");
+        let err = NatsConfig::from_toml("[fetch]\nexpires = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expires"), "{err}");
+        let err = NatsConfig::from_toml("[[streams]]\nname = \"S\"\ntopics = [\"a b\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a b"), "{err}");
+        let err = NatsConfig::from_toml(
+            "[[streams]]\nname = \"S\"\ntopics = [\"t\"]\nmax_age = \"1h\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_age") && err.contains("limits"), "{err}");
+        let ok = NatsConfig::from_toml(
+            "[[streams]]\nname = \"S\"\ntopics = [\"t\"]\nretention = \"limits\"\nmax_age = \"1h\"\ndiscard = \"new\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.streams[0].max_age, Duration::from_secs(3600));
+        assert_eq!(ok.streams[0].discard, Some(Discard::New));
+        let err = NatsConfig::from_toml_with_env(
+            "",
+            [("BUS__FETCH__BATCH".to_owned(), "many".to_owned())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("batch"), "{err}");
     }
 }

@@ -6,7 +6,7 @@ use async_nats::jetstream::{self, consumer, stream};
 
 use bus_core::Topic;
 
-use crate::config::{ConsumerSpec, Provisioning, Retention, StreamSpec};
+use crate::config::{ConsumerSpec, Discard, Provisioning, Retention, StreamSpec};
 use crate::NatsError;
 
 /// The subjects of a stream: each topic, or each topic's partitions.
@@ -37,10 +37,13 @@ pub(crate) fn stream_config(spec: &StreamSpec) -> stream::Config {
         },
         // A full stream refuses new messages (the publisher is told) rather than dropping old
         // ones a consumer has not handled yet, unless limits retention was asked for.
-        discard: match spec.retention {
-            Retention::WorkQueue | Retention::Acknowledged => stream::DiscardPolicy::New,
-            Retention::Limits => stream::DiscardPolicy::Old,
+        discard: match (spec.discard, spec.retention) {
+            (Some(Discard::New), _) => stream::DiscardPolicy::New,
+            (Some(Discard::Old), _) => stream::DiscardPolicy::Old,
+            (None, Retention::WorkQueue | Retention::Acknowledged) => stream::DiscardPolicy::New,
+            (None, Retention::Limits) => stream::DiscardPolicy::Old,
         },
+        max_age: spec.max_age,
         max_bytes: spec.max_bytes,
         max_messages: spec.max_msgs,
         duplicate_window: spec.duplicate_window,
@@ -131,6 +134,11 @@ fn stream_mismatches(
         "max_msgs",
         want.max_messages.to_string(),
         have.max_messages.to_string(),
+    );
+    check(
+        "max_age",
+        format!("{:?}", want.max_age),
+        format!("{:?}", have.max_age),
     );
     check(
         "duplicate_window",

@@ -86,8 +86,10 @@ const HASH_SEEDS: (u64, u64, u64, u64) = (
     0x082e_fa98_ec4e_6c89,
 );
 
-/// Sizes of a [`KeyedPool`].
+/// Sizes of a [`KeyedPool`]. With the `serde` feature it deserialises, every field optional.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 pub struct PoolConfig {
     /// Number of workers (default [`DEFAULT_WORKERS`]); at least 1.
     pub workers: usize,

@@ -48,6 +48,7 @@ mod publisher;
 mod retention;
 mod subscriber;
 pub mod telemetry;
+mod topics;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -79,6 +80,7 @@ pub use keyed_pool::PoolConfig;
 pub use lag::Lag;
 pub use publisher::{message_size, NatsPublisher, PublishFailure};
 pub use subscriber::dead_letter_headers;
+pub use topics::{ConsumerState, TopicState};
 
 /// The NATS JetStream transport: a [`Publisher`] (through its default [`NatsPublisher`]) and a
 /// [`Subscriber`]. Clones share connections.

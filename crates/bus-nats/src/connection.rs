@@ -78,6 +78,8 @@ pub(crate) struct Shared {
     pub(crate) connecting: tokio::sync::Mutex<()>,
     /// Set by `NatsBus::close`: every later operation fails at once with `Closed`.
     pub(crate) closed: std::sync::atomic::AtomicBool,
+    /// The open subscriptions, for the health report.
+    pub(crate) watched: crate::health::Watched,
 }
 
 impl Shared {

@@ -42,6 +42,7 @@ mod config;
 mod connection;
 mod dead_letters;
 mod error;
+mod health;
 mod lag;
 mod provision;
 mod publisher;
@@ -75,6 +76,9 @@ pub use config::{
 pub(crate) use connection::{Shared, TopicConnection};
 pub use dead_letters::DeadLetter;
 pub use error::{NatsError, NatsErrorKind};
+pub use health::{
+    Health, HealthAlert, HealthProblem, HealthStatus, HealthThresholds, SubscriptionHealth,
+};
 /// The keyed pool's settings, as `NatsConfig::pool` takes them.
 pub use keyed_pool::PoolConfig;
 pub use lag::Lag;
@@ -108,6 +112,7 @@ impl NatsBus {
             connections: RwLock::new(HashMap::new()),
             connecting: tokio::sync::Mutex::new(()),
             closed: std::sync::atomic::AtomicBool::new(false),
+            watched: Default::default(),
         });
         // Fail at start-up, not at the first publish, when no server answers.
         let probe = Topic::new("bus-probe").expect("valid topic");

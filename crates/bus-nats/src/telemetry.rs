@@ -176,38 +176,55 @@ async fn sample(
     }
 }
 
-/// A subscription whose gauges are sampled until it closes.
+/// A subscription whose gauges are sampled, and which the bus's health report lists, until it
+/// closes.
 struct Sampled {
-    inner: Subscription,
-    sampler: tokio::task::JoinHandle<()>,
+    /// Taken by `close`.
+    inner: Option<Subscription>,
+    sampler: Option<tokio::task::JoinHandle<()>>,
+    shared: Arc<Shared>,
+    watched: u64,
 }
 
-/// Starts sampling `subscription`'s gauges every `config.metrics_interval` (none if zero).
+/// Lists `subscription` in the bus's health report and samples its gauges every
+/// `config.metrics_interval` (none if zero), until it closes.
 pub(crate) fn sampled(
     shared: Arc<Shared>,
     topic: &Topic,
     subscription: Subscription,
 ) -> Subscription {
-    let every = shared.config.metrics_interval;
-    if every.is_zero() {
-        return subscription;
-    }
     let control = subscription.control();
-    let sampler = tokio::spawn(sample(shared, topic.clone(), control, every));
+    let watched = shared.watched.add(topic.clone(), control.clone());
+    let every = shared.config.metrics_interval;
+    let sampler = (!every.is_zero())
+        .then(|| tokio::spawn(sample(shared.clone(), topic.clone(), control, every)));
     Subscription::new(Sampled {
-        inner: subscription,
+        inner: Some(subscription),
         sampler,
+        shared,
+        watched,
     })
 }
 
 #[async_trait]
 impl SubscriptionHandle for Sampled {
-    async fn close(self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError> {
-        self.sampler.abort();
-        self.inner.close_within(deadline).await
+    async fn close(mut self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError> {
+        let inner = self.inner.take().expect("closed once");
+        drop(self);
+        inner.close_within(deadline).await
     }
 
     fn control(&self) -> Option<Arc<dyn AggregateControl>> {
-        self.inner.control()
+        self.inner.as_ref().and_then(Subscription::control)
+    }
+}
+
+/// Also when a subscription is dropped without being closed.
+impl Drop for Sampled {
+    fn drop(&mut self) {
+        if let Some(sampler) = &self.sampler {
+            sampler.abort();
+        }
+        self.shared.watched.remove(self.watched);
     }
 }

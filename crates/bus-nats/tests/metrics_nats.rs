@@ -42,9 +42,9 @@ fn recorded() -> &'static Recorded {
     })
 }
 
-/// The value of `name` with labels including `labels`: counters as a running total, histograms
-/// as the number of samples, gauges as last sampled (0 when not set since the last read).
-fn value(name: &str, labels: &[(&str, &str)]) -> f64 {
+/// Takes one snapshot and adds it to what was recorded: counters summed, histograms' sample
+/// counts summed, gauges as in this snapshot (0 when not set since the last one).
+fn take_snapshot() {
     let recorded = recorded();
     let mut seen = recorded.seen.lock().unwrap();
     for (key, _, _, value) in recorded.snapshotter.snapshot().into_vec() {
@@ -63,7 +63,15 @@ fn value(name: &str, labels: &[(&str, &str)]) -> f64 {
             DebugValue::Gauge(g) => *entry = g.into_inner(),
         }
     }
-    seen.iter()
+}
+
+/// The value of `name` with labels including `labels` as of the last snapshot.
+fn read(name: &str, labels: &[(&str, &str)]) -> f64 {
+    recorded()
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
         .filter(|((n, l), _)| {
             n == name
                 && labels
@@ -72,6 +80,13 @@ fn value(name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .map(|(_, v)| *v)
         .sum()
+}
+
+/// A fresh snapshot's value of `name`: for counters and histograms. Gauges are read from one
+/// snapshot together with [`take_snapshot`] and [`read`]: a snapshot resets them.
+fn value(name: &str, labels: &[(&str, &str)]) -> f64 {
+    take_snapshot();
+    read(name, labels)
 }
 
 fn envelope(aggregate: &str, version: u64) -> Envelope {
@@ -143,11 +158,12 @@ async fn publishing_handling_failures_and_lag_are_measured() {
         "the gauges of a stalled subscription",
         Duration::from_secs(10),
         || {
-            saw.0 |= value(METRIC_IN_FLIGHT, &[("topic", t), ("group", "test")]) > 0.0;
-            saw.1 |= value(METRIC_QUEUED, &[("topic", t)]) > 0.0;
-            saw.2 |= value(METRIC_LAG_UNACKNOWLEDGED, &[("topic", t)]) > 0.0;
-            saw.3 |= value(METRIC_LAG_SECONDS, &[("topic", t)]) > 0.0;
-            saw.4 |= value(METRIC_OWNER, &[("topic", t)]) == 1.0;
+            take_snapshot();
+            saw.0 |= read(METRIC_IN_FLIGHT, &[("topic", t), ("group", "test")]) > 0.0;
+            saw.1 |= read(METRIC_QUEUED, &[("topic", t)]) > 0.0;
+            saw.2 |= read(METRIC_LAG_UNACKNOWLEDGED, &[("topic", t)]) > 0.0;
+            saw.3 |= read(METRIC_LAG_SECONDS, &[("topic", t)]) > 0.0;
+            saw.4 |= read(METRIC_OWNER, &[("topic", t)]) == 1.0;
             saw == (true, true, true, true, true)
         },
     )
@@ -174,9 +190,10 @@ async fn publishing_handling_failures_and_lag_are_measured() {
     // The lag drains: several samples in a row read nothing unacknowledged or undelivered.
     let mut quiet = 0;
     wait_for("the lag drained", Duration::from_secs(10), || {
-        let lagging = value(METRIC_LAG_UNACKNOWLEDGED, &[("topic", t)])
-            + value(METRIC_LAG_UNDELIVERED, &[("topic", t)])
-            + value(METRIC_IN_FLIGHT, &[("topic", t)]);
+        take_snapshot();
+        let lagging = read(METRIC_LAG_UNACKNOWLEDGED, &[("topic", t)])
+            + read(METRIC_LAG_UNDELIVERED, &[("topic", t)])
+            + read(METRIC_IN_FLIGHT, &[("topic", t)]);
         quiet = if lagging == 0.0 { quiet + 1 } else { 0 };
         quiet >= 10
     })
@@ -214,8 +231,9 @@ async fn halts_are_counted_and_sampled() {
     bus.flush().await.unwrap();
     let mut saw = (false, false);
     wait_for("the halt measured", Duration::from_secs(10), || {
-        saw.0 |= value(METRIC_HALTED_AGGREGATES, &[("topic", t)]) == 1.0;
-        saw.1 |= value(METRIC_HALTED_EVENTS, &[("topic", t)]) == 2.0;
+        take_snapshot();
+        saw.0 |= read(METRIC_HALTED_AGGREGATES, &[("topic", t)]) == 1.0;
+        saw.1 |= read(METRIC_HALTED_EVENTS, &[("topic", t)]) == 2.0;
         saw == (true, true)
     })
     .await;

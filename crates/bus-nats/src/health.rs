@@ -191,11 +191,14 @@ pub enum HealthAlert {
     },
 }
 
+/// An open subscription: its topic and its control.
+type Open = (Topic, Option<Arc<dyn AggregateControl>>);
+
 /// The open subscriptions of one bus, for its health report.
 #[derive(Default)]
 pub(crate) struct Watched {
     next: AtomicU64,
-    open: Mutex<BTreeMap<u64, (Topic, Option<Arc<dyn AggregateControl>>)>>,
+    open: Mutex<BTreeMap<u64, Open>>,
 }
 
 impl Watched {
@@ -226,7 +229,7 @@ impl NatsBus {
             down.sort();
             down
         };
-        let open: Vec<(Topic, Option<Arc<dyn AggregateControl>>)> = self
+        let open: Vec<Open> = self
             .shared
             .watched
             .open

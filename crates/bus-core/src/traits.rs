@@ -182,7 +182,9 @@ pub struct CloseReport {
 
 /// An aggregate whose events wait because one of them failed under
 /// [`FailurePolicy::HaltAggregate`](crate::FailurePolicy::HaltAggregate).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Serialises (with serde) for remote control: a transport may carry it to an operator.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HaltedAggregate {
     /// The ordering key: the aggregate ID (or what the raw key extractor returned).
     pub key: String,

@@ -40,6 +40,7 @@
 
 mod config;
 mod connection;
+pub mod control;
 mod dead_letters;
 mod error;
 mod health;

@@ -176,18 +176,19 @@ async fn sample(
     }
 }
 
-/// A subscription whose gauges are sampled, and which the bus's health report lists, until it
-/// closes.
+/// A subscription whose gauges are sampled, which answers control requests
+/// ([`crate::control`]), and which the bus's health report lists, until it closes.
 struct Sampled {
     /// Taken by `close`.
     inner: Option<Subscription>,
-    sampler: Option<tokio::task::JoinHandle<()>>,
+    /// Its gauge sampler and its control-request server.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     shared: Arc<Shared>,
     watched: u64,
 }
 
-/// Lists `subscription` in the bus's health report and samples its gauges every
-/// `config.metrics_interval` (none if zero), until it closes.
+/// Lists `subscription` in the bus's health report, answers control requests for it, and
+/// samples its gauges every `config.metrics_interval` (none if zero), until it closes.
 pub(crate) fn sampled(
     shared: Arc<Shared>,
     topic: &Topic,
@@ -196,11 +197,25 @@ pub(crate) fn sampled(
     let control = subscription.control();
     let watched = shared.watched.add(topic.clone(), control.clone());
     let every = shared.config.metrics_interval;
-    let sampler = (!every.is_zero())
-        .then(|| tokio::spawn(sample(shared.clone(), topic.clone(), control, every)));
+    let mut tasks = Vec::new();
+    if let Some(control) = &control {
+        tasks.push(tokio::spawn(crate::control::serve(
+            shared.clone(),
+            topic.clone(),
+            control.clone(),
+        )));
+    }
+    if !every.is_zero() {
+        tasks.push(tokio::spawn(sample(
+            shared.clone(),
+            topic.clone(),
+            control,
+            every,
+        )));
+    }
     Subscription::new(Sampled {
         inner: Some(subscription),
-        sampler,
+        tasks,
         shared,
         watched,
     })
@@ -222,8 +237,8 @@ impl SubscriptionHandle for Sampled {
 /// Also when a subscription is dropped without being closed.
 impl Drop for Sampled {
     fn drop(&mut self) {
-        if let Some(sampler) = &self.sampler {
-            sampler.abort();
+        for task in &self.tasks {
+            task.abort();
         }
         self.shared.watched.remove(self.watched);
     }

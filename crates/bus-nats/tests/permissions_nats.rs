@@ -43,7 +43,7 @@ fn server_config(consumer: &str) -> String {
                 "bus-dlq.{TOPIC}",
                 "bus-dlq.$body.{TOPIC}"
             ]}},
-            subscribe: {{allow: ["_INBOX.>"]}} }} }}"#
+            subscribe: {{allow: ["_INBOX.>", "$BUS.control.{GROUP}.{TOPIC}"]}} }} }}"#
     );
     let no_jetstream = format!(
         r#"{{user: nojs, password: n, permissions: {{

@@ -1,0 +1,253 @@
+//! The `bus` binary against a real nats-server and a service in this process: it lists topics
+//! and lag, lists a halted aggregate held by the service, resumes one and skips another there
+//! (so the service's handler sees them), lists and replays dead letters, and fails clearly.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_core::{handler_fn, Envelope, FailurePolicy, HandlerError, Publisher, Subscriber, Topic};
+use bus_nats::{NatsBus, NatsConfig};
+use bus_testkit::NatsServer;
+
+/// Runs `bus` with `args`; (success, stdout, stderr).
+async fn bus(args: &[&str]) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bus"))
+            .args(&args)
+            .env_remove("NATS_URL")
+            .env_remove("BUS_GROUP")
+            .env_remove("BUS_CONFIG")
+            .output()
+            .expect("bus runs")
+    })
+    .await
+    .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_operates_a_running_service() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let mut config = NatsConfig::new(&url).with_group("billing");
+    config.on_failure = FailurePolicy::HaltAggregate;
+    config.retry.max_attempts = 1;
+    let service = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("cli.orders").unwrap();
+    // Aggregates whose events the handler refuses, until the operator has dealt with them.
+    let refused: Arc<Mutex<HashSet<String>>> =
+        Arc::new(Mutex::new(["bad", "poison"].map(String::from).into()));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let subscription = {
+        let (refused, handled) = (refused.clone(), handled.clone());
+        service
+            .subscribe(
+                &topic,
+                Arc::new(handler_fn(move |e: Envelope| {
+                    let (refused, handled) = (refused.clone(), handled.clone());
+                    async move {
+                        let aggregate = e.aggregate_id().to_string();
+                        if refused.lock().unwrap().contains(&aggregate) {
+                            return Err(HandlerError::permanent("refused"));
+                        }
+                        handled.lock().unwrap().push((aggregate, e.event_version()));
+                        Ok(())
+                    }
+                })),
+            )
+            .await
+            .unwrap()
+    };
+    for version in 1..=3 {
+        for aggregate in ["good", "bad", "poison"] {
+            let e = Envelope::builder(aggregate, "Placed", version)
+                .build()
+                .unwrap();
+            let _receipt = service.publish(&topic, e).await.unwrap();
+        }
+    }
+    service.flush().await.unwrap();
+    let control = subscription.control().unwrap();
+    wait_for("two halted aggregates", || {
+        control.metrics().halted_aggregates == 2
+    })
+    .await;
+
+    let (ok, out, err) = bus(&["--server", &url, "topics"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("cli.orders  stream BUS_CLI_ORDERS  work-queue  partitions 1"),
+        "{out}"
+    );
+    assert!(out.contains("consumer billing-cli_orders"), "{out}");
+
+    let (ok, out, err) = bus(&["--server", &url, "--group", "billing", "lag", "cli.orders"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("undelivered 0  unacknowledged 6"), "{out}");
+
+    let (ok, out, err) = bus(&[
+        "--server",
+        &url,
+        "--group",
+        "billing",
+        "halted",
+        "cli.orders",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("(owner): 2 halted"), "{out}");
+    assert!(
+        out.contains("  bad  v1  seq 2  waiting 3  attempts 1  permanent"),
+        "{out}"
+    );
+    assert!(out.contains("  poison  v1  seq 3  waiting 3"), "{out}");
+
+    // Resume `bad` once it is fixed: the service handles its three events, in order.
+    refused.lock().unwrap().remove("bad");
+    let (ok, out, err) = bus(&[
+        "--server",
+        &url,
+        "--group",
+        "billing",
+        "resume",
+        "cli.orders",
+        "bad",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("resumed bad (pid "), "{out}");
+    wait_for("bad handled", || {
+        handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, _)| a == "bad")
+            .count()
+            == 3
+    })
+    .await;
+    let bad: Vec<u64> = handled
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(a, _)| a == "bad")
+        .map(|(_, v)| *v)
+        .collect();
+    assert_eq!(bad, [1, 2, 3]);
+
+    // Skip `poison` v1: dead-lettered; v2 and v3 are still refused, so it halts again at v2.
+    let (ok, out, err) = bus(&[
+        "--server",
+        &url,
+        "--group",
+        "billing",
+        "skip",
+        "cli.orders",
+        "poison",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("skipped the failed event of poison"), "{out}");
+    wait_for("poison halted at v2", || {
+        control
+            .halted()
+            .iter()
+            .any(|h| h.key == "poison" && h.event_version == Some(2))
+    })
+    .await;
+    let (ok, out, err) = bus(&["--server", &url, "dead-letters", "cli.orders"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("poison v1  skipped  attempts 1"), "{out}");
+    let sequence = out.split_whitespace().next().unwrap().to_owned();
+
+    // Fix it, resume (v2, v3 handled), then replay the dead letter: v1 comes again at the end.
+    refused.lock().unwrap().remove("poison");
+    let (ok, _, err) = bus(&[
+        "--server",
+        &url,
+        "--group",
+        "billing",
+        "resume",
+        "cli.orders",
+        "poison",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = bus(&[
+        "--server",
+        &url,
+        "replay",
+        "cli.orders",
+        "--sequence",
+        &sequence,
+    ])
+    .await;
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(&format!("replayed {sequence} as sequence ")),
+        "{out}"
+    );
+    wait_for("poison handled", || {
+        handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, _)| a == "poison")
+            .count()
+            == 3
+    })
+    .await;
+    let (ok, out, _) = bus(&["--server", &url, "dead-letters", "cli.orders"]).await;
+    assert!(ok && out.contains("no dead letters"), "{out}");
+
+    // Clear failures.
+    let (ok, _, err) = bus(&["--server", &url, "halted", "cli.orders"]).await;
+    assert!(!ok);
+    assert!(err.contains("--group"), "{err}");
+    let (ok, _, err) = bus(&[
+        "--server",
+        &url,
+        "--group",
+        "billing",
+        "resume",
+        "cli.orders",
+        "nobody",
+    ])
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("`nobody`") && err.contains("not halted"),
+        "{err}"
+    );
+    let (ok, _, err) = bus(&[
+        "--server",
+        &url,
+        "--group",
+        "nobody",
+        "halted",
+        "cli.orders",
+    ])
+    .await;
+    assert!(!ok);
+    assert!(err.contains("no subscription of group `nobody`"), "{err}");
+
+    subscription.close().await.unwrap();
+    service.close().await.unwrap();
+}

@@ -1,0 +1,229 @@
+//! Remote control of halted aggregates: every subscription answers requests on
+//! `$BUS.control.<group>.<topic>`, so that an operator (the `bus` CLI, or
+//! [`NatsBus::remote_halted`] from any process) can list, resume and skip the halted
+//! aggregates of a consumer group without being inside the service.
+//!
+//! Every replica of the group answers (standbys with nothing halted); a request gathers the
+//! answers that arrive within its wait. Requests and replies are JSON.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus_core::{AggregateControl, HaltedAggregate, Topic};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::connection::Shared;
+use crate::{NatsBus, NatsError};
+
+/// The subject prefix of control requests. No topic can start with `$`, so it never collides
+/// with a topic's subject.
+pub const CONTROL_PREFIX: &str = "$BUS.control";
+
+/// How long a control request gathers answers by default.
+pub const DEFAULT_CONTROL_WAIT: Duration = Duration::from_millis(500);
+
+/// The subject the subscriptions of `group` to `topic` answer control requests on.
+pub fn control_subject(group: &str, topic: &Topic) -> String {
+    format!("{CONTROL_PREFIX}.{group}.{topic}")
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+enum Request {
+    Halted,
+    Resume { key: String },
+    Skip { key: String },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Reply {
+    member: String,
+    owner: bool,
+    #[serde(default)]
+    halted: Vec<HaltedAggregate>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// What one subscription (one replica of the group) answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemberHalts {
+    /// Which process and connection answered: `pid <pid> client <id>`.
+    pub member: String,
+    /// Whether it consumes the topic (or some of its partitions) now.
+    pub owner: bool,
+    /// Its halted aggregates.
+    pub halted: Vec<HaltedAggregate>,
+}
+
+/// Answers control requests for one subscription until it closes.
+pub(crate) async fn serve(shared: Arc<Shared>, topic: Topic, control: Arc<dyn AggregateControl>) {
+    let connection = match shared.connection(&topic).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            tracing::warn!(%topic, %error, "control requests cannot be answered");
+            return;
+        }
+    };
+    let client = connection.client.clone();
+    let subject = control_subject(&shared.config.consumer.group, &topic);
+    let mut requests = match client.subscribe(subject.clone()).await {
+        Ok(requests) => requests,
+        Err(error) => {
+            tracing::warn!(%topic, %error, "control requests cannot be answered");
+            return;
+        }
+    };
+    let member = format!(
+        "pid {} client {}",
+        std::process::id(),
+        client.server_info().client_id
+    );
+    while let Some(message) = requests.next().await {
+        let Some(reply_to) = message.reply else {
+            continue;
+        };
+        let mut reply = Reply {
+            member: member.clone(),
+            owner: control.metrics().owner,
+            halted: Vec::new(),
+            error: None,
+        };
+        match serde_json::from_slice::<Request>(&message.payload) {
+            Ok(Request::Halted) => reply.halted = control.halted(),
+            Ok(Request::Resume { key }) => {
+                reply.error = control.resume(&key).await.err().map(|e| e.to_string())
+            }
+            Ok(Request::Skip { key }) => {
+                reply.error = control.skip(&key).await.err().map(|e| e.to_string())
+            }
+            Err(e) => reply.error = Some(format!("unreadable control request: {e}")),
+        }
+        let body = serde_json::to_vec(&reply).expect("replies serialise");
+        if let Err(error) = client.publish(reply_to, body.into()).await {
+            tracing::debug!(%topic, %error, "control reply not sent");
+        }
+    }
+}
+
+impl NatsBus {
+    async fn control_request(
+        &self,
+        topic: &Topic,
+        request: &Request,
+        wait: Duration,
+    ) -> Result<Vec<Reply>, NatsError> {
+        let connection = self.shared.connection(topic).await?;
+        let client = &connection.client;
+        let inbox = client.new_inbox();
+        let mut replies = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|e| NatsError::api("subscribing to control replies".to_owned(), e))?;
+        let subject = control_subject(&self.shared.config.consumer.group, topic);
+        client
+            .publish_with_reply(
+                subject,
+                inbox,
+                serde_json::to_vec(request)
+                    .expect("requests serialise")
+                    .into(),
+            )
+            .await
+            .map_err(|e| NatsError::api("sending a control request".to_owned(), e))?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut out = Vec::new();
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await {
+            match serde_json::from_slice::<Reply>(&message.payload) {
+                Ok(reply) => out.push(reply),
+                Err(e) => tracing::warn!(error = %e, "unreadable control reply"),
+            }
+        }
+        if out.is_empty() {
+            return Err(NatsError::Configuration(format!(
+                "no subscription of group `{}` to topic `{topic}` answered within {wait:?}",
+                self.shared.config.consumer.group
+            )));
+        }
+        out.sort_by(|a, b| a.member.cmp(&b.member));
+        Ok(out)
+    }
+
+    /// The halted aggregates of this bus's consumer group on `topic`, as each live subscription
+    /// of the group (in any process) reports them within `wait`. Fails if none answers.
+    pub async fn remote_halted(
+        &self,
+        topic: &Topic,
+        wait: Duration,
+    ) -> Result<Vec<MemberHalts>, NatsError> {
+        Ok(self
+            .control_request(topic, &Request::Halted, wait)
+            .await?
+            .into_iter()
+            .map(|r| MemberHalts {
+                member: r.member,
+                owner: r.owner,
+                halted: r.halted,
+            })
+            .collect())
+    }
+
+    /// Resumes halted aggregate `key` of this bus's group on `topic` in whichever process
+    /// holds it ([`AggregateControl::resume`]). Fails if no subscription has it halted.
+    pub async fn remote_resume(
+        &self,
+        topic: &Topic,
+        key: &str,
+        wait: Duration,
+    ) -> Result<String, NatsError> {
+        self.remote_settle(
+            topic,
+            Request::Resume {
+                key: key.to_owned(),
+            },
+            wait,
+        )
+        .await
+    }
+
+    /// Skips (dead-letters) the failed event of halted aggregate `key` of this bus's group on
+    /// `topic` in whichever process holds it ([`AggregateControl::skip`]).
+    pub async fn remote_skip(
+        &self,
+        topic: &Topic,
+        key: &str,
+        wait: Duration,
+    ) -> Result<String, NatsError> {
+        self.remote_settle(
+            topic,
+            Request::Skip {
+                key: key.to_owned(),
+            },
+            wait,
+        )
+        .await
+    }
+
+    /// Sends a resume or skip; the member that did it, or why none could.
+    async fn remote_settle(
+        &self,
+        topic: &Topic,
+        request: Request,
+        wait: Duration,
+    ) -> Result<String, NatsError> {
+        let replies = self.control_request(topic, &request, wait).await?;
+        if let Some(done) = replies.iter().find(|r| r.error.is_none()) {
+            return Ok(done.member.clone());
+        }
+        let why: Vec<String> = replies
+            .iter()
+            .map(|r| format!("{}: {}", r.member, r.error.as_deref().unwrap_or("")))
+            .collect();
+        Err(NatsError::Configuration(format!(
+            "no subscription could do it ({})",
+            why.join("; ")
+        )))
+    }
+}

@@ -154,8 +154,14 @@ impl NatsBus {
             .store(true, std::sync::atomic::Ordering::Release);
         let flushed = self.publisher.close().await;
         let connections: Vec<_> = self.shared.connections.write().unwrap().drain().collect();
-        for (_, connection) in connections {
-            let _ = connection.client.drain().await;
+        for (topic, connection) in connections {
+            // Bounded: with the broker unreachable a drain would wait for the reconnection.
+            if tokio::time::timeout(std::time::Duration::from_secs(2), connection.client.drain())
+                .await
+                .is_err()
+            {
+                tracing::warn!(%topic, "the broker did not answer while closing the connection");
+            }
         }
         flushed
     }

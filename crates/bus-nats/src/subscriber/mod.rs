@@ -414,6 +414,12 @@ impl AggregateControl for NatsControl {
     }
 }
 
+/// What a close allows each broker round trip after its deadline has passed: a close must not
+/// hang on an unreachable broker, and what it could not confirm is delivered again, in order.
+const FLOOR: Duration = Duration::from_millis(200);
+/// The same for releasing the topic (one or two requests).
+const RELEASE_FLOOR: Duration = Duration::from_secs(1);
+
 #[async_trait]
 impl SubscriptionHandle for NatsSubscription {
     fn control(&self) -> Option<Arc<dyn AggregateControl>> {
@@ -463,7 +469,9 @@ impl SubscriptionHandle for NatsSubscription {
             if tokio::time::timeout(remaining, &mut acker_task).await.is_err() {
                 acker_task.abort();
             }
-            acker.flush().await;
+            // Bounded: with the broker unreachable a flush would wait for the reconnection.
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let _ = tokio::time::timeout(remaining.max(FLOOR), acker.flush()).await;
             // Events of halted aggregates stay unacknowledged: delivered again, in order.
             let returned =
                 report.not_run.len() as u64 + report.interrupted + runner.halted_events();
@@ -481,17 +489,29 @@ impl SubscriptionHandle for NatsSubscription {
                 if unconfirmed > 0 {
                     let again = runner.copies.lock().unwrap().recent_acks();
                     tracing::warn!(%topic, unconfirmed, resent = again.len(), "acknowledgements not taken into account by the broker; sending them again");
-                    for reply in again {
-                        acker.ack_now(reply).await;
-                    }
-                    acker.flush().await;
+                    let resend = async {
+                        for reply in again {
+                            acker.ack_now(reply).await;
+                        }
+                        acker.flush().await;
+                    };
+                    let remaining = deadline.saturating_sub(started.elapsed());
+                    let _ = tokio::time::timeout(remaining.max(FLOOR), resend).await;
                     let remaining = deadline.saturating_sub(started.elapsed());
                     unconfirmed = restarter
                         .wait_for_acks(returned, remaining.min(Duration::from_secs(2)))
                         .await;
                 }
                 tracing::debug!(%topic, elapsed = ?started.elapsed(), unconfirmed, "close: acks checked");
-                ownership.release(returned).await;
+                // Without an answer from the broker the claim lapses by itself (after
+                // `takeover_after`); closing does not wait for it.
+                let remaining = deadline.saturating_sub(started.elapsed());
+                if tokio::time::timeout(remaining.max(RELEASE_FLOOR), ownership.release(returned))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(%topic, "the broker did not answer the release of the topic; a standby takes over after takeover_after");
+                }
             }
             if report.interrupted > 0 {
                 return Err(SubscribeError::new(

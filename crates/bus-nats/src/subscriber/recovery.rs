@@ -118,13 +118,24 @@ impl Restarter {
                 seen_up_to: info.ack_floor.stream_sequence,
             });
         }
-        tracing::warn!(
-            topic = %self.topic,
-            consumer = %name,
-            unacknowledged = info.num_ack_pending,
-            ack_floor = info.ack_floor.stream_sequence,
-            "consumer has unacknowledged messages from an earlier owner; restarting delivery at the ack floor"
-        );
+        if self.can_reset && info.num_ack_pending == 1 {
+            // Most likely the one message a pinned claim comes with: the normal start of an
+            // owner, not worth a warning.
+            tracing::debug!(
+                topic = %self.topic,
+                consumer = %name,
+                ack_floor = info.ack_floor.stream_sequence,
+                "restarting delivery at the ack floor"
+            );
+        } else {
+            tracing::warn!(
+                topic = %self.topic,
+                consumer = %name,
+                unacknowledged = info.num_ack_pending,
+                ack_floor = info.ack_floor.stream_sequence,
+                "consumer has unacknowledged messages from an earlier owner; restarting delivery at the ack floor"
+            );
+        }
         self.restart().await
     }
 
@@ -133,6 +144,17 @@ impl Restarter {
     /// claim released before they count would hand handled events to the next owner. Returns
     /// how many more than `expected` are still awaiting acknowledgement (0 when confirmed).
     pub(crate) async fn wait_for_acks(&self, expected: u64, within: std::time::Duration) -> u64 {
+        let bound = within + std::time::Duration::from_millis(200);
+        match tokio::time::timeout(bound, self.acks_within(expected, within)).await {
+            Ok(unconfirmed) => unconfirmed,
+            Err(_) => {
+                tracing::warn!(topic = %self.topic, "acknowledgements could not be confirmed: the broker did not answer");
+                0
+            }
+        }
+    }
+
+    async fn acks_within(&self, expected: u64, within: std::time::Duration) -> u64 {
         let deadline = tokio::time::Instant::now() + within;
         let name = self.name().to_owned();
         let Ok(stream) = self.jetstream.get_stream(&self.stream).await else {

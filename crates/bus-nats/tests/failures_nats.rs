@@ -403,3 +403,61 @@ async fn stalled_handler_under_a_flood_keeps_memory_bounded_and_drops_nothing() 
     subscription.close().await.unwrap();
     recorder.verifier.report().assert_exact(expected);
 }
+
+/// With the broker gone, closing a subscription and the bus returns within the close deadline
+/// and a bounded margin (each broker round trip after the deadline is cut short), instead of
+/// waiting for a reconnection that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_with_the_broker_gone_does_not_hang() {
+    let mut server = NatsServer::start();
+    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let topic = Topic::new("gone").unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let subscription = {
+        let handled = handled.clone();
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |_e: Envelope| {
+                let handled = handled.clone();
+                async move {
+                    handled.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    for v in 1..=10 {
+        let e = Envelope::builder("g", "T", v).build().unwrap();
+        let _receipt = bus.publish(&topic, e).await.unwrap();
+    }
+    bus.flush().await.unwrap();
+    wait_for("ten handled", Duration::from_secs(10), || {
+        handled.load(Ordering::Relaxed) == 10
+    })
+    .await;
+    server.kill();
+    let started = Instant::now();
+    let deadline = Duration::from_secs(2);
+    let closed = tokio::time::timeout(Duration::from_secs(30), subscription.close_within(deadline))
+        .await
+        .expect("close returns with the broker gone");
+    let took = started.elapsed();
+    // The handlers were done; what could not be confirmed is the broker's to redeliver.
+    assert!(
+        closed.is_ok()
+            || closed.as_ref().unwrap_err().kind()
+                == bus_core::SubscribeErrorKind::ShutdownTimedOut,
+        "{closed:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), bus.close())
+        .await
+        .expect("the bus closes with the broker gone")
+        .unwrap();
+    println!(
+        "closed in {took:?} (deadline {deadline:?}), bus closed in {:?}",
+        started.elapsed() - took
+    );
+    assert!(took < Duration::from_secs(15), "{took:?}");
+}

@@ -7,7 +7,11 @@
 use std::fmt;
 use std::future::Future;
 
-use tokio::sync::watch;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use tokio::sync::Notify;
 
 use crate::envelope::Envelope;
 use crate::trace::{TraceParent, TRACEPARENT};
@@ -69,9 +73,9 @@ fn current_trace_child(parent_id: impl FnOnce() -> u64) -> Option<TraceParent> {
 /// published from a handler) or, failing that, starts from the envelope's trace ID when that
 /// is a W3C trace ID. `parent_id` gives the new parent ID (random, from the transport), called
 /// only when one is needed.
-pub fn continue_trace(envelope: Envelope, parent_id: impl FnOnce() -> u64) -> Envelope {
+pub fn continue_trace(envelope: &mut Envelope, parent_id: impl FnOnce() -> u64) {
     if envelope.headers().contains_key(TRACEPARENT) {
-        return envelope;
+        return;
     }
     let mut parent_id = Some(parent_id);
     let mut next_id = || parent_id.take().map_or(1, |f| f());
@@ -80,9 +84,8 @@ pub fn continue_trace(envelope: Envelope, parent_id: impl FnOnce() -> u64) -> En
             .trace_id()
             .and_then(|id| TraceParent::new(id, next_id()))
     });
-    match traceparent {
-        Some(traceparent) => envelope.with_traceparent(&traceparent),
-        None => envelope,
+    if let Some(traceparent) = traceparent {
+        envelope.set_traceparent(&traceparent);
     }
 }
 
@@ -97,8 +100,28 @@ pub async fn with_delivery<F: Future>(delivery: Delivery, call: F) -> F::Output 
 /// its group (which gets the event again). A handler doing long work can stop early when it
 /// fires: a *retryable* error returned then is not retried and never dead-lettered; the event
 /// stays unacknowledged, with its aggregate's later events, and comes again, in order.
-#[derive(Clone)]
-pub struct Cancellation(Option<watch::Receiver<bool>>);
+///
+/// A signal is two numbers (its source and the source's generation when it was given out), so
+/// giving one to every handler call costs no shared reference count; its source is looked up
+/// only when the handler asks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Cancellation(Option<(u64, u64)>);
+
+/// What a source shares with the signals it gave out.
+#[derive(Debug, Default)]
+struct SourceState {
+    /// Bumped by each `cancel`: the signals of earlier generations have fired.
+    generation: AtomicU64,
+    /// Set by `close`: every signal has fired, whatever its generation.
+    closed: AtomicBool,
+    fired: Notify,
+}
+
+/// Every live source, by ID; a signal whose source is gone has fired.
+fn sources() -> &'static RwLock<HashMap<u64, Arc<SourceState>>> {
+    static SOURCES: OnceLock<RwLock<HashMap<u64, Arc<SourceState>>>> = OnceLock::new();
+    SOURCES.get_or_init(Default::default)
+}
 
 impl Cancellation {
     /// A signal that never fires.
@@ -106,22 +129,41 @@ impl Cancellation {
         Self(None)
     }
 
+    fn state(&self) -> Option<Option<Arc<SourceState>>> {
+        let (id, _) = self.0?;
+        Some(sources().read().unwrap().get(&id).cloned())
+    }
+
+    fn fired_in(&self, state: &SourceState) -> bool {
+        let generation = self.0.map_or(0, |(_, g)| g);
+        state.closed.load(Ordering::Acquire)
+            || state.generation.load(Ordering::Acquire) != generation
+    }
+
     /// Whether it has fired.
     pub fn is_cancelled(&self) -> bool {
-        self.0.as_ref().is_some_and(|rx| *rx.borrow())
+        match self.state() {
+            None => false,
+            Some(None) => true,
+            Some(Some(state)) => self.fired_in(&state),
+        }
     }
 
     /// Resolves when it fires (never, for [`Cancellation::never`]).
     pub async fn cancelled(&self) {
-        match &self.0 {
-            Some(rx) => {
-                let mut rx = rx.clone();
-                // An error means the source is gone without firing: it never will.
-                if rx.wait_for(|fired| *fired).await.is_err() {
-                    std::future::pending::<()>().await;
-                }
+        let state = match self.state() {
+            None => return std::future::pending().await,
+            Some(None) => return,
+            Some(Some(state)) => state,
+        };
+        loop {
+            let fired = state.fired.notified();
+            tokio::pin!(fired);
+            fired.as_mut().enable();
+            if self.fired_in(&state) {
+                return;
             }
-            None => std::future::pending().await,
+            fired.await;
         }
     }
 }
@@ -134,30 +176,67 @@ impl fmt::Debug for Cancellation {
     }
 }
 
-/// The sending side of [`Cancellation`], kept by a transport.
+/// The sending side of [`Cancellation`], kept by a transport: one per subscription.
 #[derive(Debug)]
-pub struct CancelSource(watch::Sender<bool>);
+pub struct CancelSource {
+    id: u64,
+    state: Arc<SourceState>,
+}
 
 impl CancelSource {
     /// A source that has not fired.
     pub fn new() -> Self {
-        Self(watch::channel(false).0)
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(SourceState::default());
+        sources().write().unwrap().insert(id, state.clone());
+        Self { id, state }
     }
 
-    /// A signal that fires when [`CancelSource::cancel`] is called.
+    /// A signal that fires at the next [`cancel`](Self::cancel) or at
+    /// [`close`](Self::close). Reads one number: cheap enough for every handler call.
     pub fn signal(&self) -> Cancellation {
-        Cancellation(Some(self.0.subscribe()))
+        Cancellation(Some((
+            self.id,
+            self.state.generation.load(Ordering::Acquire),
+        )))
     }
 
-    /// Fires every signal it gave out.
+    /// Fires every signal given out so far; later ones are fresh (the subscription lost its
+    /// topic, and may own it again).
     pub fn cancel(&self) {
-        self.0.send_replace(true);
+        self.state.generation.fetch_add(1, Ordering::AcqRel);
+        self.state.fired.notify_waiters();
+    }
+
+    /// Whether a cancel or close happened since `signal` was given out: the same as
+    /// `signal.is_cancelled()`, without the lookup.
+    pub fn has_fired(&self, signal: &Cancellation) -> bool {
+        signal.fired_in(&self.state)
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.state.closed.load(Ordering::Acquire)
+    }
+
+    /// Fires every signal, given out already or later (the subscription is closing).
+    pub fn close(&self) {
+        self.state.closed.store(true, Ordering::Release);
+        self.state.fired.notify_waiters();
     }
 }
 
 impl Default for CancelSource {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl Drop for CancelSource {
+    fn drop(&mut self) {
+        self.close();
+        sources().write().unwrap().remove(&self.id);
     }
 }
 
@@ -192,20 +271,32 @@ mod tests {
         assert_eq!(seen, (3, Some(17), Some(2), true));
         assert!(current_delivery().is_none());
         assert!(!Cancellation::never().is_cancelled());
+        // A signal given out after a cancel is fresh; a close fires every signal, and a signal
+        // outlives its source as fired.
+        let fresh = source.signal();
+        assert!(!fresh.is_cancelled() && !source.has_fired(&fresh));
+        let waiting = tokio::spawn(async move { fresh.cancelled().await });
+        source.close();
+        waiting.await.unwrap();
+        assert!(fresh.is_cancelled() && source.signal().is_cancelled());
+        drop(source);
+        assert!(fresh.is_cancelled());
     }
 
     #[tokio::test]
     async fn a_publish_continues_the_trace_of_the_event_being_handled() {
         let plain = Envelope::builder("a", "T", 1).build().unwrap();
         // Outside a handler, with no W3C trace ID: nothing to continue.
-        let out = continue_trace(plain.clone(), || panic!("no parent ID is needed"));
+        let mut out = plain.clone();
+        continue_trace(&mut out, || panic!("no parent ID is needed"));
         assert!(out.headers().get(TRACEPARENT).is_none());
         // A W3C trace ID on the envelope starts the trace.
         let traced = Envelope::builder("a", "T", 1)
             .trace_id("4bf92f3577b34da6a3ce929d0e0e4736")
             .build()
             .unwrap();
-        let out = continue_trace(traced, || 7);
+        let mut out = traced;
+        continue_trace(&mut out, || 7);
         assert_eq!(
             out.headers()[TRACEPARENT],
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000007-01"
@@ -214,7 +305,12 @@ mod tests {
         let mut delivery = Delivery::new(1);
         delivery.traceparent =
             TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
-        let out = with_delivery(delivery, async { continue_trace(plain, || 9) }).await;
+        let out = with_delivery(delivery, async {
+            let mut out = plain;
+            continue_trace(&mut out, || 9);
+            out
+        })
+        .await;
         assert_eq!(
             out.headers()[TRACEPARENT],
             "00-0af7651916cd43dd8448eb211c80319c-0000000000000009-01"
@@ -227,7 +323,8 @@ mod tests {
             )
             .build()
             .unwrap();
-        let out = continue_trace(own.clone(), || 5);
+        let mut out = own.clone();
+        continue_trace(&mut out, || 5);
         assert_eq!(out, own);
     }
 }

@@ -118,11 +118,10 @@ impl Envelope {
             .and_then(|v| TraceParent::parse(v))
     }
 
-    /// The same envelope with its `traceparent` header set to `traceparent`.
-    pub fn with_traceparent(mut self, traceparent: &TraceParent) -> Self {
+    /// Sets its `traceparent` header to `traceparent`.
+    pub fn set_traceparent(&mut self, traceparent: &TraceParent) {
         self.headers
             .insert(TRACEPARENT.to_owned(), traceparent.to_string());
-        self
     }
 
     /// Decodes the payload with the codec its content type names.

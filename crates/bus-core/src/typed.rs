@@ -341,7 +341,7 @@ mod tests {
         let renamed = envelope(2, &Renamed { name: "x".into() });
         assert_eq!(renamed.content_type().as_str(), "application/json");
         let source = CancelSource::new();
-        source.cancel();
+        source.close();
         let delivery = Delivery {
             attempt: 2,
             stream_sequence: Some(9),

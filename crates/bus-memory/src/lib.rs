@@ -387,7 +387,7 @@ impl JobRunner {
                             traceparent,
                         };
                         // Once closing, a failed event is not tried again: it is returned.
-                        let closing = attempt > 1 && self.cancel.signal().is_cancelled();
+                        let closing = attempt > 1 && self.cancel.is_closed();
                         with_delivery(delivery, async move {
                             if closing {
                                 return Err(HandlerError::retryable("the subscription is closing"));
@@ -422,7 +422,7 @@ impl JobRunner {
             }
             // A retryable failure while closing may be the handler giving up because of it.
             RetryOutcome::Failed { ref reason, .. }
-                if reason.is_retryable() && self.cancel.signal().is_cancelled() =>
+                if reason.is_retryable() && self.cancel.is_closed() =>
             {
                 // Closing: not dead-lettered, but returned with the key's later events.
                 self.stopped.lock().unwrap().insert(job.key);
@@ -547,7 +547,7 @@ struct MemorySubscription {
 impl SubscriptionHandle for MemorySubscription {
     async fn close(self: Box<Self>, deadline: Duration) -> Result<CloseReport, SubscribeError> {
         let _ = self.stop.send(true);
-        self.cancel.cancel();
+        self.cancel.close();
         let pool = self.fetcher.await.map_err(|e| {
             SubscribeError::with_source(SubscribeErrorKind::Closed, "subscription reader failed", e)
         })?;
@@ -576,8 +576,12 @@ impl SubscriptionHandle for MemorySubscription {
 
 #[async_trait]
 impl Publisher for MemoryBus {
-    async fn publish(&self, topic: &Topic, envelope: Envelope) -> Result<Receipt, PublishError> {
-        let envelope = bus_core::continue_trace(envelope, || {
+    async fn publish(
+        &self,
+        topic: &Topic,
+        mut envelope: Envelope,
+    ) -> Result<Receipt, PublishError> {
+        bus_core::continue_trace(&mut envelope, || {
             use std::hash::{BuildHasher, Hasher};
             let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
             hasher.write_u64(self.inner.next_span.fetch_add(1, Ordering::Relaxed));

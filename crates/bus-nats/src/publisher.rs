@@ -910,8 +910,12 @@ pub(crate) fn envelope_headers(envelope: &Envelope) -> HeaderMap {
 
 #[async_trait]
 impl Publisher for NatsPublisher {
-    async fn publish(&self, topic: &Topic, envelope: Envelope) -> Result<Receipt, PublishError> {
-        let envelope = bus_core::continue_trace(envelope, new_span_id);
+    async fn publish(
+        &self,
+        topic: &Topic,
+        mut envelope: Envelope,
+    ) -> Result<Receipt, PublishError> {
+        bus_core::continue_trace(&mut envelope, new_span_id);
         let headers = envelope_headers(&envelope);
         let payload = envelope.payload().clone();
         self.send(topic, Some(envelope), headers, payload).await

@@ -220,7 +220,7 @@ impl Fetcher {
         runner.term.fetch_add(1, Ordering::AcqRel);
         // Handlers still running learn that their outcome will not be acknowledged; those of
         // a later term get a fresh signal.
-        std::mem::take(&mut *runner.cancel.lock().unwrap()).cancel();
+        runner.cancel.cancel();
         runner.drop_halts();
         // Their acks are the new owner's business now.
         self.plan.copies.lock().unwrap().clear_recent_acks();

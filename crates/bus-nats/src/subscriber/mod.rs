@@ -267,7 +267,7 @@ async fn setup(
         halted: Mutex::new(HashMap::new()),
         halted_count: AtomicUsize::new(0),
         term: AtomicU64::new(0),
-        cancel: Mutex::new(bus_core::CancelSource::new()),
+        cancel: bus_core::CancelSource::new(),
         partition: target.partition,
         metrics: crate::telemetry::HandleMetrics::new(topic, &config.consumer.group),
     });
@@ -443,7 +443,7 @@ impl SubscriptionHandle for NatsSubscription {
             _registration,
         } = *self;
         let _ = stop.send(true);
-        runner.cancel.lock().unwrap().cancel();
+        runner.cancel.close();
         let acker_abort = acker_task.abort_handle();
         let result = async {
             let (pool, ownership) = match tokio::time::timeout(deadline, fetcher).await {

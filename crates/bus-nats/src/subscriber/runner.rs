@@ -147,7 +147,7 @@ pub(crate) struct Runner {
     pub(crate) partition: Option<u32>,
     /// Fires when the subscription closes or loses its topic; replaced by a fresh one when it
     /// becomes the owner again. Handlers see it in their [`Delivery`].
-    pub(crate) cancel: Mutex<CancelSource>,
+    pub(crate) cancel: CancelSource,
     pub(crate) metrics: crate::telemetry::HandleMetrics,
 }
 
@@ -227,7 +227,7 @@ impl Runner {
                 return Ok(self.dead_letter(&job.message, reason, error, 0).await)
             }
         };
-        let cancellation = self.cancel.lock().unwrap().signal();
+        let cancellation = self.cancel.signal();
         let started = std::time::Instant::now();
         let (traceparent, span) = self.span(job, input);
         let attempts = run_with_retry(
@@ -237,12 +237,12 @@ impl Runner {
                 let input = input.clone_for_attempt();
                 let dispatch = &self.dispatch;
                 // Once the subscription is going, a failed event is not tried again.
-                let going = attempt > 1 && cancellation.is_cancelled();
+                let going = attempt > 1 && self.cancel.has_fired(&cancellation);
                 let delivery = Delivery {
                     attempt,
                     stream_sequence: job.sequence,
                     partition: self.partition,
-                    cancellation: cancellation.clone(),
+                    cancellation,
                     traceparent: traceparent.clone(),
                 };
                 with_delivery(delivery, async move {
@@ -259,13 +259,10 @@ impl Runner {
                 })
             },
             // Backoffs end early once the subscription is going.
-            |delay| {
-                let cancellation = cancellation.clone();
-                async move {
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = cancellation.cancelled() => {}
-                    }
+            |delay| async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancellation.cancelled() => {}
                 }
             },
             bus_core::jitter,
@@ -296,7 +293,7 @@ impl Runner {
                 // A retryable failure once the subscription is going may be the handler giving
                 // up because of it: returned, never dead-lettered. Permanent failures and
                 // panics follow the failure policy as ever.
-                reason: if cancellation.is_cancelled() && reason.is_retryable() {
+                reason: if self.cancel.has_fired(&cancellation) && reason.is_retryable() {
                     CANCELLED
                 } else {
                     reason.code()

@@ -67,8 +67,15 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let server = ensure_nats_server(root)?;
     let old = ensure_old_nats_server(root)?;
     step("running the test suite");
+    // Every feature on, so that the tests of optional parts (OpenTelemetry) run too.
     run(cargo()
-        .args(["test", "--workspace", "--exclude", "xtask"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "xtask",
+            "--all-features",
+        ])
         .args(extra)
         .env("NATS_SERVER_BIN", &server)
         .env("NATS_SERVER_OLD_BIN", &old))
@@ -140,6 +147,16 @@ fn ci(root: &Path) -> Result<()> {
         "clippy",
         "--workspace",
         "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("clippy, every feature on");
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
         "--",
         "-D",
         "warnings",

@@ -45,6 +45,8 @@ mod dead_letters;
 mod error;
 mod health;
 mod lag;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod provision;
 mod publisher;
 mod retention;

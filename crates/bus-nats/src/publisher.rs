@@ -915,6 +915,8 @@ impl Publisher for NatsPublisher {
         topic: &Topic,
         mut envelope: Envelope,
     ) -> Result<Receipt, PublishError> {
+        #[cfg(feature = "opentelemetry")]
+        crate::otel::inject(&mut envelope);
         bus_core::continue_trace(&mut envelope, new_span_id);
         let headers = envelope_headers(&envelope);
         let payload = envelope.payload().clone();

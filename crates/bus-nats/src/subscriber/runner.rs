@@ -342,6 +342,8 @@ impl Runner {
             }
             if let Some(t) = &traceparent {
                 span.record("traceparent", tracing::field::display(t));
+                #[cfg(feature = "opentelemetry")]
+                crate::otel::set_parent(&span, t);
             }
         }
         (traceparent, span)

@@ -80,6 +80,9 @@ pub(crate) struct Shared {
     pub(crate) closed: std::sync::atomic::AtomicBool,
     /// The open subscriptions, for the health report.
     pub(crate) watched: crate::health::Watched,
+    /// The connection control requests are answered on: its own, so that a user without the
+    /// permission for them gets a violation there, never on a topic's connection.
+    pub(crate) control: tokio::sync::OnceCell<async_nats::Client>,
 }
 
 impl Shared {

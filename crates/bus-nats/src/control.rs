@@ -60,14 +60,20 @@ pub struct MemberHalts {
 
 /// Answers control requests for one subscription until it closes.
 pub(crate) async fn serve(shared: Arc<Shared>, topic: Topic, control: Arc<dyn AggregateControl>) {
-    let connection = match shared.connection(&topic).await {
-        Ok(connection) => connection,
+    let client = match shared
+        .control
+        .get_or_try_init(|| async {
+            let name = Topic::new("bus-control").expect("a valid topic");
+            shared.connect(&name).await.map(|(client, _signals)| client)
+        })
+        .await
+    {
+        Ok(client) => client.clone(),
         Err(error) => {
             tracing::warn!(%topic, %error, "control requests cannot be answered");
             return;
         }
     };
-    let client = connection.client.clone();
     let subject = control_subject(&shared.config.consumer.group, &topic);
     let mut requests = match client.subscribe(subject.clone()).await {
         Ok(requests) => requests,

@@ -116,6 +116,7 @@ impl NatsBus {
             connecting: tokio::sync::Mutex::new(()),
             closed: std::sync::atomic::AtomicBool::new(false),
             watched: Default::default(),
+            control: Default::default(),
         });
         // Fail at start-up, not at the first publish, when no server answers.
         let probe = Topic::new("bus-probe").expect("valid topic");
@@ -155,6 +156,9 @@ impl NatsBus {
             .closed
             .store(true, std::sync::atomic::Ordering::Release);
         let flushed = self.publisher.close().await;
+        if let Some(control) = self.shared.control.get() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), control.drain()).await;
+        }
         let connections: Vec<_> = self.shared.connections.write().unwrap().drain().collect();
         for (topic, connection) in connections {
             // Bounded: with the broker unreachable a drain would wait for the reconnection.

@@ -46,17 +46,20 @@ fn producer_projection_and_operator() {
     let out = run(producer, &["--server", &url]);
     assert_eq!(out.trim(), "published 100 events on examples.accounts");
 
+    let projecting = |until: &'static str| {
+        [
+            "--server",
+            &url,
+            "--db",
+            &db,
+            "--listen",
+            "127.0.0.1:0",
+            until,
+        ]
+    };
     let mut child = KillOnDrop(
         Command::new(projection)
-            .args([
-                "--server",
-                &url,
-                "--db",
-                &db,
-                "--listen",
-                "127.0.0.1:0",
-                "--stop-on-eof",
-            ])
+            .args(projecting("--stop-on-eof"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -113,18 +116,7 @@ fn producer_projection_and_operator() {
 
     // The same history again (new event IDs, same versions): handled, and nothing changes.
     run(producer, &["--server", &url]);
-    let out = run(
-        projection,
-        &[
-            "--server",
-            &url,
-            "--db",
-            &db,
-            "--listen",
-            "127.0.0.1:0",
-            "--exit-when-idle",
-        ],
-    );
+    let out = run(projection, &projecting("--exit-when-idle"));
     assert!(
         out.trim_end()
             .ends_with("handled 100 events; 10 accounts, total balance 4500 cents"),

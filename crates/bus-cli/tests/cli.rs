@@ -31,6 +31,24 @@ async fn bus(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `bus --server url --group billing` with `args`.
+async fn bus_billing(url: &str, args: &[&str]) -> (bool, String, String) {
+    let mut all = vec!["--server", url, "--group", "billing"];
+    all.extend_from_slice(args);
+    bus(&all).await
+}
+
+/// The versions of `aggregate` the service handled, in order.
+fn versions_of(handled: &Mutex<Vec<(String, u64)>>, aggregate: &str) -> Vec<u64> {
+    handled
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(a, _)| a == aggregate)
+        .map(|(_, v)| *v)
+        .collect()
+}
+
 async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !condition() {
@@ -98,19 +116,11 @@ async fn the_cli_operates_a_running_service() {
     );
     assert!(out.contains("consumer billing-cli_orders"), "{out}");
 
-    let (ok, out, err) = bus(&["--server", &url, "--group", "billing", "lag", "cli.orders"]).await;
+    let (ok, out, err) = bus_billing(&url, &["lag", "cli.orders"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("undelivered 0  unacknowledged 6"), "{out}");
 
-    let (ok, out, err) = bus(&[
-        "--server",
-        &url,
-        "--group",
-        "billing",
-        "halted",
-        "cli.orders",
-    ])
-    .await;
+    let (ok, out, err) = bus_billing(&url, &["halted", "cli.orders"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("(owner): 2 halted"), "{out}");
     assert!(
@@ -121,48 +131,14 @@ async fn the_cli_operates_a_running_service() {
 
     // Resume `bad` once it is fixed: the service handles its three events, in order.
     refused.lock().unwrap().remove("bad");
-    let (ok, out, err) = bus(&[
-        "--server",
-        &url,
-        "--group",
-        "billing",
-        "resume",
-        "cli.orders",
-        "bad",
-    ])
-    .await;
+    let (ok, out, err) = bus_billing(&url, &["resume", "cli.orders", "bad"]).await;
     assert!(ok, "{err}");
     assert!(out.starts_with("resumed bad (pid "), "{out}");
-    wait_for("bad handled", || {
-        handled
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(a, _)| a == "bad")
-            .count()
-            == 3
-    })
-    .await;
-    let bad: Vec<u64> = handled
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(a, _)| a == "bad")
-        .map(|(_, v)| *v)
-        .collect();
-    assert_eq!(bad, [1, 2, 3]);
+    wait_for("bad handled", || versions_of(&handled, "bad").len() == 3).await;
+    assert_eq!(versions_of(&handled, "bad"), [1, 2, 3]);
 
     // Skip `poison` v1: dead-lettered; v2 and v3 are still refused, so it halts again at v2.
-    let (ok, out, err) = bus(&[
-        "--server",
-        &url,
-        "--group",
-        "billing",
-        "skip",
-        "cli.orders",
-        "poison",
-    ])
-    .await;
+    let (ok, out, err) = bus_billing(&url, &["skip", "cli.orders", "poison"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("skipped the failed event of poison"), "{out}");
     wait_for("poison halted at v2", || {
@@ -179,16 +155,7 @@ async fn the_cli_operates_a_running_service() {
 
     // Fix it, resume (v2, v3 handled), then replay the dead letter: v1 comes again at the end.
     refused.lock().unwrap().remove("poison");
-    let (ok, _, err) = bus(&[
-        "--server",
-        &url,
-        "--group",
-        "billing",
-        "resume",
-        "cli.orders",
-        "poison",
-    ])
-    .await;
+    let (ok, _, err) = bus_billing(&url, &["resume", "cli.orders", "poison"]).await;
     assert!(ok, "{err}");
     let (ok, out, err) = bus(&[
         "--server",
@@ -205,15 +172,11 @@ async fn the_cli_operates_a_running_service() {
         "{out}"
     );
     wait_for("poison handled", || {
-        handled
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(a, _)| a == "poison")
-            .count()
-            == 3
+        versions_of(&handled, "poison").len() == 3
     })
     .await;
+    // v2 and v3 after the resume, then the replayed v1 at the end of the topic.
+    assert_eq!(versions_of(&handled, "poison"), [2, 3, 1]);
     let (ok, out, _) = bus(&["--server", &url, "dead-letters", "cli.orders"]).await;
     assert!(ok && out.contains("no dead letters"), "{out}");
 
@@ -221,16 +184,7 @@ async fn the_cli_operates_a_running_service() {
     let (ok, _, err) = bus(&["--server", &url, "halted", "cli.orders"]).await;
     assert!(!ok);
     assert!(err.contains("--group"), "{err}");
-    let (ok, _, err) = bus(&[
-        "--server",
-        &url,
-        "--group",
-        "billing",
-        "resume",
-        "cli.orders",
-        "nobody",
-    ])
-    .await;
+    let (ok, _, err) = bus_billing(&url, &["resume", "cli.orders", "nobody"]).await;
     assert!(!ok);
     assert!(
         err.contains("`nobody`") && err.contains("not halted"),

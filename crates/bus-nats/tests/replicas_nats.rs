@@ -97,6 +97,13 @@ fn owner_killed_then_closed_while_standbys_wait(runtime: &tokio::runtime::Runtim
     // 1. SIGKILL the owner mid-stream.
     wait_handled(&replicas.iter().collect::<Vec<_>>(), 2_000);
     let killed = owner(&mut replicas, "at first").name.clone();
+    // Every replica answers the operator's control requests, and one of them owns the topic.
+    let members = runtime
+        .block_on(bus.remote_halted(&topic(), Duration::from_millis(500)))
+        .unwrap();
+    assert_eq!(members.len(), 3, "{members:?}");
+    assert_eq!(members.iter().filter(|m| m.owner).count(), 1, "{members:?}");
+    assert!(members.iter().all(|m| m.halted.is_empty()), "{members:?}");
     let gained_before: HashMap<String, u64> = replicas
         .iter()
         .map(|r| (r.name.clone(), r.gained()))

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, consumer, stream};
-use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
+use bus_core::{handler_fn, Envelope, PublishEvent, Publisher, Subscriber, Topic};
 use bus_nats::{NatsBus, NatsConfig};
 use bus_testkit::{NatsServer, SequenceVerifier};
 use bytes::Bytes;
@@ -38,6 +38,20 @@ struct BusSetup {
     /// Stream retention (the bus's default is work-queue).
     retention: bus_nats::Retention,
     publish_ordering: bus_nats::PublishOrdering,
+    /// Typed events: `publish_event` of a struct, handled through `EventHandlers` (the
+    /// MessagePack encoding and decoding included), instead of envelopes of raw bytes.
+    typed: bool,
+}
+
+/// The typed rows' event: when it was sent, and the filler that makes up the payload size.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BenchEvent {
+    sent_nanos: u64,
+    filler: String,
+}
+
+impl bus_core::Event for BenchEvent {
+    const TYPE: &'static str = "BenchEvent";
 }
 
 impl BusSetup {
@@ -53,6 +67,7 @@ impl BusSetup {
             share_connection: true,
             retention: bus_nats::Retention::default(),
             publish_ordering: bus_nats::PublishOrdering::default(),
+            typed: false,
         }
     }
 
@@ -67,6 +82,7 @@ impl BusSetup {
             share_connection: false,
             retention: bus_nats::Retention::default(),
             publish_ordering: bus_nats::PublishOrdering::default(),
+            typed: false,
         }
     }
 }
@@ -183,7 +199,18 @@ impl Sink {
     }
 
     fn record(&self, topic: &str, aggregate: &str, version: u64, payload: &[u8]) {
-        self.latency.record(latency_micros(payload));
+        self.record_sent_at(
+            topic,
+            aggregate,
+            version,
+            u64::from_le_bytes(payload[..8].try_into().unwrap()),
+        );
+    }
+
+    /// Records an event sent at `sent_nanos` (wall clock).
+    fn record_sent_at(&self, topic: &str, aggregate: &str, version: u64, sent_nanos: u64) {
+        self.latency
+            .record(wall_nanos().saturating_sub(sent_nanos) / 1_000);
         self.verifier.record(topic, aggregate, version);
         if self.handled.fetch_add(1, Ordering::AcqRel) + 1 == self.expected {
             self.done.notify_one();
@@ -298,6 +325,7 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
         // Provision streams before the clock starts.
         bus.stream_name(topic).await?;
     }
+    let typed = setup.typed;
     let subscribe = |bus: NatsBus| {
         let topics = topics.clone();
         let sink = sink.clone();
@@ -306,6 +334,28 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
             for topic in &topics {
                 let sink = sink.clone();
                 let name = topic.to_string();
+                if typed {
+                    let handlers = bus_core::EventHandlers::new().on(
+                        move |e: BenchEvent, cx: bus_core::EventContext| {
+                            let sink = sink.clone();
+                            let name = name.clone();
+                            async move {
+                                if let Some(delay) = sink.delay {
+                                    tokio::time::sleep(delay).await;
+                                }
+                                sink.record_sent_at(
+                                    &name,
+                                    cx.aggregate_id().as_str(),
+                                    cx.version(),
+                                    e.sent_nanos,
+                                );
+                                Ok(())
+                            }
+                        },
+                    );
+                    subscriptions.push(bus.subscribe(topic, Arc::new(handlers)).await?);
+                    continue;
+                }
                 let handler = handler_fn(move |e: Envelope| {
                     let sink = sink.clone();
                     let name = name.clone();
@@ -340,15 +390,27 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
         let topic = topic.clone();
         let s = s.clone();
         let async_publish = setup.async_publish;
+        let typed = setup.typed;
         publishers.push(tokio::spawn(async move {
             let mut pacer = Pacer::new(s.rate, s.topics);
             for version in 1..=s.versions {
                 for a in 0..s.aggregates_per_topic {
                     pacer.pace().await;
-                    let envelope = Envelope::builder(format!("t{t}-a{a}"), "BenchEvent", version)
-                        .payload(Bytes::from(stamped_payload(s.payload)))
-                        .build()?;
-                    let receipt = publisher.publish(&topic, envelope).await?;
+                    let receipt = if typed {
+                        let event = BenchEvent {
+                            sent_nanos: wall_nanos(),
+                            filler: "x".repeat(s.payload.saturating_sub(8)),
+                        };
+                        publisher
+                            .publish_event(&topic, &format!("t{t}-a{a}"), version, &event)
+                            .await?
+                    } else {
+                        let envelope =
+                            Envelope::builder(format!("t{t}-a{a}"), "BenchEvent", version)
+                                .payload(Bytes::from(stamped_payload(s.payload)))
+                                .build()?;
+                        publisher.publish(&topic, envelope).await?
+                    };
                     if !async_publish {
                         receipt.await?;
                     }
@@ -860,6 +922,15 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
                 "default-limits",
                 bus(BusSetup {
                     retention: bus_nats::Retention::Limits,
+                    ..BusSetup::default_config()
+                }),
+                10_000,
+                versions,
+            ),
+            Scenario::new(
+                "typed",
+                bus(BusSetup {
+                    typed: true,
                     ..BusSetup::default_config()
                 }),
                 10_000,

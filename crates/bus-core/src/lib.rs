@@ -54,7 +54,7 @@ pub use error::{
 };
 pub use names::{AggregateId, EventId, EventType, Topic, MAX_AGGREGATE_ID_LEN, MAX_NAME_LEN};
 pub use policy::{jitter, run_with_retry, FailurePolicy, FailureReason, RetryOutcome, RetryPolicy};
-pub use trace::{TraceParent, TRACEPARENT};
+pub use trace::{new_parent_id, TraceParent, TRACEPARENT};
 pub use traits::{
     handler_fn, raw_handler_fn, AggregateControl, CloseReport, HaltedAggregate, Handler, HandlerFn,
     KeyExtractor, Published, Publisher, RawHandler, RawHandlerFn, RawKey, RawMessage, Receipt,

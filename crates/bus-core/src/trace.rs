@@ -90,6 +90,20 @@ impl TraceParent {
     }
 }
 
+/// A new random parent (span) ID for a publish that continues a trace: from the standard
+/// library's per-hasher random keys and the clock, so no random-number crate is needed.
+pub fn new_parent_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    hasher.finish()
+}
+
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

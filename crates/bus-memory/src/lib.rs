@@ -142,8 +142,6 @@ struct Inner {
     topics: Mutex<HashMap<Topic, Arc<TopicLog>>>,
     dead_letters: Mutex<Vec<DeadLetter>>,
     closed: std::sync::atomic::AtomicBool,
-    /// Seeds the parent IDs of the trace contexts publishes continue.
-    next_span: AtomicU64,
 }
 
 /// The in-memory transport: both [`Publisher`] and [`Subscriber`]. Clones share one bus;
@@ -181,7 +179,6 @@ impl MemoryBus {
                 topics: Mutex::new(HashMap::new()),
                 dead_letters: Mutex::new(Vec::new()),
                 closed: Default::default(),
-                next_span: AtomicU64::new(1),
             }),
         }
     }
@@ -581,12 +578,7 @@ impl Publisher for MemoryBus {
         topic: &Topic,
         mut envelope: Envelope,
     ) -> Result<Receipt, PublishError> {
-        bus_core::continue_trace(&mut envelope, || {
-            use std::hash::{BuildHasher, Hasher};
-            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-            hasher.write_u64(self.inner.next_span.fetch_add(1, Ordering::Relaxed));
-            hasher.finish()
-        });
+        bus_core::continue_trace(&mut envelope, bus_core::new_parent_id);
         self.append(topic, Body::Envelope(envelope)).await
     }
 

@@ -886,20 +886,6 @@ fn finish(
     }
 }
 
-/// A new W3C parent (span) ID for a publish that continues a trace: random, from the
-/// standard library's per-hasher random keys, so no random-number crate is needed.
-fn new_span_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    hasher.finish()
-}
-
 pub(crate) fn envelope_headers(envelope: &Envelope) -> HeaderMap {
     let mut headers = HeaderMap::new();
     wire::encode_headers(envelope, |name, value| headers.insert(name, value));
@@ -917,7 +903,7 @@ impl Publisher for NatsPublisher {
     ) -> Result<Receipt, PublishError> {
         #[cfg(feature = "opentelemetry")]
         crate::otel::inject(&mut envelope);
-        bus_core::continue_trace(&mut envelope, new_span_id);
+        bus_core::continue_trace(&mut envelope, bus_core::new_parent_id);
         let headers = envelope_headers(&envelope);
         let payload = envelope.payload().clone();
         self.send(topic, Some(envelope), headers, payload).await

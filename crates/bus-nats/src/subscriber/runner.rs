@@ -145,8 +145,9 @@ pub(crate) struct Runner {
     pub(crate) term: AtomicU64,
     /// The partition consumed, for a partitioned topic.
     pub(crate) partition: Option<u32>,
-    /// Fires when the subscription closes or loses its topic; replaced by a fresh one when it
-    /// becomes the owner again. Handlers see it in their [`Delivery`].
+    /// Handlers' cancellation (in their [`Delivery`]): `cancel` fires the signals given out so
+    /// far when the subscription loses its topic (later ones are fresh, for a later term), and
+    /// `close` fires every signal when it closes.
     pub(crate) cancel: CancelSource,
     pub(crate) metrics: crate::telemetry::HandleMetrics,
 }

@@ -1136,6 +1136,10 @@ mod file_tests {
             ("BUS__RETRY__INITIAL_BACKOFF", "10ms"),
             ("BUS__ON_FAILURE", "halt-aggregate"),
             ("BUS__CONNECTION__AUTH__TOKEN", "s3cret"),
+            (
+                "BUS__STREAMS",
+                r#"[{name = "ACCOUNTS", topics = ["accounts"], replicas = 3}]"#,
+            ),
             ("PATH", "/usr/bin"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
@@ -1150,6 +1154,13 @@ mod file_tests {
         assert_eq!(config.retry.initial_backoff, Duration::from_millis(10));
         assert_eq!(config.on_failure, FailurePolicy::HaltAggregate);
         assert!(matches!(&config.connection.auth, Auth::Token(t) if t == "s3cret"));
+        assert_eq!(config.streams.len(), 1);
+        assert_eq!(config.streams[0].replicas, 3);
+        assert_eq!(config.streams[0].topics, [Topic::new("accounts").unwrap()]);
+        let err = NatsConfig::from_toml_with_env("", [("BUS__NO_SUCH".to_owned(), "1".to_owned())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no_such"), "{err}");
         assert!(
             !format!("{config:?}").contains("s3cret"),
             "secrets stay out of Debug"

@@ -75,6 +75,10 @@ pub fn conformance_config(url: &str, retention: Retention, replicas: usize) -> N
         let mut spec = StreamSpec::new(default_stream_name(&topic), [topic]);
         spec.retention = retention;
         spec.replicas = replicas;
+        // The suite stores little; a file stream reserves its max_bytes on every replica's
+        // disk, and ten topics of the default 1 GiB on three nodes sharing one disk ask for
+        // 30 GiB ("insufficient storage" on a machine with less free).
+        spec.max_bytes = 64 << 20;
         config.streams.push(spec);
     }
     config.dead_letters.replicas = replicas;

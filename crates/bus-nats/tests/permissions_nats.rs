@@ -45,13 +45,33 @@ fn server_config(consumer: &str) -> String {
             ]}},
             subscribe: {{allow: ["_INBOX.>", "$BUS.control.{GROUP}.{TOPIC}"]}} }} }}"#
     );
+    let operator = format!(
+        r#"{{user: operator, password: o, permissions: {{
+            publish: {{allow: [
+                "$JS.API.STREAM.INFO.BUS_DEAD_LETTERS",
+                "$JS.API.CONSUMER.CREATE.BUS_DEAD_LETTERS",
+                "$JS.API.CONSUMER.INFO.BUS_DEAD_LETTERS.*",
+                "$JS.API.CONSUMER.MSG.NEXT.BUS_DEAD_LETTERS.*",
+                "$JS.API.CONSUMER.DELETE.BUS_DEAD_LETTERS.*",
+                "$JS.API.STREAM.MSG.GET.BUS_DEAD_LETTERS",
+                "$JS.API.STREAM.MSG.DELETE.BUS_DEAD_LETTERS",
+                "{TOPIC}",
+                "$JS.API.STREAM.LIST",
+                "$JS.API.STREAM.INFO.*",
+                "$JS.API.CONSUMER.LIST.*",
+                "$JS.API.CONSUMER.INFO.{STREAM}.{consumer}",
+                "$JS.API.STREAM.MSG.GET.{STREAM}",
+                "$BUS.control.{GROUP}.{TOPIC}"
+            ]}},
+            subscribe: {{allow: ["_INBOX.>"]}} }} }}"#
+    );
     let no_jetstream = format!(
         r#"{{user: nojs, password: n, permissions: {{
             publish: {{allow: ["{TOPIC}"]}},
             subscribe: {{allow: ["_INBOX.>"]}} }} }}"#
     );
     format!(
-        "authorization {{ users = [ {{user: admin, password: a}}, {publisher}, {consumer_user}, {no_jetstream} ] }}\n"
+        "authorization {{ users = [ {{user: admin, password: a}}, {publisher}, {consumer_user}, {operator}, {no_jetstream} ] }}\n"
     )
 }
 
@@ -178,5 +198,30 @@ async fn each_role_works_with_the_documented_subjects_and_nothing_else() {
         .await
         .unwrap_err();
     assert_eq!(error.kind(), PublishErrorKind::Rejected, "{error}");
+
+    // The operator lists topics, reads the lag, lists and replays the dead letter.
+    let operator = NatsBus::connect(config(&server, "operator", "o"))
+        .await
+        .unwrap();
+    let topics = operator.topics().await.unwrap();
+    let listed = topics
+        .iter()
+        .find(|t| t.topic == topic)
+        .expect("the topic listed");
+    assert_eq!(listed.consumers.len(), 1, "{listed:?}");
+    assert_eq!(listed.consumers[0].name, consumer_name);
+    let lag = operator.lag(&topic).await.unwrap();
+    assert_eq!((lag.undelivered, lag.unacknowledged), (0, 0), "{lag:?}");
+    let letters = operator.dead_letters(&topic, 10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].envelope().unwrap().event_version(), 5);
+    operator.replay_dead_letter(&letters[0]).await.unwrap();
+    assert!(operator.dead_letters(&topic, 10).await.unwrap().is_empty());
+    let error = operator
+        .remote_halted(&topic, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("no subscription"), "{error}");
+    operator.close().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

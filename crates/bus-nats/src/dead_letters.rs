@@ -103,6 +103,22 @@ impl NatsBus {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, NatsError> {
         let connection = self.shared.connection(topic).await?;
+        // A subject this user may not use is refused only in a violation report: fail at
+        // once, naming it, instead of after the request timeout.
+        crate::connection::guarded(
+            &connection.violations,
+            || format!("reading the dead letters of topic `{topic}`"),
+            self.read_dead_letters(&connection, topic, limit),
+        )
+        .await
+    }
+
+    async fn read_dead_letters(
+        &self,
+        connection: &crate::TopicConnection,
+        topic: &Topic,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, NatsError> {
         let config = &self.shared.config.dead_letters;
         let stream = match connection.jetstream.get_stream(&config.stream).await {
             Ok(stream) => stream,

@@ -155,6 +155,20 @@ async fn each_role_works_with_the_documented_subjects_and_nothing_else() {
         "{:?}",
         started.elapsed()
     );
+    // Nor read dead letters: refused at once, naming the subject.
+    let started = Instant::now();
+    let error = publisher.dead_letters(&topic, 10).await.unwrap_err();
+    assert_eq!(
+        error.kind(),
+        bus_nats::NatsErrorKind::PermissionDenied,
+        "{error}"
+    );
+    assert!(error.to_string().contains("BUS_DEAD_LETTERS"), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 
     // The consumer handles everything in order, dead-letters one event, closes and hands over.
     let consumer = NatsBus::connect(config(&server, "consumer", "c"))

@@ -118,6 +118,9 @@ pub enum DecodeError {
     },
     /// A header carried a value the envelope refuses.
     Invalid(ValidationError),
+    /// A record batch whose body is not of the documented form (see
+    /// [`wire::decode_batch`](crate::wire::decode_batch)).
+    MalformedBatch(String),
 }
 
 impl fmt::Display for DecodeError {
@@ -130,6 +133,7 @@ impl fmt::Display for DecodeError {
                 reason,
             } => write!(f, "header `{name}` value `{value}` is invalid: {reason}"),
             DecodeError::Invalid(err) => err.fmt(f),
+            DecodeError::MalformedBatch(why) => write!(f, "malformed record batch: {why}"),
         }
     }
 }

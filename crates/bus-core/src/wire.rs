@@ -293,6 +293,161 @@ pub fn decode<'a>(
     })
 }
 
+/// Header of a record batch: the number of events it holds, in decimal (at least 2).
+///
+/// A record batch is one message carrying several envelopes, each as a *record*: its header
+/// block as text, then its payload. The message's body is the records one after the other:
+///
+/// | bytes | what |
+/// |---|---|
+/// | 4 | `H`, the length of the record's header block, unsigned big-endian |
+/// | `H` | the header block: one `Name: value\r\n` line per header, UTF-8, exactly the headers a single-event message of the envelope carries (`Bus-Event` first) |
+/// | 4 | `P`, the length of the payload, unsigned big-endian |
+/// | `P` | the payload |
+///
+/// The message itself carries only `Bus-Batch` and the broker's `Nats-Msg-Id`. A message
+/// without `Bus-Batch` is a single event, in the format above.
+pub const BATCH: &str = "Bus-Batch";
+
+/// One event of a record batch: its header block and its payload, not yet decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    headers: Bytes,
+    payload: Bytes,
+}
+
+impl Record {
+    /// The record's headers, in the order they were written.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
+        // Checked to be UTF-8 made of `name: value` lines when the batch was decoded.
+        let text = std::str::from_utf8(&self.headers).unwrap_or("");
+        text.split("\r\n").filter(|l| !l.is_empty()).map(|line| {
+            let (name, value) = line.split_once(':').unwrap_or((line, ""));
+            (name, value.trim_start_matches(' '))
+        })
+    }
+
+    /// The header block as it travelled.
+    pub fn header_block(&self) -> &Bytes {
+        &self.headers
+    }
+
+    /// The payload, sharing the batch's memory.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The record as an envelope.
+    pub fn decode(&self) -> Result<Envelope, DecodeError> {
+        decode(self.headers(), self.payload.clone())
+    }
+}
+
+fn malformed(why: impl Into<String>) -> DecodeError {
+    DecodeError::MalformedBatch(why.into())
+}
+
+/// The number of events a `Bus-Batch` header value announces: a decimal integer of at least 2.
+pub fn batch_count(value: &str) -> Result<usize, DecodeError> {
+    match parse_decimal(value) {
+        Some(n) if n >= 2 && n <= u32::MAX as u64 => Ok(n as usize),
+        _ => Err(DecodeError::InvalidHeader {
+            name: BATCH,
+            value: value.to_owned(),
+            reason: "the number of events must be a decimal integer of at least 2".to_owned(),
+        }),
+    }
+}
+
+/// The bytes one envelope takes as a record in a batch body.
+pub fn record_len(envelope: &Envelope) -> usize {
+    let mut headers = 0;
+    encode_headers(envelope, |name, value| {
+        headers += name.len() + value.len() + 4;
+    });
+    8 + headers + envelope.payload.len()
+}
+
+/// Appends `envelope` to a batch body as one record.
+pub fn encode_record(envelope: &Envelope, body: &mut Vec<u8>) {
+    let at = body.len();
+    body.extend_from_slice(&[0; 4]);
+    encode_headers(envelope, |name, value| {
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(b": ");
+        body.extend_from_slice(value.as_bytes());
+        body.extend_from_slice(b"\r\n");
+    });
+    let headers = (body.len() - at - 4) as u32;
+    body[at..at + 4].copy_from_slice(&headers.to_be_bytes());
+    body.extend_from_slice(&(envelope.payload.len() as u32).to_be_bytes());
+    body.extend_from_slice(&envelope.payload);
+}
+
+/// The records of a batch whose `Bus-Batch` header is `count`. The body must hold exactly that
+/// many well-formed records and nothing after them; each record's header block must be UTF-8
+/// `Name: value` lines, each ended by `\r\n`. Whether a record is a valid envelope is
+/// [`Record::decode`]'s business: one bad record does not make the others unreadable.
+pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeError> {
+    let count = batch_count(count)?;
+    // Every record takes at least 8 bytes: a count the body cannot hold allocates nothing.
+    if count > body.len() / 8 {
+        return Err(malformed(format!(
+            "{count} records announced, but the body has only {} bytes",
+            body.len()
+        )));
+    }
+    let mut records = Vec::with_capacity(count);
+    let mut at = 0usize;
+    let mut take = |what: &str, i: usize| -> Result<Bytes, DecodeError> {
+        let rest = body.len() - at;
+        if rest < 4 {
+            return Err(malformed(format!(
+                "record {i}: the body ends before the length of its {what}"
+            )));
+        }
+        let len = u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes")) as usize;
+        if rest - 4 < len {
+            return Err(malformed(format!(
+                "record {i}: its {what} is {len} bytes, but only {} remain",
+                rest - 4
+            )));
+        }
+        let part = body.slice(at + 4..at + 4 + len);
+        at += 4 + len;
+        Ok(part)
+    };
+    for i in 0..count {
+        let headers = take("header block", i)?;
+        let text = std::str::from_utf8(&headers)
+            .map_err(|e| malformed(format!("record {i}: its header block is not UTF-8 ({e})")))?;
+        if !text.is_empty() && !text.ends_with("\r\n") {
+            return Err(malformed(format!(
+                "record {i}: its header block does not end with CR LF"
+            )));
+        }
+        if let Some(line) = text
+            .split("\r\n")
+            .filter(|l| !l.is_empty())
+            .find(|l| l.contains('\n') || l.contains('\r') || !l.contains(':'))
+        {
+            return Err(malformed(format!(
+                "record {i}: header line `{}` is not `Name: value`",
+                line.escape_debug()
+            )));
+        }
+        let payload = take("payload", i)?;
+        records.push(Record { headers, payload });
+    }
+    if at != body.len() {
+        return Err(malformed(format!(
+            "{} bytes follow the last of its {count} records",
+            body.len() - at
+        )));
+    }
+    Ok(records)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,7 +595,140 @@ mod tests {
         assert!(back.headers().is_empty());
     }
 
+    fn batch_of(envelopes: &[Envelope]) -> Bytes {
+        let mut body = Vec::new();
+        for e in envelopes {
+            let before = body.len();
+            encode_record(e, &mut body);
+            assert_eq!(body.len() - before, record_len(e));
+        }
+        Bytes::from(body)
+    }
+
+    #[test]
+    fn a_batch_is_its_records_in_order() {
+        let envelopes: Vec<Envelope> = (1..=3)
+            .map(|v| {
+                Envelope::builder("account-42", "Deposited", v)
+                    .timestamp(UNIX_EPOCH + Duration::from_micros(1_763_942_400_000_000))
+                    .event_id(format!("e{v}"))
+                    .trace_id("t-1")
+                    .payload(vec![v as u8; v as usize])
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let body = batch_of(&envelopes);
+        let records = decode_batch("3", &body).unwrap();
+        let back: Vec<Envelope> = records.iter().map(|r| r.decode().unwrap()).collect();
+        assert_eq!(back, envelopes);
+        // The documented example: the first record's bytes.
+        let first = &body[..4 + 74 + 4 + 1];
+        assert_eq!(&first[..4], &74u32.to_be_bytes());
+        assert_eq!(
+            std::str::from_utf8(&first[4..78]).unwrap(),
+            "Bus-Event: account-42 1 Deposited 1763942400000000 e1\r\nBus-Trace-Id: t-1\r\n"
+        );
+        assert_eq!(&first[78..82], &1u32.to_be_bytes());
+        assert_eq!(first[82], 1);
+        // Record payloads share the body's memory.
+        assert_eq!(
+            records[2].payload().as_ptr(),
+            body[body.len() - 3..].as_ptr()
+        );
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_saying_why() {
+        let e = Envelope::builder("a", "T", 1).build().unwrap();
+        let two = batch_of(&[e.clone(), e.clone()]);
+        for (count, body, expected) in [
+            ("1", two.clone(), "at least 2"),
+            ("02", two.clone(), "at least 2"),
+            ("x", two.clone(), "at least 2"),
+            ("3", two.clone(), "ends before"),
+            (
+                "2",
+                two.slice(..two.len() - 1),
+                "ends before the length of its payload",
+            ),
+            ("2", two.slice(..two.len() - 6), "only"),
+            (
+                "2",
+                Bytes::from([&two[..], b"!"].concat()),
+                "follow the last",
+            ),
+            ("1000000", two.clone(), "announced"),
+        ] {
+            let err = decode_batch(count, &body).unwrap_err().to_string();
+            assert!(
+                err.contains(expected),
+                "{count}: `{err}` should say `{expected}`"
+            );
+        }
+        // A header block that is not `Name: value` lines.
+        let mut bad = Vec::new();
+        for block in [
+            &b"Bus-Event a 1 T 1 x\r\n"[..],
+            &b"\xff\xfe: x\r\n"[..],
+            &b"A: b"[..],
+        ] {
+            bad.clear();
+            for _ in 0..2 {
+                bad.extend_from_slice(&(block.len() as u32).to_be_bytes());
+                bad.extend_from_slice(block);
+                bad.extend_from_slice(&0u32.to_be_bytes());
+            }
+            let err = decode_batch("2", &Bytes::from(bad.clone())).unwrap_err();
+            assert!(matches!(err, DecodeError::MalformedBatch(_)), "{err}");
+        }
+        // A well-formed batch whose record is not an envelope: the batch reads, the record
+        // does not decode.
+        let mut body = Vec::new();
+        encode_record(&e, &mut body);
+        let block = b"X-Other: 1\r\n";
+        body.extend_from_slice(&(block.len() as u32).to_be_bytes());
+        body.extend_from_slice(block);
+        body.extend_from_slice(&0u32.to_be_bytes());
+        let records = decode_batch("2", &Bytes::from(body)).unwrap();
+        assert!(records[0].decode().is_ok());
+        assert_eq!(
+            records[1].decode().unwrap_err(),
+            DecodeError::MissingHeader(EVENT)
+        );
+    }
+
     proptest! {
+
+        /// Any list of envelopes the builder accepts comes back from a batch equal and in order.
+        #[test]
+        fn batches_round_trip(
+            events in proptest::collection::vec(("[A-Za-z0-9:_-]{1,12}", 1u64..1000, proptest::option::of("[a-z]{1,8}"), proptest::collection::vec(any::<u8>(), 0..64)), 2..20),
+        ) {
+            let envelopes: Vec<Envelope> = events.iter().map(|(a, v, t, p)| {
+                let mut b = Envelope::builder(a, "T", *v).payload(p.clone());
+                if let Some(t) = t { b = b.header("X-T", t.clone()); }
+                b.build().unwrap()
+            }).collect();
+            let body = batch_of(&envelopes);
+            let records = decode_batch(&envelopes.len().to_string(), &body).unwrap();
+            let back: Vec<Envelope> = records.iter().map(|r| r.decode().unwrap()).collect();
+            prop_assert_eq!(back, envelopes);
+        }
+
+        /// Arbitrary bodies and counts never panic the batch decoder.
+        #[test]
+        fn decode_batch_never_panics(
+            count in "[0-9]{1,4}|.{0,4}",
+            body in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            if let Ok(records) = decode_batch(&count, &Bytes::from(body)) {
+                for r in records {
+                    let _ = r.headers().count();
+                    let _ = r.decode();
+                }
+            }
+        }
         /// Every envelope the builder accepts, whatever its text fields hold, comes back equal
         /// after the trip through a NATS header block (where values are trimmed); what cannot
         /// make that trip is refused at build time.

@@ -19,6 +19,17 @@ use crate::PublishFailure;
 /// (about 0.1 s of traffic at 100k msg/s) while bounding memory to 10 000 messages.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 
+/// Default most events in one record batch ([`BatchConfig::max_events`]).
+pub const DEFAULT_BATCH_MAX_EVENTS: usize = 128;
+
+/// Default most bytes of one record batch's body ([`BatchConfig::max_bytes`]): 64 KiB keeps a
+/// pull of many batches small in memory, and is far below the server's `max_payload` (1 MiB).
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 64 << 10;
+
+/// Default batches of one topic (or partition) awaiting their ack at once
+/// ([`BatchConfig::max_in_flight`]).
+pub const DEFAULT_BATCH_MAX_IN_FLIGHT: usize = 4;
+
 /// Default messages asked for in one pull request (optimisation 2: 10 → 500).
 ///
 /// Bounded above by the note's rule `batch ≤ AckWait / per-message time` (30 s / 10 ms = 3 000);
@@ -557,6 +568,65 @@ pub enum PublishOrdering {
     Pipelined,
 }
 
+/// How a publisher packs the envelopes waiting for one topic into record batches: one message
+/// carrying several events (`docs/wire-format.md`). The broker's work is per message (a stored
+/// message, an ack, a de-duplication entry), so a batch of k events costs it about what one event
+/// did.
+///
+/// Batches form naturally: while `max_in_flight` batches of a topic (or of one partition) await
+/// their ack, what is published meanwhile waits, and goes as the next batch when an ack comes
+/// back. A lone event goes at once, as a single-event message in the unbatched format. An
+/// aggregate's events in a batch are in publish order, and its next batch is sent only once the
+/// previous one is stored. A batch that fails for a transient reason is sent again, the same
+/// bytes with the same `Nats-Msg-Id`; every event's receipt settles with its batch. In
+/// configuration files: `[batching]` with `max_events`, `max_bytes`, `linger`, `max_in_flight`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most events in one batch (default [`DEFAULT_BATCH_MAX_EVENTS`]). 1 turns batching off:
+    /// every event is its own message and different aggregates are pipelined up to
+    /// `max_in_flight` of the bus.
+    pub max_events: usize,
+    /// Most bytes of a batch's records (default [`DEFAULT_BATCH_MAX_BYTES`]); at most the
+    /// server's `max_payload` less 1 KiB for the batch's headers. An event larger than this is
+    /// sent alone.
+    pub max_bytes: usize,
+    /// How long a partial batch may wait for more events when it could be sent (default 0:
+    /// never; batches form only from what is published while earlier ones are in flight). A
+    /// linger trades latency at low load for fewer, fuller batches.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Batches of one topic (one partition, for a partitioned topic) awaiting their ack at
+    /// once (default [`DEFAULT_BATCH_MAX_IN_FLIGHT`]).
+    pub max_in_flight: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_events: DEFAULT_BATCH_MAX_EVENTS,
+            max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            linger: Duration::ZERO,
+            max_in_flight: DEFAULT_BATCH_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+impl BatchConfig {
+    /// No batching: every event is its own message.
+    pub fn off() -> Self {
+        Self {
+            max_events: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Whether events are packed into batches at all.
+    pub fn enabled(&self) -> bool {
+        self.max_events > 1
+    }
+}
+
 /// A callback told of every failed publish, with the envelope that failed.
 pub type PublishFailureCallback = Arc<dyn Fn(&PublishFailure) + Send + Sync>;
 
@@ -585,6 +655,8 @@ pub struct NatsConfig {
     /// [`PublishOrdering::PerAggregate`] (default [`DEFAULT_PUBLISH_RETRY_FOR`]).
     #[serde(with = "humantime_serde")]
     pub publish_retry_for: Duration,
+    /// How envelopes are packed into record batches (on by default; see [`BatchConfig`]).
+    pub batching: BatchConfig,
     /// How long a publish waits for the broker's ack before it counts as a transient failure
     /// (default [`DEFAULT_PUBLISH_ACK_TIMEOUT`]).
     #[serde(with = "humantime_serde")]
@@ -630,6 +702,7 @@ impl Default for NatsConfig {
             publish_ordering: PublishOrdering::default(),
             publish_retry_for: DEFAULT_PUBLISH_RETRY_FOR,
             publish_ack_timeout: DEFAULT_PUBLISH_ACK_TIMEOUT,
+            batching: BatchConfig::default(),
             pool: PoolConfig::default(),
             retry: RetryPolicy::default(),
             on_failure: FailurePolicy::default(),
@@ -653,6 +726,7 @@ impl fmt::Debug for NatsConfig {
             .field("publish_ordering", &self.publish_ordering)
             .field("publish_retry_for", &self.publish_retry_for)
             .field("publish_ack_timeout", &self.publish_ack_timeout)
+            .field("batching", &self.batching)
             .field("pool", &self.pool)
             .field("retry", &self.retry)
             .field("on_failure", &self.on_failure)
@@ -845,6 +919,8 @@ impl NatsConfig {
             ("consumer.max_waiting", self.consumer.max_waiting),
             ("fetch.batch", self.fetch.batch as i64),
             ("max_in_flight", self.max_in_flight as i64),
+            ("batching.max_events", self.batching.max_events as i64),
+            ("batching.max_in_flight", self.batching.max_in_flight as i64),
             ("pool.workers", self.pool.workers as i64),
             ("pool.queue_capacity", self.pool.queue_capacity as i64),
         ] {
@@ -884,6 +960,23 @@ impl NatsConfig {
                 format!(
                     "must be at most half of consumer.takeover_after ({:?}), or a live owner could lose its topic between two pulls",
                     self.consumer.takeover_after
+                ),
+            ));
+        }
+        if self.batching.enabled() && self.batching.max_bytes < 1024 {
+            return Err(ValidationError::new(
+                "batching.max_bytes",
+                self.batching.max_bytes.to_string(),
+                "must be at least 1024",
+            ));
+        }
+        if self.batching.linger >= self.publish_ack_timeout {
+            return Err(ValidationError::new(
+                "batching.linger",
+                format!("{:?}", self.batching.linger),
+                format!(
+                    "must be shorter than publish_ack_timeout ({:?})",
+                    self.publish_ack_timeout
                 ),
             ));
         }

@@ -25,7 +25,7 @@ use futures::stream::{FuturesUnordered, SelectAll, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::telemetry::PublishMetrics;
-use crate::{PublishOrdering, Shared, TopicConnection};
+use crate::{BatchConfig, PublishOrdering, Shared, TopicConnection};
 
 /// How often the ack task looks for publishes past `NatsConfig::publish_ack_timeout`.
 const TIMEOUT_CHECK: Duration = Duration::from_millis(100);
@@ -60,8 +60,218 @@ struct Message {
     span: tracing::Span,
     /// Times sent.
     sends: u32,
+    /// The bytes it takes as a record of a batch (0 when it is never batched).
+    record_len: usize,
     metrics: Arc<PublishMetrics>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// What one NATS message carries while it awaits its ack: a publish sent alone, or a batch.
+enum Flight {
+    One(Message),
+    Batch(Batch),
+}
+
+impl Flight {
+    fn topic(&self) -> &Topic {
+        match self {
+            Flight::One(m) => &m.topic,
+            Flight::Batch(b) => &b.topic,
+        }
+    }
+}
+
+/// Publishes sent as one message: a record batch or, for one event, a single-event message.
+struct Batch {
+    topic: Topic,
+    lane: Arc<Lane>,
+    /// Its number in its lane; the aggregate chains it holds are marked with it.
+    number: u64,
+    messages: Vec<Message>,
+    /// Headers and body, built on the first send and sent again as they are.
+    wire: Option<(HeaderMap, Bytes)>,
+    first_sent: Option<Instant>,
+}
+
+/// Where the batched publishes to one subject (a topic, or one partition of it) wait.
+struct Lane {
+    subject: Subject,
+    /// The batching limits, `max_bytes` cut to what the server's `max_payload` allows.
+    limits: BatchConfig,
+    state: Mutex<LaneState>,
+}
+
+/// The publishes of a lane that wait, and the aggregate chains in it.
+///
+/// Invariant: while a chain's publishes are in a batch in flight, none of its later publishes
+/// is in `pending` (they are in the chain's `waiting`), so two batches in flight never hold
+/// the same aggregate, and a chain's next batch is cut only after its previous one is stored.
+#[derive(Default)]
+struct LaneState {
+    /// Publishes waiting to be packed, in publish order.
+    pending: VecDeque<Message>,
+    /// Their record bytes.
+    pending_bytes: usize,
+    /// Aggregate chains with a publish pending or in flight.
+    chains: HashMap<u64, Chain, ahash::RandomState>,
+    /// Batches awaiting their ack (or to be sent again).
+    in_flight: usize,
+    next_number: u64,
+    /// A linger timer runs for this lane.
+    lingering: bool,
+}
+
+/// One aggregate chain of a lane.
+#[derive(Default)]
+struct Chain {
+    /// Its publishes in `pending`.
+    pending: usize,
+    /// The batch holding its earlier publishes, while that awaits its ack.
+    batch: Option<u64>,
+    /// Its publishes that wait for that batch to be stored, in order.
+    waiting: VecDeque<Message>,
+}
+
+impl LaneState {
+    /// Adds a publish behind its chain's earlier ones.
+    fn push(&mut self, message: Message) {
+        if let Some(key) = message.chain {
+            let chain = self.chains.entry(key).or_default();
+            if chain.batch.is_some() {
+                chain.waiting.push_back(message);
+                return;
+            }
+            chain.pending += 1;
+        }
+        self.pending_bytes += message.record_len;
+        self.pending.push_back(message);
+    }
+
+    /// Whether a batch should be cut now: there is room in flight, and either nothing lingers
+    /// or the pending publishes fill a batch or have waited long enough.
+    fn ready(&self, limits: &BatchConfig, now: Instant) -> bool {
+        let Some(oldest) = self.pending.front() else {
+            return false;
+        };
+        self.in_flight < limits.max_in_flight
+            && (limits.linger.is_zero()
+                || self.pending.len() >= limits.max_events
+                || self.pending_bytes >= limits.max_bytes
+                || now.duration_since(oldest.created) >= limits.linger)
+    }
+
+    /// Takes the next batch: the first pending publishes, within the limits (at least one).
+    fn cut(&mut self, limits: &BatchConfig) -> Option<(u64, Vec<Message>)> {
+        if self.pending.is_empty() || self.in_flight >= limits.max_in_flight {
+            return None;
+        }
+        let number = self.next_number;
+        self.next_number += 1;
+        let mut taken = Vec::with_capacity(self.pending.len().min(limits.max_events));
+        let mut bytes = 0;
+        let mut left_behind = false;
+        while let Some(next) = self.pending.front() {
+            if !taken.is_empty()
+                && (taken.len() >= limits.max_events || bytes + next.record_len > limits.max_bytes)
+            {
+                break;
+            }
+            let message = self.pending.pop_front().expect("front exists");
+            bytes += message.record_len;
+            if let Some(key) = message.chain {
+                let chain = self
+                    .chains
+                    .get_mut(&key)
+                    .expect("a pending publish's chain is known");
+                chain.pending -= 1;
+                chain.batch = Some(number);
+                left_behind |= chain.pending > 0;
+            }
+            taken.push(message);
+        }
+        self.pending_bytes -= bytes;
+        self.in_flight += 1;
+        if left_behind {
+            // Later publishes of an aggregate in this batch did not fit: they wait for it to
+            // be stored rather than go in a batch that could overtake it.
+            let mut kept = VecDeque::with_capacity(self.pending.len());
+            for message in self.pending.drain(..) {
+                match message.chain.and_then(|k| self.chains.get_mut(&k)) {
+                    Some(chain) if chain.batch == Some(number) => {
+                        chain.pending -= 1;
+                        self.pending_bytes -= message.record_len;
+                        chain.waiting.push_back(message);
+                    }
+                    _ => kept.push_back(message),
+                }
+            }
+            self.pending = kept;
+        }
+        Some((number, taken))
+    }
+
+    /// Batch `number`, holding `chains`, is settled: stored (its chains' waiting publishes
+    /// become pending), or failed for good (they are returned, not to be sent after a gap).
+    fn settled(
+        &mut self,
+        number: u64,
+        chains: impl IntoIterator<Item = u64>,
+        failed: bool,
+    ) -> Vec<Message> {
+        self.in_flight -= 1;
+        let mut aborted = Vec::new();
+        for key in chains {
+            let Some(chain) = self.chains.get_mut(&key) else {
+                continue;
+            };
+            if chain.batch != Some(number) {
+                continue;
+            }
+            chain.batch = None;
+            let waiting = std::mem::take(&mut chain.waiting);
+            if failed {
+                aborted.extend(waiting);
+                if chain.pending == 0 {
+                    self.chains.remove(&key);
+                }
+            } else if waiting.is_empty() {
+                if chain.pending == 0 {
+                    self.chains.remove(&key);
+                }
+            } else {
+                chain.pending += waiting.len();
+                for message in waiting {
+                    self.pending_bytes += message.record_len;
+                    self.pending.push_back(message);
+                }
+            }
+        }
+        aborted
+    }
+}
+
+/// A batch's headers and body: a single-event message for one event, a record batch
+/// (`Bus-Batch: <n>`, records in order) for more. Its `Nats-Msg-Id` is the first event's ID
+/// and the number of events: the same on every send of the batch.
+fn batch_wire(messages: &[Message]) -> (HeaderMap, Bytes) {
+    fn envelope(m: &Message) -> &Envelope {
+        m.envelope.as_ref().expect("only envelopes are batched")
+    }
+    if let [only] = messages {
+        let e = envelope(only);
+        return (envelope_headers(e), e.payload().clone());
+    }
+    let mut body = Vec::with_capacity(messages.iter().map(|m| m.record_len).sum());
+    for m in messages {
+        wire::encode_record(envelope(m), &mut body);
+    }
+    let mut headers = HeaderMap::new();
+    headers.insert(wire::BATCH, messages.len().to_string());
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("{}+{}", envelope(&messages[0]).event_id(), messages.len()),
+    );
+    (headers, Bytes::from(body))
 }
 
 /// Bytes of a header block as it travels: `NATS/1.0\r\n`, each `name: value\r\n`, then
@@ -103,21 +313,30 @@ struct Route {
     /// The connection's permissions violations, to notice a refused publish to the topic.
     violations: Mutex<tokio::sync::watch::Receiver<Option<String>>>,
     metrics: Arc<PublishMetrics>,
+    /// One lane per subject (per partition of a partitioned topic), for batched publishes.
+    lanes: Vec<Arc<Lane>>,
+}
+
+impl Route {
+    fn lane_for(&self, aggregate: &str) -> &Arc<Lane> {
+        let p = wire::partition_of(aggregate, self.lanes.len() as u32);
+        &self.lanes[p as usize]
+    }
 }
 
 /// Sent publishes awaiting their ack, by ID, with when they were sent.
 #[derive(Default)]
 struct Awaiting {
-    by_id: HashMap<u64, (Instant, Message), ahash::RandomState>,
+    by_id: HashMap<u64, (Instant, Flight), ahash::RandomState>,
 }
 
 impl Awaiting {
     /// The publishes to `topic`, taken out.
-    fn of_topic(&mut self, topic: &Topic) -> Vec<Message> {
+    fn of_topic(&mut self, topic: &Topic) -> Vec<Flight> {
         let ids: Vec<u64> = self
             .by_id
             .iter()
-            .filter(|(_, (_, m))| &m.topic == topic)
+            .filter(|(_, (_, f))| f.topic() == topic)
             .map(|(id, _)| *id)
             .collect();
         ids.into_iter()
@@ -126,7 +345,7 @@ impl Awaiting {
     }
 
     /// The publishes sent at least `timeout` ago, taken out.
-    fn expired(&mut self, timeout: Duration) -> Vec<Message> {
+    fn expired(&mut self, timeout: Duration) -> Vec<Flight> {
         let now = Instant::now();
         let ids: Vec<u64> = self
             .by_id
@@ -171,7 +390,9 @@ enum Event {
     /// A topic's ack inbox, subscribed on the first publish to the topic.
     Inbox(async_nats::Subscriber),
     /// A publish that could not be written.
-    Failed(Box<Message>, PublishError),
+    Failed(Box<Flight>, PublishError),
+    /// A lane's pending publishes linger: cut a batch at their deadline.
+    Linger(Topic, Arc<Lane>, Instant),
 }
 
 /// Publishes on NATS JetStream without waiting for each ack, within a bounded window.
@@ -287,7 +508,28 @@ impl NatsPublisher {
         let reconnects_seen = AtomicU64::new(*connection.reconnects.borrow());
         let mut violations = connection.violations.clone();
         violations.mark_unchanged();
+        let mut limits = self.shared.config.batching.clone();
+        // Room for the batch's own headers within the server's limit.
+        limits.max_bytes = limits
+            .max_bytes
+            .min(connection.max_payload.saturating_sub(1024).max(1));
+        let subjects = if connection.partitions.is_empty() {
+            vec![connection.subject.clone()]
+        } else {
+            connection.partitions.clone()
+        };
+        let lanes = subjects
+            .into_iter()
+            .map(|subject| {
+                Arc::new(Lane {
+                    subject,
+                    limits: limits.clone(),
+                    state: Mutex::default(),
+                })
+            })
+            .collect();
         let route = Arc::new(Route {
+            lanes,
             reconnects_seen,
             violations: Mutex::new(violations),
             connection,
@@ -306,8 +548,7 @@ impl NatsPublisher {
         &self,
         topic: &Topic,
         envelope: Option<Envelope>,
-        headers: HeaderMap,
-        payload: Bytes,
+        prepared: Option<(HeaderMap, Bytes)>,
     ) -> Result<Receipt, PublishError> {
         if self.state.closed.load(Ordering::Acquire) {
             return Err(PublishError::new(
@@ -329,7 +570,24 @@ impl NatsPublisher {
             ));
         }
         let max_payload = route.connection.max_payload;
-        let (header_len, payload_len) = (header_len(&headers), payload.len());
+        // Batched envelopes have no headers built yet: their size as a record tells.
+        let record_len = match (&prepared, &envelope) {
+            (None, Some(e)) => wire::record_len(e),
+            _ => 0,
+        };
+        let (header_len, payload_len) = match (&prepared, &envelope) {
+            (Some((headers, payload)), _) => (header_len(headers), payload.len()),
+            (None, Some(e)) => (
+                // A record's header lines, plus the block's first and last lines and the
+                // `Nats-Msg-Id` a single-event message adds.
+                record_len - 8 - e.payload().len()
+                    + b"NATS/1.0\r\n\r\n".len()
+                    + "Nats-Msg-Id: \r\n".len()
+                    + e.event_id().as_str().len(),
+                e.payload().len(),
+            ),
+            (None, None) => unreachable!("raw publishes are prepared"),
+        };
         if payload_len + header_len > max_payload {
             return Err(PublishError::new(
                 PublishErrorKind::PayloadTooLarge,
@@ -388,14 +646,19 @@ impl NatsPublisher {
             envelope,
             receipt: tx,
             first_sent: None,
-            prepared: Some((headers, payload)),
+            prepared,
             created: Instant::now(),
             metrics: route.metrics.clone(),
             span,
             sends: 0,
+            record_len,
             _permit: permit,
         };
         self.state.outstanding.fetch_add(1, Ordering::AcqRel);
+        if message.prepared.is_none() {
+            self.enqueue(topic, &route, message).await?;
+            return Ok(receipt(rx));
+        }
         let send_now = match chain {
             None => Some(message),
             Some(key) => {
@@ -414,29 +677,89 @@ impl NatsPublisher {
             }
         };
         if let Some(message) = send_now {
-            if let Err((message, error)) = transmit(&self.state, &route, message).await {
-                // The ack task settles it, like any other failure.
-                if self
-                    .events
-                    .send(Event::Failed(Box::new(message), error))
-                    .is_err()
-                {
-                    return Err(PublishError::new(
-                        PublishErrorKind::Closed,
-                        "publisher ack task stopped",
-                    ));
-                }
+            self.write(&route, Flight::One(message)).await?;
+        }
+        Ok(receipt(rx))
+    }
+
+    /// Writes a flight now; one that could not be written is settled by the ack task, like
+    /// any other failure.
+    async fn write(&self, route: &Route, flight: Flight) -> Result<(), PublishError> {
+        if let Err((flight, error)) = transmit(&self.state, route, flight).await {
+            if self
+                .events
+                .send(Event::Failed(Box::new(flight), error))
+                .is_err()
+            {
+                return Err(PublishError::new(
+                    PublishErrorKind::Closed,
+                    "publisher ack task stopped",
+                ));
             }
         }
-        Ok(Receipt::new(async move {
-            rx.await.unwrap_or_else(|_| {
-                Err(PublishError::new(
-                    PublishErrorKind::Connection,
-                    "publisher stopped before the ack arrived",
-                ))
-            })
-        }))
+        Ok(())
     }
+
+    /// Puts a batched publish in its lane, and sends a batch if one is due.
+    async fn enqueue(
+        &self,
+        topic: &Topic,
+        route: &Route,
+        message: Message,
+    ) -> Result<(), PublishError> {
+        let aggregate = message
+            .envelope
+            .as_ref()
+            .map(|e| e.aggregate_id().as_str())
+            .unwrap_or_default();
+        let lane = route.lane_for(aggregate).clone();
+        let limits = &lane.limits;
+        let (cut, linger) = {
+            let mut st = lane.state.lock().unwrap();
+            st.push(message);
+            let now = Instant::now();
+            if st.ready(limits, now) {
+                (st.cut(limits), None)
+            } else if !limits.linger.is_zero()
+                && !st.lingering
+                && st.in_flight < limits.max_in_flight
+            {
+                st.lingering = true;
+                let oldest = st.pending.front().map_or(now, |m| m.created);
+                (None, Some(oldest + limits.linger))
+            } else {
+                (None, None)
+            }
+        };
+        if let Some(deadline) = linger {
+            let _ = self
+                .events
+                .send(Event::Linger(topic.clone(), lane.clone(), deadline));
+        }
+        if let Some((number, messages)) = cut {
+            let batch = Batch {
+                topic: topic.clone(),
+                lane,
+                number,
+                messages,
+                wire: None,
+                first_sent: None,
+            };
+            self.write(route, Flight::Batch(batch)).await?;
+        }
+        Ok(())
+    }
+}
+
+fn receipt(rx: oneshot::Receiver<Result<Published, PublishError>>) -> Receipt {
+    Receipt::new(async move {
+        rx.await.unwrap_or_else(|_| {
+            Err(PublishError::new(
+                PublishErrorKind::Connection,
+                "publisher stopped before the ack arrived",
+            ))
+        })
+    })
 }
 
 /// Writes `message` to its topic's connection now (so publishes leave in call order), with a
@@ -445,23 +768,41 @@ impl NatsPublisher {
 async fn transmit(
     state: &State,
     route: &Route,
-    mut message: Message,
-) -> Result<(), (Message, PublishError)> {
+    mut flight: Flight,
+) -> Result<(), (Flight, PublishError)> {
     let now = Instant::now();
-    message.first_sent.get_or_insert(now);
-    message.sends += 1;
-    message.span.record("attempt", message.sends);
-    let (headers, payload) = match (message.prepared.take(), &message.envelope) {
-        (Some(prepared), _) => prepared,
-        (None, Some(e)) => (envelope_headers(e), e.payload().clone()),
-        (None, None) => unreachable!("raw publishes are sent once"),
-    };
-    let subject = match &message.envelope {
-        Some(e) => route
-            .connection
-            .subject_for(e.aggregate_id().as_str())
-            .clone(),
-        None => route.connection.subject.clone(),
+    let (subject, headers, payload) = match &mut flight {
+        Flight::One(message) => {
+            message.first_sent.get_or_insert(now);
+            message.sends += 1;
+            message.span.record("attempt", message.sends);
+            let (headers, payload) = match (message.prepared.take(), &message.envelope) {
+                (Some(prepared), _) => prepared,
+                (None, Some(e)) => (envelope_headers(e), e.payload().clone()),
+                (None, None) => unreachable!("raw publishes are sent once"),
+            };
+            let subject = match &message.envelope {
+                Some(e) => route
+                    .connection
+                    .subject_for(e.aggregate_id().as_str())
+                    .clone(),
+                None => route.connection.subject.clone(),
+            };
+            (subject, headers, payload)
+        }
+        Flight::Batch(batch) => {
+            batch.first_sent.get_or_insert(now);
+            for message in &mut batch.messages {
+                message.first_sent.get_or_insert(now);
+                message.sends += 1;
+                message.span.record("attempt", message.sends);
+            }
+            let (headers, payload) = batch
+                .wire
+                .get_or_insert_with(|| batch_wire(&batch.messages))
+                .clone();
+            (batch.lane.subject.clone(), headers, payload)
+        }
     };
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let reply = Subject::from(format!("{}{id}", route.reply_prefix));
@@ -471,7 +812,7 @@ async fn transmit(
         .lock()
         .unwrap()
         .by_id
-        .insert(id, (now, message));
+        .insert(id, (now, flight));
     let written = route
         .connection
         .client
@@ -480,7 +821,7 @@ async fn transmit(
     match written {
         Ok(()) => Ok(()),
         Err(error) => match state.awaiting.lock().unwrap().by_id.remove(&id) {
-            Some((_, message)) => {
+            Some((_, flight)) => {
                 // Too large is final: sending it again cannot help.
                 let kind = match error.kind() {
                     async_nats::client::PublishErrorKind::MaxPayloadExceeded => {
@@ -490,10 +831,10 @@ async fn transmit(
                 };
                 let error = PublishError::with_source(
                     kind,
-                    format!("publish on topic `{}` could not be written", message.topic),
+                    format!("publish on topic `{}` could not be written", flight.topic()),
                     error,
                 );
-                Err((message, error))
+                Err((flight, error))
             }
             None => Ok(()),
         },
@@ -582,8 +923,15 @@ fn read_ack(topic: &Topic, ack: &async_nats::Message) -> AckResult {
     }
 }
 
-/// A publish waiting to be sent again.
-type Retry = Pin<Box<dyn Future<Output = Message> + Send>>;
+/// What the ack task waits for besides acks.
+enum Timer {
+    /// A flight to send again after a transient failure.
+    Resend(Flight),
+    /// A lane whose pending publishes have lingered long enough.
+    Linger(Topic, Arc<Lane>),
+}
+
+type Timers = FuturesUnordered<Pin<Box<dyn Future<Output = Timer> + Send>>>;
 
 /// The publisher's ack task: reads acks from every topic's inbox, times out the ones that do not
 /// come, retries what failed for a transient reason, sends the next publish of each aggregate
@@ -595,7 +943,7 @@ async fn collect_acks(
     shared: Arc<Shared>,
 ) {
     let mut inboxes = SelectAll::new();
-    let mut retries: FuturesUnordered<Retry> = FuturesUnordered::new();
+    let mut timers: Timers = FuturesUnordered::new();
     let mut tick = tokio::time::interval(TIMEOUT_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut closing = false;
@@ -607,11 +955,15 @@ async fn collect_acks(
         if closing && state.outstanding.load(Ordering::Acquire) == 0 {
             return;
         }
-        let mut settled: Vec<(AckResult, Message)> = Vec::new();
+        let mut settled: Vec<(AckResult, Flight)> = Vec::new();
         tokio::select! {
             event = events.recv(), if !closing => match event {
                 Some(Event::Inbox(subscriber)) => inboxes.push(subscriber),
-                Some(Event::Failed(message, error)) => settled.push((Err(error), *message)),
+                Some(Event::Failed(flight, error)) => settled.push((Err(error), *flight)),
+                Some(Event::Linger(topic, lane, deadline)) => timers.push(Box::pin(async move {
+                    tokio::time::sleep_until(deadline.into()).await;
+                    Timer::Linger(topic, lane)
+                })),
                 None => closing = true,
             },
             Some(ack) = inboxes.next(), if !inboxes.is_empty() => {
@@ -619,13 +971,22 @@ async fn collect_acks(
                 // no longer awaited: the retry's own ack settles it.
                 let found = ack_id(ack.subject.as_str())
                     .and_then(|id| state.awaiting.lock().unwrap().by_id.remove(&id));
-                if let Some((_, message)) = found {
-                    settled.push((read_ack(&message.topic, &ack), message));
+                if let Some((_, flight)) = found {
+                    settled.push((read_ack(flight.topic(), &ack), flight));
                 }
             }
-            Some(message) = retries.next(), if !retries.is_empty() => {
-                if let Err((message, error)) = settler.transmit(message).await {
-                    settled.push((Err(error), message));
+            Some(timer) = timers.next(), if !timers.is_empty() => {
+                let flights = match timer {
+                    Timer::Resend(flight) => vec![flight],
+                    Timer::Linger(topic, lane) => {
+                        lane.state.lock().unwrap().lingering = false;
+                        settler.next_batches(&topic, &lane, &mut timers)
+                    }
+                };
+                for flight in flights {
+                    if let Err((flight, error)) = settler.transmit(flight).await {
+                        settled.push((Err(error), flight));
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -673,13 +1034,13 @@ async fn collect_acks(
                 for message in expired {
                     let error = PublishError::new(
                         PublishErrorKind::TimedOut,
-                        format!("publish on topic `{}`: no ack within {timeout:?}", message.topic),
+                        format!("publish on topic `{}`: no ack within {timeout:?}", message.topic()),
                     );
                     settled.push((Err(error), message));
                 }
             }
         }
-        settler.settle(settled, &mut retries).await;
+        settler.settle(settled, &mut timers).await;
     }
 }
 
@@ -689,50 +1050,166 @@ struct Settler<'a> {
 }
 
 impl Settler<'_> {
-    async fn transmit(&self, message: Message) -> Result<(), (Message, PublishError)> {
+    async fn transmit(&self, flight: Flight) -> Result<(), (Flight, PublishError)> {
         let route = self
             .state
             .routes
             .read()
             .unwrap()
-            .get(&message.topic)
+            .get(flight.topic())
             .cloned();
         match route {
-            Some(route) => transmit(self.state, &route, message).await,
+            Some(route) => transmit(self.state, &route, flight).await,
             None => {
                 let error = PublishError::new(
                     PublishErrorKind::Connection,
-                    format!("no connection for topic `{}`", message.topic),
+                    format!("no connection for topic `{}`", flight.topic()),
                 );
-                Err((message, error))
+                Err((flight, error))
             }
         }
     }
 
-    /// Settles acks and failures; what they start (the next publish of a chain) may fail at
-    /// once, and is settled in turn.
-    async fn settle(
-        &self,
-        mut work: Vec<(AckResult, Message)>,
-        retries: &mut FuturesUnordered<Retry>,
-    ) {
-        while let Some((result, message)) = work.pop() {
-            match self.decide(result, message) {
-                Next::Nothing => {}
-                Next::Send(message) => {
-                    if let Err((message, error)) = self.transmit(message).await {
-                        work.push((Err(error), message));
-                    }
+    /// Settles acks and failures; what they start (the next publish of a chain, the next
+    /// batches of a lane) may fail at once, and is settled in turn.
+    async fn settle(&self, mut work: Vec<(AckResult, Flight)>, timers: &mut Timers) {
+        while let Some((result, flight)) = work.pop() {
+            for next in self.decide(result, flight, timers) {
+                if let Err((flight, error)) = self.transmit(next).await {
+                    work.push((Err(error), flight));
                 }
-                Next::Retry(message, delay) => retries.push(Box::pin(async move {
-                    tokio::time::sleep(delay).await;
-                    message
-                })),
             }
         }
     }
 
-    fn decide(&self, result: AckResult, message: Message) -> Next {
+    /// What to send now that `flight` is settled; resends and lingers go to `timers`.
+    fn decide(&self, result: AckResult, flight: Flight, timers: &mut Timers) -> Vec<Flight> {
+        match flight {
+            Flight::One(message) => match self.decide_one(result, message) {
+                Next::Nothing => Vec::new(),
+                Next::Send(message) => vec![Flight::One(message)],
+                Next::Retry(message, delay) => {
+                    timers.push(Box::pin(async move {
+                        tokio::time::sleep(delay).await;
+                        Timer::Resend(Flight::One(message))
+                    }));
+                    Vec::new()
+                }
+            },
+            Flight::Batch(batch) => self.decide_batch(result, batch, timers),
+        }
+    }
+
+    fn decide_batch(&self, result: AckResult, batch: Batch, timers: &mut Timers) -> Vec<Flight> {
+        let (state, shared) = (self.state, self.shared);
+        let topic = batch.topic.clone();
+        let chains: Vec<u64> = batch.messages.iter().filter_map(|m| m.chain).collect();
+        match result {
+            Ok((sequence, duplicate)) => {
+                let Batch {
+                    lane,
+                    number,
+                    messages,
+                    ..
+                } = batch;
+                lane.state.lock().unwrap().settled(number, chains, false);
+                for message in messages {
+                    let published = Published {
+                        topic: topic.clone(),
+                        sequence: Some(sequence),
+                        duplicate,
+                    };
+                    finish(message, Ok(published), state, shared);
+                }
+                self.next_batches(&topic, &lane, timers)
+            }
+            Err(error) => {
+                let elapsed = batch.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
+                if !chains.is_empty()
+                    && is_transient(&error)
+                    && elapsed < shared.config.publish_retry_for
+                {
+                    // The same bytes again, with the same Nats-Msg-Id, before any later event
+                    // of its aggregates: a batch that was in fact stored is a duplicate.
+                    let delay = retry_delay(elapsed);
+                    let events = batch.messages.len() as u64;
+                    tracing::debug!(%topic, %error, ?delay, events, "batch publish failed; retrying before the aggregates' later events");
+                    state.retries.fetch_add(events, Ordering::Relaxed);
+                    if let Some(first) = batch.messages.first() {
+                        first.metrics.retries.increment(events);
+                    }
+                    timers.push(Box::pin(async move {
+                        tokio::time::sleep(delay).await;
+                        Timer::Resend(Flight::Batch(batch))
+                    }));
+                    return Vec::new();
+                }
+                tracing::warn!(%topic, %error, events = batch.messages.len(), "batch publish failed");
+                let Batch {
+                    lane,
+                    number,
+                    messages,
+                    ..
+                } = batch;
+                let aborted = lane.state.lock().unwrap().settled(number, chains, true);
+                let reason = error.to_string();
+                for message in messages {
+                    finish(
+                        message,
+                        Err(PublishError::new(error.kind(), reason.clone())),
+                        state,
+                        shared,
+                    );
+                }
+                // The aggregates' later events must not be stored after a gap: fail them too.
+                for later in aborted {
+                    let error = PublishError::new(
+                        PublishErrorKind::Aborted,
+                        format!("not sent: an earlier event of its aggregate on topic `{topic}` failed ({reason})"),
+                    );
+                    finish(later, Err(error), state, shared);
+                }
+                self.next_batches(&topic, &lane, timers)
+            }
+        }
+    }
+
+    /// The batches a lane can send now; if what is pending lingers, a timer for it.
+    fn next_batches(&self, topic: &Topic, lane: &Arc<Lane>, timers: &mut Timers) -> Vec<Flight> {
+        let limits = &lane.limits;
+        let mut flights = Vec::new();
+        let mut st = lane.state.lock().unwrap();
+        let now = Instant::now();
+        while st.ready(limits, now) {
+            let Some((number, messages)) = st.cut(limits) else {
+                break;
+            };
+            flights.push(Flight::Batch(Batch {
+                topic: topic.clone(),
+                lane: lane.clone(),
+                number,
+                messages,
+                wire: None,
+                first_sent: None,
+            }));
+        }
+        if !limits.linger.is_zero()
+            && !st.lingering
+            && st.in_flight < limits.max_in_flight
+            && !st.pending.is_empty()
+        {
+            st.lingering = true;
+            let deadline = st.pending.front().map_or(now, |m| m.created) + limits.linger;
+            let (topic, lane) = (topic.clone(), lane.clone());
+            timers.push(Box::pin(async move {
+                tokio::time::sleep_until(deadline.into()).await;
+                Timer::Linger(topic, lane)
+            }));
+        }
+        flights
+    }
+
+    fn decide_one(&self, result: AckResult, message: Message) -> Next {
         let state = self.state;
         let shared = self.shared;
         let topic = message.topic.clone();
@@ -769,9 +1246,7 @@ impl Settler<'_> {
                 {
                     // Retried before any later event of the aggregate is sent; the same
                     // Nats-Msg-Id makes a retry of a publish that was in fact stored a duplicate.
-                    let delay = (RETRY_FIRST_DELAY
-                        * 2u32.pow((elapsed.as_millis() / 500).min(5) as u32))
-                    .min(RETRY_MAX_DELAY);
+                    let delay = retry_delay(elapsed);
                     tracing::debug!(%topic, %error, ?delay, "publish failed; retrying before the aggregate's later events");
                     state.retries.fetch_add(1, Ordering::Relaxed);
                     message.metrics.retries.increment(1);
@@ -801,6 +1276,12 @@ impl Settler<'_> {
             }
         }
     }
+}
+
+/// Backoff before sending a transiently failed publish again, growing with how long it has
+/// been failing.
+fn retry_delay(elapsed: Duration) -> Duration {
+    (RETRY_FIRST_DELAY * 2u32.pow((elapsed.as_millis() / 500).min(5) as u32)).min(RETRY_MAX_DELAY)
 }
 
 /// What settling one publish starts.
@@ -904,9 +1385,14 @@ impl Publisher for NatsPublisher {
         #[cfg(feature = "opentelemetry")]
         crate::otel::inject(&mut envelope);
         bus_core::continue_trace(&mut envelope, bus_core::new_parent_id);
+        if self.shared.config.batching.enabled() {
+            // Headers are built when it is sent: as a record of a batch, or alone.
+            return self.send(topic, Some(envelope), None).await;
+        }
         let headers = envelope_headers(&envelope);
         let payload = envelope.payload().clone();
-        self.send(topic, Some(envelope), headers, payload).await
+        self.send(topic, Some(envelope), Some((headers, payload)))
+            .await
     }
 
     async fn publish_raw(
@@ -919,7 +1405,7 @@ impl Publisher for NatsPublisher {
         for (name, value) in &headers {
             map.append(name.as_str(), value.as_str());
         }
-        self.send(topic, None, map, payload).await
+        self.send(topic, None, Some((map, payload))).await
     }
 
     async fn flush(&self) -> Result<(), PublishError> {
@@ -975,7 +1461,176 @@ mod tests {
             metrics: Arc::new(PublishMetrics::new(&topic())),
             span: tracing::Span::none(),
             sends: 0,
+            record_len: 0,
             _permit: permit,
+        }
+    }
+
+    /// Event `version` of aggregate `chain`, `len` bytes as a record.
+    fn event(chain: u64, version: u64, len: usize) -> Message {
+        let mut m = message();
+        m.chain = Some(chain);
+        m.record_len = len;
+        m.envelope = Some(
+            Envelope::builder(format!("a{chain}"), "T", version)
+                .build()
+                .unwrap(),
+        );
+        m
+    }
+
+    fn version(m: &Message) -> (u64, u64) {
+        (
+            m.chain.unwrap(),
+            m.envelope.as_ref().unwrap().event_version(),
+        )
+    }
+
+    fn limits(max_events: usize, max_bytes: usize, max_in_flight: usize) -> BatchConfig {
+        BatchConfig {
+            max_events,
+            max_bytes,
+            linger: Duration::ZERO,
+            max_in_flight,
+        }
+    }
+
+    #[test]
+    fn a_cut_keeps_an_aggregate_out_of_a_second_batch_in_flight() {
+        let limits = limits(2, 1 << 20, 4);
+        let mut lane = LaneState::default();
+        for (chain, v) in [(1, 1), (1, 2), (1, 3), (2, 1)] {
+            lane.push(event(chain, v, 10));
+        }
+        let (first, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(
+            batch.iter().map(version).collect::<Vec<_>>(),
+            [(1, 1), (1, 2)]
+        );
+        // 1/3 did not fit; it waits for the first batch, and 2/1 goes on.
+        let (_, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(batch.iter().map(version).collect::<Vec<_>>(), [(2, 1)]);
+        assert!(lane.cut(&limits).is_none());
+        lane.push(event(1, 4, 10));
+        assert!(lane.cut(&limits).is_none(), "1/4 waits behind 1/3");
+        assert!(lane.settled(first, [1, 1], false).is_empty());
+        let (_, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(
+            batch.iter().map(version).collect::<Vec<_>>(),
+            [(1, 3), (1, 4)]
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_returns_its_aggregates_later_events() {
+        let limits = limits(8, 25, 4);
+        let mut lane = LaneState::default();
+        for (chain, v) in [(1, 1), (2, 1), (1, 2), (3, 1)] {
+            lane.push(event(chain, v, 10));
+        }
+        // 25 bytes: two records of 10.
+        let (first, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(
+            batch.iter().map(version).collect::<Vec<_>>(),
+            [(1, 1), (2, 1)]
+        );
+        lane.push(event(2, 2, 10));
+        let aborted = lane.settled(first, [1, 2], true);
+        assert_eq!(
+            aborted.iter().map(version).collect::<Vec<_>>(),
+            [(1, 2), (2, 2)]
+        );
+        let (_, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(batch.iter().map(version).collect::<Vec<_>>(), [(3, 1)]);
+        assert!(
+            lane.chains.keys().all(|k| *k == 3),
+            "failed chains are forgotten"
+        );
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the publishes, limits, acks and failures: two batches in flight never hold
+        /// the same aggregate, an aggregate's events go out in publish order, and every event
+        /// is sent or returned exactly once.
+        #[test]
+        fn lanes_keep_each_aggregate_in_order(
+            ops in proptest::collection::vec((0u8..4, 0u64..5, 1usize..40), 1..200),
+            max_events in 1usize..6,
+            max_in_flight in 1usize..4,
+        ) {
+            let limits = limits(max_events, 64, max_in_flight);
+            let mut lane = LaneState::default();
+            let mut next_version = [0u64; 5];
+            let mut in_flight: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
+            let mut sent_last = [0u64; 5];
+            let mut accounted = 0usize;
+            let mut published = 0usize;
+            let check = |in_flight: &Vec<(u64, Vec<(u64, u64)>)>| {
+                let mut seen = std::collections::HashSet::new();
+                for (_, events) in in_flight {
+                    let chains: std::collections::HashSet<u64> = events.iter().map(|e| e.0).collect();
+                    for c in chains {
+                        assert!(seen.insert(c), "aggregate {c} in two batches in flight");
+                    }
+                }
+            };
+            for (op, chain, len) in ops {
+                match op {
+                    0 | 1 => {
+                        next_version[chain as usize] += 1;
+                        lane.push(event(chain, next_version[chain as usize], len));
+                        published += 1;
+                    }
+                    2 if !in_flight.is_empty() => {
+                        let (number, events) = in_flight.remove(0);
+                        let chains: Vec<u64> = events.iter().map(|e| e.0).collect();
+                        prop_assert!(lane.settled(number, chains, false).is_empty());
+                    }
+                    3 if !in_flight.is_empty() => {
+                        let i = chain as usize % in_flight.len();
+                        let (number, events) = in_flight.remove(i);
+                        let chains: Vec<u64> = events.iter().map(|e| e.0).collect();
+                        for m in lane.settled(number, chains, true) {
+                            let (c, v) = version(&m);
+                            prop_assert!(v > sent_last[c as usize]);
+                            sent_last[c as usize] = v;
+                            accounted += 1;
+                        }
+                    }
+                    _ => {}
+                }
+                while let Some((number, batch)) = lane.cut(&limits) {
+                    prop_assert!(!batch.is_empty() && batch.len() <= max_events);
+                    prop_assert!(batch.len() == 1 || batch.iter().map(|m| m.record_len).sum::<usize>() <= 64);
+                    let events: Vec<(u64, u64)> = batch.iter().map(version).collect();
+                    for (c, v) in &events {
+                        prop_assert_eq!(*v, sent_last[*c as usize] + 1, "aggregate {} out of order", c);
+                        sent_last[*c as usize] = *v;
+                    }
+                    accounted += events.len();
+                    in_flight.push((number, events));
+                    check(&in_flight);
+                }
+                prop_assert!(lane.in_flight == in_flight.len());
+            }
+            // Drain: ack everything.
+            while !in_flight.is_empty() {
+                let (number, events) = in_flight.remove(0);
+                lane.settled(number, events.iter().map(|e| e.0).collect::<Vec<_>>(), false);
+                while let Some((number, batch)) = lane.cut(&limits) {
+                    let events: Vec<(u64, u64)> = batch.iter().map(version).collect();
+                    for (c, v) in &events {
+                        prop_assert_eq!(*v, sent_last[*c as usize] + 1);
+                        sent_last[*c as usize] = *v;
+                    }
+                    accounted += events.len();
+                    in_flight.push((number, events));
+                }
+            }
+            prop_assert_eq!(accounted, published);
+            prop_assert!(lane.pending.is_empty() && lane.chains.is_empty() && lane.pending_bytes == 0);
         }
     }
 
@@ -1035,8 +1690,8 @@ mod tests {
         let now = Instant::now();
         awaiting
             .by_id
-            .insert(1, (now - Duration::from_secs(6), message()));
-        awaiting.by_id.insert(2, (now, message()));
+            .insert(1, (now - Duration::from_secs(6), Flight::One(message())));
+        awaiting.by_id.insert(2, (now, Flight::One(message())));
         let expired = awaiting.expired(Duration::from_secs(5));
         assert_eq!(expired.len(), 1);
         assert_eq!(awaiting.by_id.keys().copied().collect::<Vec<_>>(), [2]);

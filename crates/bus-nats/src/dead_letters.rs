@@ -38,6 +38,9 @@ pub struct DeadLetter {
     /// Where in the dead-letter stream the body was stored apart, when the letter would not
     /// fit `max_payload` with it (`payload` holds the body either way).
     pub body_sequence: Option<u64>,
+    /// For an event of a record batch, its index in the batch (`stream_sequence` is the
+    /// batch's position); the letter holds that one event as a single-event message.
+    pub batch_index: Option<u32>,
 }
 
 impl DeadLetter {
@@ -64,6 +67,7 @@ impl DeadLetter {
             payload: message.payload.clone(),
             raw_headers: None,
             body_sequence: None,
+            batch_index: None,
         };
         for (name, values) in message.headers.iter().flat_map(|h| h.iter()) {
             let name: &str = name.as_ref();
@@ -82,6 +86,7 @@ impl DeadLetter {
                     Some(5) => letter.delivered = value.parse().ok(),
                     Some(6) => letter.raw_headers = Some(value.to_owned()),
                     Some(7) => letter.body_sequence = value.parse().ok(),
+                    Some(8) => letter.batch_index = value.parse().ok(),
                     _ if name.len() >= 5 && name[..5].eq_ignore_ascii_case("Nats-") => {
                         // The broker's: the dead letter's own de-duplication key (the
                         // original's is its event ID, which the envelope carries), or headers

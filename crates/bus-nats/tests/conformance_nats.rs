@@ -16,3 +16,9 @@ mod acknowledged {
     use super::*;
     bus_testkit::conformance_tests!(NatsHarness::with_retention(Retention::Acknowledged).await);
 }
+
+/// Record batches: several events in one message, acknowledged once all are settled.
+mod batched {
+    use super::*;
+    bus_testkit::conformance_tests!(NatsHarness::batched(Retention::WorkQueue).await);
+}

@@ -31,6 +31,10 @@ pub(crate) struct Copies {
     /// The ack subjects of the most recently finished messages, so that acknowledgements the
     /// broker lost (a consumer-leader election) can be sent again before close reports them.
     recent_acks: VecDeque<Subject>,
+    /// Record batches left unacknowledged with some of their events handled (or
+    /// dead-lettered): which ones, so that a redelivery hands the handler only the others.
+    partial: HashMap<u64, Vec<bool>, ahash::RandomState>,
+    partial_order: VecDeque<u64>,
 }
 
 impl Copies {
@@ -42,7 +46,28 @@ impl Copies {
             capacity,
             drained: Default::default(),
             recent_acks: VecDeque::new(),
+            partial: HashMap::default(),
+            partial_order: VecDeque::new(),
         }
+    }
+
+    /// Remembers which events of the batch at `sequence` were settled, as it is released.
+    pub(crate) fn remember_partial(&mut self, sequence: u64, done: Vec<bool>) {
+        if self.partial.insert(sequence, done).is_none() {
+            self.partial_order.push_back(sequence);
+            if self.partial_order.len() > self.capacity {
+                if let Some(old) = self.partial_order.pop_front() {
+                    self.partial.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Which events of the batch at `sequence` were settled before it was released, if any.
+    pub(crate) fn take_partial(&mut self, sequence: u64) -> Option<Vec<bool>> {
+        let done = self.partial.remove(&sequence)?;
+        self.partial_order.retain(|s| *s != sequence);
+        Some(done)
     }
 
     pub(crate) fn admit(&mut self, sequence: u64, reply: Option<Subject>) -> Seen {

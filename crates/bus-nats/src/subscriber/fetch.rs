@@ -10,12 +10,12 @@
 //! Messages already dispatched keep running: a redelivered copy of one of them is recognised
 //! ([`super::copies`]), and every message after the break comes again, in order, behind them.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::Subject;
-use bus_core::Topic;
+use bus_core::{wire, Topic};
 use futures::{FutureExt, StreamExt};
 use keyed_pool::KeyedPool;
 use tokio::sync::{mpsc, watch};
@@ -24,7 +24,7 @@ use super::acker::Acker;
 use super::copies::{ack_info, Copies, Seen};
 use super::ownership::{Ownership, Wait};
 use super::recovery::{Restarter, Start};
-use super::runner::{prepare, Counters, Job, Runner, Work};
+use super::runner::{prepare, prepare_record, BatchProgress, Counters, Job, Origin, Runner, Work};
 use super::Dispatch;
 use crate::NatsError;
 
@@ -45,6 +45,10 @@ pub(crate) struct FetchPlan {
     pub(crate) runner: Arc<Runner>,
     pub(crate) restarter: Restarter,
     pub(crate) reconnects: watch::Receiver<u64>,
+    /// Events of record batches in flight, at most `max_ack_pending` (which bounds only
+    /// messages): a batch's events each hold a permit until settled.
+    pub(crate) batch_events: Arc<tokio::sync::Semaphore>,
+    pub(crate) batch_events_limit: usize,
 }
 
 /// Why an epoch ended.
@@ -239,9 +243,9 @@ impl Fetcher {
         }
     }
 
-    fn pull_request(&self) -> bytes::Bytes {
+    fn pull_request(&self, size: usize) -> bytes::Bytes {
         let mut request = serde_json::Map::new();
-        request.insert("batch".into(), self.plan.batch.into());
+        request.insert("batch".into(), size.into());
         request.insert(
             "expires".into(),
             (self.plan.expires.as_nanos() as u64).into(),
@@ -263,7 +267,9 @@ impl Fetcher {
                 e,
             )
         })?;
-        let request = self.pull_request();
+        // Messages per pull request: `batch` events' worth, as record batches hold several.
+        let mut pull = (plan.batch / 10).max(1);
+        let mut request = self.pull_request(pull);
         let term = plan.runner.term.load(Ordering::Acquire);
         let mut next_delivery = start.next_delivery;
         let mut seen_up_to = start.seen_up_to;
@@ -274,14 +280,24 @@ impl Fetcher {
         // A request the broker forgot (a restart, a consumer-leader change) never answers.
         let forget_after = plan.expires + Duration::from_secs(1);
         let mut watchdog = tokio::time::interval(plan.expires.max(Duration::from_millis(50)));
+        let mut events_per_message = (0u64, 0u64);
         let end = loop {
-            if !stopping && credit < plan.batch {
+            if !stopping && credit < pull {
+                let (events, messages) = events_per_message;
+                if messages >= 16 {
+                    let size = ((plan.batch as u64 * messages) / events.max(1))
+                        .clamp(1, plan.batch as u64) as usize;
+                    if size != pull {
+                        pull = size;
+                        request = self.pull_request(pull);
+                    }
+                }
                 match plan
                     .client
                     .publish_with_reply(plan.next_subject.clone(), inbox.clone(), request.clone())
                     .await
                 {
-                    Ok(()) => credit += plan.batch,
+                    Ok(()) => credit += pull,
                     Err(e) => {
                         tracing::warn!(topic = %plan.topic, error = %e, "pull request not sent")
                     }
@@ -308,7 +324,7 @@ impl Fetcher {
                         break End::Discontinuity { why: "the pull inbox closed".into(), seen_up_to };
                     };
                     last_reply = Instant::now();
-                    let mut st = Progress { credit, next_delivery, seen_up_to, stopping };
+                    let mut st = Progress { credit, next_delivery, seen_up_to, stopping, events_per_message };
                     let mut outcome = on_reply(plan, &self.pool, term, &mut st, message).await;
                     // The rest of what has arrived, without another turn of the select: its other
                     // branches cost a few wake-up registrations each turn.
@@ -325,7 +341,7 @@ impl Fetcher {
                             None => break,
                         }
                     }
-                    Progress { credit, next_delivery, seen_up_to, stopping } = st;
+                    Progress { credit, next_delivery, seen_up_to, stopping, events_per_message, .. } = st;
                     if let Some(end) = outcome {
                         break end;
                     }
@@ -366,6 +382,8 @@ struct Progress {
     /// The highest stream sequence received.
     seen_up_to: u64,
     stopping: bool,
+    /// Events and messages received (a record batch is one message of several events).
+    events_per_message: (u64, u64),
 }
 
 /// Handles one reply on the epoch's inbox: a delivery (dispatched if it is the next in
@@ -416,13 +434,32 @@ async fn on_reply(
                 }
                 return None;
             }
-            let (key, input) = prepare(&plan.topic, &plan.dispatch, &message);
+            let batch = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(wire::BATCH))
+                .map(|v| wire::decode_batch(v.as_str(), &message.payload));
+            let (key, input) = match batch {
+                Some(Ok(records)) => {
+                    st.events_per_message.0 += records.len() as u64;
+                    st.events_per_message.1 += 1;
+                    return dispatch_batch(plan, pool, term, sequence, message, records).await;
+                }
+                Some(Err(error)) => (
+                    String::new(),
+                    Err(("undecodable", format!("not a record batch: {error}"))),
+                ),
+                None => prepare(&plan.topic, &plan.dispatch, &message),
+            };
+            st.events_per_message.0 += 1;
+            st.events_per_message.1 += 1;
             let job = Box::new(Job {
                 key: key.clone(),
                 sequence: Some(sequence),
-                message,
+                origin: Origin::Single(message),
                 input,
                 term,
+                _permit: None,
             });
             if pool.submit(&key, Work::Message(job)).await.is_err() {
                 return Some(End::Stopped);
@@ -473,4 +510,74 @@ async fn on_reply(
         }
     }
     None
+}
+
+/// Dispatches the events of a record batch, each to its key's worker, in record order. Events
+/// settled before the batch was last released in this subscription (handled or dead-lettered)
+/// are not handed to the handler again.
+async fn dispatch_batch(
+    plan: &FetchPlan,
+    pool: &KeyedPool<Work>,
+    term: u64,
+    sequence: u64,
+    message: async_nats::Message,
+    records: Vec<wire::Record>,
+) -> Option<End> {
+    let before = plan.copies.lock().unwrap().take_partial(sequence);
+    let done: Vec<AtomicBool> = (0..records.len())
+        .map(|i| AtomicBool::new(before.as_ref().is_some_and(|d| d.get(i) == Some(&true))))
+        .collect();
+    let to_run: Vec<usize> = (0..records.len())
+        .filter(|i| !done[*i].load(Ordering::Relaxed))
+        .collect();
+    let skipped = records.len() - to_run.len();
+    if skipped > 0 {
+        plan.counters
+            .copies_skipped
+            .fetch_add(skipped as u64, Ordering::Relaxed);
+        tracing::debug!(topic = %plan.topic, sequence, skipped, "record batch delivered again; its settled events are not handled again");
+    }
+    let progress = Arc::new(BatchProgress {
+        message,
+        records,
+        // One more than the events to run, released below once all are dispatched: a worker
+        // settling the last event before the others are dispatched must not ack the batch.
+        remaining: AtomicUsize::new(to_run.len() + 1),
+        done,
+    });
+    // Waits, like a full worker queue, while too many batched events are in flight.
+    let wanted = to_run.len().min(plan.batch_events_limit) as u32;
+    let mut permits = plan
+        .batch_events
+        .clone()
+        .acquire_many_owned(wanted)
+        .await
+        .ok();
+    let mut stopped = None;
+    let mut dispatched = 0;
+    for &index in &to_run {
+        let (key, input) = prepare_record(
+            &plan.topic,
+            &plan.dispatch,
+            progress.message.subject.as_str(),
+            &progress.records[index],
+        );
+        let job = Box::new(Job {
+            key: key.clone(),
+            sequence: Some(sequence),
+            origin: Origin::Batch(progress.clone(), index),
+            input,
+            term,
+            _permit: permits.as_mut().and_then(|p| p.split(1)),
+        });
+        if pool.submit(&key, Work::Message(job)).await.is_err() {
+            stopped = Some(End::Stopped);
+            break;
+        }
+        dispatched += 1;
+    }
+    // The events never dispatched (the pool stopped) and the guard.
+    plan.runner
+        .settle_records(&progress, Some(sequence), to_run.len() - dispatched + 1);
+    stopped
 }

@@ -29,7 +29,7 @@ impl Runner {
         self.halted_count.store(0, Ordering::Release);
         for halt in halts {
             for job in halt.jobs {
-                self.settle_copies(job.sequence, false);
+                self.settle(&job, false);
             }
         }
     }
@@ -77,10 +77,10 @@ impl Runner {
             if let Some(first) = jobs.pop_front() {
                 let error = format!("skipped by an operator after: {}", failure.error);
                 if self
-                    .dead_letter(&first.message, "skipped", &error, failure.attempts)
+                    .dead_letter_job(&first, "skipped", &error, failure.attempts)
                     .await
                 {
-                    self.settle_copies(first.sequence, true);
+                    self.settle(&first, true);
                 } else {
                     // Not stored anywhere: stay halted rather than lose it.
                     self.halt(first, failure, jobs);

@@ -315,6 +315,10 @@ async fn setup(
         runner: runner.clone(),
         restarter: restarter.clone(),
         reconnects: connection.reconnects.clone(),
+        batch_events: Arc::new(tokio::sync::Semaphore::new(
+            config.consumer.max_ack_pending.max(1) as usize,
+        )),
+        batch_events_limit: config.consumer.max_ack_pending.max(1) as usize,
     };
     let keeper = tokio::spawn(acker::keep_alive(
         acker.clone(),
@@ -475,6 +479,9 @@ impl SubscriptionHandle for NatsSubscription {
             // Events of halted aggregates stay unacknowledged: delivered again, in order.
             let returned =
                 report.not_run.len() as u64 + report.interrupted + runner.halted_events();
+            // The messages left unacknowledged: one per returned event, but a record batch
+            // holds several events.
+            let unacked = runner.copies.lock().unwrap().in_flight.len() as u64;
             tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: pool drained and acks sent");
             // The broker processes acks after their connection flushed, and a cluster electing
             // a consumer leader can lose them; a standby that took over before they count
@@ -484,7 +491,7 @@ impl SubscriptionHandle for NatsSubscription {
             if ownership.is_held() {
                 let remaining = deadline.saturating_sub(started.elapsed());
                 unconfirmed = restarter
-                    .wait_for_acks(returned, remaining.min(Duration::from_secs(1)))
+                    .wait_for_acks(unacked, remaining.min(Duration::from_secs(1)))
                     .await;
                 if unconfirmed > 0 {
                     let again = runner.copies.lock().unwrap().recent_acks();
@@ -499,14 +506,14 @@ impl SubscriptionHandle for NatsSubscription {
                     let _ = tokio::time::timeout(remaining.max(FLOOR), resend).await;
                     let remaining = deadline.saturating_sub(started.elapsed());
                     unconfirmed = restarter
-                        .wait_for_acks(returned, remaining.min(Duration::from_secs(2)))
+                        .wait_for_acks(unacked, remaining.min(Duration::from_secs(2)))
                         .await;
                 }
                 tracing::debug!(%topic, elapsed = ?started.elapsed(), unconfirmed, "close: acks checked");
                 // Without an answer from the broker the claim lapses by itself (after
                 // `takeover_after`); closing does not wait for it.
                 let remaining = deadline.saturating_sub(started.elapsed());
-                if tokio::time::timeout(remaining.max(RELEASE_FLOOR), ownership.release(returned))
+                if tokio::time::timeout(remaining.max(RELEASE_FLOOR), ownership.release(unacked))
                     .await
                     .is_err()
                 {

@@ -252,7 +252,7 @@ impl Restarter {
     }
 
     async fn dead_letter_unreadable(&self, stored: &Stored, why: &str) -> Result<(), NatsError> {
-        let [h_reason, h_error, h_attempts, h_topic, h_seq, _, h_raw, _] = dead_letter_headers();
+        let [h_reason, h_error, h_attempts, h_topic, h_seq, _, h_raw, _, _] = dead_letter_headers();
         let mut headers = HeaderMap::new();
         headers.insert(h_reason, "unreadable");
         headers.insert(h_error, why);

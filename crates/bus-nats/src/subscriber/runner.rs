@@ -2,7 +2,7 @@
 //! it (acknowledged, dead-lettered, or halted with its aggregate).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,17 +33,38 @@ impl Input {
     }
 }
 
+/// Where a job's event travelled.
+pub(crate) enum Origin {
+    /// A message of its own.
+    Single(async_nats::Message),
+    /// Record `.1` of a record batch.
+    Batch(Arc<BatchProgress>, usize),
+}
+
+/// A record batch being handled: acknowledged once every one of its events is handled or
+/// dead-lettered, by whichever worker settles the last.
+pub(crate) struct BatchProgress {
+    pub(crate) message: async_nats::Message,
+    pub(crate) records: Vec<wire::Record>,
+    /// Events dispatched and not settled yet.
+    pub(crate) remaining: AtomicUsize,
+    /// Per record: handled or dead-lettered (skipped ones start out done).
+    pub(crate) done: Vec<AtomicBool>,
+}
+
 pub(crate) struct Job {
     /// The ordering key (aggregate ID) the pool routed it by.
     pub(crate) key: String,
     /// The message's stream sequence, if its ack subject could be read.
     pub(crate) sequence: Option<u64>,
-    pub(crate) message: async_nats::Message,
+    pub(crate) origin: Origin,
     /// The message ready for the handler, or why it cannot be handled.
     pub(crate) input: Result<Input, (&'static str, String)>,
     /// The ownership term it was delivered in: a job of an earlier term (the subscription lost
     /// the topic since) is not handled, since the new owner has it delivered again.
     pub(crate) term: u64,
+    /// For an event of a record batch: its share of the bound on batched events in flight.
+    pub(crate) _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Job {
@@ -104,8 +125,8 @@ pub(crate) fn header_pairs(headers: Option<&HeaderMap>) -> impl Iterator<Item = 
 /// attempts, topic, the original's stream sequence, its delivery count, (for a message no client
 /// could read, whose own headers cannot be carried) its raw header block in base64, and (for a
 /// message too large to carry the others besides its body) the dead-letter stream position
-/// where its body was stored apart.
-pub fn dead_letter_headers() -> [&'static str; 8] {
+/// where its body was stored apart, and (for an event of a record batch) its index in the batch.
+pub fn dead_letter_headers() -> [&'static str; 9] {
     [
         "Bus-Dlq-Reason",
         "Bus-Dlq-Error",
@@ -115,6 +136,7 @@ pub fn dead_letter_headers() -> [&'static str; 8] {
         "Bus-Dlq-Delivered",
         "Bus-Dlq-Raw-Headers",
         "Bus-Dlq-Body-Seq",
+        "Bus-Dlq-Batch-Index",
     ]
 }
 
@@ -158,7 +180,7 @@ impl Runner {
             Work::Message(job) => {
                 if job.term != self.term.load(Ordering::Acquire) {
                     // Delivered before the subscription lost the topic: the new owner has it.
-                    self.settle_copies(job.sequence, false);
+                    self.settle(&job, false);
                     return;
                 }
                 if self.halted_count.load(Ordering::Acquire) > 0 {
@@ -172,13 +194,57 @@ impl Runner {
                 if let Err((job, failure)) = self.process(job).await {
                     if job.term != self.term.load(Ordering::Acquire) {
                         // The topic was lost meanwhile: the new owner has it.
-                        self.settle_copies(job.sequence, false);
+                        self.settle(&job, false);
                         return;
                     }
                     self.halt(job, failure, VecDeque::new());
                 }
             }
             Work::Resume { key, skip } => self.resume(key, skip).await,
+        }
+    }
+
+    /// A job is over: `finished` if its event was handled or dead-lettered. A single-event
+    /// message was acknowledged (or terminated) already; a batch is acknowledged when the last
+    /// of its events is settled, if every one finished. Otherwise it is left to be delivered
+    /// again, and what was finished is remembered so that its events are not handled twice.
+    pub(crate) fn settle(&self, job: &Job, finished: bool) {
+        match &job.origin {
+            Origin::Single(_) => self.settle_copies(job.sequence, finished),
+            Origin::Batch(progress, index) => {
+                if finished {
+                    progress.done[*index].store(true, Ordering::Release);
+                }
+                self.settle_records(progress, job.sequence, 1);
+            }
+        }
+    }
+
+    /// `count` events of a batch are settled (or will never run).
+    pub(crate) fn settle_records(
+        &self,
+        progress: &BatchProgress,
+        sequence: Option<u64>,
+        count: usize,
+    ) {
+        if progress.remaining.fetch_sub(count, Ordering::AcqRel) != count {
+            return;
+        }
+        let done: Vec<bool> = progress
+            .done
+            .iter()
+            .map(|d| d.load(Ordering::Acquire))
+            .collect();
+        if done.iter().all(|d| *d) {
+            if let Some(reply) = progress.message.reply.clone() {
+                self.acker.ack(reply);
+            }
+            self.settle_copies(sequence, true);
+        } else {
+            if let Some(sequence) = sequence {
+                self.copies.lock().unwrap().remember_partial(sequence, done);
+            }
+            self.settle_copies(sequence, false);
         }
     }
 
@@ -204,17 +270,12 @@ impl Runner {
             Err(failure) => match self.policy {
                 FailurePolicy::HaltAggregate => return Err((job, failure)),
                 FailurePolicy::DeadLetter => {
-                    self.dead_letter(
-                        &job.message,
-                        failure.reason,
-                        &failure.error,
-                        failure.attempts,
-                    )
-                    .await
+                    self.dead_letter_job(&job, failure.reason, &failure.error, failure.attempts)
+                        .await
                 }
             },
         };
-        self.settle_copies(job.sequence, finished);
+        self.settle(&job, finished);
         Ok(())
     }
 
@@ -224,9 +285,7 @@ impl Runner {
     async fn handle(&self, job: &Job) -> Result<bool, Failure> {
         let input = match &job.input {
             Ok(input) => input,
-            Err((reason, error)) => {
-                return Ok(self.dead_letter(&job.message, reason, error, 0).await)
-            }
+            Err((reason, error)) => return Ok(self.dead_letter_job(job, reason, error, 0).await),
         };
         let cancellation = self.cancel.signal();
         let started = std::time::Instant::now();
@@ -284,8 +343,10 @@ impl Runner {
         match outcome {
             RetryOutcome::Succeeded { .. } => {
                 self.metrics.handled.increment(1);
-                if let Some(reply) = job.message.reply.clone() {
-                    self.acker.ack(reply);
+                if let Origin::Single(message) = &job.origin {
+                    if let Some(reply) = message.reply.clone() {
+                        self.acker.ack(reply);
+                    }
                 }
                 self.counters.handled.fetch_add(1, Ordering::Relaxed);
                 Ok(true)
@@ -350,6 +411,38 @@ impl Runner {
         (traceparent, span)
     }
 
+    /// Dead-letters a job's event: a single-event message as it is, an event of a batch as a
+    /// single-event message of its record's headers and payload, with `Bus-Dlq-Batch-Index`.
+    pub(crate) async fn dead_letter_job(
+        &self,
+        job: &Job,
+        reason: &str,
+        error: &str,
+        attempts: u32,
+    ) -> bool {
+        match &job.origin {
+            Origin::Single(message) => self.dead_letter(message, reason, error, attempts).await,
+            Origin::Batch(progress, index) => {
+                let record = &progress.records[*index];
+                let mut headers = HeaderMap::new();
+                for (name, value) in record.headers() {
+                    headers.append(name, value);
+                }
+                let [.., h_index] = dead_letter_headers();
+                headers.insert(h_index, index.to_string());
+                let letter = Letter {
+                    headers,
+                    payload: record.payload().clone(),
+                    reply: progress.message.reply.as_deref(),
+                    index: Some(*index),
+                    terminate: false,
+                };
+                self.store_dead_letter(letter, reason, error, attempts)
+                    .await
+            }
+        }
+    }
+
     /// Stores the message in the dead-letter stream with why it failed, then terminates the
     /// original so the broker never redelivers it. If the dead letter cannot be stored, the
     /// original is left unacknowledged rather than lost.
@@ -360,7 +453,6 @@ impl Runner {
         error: &str,
         attempts: u32,
     ) -> bool {
-        let info = message.reply.as_deref().and_then(ack_info);
         // The original's headers, less the pin ID the broker added on delivery.
         let mut headers = HeaderMap::new();
         for (name, value) in header_pairs(message.headers.as_ref()) {
@@ -368,6 +460,32 @@ impl Runner {
                 headers.append(name, value);
             }
         }
+        let letter = Letter {
+            headers,
+            payload: message.payload.clone(),
+            reply: message.reply.as_deref(),
+            index: None,
+            terminate: true,
+        };
+        self.store_dead_letter(letter, reason, error, attempts)
+            .await
+    }
+
+    async fn store_dead_letter(
+        &self,
+        letter: Letter<'_>,
+        reason: &str,
+        error: &str,
+        attempts: u32,
+    ) -> bool {
+        let Letter {
+            mut headers,
+            payload: original,
+            reply,
+            index,
+            terminate,
+        } = letter;
+        let info = reply.and_then(ack_info);
         // Header values cannot hold line breaks.
         let error_text: String = error
             .chars()
@@ -376,6 +494,7 @@ impl Runner {
             .collect();
         let [h_reason, h_error, h_attempts, h_topic, h_seq, h_delivered, ..] =
             dead_letter_headers();
+        let index_suffix = index.map(|i| format!("-{i}")).unwrap_or_default();
         headers.insert(h_reason, reason);
         headers.insert(h_error, error_text.as_str());
         headers.insert(h_attempts, attempts.to_string());
@@ -386,27 +505,26 @@ impl Runner {
             // One dead letter per stream position, even if this is tried twice.
             headers.insert(
                 "Nats-Msg-Id",
-                format!("dlq-{}-{}", self.topic, info.stream_sequence),
+                format!("dlq-{}-{}{index_suffix}", self.topic, info.stream_sequence),
             );
         }
         tracing::warn!(topic = %self.topic, reason, error = %error_text, ?info, "dead-lettering message");
         // The original fitted `max_payload` with its own headers; with the dead-letter headers
         // added it may not. Then its body is stored apart first, with no headers at all (so it
         // always fits), and the letter points at it.
-        let apart =
-            crate::publisher::header_len(&headers) + message.payload.len() > self.max_payload;
+        let apart = crate::publisher::header_len(&headers) + original.len() > self.max_payload;
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=5 {
             let stored = async {
                 let mut headers = headers.clone();
-                let mut payload = message.payload.clone();
+                let mut payload = original.clone();
                 if apart {
                     let body = self
                         .jetstream
                         .publish(self.dead_letter_body_subject.clone(), payload)
                         .await?
                         .await?;
-                    let [.., h_body] = dead_letter_headers();
+                    let [.., h_body, _] = dead_letter_headers();
                     headers.insert(h_body, body.sequence.to_string());
                     payload = bytes::Bytes::new();
                 }
@@ -418,8 +536,8 @@ impl Runner {
             .await;
             match stored {
                 Ok(_) => {
-                    if let Some(reply) = &message.reply {
-                        self.acker.term(reply).await;
+                    if let (true, Some(reply)) = (terminate, reply) {
+                        self.acker.term(&async_nats::Subject::from(reply)).await;
                     }
                     self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     self.metrics.dead_lettered.increment(1);
@@ -438,18 +556,52 @@ impl Runner {
     }
 }
 
+/// A dead letter to store: the original's headers (to which the dead-letter headers are
+/// added) and payload, its ack subject, its index in its batch, and whether to terminate it
+/// once stored (a batch is acknowledged as a whole instead).
+struct Letter<'a> {
+    headers: HeaderMap,
+    payload: bytes::Bytes,
+    reply: Option<&'a str>,
+    index: Option<usize>,
+    terminate: bool,
+}
+
 /// Decodes a message for the subscription's handler and picks its ordering key.
 pub(crate) fn prepare(
     topic: &Topic,
     dispatch: &Dispatch,
     message: &async_nats::Message,
 ) -> (String, Result<Input, (&'static str, String)>) {
+    prepare_parts(
+        topic,
+        dispatch,
+        &message.subject,
+        header_pairs(message.headers.as_ref()),
+        &message.payload,
+    )
+}
+
+/// Decodes one record of a batch for the subscription's handler and picks its ordering key.
+pub(crate) fn prepare_record(
+    topic: &Topic,
+    dispatch: &Dispatch,
+    subject: &str,
+    record: &wire::Record,
+) -> (String, Result<Input, (&'static str, String)>) {
+    prepare_parts(topic, dispatch, subject, record.headers(), record.payload())
+}
+
+fn prepare_parts<'a>(
+    topic: &Topic,
+    dispatch: &Dispatch,
+    subject: &str,
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+    payload: &bytes::Bytes,
+) -> (String, Result<Input, (&'static str, String)>) {
     match dispatch {
         Dispatch::Envelope(_) => {
-            match wire::decode(
-                header_pairs(message.headers.as_ref()),
-                message.payload.clone(),
-            ) {
+            match wire::decode(headers, payload.clone()) {
                 Ok(e) => (e.aggregate_id().to_string(), Ok(Input::Envelope(e))),
                 // Undecodable messages have no aggregate; they share one key so they never hold
                 // up an aggregate, and are dead-lettered in stream order.
@@ -462,13 +614,13 @@ pub(crate) fn prepare(
         Dispatch::Raw(_, key) => {
             let raw = RawMessage {
                 topic: topic.clone(),
-                subject: message.subject.to_string(),
+                subject: subject.to_owned(),
                 // The pin ID is the broker's, added on delivery: not the message's.
-                headers: header_pairs(message.headers.as_ref())
+                headers: headers
                     .filter(|(n, _)| !n.eq_ignore_ascii_case("Nats-Pin-Id"))
                     .map(|(n, v)| (n.to_owned(), v.to_owned()))
                     .collect(),
-                payload: message.payload.clone(),
+                payload: payload.clone(),
             };
             match key.key_of(&raw) {
                 Some(k) => (k, Ok(Input::Raw(raw))),

@@ -55,8 +55,24 @@ impl NatsHarness {
 
     /// A harness whose topics' streams are kept by `retention`.
     pub async fn with_retention(retention: Retention) -> Self {
+        Self::with_config(retention, |_| {}).await
+    }
+
+    /// Publishing record batches: small ones, two in flight per topic, so that batches form
+    /// and an aggregate's events span several.
+    pub async fn batched(retention: Retention) -> Self {
+        Self::with_config(retention, |config| {
+            config.batching = bus_nats::BatchConfig::on();
+            config.batching.max_events = 16;
+            config.batching.max_in_flight = 2;
+        })
+        .await
+    }
+
+    pub async fn with_config(retention: Retention, adjust: impl FnOnce(&mut NatsConfig)) -> Self {
         let server = NatsServer::start();
-        let config = conformance_config(&server.url(), retention, 1);
+        let mut config = conformance_config(&server.url(), retention, 1);
+        adjust(&mut config);
         let bus = NatsBus::connect(config).await.expect("connect");
         Self {
             server,

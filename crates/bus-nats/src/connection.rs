@@ -83,6 +83,10 @@ pub(crate) struct Shared {
     /// The connection control requests are answered on: its own, so that a user without the
     /// permission for them gets a violation there, never on a topic's connection.
     pub(crate) control: tokio::sync::OnceCell<async_nats::Client>,
+    /// By consumer: record batches released with some events settled (see
+    /// [`crate::subscriber`]'s copies).
+    pub(crate) partial_batches:
+        std::sync::Mutex<HashMap<String, Arc<std::sync::Mutex<crate::subscriber::PartialBatches>>>>,
 }
 
 impl Shared {

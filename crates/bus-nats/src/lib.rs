@@ -118,6 +118,7 @@ impl NatsBus {
             closed: std::sync::atomic::AtomicBool::new(false),
             watched: Default::default(),
             control: Default::default(),
+            partial_batches: Default::default(),
         });
         // Fail at start-up, not at the first publish, when no server answers.
         let probe = Topic::new("bus-probe").expect("valid topic");

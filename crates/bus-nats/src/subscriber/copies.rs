@@ -31,14 +31,25 @@ pub(crate) struct Copies {
     /// The ack subjects of the most recently finished messages, so that acknowledgements the
     /// broker lost (a consumer-leader election) can be sent again before close reports them.
     recent_acks: VecDeque<Subject>,
-    /// Record batches left unacknowledged with some of their events handled (or
-    /// dead-lettered): which ones, so that a redelivery hands the handler only the others.
-    partial: HashMap<u64, Vec<bool>, ahash::RandomState>,
-    partial_order: VecDeque<u64>,
+    /// Record batches left unacknowledged with some of their events settled; shared by every
+    /// subscription of this bus to the same consumer, so that a subscription opened again
+    /// after a close is not handed them again either.
+    partial: std::sync::Arc<std::sync::Mutex<PartialBatches>>,
+}
+
+/// Record batches left unacknowledged with some of their events handled (or dead-lettered):
+/// which ones, by stream position, so that a redelivery hands the handler only the others.
+#[derive(Debug, Default)]
+pub(crate) struct PartialBatches {
+    by_sequence: HashMap<u64, Vec<bool>, ahash::RandomState>,
+    order: VecDeque<u64>,
 }
 
 impl Copies {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(
+        capacity: usize,
+        partial: std::sync::Arc<std::sync::Mutex<PartialBatches>>,
+    ) -> Self {
         Self {
             in_flight: HashMap::default(),
             finished: HashSet::default(),
@@ -46,18 +57,18 @@ impl Copies {
             capacity,
             drained: Default::default(),
             recent_acks: VecDeque::new(),
-            partial: HashMap::default(),
-            partial_order: VecDeque::new(),
+            partial,
         }
     }
 
     /// Remembers which events of the batch at `sequence` were settled, as it is released.
     pub(crate) fn remember_partial(&mut self, sequence: u64, done: Vec<bool>) {
-        if self.partial.insert(sequence, done).is_none() {
-            self.partial_order.push_back(sequence);
-            if self.partial_order.len() > self.capacity {
-                if let Some(old) = self.partial_order.pop_front() {
-                    self.partial.remove(&old);
+        let mut partial = self.partial.lock().unwrap();
+        if partial.by_sequence.insert(sequence, done).is_none() {
+            partial.order.push_back(sequence);
+            if partial.order.len() > self.capacity {
+                if let Some(old) = partial.order.pop_front() {
+                    partial.by_sequence.remove(&old);
                 }
             }
         }
@@ -65,8 +76,9 @@ impl Copies {
 
     /// Which events of the batch at `sequence` were settled before it was released, if any.
     pub(crate) fn take_partial(&mut self, sequence: u64) -> Option<Vec<bool>> {
-        let done = self.partial.remove(&sequence)?;
-        self.partial_order.retain(|s| *s != sequence);
+        let mut partial = self.partial.lock().unwrap();
+        let done = partial.by_sequence.remove(&sequence)?;
+        partial.order.retain(|s| *s != sequence);
         Some(done)
     }
 
@@ -198,7 +210,7 @@ mod tests {
 
     #[test]
     fn copies_are_recognised_until_forgotten() {
-        let mut copies = Copies::new(2);
+        let mut copies = Copies::new(2, Default::default());
         assert_eq!(copies.admit_for_test(1), Seen::New);
         assert_eq!(copies.admit_for_test(1), Seen::InFlight);
         copies.finish(1);

@@ -16,6 +16,7 @@ mod halts;
 mod ownership;
 mod recovery;
 mod runner;
+pub(crate) use copies::PartialBatches;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -244,8 +245,16 @@ async fn setup(
     let counters = Arc::new(Counters::default());
     // Finished positions are remembered for a few windows of MaxAckPending: long enough to
     // recognise the copies a reconnect, a restart of delivery or AckWait expiry brings back.
+    let partial = shared
+        .partial_batches
+        .lock()
+        .unwrap()
+        .entry(name.clone())
+        .or_default()
+        .clone();
     let copies = Arc::new(Mutex::new(Copies::new(
         (config.consumer.max_ack_pending.max(1) as usize).saturating_mul(4),
+        partial,
     )));
     let acker = Arc::new(Acker::new(connection.client.clone(), subject.clone()));
     let acker_task = tokio::spawn(acker.clone().run());
@@ -482,6 +491,14 @@ impl SubscriptionHandle for NatsSubscription {
             // The messages left unacknowledged: one per returned event, but a record batch
             // holds several events.
             let unacked = runner.copies.lock().unwrap().in_flight.len() as u64;
+            // Settled as not finished, so that a record batch among them remembers which of
+            // its events were handled: a subscription opened again on this bus skips those.
+            for work in &report.not_run {
+                if let runner::Work::Message(job) = work {
+                    runner.settle(job, false);
+                }
+            }
+            runner.drop_halts();
             tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: pool drained and acks sent");
             // The broker processes acks after their connection flushed, and a cluster electing
             // a consumer leader can lose them; a standby that took over before they count

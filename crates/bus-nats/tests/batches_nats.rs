@@ -1,0 +1,291 @@
+//! Record batches against a real nats-server: they form, they keep each aggregate's order, a
+//! failing event is dead-lettered alone, and a batch released with events already handled does
+//! not hand them to the handler again.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bus_core::{handler_fn, Envelope, FailurePolicy, HandlerError, Publisher, Subscriber, Topic};
+use bus_nats::{BatchConfig, NatsBus, NatsConfig};
+use bus_testkit::conformance::Recorder;
+use bus_testkit::NatsServer;
+use common::{consumer_info, test_config};
+
+fn envelope(aggregate: &str, version: u64) -> Envelope {
+    Envelope::builder(aggregate, "Tested", version)
+        .payload(vec![7u8; 24])
+        .build()
+        .unwrap()
+}
+
+fn batched(url: &str, adjust: impl FnOnce(&mut NatsConfig)) -> NatsConfig {
+    let mut config = test_config(url);
+    config.batching = BatchConfig::on();
+    adjust(&mut config);
+    config
+}
+
+async fn stream(
+    server: &NatsServer,
+    bus: &NatsBus,
+    topic: &Topic,
+) -> async_nats::jetstream::stream::Stream {
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    js.get_stream(bus.stream_name(topic).await.unwrap())
+        .await
+        .unwrap()
+}
+
+async fn stored_messages(server: &NatsServer, bus: &NatsBus, topic: &Topic) -> u64 {
+    stream(server, bus, topic)
+        .await
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+async fn wait_acknowledged(server: &NatsServer, bus: &NatsBus, topic: &Topic) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let info = consumer_info(server, bus, topic).await;
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages still unacknowledged: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Many events of few aggregates, published without waiting: they are stored in far fewer
+/// messages than events, the first of them a `Bus-Batch` message, and handled exactly once each,
+/// in order per aggregate; every batch is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_form_and_every_aggregate_keeps_its_order() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(batched(&server.url(), |c| {
+        c.batching.max_events = 64;
+        c.batching.max_in_flight = 2;
+    }))
+    .await
+    .unwrap();
+    let topic = Topic::new("batched").unwrap();
+    let (aggregates, versions) = (40u64, 50u64);
+    let publisher = bus.publisher();
+    for version in 1..=versions {
+        for a in 0..aggregates {
+            let _receipt = publisher
+                .publish(&topic, envelope(&format!("acc-{a}"), version))
+                .await
+                .unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+    let events = aggregates * versions;
+    let stored = stored_messages(&server, &bus, &topic).await;
+    assert!(
+        stored * 4 < events,
+        "{events} events were stored in {stored} messages: batches did not form"
+    );
+    let s = stream(&server, &bus, &topic).await;
+    let mut largest = 1;
+    for seq in 1..=stored {
+        let message = s.get_raw_message(seq).await.unwrap();
+        if let Some(n) = message.headers.get(bus_core::wire::BATCH) {
+            largest = largest.max(n.to_string().parse::<u64>().unwrap());
+        }
+    }
+    assert!(largest > 8, "the largest batch held {largest} events");
+
+    let recorder = Recorder::new();
+    let subscription = {
+        let (recorder, t) = (recorder.clone(), topic.clone());
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (recorder, t) = (recorder.clone(), t.clone());
+                async move {
+                    recorder.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    recorder.wait_unique(events).await;
+    wait_acknowledged(&server, &bus, &topic).await;
+    let report = recorder.verifier.report();
+    assert_eq!(report.handled, events, "{report:?}");
+    assert_eq!(report.order_violations, 0, "{report:?}");
+    assert_eq!(report.duplicates, 0, "{report:?}");
+    assert_eq!(report.gaps, 0, "{report:?}");
+    let info = consumer_info(&server, &bus, &topic).await;
+    assert_eq!(info.delivered.stream_sequence, stored, "{info:?}");
+    subscription.close().await.unwrap();
+}
+
+/// Events published within the linger go as one batch; the one whose handler fails for good is
+/// dead-lettered alone, as a single-event message saying which record it was, and the batch is
+/// acknowledged once the others are handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_event_of_a_batch_is_dead_lettered_alone() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(batched(&server.url(), |c| {
+        c.batching.linger = Duration::from_millis(300);
+    }))
+    .await
+    .unwrap();
+    let topic = Topic::new("batch-dlq").unwrap();
+    let publisher = bus.publisher();
+    let mut receipts = Vec::new();
+    for (aggregate, version) in [("ok", 1), ("bad", 1), ("ok", 2)] {
+        receipts.push(
+            publisher
+                .publish(&topic, envelope(aggregate, version))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut sequences = Vec::new();
+    for receipt in receipts {
+        sequences.push(receipt.await.unwrap().sequence);
+    }
+    assert_eq!(sequences, [Some(1); 3], "one batch at stream position 1");
+    assert_eq!(stored_messages(&server, &bus, &topic).await, 1);
+
+    let recorder = Recorder::new();
+    let subscription = {
+        let (recorder, t) = (recorder.clone(), topic.clone());
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (recorder, t) = (recorder.clone(), t.clone());
+                async move {
+                    if e.aggregate_id().as_str() == "bad" {
+                        return Err(HandlerError::permanent("refused"));
+                    }
+                    recorder.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    recorder.wait_unique(2).await;
+    wait_acknowledged(&server, &bus, &topic).await;
+    let letters = bus.dead_letters(&topic, 10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter.reason, "permanent");
+    assert_eq!(letter.batch_index, Some(1));
+    assert_eq!(letter.stream_sequence, Some(1));
+    let dead = letter.envelope().unwrap();
+    assert_eq!(
+        (dead.aggregate_id().as_str(), dead.event_version()),
+        ("bad", 1)
+    );
+    assert_eq!(subscription.control().unwrap().metrics().dead_lettered, 1);
+    let report = recorder.verifier.report();
+    assert_eq!(
+        (report.unique, report.order_violations),
+        (2, 0),
+        "{report:?}"
+    );
+    subscription.close().await.unwrap();
+}
+
+/// A batch whose first event halts its aggregate is returned unacknowledged at close, with its
+/// other events handled. The subscription opened again gets the batch again: only the halted
+/// event reaches the handler; the others are recognised as settled and skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_batch_does_not_hand_its_handled_events_again() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(batched(&server.url(), |c| {
+        c.batching.linger = Duration::from_millis(300);
+        c.on_failure = FailurePolicy::HaltAggregate;
+    }))
+    .await
+    .unwrap();
+    let topic = Topic::new("batch-replay").unwrap();
+    let publisher = bus.publisher();
+    let mut receipts = Vec::new();
+    for aggregate in ["a", "b", "c"] {
+        receipts.push(
+            publisher
+                .publish(&topic, envelope(aggregate, 1))
+                .await
+                .unwrap(),
+        );
+    }
+    for receipt in receipts {
+        assert_eq!(receipt.await.unwrap().sequence, Some(1));
+    }
+
+    let calls: Arc<Mutex<HashMap<(String, u32), u32>>> = Arc::default();
+    let handler = |round: u32| {
+        let calls = calls.clone();
+        Arc::new(handler_fn(move |e: Envelope| {
+            let calls = calls.clone();
+            async move {
+                *calls
+                    .lock()
+                    .unwrap()
+                    .entry((e.aggregate_id().to_string(), round))
+                    .or_default() += 1;
+                if round == 1 && e.aggregate_id().as_str() == "a" {
+                    return Err(HandlerError::permanent("not yet"));
+                }
+                Ok(())
+            }
+        }))
+    };
+    let first = bus.subscribe(&topic, handler(1)).await.unwrap();
+    let control = first.control().unwrap();
+    common::wait_for(
+        "a halted with b and c handled",
+        Duration::from_secs(10),
+        || {
+            let calls = calls.lock().unwrap();
+            control.halted().len() == 1
+                && calls.get(&("b".into(), 1)) == Some(&1)
+                && calls.get(&("c".into(), 1)) == Some(&1)
+        },
+    )
+    .await;
+    let report = first.close().await.unwrap();
+    assert_eq!(report.returned, 1, "{report:?}");
+    let info = consumer_info(&server, &bus, &topic).await;
+    assert_eq!(
+        info.ack_floor.stream_sequence, 0,
+        "the batch was acknowledged: {info:?}"
+    );
+
+    let second = bus.subscribe(&topic, handler(2)).await.unwrap();
+    common::wait_for("a handled again", Duration::from_secs(10), || {
+        calls.lock().unwrap().get(&("a".into(), 2)) == Some(&1)
+    })
+    .await;
+    wait_acknowledged(&server, &bus, &topic).await;
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.get(&("b".into(), 2)),
+        None,
+        "b handed again: {calls:?}"
+    );
+    assert_eq!(
+        calls.get(&("c".into(), 2)),
+        None,
+        "c handed again: {calls:?}"
+    );
+    assert_eq!(second.control().unwrap().metrics().copies_skipped, 2);
+    second.close().await.unwrap();
+}

@@ -41,6 +41,8 @@ struct BusSetup {
     /// Typed events: `publish_event` of a struct, handled through `EventHandlers` (the
     /// MessagePack encoding and decoding included), instead of envelopes of raw bytes.
     typed: bool,
+    /// Record batches (off in the bus's defaults).
+    batching: bus_nats::BatchConfig,
 }
 
 /// The typed rows' event: when it was sent, and the filler that makes up the payload size.
@@ -68,6 +70,17 @@ impl BusSetup {
             retention: bus_nats::Retention::default(),
             publish_ordering: bus_nats::PublishOrdering::default(),
             typed: false,
+            batching: bus_nats::BatchConfig::default(),
+        }
+    }
+
+    /// The bus's defaults with record batches on, adjusted by `adjust`.
+    fn batched(adjust: impl FnOnce(&mut bus_nats::BatchConfig)) -> Self {
+        let mut batching = bus_nats::BatchConfig::on();
+        adjust(&mut batching);
+        Self {
+            batching,
+            ..Self::default_config()
         }
     }
 
@@ -83,6 +96,7 @@ impl BusSetup {
             retention: bus_nats::Retention::default(),
             publish_ordering: bus_nats::PublishOrdering::default(),
             typed: false,
+            batching: bus_nats::BatchConfig::default(),
         }
     }
 }
@@ -269,6 +283,8 @@ fn start_sampler(
 struct Timing {
     publish: Duration,
     end_to_end: Duration,
+    /// Messages the broker stored (a record batch is one), when the row knows.
+    stored: Option<u64>,
 }
 
 fn topics_for(s: &Scenario) -> Vec<Topic> {
@@ -312,6 +328,7 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
     config.consumer.max_waiting = setup.max_waiting;
     config.share_connection = setup.share_connection;
     config.publish_ordering = setup.publish_ordering;
+    config.batching = setup.batching.clone();
     for (i, topic) in topics_for(s).into_iter().enumerate() {
         let mut spec = bus_nats::StreamSpec::new(format!("BENCH_{i}"), [topic]);
         spec.retention = setup.retention;
@@ -439,10 +456,18 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
     for subscription in subscriptions {
         subscription.close().await?;
     }
+    // Every stream's last sequence: the messages the broker stored.
+    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let mut stored = 0;
+    for topic in &topics {
+        let mut stream = js.get_stream(bus.stream_name(topic).await?).await?;
+        stored += stream.info().await?.state.last_sequence;
+    }
     bus.close().await?;
     Ok(Timing {
         publish,
         end_to_end,
+        stored: Some(stored),
     })
 }
 
@@ -518,6 +543,7 @@ async fn run_group(s: &Scenario, url: &str, sink: Arc<Sink>) -> Result<Timing> {
     Ok(Timing {
         publish,
         end_to_end,
+        stored: None,
     })
 }
 
@@ -669,6 +695,7 @@ async fn run_raw(
     Ok(Timing {
         publish,
         end_to_end,
+        stored: Some(s.messages()),
     })
 }
 
@@ -724,6 +751,9 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
         messages: expected,
         publish_msgs_per_s: expected as f64 / timing.publish.as_secs_f64(),
         e2e_msgs_per_s: expected as f64 / timing.end_to_end.as_secs_f64(),
+        broker_msgs_per_s: timing
+            .stored
+            .map_or(0.0, |n| n as f64 / timing.end_to_end.as_secs_f64()),
         p50_ms: sink.latency.quantile_ms(0.50),
         p99_ms: sink.latency.quantile_ms(0.99),
         p999_ms: sink.latency.quantile_ms(0.999),
@@ -890,6 +920,54 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         10_000,
         versions,
     ));
+    // Record batches on (BatchConfig::on: up to 128 events, 64 KiB, 4 in flight per topic).
+    rows.push(Scenario::new(
+        "batched",
+        bus(BusSetup::batched(|_| {})),
+        10_000,
+        versions,
+    ));
+    if !quick {
+        // Each limit moved alone.
+        for (name, setup) in [
+            ("batched-max-8", BusSetup::batched(|b| b.max_events = 8)),
+            ("batched-max-32", BusSetup::batched(|b| b.max_events = 32)),
+            ("batched-max-512", BusSetup::batched(|b| b.max_events = 512)),
+            (
+                "batched-16kib",
+                BusSetup::batched(|b| b.max_bytes = 16 << 10),
+            ),
+            (
+                "batched-1-in-flight",
+                BusSetup::batched(|b| b.max_in_flight = 1),
+            ),
+            (
+                "batched-16-in-flight",
+                BusSetup::batched(|b| b.max_in_flight = 16),
+            ),
+            (
+                "batched-linger-1ms",
+                BusSetup::batched(|b| b.linger = Duration::from_millis(1)),
+            ),
+        ] {
+            rows.push(Scenario::new(name, bus(setup), 10_000, versions));
+        }
+        rows.push(Scenario::new(
+            "batched-1m-aggregates",
+            bus(BusSetup::batched(|_| {})),
+            1_000_000,
+            1,
+        ));
+        rows.push(Scenario {
+            backlog: true,
+            ..Scenario::new(
+                "batched-backlog-1m",
+                bus(BusSetup::batched(|_| {})),
+                10_000,
+                100,
+            )
+        });
+    }
     // The same on a 3-node cluster, every stream with three replicas, next to the raw client
     // there: what replication costs, and what of it is the bus's.
     rows.extend([
@@ -1041,6 +1119,8 @@ fn latency_scenario(name: &str, rate: f64, quick: bool) -> Scenario {
         Kind::CeilingWire
     } else if name == "ceiling-latency" {
         Kind::Ceiling
+    } else if name == "latency-batched" {
+        Kind::Bus(BusSetup::batched(|_| {}))
     } else {
         Kind::Bus(BusSetup::default_config())
     };
@@ -1141,6 +1221,12 @@ async fn main() -> Result<()> {
         )?;
         row.name = format!("latency-broker-gogc-off-at-{:.0}-msg-s", rate);
         rows.push(row);
+        if let Some(batched) = rows.iter().find(|r| r.name == "batched") {
+            let rate = batched.e2e_msgs_per_s / 2.0;
+            let mut row = run_in_child("latency-batched", options.quick, Some(rate), &[])?;
+            row.name = format!("latency-batched-at-{:.0}-msg-s", rate);
+            rows.push(row);
+        }
         if !options.quick {
             for (child, label) in [
                 ("ceiling-latency", "ceiling"),

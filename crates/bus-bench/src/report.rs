@@ -28,6 +28,10 @@ pub(crate) struct Row {
     /// the bus's wire format and default retention); 0 when that row did not run.
     #[serde(default)]
     pub(crate) ratio_to_ceiling_bus_wire: f64,
+    /// Messages the broker stored per second end to end (a record batch of many events is one);
+    /// 0 when the row does not know.
+    #[serde(default)]
+    pub(crate) broker_msgs_per_s: f64,
 }
 
 #[derive(Serialize)]
@@ -43,11 +47,11 @@ fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| row | messages | publish msg/s | e2e msg/s | ratio | vs wire | p50 ms | p99 ms | p999 ms | peak RSS MiB | tasks | threads | violations | lost | dups |"
+        "| row | events | publish events/s | e2e events/s | broker msg/s | ratio | vs wire | p50 ms | p99 ms | p999 ms | peak RSS MiB | tasks | threads | violations | lost | dups |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rows {
         let vs_wire = if r.ratio_to_ceiling_bus_wire > 0.0 {
@@ -57,11 +61,16 @@ fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
             r.name,
             r.messages,
             r.publish_msgs_per_s,
             r.e2e_msgs_per_s,
+            if r.broker_msgs_per_s > 0.0 {
+                format!("{:.0}", r.broker_msgs_per_s)
+            } else {
+                "-".to_owned()
+            },
             r.ratio_to_ceiling,
             vs_wire,
             r.p50_ms,

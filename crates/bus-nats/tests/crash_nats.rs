@@ -6,7 +6,8 @@
 //! only duplicates are in-order replays of events the dead process handled but never acked.
 //!
 //! Run under the default work-queue retention and under `Retention::Acknowledged`, where the
-//! replays also include handled events above the ack floor.
+//! replays also include handled events above the ack floor, and with record batches, where the
+//! kill lands in the middle of batches whose events run on different workers.
 //!
 //! This binary is its own child: run with `BUS_CRASH_CHILD_URL` set, it is the consumer that
 //! gets killed.
@@ -32,8 +33,12 @@ fn topic() -> Topic {
 }
 
 /// The tests' configuration with the topic's stream kept by `retention`.
-fn config(url: &str, retention: Retention) -> NatsConfig {
+fn config(url: &str, retention: Retention, batched: bool) -> NatsConfig {
     let mut config = common::test_config(url);
+    if batched {
+        config.batching = bus_nats::BatchConfig::on();
+        config.batching.max_events = 32;
+    }
     // Quick takeovers: the next subscriber waits this long for the dead one's claim.
     config.consumer.takeover_after = Duration::from_secs(2);
     let mut spec = StreamSpec::new(default_stream_name(&topic()), [topic()]);
@@ -59,25 +64,39 @@ fn main() {
     if let Ok(url) = std::env::var("BUS_CRASH_CHILD_URL") {
         let log = std::env::var("BUS_CRASH_CHILD_LOG").expect("child log path");
         let retention = std::env::var("BUS_CRASH_CHILD_RETENTION").expect("child retention");
-        runtime.block_on(child(url, log, retention_named(&retention)));
+        let batched = std::env::var("BUS_CRASH_CHILD_BATCHED").is_ok();
+        runtime.block_on(child(url, log, retention_named(&retention), batched));
         return;
     }
-    println!("running 3 tests");
+    println!("running 4 tests");
     for retention in [Retention::WorkQueue, Retention::Acknowledged] {
-        runtime.block_on(consumer_killed_mid_stream(retention, Server::Current));
+        runtime.block_on(consumer_killed_mid_stream(
+            retention,
+            Server::Current,
+            false,
+        ));
         println!("test consumer_killed_mid_stream ({retention:?}) ... ok");
     }
     runtime.block_on(consumer_killed_mid_stream(
         Retention::WorkQueue,
         Server::Old,
+        false,
     ));
     println!("test consumer_killed_mid_stream (WorkQueue, old server) ... ok");
-    println!("\ncrash_nats: 3 passed, 0 failed");
+    runtime.block_on(consumer_killed_mid_stream(
+        Retention::WorkQueue,
+        Server::Current,
+        true,
+    ));
+    println!("test consumer_killed_mid_stream (WorkQueue, record batches) ... ok");
+    println!("\ncrash_nats: 4 passed, 0 failed");
 }
 
 /// The consumer that gets killed: records every handled event in a log, one line each.
-async fn child(url: String, log: String, retention: Retention) {
-    let bus = NatsBus::connect(config(&url, retention)).await.unwrap();
+async fn child(url: String, log: String, retention: Retention, batched: bool) {
+    let bus = NatsBus::connect(config(&url, retention, batched))
+        .await
+        .unwrap();
     let file = Arc::new(Mutex::new(std::fs::File::create(log).unwrap()));
     let _subscription = bus
         .subscribe(
@@ -108,12 +127,12 @@ enum Server {
     Old,
 }
 
-async fn consumer_killed_mid_stream(retention: Retention, which: Server) {
+async fn consumer_killed_mid_stream(retention: Retention, which: Server, batched: bool) {
     let server = match which {
         Server::Current => NatsServer::start(),
         Server::Old => NatsServer::start_old(),
     };
-    let bus = NatsBus::connect(config(&server.url(), retention))
+    let bus = NatsBus::connect(config(&server.url(), retention, batched))
         .await
         .unwrap();
     for version in 1..=VERSIONS {
@@ -128,7 +147,11 @@ async fn consumer_killed_mid_stream(retention: Retention, which: Server) {
     let expected = AGGREGATES * VERSIONS;
 
     let log = tempfile_path();
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if batched {
+        command.env("BUS_CRASH_CHILD_BATCHED", "1");
+    }
+    let mut child = command
         .env("BUS_CRASH_CHILD_URL", server.url())
         .env("BUS_CRASH_CHILD_LOG", &log)
         .env("BUS_CRASH_CHILD_RETENTION", format!("{retention:?}"))
@@ -181,10 +204,28 @@ async fn consumer_killed_mid_stream(retention: Retention, which: Server) {
     assert!(pending > 0, "the crash left nothing unacknowledged");
     // What delivery restarts from: under work-queue retention only the unacknowledged
     // messages are still there; otherwise everything above the ack floor is.
-    let replayable = match retention {
+    let mut replayable = match retention {
         Retention::WorkQueue => pending as u64,
         _ => info.delivered.stream_sequence - info.ack_floor.stream_sequence,
     };
+    if batched {
+        // In events: what the messages above the ack floor hold.
+        let mut stream = stream.clone();
+        let stored = stream.info().await.unwrap().state.last_sequence;
+        assert!(
+            stored * 4 < expected,
+            "{expected} events in {stored} messages: batches did not form"
+        );
+        replayable = 0;
+        for seq in info.ack_floor.stream_sequence + 1..=info.delivered.stream_sequence {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                replayable += message
+                    .headers
+                    .get(bus_core::wire::BATCH)
+                    .map_or(1, |n| n.to_string().parse::<u64>().unwrap());
+            }
+        }
+    }
 
     // A new consumer starts at once, well inside AckWait.
     let subscription = match which {
@@ -234,7 +275,7 @@ async fn consumer_killed_mid_stream(retention: Retention, which: Server) {
     subscription.close().await.unwrap();
     let report = recorder.verifier.report();
     println!(
-        "consumer crash ({retention:?}, {which:?} server): child handled {handled_by_child} then was killed with \
+        "consumer crash ({retention:?}, {which:?} server, batched: {batched}): child handled {handled_by_child} then was killed with \
          {pending} unacknowledged, {replayable} replayable; after restart: {report:?}"
     );
     assert_eq!(report.order_violations, 0, "{report:?}");

@@ -25,9 +25,17 @@ struct Outcome {
     failed: u64,
     duplicates_acked: u64,
     reconnections: u64,
+    /// Publishes sent again after a transient failure.
+    retries: u64,
+    /// Messages the stream holds (fewer than events when batches form).
+    messages: u64,
 }
 
 async fn publish_through_cuts(ordering: PublishOrdering) -> Outcome {
+    publish_through_cuts_with(ordering, false).await
+}
+
+async fn publish_through_cuts_with(ordering: PublishOrdering, batched: bool) -> Outcome {
     let server = NatsServer::start();
     let target = format!("127.0.0.1:{}", server.port()).parse().unwrap();
     let proxy = Arc::new(TcpProxy::start(target).await.unwrap());
@@ -39,6 +47,10 @@ async fn publish_through_cuts(ordering: PublishOrdering) -> Outcome {
 
     let mut config = test_config(&proxy.url());
     config.publish_ordering = ordering;
+    if batched {
+        config.batching = bus_nats::BatchConfig::on();
+        config.batching.max_events = 16;
+    }
     let publisher_bus = NatsBus::connect(config).await.unwrap();
     let publisher = publisher_bus.publisher();
 
@@ -85,7 +97,15 @@ async fn publish_through_cuts(ordering: PublishOrdering) -> Outcome {
     // Every stored event reaches the handler; the failed ones never do.
     recorder.wait_unique(stored).await;
     subscription.close().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let mut stream = js
+        .get_stream(consumer_bus.stream_name(&topic).await.unwrap())
+        .await
+        .unwrap();
+    let messages = stream.info().await.unwrap().state.last_sequence;
     Outcome {
+        retries: publisher.retries(),
+        messages,
         report: recorder.verifier.report(),
         stored,
         failed,
@@ -118,6 +138,36 @@ async fn cut_connection_mid_pipeline_keeps_every_aggregate_in_order() {
         report.duplicates, 0,
         "retries carry the event ID as Nats-Msg-Id and are stored once"
     );
+}
+
+/// The same with record batches: a batch lost in a cut is sent again, the same bytes under the
+/// same `Nats-Msg-Id`, before its aggregates' later events; every event is stored once, in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_connection_mid_batches_keeps_every_aggregate_in_order() {
+    let outcome = publish_through_cuts_with(PublishOrdering::PerAggregate, true).await;
+    let total = AGGREGATES * VERSIONS;
+    let report = &outcome.report;
+    eprintln!(
+        "record batches: {report:?}; stored {} in {} messages, failed {}, acked as duplicates {}, retries {}, reconnections {}",
+        outcome.stored, outcome.messages, outcome.failed, outcome.duplicates_acked, outcome.retries, outcome.reconnections
+    );
+    assert!(
+        outcome.reconnections >= 1,
+        "the cuts must have forced a reconnect"
+    );
+    assert!(outcome.retries > 0, "no batch was sent again");
+    assert!(
+        outcome.messages < total,
+        "{total} events in {} messages: no batch formed",
+        outcome.messages
+    );
+    assert_eq!(outcome.failed, 0, "transient failures are retried");
+    assert_eq!(outcome.stored, total);
+    assert_eq!(report.order_violations, 0, "{report:?}");
+    assert_eq!(report.gaps, 0, "{report:?}");
+    assert_eq!(report.lost(total), 0, "{report:?}");
+    assert_eq!(report.duplicates, 0, "resent batches are stored once");
 }
 
 /// Pipelined publishing makes no such promise across a cut, but it loses nothing silently:

@@ -34,6 +34,17 @@ impl Runner {
         }
     }
 
+    /// At close: the halted aggregates' events are left to be delivered again, and a record
+    /// batch among them remembers which of its events were handled. The halts stay listed.
+    pub(crate) fn release_halted(&self) {
+        let halted = self.halted.lock().unwrap();
+        for halt in halted.values() {
+            for job in &halt.jobs {
+                self.settle(job, false);
+            }
+        }
+    }
+
     pub(crate) fn halt(&self, first: Box<Job>, failure: Failure, mut rest: VecDeque<Box<Job>>) {
         tracing::error!(
             topic = %self.topic,

@@ -498,7 +498,7 @@ impl SubscriptionHandle for NatsSubscription {
                     runner.settle(job, false);
                 }
             }
-            runner.drop_halts();
+            runner.release_halted();
             tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: pool drained and acks sent");
             // The broker processes acks after their connection flushed, and a cluster electing
             // a consumer leader can lose them; a standby that took over before they count

@@ -196,6 +196,7 @@ mod tests {
             duplicates: 0,
             ratio_to_ceiling: 0.5,
             ratio_to_ceiling_bus_wire: vs_wire,
+            broker_msgs_per_s: rate / 8.0,
         }
     }
 

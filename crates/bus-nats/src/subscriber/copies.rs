@@ -41,7 +41,10 @@ pub(crate) struct Copies {
 /// which ones, by stream position, so that a redelivery hands the handler only the others.
 #[derive(Debug, Default)]
 pub(crate) struct PartialBatches {
-    by_sequence: HashMap<u64, Vec<bool>, ahash::RandomState>,
+    /// By stream position: the batch's first record's header block (so that another batch at
+    /// the same position, in a stream deleted and created again, is not mistaken for it) and
+    /// which records were settled.
+    by_sequence: HashMap<u64, (bytes::Bytes, Vec<bool>), ahash::RandomState>,
     order: VecDeque<u64>,
 }
 
@@ -62,9 +65,13 @@ impl Copies {
     }
 
     /// Remembers which events of the batch at `sequence` were settled, as it is released.
-    pub(crate) fn remember_partial(&mut self, sequence: u64, done: Vec<bool>) {
+    pub(crate) fn remember_partial(&mut self, sequence: u64, first: bytes::Bytes, done: Vec<bool>) {
         let mut partial = self.partial.lock().unwrap();
-        if partial.by_sequence.insert(sequence, done).is_none() {
+        if partial
+            .by_sequence
+            .insert(sequence, (first, done))
+            .is_none()
+        {
             partial.order.push_back(sequence);
             if partial.order.len() > self.capacity {
                 if let Some(old) = partial.order.pop_front() {
@@ -75,11 +82,15 @@ impl Copies {
     }
 
     /// Which events of the batch at `sequence` were settled before it was released, if any.
-    pub(crate) fn take_partial(&mut self, sequence: u64) -> Option<Vec<bool>> {
+    pub(crate) fn take_partial(
+        &mut self,
+        sequence: u64,
+        first: &bytes::Bytes,
+    ) -> Option<Vec<bool>> {
         let mut partial = self.partial.lock().unwrap();
-        let done = partial.by_sequence.remove(&sequence)?;
+        let (remembered, done) = partial.by_sequence.remove(&sequence)?;
         partial.order.retain(|s| *s != sequence);
-        Some(done)
+        (&remembered == first).then_some(done)
     }
 
     pub(crate) fn admit(&mut self, sequence: u64, reply: Option<Subject>) -> Seen {

@@ -523,7 +523,11 @@ async fn dispatch_batch(
     message: async_nats::Message,
     records: Vec<wire::Record>,
 ) -> Option<End> {
-    let before = plan.copies.lock().unwrap().take_partial(sequence);
+    let first = records
+        .first()
+        .map(|r| r.header_block().clone())
+        .unwrap_or_default();
+    let before = plan.copies.lock().unwrap().take_partial(sequence, &first);
     let done: Vec<AtomicBool> = (0..records.len())
         .map(|i| AtomicBool::new(before.as_ref().is_some_and(|d| d.get(i) == Some(&true))))
         .collect();

@@ -242,7 +242,15 @@ impl Runner {
             self.settle_copies(sequence, true);
         } else {
             if let Some(sequence) = sequence {
-                self.copies.lock().unwrap().remember_partial(sequence, done);
+                let first = progress
+                    .records
+                    .first()
+                    .map(|r| r.header_block().clone())
+                    .unwrap_or_default();
+                self.copies
+                    .lock()
+                    .unwrap()
+                    .remember_partial(sequence, first, done);
             }
             self.settle_copies(sequence, false);
         }

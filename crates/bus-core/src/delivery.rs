@@ -26,8 +26,13 @@ pub struct Delivery {
     /// partition (or one unpartitioned topic) positions only grow, so it serves as a fencing
     /// token for the handler's own writes: a store that refuses a write older than the last it
     /// accepted for the partition never takes one from an owner that lost the partition while
-    /// it was running.
+    /// it was running. Events of one record batch share it (see `batch_index`): positions
+    /// never go down, but may repeat.
     pub stream_sequence: Option<u64>,
+    /// For an event that travelled in a record batch (several events in one message, which
+    /// share its `stream_sequence`): its index in the batch, from 0. `(stream_sequence,
+    /// batch_index)` grows within a partition like the position alone does for single events.
+    pub batch_index: Option<u32>,
     /// The partition of a partitioned topic, `None` otherwise.
     pub partition: Option<u32>,
     /// Fires when the subscription stops waiting for this call's outcome to matter.
@@ -43,6 +48,7 @@ impl Delivery {
         Self {
             attempt,
             stream_sequence: None,
+            batch_index: None,
             partition: None,
             cancellation: Cancellation::never(),
             traceparent: None,
@@ -251,6 +257,7 @@ mod tests {
         let delivery = Delivery {
             attempt: 3,
             stream_sequence: Some(17),
+            batch_index: None,
             partition: Some(2),
             cancellation: source.signal(),
             traceparent: None,

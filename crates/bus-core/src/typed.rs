@@ -133,6 +133,12 @@ impl EventContext {
         self.delivery.stream_sequence
     }
 
+    /// The event's index in its record batch, if it travelled in one (see
+    /// [`Delivery::batch_index`]).
+    pub fn batch_index(&self) -> Option<u32> {
+        self.delivery.batch_index
+    }
+
     /// The event's partition, on a partitioned topic.
     pub fn partition(&self) -> Option<u32> {
         self.delivery.partition
@@ -345,6 +351,7 @@ mod tests {
         let delivery = Delivery {
             attempt: 2,
             stream_sequence: Some(9),
+            batch_index: None,
             partition: Some(1),
             cancellation: source.signal(),
             traceparent: None,

@@ -379,6 +379,7 @@ impl JobRunner {
                         let delivery = Delivery {
                             attempt,
                             stream_sequence: Some(job.offset + 1),
+                            batch_index: None,
                             partition: None,
                             cancellation: self.cancel.signal(),
                             traceparent,

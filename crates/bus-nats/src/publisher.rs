@@ -67,6 +67,9 @@ struct Message {
 }
 
 /// What one NATS message carries while it awaits its ack: a publish sent alone, or a batch.
+// Not boxed: a publish sent alone is the unbatched hot path, and a box would add an allocation
+// to every one of them.
+#[allow(clippy::large_enum_variant)]
 enum Flight {
     One(Message),
     Batch(Batch),
@@ -926,7 +929,7 @@ fn read_ack(topic: &Topic, ack: &async_nats::Message) -> AckResult {
 /// What the ack task waits for besides acks.
 enum Timer {
     /// A flight to send again after a transient failure.
-    Resend(Flight),
+    Resend(Box<Flight>),
     /// A lane whose pending publishes have lingered long enough.
     Linger(Topic, Arc<Lane>),
 }
@@ -977,7 +980,7 @@ async fn collect_acks(
             }
             Some(timer) = timers.next(), if !timers.is_empty() => {
                 let flights = match timer {
-                    Timer::Resend(flight) => vec![flight],
+                    Timer::Resend(flight) => vec![*flight],
                     Timer::Linger(topic, lane) => {
                         lane.state.lock().unwrap().lingering = false;
                         settler.next_batches(&topic, &lane, &mut timers)
@@ -1091,7 +1094,7 @@ impl Settler<'_> {
                 Next::Retry(message, delay) => {
                     timers.push(Box::pin(async move {
                         tokio::time::sleep(delay).await;
-                        Timer::Resend(Flight::One(message))
+                        Timer::Resend(Box::new(Flight::One(message)))
                     }));
                     Vec::new()
                 }
@@ -1140,7 +1143,7 @@ impl Settler<'_> {
                     }
                     timers.push(Box::pin(async move {
                         tokio::time::sleep(delay).await;
-                        Timer::Resend(Flight::Batch(batch))
+                        Timer::Resend(Box::new(Flight::Batch(batch)))
                     }));
                     return Vec::new();
                 }

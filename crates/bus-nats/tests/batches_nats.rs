@@ -162,16 +162,23 @@ async fn a_failing_event_of_a_batch_is_dead_lettered_alone() {
     assert_eq!(stored_messages(&server, &bus, &topic).await, 1);
 
     let recorder = Recorder::new();
+    let positions: Arc<Mutex<Vec<(u64, Option<u64>, Option<u32>)>>> = Arc::default();
     let subscription = {
-        let (recorder, t) = (recorder.clone(), topic.clone());
+        let (recorder, t, positions) = (recorder.clone(), topic.clone(), positions.clone());
         bus.subscribe(
             &topic,
             Arc::new(handler_fn(move |e: Envelope| {
-                let (recorder, t) = (recorder.clone(), t.clone());
+                let (recorder, t, positions) = (recorder.clone(), t.clone(), positions.clone());
                 async move {
                     if e.aggregate_id().as_str() == "bad" {
                         return Err(HandlerError::permanent("refused"));
                     }
+                    let d = bus_core::current_delivery().unwrap();
+                    positions.lock().unwrap().push((
+                        e.event_version(),
+                        d.stream_sequence,
+                        d.batch_index,
+                    ));
                     recorder.record(&t, &e);
                     Ok(())
                 }
@@ -194,6 +201,11 @@ async fn a_failing_event_of_a_batch_is_dead_lettered_alone() {
         ("bad", 1)
     );
     assert_eq!(subscription.control().unwrap().metrics().dead_lettered, 1);
+    // Both `ok` events share the batch's position; their indexes tell them apart.
+    assert_eq!(
+        *positions.lock().unwrap(),
+        [(1, Some(1), Some(0)), (2, Some(1), Some(2))]
+    );
     let report = recorder.verifier.report();
     assert_eq!(
         (report.unique, report.order_violations),
@@ -288,4 +300,76 @@ async fn a_released_batch_does_not_hand_its_handled_events_again() {
     );
     assert_eq!(second.control().unwrap().metrics().copies_skipped, 2);
     second.close().await.unwrap();
+}
+
+/// On a partitioned topic each partition has its own lane: every record of a batch stored on
+/// `<topic>.<p>` belongs to partition `p`, and the one member of the group handles every event
+/// once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_a_partitioned_topic_hold_only_their_partition() {
+    let server = NatsServer::start();
+    let topic = Topic::new("batched-parts").unwrap();
+    let bus = NatsBus::connect(batched(&server.url(), |c| {
+        let mut spec = bus_nats::StreamSpec::new("BATCHED_PARTS", [topic.clone()]);
+        spec.partitions = 4;
+        c.streams.push(spec);
+    }))
+    .await
+    .unwrap();
+    let publisher = bus.publisher();
+    let (aggregates, versions) = (30u64, 20u64);
+    for version in 1..=versions {
+        for a in 0..aggregates {
+            let _receipt = publisher
+                .publish(&topic, envelope(&format!("p-{a}"), version))
+                .await
+                .unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+    let events = aggregates * versions;
+    let mut s = stream(&server, &bus, &topic).await;
+    let stored = s.info().await.unwrap().state.last_sequence;
+    assert!(stored * 2 < events, "{events} events in {stored} messages");
+    let mut records = 0;
+    for seq in 1..=stored {
+        let message = s.get_raw_message(seq).await.unwrap();
+        let partition: u32 = message.subject.rsplit('.').next().unwrap().parse().unwrap();
+        let envelopes: Vec<Envelope> = match message.headers.get(bus_core::wire::BATCH) {
+            Some(count) => bus_core::wire::decode_batch(&count.to_string(), &message.payload)
+                .unwrap()
+                .iter()
+                .map(|r| r.decode().unwrap())
+                .collect(),
+            None => vec![bus_core::wire::decode(
+                message
+                    .headers
+                    .iter()
+                    .flat_map(|(n, vs)| vs.iter().map(move |v| (n.as_ref(), v.as_str()))),
+                message.payload.clone(),
+            )
+            .unwrap()],
+        };
+        for e in envelopes {
+            assert_eq!(
+                bus_core::wire::partition_of(e.aggregate_id().as_str(), 4),
+                partition,
+                "{} stored on partition {partition}",
+                e.aggregate_id()
+            );
+            records += 1;
+        }
+    }
+    assert_eq!(records, events);
+
+    let recorder = Recorder::new();
+    let subscription = bus_testkit::conformance::subscribe_recording(&bus, &topic, &recorder).await;
+    recorder.wait_unique(events).await;
+    let report = recorder.verifier.report();
+    assert_eq!(
+        (report.order_violations, report.duplicates, report.gaps),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    subscription.close().await.unwrap();
 }

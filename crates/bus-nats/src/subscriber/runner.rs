@@ -309,6 +309,10 @@ impl Runner {
                 let delivery = Delivery {
                     attempt,
                     stream_sequence: job.sequence,
+                    batch_index: match &job.origin {
+                        Origin::Batch(_, index) => Some(*index as u32),
+                        Origin::Single(_) => None,
+                    },
                     partition: self.partition,
                     cancellation,
                     traceparent: traceparent.clone(),

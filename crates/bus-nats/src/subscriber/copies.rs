@@ -90,7 +90,7 @@ impl Copies {
         let mut partial = self.partial.lock().unwrap();
         let (remembered, done) = partial.by_sequence.remove(&sequence)?;
         partial.order.retain(|s| *s != sequence);
-        (&remembered == first).then_some(done)
+        (remembered == *first).then_some(done)
     }
 
     pub(crate) fn admit(&mut self, sequence: u64, reply: Option<Subject>) -> Seen {

@@ -14,6 +14,9 @@ use bus_testkit::conformance::Recorder;
 use bus_testkit::NatsServer;
 use common::{consumer_info, test_config};
 
+/// An event's version, stream sequence and index in its batch, as its handler saw them.
+type Position = (u64, Option<u64>, Option<u32>);
+
 fn envelope(aggregate: &str, version: u64) -> Envelope {
     Envelope::builder(aggregate, "Tested", version)
         .payload(vec![7u8; 24])
@@ -162,7 +165,7 @@ async fn a_failing_event_of_a_batch_is_dead_lettered_alone() {
     assert_eq!(stored_messages(&server, &bus, &topic).await, 1);
 
     let recorder = Recorder::new();
-    let positions: Arc<Mutex<Vec<(u64, Option<u64>, Option<u32>)>>> = Arc::default();
+    let positions: Arc<Mutex<Vec<Position>>> = Arc::default();
     let subscription = {
         let (recorder, t, positions) = (recorder.clone(), topic.clone(), positions.clone());
         bus.subscribe(

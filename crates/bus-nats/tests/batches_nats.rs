@@ -339,7 +339,7 @@ async fn batches_of_a_partitioned_topic_hold_only_their_partition() {
         let message = s.get_raw_message(seq).await.unwrap();
         let partition: u32 = message.subject.rsplit('.').next().unwrap().parse().unwrap();
         let envelopes: Vec<Envelope> = match message.headers.get(bus_core::wire::BATCH) {
-            Some(count) => bus_core::wire::decode_batch(&count.to_string(), &message.payload)
+            Some(count) => bus_core::wire::decode_batch(count.as_ref(), &message.payload)
                 .unwrap()
                 .iter()
                 .map(|r| r.decode().unwrap())

@@ -65,6 +65,8 @@ async fn the_cli_operates_a_running_service() {
     let server = NatsServer::start();
     let url = server.url();
     let mut config = NatsConfig::new(&url).with_group("billing");
+    // One event per message: the lag checked below counts the broker's messages.
+    config.batching = bus_nats::BatchConfig::off();
     config.on_failure = FailurePolicy::HaltAggregate;
     config.retry.max_attempts = 1;
     let service = NatsBus::connect(config).await.unwrap();

@@ -19,8 +19,7 @@ use crate::PublishFailure;
 /// (about 0.1 s of traffic at 100k msg/s) while bounding memory to 10 000 messages.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 
-/// Most events in one record batch when batching is on ([`BatchConfig::on`]). The default
-/// [`BatchConfig`] has 1: batching is off until every consumer of a topic reads batches.
+/// Default most events in one record batch ([`BatchConfig::max_events`]).
 pub const DEFAULT_BATCH_MAX_EVENTS: usize = 128;
 
 /// Default most bytes of one record batch's body ([`BatchConfig::max_bytes`]): 64 KiB keeps a
@@ -584,9 +583,9 @@ pub enum PublishOrdering {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchConfig {
-    /// Most events in one batch (default 1: off; [`BatchConfig::on`] has
-    /// [`DEFAULT_BATCH_MAX_EVENTS`]). With 1, every event is its own message, in the unbatched
-    /// format, and different aggregates are pipelined up to `max_in_flight` of the bus.
+    /// Most events in one batch (default [`DEFAULT_BATCH_MAX_EVENTS`]). 1 turns batching off
+    /// ([`BatchConfig::off`]): every event is its own message, in the single-event format, and
+    /// different aggregates are pipelined up to `max_in_flight` of the bus.
     pub max_events: usize,
     /// Most bytes of a batch's records (default [`DEFAULT_BATCH_MAX_BYTES`]); at most the
     /// server's `max_payload` less 1 KiB for the batch's headers. An event larger than this is
@@ -603,10 +602,12 @@ pub struct BatchConfig {
 }
 
 impl Default for BatchConfig {
-    /// Off (`max_events` 1), with the other limits of [`BatchConfig::on`].
+    /// On: up to [`DEFAULT_BATCH_MAX_EVENTS`] events and [`DEFAULT_BATCH_MAX_BYTES`] in a
+    /// batch, no linger, [`DEFAULT_BATCH_MAX_IN_FLIGHT`] batches in flight per topic or
+    /// partition.
     fn default() -> Self {
         Self {
-            max_events: 1,
+            max_events: DEFAULT_BATCH_MAX_EVENTS,
             max_bytes: DEFAULT_BATCH_MAX_BYTES,
             linger: Duration::ZERO,
             max_in_flight: DEFAULT_BATCH_MAX_IN_FLIGHT,
@@ -615,16 +616,21 @@ impl Default for BatchConfig {
 }
 
 impl BatchConfig {
-    /// Batching on: up to [`DEFAULT_BATCH_MAX_EVENTS`] events and
-    /// [`DEFAULT_BATCH_MAX_BYTES`] in a batch, no linger, [`DEFAULT_BATCH_MAX_IN_FLIGHT`]
-    /// batches in flight per topic or partition.
-    ///
-    /// Turn it on only once every consumer of the topic runs a version that reads record
-    /// batches: an older one finds no `Bus-Event` header and dead-letters the batch as
-    /// undecodable (its events can be replayed from there, one by one).
+    /// Batching on: the default.
     pub fn on() -> Self {
+        Self::default()
+    }
+
+    /// Batching off: every event is its own message, in the single-event format.
+    ///
+    /// For a topic read by consumers that do not read record batches: an older version of this
+    /// library finds no `Bus-Event` header and dead-letters a batch as undecodable (its events
+    /// can be replayed from there, one by one), and a client in another language must decode
+    /// them (`docs/wire-format.md`). Also for counts the broker keeps per message (a stream's
+    /// `max_msgs`, a consumer's lag and `max_ack_pending`) to mean events.
+    pub fn off() -> Self {
         Self {
-            max_events: DEFAULT_BATCH_MAX_EVENTS,
+            max_events: 1,
             ..Self::default()
         }
     }
@@ -663,7 +669,7 @@ pub struct NatsConfig {
     /// [`PublishOrdering::PerAggregate`] (default [`DEFAULT_PUBLISH_RETRY_FOR`]).
     #[serde(with = "humantime_serde")]
     pub publish_retry_for: Duration,
-    /// How envelopes are packed into record batches (off by default; see [`BatchConfig`]).
+    /// How envelopes are packed into record batches (on by default; see [`BatchConfig`]).
     pub batching: BatchConfig,
     /// How long a publish waits for the broker's ack before it counts as a transient failure
     /// (default [`DEFAULT_PUBLISH_ACK_TIMEOUT`]).

@@ -15,10 +15,11 @@ use crate::{NatsBus, NatsError};
 pub struct Lag {
     /// The topic.
     pub topic: Topic,
-    /// Events stored and not yet delivered to the group.
+    /// Messages stored and not yet delivered to the group: events, or record batches of
+    /// several events each (the broker counts messages).
     pub undelivered: u64,
-    /// Events delivered and not yet acknowledged (being handled, held by a halted aggregate,
-    /// or left by a member that stopped).
+    /// Messages delivered and not yet acknowledged (being handled, held by a halted aggregate,
+    /// or left by a member that stopped); a record batch counts once.
     pub unacknowledged: u64,
     /// How long ago the oldest event the group has not handled was stored; `None` when it has
     /// handled everything.

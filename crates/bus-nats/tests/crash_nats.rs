@@ -36,8 +36,9 @@ fn topic() -> Topic {
 fn config(url: &str, retention: Retention, batched: bool) -> NatsConfig {
     let mut config = common::test_config(url);
     if batched {
-        config.batching = bus_nats::BatchConfig::on();
         config.batching.max_events = 32;
+    } else {
+        config.batching = bus_nats::BatchConfig::off();
     }
     // Quick takeovers: the next subscriber waits this long for the dead one's claim.
     config.consumer.takeover_after = Duration::from_secs(2);

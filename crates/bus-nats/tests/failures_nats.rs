@@ -11,7 +11,7 @@ use bus_core::{handler_fn, Envelope, HandlerError, Publisher, Subscriber, Topic}
 use bus_nats::NatsBus;
 use bus_testkit::conformance::Recorder;
 use bus_testkit::NatsServer;
-use common::{consumer_info, test_config, wait_for};
+use common::{consumer_info, test_config, unbatched_config, wait_for};
 
 fn envelope(aggregate: &str, version: u64) -> Envelope {
     Envelope::builder(aggregate, "Tested", version)
@@ -26,7 +26,9 @@ fn envelope(aggregate: &str, version: u64) -> Envelope {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_copies_are_not_handled_twice() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let bus = NatsBus::connect(unbatched_config(&server.url()))
+        .await
+        .unwrap();
     let topic = Topic::new("copies").unwrap();
     let recorder = Recorder::new();
     let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
@@ -104,7 +106,7 @@ async fn redelivered_copies_are_not_handled_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_slower_than_ack_wait_is_not_redelivered() {
     let server = NatsServer::start();
-    let mut config = test_config(&server.url());
+    let mut config = unbatched_config(&server.url());
     config.consumer.ack_wait = Duration::from_secs(1);
     let bus = NatsBus::connect(config).await.unwrap();
     let topic = Topic::new("slow").unwrap();
@@ -331,7 +333,7 @@ async fn server_killed_and_restarted_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_handler_under_a_flood_keeps_memory_bounded_and_drops_nothing() {
     let server = NatsServer::start();
-    let mut config = test_config(&server.url());
+    let mut config = unbatched_config(&server.url());
     config.consumer.max_ack_pending = 1_000;
     let bus = NatsBus::connect(config).await.unwrap();
     let topic = Topic::new("flood").unwrap();

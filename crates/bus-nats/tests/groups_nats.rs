@@ -10,7 +10,7 @@ use bus_core::{Envelope, Publisher, SubscribeErrorKind, Topic};
 use bus_nats::{NatsBus, Retention, StreamSpec};
 use bus_testkit::conformance::{subscribe_recording, Recorder};
 use bus_testkit::NatsServer;
-use common::test_config;
+use common::unbatched_config;
 
 fn envelope(aggregate: &str, version: u64) -> Envelope {
     Envelope::builder(aggregate, "Tested", version)
@@ -19,9 +19,10 @@ fn envelope(aggregate: &str, version: u64) -> Envelope {
         .unwrap()
 }
 
-/// A bus of consumer group `group`; the topic's stream kept with `retention`.
+/// A bus of consumer group `group`; the topic's stream kept with `retention`. One event per
+/// message: the tests count what the stream keeps as events.
 async fn group(server: &NatsServer, group: &str, topic: &Topic, retention: Retention) -> NatsBus {
-    let mut config = test_config(&server.url());
+    let mut config = unbatched_config(&server.url());
     config.consumer.group = group.to_owned();
     let mut spec = StreamSpec::new("GROUPS", [topic.clone()]);
     spec.retention = retention;

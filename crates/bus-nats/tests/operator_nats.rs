@@ -14,7 +14,7 @@ use bus_core::{
 use bus_nats::NatsBus;
 use bus_testkit::conformance::Recorder;
 use bus_testkit::NatsServer;
-use common::{consumer_info, test_config, wait_for};
+use common::{consumer_info, test_config, unbatched_config, wait_for};
 
 fn envelope(aggregate: &str, version: u64) -> Envelope {
     Envelope::builder(aggregate, "Tested", version)
@@ -43,7 +43,7 @@ async fn redeliveries(server: &NatsServer, bus: &NatsBus, topic: &Topic) -> u64 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn halted_aggregate_waits_for_the_operator_and_resumes_in_order() {
     let server = NatsServer::start();
-    let mut config = test_config(&server.url());
+    let mut config = unbatched_config(&server.url());
     config.on_failure = FailurePolicy::HaltAggregate;
     config.retry.max_attempts = 2;
     config.consumer.ack_wait = Duration::from_secs(1);
@@ -346,7 +346,7 @@ async fn lag_counts_what_the_group_has_not_handled_and_how_old_it_is() {
     for partitions in [1u32, 4] {
         let server = NatsServer::start();
         let topic = Topic::new("lagging").unwrap();
-        let mut config = test_config(&server.url());
+        let mut config = unbatched_config(&server.url());
         let mut spec = bus_nats::StreamSpec::new("LAGGING", [topic.clone()]);
         spec.partitions = partitions;
         config.streams.push(spec);

@@ -14,7 +14,7 @@ use bus_core::{Envelope, Publisher, Receipt, Topic};
 use bus_nats::{NatsBus, PublishOrdering};
 use bus_testkit::conformance::{subscribe_recording, Recorder};
 use bus_testkit::{NatsServer, TcpProxy, VerifierReport};
-use common::test_config;
+use common::{test_config, unbatched_config};
 
 const AGGREGATES: u64 = 20;
 const VERSIONS: u64 = 400;
@@ -48,8 +48,9 @@ async fn publish_through_cuts_with(ordering: PublishOrdering, batched: bool) -> 
     let mut config = test_config(&proxy.url());
     config.publish_ordering = ordering;
     if batched {
-        config.batching = bus_nats::BatchConfig::on();
         config.batching.max_events = 16;
+    } else {
+        config.batching = bus_nats::BatchConfig::off();
     }
     let publisher_bus = NatsBus::connect(config).await.unwrap();
     let publisher = publisher_bus.publisher();
@@ -208,7 +209,7 @@ async fn refused_publish_aborts_the_aggregates_waiting_events() {
 
     let server = NatsServer::start();
     let topic = Topic::new("full").unwrap();
-    let mut config = test_config(&server.url());
+    let mut config = unbatched_config(&server.url());
     let mut spec = bus_nats::StreamSpec::new("FULL", [topic.clone()]);
     spec.max_msgs = 5;
     config.streams.push(spec);
@@ -253,7 +254,9 @@ async fn publishes_are_retried_while_no_stream_answers() {
     const VERSIONS: u64 = 40;
     let server = NatsServer::start();
     let topic = Topic::new("electing").unwrap();
-    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let bus = NatsBus::connect(unbatched_config(&server.url()))
+        .await
+        .unwrap();
     let stream_name = bus.stream_name(&topic).await.unwrap();
     let admin = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     let mut stream = admin.get_stream(&stream_name).await.unwrap();

@@ -39,7 +39,7 @@ impl Event for Closed {
     const TYPE: &'static str = "Closed";
 }
 
-/// (aggregate, type, version, amount, attempt, stream sequence, partition)
+/// (aggregate, type, version, amount, attempt, stream sequence, partition, index in its batch)
 type Seen = (
     String,
     &'static str,
@@ -47,6 +47,7 @@ type Seen = (
     u64,
     u32,
     Option<u64>,
+    Option<u32>,
     Option<u32>,
 );
 
@@ -59,6 +60,7 @@ fn record(seen: &Mutex<Vec<Seen>>, kind: &'static str, cents: u64, cx: &EventCon
         cx.attempt(),
         cx.stream_sequence(),
         cx.partition(),
+        cx.batch_index(),
     ));
 }
 
@@ -163,10 +165,15 @@ async fn typed_handlers_get_decoded_events_in_order_with_their_context() {
             assert_eq!(s.6, Some(partition_of(&aggregate, 2)), "{s:?} partition");
             assert!(s.5.is_some(), "{s:?} has its stream sequence");
         }
-        let sequences: Vec<u64> = mine.iter().map(|s| s.5.unwrap()).collect();
+        // Events of one record batch share the stream sequence; with the index in the batch
+        // the position grows.
+        let positions: Vec<(u64, u32)> = mine
+            .iter()
+            .map(|s| (s.5.unwrap(), s.7.unwrap_or(0)))
+            .collect();
         assert!(
-            sequences.windows(2).all(|w| w[0] < w[1]),
-            "{aggregate}: stream sequences grow {sequences:?}"
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "{aggregate}: positions grow {positions:?}"
         );
     }
     let retried: Vec<&Seen> = seen.iter().filter(|s| s.0 == "acc-0" && s.2 == 3).collect();

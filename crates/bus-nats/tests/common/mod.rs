@@ -23,6 +23,17 @@ pub fn test_config(url: &str) -> NatsConfig {
     config
 }
 
+/// [`test_config`] with record batches off: for tests whose assertions count what the broker
+/// counts per message (stream messages, a consumer's pending and redelivered messages, lag) as
+/// events, or that drive the single-event path on purpose. The batched path has its own tests
+/// (`batches_nats`, the `batched` conformance suite, the batched crash and cut tests).
+#[allow(dead_code)]
+pub fn unbatched_config(url: &str) -> NatsConfig {
+    let mut config = test_config(url);
+    config.batching = bus_nats::BatchConfig::off();
+    config
+}
+
 pub struct NatsHarness {
     pub server: NatsServer,
     pub bus: NatsBus,
@@ -145,6 +156,29 @@ pub async fn consumer_info(
         .await
         .unwrap();
     consumer.info().await.unwrap().clone()
+}
+
+/// The events in the messages the topic's consumer has delivered above its ack floor (a record
+/// batch counts its events): an upper bound of what a successor may replay.
+#[allow(dead_code)]
+pub async fn events_above_ack_floor(server: &NatsServer, bus: &NatsBus, topic: &Topic) -> u64 {
+    let info = consumer_info(server, bus, topic).await;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let stream = js
+        .get_stream(bus.stream_name(topic).await.unwrap())
+        .await
+        .unwrap();
+    let mut events = 0;
+    for seq in info.ack_floor.stream_sequence + 1..=info.delivered.stream_sequence {
+        // Acknowledged and removed (work-queue retention) is not above the floor's gaps.
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            events += message
+                .headers
+                .get(bus_core::wire::BATCH)
+                .map_or(1, |n| n.to_string().parse::<u64>().unwrap());
+        }
+    }
+    events
 }
 
 /// Waits until `condition` holds, checking every 10 ms, for at most `timeout`; for state that

@@ -794,6 +794,14 @@ async fn transmit(
             (subject, headers, payload)
         }
         Flight::Batch(batch) => {
+            if batch.first_sent.is_none() {
+                if let Some(first) = batch.messages.first() {
+                    first
+                        .metrics
+                        .batch_events
+                        .record(batch.messages.len() as f64);
+                }
+            }
             batch.first_sent.get_or_insert(now);
             for message in &mut batch.messages {
                 message.first_sent.get_or_insert(now);

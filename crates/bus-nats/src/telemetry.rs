@@ -22,6 +22,9 @@ pub const METRIC_PUBLISHED: &str = "bus_publish_total";
 pub const METRIC_PUBLISH_SECONDS: &str = "bus_publish_seconds";
 /// Publishes sent again after a transient failure.
 pub const METRIC_PUBLISH_RETRIES: &str = "bus_publish_retries_total";
+/// Events in each message a publisher sends with record batches on (1 for an event sent
+/// alone): how full batches are.
+pub const METRIC_PUBLISH_BATCH_EVENTS: &str = "bus_publish_batch_events";
 /// Events settled by a subscription, by `outcome`: `handled` (acknowledged), `dead_lettered`,
 /// `halted` (its aggregate halted on it) or `returned` (failed while the subscription was
 /// going; delivered again).
@@ -60,6 +63,7 @@ pub(crate) struct PublishMetrics {
     pub(crate) failed: Counter,
     pub(crate) retries: Counter,
     pub(crate) seconds: Histogram,
+    pub(crate) batch_events: Histogram,
 }
 
 impl PublishMetrics {
@@ -70,7 +74,8 @@ impl PublishMetrics {
             duplicate: counter!(METRIC_PUBLISHED, "topic" => topic.clone(), "outcome" => "duplicate"),
             failed: counter!(METRIC_PUBLISHED, "topic" => topic.clone(), "outcome" => "failed"),
             retries: counter!(METRIC_PUBLISH_RETRIES, "topic" => topic.clone()),
-            seconds: histogram!(METRIC_PUBLISH_SECONDS, "topic" => topic),
+            seconds: histogram!(METRIC_PUBLISH_SECONDS, "topic" => topic.clone()),
+            batch_events: histogram!(METRIC_PUBLISH_BATCH_EVENTS, "topic" => topic),
         }
     }
 }

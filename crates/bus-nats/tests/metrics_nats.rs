@@ -150,6 +150,9 @@ async fn publishing_handling_failures_and_lag_are_measured() {
         0.0
     );
     assert_eq!(value(METRIC_PUBLISH_SECONDS, &[("topic", t)]), 20.0);
+    // One sample per message sent: at least one, at most one per event.
+    let messages = value(METRIC_PUBLISH_BATCH_EVENTS, &[("topic", t)]);
+    assert!((1.0..=20.0).contains(&messages), "{messages} batch samples");
 
     // While the gate is shut: events in flight and queued behind their aggregates' first,
     // unacknowledged at the broker, and the oldest of them ageing.

@@ -465,11 +465,25 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
         subscription.close().await?;
     }
     // Every stream's last sequence: the messages the broker stored.
-    let js = async_nats::jetstream::new(async_nats::connect(url).await?);
+    let js = async_nats::jetstream::new(
+        // One server of a cluster's list is enough to read a stream.
+        async_nats::connect(url.split(',').next().unwrap_or(url))
+            .await
+            .context("connecting to read the streams")?,
+    );
     let mut stored = 0;
     for topic in &topics {
-        let mut stream = js.get_stream(bus.stream_name(topic).await?).await?;
-        stored += stream.info().await?.state.last_sequence;
+        let name = bus.stream_name(topic).await.context("stream name")?;
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .with_context(|| format!("reading stream {name}"))?;
+        stored += stream
+            .info()
+            .await
+            .with_context(|| format!("reading stream {name}'s state"))?
+            .state
+            .last_sequence;
     }
     bus.close().await?;
     Ok(Timing {
@@ -746,6 +760,10 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
     };
     stop.notify_one();
     let (tasks, threads) = sampler.await?;
+    if let Err(e) = &timing {
+        // Some sources print nothing with `{}`; their debug form says what went wrong.
+        eprintln!("row `{}` failed: {e:?}", s.name);
+    }
     let timing = timing.with_context(|| format!("row `{}`", s.name))?;
     let mut report = sink.verifier.report();
     if s.members > 0 {

@@ -408,6 +408,12 @@ enum Event {
 /// `Nats-Msg-Id`, so a retry, or publishing the same envelope again within the stream's
 /// duplicate window, is recognised by the broker (the receipt says `duplicate: true`).
 ///
+/// With record batches on (the default, [`BatchConfig`]), the envelopes waiting for one topic
+/// (one partition) go as one message, cut when a batch's ack comes back; an aggregate's events
+/// are in no more than one batch in flight, in order. A batch's `Nats-Msg-Id` is its first event
+/// ID and its length, so a resent batch is recognised; an envelope published again by the
+/// caller is recognised only if it goes alone or in a batch of the same events.
+///
 /// An ack that does not arrive within `NatsConfig::publish_ack_timeout` counts as a transient
 /// failure.
 /// A failed publish is reported three ways: through its [`Receipt`], through the next

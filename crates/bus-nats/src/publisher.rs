@@ -723,10 +723,11 @@ impl NatsPublisher {
             .unwrap_or_default();
         let lane = route.lane_for(aggregate).clone();
         let limits = &lane.limits;
+        // Just created: its creation time serves as now, without another clock read.
+        let now = message.created;
         let (cut, linger) = {
             let mut st = lane.state.lock().unwrap();
             st.push(message);
-            let now = Instant::now();
             if st.ready(limits, now) {
                 (st.cut(limits), None)
             } else if !limits.linger.is_zero()
@@ -1130,13 +1131,14 @@ impl Settler<'_> {
                     ..
                 } = batch;
                 lane.state.lock().unwrap().settled(number, chains, false);
+                let now = Instant::now();
                 for message in messages {
                     let published = Published {
                         topic: topic.clone(),
                         sequence: Some(sequence),
                         duplicate,
                     };
-                    finish(message, Ok(published), state, shared);
+                    finish_at(message, Ok(published), state, shared, now);
                 }
                 self.next_batches(&topic, &lane, timers)
             }
@@ -1329,6 +1331,17 @@ fn finish(
     state: &State,
     shared: &Shared,
 ) {
+    finish_at(message, outcome, state, shared, Instant::now())
+}
+
+/// [`finish`], with the time it settled read once for a whole batch.
+fn finish_at(
+    message: Message,
+    outcome: Result<Published, PublishError>,
+    state: &State,
+    shared: &Shared,
+    now: Instant,
+) {
     let Message {
         topic,
         envelope,
@@ -1338,7 +1351,9 @@ fn finish(
         span,
         ..
     } = message;
-    metrics.seconds.record(created.elapsed().as_secs_f64());
+    metrics
+        .seconds
+        .record(now.saturating_duration_since(created).as_secs_f64());
     if !span.is_disabled() {
         match &outcome {
             Ok(published) => {

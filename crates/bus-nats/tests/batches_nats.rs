@@ -376,3 +376,78 @@ async fn batches_of_a_partitioned_topic_hold_only_their_partition() {
     );
     subscription.close().await.unwrap();
 }
+
+/// A raw subscription to a topic whose envelopes travel in batches gets one raw message per
+/// event, with that event's own headers and payload, keyed and ordered as if it had travelled
+/// alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_subscription_gets_each_event_of_a_batch() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(batched(&server.url(), |c| {
+        c.batching.linger = Duration::from_millis(300);
+    }))
+    .await
+    .unwrap();
+    let topic = Topic::new("batch-raw").unwrap();
+    let publisher = bus.publisher();
+    let mut receipts = Vec::new();
+    for (aggregate, version) in [("x", 1), ("y", 1), ("x", 2), ("y", 2)] {
+        receipts.push(
+            publisher
+                .publish(&topic, envelope(aggregate, version))
+                .await
+                .unwrap(),
+        );
+    }
+    for receipt in receipts {
+        assert_eq!(receipt.await.unwrap().sequence, Some(1), "one batch");
+    }
+    let seen: Arc<Mutex<Vec<(String, u64, usize)>>> = Arc::default();
+    // Ordered by the aggregate ID, the first field of `Bus-Event`.
+    let key = bus_core::RawKey::Extract(Arc::new(|m: &bus_core::RawMessage| {
+        m.header(bus_core::wire::EVENT)
+            .and_then(|v| v.split(' ').next())
+            .map(str::to_owned)
+    }));
+    let subscription = {
+        let seen = seen.clone();
+        bus.subscribe_raw(
+            &topic,
+            key,
+            Arc::new(bus_core::raw_handler_fn(move |m: bus_core::RawMessage| {
+                let seen = seen.clone();
+                async move {
+                    let event = m.header(bus_core::wire::EVENT).unwrap().to_owned();
+                    let fields: Vec<&str> = event.split(' ').collect();
+                    seen.lock().unwrap().push((
+                        fields[0].to_owned(),
+                        fields[1].parse().unwrap(),
+                        m.payload.len(),
+                    ));
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    common::wait_for("four raw events", Duration::from_secs(10), || {
+        seen.lock().unwrap().len() == 4
+    })
+    .await;
+    wait_acknowledged(&server, &bus, &topic).await;
+    let seen = seen.lock().unwrap().clone();
+    for aggregate in ["x", "y"] {
+        let versions: Vec<u64> = seen
+            .iter()
+            .filter(|s| s.0 == aggregate)
+            .map(|s| s.1)
+            .collect();
+        assert_eq!(versions, [1, 2], "{aggregate}: {seen:?}");
+    }
+    assert!(
+        seen.iter().all(|s| s.2 == 24),
+        "each carries its own payload: {seen:?}"
+    );
+    subscription.close().await.unwrap();
+}

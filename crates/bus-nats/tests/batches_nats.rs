@@ -68,8 +68,8 @@ async fn wait_acknowledged(server: &NatsServer, bus: &NatsBus, topic: &Topic) {
 }
 
 /// Many events of few aggregates, published without waiting: they are stored in far fewer
-/// messages than events, the first of them a `Bus-Batch` message, and handled exactly once each,
-/// in order per aggregate; every batch is acknowledged.
+/// messages than events, some of them batches of more than 8, and handled exactly once each, in
+/// order per aggregate; every batch is acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_form_and_every_aggregate_keeps_its_order() {
     let server = NatsServer::start();

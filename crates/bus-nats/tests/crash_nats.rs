@@ -210,22 +210,13 @@ async fn consumer_killed_mid_stream(retention: Retention, which: Server, batched
         _ => info.delivered.stream_sequence - info.ack_floor.stream_sequence,
     };
     if batched {
-        // In events: what the messages above the ack floor hold.
-        let mut stream = stream.clone();
-        let stored = stream.info().await.unwrap().state.last_sequence;
+        let stored = stream.clone().info().await.unwrap().state.last_sequence;
         assert!(
             stored * 4 < expected,
             "{expected} events in {stored} messages: batches did not form"
         );
-        replayable = 0;
-        for seq in info.ack_floor.stream_sequence + 1..=info.delivered.stream_sequence {
-            if let Ok(message) = stream.get_raw_message(seq).await {
-                replayable += message
-                    .headers
-                    .get(bus_core::wire::BATCH)
-                    .map_or(1, |n| n.to_string().parse::<u64>().unwrap());
-            }
-        }
+        // In events: what the messages above the ack floor hold.
+        replayable = common::events_above_ack_floor(&server, &bus, &topic()).await;
     }
 
     // A new consumer starts at once, well inside AckWait.

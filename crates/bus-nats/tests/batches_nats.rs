@@ -451,3 +451,81 @@ async fn a_raw_subscription_gets_each_event_of_a_batch() {
     );
     subscription.close().await.unwrap();
 }
+
+/// An aggregate halts on an event in the middle of a batch: its later event in the batch waits
+/// with it, the other aggregate's event is handled, and the batch stays unacknowledged until an
+/// operator resumes the aggregate; then both run, in order, and the batch is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_halt_inside_a_batch_holds_only_its_aggregate_until_resumed() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(batched(&server.url(), |c| {
+        c.batching.linger = Duration::from_millis(300);
+        c.on_failure = FailurePolicy::HaltAggregate;
+        c.retry.max_attempts = 1;
+    }))
+    .await
+    .unwrap();
+    let topic = Topic::new("batch-halt").unwrap();
+    let publisher = bus.publisher();
+    let mut receipts = Vec::new();
+    for (aggregate, version) in [("a", 1), ("b", 1), ("a", 2)] {
+        receipts.push(
+            publisher
+                .publish(&topic, envelope(aggregate, version))
+                .await
+                .unwrap(),
+        );
+    }
+    for receipt in receipts {
+        assert_eq!(receipt.await.unwrap().sequence, Some(1), "one batch");
+    }
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let recorder = Recorder::new();
+    let subscription = {
+        let (recorder, t, broken) = (recorder.clone(), topic.clone(), broken.clone());
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (recorder, t, broken) = (recorder.clone(), t.clone(), broken.clone());
+                async move {
+                    if e.aggregate_id().as_str() == "a"
+                        && broken.load(std::sync::atomic::Ordering::SeqCst)
+                    {
+                        return Err(HandlerError::permanent("not yet"));
+                    }
+                    recorder.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    let control = subscription.control().unwrap();
+    common::wait_for(
+        "a halted holding two events",
+        Duration::from_secs(10),
+        || {
+            let m = control.metrics();
+            m.halted_aggregates == 1 && m.halted_events == 2
+        },
+    )
+    .await;
+    recorder.wait_unique(1).await; // b 1
+    let info = consumer_info(&server, &bus, &topic).await;
+    assert_eq!(info.num_ack_pending, 1, "the batch waits for a: {info:?}");
+    assert_eq!(recorder.verifier.report().unique, 1);
+
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    control.resume("a").await.unwrap();
+    recorder.wait_unique(3).await;
+    wait_acknowledged(&server, &bus, &topic).await;
+    let report = recorder.verifier.report();
+    assert_eq!(
+        (report.order_violations, report.duplicates, report.gaps),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    assert_eq!(control.metrics().halted_aggregates, 0);
+    subscription.close().await.unwrap();
+}

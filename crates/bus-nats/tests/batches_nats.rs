@@ -52,6 +52,39 @@ async fn stored_messages(server: &NatsServer, bus: &NatsBus, topic: &Topic) -> u
         .messages
 }
 
+/// Publishes `events` (aggregate, version) within the linger, and checks that they were stored
+/// as one batch at stream position 1.
+async fn publish_one_batch(bus: &NatsBus, topic: &Topic, events: &[(&str, u64)]) {
+    let publisher = bus.publisher();
+    let mut receipts = Vec::new();
+    for (aggregate, version) in events {
+        receipts.push(
+            publisher
+                .publish(topic, envelope(aggregate, *version))
+                .await
+                .unwrap(),
+        );
+    }
+    for receipt in receipts {
+        assert_eq!(receipt.await.unwrap().sequence, Some(1), "one batch");
+    }
+}
+
+/// Publishes `versions` events of each of `aggregates` aggregates named `<prefix>-<a>`, version
+/// by version, without waiting for receipts, then flushes.
+async fn publish_many(bus: &NatsBus, topic: &Topic, prefix: &str, aggregates: u64, versions: u64) {
+    let publisher = bus.publisher();
+    for version in 1..=versions {
+        for a in 0..aggregates {
+            let _receipt = publisher
+                .publish(topic, envelope(&format!("{prefix}-{a}"), version))
+                .await
+                .unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+}
+
 async fn wait_acknowledged(server: &NatsServer, bus: &NatsBus, topic: &Topic) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -81,16 +114,7 @@ async fn batches_form_and_every_aggregate_keeps_its_order() {
     .unwrap();
     let topic = Topic::new("batched").unwrap();
     let (aggregates, versions) = (40u64, 50u64);
-    let publisher = bus.publisher();
-    for version in 1..=versions {
-        for a in 0..aggregates {
-            let _receipt = publisher
-                .publish(&topic, envelope(&format!("acc-{a}"), version))
-                .await
-                .unwrap();
-        }
-    }
-    publisher.flush().await.unwrap();
+    publish_many(&bus, &topic, "acc", aggregates, versions).await;
     let events = aggregates * versions;
     let stored = stored_messages(&server, &bus, &topic).await;
     assert!(
@@ -147,21 +171,7 @@ async fn a_failing_event_of_a_batch_is_dead_lettered_alone() {
     .await
     .unwrap();
     let topic = Topic::new("batch-dlq").unwrap();
-    let publisher = bus.publisher();
-    let mut receipts = Vec::new();
-    for (aggregate, version) in [("ok", 1), ("bad", 1), ("ok", 2)] {
-        receipts.push(
-            publisher
-                .publish(&topic, envelope(aggregate, version))
-                .await
-                .unwrap(),
-        );
-    }
-    let mut sequences = Vec::new();
-    for receipt in receipts {
-        sequences.push(receipt.await.unwrap().sequence);
-    }
-    assert_eq!(sequences, [Some(1); 3], "one batch at stream position 1");
+    publish_one_batch(&bus, &topic, &[("ok", 1), ("bad", 1), ("ok", 2)]).await;
     assert_eq!(stored_messages(&server, &bus, &topic).await, 1);
 
     let recorder = Recorder::new();
@@ -231,19 +241,7 @@ async fn a_released_batch_does_not_hand_its_handled_events_again() {
     .await
     .unwrap();
     let topic = Topic::new("batch-replay").unwrap();
-    let publisher = bus.publisher();
-    let mut receipts = Vec::new();
-    for aggregate in ["a", "b", "c"] {
-        receipts.push(
-            publisher
-                .publish(&topic, envelope(aggregate, 1))
-                .await
-                .unwrap(),
-        );
-    }
-    for receipt in receipts {
-        assert_eq!(receipt.await.unwrap().sequence, Some(1));
-    }
+    publish_one_batch(&bus, &topic, &[("a", 1), ("b", 1), ("c", 1)]).await;
 
     let calls: Arc<Mutex<HashMap<(String, u32), u32>>> = Arc::default();
     let handler = |round: u32| {
@@ -319,17 +317,8 @@ async fn batches_of_a_partitioned_topic_hold_only_their_partition() {
     }))
     .await
     .unwrap();
-    let publisher = bus.publisher();
     let (aggregates, versions) = (30u64, 20u64);
-    for version in 1..=versions {
-        for a in 0..aggregates {
-            let _receipt = publisher
-                .publish(&topic, envelope(&format!("p-{a}"), version))
-                .await
-                .unwrap();
-        }
-    }
-    publisher.flush().await.unwrap();
+    publish_many(&bus, &topic, "p", aggregates, versions).await;
     let events = aggregates * versions;
     let mut s = stream(&server, &bus, &topic).await;
     let stored = s.info().await.unwrap().state.last_sequence;
@@ -389,19 +378,7 @@ async fn a_raw_subscription_gets_each_event_of_a_batch() {
     .await
     .unwrap();
     let topic = Topic::new("batch-raw").unwrap();
-    let publisher = bus.publisher();
-    let mut receipts = Vec::new();
-    for (aggregate, version) in [("x", 1), ("y", 1), ("x", 2), ("y", 2)] {
-        receipts.push(
-            publisher
-                .publish(&topic, envelope(aggregate, version))
-                .await
-                .unwrap(),
-        );
-    }
-    for receipt in receipts {
-        assert_eq!(receipt.await.unwrap().sequence, Some(1), "one batch");
-    }
+    publish_one_batch(&bus, &topic, &[("x", 1), ("y", 1), ("x", 2), ("y", 2)]).await;
     let seen: Arc<Mutex<Vec<(String, u64, usize)>>> = Arc::default();
     // Ordered by the aggregate ID, the first field of `Bus-Event`.
     let key = bus_core::RawKey::Extract(Arc::new(|m: &bus_core::RawMessage| {
@@ -466,19 +443,7 @@ async fn a_halt_inside_a_batch_holds_only_its_aggregate_until_resumed() {
     .await
     .unwrap();
     let topic = Topic::new("batch-halt").unwrap();
-    let publisher = bus.publisher();
-    let mut receipts = Vec::new();
-    for (aggregate, version) in [("a", 1), ("b", 1), ("a", 2)] {
-        receipts.push(
-            publisher
-                .publish(&topic, envelope(aggregate, version))
-                .await
-                .unwrap(),
-        );
-    }
-    for receipt in receipts {
-        assert_eq!(receipt.await.unwrap().sequence, Some(1), "one batch");
-    }
+    publish_one_batch(&bus, &topic, &[("a", 1), ("b", 1), ("a", 2)]).await;
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let recorder = Recorder::new();
     let subscription = {

@@ -132,21 +132,7 @@ async fn batches_form_and_every_aggregate_keeps_its_order() {
     assert!(largest > 8, "the largest batch held {largest} events");
 
     let recorder = Recorder::new();
-    let subscription = {
-        let (recorder, t) = (recorder.clone(), topic.clone());
-        bus.subscribe(
-            &topic,
-            Arc::new(handler_fn(move |e: Envelope| {
-                let (recorder, t) = (recorder.clone(), t.clone());
-                async move {
-                    recorder.record(&t, &e);
-                    Ok(())
-                }
-            })),
-        )
-        .await
-        .unwrap()
-    };
+    let subscription = bus_testkit::conformance::subscribe_recording(&bus, &topic, &recorder).await;
     recorder.wait_unique(events).await;
     wait_acknowledged(&server, &bus, &topic).await;
     let report = recorder.verifier.report();

@@ -217,6 +217,10 @@ pub struct SubscriptionMetrics {
     pub in_flight: u64,
     /// Of those, messages waiting in the worker queues for their aggregate's turn.
     pub queued: u64,
+    /// Messages handled whose acknowledgement waits for an earlier message that holds an event
+    /// of one of their aggregates (record batches): a successor after a crash replays each
+    /// aggregate as a contiguous run, never an old event after a newer one.
+    pub acks_waiting: u64,
     /// Aggregates halted now.
     pub halted_aggregates: u64,
     /// Events held behind halted aggregates now, the failed ones included.

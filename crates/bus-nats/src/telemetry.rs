@@ -40,6 +40,9 @@ pub const METRIC_DEAD_LETTERS: &str = "bus_dead_letters_total";
 pub const METRIC_IN_FLIGHT: &str = "bus_in_flight";
 /// Sampled: messages waiting in the worker queues.
 pub const METRIC_QUEUED: &str = "bus_pool_queued";
+/// Sampled: messages handled whose acknowledgement waits for an earlier message holding one of
+/// their aggregates.
+pub const METRIC_ACKS_WAITING: &str = "bus_acks_waiting";
 /// Sampled: aggregates halted now.
 pub const METRIC_HALTED_AGGREGATES: &str = "bus_halted_aggregates";
 /// Sampled: events held behind halted aggregates, the failed ones included.
@@ -119,6 +122,7 @@ impl HandleMetrics {
 struct Gauges {
     in_flight: Gauge,
     queued: Gauge,
+    acks_waiting: Gauge,
     halted_aggregates: Gauge,
     halted_events: Gauge,
     owner: Gauge,
@@ -134,6 +138,7 @@ impl Gauges {
         Self {
             in_flight: gauge!(METRIC_IN_FLIGHT, &labels),
             queued: gauge!(METRIC_QUEUED, &labels),
+            acks_waiting: gauge!(METRIC_ACKS_WAITING, &labels),
             halted_aggregates: gauge!(METRIC_HALTED_AGGREGATES, &labels),
             halted_events: gauge!(METRIC_HALTED_EVENTS, &labels),
             owner: gauge!(METRIC_OWNER, &labels),
@@ -162,6 +167,7 @@ async fn sample(
             let m = control.metrics();
             gauges.in_flight.set(m.in_flight as f64);
             gauges.queued.set(m.queued as f64);
+            gauges.acks_waiting.set(m.acks_waiting as f64);
             gauges.halted_aggregates.set(m.halted_aggregates as f64);
             gauges.halted_events.set(m.halted_events as f64);
             gauges.owner.set(if m.owner { 1.0 } else { 0.0 });

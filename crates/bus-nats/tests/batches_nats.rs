@@ -55,6 +55,12 @@ async fn stored_messages(server: &NatsServer, bus: &NatsBus, topic: &Topic) -> u
 /// Publishes `events` (aggregate, version) within the linger, and checks that they were stored
 /// as one batch at stream position 1.
 async fn publish_one_batch(bus: &NatsBus, topic: &Topic, events: &[(&str, u64)]) {
+    publish_stored_at(bus, topic, events, 1).await;
+}
+
+/// Publishes `events` within the linger, and checks that they were stored as one message (a
+/// batch, or an event alone) at stream position `sequence`.
+async fn publish_stored_at(bus: &NatsBus, topic: &Topic, events: &[(&str, u64)], sequence: u64) {
     let publisher = bus.publisher();
     let mut receipts = Vec::new();
     for (aggregate, version) in events {
@@ -66,7 +72,11 @@ async fn publish_one_batch(bus: &NatsBus, topic: &Topic, events: &[(&str, u64)])
         );
     }
     for receipt in receipts {
-        assert_eq!(receipt.await.unwrap().sequence, Some(1), "one batch");
+        assert_eq!(
+            receipt.await.unwrap().sequence,
+            Some(sequence),
+            "one message"
+        );
     }
 }
 
@@ -478,5 +488,75 @@ async fn a_halt_inside_a_batch_holds_only_its_aggregate_until_resumed() {
         "{report:?}"
     );
     assert_eq!(control.metrics().halted_aggregates, 0);
+    subscription.close().await.unwrap();
+}
+
+/// A batch is acknowledged only once every earlier message holding one of its aggregates is:
+/// batch 1 holds `a 1` (its handler waits) and `b 1`; batch 2 holds `b 2` and `c 1`; message 3
+/// holds `d 1` alone. With everything but `a 1` handled, batch 2 waits for batch 1 (they share
+/// `b`) while message 3, sharing nothing, is acknowledged. Were batch 2 acknowledged (and, on a
+/// work-queue stream, removed), a successor after a crash would handle `b 1` again after `b 2`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_acknowledged_only_after_earlier_messages_of_its_aggregates() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(batched(&server.url(), |c| {
+        c.batching.linger = Duration::from_millis(300);
+    }))
+    .await
+    .unwrap();
+    let topic = Topic::new("batch-ack-order").unwrap();
+    publish_stored_at(&bus, &topic, &[("a", 1), ("b", 1)], 1).await;
+    publish_stored_at(&bus, &topic, &[("b", 2), ("c", 1)], 2).await;
+    publish_stored_at(&bus, &topic, &[("d", 1)], 3).await;
+
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let recorder = Recorder::new();
+    let subscription = {
+        let (recorder, t, gate) = (recorder.clone(), topic.clone(), gate.clone());
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (recorder, t, gate) = (recorder.clone(), t.clone(), gate.clone());
+                async move {
+                    if e.aggregate_id().as_str() == "a" {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                    recorder.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    let control = subscription.control().unwrap();
+    recorder.wait_unique(4).await; // b 1, b 2, c 1, d 1
+    common::wait_for("message 3 acknowledged", Duration::from_secs(10), || {
+        control.metrics().acks_waiting == 1
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let info = loop {
+        let info = consumer_info(&server, &bus, &topic).await;
+        if info.num_ack_pending <= 2 || tokio::time::Instant::now() > deadline {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (info.num_ack_pending, info.ack_floor.stream_sequence),
+        (2, 0),
+        "batch 2 must wait for batch 1, message 3 must not: {info:?}"
+    );
+    assert_eq!(
+        stored_messages(&server, &bus, &topic).await,
+        2,
+        "the work-queue stream removed message 3 only"
+    );
+    gate.add_permits(1);
+    recorder.wait_unique(5).await;
+    wait_acknowledged(&server, &bus, &topic).await;
+    assert_eq!(control.metrics().acks_waiting, 0);
+    recorder.verifier.report().assert_exact(5);
     subscription.close().await.unwrap();
 }

@@ -11,6 +11,8 @@ const SHARDS: usize = 64;
 struct KeyState {
     /// The highest version seen.
     last: u64,
+    /// The version recorded most recently: below `last` while a replay runs.
+    cursor: u64,
     /// Versions below `last` not seen yet (only when versions were skipped). Boxed so that
     /// the common case, nothing missing, costs one word per aggregate, not three.
     #[allow(clippy::box_collection)]
@@ -28,8 +30,17 @@ type Shard = Mutex<HashMap<Box<str>, KeyState, ahash::RandomState>>;
 /// * that was missing and arrives late is an **order violation** (it was overtaken);
 /// * that was already seen is a **duplicate**.
 ///
-/// Missing versions that never arrive are **gaps** (losses). Thread-safe; recording costs one
-/// sharded lock and one hash lookup.
+/// Missing versions that never arrive are **gaps** (losses).
+///
+/// Replays are judged too. An aggregate may go back to a version already seen (a successor
+/// replays what its predecessor handled but never acknowledged) only to run forward from there,
+/// one version after another, up to the highest seen, before anything new: a **broken replay**
+/// is a jump forward while a replay is still below the highest version (an old event handled
+/// again after newer ones, then the replay skipping ahead, or a hole inside the replay).
+/// `[1, 2, 3, 4, 2, 3, 4, 5]` is a clean replay; `[1, 2, 3, 4, 2, 5]` is a broken one.
+/// Records from several processes are judged in the order given, so record a dead process's
+/// log before its successor's. Thread-safe; recording costs one sharded lock and one hash
+/// lookup.
 ///
 /// ```
 /// use bus_testkit::SequenceVerifier;
@@ -46,6 +57,8 @@ pub struct SequenceVerifier {
     handled: AtomicU64,
     order_violations: AtomicU64,
     duplicates: AtomicU64,
+    replays: AtomicU64,
+    broken_replays: AtomicU64,
 }
 
 impl fmt::Debug for SequenceVerifier {
@@ -77,6 +90,10 @@ pub struct VerifierReport {
     pub gaps: u64,
     /// Distinct versions seen (`handled − duplicates`).
     pub unique: u64,
+    /// Times an aggregate went back to a version already seen (a replay began).
+    pub replays: u64,
+    /// Times an aggregate jumped forward while a replay was below its highest version.
+    pub broken_replays: u64,
 }
 
 impl VerifierReport {
@@ -90,6 +107,7 @@ impl VerifierReport {
     pub fn assert_exact(&self, expected: u64) {
         assert!(
             self.order_violations == 0
+                && self.broken_replays == 0
                 && self.duplicates == 0
                 && self.gaps == 0
                 && self.lost(expected) == 0
@@ -108,6 +126,8 @@ impl SequenceVerifier {
             handled: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            replays: AtomicU64::new(0),
+            broken_replays: AtomicU64::new(0),
         }
     }
 
@@ -137,6 +157,12 @@ impl SequenceVerifier {
                 Some(s) => s,
                 None => map.entry(aggregate.into()).or_default(),
             };
+            if version <= state.cursor {
+                self.replays.fetch_add(1, Ordering::Relaxed);
+            } else if version > state.cursor + 1 && state.cursor < state.last {
+                self.broken_replays.fetch_add(1, Ordering::Relaxed);
+            }
+            state.cursor = version;
             if version == state.last + 1 {
                 state.last = version;
             } else if version > state.last {
@@ -192,6 +218,8 @@ impl SequenceVerifier {
             duplicates,
             gaps,
             unique: handled - duplicates,
+            replays: self.replays.load(Ordering::Relaxed),
+            broken_replays: self.broken_replays.load(Ordering::Relaxed),
         }
     }
 }
@@ -246,6 +274,31 @@ mod tests {
             (r.order_violations, r.duplicates, r.gaps, r.unique),
             (0, 3, 0, 5)
         );
+        assert_eq!((r.replays, r.broken_replays), (1, 0));
+    }
+
+    #[test]
+    fn an_old_event_replayed_after_newer_ones_is_a_broken_replay() {
+        // Handled 30..=52, then a successor handles 30 again and goes on at 53.
+        let v = SequenceVerifier::new();
+        for n in (1..=52).chain([30, 53, 54]) {
+            v.record("t", "a", n);
+        }
+        let r = v.report();
+        assert_eq!((r.order_violations, r.gaps, r.duplicates), (0, 0, 1));
+        assert_eq!((r.replays, r.broken_replays), (1, 1));
+        // A hole inside a replay is broken too; replays within replays are not.
+        let v = SequenceVerifier::new();
+        for n in [1, 2, 3, 4, 5, 2, 4, 5, 6] {
+            v.record("t", "b", n);
+        }
+        assert_eq!(v.report().broken_replays, 1);
+        let v = SequenceVerifier::new();
+        for n in [1, 2, 3, 4, 5, 2, 3, 1, 2, 3, 4, 5, 6] {
+            v.record("t", "c", n);
+        }
+        let r = v.report();
+        assert_eq!((r.replays, r.broken_replays, r.gaps), (2, 0, 0));
     }
 
     proptest! {

@@ -8,16 +8,18 @@ use std::time::Duration;
 use async_nats::Subject;
 use bus_core::Topic;
 
-use super::copies::Copies;
+use super::copies::{AckQueue, Copies};
+use super::unacked::AckKind;
 
-/// Sends a subscription's acknowledgements. Positive acks are queued: workers add to the queue
-/// and one task sends everything queued in one burst, so the connection writes many acks per
-/// system call instead of one each. Terminations and progress reports go out at once.
+/// Sends a subscription's acknowledgements. Acknowledgements and terminations are queued in the
+/// order [`Copies`] releases them: workers add to the queue and one task sends everything queued
+/// in one burst, in order, so the connection writes many per system call instead of one each.
+/// Progress reports go out at once.
 #[derive(Debug)]
 pub(crate) struct Acker {
     client: async_nats::Client,
     topic: Topic,
-    pending: Mutex<Vec<Subject>>,
+    pending: Mutex<Vec<(Subject, AckKind)>>,
     wake: tokio::sync::Notify,
     /// Set on close: the sender sends what is queued and stops.
     closing: AtomicBool,
@@ -32,24 +34,6 @@ impl Acker {
             wake: tokio::sync::Notify::new(),
             closing: AtomicBool::new(false),
         }
-    }
-
-    /// Queues `+ACK` for the message whose ack subject is `reply`.
-    pub(crate) fn ack(&self, reply: Subject) {
-        let was_empty = {
-            let mut pending = self.pending.lock().unwrap();
-            pending.push(reply);
-            pending.len() == 1
-        };
-        if was_empty {
-            // A stored permit if the sender is busy: no wake-up is lost.
-            self.wake.notify_one();
-        }
-    }
-
-    /// Tells the broker never to deliver the message again (its dead letter is stored).
-    pub(crate) async fn term(&self, reply: &Subject) {
-        self.send(reply.clone(), b"+TERM").await;
     }
 
     /// Sends `+ACK` at once (acknowledgements sent again at close).
@@ -75,10 +59,14 @@ impl Acker {
 
     /// Sends every queued acknowledgement. `spare` is an empty vector swapped in for the queue,
     /// so neither side grows a vector from nothing for every burst.
-    async fn send_all(&self, spare: &mut Vec<Subject>) {
+    async fn send_all(&self, spare: &mut Vec<(Subject, AckKind)>) {
         std::mem::swap(&mut *self.pending.lock().unwrap(), spare);
-        for reply in spare.drain(..) {
-            self.send(reply, b"+ACK").await;
+        for (reply, kind) in spare.drain(..) {
+            let body: &'static [u8] = match kind {
+                AckKind::Ack => b"+ACK",
+                AckKind::Term => b"+TERM",
+            };
+            self.send(reply, body).await;
         }
     }
 
@@ -111,10 +99,26 @@ impl Acker {
     }
 }
 
-/// Tells the broker, every `every`, that each message in flight for longer than `every` is
-/// still being worked on (`+WPI`), whether its handler is running, retrying or it waits in its
-/// aggregate's queue behind a slow event. So the broker never redelivers a message behind the
-/// worker's back, however long the aggregate is held up.
+impl AckQueue for Acker {
+    /// Queues `+ACK` or `+TERM` for the message whose ack subject is `reply`.
+    fn queue(&self, reply: Subject, kind: AckKind) {
+        let was_empty = {
+            let mut pending = self.pending.lock().unwrap();
+            pending.push((reply, kind));
+            pending.len() == 1
+        };
+        if was_empty {
+            // A stored permit if the sender is busy: no wake-up is lost.
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Tells the broker, every `every`, that each message delivered longer than `every` ago and not
+/// acknowledged is still being worked on (`+WPI`), whether its handler is running, retrying,
+/// it waits in its aggregate's queue behind a slow event, or it was handled and its
+/// acknowledgement waits for an earlier message. So the broker never redelivers a message
+/// behind the worker's back, however long the aggregate is held up.
 pub(crate) async fn keep_alive(acker: Arc<Acker>, copies: Arc<Mutex<Copies>>, every: Duration) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {

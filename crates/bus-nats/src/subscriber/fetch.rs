@@ -45,10 +45,6 @@ pub(crate) struct FetchPlan {
     pub(crate) runner: Arc<Runner>,
     pub(crate) restarter: Restarter,
     pub(crate) reconnects: watch::Receiver<u64>,
-    /// Events of record batches in flight, at most `max_ack_pending` (which bounds only
-    /// messages): a batch's events each hold a permit until settled.
-    pub(crate) batch_events: Arc<tokio::sync::Semaphore>,
-    pub(crate) batch_events_limit: usize,
 }
 
 /// Why an epoch ended.
@@ -226,14 +222,14 @@ impl Fetcher {
         // a later term get a fresh signal.
         runner.cancel.cancel();
         runner.drop_halts();
-        // Their acks are the new owner's business now.
-        self.plan.copies.lock().unwrap().clear_recent_acks();
+        // Their acks are the new owner's business now: none is sent any more.
+        self.plan.copies.lock().unwrap().abandon();
         let drained = self.plan.copies.lock().unwrap().drained();
         loop {
             let notified = drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.plan.copies.lock().unwrap().in_flight.is_empty() {
+            if self.plan.copies.lock().unwrap().unacked.pending() == 0 {
                 return true;
             }
             tokio::select! {
@@ -281,8 +277,11 @@ impl Fetcher {
         let forget_after = plan.expires + Duration::from_secs(1);
         let mut watchdog = tokio::time::interval(plan.expires.max(Duration::from_millis(50)));
         let mut events_per_message = (0u64, 0u64);
+        // The events not acknowledged yet bound what is asked for (see `Copies::room`).
+        let room = plan.copies.lock().unwrap().room();
         let end = loop {
-            if !stopping && credit < pull {
+            let full = room.is_full();
+            if !stopping && credit < pull && !full {
                 let (events, messages) = events_per_message;
                 if messages >= 16 {
                     let size = ((plan.batch as u64 * messages) / events.max(1))
@@ -352,6 +351,7 @@ impl Fetcher {
                         break End::Stopped;
                     }
                 }
+                _ = room.freed(), if full && !stopping => {}
                 _ = watchdog.tick() => {
                     if credit > 0 && last_reply.elapsed() > forget_after {
                         if stopping {
@@ -418,20 +418,16 @@ async fn on_reply(
             st.next_delivery += 1;
             st.seen_up_to = st.seen_up_to.max(info.stream_sequence);
             let sequence = info.stream_sequence;
-            let seen = plan
-                .copies
-                .lock()
-                .unwrap()
-                .admit(sequence, message.reply.clone());
+            // A copy of a message acknowledged recently is acknowledged again (its first ack was
+            // lost or came too early); one not acknowledged yet keeps the copy's ack subject.
+            let seen =
+                plan.copies
+                    .lock()
+                    .unwrap()
+                    .admit(sequence, message.reply.clone(), &*plan.acker);
             if seen != Seen::New {
                 plan.counters.copies_skipped.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(topic = %plan.topic, sequence, ?seen, "redelivered copy recognised; not handled again");
-                if seen == Seen::Finished {
-                    // Its first ack was lost or came too early: acknowledge the copy.
-                    if let Some(reply) = message.reply.clone() {
-                        plan.acker.ack(reply);
-                    }
-                }
                 return None;
             }
             let batch = message
@@ -453,13 +449,16 @@ async fn on_reply(
             };
             st.events_per_message.0 += 1;
             st.events_per_message.1 += 1;
+            plan.copies
+                .lock()
+                .unwrap()
+                .link(sequence, [key.as_str()], 1);
             let job = Box::new(Job {
                 key: key.clone(),
                 sequence: Some(sequence),
                 origin: Origin::Single(message),
                 input,
                 term,
-                _permit: None,
             });
             if pool.submit(&key, Work::Message(job)).await.is_err() {
                 return Some(End::Stopped);
@@ -549,31 +548,53 @@ async fn dispatch_batch(
         remaining: AtomicUsize::new(to_run.len() + 1),
         done,
     });
-    // Waits, like a full worker queue, while too many batched events are in flight.
-    let wanted = to_run.len().min(plan.batch_events_limit) as u32;
-    let mut permits = plan
-        .batch_events
-        .clone()
-        .acquire_many_owned(wanted)
-        .await
-        .ok();
+    // Every event's aggregate is known before any of them can settle, those settled before
+    // included: the batch holds them until it is acknowledged.
+    let mut keys = Vec::new();
+    if skipped > 0 {
+        keys.extend(
+            (0..progress.records.len())
+                .filter(|i| progress.done[*i].load(Ordering::Relaxed))
+                .map(|index| {
+                    prepare_record(
+                        &plan.topic,
+                        &plan.dispatch,
+                        progress.message.subject.as_str(),
+                        &progress.records[index],
+                    )
+                    .0
+                }),
+        );
+    }
+    let jobs: Vec<(String, Box<Job>)> = to_run
+        .iter()
+        .map(|&index| {
+            let (key, input) = prepare_record(
+                &plan.topic,
+                &plan.dispatch,
+                progress.message.subject.as_str(),
+                &progress.records[index],
+            );
+            let job = Box::new(Job {
+                key: key.clone(),
+                sequence: Some(sequence),
+                origin: Origin::Batch(progress.clone(), index),
+                input,
+                term,
+            });
+            (key, job)
+        })
+        .collect();
+    plan.copies.lock().unwrap().link(
+        sequence,
+        keys.iter()
+            .chain(jobs.iter().map(|(key, _)| key))
+            .map(String::as_str),
+        progress.records.len(),
+    );
     let mut stopped = None;
     let mut dispatched = 0;
-    for &index in &to_run {
-        let (key, input) = prepare_record(
-            &plan.topic,
-            &plan.dispatch,
-            progress.message.subject.as_str(),
-            &progress.records[index],
-        );
-        let job = Box::new(Job {
-            key: key.clone(),
-            sequence: Some(sequence),
-            origin: Origin::Batch(progress.clone(), index),
-            input,
-            term,
-            _permit: permits.as_mut().and_then(|p| p.split(1)),
-        });
+    for (key, job) in jobs {
         if pool.submit(&key, Work::Message(job)).await.is_err() {
             stopped = Some(End::Stopped);
             break;

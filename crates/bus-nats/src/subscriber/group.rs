@@ -356,6 +356,7 @@ impl AggregateControl for GroupControl {
             total.copies_skipped += m.copies_skipped;
             total.in_flight += m.in_flight;
             total.queued += m.queued;
+            total.acks_waiting += m.acks_waiting;
             total.halted_aggregates += m.halted_aggregates;
             total.halted_events += m.halted_events;
             total.owner |= m.owner;

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use bus_core::HaltedAggregate;
 
-use super::runner::{Failure, Job, Runner};
+use super::runner::{Failure, Job, Outcome, Runner};
 
 /// A halted aggregate: its failed event first, then the events that arrived behind it.
 pub(crate) struct Halt {
@@ -29,7 +29,7 @@ impl Runner {
         self.halted_count.store(0, Ordering::Release);
         for halt in halts {
             for job in halt.jobs {
-                self.settle(&job, false);
+                self.settle(&job, Outcome::Returned);
             }
         }
     }
@@ -40,7 +40,7 @@ impl Runner {
         let halted = self.halted.lock().unwrap();
         for halt in halted.values() {
             for job in &halt.jobs {
-                self.settle(job, false);
+                self.settle(job, Outcome::Returned);
             }
         }
     }
@@ -87,11 +87,11 @@ impl Runner {
         if skip {
             if let Some(first) = jobs.pop_front() {
                 let error = format!("skipped by an operator after: {}", failure.error);
-                if self
+                let outcome = self
                     .dead_letter_job(&first, "skipped", &error, failure.attempts)
-                    .await
-                {
-                    self.settle(&first, true);
+                    .await;
+                if outcome == Outcome::DeadLettered {
+                    self.settle(&first, outcome);
                 } else {
                     // Not stored anywhere: stay halted rather than lose it.
                     self.halt(first, failure, jobs);

@@ -16,6 +16,7 @@ mod halts;
 mod ownership;
 mod recovery;
 mod runner;
+mod unacked;
 pub(crate) use copies::PartialBatches;
 
 use std::collections::HashMap;
@@ -252,8 +253,13 @@ async fn setup(
         .entry(name.clone())
         .or_default()
         .clone();
+    let max_ack_pending = config.consumer.max_ack_pending.max(1) as usize;
+    // The fetcher pulls no more while the unacknowledged messages hold `max_ack_pending` events
+    // (the broker's own limit counts messages, and a record batch holds many events): what a
+    // successor replays after a crash stays within that, plus what was already asked for.
     let copies = Arc::new(Mutex::new(Copies::new(
-        (config.consumer.max_ack_pending.max(1) as usize).saturating_mul(4),
+        max_ack_pending.saturating_mul(4),
+        max_ack_pending,
         partial,
     )));
     let acker = Arc::new(Acker::new(connection.client.clone(), subject.clone()));
@@ -324,10 +330,6 @@ async fn setup(
         runner: runner.clone(),
         restarter: restarter.clone(),
         reconnects: connection.reconnects.clone(),
-        batch_events: Arc::new(tokio::sync::Semaphore::new(
-            config.consumer.max_ack_pending.max(1) as usize,
-        )),
-        batch_events_limit: config.consumer.max_ack_pending.max(1) as usize,
     };
     let keeper = tokio::spawn(acker::keep_alive(
         acker.clone(),
@@ -397,12 +399,20 @@ impl AggregateControl for NatsControl {
                 halted.values().map(|h| h.jobs.len() as u64).sum(),
             )
         };
+        let (in_flight, acks_waiting) = {
+            let copies = runner.copies.lock().unwrap();
+            (
+                copies.unacked.pending() as u64,
+                copies.unacked.held() as u64,
+            )
+        };
         SubscriptionMetrics {
             handled: runner.counters.handled.load(Ordering::Relaxed),
             dead_lettered: runner.counters.dead_lettered.load(Ordering::Relaxed),
             copies_skipped: runner.counters.copies_skipped.load(Ordering::Relaxed),
-            in_flight: runner.copies.lock().unwrap().in_flight.len() as u64,
+            in_flight,
             queued: self.queues.queued() as u64,
+            acks_waiting,
             halted_aggregates,
             halted_events,
             owner: runner.counters.owner.load(Ordering::Relaxed) == 1,
@@ -490,15 +500,18 @@ impl SubscriptionHandle for NatsSubscription {
                 report.not_run.len() as u64 + report.interrupted + runner.halted_events();
             // The messages left unacknowledged: one per returned event, but a record batch
             // holds several events.
-            let unacked = runner.copies.lock().unwrap().in_flight.len() as u64;
-            // Settled as not finished, so that a record batch among them remembers which of
-            // its events were handled: a subscription opened again on this bus skips those.
+            // Returned, so that a record batch among them remembers which of its events were
+            // handled: a subscription opened again on this bus skips those.
             for work in &report.not_run {
                 if let runner::Work::Message(job) = work {
-                    runner.settle(job, false);
+                    runner.settle(job, runner::Outcome::Returned);
                 }
             }
             runner.release_halted();
+            // The messages left unacknowledged: the returned ones (one per returned event, but a
+            // record batch holds several) and those handled whose acknowledgement waits for one
+            // of them; all are delivered again, in order.
+            let unacked = runner.copies.lock().unwrap().unacked.len() as u64;
             tracing::debug!(%topic, elapsed = ?started.elapsed(), "close: pool drained and acks sent");
             // The broker processes acks after their connection flushed, and a cluster electing
             // a consumer leader can lose them; a standby that took over before they count

@@ -17,6 +17,7 @@ use bus_core::{
 use super::acker::Acker;
 use super::copies::{ack_info, Copies};
 use super::halts::Halt;
+use super::unacked::{AckKind, Settled};
 use super::Dispatch;
 
 pub(crate) enum Input {
@@ -63,8 +64,17 @@ pub(crate) struct Job {
     /// The ownership term it was delivered in: a job of an earlier term (the subscription lost
     /// the topic since) is not handled, since the new owner has it delivered again.
     pub(crate) term: u64,
-    /// For an event of a record batch: its share of the bound on batched events in flight.
-    pub(crate) _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Its handler succeeded.
+    Handled,
+    /// Its dead letter is stored.
+    DeadLettered,
+    /// Not handled here: its message is left to be delivered again.
+    Returned,
 }
 
 impl Job {
@@ -180,7 +190,7 @@ impl Runner {
             Work::Message(job) => {
                 if job.term != self.term.load(Ordering::Acquire) {
                     // Delivered before the subscription lost the topic: the new owner has it.
-                    self.settle(&job, false);
+                    self.settle(&job, Outcome::Returned);
                     return;
                 }
                 if self.halted_count.load(Ordering::Acquire) > 0 {
@@ -194,7 +204,7 @@ impl Runner {
                 if let Err((job, failure)) = self.process(job).await {
                     if job.term != self.term.load(Ordering::Acquire) {
                         // The topic was lost meanwhile: the new owner has it.
-                        self.settle(&job, false);
+                        self.settle(&job, Outcome::Returned);
                         return;
                     }
                     self.halt(job, failure, VecDeque::new());
@@ -204,15 +214,23 @@ impl Runner {
         }
     }
 
-    /// A job is over: `finished` if its event was handled or dead-lettered. A single-event
-    /// message was acknowledged (or terminated) already; a batch is acknowledged when the last
-    /// of its events is settled, if every one finished. Otherwise it is left to be delivered
-    /// again, and what was finished is remembered so that its events are not handled twice.
-    pub(crate) fn settle(&self, job: &Job, finished: bool) {
+    /// A job is over. A single-event message is acknowledged (terminated once dead-lettered)
+    /// or returned; a batch is acknowledged when the last of its events is settled, if every
+    /// one was handled or dead-lettered. Otherwise it is returned, and what was settled is
+    /// remembered so that its events are not handled twice. Acknowledgements go out in the
+    /// order [`super::unacked`] keeps.
+    pub(crate) fn settle(&self, job: &Job, outcome: Outcome) {
         match &job.origin {
-            Origin::Single(_) => self.settle_copies(job.sequence, finished),
+            Origin::Single(_) => self.settle_message(
+                job.sequence,
+                match outcome {
+                    Outcome::Handled => Settled::Done(AckKind::Ack),
+                    Outcome::DeadLettered => Settled::Done(AckKind::Term),
+                    Outcome::Returned => Settled::Returned,
+                },
+            ),
             Origin::Batch(progress, index) => {
-                if finished {
+                if outcome != Outcome::Returned {
                     progress.done[*index].store(true, Ordering::Release);
                 }
                 self.settle_records(progress, job.sequence, 1);
@@ -236,10 +254,7 @@ impl Runner {
             .map(|d| d.load(Ordering::Acquire))
             .collect();
         if done.iter().all(|d| *d) {
-            if let Some(reply) = progress.message.reply.clone() {
-                self.acker.ack(reply);
-            }
-            self.settle_copies(sequence, true);
+            self.settle_message(sequence, Settled::Done(AckKind::Ack));
         } else {
             if let Some(sequence) = sequence {
                 let first = progress
@@ -252,26 +267,24 @@ impl Runner {
                     .unwrap()
                     .remember_partial(sequence, first, done);
             }
-            self.settle_copies(sequence, false);
+            self.settle_message(sequence, Settled::Returned);
         }
     }
 
-    pub(crate) fn settle_copies(&self, sequence: Option<u64>, finished: bool) {
+    fn settle_message(&self, sequence: Option<u64>, how: Settled) {
         if let Some(sequence) = sequence {
-            let mut copies = self.copies.lock().unwrap();
-            if finished {
-                copies.finish(sequence);
-            } else {
-                copies.release(sequence);
-            }
+            self.copies
+                .lock()
+                .unwrap()
+                .settle(sequence, how, &*self.acker);
         }
     }
 
     /// Handles one message to the end, unless its final failure halts its aggregate: then the
     /// job comes back, unacknowledged, with why it failed.
     pub(crate) async fn process(&self, job: Box<Job>) -> Result<(), (Box<Job>, Failure)> {
-        let finished = match self.handle(&job).await {
-            Ok(finished) => finished,
+        let outcome = match self.handle(&job).await {
+            Ok(outcome) => outcome,
             // Failed while the subscription is going: held like a halt, so that it and its
             // aggregate's later events are returned unacknowledged, in order.
             Err(failure) if failure.reason == CANCELLED => return Err((job, failure)),
@@ -283,14 +296,14 @@ impl Runner {
                 }
             },
         };
-        self.settle(&job, finished);
+        self.settle(&job, outcome);
         Ok(())
     }
 
-    /// Handles one message. `Ok(finished)` once it is acknowledged (`true`) or dead-lettered
-    /// (`true`), or could not be dead-lettered (`false`); `Err` when the handler failed for
-    /// good and the failure policy decides.
-    async fn handle(&self, job: &Job) -> Result<bool, Failure> {
+    /// Handles one message: `Ok` once it is handled, dead-lettered, or could not be
+    /// dead-lettered (returned); `Err` when the handler failed for good and the failure policy
+    /// decides.
+    async fn handle(&self, job: &Job) -> Result<Outcome, Failure> {
         let input = match &job.input {
             Ok(input) => input,
             Err((reason, error)) => return Ok(self.dead_letter_job(job, reason, error, 0).await),
@@ -355,13 +368,8 @@ impl Runner {
         match outcome {
             RetryOutcome::Succeeded { .. } => {
                 self.metrics.handled.increment(1);
-                if let Origin::Single(message) = &job.origin {
-                    if let Some(reply) = message.reply.clone() {
-                        self.acker.ack(reply);
-                    }
-                }
                 self.counters.handled.fetch_add(1, Ordering::Relaxed);
-                Ok(true)
+                Ok(Outcome::Handled)
             }
             RetryOutcome::Failed { attempts, reason } => Err(Failure {
                 // A retryable failure once the subscription is going may be the handler giving
@@ -425,14 +433,15 @@ impl Runner {
 
     /// Dead-letters a job's event: a single-event message as it is, an event of a batch as a
     /// single-event message of its record's headers and payload, with `Bus-Dlq-Batch-Index`.
+    /// [`Outcome::Returned`] if the letter could not be stored.
     pub(crate) async fn dead_letter_job(
         &self,
         job: &Job,
         reason: &str,
         error: &str,
         attempts: u32,
-    ) -> bool {
-        match &job.origin {
+    ) -> Outcome {
+        let stored = match &job.origin {
             Origin::Single(message) => self.dead_letter(message, reason, error, attempts).await,
             Origin::Batch(progress, index) => {
                 let record = &progress.records[*index];
@@ -447,18 +456,22 @@ impl Runner {
                     payload: record.payload().clone(),
                     reply: progress.message.reply.as_deref(),
                     index: Some(*index),
-                    terminate: false,
                 };
                 self.store_dead_letter(letter, reason, error, attempts)
                     .await
             }
+        };
+        if stored {
+            Outcome::DeadLettered
+        } else {
+            Outcome::Returned
         }
     }
 
-    /// Stores the message in the dead-letter stream with why it failed, then terminates the
-    /// original so the broker never redelivers it. If the dead letter cannot be stored, the
-    /// original is left unacknowledged rather than lost.
-    pub(crate) async fn dead_letter(
+    /// Stores the message in the dead-letter stream with why it failed (settling it then
+    /// terminates the original, so the broker never redelivers it). If the dead letter cannot
+    /// be stored, the original is left unacknowledged rather than lost.
+    async fn dead_letter(
         &self,
         message: &async_nats::Message,
         reason: &str,
@@ -477,7 +490,6 @@ impl Runner {
             payload: message.payload.clone(),
             reply: message.reply.as_deref(),
             index: None,
-            terminate: true,
         };
         self.store_dead_letter(letter, reason, error, attempts)
             .await
@@ -495,7 +507,6 @@ impl Runner {
             payload: original,
             reply,
             index,
-            terminate,
         } = letter;
         let info = reply.and_then(ack_info);
         // Header values cannot hold line breaks.
@@ -548,9 +559,6 @@ impl Runner {
             .await;
             match stored {
                 Ok(_) => {
-                    if let (true, Some(reply)) = (terminate, reply) {
-                        self.acker.term(&async_nats::Subject::from(reply)).await;
-                    }
                     self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     self.metrics.dead_lettered.increment(1);
                     self.metrics.dead_letter(reason);
@@ -569,14 +577,13 @@ impl Runner {
 }
 
 /// A dead letter to store: the original's headers (to which the dead-letter headers are
-/// added) and payload, its ack subject, its index in its batch, and whether to terminate it
-/// once stored (a batch is acknowledged as a whole instead).
+/// added) and payload, its ack subject (where it sits in the stream) and its index in its
+/// batch.
 struct Letter<'a> {
     headers: HeaderMap,
     payload: bytes::Bytes,
     reply: Option<&'a str>,
     index: Option<usize>,
-    terminate: bool,
 }
 
 /// Decodes a message for the subscription's handler and picks its ordering key.

@@ -1,32 +1,40 @@
-//! A consumer process is killed with SIGKILL while thousands of messages over many aggregates
-//! are in flight; a new consumer then starts at once. JetStream would hand the new consumer
-//! newer messages immediately and the dead one's unacknowledged messages only after AckWait
-//! (30 s), so a naive design handles version 7 before the redelivered 6. The bus restarts
-//! delivery at the ack floor instead: every aggregate stays in order, nothing is lost, and the
-//! only duplicates are in-order replays of events the dead process handled but never acked.
+//! Consumer processes are killed with SIGKILL one after another while thousands of messages over
+//! many aggregates are in flight; each time a new process of the same group starts at once.
+//! JetStream would hand the new consumer newer messages immediately and the dead one's
+//! unacknowledged messages only after AckWait (30 s), so a naive design handles version 7
+//! before the redelivered 6. And with record batches, a later batch finished first could be
+//! acknowledged (and removed from a work-queue stream) while an earlier batch holding an older
+//! event of one of its aggregates waits: the successor would handle that old event again after
+//! the newer ones.
 //!
-//! Run under the default work-queue retention and under `Retention::Acknowledged`, where the
-//! replays also include handled events above the ack floor, and with record batches, where the
-//! kill lands in the middle of batches whose events run on different workers.
+//! What every aggregate's handled versions must look like, read across the processes' logs in
+//! the order the processes ran: in order, nothing lost, and a replay only ever a contiguous run
+//! that goes back and runs forward to where the dead process stopped (`broken_replays`, counted
+//! by the sequence verifier, is the failure above). Replays stay within what the dead process
+//! left unacknowledged.
 //!
-//! This binary is its own child: run with `BUS_CRASH_CHILD_URL` set, it is the consumer that
-//! gets killed.
+//! Each case runs several rounds (`BUS_CRASH_ROUNDS`, default 2) of three kills, at 30 %, 50 %
+//! and 70 % of the events. `BUS_CRASH_ONLY` picks cases by a part of their name.
+//!
+//! This binary is its own child: run with `BUS_CRASH_CHILD_URL` set, it is a consumer that gets
+//! killed.
 
 mod common;
 
 use std::io::{BufRead, Write};
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bus_core::{handler_fn, Envelope, Publisher, SubscribeErrorKind, Subscriber, Topic};
+use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
 use bus_nats::{default_stream_name, NatsBus, NatsConfig, Retention, StreamSpec};
-use bus_testkit::conformance::{subscribe_recording, Recorder};
-use bus_testkit::NatsServer;
+use bus_testkit::{NatsServer, SequenceVerifier, VerifierReport};
 
-const AGGREGATES: u64 = 100;
+const AGGREGATES: u64 = 200;
 const VERSIONS: u64 = 100;
-const KILL_AFTER: usize = 3_000;
+/// Where the consumers are killed, as a share of the events.
+const KILLS: [f64; 3] = [0.3, 0.5, 0.7];
 
 fn topic() -> Topic {
     Topic::new("crash").unwrap()
@@ -35,9 +43,7 @@ fn topic() -> Topic {
 /// The tests' configuration with the topic's stream kept by `retention`.
 fn config(url: &str, retention: Retention, batched: bool) -> NatsConfig {
     let mut config = common::test_config(url);
-    if batched {
-        config.batching.max_events = 32;
-    } else {
+    if !batched {
         config.batching = bus_nats::BatchConfig::off();
     }
     // Quick takeovers: the next subscriber waits this long for the dead one's claim.
@@ -56,6 +62,35 @@ fn retention_named(name: &str) -> Retention {
     }
 }
 
+/// Which nats-server runs a case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    /// The current one (2.14+): ownership by the broker's pinned client, restarts by the
+    /// consumer reset API.
+    Current,
+    /// Debian's 2.9: no priority groups, no consumer reset API. Ownership is a lease; recovery
+    /// deletes and recreates the consumer.
+    Old,
+}
+
+struct Case {
+    retention: Retention,
+    server: Server,
+    batched: bool,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        format!(
+            "{:?}-{:?}-{}",
+            self.retention,
+            self.server,
+            if self.batched { "batched" } else { "unbatched" }
+        )
+        .to_lowercase()
+    }
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -69,31 +104,108 @@ fn main() {
         runtime.block_on(child(url, log, retention_named(&retention), batched));
         return;
     }
-    println!("running 4 tests");
-    for retention in [Retention::WorkQueue, Retention::Acknowledged] {
-        runtime.block_on(consumer_killed_mid_stream(
-            retention,
-            Server::Current,
-            false,
-        ));
-        println!("test consumer_killed_mid_stream ({retention:?}) ... ok");
+    let rounds: usize = std::env::var("BUS_CRASH_ROUNDS")
+        .map(|r| r.parse().expect("BUS_CRASH_ROUNDS is a number"))
+        .unwrap_or(2);
+    let only = std::env::var("BUS_CRASH_ONLY").unwrap_or_default();
+    let cases = [
+        Case {
+            retention: Retention::WorkQueue,
+            server: Server::Current,
+            batched: true,
+        },
+        Case {
+            retention: Retention::WorkQueue,
+            server: Server::Current,
+            batched: false,
+        },
+        Case {
+            retention: Retention::Acknowledged,
+            server: Server::Current,
+            batched: true,
+        },
+        Case {
+            retention: Retention::WorkQueue,
+            server: Server::Old,
+            batched: true,
+        },
+        Case {
+            retention: Retention::WorkQueue,
+            server: Server::Old,
+            batched: false,
+        },
+    ];
+    let cases: Vec<&Case> = cases.iter().filter(|c| c.name().contains(&only)).collect();
+    println!("running {} tests of {rounds} rounds", cases.len());
+    for case in &cases {
+        let mut total = Totals::default();
+        for round in 1..=rounds {
+            let outcome = runtime.block_on(consumers_killed_in_turn(case));
+            println!("  {} round {round}: {outcome}", case.name());
+            total.add(&outcome);
+        }
+        assert!(
+            total.replays > 0,
+            "{}: no kill was followed by a replay in {rounds} rounds; the path under test was not taken",
+            case.name()
+        );
+        println!(
+            "test consumers_killed_in_turn ({}) ... ok: {rounds} rounds, {} kills, {} replays, 0 broken, {} events replayed of {} left unacknowledged",
+            case.name(),
+            total.kills,
+            total.replays,
+            total.duplicates,
+            total.replayable
+        );
     }
-    runtime.block_on(consumer_killed_mid_stream(
-        Retention::WorkQueue,
-        Server::Old,
-        false,
-    ));
-    println!("test consumer_killed_mid_stream (WorkQueue, old server) ... ok");
-    runtime.block_on(consumer_killed_mid_stream(
-        Retention::WorkQueue,
-        Server::Current,
-        true,
-    ));
-    println!("test consumer_killed_mid_stream (WorkQueue, record batches) ... ok");
-    println!("\ncrash_nats: 4 passed, 0 failed");
+    println!("\ncrash_nats: {} passed, 0 failed", cases.len());
 }
 
-/// The consumer that gets killed: records every handled event in a log, one line each.
+#[derive(Default)]
+struct Totals {
+    kills: u64,
+    replays: u64,
+    duplicates: u64,
+    replayable: u64,
+}
+
+impl Totals {
+    fn add(&mut self, o: &Outcome) {
+        self.kills += o.kills;
+        self.replays += o.report.replays;
+        self.duplicates += o.report.duplicates;
+        self.replayable += o.replayable;
+    }
+}
+
+struct Outcome {
+    kills: u64,
+    /// Events in what the killed processes left unacknowledged, summed over the kills.
+    replayable: u64,
+    report: VerifierReport,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.report;
+        write!(
+            f,
+            "{} kills; handled {} ({} unique), {} replays of {} events (of {} left unacknowledged), {} broken, {} violations, {} gaps",
+            self.kills,
+            r.handled,
+            r.unique,
+            r.replays,
+            r.duplicates,
+            self.replayable,
+            r.broken_replays,
+            r.order_violations,
+            r.gaps
+        )
+    }
+}
+
+/// A consumer in its own process: records every handled event in its log, one line each, before
+/// its handler returns (so before the event can be acknowledged).
 async fn child(url: String, log: String, retention: Retention, batched: bool) {
     let bus = NatsBus::connect(config(&url, retention, batched))
         .await
@@ -118,22 +230,79 @@ async fn child(url: String, log: String, retention: Retention, batched: bool) {
     std::future::pending::<()>().await;
 }
 
-/// Which nats-server runs the test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Server {
-    /// The current one (2.14+): a standby takes over after `takeover_after`.
-    Current,
-    /// Debian's 2.9: no priority groups, no consumer reset API. Ownership is a lease; a second
-    /// subscriber is refused while it is held, and recovery deletes and recreates the consumer.
-    Old,
+/// A child consumer process, killed when dropped (a failing assertion must not leave it behind).
+struct Consumer(Child);
+
+impl Consumer {
+    fn kill(&mut self) {
+        let _ = self.0.kill(); // SIGKILL: no close, no acks
+        let _ = self.0.wait();
+    }
+
+    fn assert_running(&mut self) {
+        assert!(self.0.try_wait().unwrap().is_none(), "a child exited early");
+    }
 }
 
-async fn consumer_killed_mid_stream(retention: Retention, which: Server, batched: bool) {
-    let server = match which {
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_child(url: &str, log: &Path, case: &Case) -> Consumer {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if case.batched {
+        command.env("BUS_CRASH_CHILD_BATCHED", "1");
+    }
+    command
+        .env("BUS_CRASH_CHILD_URL", url)
+        .env("BUS_CRASH_CHILD_LOG", log)
+        .env("BUS_CRASH_CHILD_RETENTION", format!("{:?}", case.retention))
+        .stdout(Stdio::null())
+        .spawn()
+        .map(Consumer)
+        .unwrap()
+}
+
+/// Every log, in the order its process ran, read into one verifier.
+fn verify(logs: &[PathBuf]) -> VerifierReport {
+    let verifier = SequenceVerifier::new();
+    for log in logs {
+        let Ok(file) = std::fs::File::open(log) else {
+            continue;
+        };
+        for line in std::io::BufReader::new(file).lines() {
+            let line = line.unwrap();
+            // A kill can cut the last line short.
+            let Some((aggregate, version)) = line.split_once(' ') else {
+                continue;
+            };
+            let Ok(version) = version.parse() else {
+                continue;
+            };
+            verifier.record(topic().as_str(), aggregate, version);
+        }
+    }
+    verifier.report()
+}
+
+fn count_lines(logs: &[PathBuf]) -> u64 {
+    logs.iter()
+        .map(|path| {
+            std::fs::read(path)
+                .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+async fn consumers_killed_in_turn(case: &Case) -> Outcome {
+    let server = match case.server {
         Server::Current => NatsServer::start(),
         Server::Old => NatsServer::start_old(),
     };
-    let bus = NatsBus::connect(config(&server.url(), retention, batched))
+    let bus = NatsBus::connect(config(&server.url(), case.retention, case.batched))
         .await
         .unwrap();
     for version in 1..=VERSIONS {
@@ -146,144 +315,78 @@ async fn consumer_killed_mid_stream(retention: Retention, which: Server, batched
     }
     bus.flush().await.unwrap();
     let expected = AGGREGATES * VERSIONS;
-
-    let log = tempfile_path();
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    if batched {
-        command.env("BUS_CRASH_CHILD_BATCHED", "1");
-    }
-    let mut child = command
-        .env("BUS_CRASH_CHILD_URL", server.url())
-        .env("BUS_CRASH_CHILD_LOG", &log)
-        .env("BUS_CRASH_CHILD_RETENTION", format!("{retention:?}"))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait, bounded, until the child has handled enough; it is another process, so its log is
-    // the only signal there is.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while count_lines(&log) < KILL_AFTER {
-        assert!(
-            Instant::now() < deadline,
-            "child handled only {} events",
-            count_lines(&log)
-        );
-        assert!(child.try_wait().unwrap().is_none(), "child exited early");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    child.kill().unwrap(); // SIGKILL: no close, no acks
-    child.wait().unwrap();
-
-    let recorder = Recorder::new();
-    let mut handled_by_child = 0;
-    for line in std::io::BufReader::new(std::fs::File::open(&log).unwrap()).lines() {
-        let line = line.unwrap();
-        let (aggregate, version) = line.split_once(' ').unwrap();
-        recorder
-            .verifier
-            .record(topic().as_str(), aggregate, version.parse().unwrap());
-        handled_by_child += 1;
-    }
-    assert!(
-        handled_by_child < expected as usize,
-        "the kill came after the end"
-    );
-
-    // The crash left delivered, unacknowledged messages: the path under test is taken.
-    let client = async_nats::connect(server.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let stream = js
-        .get_stream(bus.stream_name(&topic()).await.unwrap())
-        .await
-        .unwrap();
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_consumer(&bus.config().consumer_name(&topic()))
-        .await
-        .unwrap();
-    let info = consumer.info().await.unwrap().clone();
-    let pending = info.num_ack_pending;
-    assert!(pending > 0, "the crash left nothing unacknowledged");
-    // What delivery restarts from: under work-queue retention only the unacknowledged
-    // messages are still there; otherwise everything above the ack floor is.
-    let mut replayable = match retention {
-        Retention::WorkQueue => pending as u64,
-        _ => info.delivered.stream_sequence - info.ack_floor.stream_sequence,
-    };
-    if batched {
-        let stored = stream.clone().info().await.unwrap().state.last_sequence;
+    if case.batched {
+        let stored = common::stream_last_sequence(&server, &bus, &topic()).await;
         assert!(
             stored * 4 < expected,
             "{expected} events in {stored} messages: batches did not form"
         );
-        // In events: what the messages above the ack floor hold.
-        replayable = common::events_above_ack_floor(&server, &bus, &topic()).await;
     }
 
-    // A new consumer starts at once, well inside AckWait.
-    let subscription = match which {
-        Server::Current => subscribe_recording(&bus, &topic(), &recorder).await,
-        Server::Old => {
-            // The dead process's lease still stands: refused, saying why and for how long.
-            let refused = common::subscribe_ignoring(&bus, &topic())
-                .await
-                .unwrap_err();
-            assert_eq!(
-                refused.kind(),
-                SubscribeErrorKind::AlreadySubscribed,
-                "{refused}"
+    let dir =
+        std::env::temp_dir().join(format!("bus-crash-{}-{}", std::process::id(), case.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut logs: Vec<PathBuf> = vec![dir.join("0.log")];
+    let mut child = spawn_child(&server.url(), &logs[0], case);
+    let mut replayable = 0;
+    for share in KILLS {
+        // Bounded: the children are other processes, so their logs are the only signal.
+        let target = (expected as f64 * share) as u64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while count_lines(&logs) < target {
+            assert!(
+                Instant::now() < deadline,
+                "{}: the consumers handled only {} events of {target} in 60 s",
+                case.name(),
+                count_lines(&logs)
             );
-            let why = format!(
-                "{refused}: {}",
-                std::error::Error::source(&refused).unwrap()
-            );
-            assert!(why.contains("2.9.10") && why.contains("2.14"), "{why}");
-            println!("old server, while the lease stands: {why}");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let recorder = recorder.clone();
-                let handler = Arc::new(handler_fn(move |e: Envelope| {
-                    let recorder = recorder.clone();
-                    async move {
-                        recorder.record(&topic(), &e);
-                        Ok(())
-                    }
-                }));
-                match bus.subscribe(&topic(), handler).await {
-                    Ok(subscription) => break subscription,
-                    Err(e) if e.kind() == SubscribeErrorKind::AlreadySubscribed => {
-                        assert!(Instant::now() < deadline, "the lease never ran out: {e}")
-                    }
-                    Err(e) => panic!("{e}"),
-                }
-            }
+            child.assert_running();
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        child.kill();
+        // The kill left delivered, unacknowledged messages: the path under test is taken.
+        let info = common::consumer_info(&server, &bus, &topic()).await;
+        assert!(
+            info.num_ack_pending > 0,
+            "{}: the kill left nothing unacknowledged: {info:?}",
+            case.name()
+        );
+        // What a successor may replay: the events of the messages above the ack floor that
+        // are still stored.
+        replayable += common::events_above_ack_floor(&server, &bus, &topic()).await;
+        // A new consumer at once, well inside AckWait.
+        logs.push(dir.join(format!("{}.log", logs.len())));
+        child = spawn_child(&server.url(), logs.last().unwrap(), case);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let report = loop {
+        let report = verify(&logs);
+        if report.unique >= expected {
+            break report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: only {} of {expected} events handled 60 s after the last kill: {report:?}",
+            case.name(),
+            report.unique
+        );
+        child.assert_running();
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    recorder
-        .wait_until("every event", Duration::from_secs(20), |r| {
-            r.unique >= expected
-        })
-        .await;
-    subscription.close().await.unwrap();
-    let report = recorder.verifier.report();
-    println!(
-        "consumer crash ({retention:?}, {which:?} server, batched: {batched}): child handled {handled_by_child} then was killed with \
-         {pending} unacknowledged, {replayable} replayable; after restart: {report:?}"
-    );
-    assert_eq!(report.order_violations, 0, "{report:?}");
-    assert_eq!(report.gaps, 0, "{report:?}");
-    assert_eq!(report.lost(expected), 0, "{report:?}");
-    // Replays are only of what the dead process had in flight.
-    assert!(report.duplicates <= replayable, "{report:?}");
-    let _ = std::fs::remove_file(&log);
-}
-
-fn tempfile_path() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("bus-crash-child-{}.log", std::process::id()))
-}
-
-fn count_lines(path: &std::path::Path) -> usize {
-    std::fs::read(path)
-        .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-        .unwrap_or(0)
+    child.kill();
+    let outcome = Outcome {
+        kills: KILLS.len() as u64,
+        replayable,
+        report,
+    };
+    let r = &outcome.report;
+    assert_eq!(r.broken_replays, 0, "{}: {outcome}", case.name());
+    assert_eq!(r.order_violations, 0, "{}: {outcome}", case.name());
+    assert_eq!(r.gaps, 0, "{}: {outcome}", case.name());
+    assert_eq!(r.lost(expected), 0, "{}: {outcome}", case.name());
+    // Replays are only of what the dead processes left unacknowledged.
+    assert!(r.duplicates <= replayable, "{}: {outcome}", case.name());
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
 }

@@ -238,7 +238,7 @@ async fn setup(
     crate::connection::guarded(
         &connection.violations,
         guard("taking the ownership lease of consumer"),
-        ownership.acquire_or_refuse(),
+        ownership.try_acquire(),
     )
     .await
     .map_err(fail)?;

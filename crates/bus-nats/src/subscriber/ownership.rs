@@ -11,9 +11,13 @@
 //!   what the old owner left unacknowledged comes first. The broker does not wait for the old
 //!   owner's messages in flight (ADR-42 promises no exclusivity); the reset is what keeps order.
 //! * **Older servers: a lease in a KV bucket** (`BUS_OWNERS`, one key per consumer, the bucket's
-//!   `max_age` as the lease's lifetime, renewed by compare-and-set). A second subscription is
-//!   refused while the lease is held; an owner that loses its lease stops consuming and polls
-//!   for it like a standby.
+//!   `max_age` as the lease's lifetime, renewed by compare-and-set). A standby polls for the
+//!   lease and takes it once it is free (deleted by a graceful close, or run out after a crash);
+//!   it then restarts delivery at the ack floor + 1 (deleting and recreating the consumer)
+//!   before it handles anything. Nothing at the broker stops a former owner from pulling, so an
+//!   owner fences itself: without a successful renewal for two thirds of the lifetime, counted
+//!   from when that renewal was sent, it stops consuming, before the lease can run out at the
+//!   server; then it polls for the lease like a standby.
 //!
 //! While it owns the topic, a keeper task refreshes the claim several times per
 //! `takeover_after`, independently of the fetcher, so slow handlers or a full worker queue never
@@ -165,31 +169,29 @@ impl Ownership {
         }
     }
 
-    /// On a server before 2.14, takes the lease now or fails saying who holds it: such a server
-    /// cannot keep a standby that would take over safely.
-    pub(crate) async fn acquire_or_refuse(&mut self) -> Result<(), NatsError> {
+    /// On a server before 2.14, takes the lease now if it is free; otherwise the subscription
+    /// starts as a standby and its fetcher waits for the lease ([`Ownership::wait`]).
+    pub(crate) async fn try_acquire(&mut self) -> Result<(), NatsError> {
         let Mode::Lease { kv, key, holder } = &self.mode else {
             return Ok(());
         };
-        match try_lease(kv, key, holder).await? {
-            Some(revision) => {
-                self.gain(Held::Lease(revision));
-                Ok(())
-            }
+        let revision = within(
+            self.takeover_after,
+            "taking the ownership lease",
+            try_lease(kv, key, holder),
+        )
+        .await??;
+        match revision {
+            Some(revision) => self.gain(Held::Lease(revision)),
             None => {
-                let other = match kv.get(key.as_str()).await {
-                    Ok(Some(value)) => String::from_utf8_lossy(&value).into_owned(),
+                let other = match within(self.takeover_after, "", kv.get(key.as_str())).await {
+                    Ok(Ok(Some(value))) => String::from_utf8_lossy(&value).into_owned(),
                     _ => "another process".to_owned(),
                 };
-                let version = self.client.server_info().version;
-                Err(NatsError::Owned(format!(
-                    "topic `{}`: consumer `{}` is owned by {other}; nats-server {version} cannot keep a \
-                     standby subscriber (2.14 or newer can), so this one is refused. Close the other \
-                     one, or wait until its lease runs out ({:?} after it stopped)",
-                    self.topic, self.consumer, self.takeover_after
-                )))
+                tracing::info!(topic = %self.topic, consumer = %self.consumer, owner = %other, "the topic is owned by another subscription; waiting as a standby for its lease");
             }
         }
+        Ok(())
     }
 
     /// Waits until this subscription owns the topic, or `stop` changes.
@@ -204,15 +206,17 @@ impl Ownership {
         let held = match self.mode.clone() {
             Mode::Pinned => self.wait_for_pin(stop, reconnects).await?,
             Mode::Lease { kv, key, holder } => {
-                let mut poll = tokio::time::interval(self.takeover_after / 3);
+                // Often enough that a graceful close hands over quickly; every attempt bounded.
+                let every = (self.takeover_after / 3).min(LEASE_POLL);
+                let mut poll = tokio::time::interval(every);
                 loop {
                     tokio::select! {
                         _ = stop.changed() => return Ok(Wait::Stopped),
                         _ = poll.tick() => {
-                            match try_lease(&kv, &key, &holder).await {
-                                Ok(Some(revision)) => break Some(Held::Lease(revision)),
-                                Ok(None) => {}
-                                Err(error) => tracing::warn!(topic = %self.topic, %error, "ownership lease could not be read"),
+                            match within(self.takeover_after, "taking the ownership lease", try_lease(&kv, &key, &holder)).await {
+                                Ok(Ok(Some(revision))) => break Some(Held::Lease(revision)),
+                                Ok(Ok(None)) => {}
+                                Ok(Err(error)) | Err(error) => tracing::warn!(topic = %self.topic, %error, "ownership lease could not be taken"),
                             }
                         }
                     }
@@ -570,8 +574,26 @@ async fn keep_pin(
     }
 }
 
-/// Renews the lease every third of its lifetime; a renewal refused because someone else wrote
-/// the key, or no successful renewal for a whole lifetime, means it is lost.
+/// How often a standby on a server before 2.14 tries to take the lease, at most.
+const LEASE_POLL: Duration = Duration::from_millis(500);
+
+/// Runs a broker request with a deadline: on servers before 2.14 some requests go unanswered.
+async fn within<T>(
+    deadline: Duration,
+    what: &str,
+    request: impl std::future::Future<Output = T>,
+) -> Result<T, NatsError> {
+    tokio::time::timeout(deadline, request)
+        .await
+        .map_err(|elapsed| {
+            NatsError::api(format!("{what}: no answer within {deadline:?}"), elapsed)
+        })
+}
+
+/// Renews the lease every quarter of its lifetime. A renewal refused because someone else wrote
+/// the key means it is lost; so does no successful renewal for two thirds of the lifetime,
+/// counted from when the last successful one was sent: the server keeps the lease at least a
+/// whole lifetime after that write, so the owner stops before anyone else can take it over.
 async fn keep_lease(
     kv: kv::Store,
     key: String,
@@ -580,36 +602,40 @@ async fn keep_lease(
     lifetime: Duration,
     lost: mpsc::Sender<String>,
 ) {
-    let mut tick = tokio::time::interval(lifetime / 3);
+    let every = lifetime / 4;
+    let fence = lifetime * 2 / 3;
+    let mut tick = tokio::time::interval(every);
     tick.tick().await;
+    // The lease was written (taken) before this task started.
     let mut renewed = tokio::time::Instant::now();
     loop {
-        tick.tick().await;
-        match kv
-            .update(key.as_str(), holder.clone().into(), revision)
-            .await
-        {
-            Ok(next) => {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(renewed + fence) => {}
+        }
+        if renewed.elapsed() >= fence {
+            let _ = lost
+                .send(format!(
+                    "the ownership lease `{key}` could not be renewed for {fence:?}; stopping before it can run out"
+                ))
+                .await;
+            return;
+        }
+        let sent = tokio::time::Instant::now();
+        let renewal = kv.update(key.as_str(), holder.clone().into(), revision);
+        match tokio::time::timeout(renewed + fence - sent, renewal).await {
+            Ok(Ok(next)) => {
                 revision = next;
-                renewed = tokio::time::Instant::now();
+                renewed = sent;
             }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 let _ = lost
                     .send(format!("the ownership lease `{key}` was taken over"))
                     .await;
                 return;
             }
-            Err(error) => {
-                tracing::warn!(%key, %error, "ownership lease not renewed");
-                if renewed.elapsed() >= lifetime {
-                    let _ = lost
-                        .send(format!(
-                            "the ownership lease `{key}` could not be renewed for {lifetime:?}"
-                        ))
-                        .await;
-                    return;
-                }
-            }
+            Ok(Err(error)) => tracing::warn!(%key, %error, "ownership lease not renewed"),
+            Err(_) => tracing::warn!(%key, "ownership lease renewal unanswered"),
         }
     }
 }

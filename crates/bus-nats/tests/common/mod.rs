@@ -203,3 +203,16 @@ pub async fn subscribe_ignoring(
     let handler = bus_core::handler_fn(|_e: bus_core::Envelope| async { Ok(()) });
     bus.subscribe(topic, Arc::new(handler)).await
 }
+
+/// The stream sequence of the topic's last stored message.
+pub async fn stream_last_sequence(server: &NatsServer, bus: &NatsBus, topic: &Topic) -> u64 {
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    js.get_stream(bus.stream_name(topic).await.unwrap())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence
+}

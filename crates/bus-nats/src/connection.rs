@@ -83,13 +83,40 @@ pub(crate) struct Shared {
     /// The connection control requests are answered on: its own, so that a user without the
     /// permission for them gets a violation there, never on a topic's connection.
     pub(crate) control: tokio::sync::OnceCell<async_nats::Client>,
+    /// The connection of ownership leases and group membership (KV buckets): its own, so that
+    /// renewing a lease never waits behind a topic's deliveries (a topic connection's reader
+    /// blocks while a full pull inbox drains, and a lease not renewed in time is given up).
+    pub(crate) coordination: tokio::sync::OnceCell<Coordination>,
     /// By consumer: record batches released with some events settled (see
     /// [`crate::subscriber`]'s copies).
     pub(crate) partial_batches:
         std::sync::Mutex<HashMap<String, Arc<std::sync::Mutex<crate::subscriber::PartialBatches>>>>,
 }
 
+/// See [`Shared::coordination`].
+pub(crate) struct Coordination {
+    pub(crate) client: async_nats::Client,
+    pub(crate) jetstream: jetstream::Context,
+    pub(crate) violations: watch::Receiver<Option<String>>,
+}
+
 impl Shared {
+    /// The coordination connection, connected on first use.
+    pub(crate) async fn coordination(&self) -> Result<&Coordination, NatsError> {
+        self.check_open()?;
+        self.coordination
+            .get_or_try_init(|| async {
+                let name = Topic::new("bus-coordination").expect("a valid topic");
+                let (client, signals) = self.connect(&name).await?;
+                Ok(Coordination {
+                    jetstream: jetstream::new(client.clone()),
+                    client,
+                    violations: signals.violations,
+                })
+            })
+            .await
+    }
+
     /// The topic's connection, connecting and provisioning its stream on first use.
     pub(crate) async fn connection(
         &self,

@@ -118,6 +118,7 @@ impl NatsBus {
             closed: std::sync::atomic::AtomicBool::new(false),
             watched: Default::default(),
             control: Default::default(),
+            coordination: Default::default(),
             partial_batches: Default::default(),
         });
         // Fail at start-up, not at the first publish, when no server answers.
@@ -160,6 +161,10 @@ impl NatsBus {
         let flushed = self.publisher.close().await;
         if let Some(control) = self.shared.control.get() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), control.drain()).await;
+        }
+        if let Some(coordination) = self.shared.coordination.get() {
+            let drain = coordination.client.drain();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
         }
         let connections: Vec<_> = self.shared.connections.write().unwrap().drain().collect();
         for (topic, connection) in connections {

@@ -13,7 +13,9 @@
 //! by the sequence verifier, is the failure above). Replays stay within what the dead process
 //! left unacknowledged.
 //!
-//! Each case runs several rounds (`BUS_CRASH_ROUNDS`, default 2) of three kills, at 30 %, 50 %
+//! Cases: work-queue and acknowledged retention, batched and unbatched, on the current server
+//! and on servers before 2.14 (2.9, 2.10, 2.12), where a restarted process waits as a standby
+//! for the dead one's lease. Each case runs several rounds (`BUS_CRASH_ROUNDS`, default 2) of three kills, at 30 %, 50 %
 //! and 70 % of the events. `BUS_CRASH_ONLY` picks cases by a part of their name.
 //!
 //! This binary is its own child: run with `BUS_CRASH_CHILD_URL` set, it is a consumer that gets
@@ -29,10 +31,12 @@ use std::time::{Duration, Instant};
 
 use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
 use bus_nats::{default_stream_name, NatsBus, NatsConfig, Retention, StreamSpec};
-use bus_testkit::{NatsServer, SequenceVerifier, VerifierReport};
+use bus_testkit::{NatsServer, OlderServer, SequenceVerifier, VerifierReport};
 
 const AGGREGATES: u64 = 200;
 const VERSIONS: u64 = 100;
+/// How long a successor waits for a dead consumer's claim (pin or lease).
+const TAKEOVER_AFTER: Duration = Duration::from_secs(2);
 /// Where the consumers are killed, as a share of the events.
 const KILLS: [f64; 3] = [0.3, 0.5, 0.7];
 
@@ -47,7 +51,7 @@ fn config(url: &str, retention: Retention, batched: bool) -> NatsConfig {
         config.batching = bus_nats::BatchConfig::off();
     }
     // Quick takeovers: the next subscriber waits this long for the dead one's claim.
-    config.consumer.takeover_after = Duration::from_secs(2);
+    config.consumer.takeover_after = TAKEOVER_AFTER;
     let mut spec = StreamSpec::new(default_stream_name(&topic()), [topic()]);
     spec.retention = retention;
     config.streams.push(spec);
@@ -68,9 +72,9 @@ enum Server {
     /// The current one (2.14+): ownership by the broker's pinned client, restarts by the
     /// consumer reset API.
     Current,
-    /// Debian's 2.9: no priority groups, no consumer reset API. Ownership is a lease; recovery
-    /// deletes and recreates the consumer.
-    Old,
+    /// A server before 2.14 (2.9, 2.10, 2.12): no consumer reset API. Ownership is a lease;
+    /// recovery deletes and recreates the consumer.
+    Older(OlderServer),
 }
 
 struct Case {
@@ -81,10 +85,13 @@ struct Case {
 
 impl Case {
     fn name(&self) -> String {
+        let server = match self.server {
+            Server::Current => "current".to_owned(),
+            Server::Older(older) => older.version().to_owned(),
+        };
         format!(
-            "{:?}-{:?}-{}",
+            "{:?}-{server}-{}",
             self.retention,
-            self.server,
             if self.batched { "batched" } else { "unbatched" }
         )
         .to_lowercase()
@@ -126,13 +133,23 @@ fn main() {
         },
         Case {
             retention: Retention::WorkQueue,
-            server: Server::Old,
+            server: Server::Older(OlderServer::V2_9),
             batched: true,
         },
         Case {
             retention: Retention::WorkQueue,
-            server: Server::Old,
+            server: Server::Older(OlderServer::V2_9),
             batched: false,
+        },
+        Case {
+            retention: Retention::WorkQueue,
+            server: Server::Older(OlderServer::V2_10),
+            batched: true,
+        },
+        Case {
+            retention: Retention::WorkQueue,
+            server: Server::Older(OlderServer::V2_12),
+            batched: true,
         },
     ];
     let cases: Vec<&Case> = cases.iter().filter(|c| c.name().contains(&only)).collect();
@@ -179,6 +196,8 @@ impl Totals {
 }
 
 struct Outcome {
+    /// From each kill to the first event its successor handled (its start included).
+    takeovers: Vec<Duration>,
     kills: u64,
     /// Events in what the killed processes left unacknowledged, summed over the kills.
     replayable: u64,
@@ -190,8 +209,9 @@ impl std::fmt::Display for Outcome {
         let r = &self.report;
         write!(
             f,
-            "{} kills; handled {} ({} unique), {} replays of {} events (of {} left unacknowledged), {} broken, {} violations, {} gaps",
+            "{} kills, taken over after {:.1?}; handled {} ({} unique), {} replays of {} events (of {} left unacknowledged), {} broken, {} violations, {} gaps",
             self.kills,
+            self.takeovers,
             r.handled,
             r.unique,
             r.replays,
@@ -207,6 +227,11 @@ impl std::fmt::Display for Outcome {
 /// A consumer in its own process: records every handled event in its log, one line each, before
 /// its handler returns (so before the event can be acknowledged).
 async fn child(url: String, log: String, retention: Retention, batched: bool) {
+    // `RUST_LOG` shows what each consumer did, on the test's standard error.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let bus = NatsBus::connect(config(&url, retention, batched))
         .await
         .unwrap();
@@ -300,7 +325,7 @@ fn count_lines(logs: &[PathBuf]) -> u64 {
 async fn consumers_killed_in_turn(case: &Case) -> Outcome {
     let server = match case.server {
         Server::Current => NatsServer::start(),
-        Server::Old => NatsServer::start_old(),
+        Server::Older(older) => NatsServer::start_older(older),
     };
     let bus = NatsBus::connect(config(&server.url(), case.retention, case.batched))
         .await
@@ -330,6 +355,7 @@ async fn consumers_killed_in_turn(case: &Case) -> Outcome {
     let mut logs: Vec<PathBuf> = vec![dir.join("0.log")];
     let mut child = spawn_child(&server.url(), &logs[0], case);
     let mut replayable = 0;
+    let mut takeovers = Vec::new();
     for share in KILLS {
         // Bounded: the children are other processes, so their logs are the only signal.
         let target = (expected as f64 * share) as u64;
@@ -355,9 +381,22 @@ async fn consumers_killed_in_turn(case: &Case) -> Outcome {
         // What a successor may replay: the events of the messages above the ack floor that
         // are still stored.
         replayable += common::events_above_ack_floor(&server, &bus, &topic()).await;
-        // A new consumer at once, well inside AckWait.
+        // A new consumer at once, well inside AckWait; it takes over once the dead one's pin or
+        // lease runs out (`takeover_after`), by itself.
+        let killed = Instant::now();
         logs.push(dir.join(format!("{}.log", logs.len())));
         child = spawn_child(&server.url(), logs.last().unwrap(), case);
+        while count_lines(&logs[logs.len() - 1..]) == 0 {
+            assert!(
+                killed.elapsed() < TAKEOVER_AFTER * 3,
+                "{}: the new consumer handled nothing {:?} after the kill",
+                case.name(),
+                killed.elapsed()
+            );
+            child.assert_running();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        takeovers.push(killed.elapsed());
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     let report = loop {
@@ -376,6 +415,7 @@ async fn consumers_killed_in_turn(case: &Case) -> Outcome {
     };
     child.kill();
     let outcome = Outcome {
+        takeovers,
         kills: KILLS.len() as u64,
         replayable,
         report,

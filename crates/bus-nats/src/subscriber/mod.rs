@@ -196,17 +196,21 @@ async fn setup(
     .map_err(fail)?;
 
     let next_subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{name}", connection.stream);
+    // Where a permission violation of the ownership requests would show.
+    let mut ownership_violations = connection.violations.clone();
     let mode = if pinned {
         ownership::Mode::Pinned
     } else {
+        let coordination = shared.coordination().await.map_err(fail)?;
+        ownership_violations = coordination.violations.clone();
         ownership::Mode::Lease {
             kv: Box::new(
                 crate::connection::guarded(
-                    &connection.violations,
+                    &coordination.violations,
                     guard("opening the ownership lease of consumer"),
                     ownership::lease_store(
-                        &connection.client,
-                        &connection.jetstream,
+                        &coordination.client,
+                        &coordination.jetstream,
                         config.consumer.takeover_after,
                         config.consumer.coordination_replicas,
                     ),
@@ -236,7 +240,7 @@ async fn setup(
         mode,
     );
     crate::connection::guarded(
-        &connection.violations,
+        &ownership_violations,
         guard("taking the ownership lease of consumer"),
         ownership.try_acquire(),
     )

@@ -10,6 +10,11 @@
 //! only by the processes that took over the killed one's partitions, and every process handled
 //! some partitions.
 //!
+//! Run on the current server (pinned priority groups) and on servers before 2.14 (2.9, 2.12),
+//! where each partition's ownership is a lease and a member that no longer owns a partition
+//! waits for it as a standby. On each: the killed member's partitions move within a few
+//! `takeover_after`, the leaving member's at once, and every close finishes within its deadline.
+//!
 //! This binary is its own child: run with `BUS_REPLICA_URL` set, it is one member.
 
 mod common;
@@ -20,7 +25,7 @@ use std::time::Duration;
 
 use bus_core::{Envelope, Publisher, Topic};
 use bus_nats::{NatsBus, NatsConfig, StreamSpec};
-use bus_testkit::NatsServer;
+use bus_testkit::{NatsServer, OlderServer};
 use common::replicas::{calls, history, tempfile_dir, unique_handled, wait_handled, Replica};
 
 const AGGREGATES: u64 = 40;
@@ -50,10 +55,23 @@ fn main() {
     if common::replicas::run_if_replica(&runtime, topic(), config) {
         return;
     }
-    println!("running 1 test");
-    members_join_leave_and_crash_under_load(&runtime);
-    println!("test members_join_leave_and_crash_under_load ... ok");
-    println!("\npartition_groups_nats: 1 passed, 0 failed");
+    // `BUS_GROUPS_SERVER` (`current`, `2.9`, `2.12`) runs one of them.
+    let only = std::env::var("BUS_GROUPS_SERVER").unwrap_or_default();
+    let servers: Vec<Option<OlderServer>> =
+        [None, Some(OlderServer::V2_9), Some(OlderServer::V2_12)]
+            .into_iter()
+            .filter(|s| only.is_empty() || s.map_or("current", OlderServer::version) == only)
+            .collect();
+    println!("running {} tests", servers.len());
+    for &older in &servers {
+        let which = older.map_or("current", OlderServer::version);
+        members_join_leave_and_crash_under_load(&runtime, older);
+        println!("test members_join_leave_and_crash_under_load ({which} server) ... ok");
+    }
+    println!(
+        "\npartition_groups_nats: {} passed, 0 failed",
+        servers.len()
+    );
 }
 
 fn handled_by(process: &str, replicas: &[&Replica]) -> u64 {
@@ -63,8 +81,14 @@ fn handled_by(process: &str, replicas: &[&Replica]) -> u64 {
         .count() as u64
 }
 
-fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime) {
-    let server = NatsServer::start();
+fn members_join_leave_and_crash_under_load(
+    runtime: &tokio::runtime::Runtime,
+    older: Option<OlderServer>,
+) {
+    let server = match older {
+        None => NatsServer::start(),
+        Some(older) => NatsServer::start_older(older),
+    };
     let url = server.url();
     let dir = tempfile_dir();
     let bus = runtime.block_on(NatsBus::connect(config(&url))).unwrap();
@@ -125,8 +149,14 @@ fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime) {
     // One leaves gracefully.
     let so_far = all(&replicas);
     wait_handled(&replicas.iter().collect::<Vec<_>>(), so_far + 1_000);
+    let left_at = common::replicas::now_ns();
     let report = replicas.iter_mut().find(|r| r.name == "b").unwrap().close();
     assert!(report.contains("returned 0"), "{report}");
+    let closed_in = Duration::from_nanos((common::replicas::now_ns() - left_at) as u64);
+    assert!(
+        closed_in < bus_core::Subscription::DEFAULT_CLOSE_DEADLINE,
+        "the leaving member took {closed_in:?} to close"
+    );
     // One is killed while it owns partitions.
     let so_far = all(&replicas);
     wait_handled(&replicas.iter().collect::<Vec<_>>(), so_far + 1_000);
@@ -164,6 +194,20 @@ fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime) {
 
     let all_calls = calls(&replicas.iter().collect::<Vec<_>>());
     let h = history(&all_calls, "grouped");
+    // The partitions the leaving member handled last, and when another member went on.
+    let left: std::collections::BTreeSet<u32> = all_calls
+        .iter()
+        .filter(|c| c.process == "b" && c.start + 300_000_000 > left_at)
+        .filter_map(|c| c.partition)
+        .collect();
+    let resumed_after_leave = all_calls
+        .iter()
+        .filter(|c| {
+            c.process != "b" && c.start > left_at && c.partition.is_some_and(|p| left.contains(&p))
+        })
+        .map(|c| c.start)
+        .min()
+        .map(|t| Duration::from_nanos((t - left_at) as u64));
     // Partitions the killed member held (it handled them in its last 300 ms), and when
     // another member handled them after the kill.
     let orphaned: std::collections::BTreeSet<u32> = all_calls
@@ -184,11 +228,14 @@ fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime) {
     println!(
         "partition groups: {versions} rounds, {expected} events; calls by process {:?}; \
          repeats by process {:?}; overlapping calls {}, two owners of a partition at once {}; \
-         the killed member's partitions {orphaned:?} resumed {resumed_after_kill:?} after the \
-         kill (takeover_after {TAKEOVER_AFTER:?}); {:?}",
+         the leaving member closed in {closed_in:?}, its partitions {left:?} resumed \
+         {resumed_after_leave:?} after it was asked to; the killed member's partitions \
+         {orphaned:?} resumed {resumed_after_kill:?} after the kill (takeover_after \
+         {TAKEOVER_AFTER:?}); {:?}",
         h.calls_by, h.duplicates_by, h.overlaps, h.partition_overlaps, h.report
     );
     assert_eq!(h.report.order_violations, 0, "{:?}", h.report);
+    assert_eq!(h.report.broken_replays, 0, "{:?}", h.report);
     assert_eq!(h.report.gaps, 0, "{:?}", h.report);
     assert_eq!(h.report.lost(expected), 0, "{:?}", h.report);
     assert_eq!(h.overlaps, 0, "calls for one aggregate overlapped");
@@ -198,9 +245,20 @@ fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime) {
     );
     assert_eq!(h.in_process_disorder, 0);
     assert!(!orphaned.is_empty(), "the killed member owned no partition");
+    // Taken over once the dead member's membership and claims ran out (`takeover_after`),
+    // and its partitions restarted: well within a few of them.
+    let resumed_after_kill = resumed_after_kill.expect("its partitions were never taken over");
     assert!(
-        resumed_after_kill.is_some(),
-        "its partitions were never taken over"
+        resumed_after_kill < TAKEOVER_AFTER * 4,
+        "the killed member's partitions resumed only {resumed_after_kill:?} after the kill"
+    );
+    // The leaving member let go of its partitions (claims released, not run out) and the
+    // others took them over as soon as it left.
+    assert!(!left.is_empty(), "the leaving member owned no partition");
+    let resumed_after_leave = resumed_after_leave.expect("its partitions were never taken over");
+    assert!(
+        resumed_after_leave < closed_in + TAKEOVER_AFTER / 2,
+        "the leaving member's partitions resumed only {resumed_after_leave:?} after it was asked to close"
     );
     // Repeats only of what the killed member had in flight, by those who took it over.
     let replayable: u64 = orphaned.iter().map(|p| pending_at_kill[*p as usize]).sum();

@@ -124,7 +124,7 @@ impl Fetcher {
             match self.epoch(start).await? {
                 End::Stopped => return Ok(()),
                 End::Discontinuity { why, seen_up_to } => {
-                    tracing::warn!(topic = %self.plan.topic, %why, "delivery is no longer contiguous; restarting it at the ack floor");
+                    tracing::warn!(topic = %self.plan.topic, subject = %self.plan.restarter.subject, %why, "delivery is no longer contiguous; restarting it at the ack floor");
                     self.plan.counters.restarts.fetch_add(1, Ordering::Relaxed);
                     let restarter = self.plan.restarter.clone();
                     let counters = self.plan.counters.clone();

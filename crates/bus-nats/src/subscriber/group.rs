@@ -3,16 +3,22 @@
 //!
 //! * **Membership**: each subscription puts a key `<group>.<topic>.<member>` in the KV bucket
 //!   `BUS_MEMBERS`, whose `max_age` is `takeover_after`, and renews it every third of that. A
-//!   member that crashes drops out when its key ages out; one that closes deletes it.
+//!   member that crashes drops out when its key ages out; one that closes purges it (no delete
+//!   marker is left). The live members are the subjects the bucket's stream holds under the
+//!   group's prefix, read with one stream-info request (servers 2.9+ answer it alike; listing
+//!   the keys through a consumer could hang on old servers). Every request of the group has a
+//!   deadline, on the bus's coordination connection.
 //! * **Assignment**: rendezvous hashing. Partition `p` goes to the live member with the highest
 //!   FNV-1a hash of `<member>/<p>`: every member computes the same assignment from the same
 //!   members, and a join or a leave moves only the partitions that must move.
-//! * **Handover, revoke before assign**: each partition has its own durable consumer with a
-//!   pinned priority group (see `ownership`). A member that is no longer assigned a partition
-//!   closes its subscription to it: it drains, acknowledges, confirms its acks and unpins. The
-//!   member it now belongs to subscribes at once, but as a standby: the broker pins it only once
-//!   the old owner has unpinned (or, after a crash, stopped pulling for `takeover_after`), and it
-//!   restarts delivery at the ack floor before handling anything.
+//! * **Handover**: each partition has its own durable consumer and its own ownership (a pinned
+//!   priority group, or a lease before 2.14; see `ownership`). A member that is no longer
+//!   assigned a partition closes its subscription to it: it drains, acknowledges, confirms its
+//!   acks and unpins (or releases the lease). The member it now belongs to subscribes at once,
+//!   but as a standby: it takes over only once the old owner has let go (or, after a crash, its
+//!   claim ran out after `takeover_after`), and it restarts delivery at the ack floor before
+//!   handling anything. A member revokes and takes partitions at the same time: different
+//!   partitions never wait for each other.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -88,7 +94,9 @@ struct GroupSubscription {
     heartbeat: tokio::task::JoinHandle<()>,
     running: Running,
     control: Arc<GroupControl>,
-    kv: kv::Store,
+    /// The coordination connection, and how long a request on it may take.
+    client: async_nats::Client,
+    deadline: Duration,
     key: String,
     /// Reports of partitions handed over while the subscription ran.
     handed_over: Arc<Mutex<CloseReport>>,
@@ -105,6 +113,8 @@ pub(crate) async fn start(
     let config = &shared.config;
     super::require_group(config, topic).map_err(fail)?;
     let connection = shared.connection(topic).await.map_err(fail)?;
+    let coordination = shared.coordination().await.map_err(fail)?;
+    let deadline = config.consumer.takeover_after;
     // One member per process: a second one would only fight for the same partitions.
     let registration = super::ownership::Registration::claim(
         &config.connection.servers,
@@ -112,14 +122,19 @@ pub(crate) async fn start(
         &config.consumer_name(topic),
         topic,
     )?;
-    let kv = super::ownership::ensure_bucket(
-        &connection.client,
-        &connection.jetstream,
-        MEMBERS_BUCKET,
-        config.consumer.takeover_after,
-        config.consumer.coordination_replicas,
+    let kv = super::ownership::within(
+        deadline,
+        "opening the group membership bucket",
+        super::ownership::ensure_bucket(
+            &coordination.client,
+            &coordination.jetstream,
+            MEMBERS_BUCKET,
+            config.consumer.takeover_after,
+            config.consumer.coordination_replicas,
+        ),
     )
     .await
+    .and_then(|kv| kv)
     .map_err(fail)?;
     let member = connection
         .client
@@ -130,9 +145,15 @@ pub(crate) async fn start(
         .to_owned();
     let prefix = format!("{}.{topic}.", config.consumer.group);
     let key = format!("{prefix}{member}");
-    kv.put(key.as_str(), bytes::Bytes::new())
-        .await
-        .map_err(|e| fail(NatsError::api(format!("joining group `{prefix}*`"), e)))?;
+    let joining = format!("joining group `{prefix}*`");
+    super::ownership::within(
+        deadline,
+        &joining,
+        kv.put(key.as_str(), bytes::Bytes::new()),
+    )
+    .await
+    .and_then(|put| put.map_err(|e| NatsError::api(joining.clone(), e)))
+    .map_err(fail)?;
     tracing::info!(%topic, group = %config.consumer.group, %member, partitions, "joined the consumer group");
 
     let running: Running = Arc::default();
@@ -145,13 +166,18 @@ pub(crate) async fn start(
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                if let Err(error) = kv.put(key.as_str(), bytes::Bytes::new()).await {
-                    tracing::warn!(%topic, %error, "group membership not renewed");
+                match tokio::time::timeout(every, kv.put(key.as_str(), bytes::Bytes::new())).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%topic, %error, "group membership not renewed")
+                    }
+                    Err(_) => tracing::warn!(%topic, "group membership renewal unanswered"),
                 }
             }
         }
     });
     let task = tokio::spawn(reconcile(Reconciler {
+        client: coordination.client.clone(),
         shared: shared.clone(),
         topic: topic.clone(),
         dispatch,
@@ -176,7 +202,8 @@ pub(crate) async fn start(
         heartbeat,
         running,
         control,
-        kv,
+        client: coordination.client.clone(),
+        deadline,
         key,
         handed_over,
         _registration: registration,
@@ -184,6 +211,8 @@ pub(crate) async fn start(
 }
 
 struct Reconciler {
+    /// The coordination connection.
+    client: async_nats::Client,
     shared: Arc<Shared>,
     topic: Topic,
     dispatch: Dispatch,
@@ -202,10 +231,16 @@ struct Reconciler {
 /// say so).
 async fn reconcile(mut r: Reconciler) {
     let mut tick = tokio::time::interval(r.every);
-    let mut changes = match r.kv.watch(format!("{}*", r.prefix)).await {
-        Ok(watch) => Some(watch),
-        Err(error) => {
+    let mut changes = match tokio::time::timeout(r.every, r.kv.watch(format!("{}*", r.prefix)))
+        .await
+    {
+        Ok(Ok(watch)) => Some(watch),
+        Ok(Err(error)) => {
             tracing::warn!(topic = %r.topic, %error, "group membership cannot be watched; polling it");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(topic = %r.topic, "group membership watch unanswered; polling it");
             None
         }
     };
@@ -220,7 +255,7 @@ async fn reconcile(mut r: Reconciler) {
                 }
             } => {}
         }
-        let members = match members(&r.kv, &r.prefix).await {
+        let members = match members(&r.client, &r.prefix, r.every).await {
             Ok(mut members) => {
                 // Itself, even before its key is visible.
                 members.insert(r.member.clone());
@@ -236,73 +271,141 @@ async fn reconcile(mut r: Reconciler) {
             .collect();
         tracing::debug!(topic = %r.topic, member = %r.member, ?members, ?mine, "group assignment");
         let now: BTreeSet<u32> = r.running.lock().unwrap().keys().copied().collect();
-        // Revoke before assign: what moves away is drained and released first.
+        // What moves away is drained and released, all at once; what moves here starts at
+        // the same time. A partition released by another member is taken over at once; one
+        // still held elsewhere starts as a standby and takes over when it is released (every
+        // partition has its own ownership, so the two never wait for each other).
         let revoked: Vec<RunningPartition> = {
             let mut running = r.running.lock().unwrap();
             now.difference(&mine)
                 .filter_map(|p| running.remove(p))
                 .collect()
         };
-        for partition in revoked {
-            let topic = partition.subscription.topic.clone();
-            match Box::new(partition.subscription)
-                .close(Duration::from_secs(30))
-                .await
-            {
-                Ok(report) => {
-                    tracing::info!(%topic, ?report, "partition handed over");
-                    let mut total = r.handed_over.lock().unwrap();
-                    total.handled += report.handled;
-                    total.returned += report.returned;
-                    total.unconfirmed += report.unconfirmed;
-                }
-                Err(error) => tracing::warn!(%topic, %error, "partition handed over uncleanly"),
-            }
-        }
-        for p in mine.difference(&now) {
-            let target = Target {
-                topic: r.topic.clone(),
-                subject: Topic::new(format!("{}.{p}", r.topic))
-                    .expect("a partition subject is a valid topic"),
-                consumer: format!("{}-p{p}", r.shared.config.consumer_name(&r.topic)),
-                partition: Some(*p),
-            };
-            match setup(&r.shared, &target, r.dispatch.clone()).await {
-                Ok(subscription) => {
-                    let control: Arc<dyn AggregateControl> = subscription.control.clone();
-                    r.running.lock().unwrap().insert(
-                        *p,
-                        RunningPartition {
-                            control,
-                            subscription,
-                        },
-                    );
-                }
-                Err(error) => {
-                    tracing::warn!(topic = %r.topic, partition = p, %error, "partition not started; trying again")
+        let revoking = futures::future::join_all(revoked.into_iter().map(|partition| {
+            let handed_over = r.handed_over.clone();
+            async move {
+                let topic = partition.subscription.topic.clone();
+                match Box::new(partition.subscription)
+                    .close(bus_core::Subscription::DEFAULT_CLOSE_DEADLINE)
+                    .await
+                {
+                    Ok(report) => {
+                        tracing::info!(%topic, ?report, "partition handed over");
+                        let mut total = handed_over.lock().unwrap();
+                        total.handled += report.handled;
+                        total.returned += report.returned;
+                        total.unconfirmed += report.unconfirmed;
+                    }
+                    Err(error) => tracing::warn!(%topic, %error, "partition handed over uncleanly"),
                 }
             }
-        }
+        }));
+        let assigning = async {
+            for p in mine.difference(&now) {
+                if *r.stop.borrow() {
+                    return;
+                }
+                let target = Target {
+                    topic: r.topic.clone(),
+                    subject: Topic::new(format!("{}.{p}", r.topic))
+                        .expect("a partition subject is a valid topic"),
+                    consumer: format!("{}-p{p}", r.shared.config.consumer_name(&r.topic)),
+                    partition: Some(*p),
+                };
+                match setup(&r.shared, &target, r.dispatch.clone()).await {
+                    Ok(subscription) => {
+                        let control: Arc<dyn AggregateControl> = subscription.control.clone();
+                        r.running.lock().unwrap().insert(
+                            *p,
+                            RunningPartition {
+                                control,
+                                subscription,
+                            },
+                        );
+                    }
+                    Err(error) => {
+                        tracing::warn!(topic = %r.topic, partition = p, %error, "partition not started; trying again")
+                    }
+                }
+            }
+        };
+        futures::join!(revoking, assigning);
         if *r.stop.borrow() {
             return;
         }
     }
 }
 
-/// The live members of a group: the keys under `prefix`.
-async fn members(kv: &kv::Store, prefix: &str) -> Result<BTreeSet<String>, NatsError> {
-    let mut keys = kv
-        .keys()
-        .await
-        .map_err(|e| NatsError::api("listing group members".to_owned(), e))?;
-    let mut members = BTreeSet::new();
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| NatsError::api("listing group members".to_owned(), e))?;
-        if let Some(member) = key.strip_prefix(prefix) {
-            members.insert(member.to_owned());
-        }
+/// The live members of a group: the subjects of the membership bucket's stream under `prefix`
+/// (a member's key ages out `takeover_after` after its last renewal; a member that leaves
+/// purges it). One request, answered alike by every server version, within `deadline`.
+async fn members(
+    client: &async_nats::Client,
+    prefix: &str,
+    deadline: Duration,
+) -> Result<BTreeSet<String>, NatsError> {
+    #[derive(serde::Deserialize)]
+    struct Info {
+        state: Option<State>,
+        error: Option<serde_json::Value>,
     }
-    Ok(members)
+    #[derive(serde::Deserialize)]
+    struct State {
+        #[serde(default)]
+        subjects: HashMap<String, u64>,
+    }
+    let what = || "listing group members".to_owned();
+    let subjects = format!("$KV.{MEMBERS_BUCKET}.{prefix}");
+    let request = serde_json::json!({ "subjects_filter": format!("{subjects}*") });
+    let reply = super::ownership::within(
+        deadline,
+        "listing group members",
+        client.request(
+            format!("$JS.API.STREAM.INFO.KV_{MEMBERS_BUCKET}"),
+            request.to_string().into(),
+        ),
+    )
+    .await?
+    .map_err(|e| NatsError::api(what(), e))?;
+    let info: Info =
+        serde_json::from_slice(&reply.payload).map_err(|e| NatsError::api(what(), e))?;
+    if let Some(error) = info.error {
+        return Err(NatsError::api(what(), error.to_string()));
+    }
+    Ok(info
+        .state
+        .map(|s| s.subjects)
+        .unwrap_or_default()
+        .keys()
+        .filter_map(|subject| subject.strip_prefix(&subjects))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Leaves the group: the member's key is purged from the bucket's stream, leaving no marker,
+/// within `deadline`.
+async fn leave(
+    client: &async_nats::Client,
+    key: &str,
+    deadline: Duration,
+) -> Result<(), NatsError> {
+    let what = || format!("leaving the group (key `{key}`)");
+    let request = serde_json::json!({ "filter": format!("$KV.{MEMBERS_BUCKET}.{key}") });
+    let reply = super::ownership::within(
+        deadline,
+        "leaving the group",
+        client.request(
+            format!("$JS.API.STREAM.PURGE.KV_{MEMBERS_BUCKET}"),
+            request.to_string().into(),
+        ),
+    )
+    .await?
+    .map_err(|e| NatsError::api(what(), e))?;
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+    match body.get("error") {
+        Some(error) => Err(NatsError::api(what(), error.to_string())),
+        None => Ok(()),
+    }
 }
 
 /// Operator control across the partitions this member runs.
@@ -395,14 +498,23 @@ impl SubscriptionHandle for GroupSubscription {
             heartbeat,
             running,
             control: _,
-            kv,
+            client,
+            deadline: request_deadline,
             key,
             handed_over,
             _registration,
         } = *self;
+        let started = tokio::time::Instant::now();
         let _ = stop.send(true);
-        let _ = task.await;
+        // The reconciler stops between steps; a hand-over it is in the middle of is bounded by
+        // the same deadline as this close.
+        let mut task = task;
+        if tokio::time::timeout(deadline, &mut task).await.is_err() {
+            tracing::warn!(%topic, "the group's reconciler did not stop within the close deadline");
+            task.abort();
+        }
         heartbeat.abort();
+        let deadline = deadline.saturating_sub(started.elapsed());
         let partitions: Vec<NatsSubscription> = running
             .lock()
             .unwrap()
@@ -412,7 +524,7 @@ impl SubscriptionHandle for GroupSubscription {
         let closes = partitions.into_iter().map(|s| Box::new(s).close(deadline));
         let results = futures::future::join_all(closes).await;
         // Leave the group only once every partition is released: the others take them over.
-        if let Err(error) = kv.delete(key.as_str()).await {
+        if let Err(error) = leave(&client, &key, request_deadline).await {
             tracing::warn!(%topic, %error, "group membership not removed; it runs out by itself");
         }
         let mut total = handed_over.lock().unwrap().clone();

@@ -24,7 +24,8 @@
 //! cost the owner its topic; it reports the loss of the claim to the fetcher.
 
 use std::collections::HashSet;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -104,7 +105,9 @@ pub(crate) enum Mode {
 #[derive(Debug, Clone)]
 enum Held {
     Pin(String),
-    Lease(u64),
+    /// The lease's current revision, kept up to date by its keeper: releasing it is a delete
+    /// that expects that revision.
+    Lease(Arc<AtomicU64>),
 }
 
 /// The outcome of waiting to own the topic.
@@ -182,7 +185,7 @@ impl Ownership {
         )
         .await??;
         match revision {
-            Some(revision) => self.gain(Held::Lease(revision)),
+            Some(revision) => self.gain(Held::Lease(Arc::new(AtomicU64::new(revision)))),
             None => {
                 let other = match within(self.takeover_after, "", kv.get(key.as_str())).await {
                     Ok(Ok(Some(value))) => String::from_utf8_lossy(&value).into_owned(),
@@ -214,7 +217,7 @@ impl Ownership {
                         _ = stop.changed() => return Ok(Wait::Stopped),
                         _ = poll.tick() => {
                             match within(self.takeover_after, "taking the ownership lease", try_lease(&kv, &key, &holder)).await {
-                                Ok(Ok(Some(revision))) => break Some(Held::Lease(revision)),
+                                Ok(Ok(Some(revision))) => break Some(Held::Lease(Arc::new(AtomicU64::new(revision)))),
                                 Ok(Ok(None)) => {}
                                 Ok(Err(error)) | Err(error) => tracing::warn!(topic = %self.topic, %error, "ownership lease could not be taken"),
                             }
@@ -365,7 +368,7 @@ impl Ownership {
                     (**kv).clone(),
                     key.clone(),
                     holder.clone(),
-                    *revision,
+                    revision.clone(),
                     self.takeover_after,
                     lost_tx,
                 ))
@@ -433,11 +436,12 @@ impl Ownership {
                 }
             }
             (Some(Held::Lease(revision)), Mode::Lease { kv, key, .. }) => {
+                let revision = revision.load(Ordering::Acquire);
                 if let Err(error) = kv
                     .delete_expect_revision(key.as_str(), Some(revision))
                     .await
                 {
-                    tracing::debug!(topic = %self.topic, %error, "ownership lease not released; it runs out by itself");
+                    tracing::warn!(topic = %self.topic, %error, "ownership lease not released; it runs out by itself");
                 }
             }
             _ => {}
@@ -578,7 +582,7 @@ async fn keep_pin(
 const LEASE_POLL: Duration = Duration::from_millis(500);
 
 /// Runs a broker request with a deadline: on servers before 2.14 some requests go unanswered.
-async fn within<T>(
+pub(crate) async fn within<T>(
     deadline: Duration,
     what: &str,
     request: impl std::future::Future<Output = T>,
@@ -598,10 +602,11 @@ async fn keep_lease(
     kv: kv::Store,
     key: String,
     holder: String,
-    mut revision: u64,
+    current: Arc<AtomicU64>,
     lifetime: Duration,
     lost: mpsc::Sender<String>,
 ) {
+    let mut revision = current.load(Ordering::Acquire);
     let every = lifetime / 4;
     let fence = lifetime * 2 / 3;
     let mut tick = tokio::time::interval(every);
@@ -626,6 +631,7 @@ async fn keep_lease(
         match tokio::time::timeout(renewed + fence - sent, renewal).await {
             Ok(Ok(next)) => {
                 revision = next;
+                current.store(next, Ordering::Release);
                 renewed = sent;
             }
             Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {

@@ -9,6 +9,8 @@
 //!   skip <topic> <aggregate>        dead-letters it and goes on with the aggregate
 //!   dead-letters <topic>            the topic's dead letters
 //!   replay <topic> --sequence N     publishes a dead letter again (or --all) and removes it
+//!   repartition <topic> --partitions N
+//!                                   changes a drained, unread topic's partition count
 //! ```
 
 use std::path::PathBuf;
@@ -95,6 +97,15 @@ enum Command {
         /// Every dead letter of the topic.
         #[arg(long)]
         all: bool,
+    },
+    /// Changes a topic's partition count (1: none). Refused unless the topic stores no event and
+    /// nobody reads it; stop its publishers of the old count first.
+    Repartition {
+        /// The topic.
+        topic: String,
+        /// The new count.
+        #[arg(long)]
+        partitions: u32,
     },
 }
 
@@ -233,6 +244,14 @@ async fn run(bus: &NatsBus, command: Command, wait: Duration) -> Result<()> {
                     published.sequence.map_or("-".to_owned(), |s| s.to_string())
                 );
             }
+        }
+        Command::Repartition {
+            topic: name,
+            partitions,
+        } => {
+            let topic = topic(&name)?;
+            let before = bus.repartition(&topic, partitions).await?;
+            println!("{topic}: {before} partition(s) -> {partitions}");
         }
     }
     Ok(())

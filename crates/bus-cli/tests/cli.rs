@@ -207,3 +207,56 @@ async fn the_cli_operates_a_running_service() {
     subscription.close().await.unwrap();
     service.close().await.unwrap();
 }
+
+/// `bus repartition` changes a drained topic's partition count, and refuses while it stores
+/// events, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repartition_changes_a_drained_topic_and_refuses_otherwise() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let service = NatsBus::connect(NatsConfig::new(&url)).await.unwrap();
+    let topic = Topic::new("cli.recount").unwrap();
+    service
+        .publish(
+            &topic,
+            Envelope::builder("r", "Counted", 1).build().unwrap(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let (ok, _, stderr) = bus(&[
+        "--server",
+        &url,
+        "repartition",
+        "cli.recount",
+        "--partitions",
+        "4",
+    ])
+    .await;
+    assert!(!ok && stderr.contains("stores 1 of its events"), "{stderr}");
+    service.close().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    js.get_stream(bus_nats::default_stream_name(&topic))
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    let (ok, stdout, stderr) = bus(&[
+        "--server",
+        &url,
+        "repartition",
+        "cli.recount",
+        "--partitions",
+        "4",
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim(), "cli.recount: 1 partition(s) -> 4");
+    let (ok, stdout, _) = bus(&["--server", &url, "topics"]).await;
+    assert!(
+        ok && stdout.contains("cli.recount  stream") && stdout.contains("partitions 4"),
+        "{stdout}"
+    );
+}

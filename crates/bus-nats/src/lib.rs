@@ -49,6 +49,7 @@ mod lag;
 mod otel;
 mod provision;
 mod publisher;
+mod repartition;
 mod retention;
 mod subscriber;
 pub mod telemetry;

@@ -248,57 +248,106 @@ fn refuse_foreign(spec: &StreamSpec, foreign: &[String]) -> NatsError {
     ))
 }
 
-/// Whether a stream's topics are partitioned differently from the configuration.
-enum Repartition {
-    /// No: the difference is something else.
-    No,
-    /// Yes, and the stream holds no message: the count may change.
-    Drained,
-    /// Yes, and it holds messages: aggregates would change partition, and their order with them.
-    Refused(NatsError),
+/// Whether `subject` is one of `topic`'s subjects: the topic itself or a partition of it.
+fn is_topic_subject(topic: &str, subject: &str) -> bool {
+    subject == topic
+        || subject
+            .strip_prefix(topic)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
-async fn repartitioned(
-    js: &jetstream::Context,
-    spec: &StreamSpec,
-    have: &stream::Config,
-) -> Repartition {
+/// How many partitions a stream with `subjects` gives `topic` (1: the topic itself; 0: none).
+pub(crate) fn partitions_in(topic: &str, subjects: &[String]) -> u32 {
+    let stored: Vec<&String> = subjects
+        .iter()
+        .filter(|s| is_topic_subject(topic, s))
+        .collect();
+    if stored.len() == 1 && stored[0] == topic {
+        1
+    } else {
+        stored.len() as u32
+    }
+}
+
+/// Refuses a configuration that partitions a topic differently from its stream: the partition
+/// count changes only through [`crate::NatsBus::repartition`], never as a side effect of the
+/// next process's configuration (a rolling deploy with two counts would send one aggregate's
+/// events to two partitions, out of order).
+fn refuse_repartition(spec: &StreamSpec, have: &stream::Config) -> Option<NatsError> {
+    spec.topics.iter().find_map(|topic| {
+        let had = partitions_in(topic.as_str(), &have.subjects);
+        (had != 0 && had != spec.partitions).then(|| {
+            NatsError::Configuration(format!(
+                "topic `{topic}` has {had} partition(s) in stream `{}` and {} in this \
+                 configuration; a process configured with another count would send an \
+                 aggregate's events to another partition, out of order with those already there. \
+                 Configure {had} (`StreamSpec::partitions`), or change the count explicitly once \
+                 the topic is drained and its publishers and consumers of the old count are \
+                 stopped: `NatsBus::repartition` or `bus repartition {topic} --partitions {}`",
+                spec.name, spec.partitions, spec.partitions
+            ))
+        })
+    })
+}
+
+/// Before a stream is created for `spec`: refuses if another stream already stores one of its
+/// topics (the topic itself, or its partitions' subjects, which do not overlap the topic's own
+/// subject, so the broker would accept both): the topic's events would be split over two
+/// streams. Typically a process whose configuration lacks the topic's `StreamSpec`.
+async fn refuse_second_home(js: &jetstream::Context, spec: &StreamSpec) -> Result<(), NatsError> {
+    #[derive(serde::Deserialize)]
+    struct Names {
+        streams: Option<Vec<String>>,
+    }
     for topic in &spec.topics {
         let t = topic.as_str();
-        let stored: Vec<&String> = have
-            .subjects
-            .iter()
-            .filter(|s| {
-                *s == t
-                    || s.strip_prefix(t)
-                        .and_then(|r| r.strip_prefix('.'))
-                        .is_some_and(|p| p.parse::<u32>().is_ok())
-            })
-            .collect();
-        let had = if stored.len() == 1 && stored[0] == t {
-            1
-        } else {
-            stored.len() as u32
-        };
-        if had == 0 || had == spec.partitions {
-            continue;
+        for filter in [t.to_owned(), format!("{t}.*")] {
+            let what = || format!("looking for the streams that store topic `{t}`");
+            let names: Names = js
+                .request("STREAM.NAMES", &serde_json::json!({ "subject": filter }))
+                .await
+                .map_err(|e| NatsError::api(what(), e))?;
+            for name in names.streams.unwrap_or_default() {
+                if name == spec.name {
+                    continue;
+                }
+                let mut other = js
+                    .get_stream(&name)
+                    .await
+                    .map_err(|e| NatsError::api(what(), e))?;
+                let subjects = other
+                    .info()
+                    .await
+                    .map_err(|e| NatsError::api(what(), e))?
+                    .config
+                    .subjects
+                    .clone();
+                let holds: Vec<&String> = subjects
+                    .iter()
+                    .filter(|s| {
+                        is_topic_subject(t, s)
+                            || crate::retention::subject_matches(s, t)
+                            || crate::retention::subject_matches(s, &format!("{t}.0"))
+                    })
+                    .collect();
+                if holds.is_empty() {
+                    continue;
+                }
+                let partitions = partitions_in(t, &subjects).max(1);
+                return Err(NatsError::Configuration(format!(
+                    "topic `{t}` is already stored in stream `{name}` (subjects {holds:?}); this \
+                     configuration would create stream `{}` for it beside that one, splitting \
+                     its events over two streams. Add the topic's stream to \
+                     `NatsConfig::streams`: a `StreamSpec` named `{name}` holding `{t}` with \
+                     {partitions} partition(s) (`[[streams]] name = \"{name}\" topics = \
+                     [\"{t}\"] partitions = {partitions}` in TOML)",
+                    spec.name
+                )));
+            }
         }
-        let messages = match js.get_stream(&spec.name).await {
-            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(u64::MAX),
-            Err(_) => u64::MAX,
-        };
-        if messages == 0 {
-            return Repartition::Drained;
-        }
-        return Repartition::Refused(NatsError::Configuration(format!(
-            "topic `{topic}` has {had} partition(s) in stream `{}` and {} in the configuration; \
-             changing the count moves aggregates between partitions, so it is refused while the \
-             stream holds messages ({messages} now): drain the topic first, or publish to a new \
-             topic with the new count",
-            spec.name, spec.partitions
-        )));
     }
-    Repartition::No
+    Ok(())
 }
 
 /// Whether the broker said that the stream does not exist.
@@ -333,14 +382,12 @@ pub(crate) async fn ensure_stream(
         }
     };
     if let Some(have) = &existing {
+        if let Some(error) = refuse_repartition(spec, have) {
+            return Err(error);
+        }
         let foreign = foreign_subjects(&want, have);
         if !foreign.is_empty() && strategy != Provisioning::UseExisting {
-            match repartitioned(js, spec, have).await {
-                Repartition::Refused(error) => return Err(error),
-                // Empty: the count may change; the update below does it.
-                Repartition::Drained if strategy == Provisioning::CreateOrUpdate => {}
-                _ => return Err(refuse_foreign(spec, &foreign)),
-            }
+            return Err(refuse_foreign(spec, &foreign));
         }
         let missing: Vec<&Topic> = spec
             .topics
@@ -390,6 +437,7 @@ pub(crate) async fn ensure_stream(
             Ok(())
         }
         (Provisioning::Create | Provisioning::CreateOrUpdate, None) => {
+            refuse_second_home(js, spec).await?;
             match js.create_stream(want).await {
                 Ok(_) => Ok(()),
                 Err(e) => Err(creation_hint(

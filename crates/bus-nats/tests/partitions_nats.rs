@@ -90,10 +90,14 @@ async fn events_are_stored_on_their_aggregates_partition() {
     assert_eq!(error.kind(), bus_core::PublishErrorKind::Invalid, "{error}");
 }
 
-/// The partition count of a topic that holds events cannot change (aggregates would move and
-/// lose their order); it can once the topic is drained.
+/// The partition count of a topic changes only explicitly. A process configured with another
+/// count is refused, whether the topic holds events (aggregates would move and lose their
+/// order) or is drained (a rolling deploy with old and new publishers alternating would flip
+/// it back and forth). `NatsBus::repartition` changes it once the topic is drained and nobody
+/// reads it, and is refused before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changing_the_partition_count_is_refused_unless_drained() {
+async fn the_partition_count_changes_only_explicitly() {
+    use bus_core::Subscriber;
     let server = NatsServer::start();
     let topic = Topic::new("recount").unwrap();
     let with = |partitions: u32| {
@@ -104,29 +108,39 @@ async fn changing_the_partition_count_is_refused_unless_drained() {
         config.streams.push(spec);
         config
     };
+    let publish = |bus: NatsBus, version: u64| {
+        let topic = topic.clone();
+        async move {
+            bus.publish(
+                &topic,
+                Envelope::builder("r", "Counted", version).build().unwrap(),
+            )
+            .await
+        }
+    };
+    let refused = |error: bus_core::PublishError| {
+        let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        assert!(
+            text.contains("4 partition(s)")
+                && text.contains("2 in this configuration")
+                && text.contains("repartition"),
+            "{text}"
+        );
+    };
     let four = NatsBus::connect(with(4)).await.unwrap();
-    four.publish(
-        &topic,
-        Envelope::builder("r", "Counted", 1).build().unwrap(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
-    let two = NatsBus::connect(with(2)).await.unwrap();
-    let error = two
-        .publish(
-            &topic,
-            Envelope::builder("r", "Counted", 2).build().unwrap(),
-        )
-        .await
-        .unwrap_err();
-    let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
-    assert!(
-        text.contains("4 partition(s)") && text.contains("2 in the configuration"),
-        "{text}"
+    publish(four.clone(), 1).await.unwrap().await.unwrap();
+    refused(
+        publish(NatsBus::connect(with(2)).await.unwrap(), 2)
+            .await
+            .unwrap_err(),
     );
-    // Drained, it may change.
+    let error = four.repartition(&topic, 2).await.unwrap_err();
+    assert!(
+        error.to_string().contains("stores 1 of its events"),
+        "{error}"
+    );
+
+    // Drained: still refused by configuration, and refused explicitly while read.
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     js.get_stream("RECOUNT")
         .await
@@ -134,21 +148,130 @@ async fn changing_the_partition_count_is_refused_unless_drained() {
         .purge()
         .await
         .unwrap();
-    let two = NatsBus::connect(with(2)).await.unwrap();
-    two.publish(
-        &topic,
-        Envelope::builder("r", "Counted", 2).build().unwrap(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    refused(
+        publish(NatsBus::connect(with(2)).await.unwrap(), 2)
+            .await
+            .unwrap_err(),
+    );
+    let subscription = common::subscribe_ignoring(&four, &topic).await.unwrap();
+    let operator = NatsBus::connect(common::test_config(&server.url()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let error = loop {
+        match operator.repartition(&topic, 2).await {
+            Err(error)
+                if error.to_string().contains("alive")
+                    || error.to_string().contains("being read") =>
+            {
+                break error
+            }
+            other => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not refused while read: {other:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    println!("refused while read: {error}");
+    subscription.close().await.unwrap();
+    four.close().await.unwrap();
+
+    // Drained and unread: changed, by an operator without the topic's configuration.
+    assert_eq!(operator.repartition(&topic, 2).await.unwrap(), 4);
     let mut stream = js.get_stream("RECOUNT").await.unwrap();
     let subjects = stream.info().await.unwrap().config.subjects.clone();
     assert_eq!(
         subjects,
         vec!["recount.0".to_owned(), "recount.1".to_owned()]
     );
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, 0);
+    let two = NatsBus::connect(with(2)).await.unwrap();
+    publish(two.clone(), 2).await.unwrap().await.unwrap();
+    let error = publish(NatsBus::connect(with(4)).await.unwrap(), 3)
+        .await
+        .unwrap_err();
+    let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+    assert!(
+        text.contains("2 partition(s)") && text.contains("4 in this configuration"),
+        "{text}"
+    );
+    // Its groups' consumers are created again, for the new partitions.
+    let subscription = common::subscribe_ignoring(&two, &topic).await.unwrap();
+    subscription.close().await.unwrap();
+}
+
+/// A process whose configuration lacks the `StreamSpec` of a topic partitioned in a named
+/// stream (an old deployment, a typo) would create a default stream for the unpartitioned
+/// subject beside it, and the topic's events would be split over two streams. It is refused,
+/// publisher and subscriber alike, with the stream to configure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_without_the_topics_stream_spec_is_refused() {
+    use bus_core::Subscriber;
+    let server = NatsServer::start();
+    let topic = Topic::new("split").unwrap();
+    let mut config = common::test_config(&server.url());
+    let mut spec = StreamSpec::new("SPLIT_NAMED", [topic.clone()]);
+    spec.partitions = 8;
+    config.streams.push(spec);
+    let right = NatsBus::connect(config).await.unwrap();
+    right
+        .publish(&topic, Envelope::builder("s", "Split", 1).build().unwrap())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let wrong = NatsBus::connect(common::test_config(&server.url()))
+        .await
+        .unwrap();
+    let error = wrong
+        .publish(&topic, Envelope::builder("s", "Split", 2).build().unwrap())
+        .await
+        .unwrap_err();
+    let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+    assert!(
+        text.contains("already stored in stream `SPLIT_NAMED`") && text.contains("partitions = 8"),
+        "{text}"
+    );
+    let error = common::subscribe_ignoring(&wrong, &topic)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.kind(),
+        bus_core::SubscribeErrorKind::Configuration,
+        "{error}"
+    );
+    // Nothing was created beside it.
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    assert!(js
+        .get_stream(bus_nats::default_stream_name(&topic))
+        .await
+        .is_err());
+    // And the other way round: a partitioned configuration beside a default stream.
+    let plain = Topic::new("plain").unwrap();
+    let default = NatsBus::connect(common::test_config(&server.url()))
+        .await
+        .unwrap();
+    default
+        .publish(&plain, Envelope::builder("p", "Plain", 1).build().unwrap())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut config = common::test_config(&server.url());
+    let mut spec = StreamSpec::new("PLAIN_PARTS", [plain.clone()]);
+    spec.partitions = 4;
+    config.streams.push(spec);
+    let parted = NatsBus::connect(config).await.unwrap();
+    let error = parted
+        .publish(&plain, Envelope::builder("p", "Plain", 2).build().unwrap())
+        .await
+        .unwrap_err();
+    let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+    assert!(text.contains("already stored in stream"), "{text}");
 }
 
 /// One member alone consumes every partition, in order per aggregate, and tells the handler

@@ -18,6 +18,7 @@ mod recovery;
 mod runner;
 mod unacked;
 pub(crate) use copies::PartialBatches;
+pub(crate) use group::MEMBERS_BUCKET;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

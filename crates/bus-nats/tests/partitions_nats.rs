@@ -97,7 +97,6 @@ async fn events_are_stored_on_their_aggregates_partition() {
 /// reads it, and is refused before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partition_count_changes_only_explicitly() {
-    use bus_core::Subscriber;
     let server = NatsServer::start();
     let topic = Topic::new("recount").unwrap();
     let with = |partitions: u32| {
@@ -209,7 +208,6 @@ async fn the_partition_count_changes_only_explicitly() {
 /// publisher and subscriber alike, with the stream to configure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_without_the_topics_stream_spec_is_refused() {
-    use bus_core::Subscriber;
     let server = NatsServer::start();
     let topic = Topic::new("split").unwrap();
     let mut config = common::test_config(&server.url());

@@ -399,8 +399,9 @@ pub struct StreamSpec {
     /// With `n` > 1, topic `t` is stored on subjects `t.0` … `t.<n-1>`, an event on
     /// `t.<partition>` where the partition is [`bus_core::wire::partition_of`] of its aggregate
     /// ID; each partition has its own consumer, and the processes of a consumer group share the
-    /// partitions out. Changing `n` of a topic that holds events is refused: it would move
-    /// aggregates between partitions; drain the topic first, or move to a new topic.
+    /// partitions out. Every process of the topic must give the same `n`: one that gives another
+    /// count than the topic's stream is refused (it would send an aggregate's events to another
+    /// partition); [`crate::NatsBus::repartition`] changes it, once the topic is drained.
     #[serde(default = "defaults::one_u32")]
     pub partitions: u32,
 }

@@ -10,6 +10,10 @@
 //! in-order replay by the process that took over after the kill, of no more events than the
 //! killed one left unacknowledged.
 //!
+//! Run on the current server (the broker's pinned client) and on servers before 2.14 (2.9,
+//! 2.12), where the owner holds a lease and the others wait for it as standbys (they report
+//! `owner: false` in their metrics, as on the current server).
+//!
 //! This binary is its own child: run with `BUS_REPLICA_URL` set, it is one replica.
 
 mod common;
@@ -20,7 +24,7 @@ use std::time::Duration;
 
 use bus_core::{Envelope, Publisher, Topic};
 use bus_nats::NatsBus;
-use bus_testkit::NatsServer;
+use bus_testkit::{NatsServer, OlderServer};
 use common::replicas::{
     calls, first_call_after, history, now_ns, owner, tempfile_dir, unique_handled, wait_handled,
     Replica, STEP,
@@ -49,14 +53,30 @@ fn main() {
     }) {
         return;
     }
-    println!("running 1 test");
-    owner_killed_then_closed_while_standbys_wait(&runtime);
-    println!("test owner_killed_then_closed_while_standbys_wait ... ok");
-    println!("\nreplicas_nats: 1 passed, 0 failed");
+    // `BUS_REPLICAS_SERVER` (`current`, `2.9`, `2.12`) runs one of them.
+    let only = std::env::var("BUS_REPLICAS_SERVER").unwrap_or_default();
+    let servers: Vec<Option<OlderServer>> =
+        [None, Some(OlderServer::V2_9), Some(OlderServer::V2_12)]
+            .into_iter()
+            .filter(|s| only.is_empty() || s.map_or("current", OlderServer::version) == only)
+            .collect();
+    println!("running {} tests", servers.len());
+    for &older in &servers {
+        let which = older.map_or("current", OlderServer::version);
+        owner_killed_then_closed_while_standbys_wait(&runtime, older);
+        println!("test owner_killed_then_closed_while_standbys_wait ({which} server) ... ok");
+    }
+    println!("\nreplicas_nats: {} passed, 0 failed", servers.len());
 }
 
-fn owner_killed_then_closed_while_standbys_wait(runtime: &tokio::runtime::Runtime) {
-    let server = NatsServer::start();
+fn owner_killed_then_closed_while_standbys_wait(
+    runtime: &tokio::runtime::Runtime,
+    older: Option<OlderServer>,
+) {
+    let server = match older {
+        None => NatsServer::start(),
+        Some(older) => NatsServer::start_older(older),
+    };
     let url = server.url();
     let dir = tempfile_dir();
     let bus = runtime
@@ -191,7 +211,20 @@ fn owner_killed_then_closed_while_standbys_wait(runtime: &tokio::runtime::Runtim
          process {duplicates_by:?}"
     );
     assert_eq!(report.order_violations, 0, "{report:?}");
+    assert_eq!(report.broken_replays, 0, "{report:?}");
     assert_eq!(report.gaps, 0, "{report:?}");
+    // The standby took over by itself once the dead owner's claim ran out, and at once after
+    // the graceful close (the claim released, not run out).
+    let takeover_kill = takeover_kill.expect("nobody handled anything after the kill");
+    assert!(
+        takeover_kill < TAKEOVER_AFTER * 3,
+        "taken over {takeover_kill:?} after the kill"
+    );
+    let takeover_close = takeover_close.expect("nobody handled anything after the close");
+    assert!(
+        takeover_close < TAKEOVER_AFTER / 2,
+        "taken over {takeover_close:?} after the close"
+    );
     assert_eq!(report.lost(expected), 0, "{report:?}");
     assert_eq!(
         overlaps, 0,

@@ -121,25 +121,7 @@ async fn first_age(
     subject: &str,
     sequence: u64,
 ) -> Result<Option<Duration>, NatsError> {
-    #[derive(serde::Deserialize)]
-    struct Reply {
-        message: Option<Stored>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Stored {
-        time: String,
-    }
-    let body = serde_json::json!({ "seq": sequence, "next_by_subj": subject });
-    let reply = client
-        .request(
-            format!("$JS.API.STREAM.MSG.GET.{stream}"),
-            body.to_string().into(),
-        )
-        .await
-        .map_err(|e| NatsError::api(format!("reading stream `{stream}`"), e))?;
-    let reply: Reply = serde_json::from_slice(&reply.payload)
-        .map_err(|e| NatsError::api(format!("reading stream `{stream}`"), e))?;
-    let Some(stored) = reply.message else {
+    let Some(stored) = crate::broker::next_message(client, stream, subject, sequence).await? else {
         return Ok(None);
     };
     let stored_at = parse_rfc3339(&stored.time).ok_or_else(|| {

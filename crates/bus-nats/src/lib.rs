@@ -38,6 +38,7 @@
 )]
 #![forbid(unsafe_code)]
 
+mod broker;
 mod config;
 mod connection;
 pub mod control;

@@ -296,19 +296,12 @@ fn refuse_repartition(spec: &StreamSpec, have: &stream::Config) -> Option<NatsEr
 /// subject, so the broker would accept both): the topic's events would be split over two
 /// streams. Typically a process whose configuration lacks the topic's `StreamSpec`.
 async fn refuse_second_home(js: &jetstream::Context, spec: &StreamSpec) -> Result<(), NatsError> {
-    #[derive(serde::Deserialize)]
-    struct Names {
-        streams: Option<Vec<String>>,
-    }
     for topic in &spec.topics {
         let t = topic.as_str();
         for filter in [t.to_owned(), format!("{t}.*")] {
             let what = || format!("looking for the streams that store topic `{t}`");
-            let names: Names = js
-                .request("STREAM.NAMES", &serde_json::json!({ "subject": filter }))
-                .await
-                .map_err(|e| NatsError::api(what(), e))?;
-            for name in names.streams.unwrap_or_default() {
+            let names = crate::broker::stream_names(&js.client(), &filter).await?;
+            for name in names {
                 if name == spec.name {
                     continue;
                 }
@@ -452,19 +445,24 @@ pub(crate) async fn ensure_stream(
 
 /// Adds to a refused stream creation what to change: more replicas than the cluster has nodes,
 /// or storage the server lacks (each stream reserves its `max_bytes` of the server's
-/// `max_file_store` or `max_memory_store`).
+/// `max_file_store` or `max_memory_store`). Read by JetStream error code.
 fn creation_hint(error: NatsError, max_bytes: i64, replicas: usize) -> NatsError {
-    let text = error.to_string();
-    let insufficient = text.contains("insufficient") && text.contains("resources");
-    if replicas > 1 && (text.contains("replicas") || insufficient) {
+    use crate::broker::codes;
+    let code = crate::broker::error_code(&error);
+    let placement = matches!(code, Some(codes::NO_PEERS | codes::REPLICAS_NOT_SUPPORTED));
+    let storage = matches!(
+        code,
+        Some(codes::INSUFFICIENT_RESOURCES | codes::STORAGE_EXCEEDED | codes::MEMORY_EXCEEDED)
+    );
+    if replicas > 1 && (placement || storage) {
         NatsError::Configuration(format!(
-            "{text}: the stream asks for {replicas} replicas, and needs a JetStream cluster of at \
+            "{error}: the stream asks for {replicas} replicas, and needs a JetStream cluster of at \
              least {replicas} nodes (with room for it on each); lower `StreamSpec::replicas` \
              (or `DeadLetterConfig::replicas`) to what the cluster has"
         ))
-    } else if insufficient {
+    } else if storage {
         NatsError::Configuration(format!(
-            "{text}: every stream reserves its max_bytes ({max_bytes} bytes here; the default is \
+            "{error}: every stream reserves its max_bytes ({max_bytes} bytes here; the default is \
              1 GiB per topic and 128 MiB for dead letters) of the server's max_file_store; lower \
              `StreamSpec::max_bytes` (or `DeadLetterConfig::max_bytes`) or raise the server's \
              jetstream max_file_store"

@@ -96,37 +96,24 @@ async fn live_members(
     client: &async_nats::Client,
     topic: &Topic,
 ) -> Result<Vec<String>, NatsError> {
-    #[derive(serde::Deserialize)]
-    struct Info {
-        state: Option<State>,
-    }
-    #[derive(serde::Deserialize)]
-    struct State {
-        #[serde(default)]
-        subjects: std::collections::HashMap<String, u64>,
-    }
     let bucket = crate::subscriber::MEMBERS_BUCKET;
     let prefix = format!("$KV.{bucket}.");
-    let request = serde_json::json!({ "subjects_filter": format!("{prefix}*.{topic}.*") });
-    let reply = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        client.request(
-            format!("$JS.API.STREAM.INFO.KV_{bucket}"),
-            request.to_string().into(),
-        ),
+    let stored = crate::broker::stream_subjects(
+        client,
+        &format!("KV_{bucket}"),
+        &format!("{prefix}*.{topic}.*"),
+        crate::broker::DEADLINE,
     )
-    .await
-    .map_err(|e| NatsError::api("listing group members".to_owned(), e))?
-    .map_err(|e| NatsError::api("listing group members".to_owned(), e))?;
-    // No bucket (no group ever ran here) reads as no member.
-    let info: Info = serde_json::from_slice(&reply.payload).unwrap_or(Info { state: None });
-    Ok(info
-        .state
-        .map(|s| {
-            s.subjects
-                .into_keys()
-                .map(|k| k[prefix.len()..].to_owned())
-                .collect()
-        })
-        .unwrap_or_default())
+    .await;
+    match stored {
+        Ok(subjects) => Ok(subjects
+            .into_keys()
+            .map(|k| k[prefix.len()..].to_owned())
+            .collect()),
+        // No bucket: no group ever ran here.
+        Err(e) if crate::broker::error_code(&e) == Some(crate::broker::codes::STREAM_NOT_FOUND) => {
+            Ok(Vec::new())
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -26,6 +26,7 @@ use super::ownership::{Ownership, Wait};
 use super::recovery::{Restarter, Start};
 use super::runner::{prepare, prepare_record, BatchProgress, Counters, Job, Origin, Runner, Work};
 use super::Dispatch;
+use crate::broker::{self, PullEnd};
 use crate::NatsError;
 
 /// How long one attempt to restart delivery may take before it is tried again.
@@ -483,28 +484,34 @@ async fn on_reply(
                 .unwrap_or(plan.batch);
             st.credit = st.credit.saturating_sub(pending);
             let description = message.description.clone().unwrap_or_default();
-            let lower = description.to_ascii_lowercase();
-            // A new consumer leader may not know what the old one handed out (those messages
-            // would come back only after AckWait); a deleted consumer is recreated on restart.
-            if status == 409 && (lower.contains("leadership") || lower.contains("deleted")) {
-                return Some(if st.stopping {
+            let discontinuity = |why: String| {
+                Some(if st.stopping {
                     End::Stopped
                 } else {
                     End::Discontinuity {
-                        why: format!("pull request refused: {description}"),
+                        why,
                         seen_up_to: st.seen_up_to,
                     }
-                });
-            }
-            if status == 400 {
-                tracing::error!(topic = %plan.topic, %description, "pull request refused as malformed");
-                return Some(End::Discontinuity {
-                    why: format!("pull request refused: {description}"),
-                    seen_up_to: st.seen_up_to,
-                });
-            }
-            if status == 409 {
-                tracing::warn!(topic = %plan.topic, %description, "pull request refused");
+                })
+            };
+            match broker::pull_end(status, &description) {
+                // A new consumer leader may not know what the old one handed out (those
+                // messages would come back only after AckWait); a deleted consumer is
+                // recreated on restart.
+                PullEnd::LeadershipChange | PullEnd::ConsumerDeleted => {
+                    return discontinuity(format!("pull request refused: {description}"));
+                }
+                PullEnd::Malformed => {
+                    tracing::error!(topic = %plan.topic, %description, "pull request refused as malformed");
+                    return Some(End::Discontinuity {
+                        why: format!("pull request refused: {description}"),
+                        seen_up_to: st.seen_up_to,
+                    });
+                }
+                PullEnd::Over if status == 409 => {
+                    tracing::warn!(topic = %plan.topic, %description, "pull request refused");
+                }
+                PullEnd::Over => {}
             }
         }
     }

@@ -344,38 +344,15 @@ async fn members(
     prefix: &str,
     deadline: Duration,
 ) -> Result<BTreeSet<String>, NatsError> {
-    #[derive(serde::Deserialize)]
-    struct Info {
-        state: Option<State>,
-        error: Option<serde_json::Value>,
-    }
-    #[derive(serde::Deserialize)]
-    struct State {
-        #[serde(default)]
-        subjects: HashMap<String, u64>,
-    }
-    let what = || "listing group members".to_owned();
     let subjects = format!("$KV.{MEMBERS_BUCKET}.{prefix}");
-    let request = serde_json::json!({ "subjects_filter": format!("{subjects}*") });
-    let reply = super::ownership::within(
+    let stored = crate::broker::stream_subjects(
+        client,
+        &format!("KV_{MEMBERS_BUCKET}"),
+        &format!("{subjects}*"),
         deadline,
-        "listing group members",
-        client.request(
-            format!("$JS.API.STREAM.INFO.KV_{MEMBERS_BUCKET}"),
-            request.to_string().into(),
-        ),
     )
-    .await?
-    .map_err(|e| NatsError::api(what(), e))?;
-    let info: Info =
-        serde_json::from_slice(&reply.payload).map_err(|e| NatsError::api(what(), e))?;
-    if let Some(error) = info.error {
-        return Err(NatsError::api(what(), error.to_string()));
-    }
-    Ok(info
-        .state
-        .map(|s| s.subjects)
-        .unwrap_or_default()
+    .await?;
+    Ok(stored
         .keys()
         .filter_map(|subject| subject.strip_prefix(&subjects))
         .map(str::to_owned)
@@ -389,23 +366,13 @@ async fn leave(
     key: &str,
     deadline: Duration,
 ) -> Result<(), NatsError> {
-    let what = || format!("leaving the group (key `{key}`)");
-    let request = serde_json::json!({ "filter": format!("$KV.{MEMBERS_BUCKET}.{key}") });
-    let reply = super::ownership::within(
+    crate::broker::purge_subject(
+        client,
+        &format!("KV_{MEMBERS_BUCKET}"),
+        &format!("$KV.{MEMBERS_BUCKET}.{key}"),
         deadline,
-        "leaving the group",
-        client.request(
-            format!("$JS.API.STREAM.PURGE.KV_{MEMBERS_BUCKET}"),
-            request.to_string().into(),
-        ),
     )
-    .await?
-    .map_err(|e| NatsError::api(what(), e))?;
-    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
-    match body.get("error") {
-        Some(error) => Err(NatsError::api(what(), error.to_string())),
-        None => Ok(()),
-    }
+    .await
 }
 
 /// Operator control across the partitions this member runs.

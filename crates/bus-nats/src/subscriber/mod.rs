@@ -196,7 +196,7 @@ async fn setup(
     .await
     .map_err(fail)?;
 
-    let next_subject = format!("$JS.API.CONSUMER.MSG.NEXT.{}.{name}", connection.stream);
+    let next_subject = crate::broker::next_subject(&connection.stream, &name);
     // Where a permission violation of the ownership requests would show.
     let mut ownership_violations = connection.violations.clone();
     let mode = if pinned {

@@ -318,31 +318,18 @@ impl Ownership {
     /// anything. A restart never breaks order for an owner either: it sees the consumer
     /// sequence start again and restarts itself.
     async fn free_orphans(&self) {
-        let subject = format!("$JS.API.CONSUMER.INFO.{}.{}", self.stream, self.consumer);
-        let Ok(reply) = self.client.request(subject, bytes::Bytes::new()).await else {
+        let Ok(info) =
+            crate::broker::consumer_state(&self.client, &self.stream, &self.consumer).await
+        else {
             return;
         };
-        let info: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
-        let pending = info
-            .get("num_ack_pending")
-            .and_then(serde_json::Value::as_u64)
-            .unwrap_or(0);
-        let pinned = info
-            .get("priority_groups")
-            .and_then(serde_json::Value::as_array)
-            .is_some_and(|groups| {
-                groups.iter().any(|g| {
-                    g.get("pinned_client_id")
-                        .and_then(serde_json::Value::as_str)
-                        .is_some_and(|id| !id.is_empty())
-                })
-            });
-        if pending == 0 || pinned || info.get("error").is_some() {
+        let (pending, pinned) = (info.num_ack_pending, info.pinned);
+        if pending == 0 || pinned {
             return;
         }
         tracing::info!(topic = %self.topic, consumer = %self.consumer, pending, "no subscriber owns the topic and messages await acknowledgement; restarting delivery at the ack floor");
         if let Err(error) =
-            super::recovery::reset_consumer(&self.client, &self.stream, &self.consumer).await
+            crate::broker::reset_consumer(&self.client, &self.stream, &self.consumer).await
         {
             tracing::debug!(topic = %self.topic, %error, "restarting delivery for a standby failed");
         }
@@ -414,25 +401,17 @@ impl Ownership {
             (Some(Held::Pin(_)), Mode::Pinned) => {
                 if returned > 0 {
                     if let Err(error) =
-                        super::recovery::reset_consumer(&self.client, &self.stream, &self.consumer)
+                        crate::broker::reset_consumer(&self.client, &self.stream, &self.consumer)
                             .await
                     {
                         tracing::debug!(topic = %self.topic, %error, "restarting delivery before releasing the topic failed");
                     }
                 }
-                let subject = format!("$JS.API.CONSUMER.UNPIN.{}.{}", self.stream, self.consumer);
-                let body = serde_json::json!({ "group": PRIORITY_GROUP }).to_string();
-                match self.client.request(subject, body.into()).await {
-                    Ok(reply) => {
-                        let body: serde_json::Value =
-                            serde_json::from_slice(&reply.payload).unwrap_or_default();
-                        if let Some(error) = body.get("error") {
-                            tracing::debug!(topic = %self.topic, %error, "unpin refused");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(topic = %self.topic, %error, "unpin failed; a standby takes over after takeover_after")
-                    }
+                if let Err(error) =
+                    crate::broker::unpin(&self.client, &self.stream, &self.consumer, PRIORITY_GROUP)
+                        .await
+                {
+                    tracing::warn!(topic = %self.topic, %error, "unpin failed; a standby takes over after takeover_after");
                 }
             }
             (Some(Held::Lease(revision)), Mode::Lease { kv, key, .. }) => {
@@ -496,21 +475,10 @@ pub(crate) async fn ensure_bucket(
         "allow_direct": true,
     });
     let what = || format!("creating the KV bucket `{bucket}`");
-    let reply = client
-        .request(
-            format!("$JS.API.STREAM.CREATE.{stream}"),
-            config.to_string().into(),
-        )
-        .await
-        .map_err(|e| NatsError::api(what(), e))?;
-    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
-    if let Some(error) = body.get("error") {
+    if let Err(error) = crate::broker::create_stream(client, &stream, config).await {
         // Another subscription may have created it meanwhile.
         if jetstream.get_key_value(bucket).await.is_err() {
-            return Err(NatsError::Configuration(format!(
-                "{} failed: {error}",
-                what()
-            )));
+            return Err(NatsError::Configuration(format!("{}: {error}", what())));
         }
     }
     jetstream

@@ -23,7 +23,7 @@ use base64::Engine;
 use bus_core::Topic;
 
 use super::runner::dead_letter_headers;
-use crate::{provision, NatsError, Provisioning};
+use crate::{broker, provision, NatsError, Provisioning};
 
 /// What restarting delivery needs to know about the consumer.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ impl Restarter {
     pub(crate) async fn restart(&self) -> Result<Start, NatsError> {
         let name = self.name().to_owned();
         if self.can_reset {
-            let reset = reset_consumer(&self.client, &self.stream, &name).await?;
+            let reset = broker::reset_consumer(&self.client, &self.stream, &name).await?;
             return Ok(Start {
                 next_delivery: 1,
                 seen_up_to: reset.saturating_sub(1),
@@ -203,36 +203,10 @@ impl Restarter {
 
     /// The first message of the topic at or after `sequence`, read as data.
     async fn next_stored(&self, sequence: u64) -> Result<Option<Stored>, NatsError> {
-        #[derive(serde::Deserialize)]
-        struct Reply {
-            message: Option<RawStored>,
-            error: Option<serde_json::Value>,
-        }
-        #[derive(serde::Deserialize)]
-        struct RawStored {
-            seq: u64,
-            hdrs: Option<String>,
-            data: Option<String>,
-        }
-        let subject = format!("$JS.API.STREAM.MSG.GET.{}", self.stream);
-        let body = serde_json::json!({ "seq": sequence, "next_by_subj": self.subject.as_str() });
-        let reply = self
-            .client
-            .request(subject, body.to_string().into())
-            .await
-            .map_err(|e| {
-                NatsError::api(format!("reading stream `{}` at {sequence}", self.stream), e)
-            })?;
-        let reply: Reply = serde_json::from_slice(&reply.payload).map_err(|e| {
-            NatsError::api(format!("reading stream `{}` at {sequence}", self.stream), e)
-        })?;
-        let Some(raw) = reply.message else {
-            // 404 (no message at or after it) is the usual answer; anything else is logged.
-            if let Some(error) = reply.error {
-                if error.get("code").and_then(serde_json::Value::as_u64) != Some(404) {
-                    tracing::debug!(topic = %self.topic, %error, "message get refused");
-                }
-            }
+        let Some(raw) =
+            broker::next_message(&self.client, &self.stream, self.subject.as_str(), sequence)
+                .await?
+        else {
             return Ok(None);
         };
         let decode = |field: Option<String>| -> Result<Option<Vec<u8>>, NatsError> {
@@ -245,7 +219,7 @@ impl Restarter {
                 .transpose()
         };
         Ok(Some(Stored {
-            sequence: raw.seq,
+            sequence: raw.sequence,
             headers: decode(raw.hdrs)?,
             data: decode(raw.data)?.unwrap_or_default(),
         }))
@@ -280,55 +254,8 @@ impl Restarter {
     }
 
     async fn delete(&self, sequence: u64) -> Result<(), NatsError> {
-        let subject = format!("$JS.API.STREAM.MSG.DELETE.{}", self.stream);
-        let body = serde_json::json!({ "seq": sequence, "no_erase": true });
-        let reply = self
-            .client
-            .request(subject, body.to_string().into())
-            .await
-            .map_err(|e| {
-                NatsError::api(
-                    format!("deleting message {sequence} of stream `{}`", self.stream),
-                    e,
-                )
-            })?;
-        let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
-        match body.get("error") {
-            Some(error) => Err(NatsError::Configuration(format!(
-                "deleting message {sequence} of stream `{}` failed: {error}",
-                self.stream
-            ))),
-            None => Ok(()),
-        }
+        broker::delete_message(&self.client, &self.stream, sequence).await
     }
-}
-
-/// Restarts a consumer's delivery at its ack floor + 1 (`$JS.API.CONSUMER.RESET`, nats-server
-/// 2.14+); returns the stream sequence delivery restarts at.
-pub(crate) async fn reset_consumer(
-    client: &async_nats::Client,
-    stream: &str,
-    consumer: &str,
-) -> Result<u64, NatsError> {
-    let subject = format!("$JS.API.CONSUMER.RESET.{stream}.{consumer}");
-    let reply = client
-        .request(subject, bytes::Bytes::new())
-        .await
-        .map_err(|e| NatsError::api(format!("resetting consumer `{consumer}`"), e))?;
-    let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
-    if let Some(error) = body.get("error") {
-        return Err(NatsError::Configuration(format!(
-            "resetting consumer `{consumer}` failed: {error}"
-        )));
-    }
-    body.get("reset_seq")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| {
-            NatsError::Configuration(format!(
-                "resetting consumer `{consumer}`: the reply has no reset_seq: {}",
-                String::from_utf8_lossy(&reply.payload)
-            ))
-        })
 }
 
 /// A message read from the stream as data.

@@ -1,0 +1,305 @@
+//! Record batches: where the batched publishes to one subject wait, and how a batch is cut.
+
+use super::*;
+
+/// Where the batched publishes to one subject (a topic, or one partition of it) wait.
+pub(super) struct Lane {
+    pub(super) subject: Subject,
+    /// The batching limits, `max_bytes` cut to what the server's `max_payload` allows.
+    pub(super) limits: BatchConfig,
+    pub(super) state: Mutex<LaneState>,
+}
+
+/// The publishes of a lane that wait, and the aggregate chains in it.
+///
+/// Invariant: while a chain's publishes are in a batch in flight, none of its later publishes
+/// is in `pending` (they are in the chain's `waiting`), so two batches in flight never hold
+/// the same aggregate, and a chain's next batch is cut only after its previous one is stored.
+#[derive(Default)]
+pub(super) struct LaneState {
+    /// Publishes waiting to be packed, in publish order.
+    pub(super) pending: VecDeque<Message>,
+    /// Their record bytes.
+    pub(super) pending_bytes: usize,
+    /// Aggregate chains with a publish pending or in flight.
+    pub(super) chains: HashMap<u64, Chain, ahash::RandomState>,
+    /// Batches awaiting their ack (or to be sent again).
+    pub(super) in_flight: usize,
+    pub(super) next_number: u64,
+    /// A linger timer runs for this lane.
+    pub(super) lingering: bool,
+}
+
+/// One aggregate chain of a lane.
+#[derive(Default)]
+pub(super) struct Chain {
+    /// Its publishes in `pending`.
+    pub(super) pending: usize,
+    /// The batch holding its earlier publishes, while that awaits its ack.
+    pub(super) batch: Option<u64>,
+    /// Its publishes that wait for that batch to be stored, in order.
+    pub(super) waiting: VecDeque<Message>,
+}
+
+impl LaneState {
+    /// Adds a publish behind its chain's earlier ones.
+    pub(super) fn push(&mut self, message: Message) {
+        if let Some(key) = message.chain {
+            let chain = self.chains.entry(key).or_default();
+            if chain.batch.is_some() {
+                chain.waiting.push_back(message);
+                return;
+            }
+            chain.pending += 1;
+        }
+        self.pending_bytes += message.record_len;
+        self.pending.push_back(message);
+    }
+
+    /// Whether a batch should be cut now: there is room in flight, and either nothing lingers
+    /// or the pending publishes fill a batch or have waited long enough.
+    pub(super) fn ready(&self, limits: &BatchConfig, now: Instant) -> bool {
+        let Some(oldest) = self.pending.front() else {
+            return false;
+        };
+        self.in_flight < limits.max_in_flight
+            && (limits.linger.is_zero()
+                || self.pending.len() >= limits.max_events
+                || self.pending_bytes >= limits.max_bytes
+                || now.duration_since(oldest.created) >= limits.linger)
+    }
+
+    /// Takes the next batch: the first pending publishes, within the limits (at least one).
+    pub(super) fn cut(&mut self, limits: &BatchConfig) -> Option<(u64, Vec<Message>)> {
+        if self.pending.is_empty() || self.in_flight >= limits.max_in_flight {
+            return None;
+        }
+        let number = self.next_number;
+        self.next_number += 1;
+        let mut taken = Vec::with_capacity(self.pending.len().min(limits.max_events));
+        let mut bytes = 0;
+        let mut left_behind = false;
+        while let Some(next) = self.pending.front() {
+            if !taken.is_empty()
+                && (taken.len() >= limits.max_events || bytes + next.record_len > limits.max_bytes)
+            {
+                break;
+            }
+            let message = self.pending.pop_front().expect("front exists");
+            bytes += message.record_len;
+            if let Some(key) = message.chain {
+                let chain = self
+                    .chains
+                    .get_mut(&key)
+                    .expect("a pending publish's chain is known");
+                chain.pending -= 1;
+                chain.batch = Some(number);
+                left_behind |= chain.pending > 0;
+            }
+            taken.push(message);
+        }
+        self.pending_bytes -= bytes;
+        self.in_flight += 1;
+        if left_behind {
+            // Later publishes of an aggregate in this batch did not fit: they wait for it to
+            // be stored rather than go in a batch that could overtake it.
+            let mut kept = VecDeque::with_capacity(self.pending.len());
+            for message in self.pending.drain(..) {
+                match message.chain.and_then(|k| self.chains.get_mut(&k)) {
+                    Some(chain) if chain.batch == Some(number) => {
+                        chain.pending -= 1;
+                        self.pending_bytes -= message.record_len;
+                        chain.waiting.push_back(message);
+                    }
+                    _ => kept.push_back(message),
+                }
+            }
+            self.pending = kept;
+        }
+        Some((number, taken))
+    }
+
+    /// Batch `number`, holding `chains`, is settled: stored (its chains' waiting publishes
+    /// become pending), or failed for good (they are returned, not to be sent after a gap).
+    pub(super) fn settled(
+        &mut self,
+        number: u64,
+        chains: impl IntoIterator<Item = u64>,
+        failed: bool,
+    ) -> Vec<Message> {
+        self.in_flight -= 1;
+        let mut aborted = Vec::new();
+        for key in chains {
+            let Some(chain) = self.chains.get_mut(&key) else {
+                continue;
+            };
+            if chain.batch != Some(number) {
+                continue;
+            }
+            chain.batch = None;
+            let waiting = std::mem::take(&mut chain.waiting);
+            if failed {
+                aborted.extend(waiting);
+                if chain.pending == 0 {
+                    self.chains.remove(&key);
+                }
+            } else if waiting.is_empty() {
+                if chain.pending == 0 {
+                    self.chains.remove(&key);
+                }
+            } else {
+                chain.pending += waiting.len();
+                for message in waiting {
+                    self.pending_bytes += message.record_len;
+                    self.pending.push_back(message);
+                }
+            }
+        }
+        aborted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publisher::test_support::*;
+
+    #[test]
+    fn a_cut_keeps_an_aggregate_out_of_a_second_batch_in_flight() {
+        let limits = limits(2, 1 << 20, 4);
+        let mut lane = LaneState::default();
+        for (chain, v) in [(1, 1), (1, 2), (1, 3), (2, 1)] {
+            lane.push(event(chain, v, 10));
+        }
+        let (first, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(
+            batch.iter().map(version).collect::<Vec<_>>(),
+            [(1, 1), (1, 2)]
+        );
+        // 1/3 did not fit; it waits for the first batch, and 2/1 goes on.
+        let (_, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(batch.iter().map(version).collect::<Vec<_>>(), [(2, 1)]);
+        assert!(lane.cut(&limits).is_none());
+        lane.push(event(1, 4, 10));
+        assert!(lane.cut(&limits).is_none(), "1/4 waits behind 1/3");
+        assert!(lane.settled(first, [1, 1], false).is_empty());
+        let (_, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(
+            batch.iter().map(version).collect::<Vec<_>>(),
+            [(1, 3), (1, 4)]
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_returns_its_aggregates_later_events() {
+        let limits = limits(8, 25, 4);
+        let mut lane = LaneState::default();
+        for (chain, v) in [(1, 1), (2, 1), (1, 2), (3, 1)] {
+            lane.push(event(chain, v, 10));
+        }
+        // 25 bytes: two records of 10.
+        let (first, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(
+            batch.iter().map(version).collect::<Vec<_>>(),
+            [(1, 1), (2, 1)]
+        );
+        lane.push(event(2, 2, 10));
+        let aborted = lane.settled(first, [1, 2], true);
+        assert_eq!(
+            aborted.iter().map(version).collect::<Vec<_>>(),
+            [(1, 2), (2, 2)]
+        );
+        let (_, batch) = lane.cut(&limits).unwrap();
+        assert_eq!(batch.iter().map(version).collect::<Vec<_>>(), [(3, 1)]);
+        assert!(
+            lane.chains.keys().all(|k| *k == 3),
+            "failed chains are forgotten"
+        );
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the publishes, limits, acks and failures: two batches in flight never hold
+        /// the same aggregate, an aggregate's events go out in publish order, and every event
+        /// is sent or returned exactly once.
+        #[test]
+        fn lanes_keep_each_aggregate_in_order(
+            ops in proptest::collection::vec((0u8..4, 0u64..5, 1usize..40), 1..200),
+            max_events in 1usize..6,
+            max_in_flight in 1usize..4,
+        ) {
+            let limits = limits(max_events, 64, max_in_flight);
+            let mut lane = LaneState::default();
+            let mut next_version = [0u64; 5];
+            let mut in_flight: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
+            let mut sent_last = [0u64; 5];
+            let mut accounted = 0usize;
+            let mut published = 0usize;
+            let check = |in_flight: &Vec<(u64, Vec<(u64, u64)>)>| {
+                let mut seen = std::collections::HashSet::new();
+                for (_, events) in in_flight {
+                    let chains: std::collections::HashSet<u64> = events.iter().map(|e| e.0).collect();
+                    for c in chains {
+                        assert!(seen.insert(c), "aggregate {c} in two batches in flight");
+                    }
+                }
+            };
+            for (op, chain, len) in ops {
+                match op {
+                    0 | 1 => {
+                        next_version[chain as usize] += 1;
+                        lane.push(event(chain, next_version[chain as usize], len));
+                        published += 1;
+                    }
+                    2 if !in_flight.is_empty() => {
+                        let (number, events) = in_flight.remove(0);
+                        let chains: Vec<u64> = events.iter().map(|e| e.0).collect();
+                        prop_assert!(lane.settled(number, chains, false).is_empty());
+                    }
+                    3 if !in_flight.is_empty() => {
+                        let i = chain as usize % in_flight.len();
+                        let (number, events) = in_flight.remove(i);
+                        let chains: Vec<u64> = events.iter().map(|e| e.0).collect();
+                        for m in lane.settled(number, chains, true) {
+                            let (c, v) = version(&m);
+                            prop_assert!(v > sent_last[c as usize]);
+                            sent_last[c as usize] = v;
+                            accounted += 1;
+                        }
+                    }
+                    _ => {}
+                }
+                while let Some((number, batch)) = lane.cut(&limits) {
+                    prop_assert!(!batch.is_empty() && batch.len() <= max_events);
+                    prop_assert!(batch.len() == 1 || batch.iter().map(|m| m.record_len).sum::<usize>() <= 64);
+                    let events: Vec<(u64, u64)> = batch.iter().map(version).collect();
+                    for (c, v) in &events {
+                        prop_assert_eq!(*v, sent_last[*c as usize] + 1, "aggregate {} out of order", c);
+                        sent_last[*c as usize] = *v;
+                    }
+                    accounted += events.len();
+                    in_flight.push((number, events));
+                    check(&in_flight);
+                }
+                prop_assert!(lane.in_flight == in_flight.len());
+            }
+            // Drain: ack everything.
+            while !in_flight.is_empty() {
+                let (number, events) = in_flight.remove(0);
+                lane.settled(number, events.iter().map(|e| e.0).collect::<Vec<_>>(), false);
+                while let Some((number, batch)) = lane.cut(&limits) {
+                    let events: Vec<(u64, u64)> = batch.iter().map(version).collect();
+                    for (c, v) in &events {
+                        prop_assert_eq!(*v, sent_last[*c as usize] + 1);
+                        sent_last[*c as usize] = *v;
+                    }
+                    accounted += events.len();
+                    in_flight.push((number, events));
+                }
+            }
+            prop_assert_eq!(accounted, published);
+            prop_assert!(lane.pending.is_empty() && lane.chains.is_empty() && lane.pending_bytes == 0);
+        }
+    }
+}

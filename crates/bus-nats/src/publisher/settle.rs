@@ -1,0 +1,361 @@
+//! What an ack or a failure settles: receipts, the next publish of an aggregate chain, the
+//! next batches of a lane, and whether a failed publish is sent again.
+
+use super::*;
+
+pub(super) struct Settler<'a> {
+    pub(super) state: &'a State,
+    pub(super) shared: &'a Arc<Shared>,
+}
+
+impl Settler<'_> {
+    pub(super) async fn transmit(&self, flight: Flight) -> Result<(), (Flight, PublishError)> {
+        let route = self
+            .state
+            .routes
+            .read()
+            .unwrap()
+            .get(flight.topic())
+            .cloned();
+        match route {
+            Some(route) => transmit(self.state, &route, flight).await,
+            None => {
+                let error = PublishError::new(
+                    PublishErrorKind::Connection,
+                    format!("no connection for topic `{}`", flight.topic()),
+                );
+                Err((flight, error))
+            }
+        }
+    }
+
+    /// Settles acks and failures; what they start (the next publish of a chain, the next
+    /// batches of a lane) may fail at once, and is settled in turn.
+    pub(super) async fn settle(&self, mut work: Vec<(AckResult, Flight)>, timers: &mut Timers) {
+        while let Some((result, flight)) = work.pop() {
+            for next in self.decide(result, flight, timers) {
+                if let Err((flight, error)) = self.transmit(next).await {
+                    work.push((Err(error), flight));
+                }
+            }
+        }
+    }
+
+    /// What to send now that `flight` is settled; resends and lingers go to `timers`.
+    pub(super) fn decide(
+        &self,
+        result: AckResult,
+        flight: Flight,
+        timers: &mut Timers,
+    ) -> Vec<Flight> {
+        match flight {
+            Flight::One(message) => match self.decide_one(result, message) {
+                Next::Nothing => Vec::new(),
+                Next::Send(message) => vec![Flight::One(message)],
+                Next::Retry(message, delay) => {
+                    timers.push(Box::pin(async move {
+                        tokio::time::sleep(delay).await;
+                        Timer::Resend(Box::new(Flight::One(message)))
+                    }));
+                    Vec::new()
+                }
+            },
+            Flight::Batch(batch) => self.decide_batch(result, batch, timers),
+        }
+    }
+
+    pub(super) fn decide_batch(
+        &self,
+        result: AckResult,
+        batch: Batch,
+        timers: &mut Timers,
+    ) -> Vec<Flight> {
+        let (state, shared) = (self.state, self.shared);
+        let topic = batch.topic.clone();
+        let chains: Vec<u64> = batch.messages.iter().filter_map(|m| m.chain).collect();
+        match result {
+            Ok((sequence, duplicate)) => {
+                let Batch {
+                    lane,
+                    number,
+                    messages,
+                    ..
+                } = batch;
+                lane.state.lock().unwrap().settled(number, chains, false);
+                let now = Instant::now();
+                for message in messages {
+                    let published = Published {
+                        topic: topic.clone(),
+                        sequence: Some(sequence),
+                        duplicate,
+                    };
+                    finish_at(message, Ok(published), state, shared, now);
+                }
+                self.next_batches(&topic, &lane, timers)
+            }
+            Err(error) => {
+                if let Some(delay) = self.retry_after(&error, !chains.is_empty(), batch.first_sent)
+                {
+                    // The same bytes again, with the same Nats-Msg-Id, before any later event
+                    // of its aggregates: a batch that was in fact stored is a duplicate.
+                    let events = batch.messages.len() as u64;
+                    tracing::debug!(%topic, %error, ?delay, events, "batch publish failed; retrying before the aggregates' later events");
+                    state.retries.fetch_add(events, Ordering::Relaxed);
+                    if let Some(first) = batch.messages.first() {
+                        first.metrics.retries.increment(events);
+                    }
+                    timers.push(Box::pin(async move {
+                        tokio::time::sleep(delay).await;
+                        Timer::Resend(Box::new(Flight::Batch(batch)))
+                    }));
+                    return Vec::new();
+                }
+                tracing::warn!(%topic, %error, events = batch.messages.len(), "batch publish failed");
+                let Batch {
+                    lane,
+                    number,
+                    messages,
+                    ..
+                } = batch;
+                let aborted = lane.state.lock().unwrap().settled(number, chains, true);
+                let reason = error.to_string();
+                for message in messages {
+                    finish(
+                        message,
+                        Err(PublishError::new(error.kind(), reason.clone())),
+                        state,
+                        shared,
+                    );
+                }
+                self.abort(&topic, &reason, aborted);
+                self.next_batches(&topic, &lane, timers)
+            }
+        }
+    }
+
+    /// Whether a failed flight is sent again, and after how long: a transient failure of
+    /// chained publishes (their aggregates' later events wait behind them) within
+    /// `publish_retry_for` of their first send. The one retry decision, batched or not.
+    fn retry_after(
+        &self,
+        error: &PublishError,
+        chained: bool,
+        first_sent: Option<Instant>,
+    ) -> Option<Duration> {
+        let elapsed = first_sent.map_or(Duration::ZERO, |t| t.elapsed());
+        (chained && is_transient(error) && elapsed < self.shared.config.publish_retry_for)
+            .then(|| retry_delay(elapsed))
+    }
+
+    /// Fails the publishes that waited behind one that failed for good: an aggregate's later
+    /// events must not be stored after a gap.
+    fn abort(&self, topic: &Topic, reason: &str, later: impl IntoIterator<Item = Message>) {
+        for message in later {
+            let error = PublishError::new(
+                PublishErrorKind::Aborted,
+                format!("not sent: an earlier event of its aggregate on topic `{topic}` failed ({reason})"),
+            );
+            finish(message, Err(error), self.state, self.shared);
+        }
+    }
+
+    /// The batches a lane can send now; if what is pending lingers, a timer for it.
+    pub(super) fn next_batches(
+        &self,
+        topic: &Topic,
+        lane: &Arc<Lane>,
+        timers: &mut Timers,
+    ) -> Vec<Flight> {
+        let limits = &lane.limits;
+        let mut flights = Vec::new();
+        let mut st = lane.state.lock().unwrap();
+        let now = Instant::now();
+        while st.ready(limits, now) {
+            let Some((number, messages)) = st.cut(limits) else {
+                break;
+            };
+            flights.push(Flight::Batch(Batch {
+                topic: topic.clone(),
+                lane: lane.clone(),
+                number,
+                messages,
+                wire: None,
+                first_sent: None,
+            }));
+        }
+        if !limits.linger.is_zero()
+            && !st.lingering
+            && st.in_flight < limits.max_in_flight
+            && !st.pending.is_empty()
+        {
+            st.lingering = true;
+            let deadline = st.pending.front().map_or(now, |m| m.created) + limits.linger;
+            let (topic, lane) = (topic.clone(), lane.clone());
+            timers.push(Box::pin(async move {
+                tokio::time::sleep_until(deadline.into()).await;
+                Timer::Linger(topic, lane)
+            }));
+        }
+        flights
+    }
+
+    pub(super) fn decide_one(&self, result: AckResult, message: Message) -> Next {
+        let state = self.state;
+        let shared = self.shared;
+        let topic = message.topic.clone();
+        match result {
+            Ok((sequence, duplicate)) => {
+                let chain = message.chain;
+                finish(
+                    message,
+                    Ok(Published {
+                        topic,
+                        sequence: Some(sequence),
+                        duplicate,
+                    }),
+                    state,
+                    shared,
+                );
+                let Some(key) = chain else {
+                    return Next::Nothing;
+                };
+                let mut chains = state.chains.lock().unwrap();
+                match chains.get_mut(&key).and_then(VecDeque::pop_front) {
+                    Some(next) => Next::Send(next),
+                    None => {
+                        chains.remove(&key);
+                        Next::Nothing
+                    }
+                }
+            }
+            Err(error) => {
+                if let Some(delay) =
+                    self.retry_after(&error, message.chain.is_some(), message.first_sent)
+                {
+                    // Retried before any later event of the aggregate is sent; the same
+                    // Nats-Msg-Id makes a retry of a publish that was in fact stored a duplicate.
+                    tracing::debug!(%topic, %error, ?delay, "publish failed; retrying before the aggregate's later events");
+                    state.retries.fetch_add(1, Ordering::Relaxed);
+                    message.metrics.retries.increment(1);
+                    return Next::Retry(message, delay);
+                }
+                tracing::warn!(%topic, %error, "publish failed");
+                let chain = message.chain;
+                let reason = error.to_string();
+                finish(message, Err(error), state, shared);
+                if let Some(key) = chain {
+                    let waiting = state
+                        .chains
+                        .lock()
+                        .unwrap()
+                        .remove(&key)
+                        .unwrap_or_default();
+                    self.abort(&topic, &reason, waiting);
+                }
+                Next::Nothing
+            }
+        }
+    }
+}
+
+/// Backoff before sending a transiently failed publish again, growing with how long it has
+/// been failing.
+pub(super) fn retry_delay(elapsed: Duration) -> Duration {
+    (RETRY_FIRST_DELAY * 2u32.pow((elapsed.as_millis() / 500).min(5) as u32)).min(RETRY_MAX_DELAY)
+}
+
+/// What settling one publish starts.
+pub(super) enum Next {
+    Nothing,
+    /// The next publish of its aggregate chain.
+    Send(Message),
+    /// The same publish again, after a delay.
+    Retry(Message, Duration),
+}
+
+pub(super) fn is_transient(error: &PublishError) -> bool {
+    matches!(
+        error.kind(),
+        PublishErrorKind::TimedOut | PublishErrorKind::Connection
+    )
+}
+
+pub(super) const RETRY_FIRST_DELAY: Duration = Duration::from_millis(50);
+/// At most this long between two sends of a publish failing for a transient reason: an
+/// election or a restart is noticed this soon after it ends.
+pub(super) const RETRY_MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// Resolves a receipt and tells failures to `flush` and the failure callback.
+pub(super) fn finish(
+    message: Message,
+    outcome: Result<Published, PublishError>,
+    state: &State,
+    shared: &Shared,
+) {
+    finish_at(message, outcome, state, shared, Instant::now())
+}
+
+/// [`finish`], with the time it settled read once for a whole batch.
+pub(super) fn finish_at(
+    message: Message,
+    outcome: Result<Published, PublishError>,
+    state: &State,
+    shared: &Shared,
+    now: Instant,
+) {
+    let Message {
+        topic,
+        envelope,
+        receipt,
+        created,
+        metrics,
+        span,
+        ..
+    } = message;
+    metrics
+        .seconds
+        .record(now.saturating_duration_since(created).as_secs_f64());
+    if !span.is_disabled() {
+        match &outcome {
+            Ok(published) => {
+                span.record(
+                    "outcome",
+                    if published.duplicate {
+                        "duplicate"
+                    } else {
+                        "stored"
+                    },
+                );
+                if let Some(sequence) = published.sequence {
+                    span.record("sequence", sequence);
+                }
+            }
+            Err(error) => {
+                span.record("outcome", "failed");
+                span.in_scope(|| tracing::debug!(%error, "publish failed"));
+            }
+        }
+    }
+    match &outcome {
+        Ok(published) if published.duplicate => metrics.duplicate.increment(1),
+        Ok(_) => metrics.stored.increment(1),
+        Err(_) => metrics.failed.increment(1),
+    }
+    if let Err(error) = &outcome {
+        if let Some(callback) = &shared.config.on_publish_error {
+            callback(&PublishFailure {
+                topic,
+                envelope,
+                error: PublishError::new(error.kind(), error.to_string()),
+            });
+        }
+        let mut first = state.first_error.lock().unwrap();
+        if first.is_none() {
+            *first = Some(PublishError::new(error.kind(), error.to_string()));
+        }
+    }
+    let _ = receipt.send(outcome);
+    if state.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+        state.idle.notify_waiters();
+    }
+}

@@ -7,8 +7,104 @@ use bus_core::{wire, DecodeError, Envelope, Published, Topic};
 use bytes::Bytes;
 use futures::StreamExt;
 
-use crate::subscriber::dead_letter_headers;
 use crate::{NatsBus, NatsError};
+
+/// What a dead letter says about its original, in headers besides the original's own
+/// (`Bus-Dlq-*`): written when a letter is stored, read when it is listed, here alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LetterHeaders {
+    /// Why (`Bus-Dlq-Reason`).
+    pub(crate) reason: String,
+    /// The last error's text, on one line (`Bus-Dlq-Error`).
+    pub(crate) error: String,
+    /// Handler attempts (`Bus-Dlq-Attempts`).
+    pub(crate) attempts: u32,
+    /// The topic it was consumed from (`Bus-Dlq-Topic`).
+    pub(crate) topic: Option<Topic>,
+    /// The original's stream position (`Bus-Dlq-Stream-Seq`).
+    pub(crate) stream_sequence: Option<u64>,
+    /// Its delivery count (`Bus-Dlq-Delivered`).
+    pub(crate) delivered: Option<u64>,
+    /// For a message no client could read, its header block in base64 (`Bus-Dlq-Raw-Headers`).
+    pub(crate) raw_headers: Option<String>,
+    /// Where its body was stored apart (`Bus-Dlq-Body-Seq`).
+    pub(crate) body_sequence: Option<u64>,
+    /// Its index in its record batch (`Bus-Dlq-Batch-Index`).
+    pub(crate) batch_index: Option<u32>,
+}
+
+impl LetterHeaders {
+    /// The header names, in the order of [`dead_letter_headers`].
+    const NAMES: [&'static str; 9] = [
+        "Bus-Dlq-Reason",
+        "Bus-Dlq-Error",
+        "Bus-Dlq-Attempts",
+        "Bus-Dlq-Topic",
+        "Bus-Dlq-Stream-Seq",
+        "Bus-Dlq-Delivered",
+        "Bus-Dlq-Raw-Headers",
+        "Bus-Dlq-Body-Seq",
+        "Bus-Dlq-Batch-Index",
+    ];
+
+    /// Adds these headers to a letter's (an error's line breaks become spaces, and it is cut
+    /// at 1 024 characters: header values hold one line).
+    pub(crate) fn write(&self, headers: &mut async_nats::HeaderMap) {
+        let [reason, error, attempts, topic, seq, delivered, raw, body, index] = Self::NAMES;
+        let error_text: String = self
+            .error
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(1024)
+            .collect();
+        headers.insert(reason, self.reason.as_str());
+        headers.insert(error, error_text.as_str());
+        headers.insert(attempts, self.attempts.to_string());
+        let optional = [
+            (topic, self.topic.as_ref().map(Topic::to_string)),
+            (seq, self.stream_sequence.map(|v| v.to_string())),
+            (delivered, self.delivered.map(|v| v.to_string())),
+            (raw, self.raw_headers.clone()),
+            (body, self.body_sequence.map(|v| v.to_string())),
+            (index, self.batch_index.map(|v| v.to_string())),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                headers.insert(name, value.as_str());
+            }
+        }
+    }
+
+    /// Takes in one header of a stored letter; `false` if it is not one of these.
+    fn read(&mut self, name: &str, value: &str) -> bool {
+        match Self::NAMES
+            .iter()
+            .position(|h| h.eq_ignore_ascii_case(name))
+        {
+            Some(0) => self.reason = value.to_owned(),
+            Some(1) => self.error = value.to_owned(),
+            Some(2) => self.attempts = value.parse().unwrap_or(0),
+            Some(3) => self.topic = Topic::new(value).ok(),
+            Some(4) => self.stream_sequence = value.parse().ok(),
+            Some(5) => self.delivered = value.parse().ok(),
+            Some(6) => self.raw_headers = Some(value.to_owned()),
+            Some(7) => self.body_sequence = value.parse().ok(),
+            Some(8) => self.batch_index = value.parse().ok(),
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// The headers a dead letter carries besides the original message's own: reason, error,
+/// attempts, topic, the original's stream sequence, its delivery count, (for a message no client
+/// could read, whose own headers cannot be carried) its raw header block in base64, (for a
+/// message too large to carry the others besides its body) the dead-letter stream position
+/// where its body was stored apart, and (for an event of a record batch) its index in the batch.
+/// For other tools that read the dead-letter stream; [`DeadLetter`] gives them parsed.
+pub fn dead_letter_headers() -> [&'static str; 9] {
+    LetterHeaders::NAMES
+}
 
 /// A message that was dead-lettered, as stored in the dead-letter stream.
 #[derive(Debug, Clone)]
@@ -54,48 +150,39 @@ impl DeadLetter {
 
     fn from_message(message: &async_nats::jetstream::Message) -> Option<Self> {
         let sequence = message.info().ok()?.stream_sequence;
-        let dlq = dead_letter_headers();
-        let mut letter = DeadLetter {
-            sequence,
-            topic: Topic::new("unknown").expect("valid topic"),
-            reason: String::new(),
-            error: String::new(),
-            attempts: 0,
-            stream_sequence: None,
-            delivered: None,
-            headers: Vec::new(),
-            payload: message.payload.clone(),
-            raw_headers: None,
-            body_sequence: None,
-            batch_index: None,
-        };
+        let mut about = LetterHeaders::default();
+        let mut headers = Vec::new();
         for (name, values) in message.headers.iter().flat_map(|h| h.iter()) {
             let name: &str = name.as_ref();
             for value in values {
                 let value = value.as_str();
-                match dlq.iter().position(|h| h.eq_ignore_ascii_case(name)) {
-                    Some(0) => letter.reason = value.to_owned(),
-                    Some(1) => letter.error = value.to_owned(),
-                    Some(2) => letter.attempts = value.parse().unwrap_or(0),
-                    Some(3) => {
-                        if let Ok(topic) = Topic::new(value) {
-                            letter.topic = topic;
-                        }
-                    }
-                    Some(4) => letter.stream_sequence = value.parse().ok(),
-                    Some(5) => letter.delivered = value.parse().ok(),
-                    Some(6) => letter.raw_headers = Some(value.to_owned()),
-                    Some(7) => letter.body_sequence = value.parse().ok(),
-                    Some(8) => letter.batch_index = value.parse().ok(),
-                    _ if name.len() >= 5 && name[..5].eq_ignore_ascii_case("Nats-") => {
-                        // The broker's: the dead letter's own de-duplication key (the
-                        // original's is its event ID, which the envelope carries), or headers
-                        // added on delivery. Replaying them could only do harm.
-                    }
-                    _ => letter.headers.push((name.to_owned(), value.to_owned())),
+                if about.read(name, value) {
+                    continue;
+                }
+                // The broker's headers: the dead letter's own de-duplication key (the
+                // original's is its event ID, which the envelope carries), or headers added on
+                // delivery. Replaying them could only do harm.
+                if !(name.len() >= 5 && name[..5].eq_ignore_ascii_case("Nats-")) {
+                    headers.push((name.to_owned(), value.to_owned()));
                 }
             }
         }
+        let letter = DeadLetter {
+            sequence,
+            topic: about
+                .topic
+                .unwrap_or_else(|| Topic::new("unknown").expect("valid topic")),
+            reason: about.reason,
+            error: about.error,
+            attempts: about.attempts,
+            stream_sequence: about.stream_sequence,
+            delivered: about.delivered,
+            headers,
+            payload: message.payload.clone(),
+            raw_headers: about.raw_headers,
+            body_sequence: about.body_sequence,
+            batch_index: about.batch_index,
+        };
         Some(letter)
     }
 }
@@ -246,5 +333,43 @@ impl NatsBus {
             sequence: Some(ack.sequence),
             duplicate: ack.duplicate,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn letter_headers_read_back_what_was_written() {
+        let about = LetterHeaders {
+            reason: "permanent".into(),
+            error: "line one\nline two".into(),
+            attempts: 3,
+            topic: Some(Topic::new("orders").unwrap()),
+            stream_sequence: Some(42),
+            delivered: Some(2),
+            raw_headers: Some("TkFUUy8xLjA=".into()),
+            body_sequence: Some(7),
+            batch_index: Some(5),
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        about.write(&mut headers);
+        let mut read = LetterHeaders::default();
+        for (name, values) in headers.iter() {
+            for value in values {
+                assert!(read.read(name.as_ref(), value.as_str()), "{name:?}");
+            }
+        }
+        assert_eq!(read.error, "line one line two", "one line");
+        assert_eq!(
+            read,
+            LetterHeaders {
+                error: "line one line two".into(),
+                ..about
+            }
+        );
+        assert!(!read.read("Bus-Event", "x"), "not a dead-letter header");
+        assert_eq!(dead_letter_headers().len(), headers.len());
     }
 }

@@ -80,6 +80,7 @@ pub use config::{
     DEFAULT_STREAM_MAX_MSGS, DEFAULT_TAKEOVER_AFTER, MAX_PARTITIONS,
 };
 pub(crate) use connection::{Shared, TopicConnection};
+pub use dead_letters::dead_letter_headers;
 pub use dead_letters::DeadLetter;
 pub use error::{NatsError, NatsErrorKind};
 pub use health::{
@@ -89,7 +90,6 @@ pub use health::{
 pub use keyed_pool::PoolConfig;
 pub use lag::Lag;
 pub use publisher::{message_size, NatsPublisher, PublishFailure};
-pub use subscriber::dead_letter_headers;
 pub use topics::{ConsumerState, TopicState};
 
 /// The NATS JetStream transport: a [`Publisher`] (through its default [`NatsPublisher`]) and a

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
 use bus_nats::{default_stream_name, NatsBus, NatsConfig, Retention, StreamSpec};
-use bus_testkit::{NatsServer, OlderServer, SequenceVerifier, VerifierReport};
+use bus_testkit::{OlderServer, SequenceVerifier, TestServer, VerifierReport};
 
 const AGGREGATES: u64 = 200;
 const VERSIONS: u64 = 100;
@@ -66,32 +66,18 @@ fn retention_named(name: &str) -> Retention {
     }
 }
 
-/// Which nats-server runs a case.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Server {
-    /// The current one (2.14+): ownership by the broker's pinned client, restarts by the
-    /// consumer reset API.
-    Current,
-    /// A server before 2.14 (2.9, 2.10, 2.12): no consumer reset API. Ownership is a lease;
-    /// recovery deletes and recreates the consumer.
-    Older(OlderServer),
-}
-
 struct Case {
     retention: Retention,
-    server: Server,
+    server: TestServer,
     batched: bool,
 }
 
 impl Case {
     fn name(&self) -> String {
-        let server = match self.server {
-            Server::Current => "current".to_owned(),
-            Server::Older(older) => older.version().to_owned(),
-        };
         format!(
-            "{:?}-{server}-{}",
+            "{:?}-{}-{}",
             self.retention,
+            self.server.name(),
             if self.batched { "batched" } else { "unbatched" }
         )
         .to_lowercase()
@@ -118,37 +104,37 @@ fn main() {
     let cases = [
         Case {
             retention: Retention::WorkQueue,
-            server: Server::Current,
+            server: TestServer::Current,
             batched: true,
         },
         Case {
             retention: Retention::WorkQueue,
-            server: Server::Current,
+            server: TestServer::Current,
             batched: false,
         },
         Case {
             retention: Retention::Acknowledged,
-            server: Server::Current,
+            server: TestServer::Current,
             batched: true,
         },
         Case {
             retention: Retention::WorkQueue,
-            server: Server::Older(OlderServer::V2_9),
+            server: TestServer::Older(OlderServer::V2_9),
             batched: true,
         },
         Case {
             retention: Retention::WorkQueue,
-            server: Server::Older(OlderServer::V2_9),
+            server: TestServer::Older(OlderServer::V2_9),
             batched: false,
         },
         Case {
             retention: Retention::WorkQueue,
-            server: Server::Older(OlderServer::V2_10),
+            server: TestServer::Older(OlderServer::V2_10),
             batched: true,
         },
         Case {
             retention: Retention::WorkQueue,
-            server: Server::Older(OlderServer::V2_12),
+            server: TestServer::Older(OlderServer::V2_12),
             batched: true,
         },
     ];
@@ -323,10 +309,7 @@ fn count_lines(logs: &[PathBuf]) -> u64 {
 }
 
 async fn consumers_killed_in_turn(case: &Case) -> Outcome {
-    let server = match case.server {
-        Server::Current => NatsServer::start(),
-        Server::Older(older) => NatsServer::start_older(older),
-    };
+    let server = case.server.start();
     let bus = NatsBus::connect(config(&server.url(), case.retention, case.batched))
         .await
         .unwrap();

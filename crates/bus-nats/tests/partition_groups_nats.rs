@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bus_core::{Envelope, Publisher, Topic};
 use bus_nats::{NatsBus, NatsConfig, StreamSpec};
-use bus_testkit::{NatsServer, OlderServer};
+use bus_testkit::{OlderServer, TestServer};
 use common::replicas::{calls, history, tempfile_dir, unique_handled, wait_handled, Replica};
 
 const AGGREGATES: u64 = 40;
@@ -56,17 +56,21 @@ fn main() {
         return;
     }
     // `BUS_GROUPS_SERVER` (`current`, `2.9`, `2.12`) runs one of them.
-    let only = std::env::var("BUS_GROUPS_SERVER").unwrap_or_default();
-    let servers: Vec<Option<OlderServer>> =
-        [None, Some(OlderServer::V2_9), Some(OlderServer::V2_12)]
-            .into_iter()
-            .filter(|s| only.is_empty() || s.map_or("current", OlderServer::version) == only)
-            .collect();
+    let servers = TestServer::chosen(
+        "BUS_GROUPS_SERVER",
+        &[
+            TestServer::Current,
+            TestServer::Older(OlderServer::V2_9),
+            TestServer::Older(OlderServer::V2_12),
+        ],
+    );
     println!("running {} tests", servers.len());
-    for &older in &servers {
-        let which = older.map_or("current", OlderServer::version);
-        members_join_leave_and_crash_under_load(&runtime, older);
-        println!("test members_join_leave_and_crash_under_load ({which} server) ... ok");
+    for &server in &servers {
+        members_join_leave_and_crash_under_load(&runtime, server);
+        println!(
+            "test members_join_leave_and_crash_under_load ({} server) ... ok",
+            server.name()
+        );
     }
     println!(
         "\npartition_groups_nats: {} passed, 0 failed",
@@ -81,14 +85,8 @@ fn handled_by(process: &str, replicas: &[&Replica]) -> u64 {
         .count() as u64
 }
 
-fn members_join_leave_and_crash_under_load(
-    runtime: &tokio::runtime::Runtime,
-    older: Option<OlderServer>,
-) {
-    let server = match older {
-        None => NatsServer::start(),
-        Some(older) => NatsServer::start_older(older),
-    };
+fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime, which: TestServer) {
+    let server = which.start();
     let url = server.url();
     let dir = tempfile_dir();
     let bus = runtime.block_on(NatsBus::connect(config(&url))).unwrap();

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bus_core::{Envelope, Publisher, Topic};
 use bus_nats::NatsBus;
-use bus_testkit::{NatsServer, OlderServer};
+use bus_testkit::{OlderServer, TestServer};
 use common::replicas::{
     calls, first_call_after, history, now_ns, owner, tempfile_dir, unique_handled, wait_handled,
     Replica, STEP,
@@ -54,29 +54,30 @@ fn main() {
         return;
     }
     // `BUS_REPLICAS_SERVER` (`current`, `2.9`, `2.12`) runs one of them.
-    let only = std::env::var("BUS_REPLICAS_SERVER").unwrap_or_default();
-    let servers: Vec<Option<OlderServer>> =
-        [None, Some(OlderServer::V2_9), Some(OlderServer::V2_12)]
-            .into_iter()
-            .filter(|s| only.is_empty() || s.map_or("current", OlderServer::version) == only)
-            .collect();
+    let servers = TestServer::chosen(
+        "BUS_REPLICAS_SERVER",
+        &[
+            TestServer::Current,
+            TestServer::Older(OlderServer::V2_9),
+            TestServer::Older(OlderServer::V2_12),
+        ],
+    );
     println!("running {} tests", servers.len());
-    for &older in &servers {
-        let which = older.map_or("current", OlderServer::version);
-        owner_killed_then_closed_while_standbys_wait(&runtime, older);
-        println!("test owner_killed_then_closed_while_standbys_wait ({which} server) ... ok");
+    for &server in &servers {
+        owner_killed_then_closed_while_standbys_wait(&runtime, server);
+        println!(
+            "test owner_killed_then_closed_while_standbys_wait ({} server) ... ok",
+            server.name()
+        );
     }
     println!("\nreplicas_nats: {} passed, 0 failed", servers.len());
 }
 
 fn owner_killed_then_closed_while_standbys_wait(
     runtime: &tokio::runtime::Runtime,
-    older: Option<OlderServer>,
+    which: TestServer,
 ) {
-    let server = match older {
-        None => NatsServer::start(),
-        Some(older) => NatsServer::start_older(older),
-    };
+    let server = which.start();
     let url = server.url();
     let dir = tempfile_dir();
     let bus = runtime

@@ -26,6 +26,6 @@ mod verifier;
 pub use cluster::NatsCluster;
 pub use proxy::TcpProxy;
 pub use server::{
-    find_nats_server, find_old_nats_server, NatsServer, NatsServerError, OlderServer,
+    find_nats_server, find_old_nats_server, NatsServer, NatsServerError, OlderServer, TestServer,
 };
 pub use verifier::{SequenceVerifier, VerifierReport};

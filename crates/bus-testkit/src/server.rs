@@ -155,6 +155,44 @@ impl OlderServer {
     }
 }
 
+/// Which server a test runs on: the current one, or one before 2.14.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestServer {
+    /// [`find_nats_server`]'s.
+    Current,
+    /// One of the servers before 2.14.
+    Older(OlderServer),
+}
+
+impl TestServer {
+    /// `current`, `2.9`, `2.10`, `2.12`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TestServer::Current => "current",
+            TestServer::Older(older) => older.version(),
+        }
+    }
+
+    /// Starts it, panicking with how to get it if there is none.
+    pub fn start(self) -> NatsServer {
+        match self {
+            TestServer::Current => NatsServer::start(),
+            TestServer::Older(older) => NatsServer::start_older(older),
+        }
+    }
+
+    /// Of `servers`, the one named in the environment variable `var` (see [`TestServer::name`]),
+    /// or all of them when it is not set: for running a multi-server test on one.
+    pub fn chosen(var: &str, servers: &[TestServer]) -> Vec<TestServer> {
+        let only = std::env::var(var).unwrap_or_default();
+        servers
+            .iter()
+            .copied()
+            .filter(|s| only.is_empty() || s.name() == only)
+            .collect()
+    }
+}
+
 /// A running `nats-server` with JetStream, on `127.0.0.1` and a port chosen by the OS, with a
 /// temporary store directory. Killed and its store removed on drop.
 ///

@@ -40,7 +40,6 @@ use fetch::{fetch, FetchPlan};
 pub(crate) use ownership::PRIORITY_GROUP;
 use ownership::{Ownership, Registration};
 use recovery::{server_at_least, Restarter};
-pub use runner::dead_letter_headers;
 use runner::{Counters, Runner, Work};
 
 /// The handler a subscription delivers to.

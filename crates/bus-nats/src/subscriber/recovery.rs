@@ -22,7 +22,7 @@ use async_nats::HeaderMap;
 use base64::Engine;
 use bus_core::Topic;
 
-use super::runner::dead_letter_headers;
+use crate::dead_letters::LetterHeaders;
 use crate::{broker, provision, NatsError, Provisioning};
 
 /// What restarting delivery needs to know about the consumer.
@@ -226,16 +226,19 @@ impl Restarter {
     }
 
     async fn dead_letter_unreadable(&self, stored: &Stored, why: &str) -> Result<(), NatsError> {
-        let [h_reason, h_error, h_attempts, h_topic, h_seq, _, h_raw, _, _] = dead_letter_headers();
         let mut headers = HeaderMap::new();
-        headers.insert(h_reason, "unreadable");
-        headers.insert(h_error, why);
-        headers.insert(h_attempts, "0");
-        headers.insert(h_topic, self.topic.as_str());
-        headers.insert(h_seq, stored.sequence.to_string());
-        let raw = base64::engine::general_purpose::STANDARD
-            .encode(stored.headers.as_deref().unwrap_or_default());
-        headers.insert(h_raw, raw.as_str());
+        LetterHeaders {
+            reason: "unreadable".to_owned(),
+            error: why.to_owned(),
+            topic: Some(self.topic.clone()),
+            stream_sequence: Some(stored.sequence),
+            raw_headers: Some(
+                base64::engine::general_purpose::STANDARD
+                    .encode(stored.headers.as_deref().unwrap_or_default()),
+            ),
+            ..LetterHeaders::default()
+        }
+        .write(&mut headers);
         headers.insert(
             "Nats-Msg-Id",
             format!("dlq-{}-{}", self.topic, stored.sequence),

@@ -19,6 +19,7 @@ use super::copies::{ack_info, Copies};
 use super::halts::Halt;
 use super::unacked::{AckKind, Settled};
 use super::Dispatch;
+use crate::dead_letters::LetterHeaders;
 
 pub(crate) enum Input {
     Envelope(Envelope),
@@ -129,25 +130,6 @@ pub(crate) fn header_pairs(headers: Option<&HeaderMap>) -> impl Iterator<Item = 
         .into_iter()
         .flat_map(|h| h.iter())
         .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v.as_str())))
-}
-
-/// The headers a dead letter carries besides the original message's own: reason, error,
-/// attempts, topic, the original's stream sequence, its delivery count, (for a message no client
-/// could read, whose own headers cannot be carried) its raw header block in base64, and (for a
-/// message too large to carry the others besides its body) the dead-letter stream position
-/// where its body was stored apart, and (for an event of a record batch) its index in the batch.
-pub fn dead_letter_headers() -> [&'static str; 9] {
-    [
-        "Bus-Dlq-Reason",
-        "Bus-Dlq-Error",
-        "Bus-Dlq-Attempts",
-        "Bus-Dlq-Topic",
-        "Bus-Dlq-Stream-Seq",
-        "Bus-Dlq-Delivered",
-        "Bus-Dlq-Raw-Headers",
-        "Bus-Dlq-Body-Seq",
-        "Bus-Dlq-Batch-Index",
-    ]
 }
 
 /// The subject a dead letter's body goes to when it is stored apart: under the dead-letter
@@ -449,8 +431,6 @@ impl Runner {
                 for (name, value) in record.headers() {
                     headers.append(name, value);
                 }
-                let [.., h_index] = dead_letter_headers();
-                headers.insert(h_index, index.to_string());
                 let letter = Letter {
                     headers,
                     payload: record.payload().clone(),
@@ -509,29 +489,26 @@ impl Runner {
             index,
         } = letter;
         let info = reply.and_then(ack_info);
-        // Header values cannot hold line breaks.
-        let error_text: String = error
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .take(1024)
-            .collect();
-        let [h_reason, h_error, h_attempts, h_topic, h_seq, h_delivered, ..] =
-            dead_letter_headers();
-        let index_suffix = index.map(|i| format!("-{i}")).unwrap_or_default();
-        headers.insert(h_reason, reason);
-        headers.insert(h_error, error_text.as_str());
-        headers.insert(h_attempts, attempts.to_string());
-        headers.insert(h_topic, self.topic.as_str());
+        let about = LetterHeaders {
+            reason: reason.to_owned(),
+            error: error.to_owned(),
+            attempts,
+            topic: Some(self.topic.clone()),
+            stream_sequence: info.map(|i| i.stream_sequence),
+            delivered: info.map(|i| i.delivered),
+            batch_index: index.map(|i| i as u32),
+            ..LetterHeaders::default()
+        };
+        about.write(&mut headers);
         if let Some(info) = info {
-            headers.insert(h_seq, info.stream_sequence.to_string());
-            headers.insert(h_delivered, info.delivered.to_string());
             // One dead letter per stream position, even if this is tried twice.
+            let index_suffix = index.map(|i| format!("-{i}")).unwrap_or_default();
             headers.insert(
                 "Nats-Msg-Id",
                 format!("dlq-{}-{}{index_suffix}", self.topic, info.stream_sequence),
             );
         }
-        tracing::warn!(topic = %self.topic, reason, error = %error_text, ?info, "dead-lettering message");
+        tracing::warn!(topic = %self.topic, reason, %error, ?info, "dead-lettering message");
         // The original fitted `max_payload` with its own headers; with the dead-letter headers
         // added it may not. Then its body is stored apart first, with no headers at all (so it
         // always fits), and the letter points at it.
@@ -547,8 +524,11 @@ impl Runner {
                         .publish(self.dead_letter_body_subject.clone(), payload)
                         .await?
                         .await?;
-                    let [.., h_body, _] = dead_letter_headers();
-                    headers.insert(h_body, body.sequence.to_string());
+                    LetterHeaders {
+                        body_sequence: Some(body.sequence),
+                        ..about.clone()
+                    }
+                    .write(&mut headers);
                     payload = bytes::Bytes::new();
                 }
                 self.jetstream

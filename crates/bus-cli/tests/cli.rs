@@ -49,17 +49,6 @@ fn versions_of(handled: &Mutex<Vec<(String, u64)>>, aggregate: &str) -> Vec<u64>
         .collect()
 }
 
-async fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_operates_a_running_service() {
     let server = NatsServer::start();
@@ -105,7 +94,7 @@ async fn the_cli_operates_a_running_service() {
     }
     service.flush().await.unwrap();
     let control = subscription.control().unwrap();
-    wait_for("two halted aggregates", || {
+    bus_testkit::wait_for("two halted aggregates", Duration::from_secs(10), || {
         control.metrics().halted_aggregates == 2
     })
     .await;
@@ -136,14 +125,17 @@ async fn the_cli_operates_a_running_service() {
     let (ok, out, err) = bus_billing(&url, &["resume", "cli.orders", "bad"]).await;
     assert!(ok, "{err}");
     assert!(out.starts_with("resumed bad (pid "), "{out}");
-    wait_for("bad handled", || versions_of(&handled, "bad").len() == 3).await;
+    bus_testkit::wait_for("bad handled", Duration::from_secs(10), || {
+        versions_of(&handled, "bad").len() == 3
+    })
+    .await;
     assert_eq!(versions_of(&handled, "bad"), [1, 2, 3]);
 
     // Skip `poison` v1: dead-lettered; v2 and v3 are still refused, so it halts again at v2.
     let (ok, out, err) = bus_billing(&url, &["skip", "cli.orders", "poison"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("skipped the failed event of poison"), "{out}");
-    wait_for("poison halted at v2", || {
+    bus_testkit::wait_for("poison halted at v2", Duration::from_secs(10), || {
         control
             .halted()
             .iter()
@@ -173,7 +165,7 @@ async fn the_cli_operates_a_running_service() {
         out.starts_with(&format!("replayed {sequence} as sequence ")),
         "{out}"
     );
-    wait_for("poison handled", || {
+    bus_testkit::wait_for("poison handled", Duration::from_secs(10), || {
         versions_of(&handled, "poison").len() == 3
     })
     .await;

@@ -107,22 +107,6 @@ async fn kept(server: &NatsServer) -> u64 {
     stream.info().await.unwrap().state.messages
 }
 
-/// Polls `condition` every 50 ms until it holds, failing after `timeout`.
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = std::time::Instant::now();
-    while !condition().await {
-        assert!(
-            started.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn an_acknowledged_topic_keeps_what_any_group_still_needs_and_drops_the_rest() {
     let server = NatsServer::start();
@@ -142,7 +126,7 @@ async fn an_acknowledged_topic_keeps_what_any_group_still_needs_and_drops_the_re
     // not acknowledged, and drop the 100 both have: removal follows the lowest ack floor.
     publish_versions(&orders, &topic, 26..=50).await;
     seen_by_orders.wait_unique(200).await;
-    wait_for(
+    bus_testkit::wait_for_async(
         "the stream to keep only billing's 100",
         Duration::from_secs(15),
         || async { kept(&server).await == 100 },
@@ -153,7 +137,7 @@ async fn an_acknowledged_topic_keeps_what_any_group_still_needs_and_drops_the_re
     // nothing is kept.
     let b = subscribe_recording(&billing, &topic, &seen_by_billing).await;
     seen_by_billing.wait_unique(200).await;
-    wait_for(
+    bus_testkit::wait_for_async(
         "the stream to be emptied",
         Duration::from_secs(15),
         || async { kept(&server).await == 0 },
@@ -176,7 +160,7 @@ async fn an_acknowledged_topic_goes_on_removing_after_the_broker_restarts() {
     let subscription = subscribe_recording(&orders, &topic, &seen).await;
     publish_versions(&orders, &topic, 1..=25).await;
     seen.wait_unique(100).await;
-    wait_for(
+    bus_testkit::wait_for_async(
         "the first 100 to be removed",
         Duration::from_secs(15),
         || async { kept(&server).await == 0 },
@@ -188,7 +172,7 @@ async fn an_acknowledged_topic_goes_on_removing_after_the_broker_restarts() {
     server.restart().unwrap();
     publish_versions(&orders, &topic, 26..=50).await;
     seen.wait_unique(200).await;
-    wait_for(
+    bus_testkit::wait_for_async(
         "the next 100 to be removed after the restart",
         Duration::from_secs(20),
         || async { kept(&server).await == 0 },

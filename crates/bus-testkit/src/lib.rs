@@ -22,6 +22,7 @@ pub mod conformance;
 mod proxy;
 mod server;
 mod verifier;
+mod wait;
 
 pub use cluster::NatsCluster;
 pub use proxy::TcpProxy;
@@ -29,3 +30,4 @@ pub use server::{
     find_nats_server, find_old_nats_server, NatsServer, NatsServerError, OlderServer, TestServer,
 };
 pub use verifier::{SequenceVerifier, VerifierReport};
+pub use wait::{wait_for, wait_for_async};

@@ -181,18 +181,8 @@ pub async fn events_above_ack_floor(server: &NatsServer, bus: &NatsBus, topic: &
     events
 }
 
-/// Waits until `condition` holds, checking every 10 ms, for at most `timeout`; for state that
-/// has no event to wait on (a subscription's metrics).
-pub async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use bus_testkit::wait_for;
 
 /// Subscribes a handler that accepts every event and does nothing: for tests about whether a
 /// subscription is accepted, or to provision its consumer.

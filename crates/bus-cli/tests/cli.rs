@@ -110,6 +110,25 @@ async fn the_cli_operates_a_running_service() {
     let (ok, out, err) = bus_billing(&url, &["lag", "cli.orders"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("undelivered 0  unacknowledged 6"), "{out}");
+    // A group that never subscribed, a topic nothing stores: errors, not figures.
+    let (ok, out, err) = bus(&[
+        "--server",
+        &url,
+        "--group",
+        "no-such-group",
+        "lag",
+        "cli.orders",
+    ])
+    .await;
+    assert!(
+        !ok && out.is_empty() && err.contains("never subscribed"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = bus_billing(&url, &["lag", "no.such.topic"]).await;
+    assert!(
+        !ok && out.is_empty() && err.contains("no stream stores topic"),
+        "{out}{err}"
+    );
 
     let (ok, out, err) = bus_billing(&url, &["halted", "cli.orders"]).await;
     assert!(ok, "{err}");

@@ -26,6 +26,9 @@ pub enum NatsErrorKind {
     Closed,
     /// The server refused this user a subject the operation needs.
     PermissionDenied,
+    /// What an operator asked about does not exist: no stream stores the topic, or the consumer
+    /// group never subscribed to it.
+    NotFound,
 }
 
 /// Errors of the NATS transport.
@@ -60,6 +63,9 @@ pub enum NatsError {
     /// The server refused this user a subject the operation needs (its permissions); says
     /// which operation and which subject.
     PermissionDenied(String),
+    /// What an operator asked about does not exist (a topic no stream stores, a group that never
+    /// subscribed to it); says which.
+    NotFound(String),
 }
 
 impl NatsError {
@@ -84,6 +90,7 @@ impl NatsError {
             NatsError::Owned(_) => NatsErrorKind::Owned,
             NatsError::Closed(_) => NatsErrorKind::Closed,
             NatsError::PermissionDenied(_) => NatsErrorKind::PermissionDenied,
+            NatsError::NotFound(_) => NatsErrorKind::NotFound,
         }
     }
 }
@@ -99,7 +106,8 @@ impl fmt::Display for NatsError {
             | NatsError::Unsupported(m)
             | NatsError::Owned(m)
             | NatsError::Closed(m)
-            | NatsError::PermissionDenied(m) => f.write_str(m),
+            | NatsError::PermissionDenied(m)
+            | NatsError::NotFound(m) => f.write_str(m),
             NatsError::Api { what, source } => write!(f, "{what} failed: {source}"),
         }
     }

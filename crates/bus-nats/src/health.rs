@@ -247,8 +247,11 @@ impl NatsBus {
             let lag = if disconnected.contains(&topic) {
                 None
             } else {
-                match tokio::time::timeout(LAG_TIMEOUT, crate::lag::lag_of(&self.shared, &topic))
-                    .await
+                match tokio::time::timeout(
+                    LAG_TIMEOUT,
+                    crate::lag::lag_of(&self.shared, &topic, crate::lag::Missing::Waiting),
+                )
+                .await
                 {
                     Ok(Ok(lag)) => Some(lag),
                     Ok(Err(e)) => {

@@ -30,13 +30,46 @@ impl NatsBus {
     /// How far this bus's consumer group (`consumer.group`) is behind on `topic`. Reads the
     /// consumers (one per partition) and, for the age, the first stored event above the lowest
     /// ack floor; does not need a subscription in this process.
+    ///
+    /// Fails with [`NatsErrorKind::NotFound`](crate::NatsErrorKind::NotFound) when no stream
+    /// stores the topic (nothing is created to answer) or the group has no consumer on it (it
+    /// never subscribed): figures for either would look like a group keeping up.
     pub async fn lag(&self, topic: &Topic) -> Result<Lag, NatsError> {
-        lag_of(&self.shared, topic).await
+        // Looked up, not provisioned: an operator's question creates nothing.
+        let coordination = self.shared.coordination().await?;
+        let stream = self.shared.config.stream_for(topic).name;
+        if let Err(e) = coordination.jetstream.get_stream(&stream).await {
+            return Err(match e.kind() {
+                async_nats::jetstream::context::GetStreamErrorKind::JetStream(js)
+                    if js.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    NatsError::NotFound(format!(
+                        "no stream stores topic `{topic}` (looked for stream `{stream}`)"
+                    ))
+                }
+                _ => NatsError::api(format!("looking up stream `{stream}`"), e),
+            });
+        }
+        lag_of(&self.shared, topic, Missing::Refuse).await
     }
 }
 
+/// What a consumer of the group that does not exist means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Missing {
+    /// The group never subscribed: an error (an operator's question).
+    Refuse,
+    /// Not subscribed yet: everything stored on its subject waits (a subscription's own
+    /// sampling, which may run before a partition's consumer is created).
+    Waiting,
+}
+
 /// See [`NatsBus::lag`].
-pub(crate) async fn lag_of(shared: &Shared, topic: &Topic) -> Result<Lag, NatsError> {
+pub(crate) async fn lag_of(
+    shared: &Shared,
+    topic: &Topic,
+    missing: Missing,
+) -> Result<Lag, NatsError> {
     {
         let connection = shared.connection(topic).await?;
         let config = &shared.config;
@@ -63,6 +96,16 @@ pub(crate) async fn lag_of(shared: &Shared, topic: &Topic) -> Result<Lag, NatsEr
         for (name, subject) in consumers {
             let info = match stream.consumer_info(&name).await {
                 Ok(info) => info,
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound
+                        && missing == Missing::Refuse =>
+                {
+                    return Err(NatsError::NotFound(format!(
+                        "consumer group `{}` has no consumer on topic `{topic}` (`{name}`): it never subscribed to it",
+                        config.consumer.group
+                    )));
+                }
                 Err(e)
                     if e.kind()
                         == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound =>

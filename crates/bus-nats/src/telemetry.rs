@@ -173,7 +173,7 @@ async fn sample(
             gauges.owner.set(if m.owner { 1.0 } else { 0.0 });
             gauges.restarts.absolute(m.delivery_restarts);
         }
-        match crate::lag::lag_of(&shared, &topic).await {
+        match crate::lag::lag_of(&shared, &topic, crate::lag::Missing::Waiting).await {
             Ok(lag) => {
                 gauges.undelivered.set(lag.undelivered as f64);
                 gauges.unacknowledged.set(lag.unacknowledged as f64);

@@ -338,9 +338,10 @@ async fn held_events_survive_a_close_and_come_back_in_order() {
     assert_eq!(report.duplicates, 0, "{report:?}");
 }
 
-/// The group's lag, as the broker sees it: undelivered events before anyone subscribes (with
-/// the age of the oldest), unacknowledged ones while the handler is stuck, none once handled;
-/// for a partitioned topic too, summed over its partitions.
+/// The group's lag, as the broker sees it: an error before the group ever subscribed (and for a
+/// topic no stream stores: nothing is created to answer), unacknowledged events while the
+/// handler is stuck (with the age of the oldest), none once handled; for a partitioned topic
+/// too, summed over its partitions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_counts_what_the_group_has_not_handled_and_how_old_it_is() {
     for partitions in [1u32, 4] {
@@ -358,11 +359,22 @@ async fn lag_counts_what_the_group_has_not_handled_and_how_old_it_is() {
         )
         .await;
         tokio::time::sleep(Duration::from_millis(20)).await; // so the oldest has an age
-        let lag = bus.lag(&topic).await.unwrap();
-        assert_eq!((lag.undelivered, lag.unacknowledged), (30, 0), "{lag:?}");
+        let never = bus.lag(&topic).await.unwrap_err();
+        assert_eq!(never.kind(), bus_nats::NatsErrorKind::NotFound, "{never}");
+        assert!(never.to_string().contains("never subscribed"), "{never}");
+        let nowhere = Topic::new("lagging.nowhere").unwrap();
+        let missing = bus.lag(&nowhere).await.unwrap_err();
+        assert_eq!(
+            missing.kind(),
+            bus_nats::NatsErrorKind::NotFound,
+            "{missing}"
+        );
+        let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
         assert!(
-            lag.oldest_unhandled_age.unwrap() >= Duration::from_millis(20),
-            "{lag:?}"
+            js.get_stream(bus_nats::default_stream_name(&nowhere))
+                .await
+                .is_err(),
+            "asking created a stream"
         );
 
         let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
@@ -388,6 +400,10 @@ async fn lag_counts_what_the_group_has_not_handled_and_how_old_it_is() {
         .await;
         let lag = bus.lag(&topic).await.unwrap();
         assert_eq!((lag.undelivered, lag.unacknowledged), (0, 30), "{lag:?}");
+        assert!(
+            lag.oldest_unhandled_age.unwrap() >= Duration::from_millis(20),
+            "{lag:?}"
+        );
         gate_tx.send(true).unwrap();
         wait_for("everything handled", Duration::from_secs(10), || {
             control.metrics().handled == 30

@@ -10,8 +10,6 @@ use crate::NatsError;
 use bus_core::{FailurePolicy, RetryPolicy, Topic, ValidationError};
 use keyed_pool::PoolConfig;
 
-use crate::PublishFailure;
-
 /// Default bound on publishes whose broker acknowledgement is outstanding, per publisher.
 ///
 /// The design note's asynchronous publish (optimisation 1) must be bounded, or unacknowledged
@@ -640,6 +638,17 @@ impl BatchConfig {
     pub fn enabled(&self) -> bool {
         self.max_events > 1
     }
+}
+
+/// A publish that failed, as told to [`NatsConfig::on_publish_error`].
+#[derive(Debug)]
+pub struct PublishFailure {
+    /// The topic it was published on.
+    pub topic: Topic,
+    /// The envelope, for envelope publishes (raw publishes have none).
+    pub envelope: Option<bus_core::Envelope>,
+    /// What went wrong.
+    pub error: bus_core::PublishError,
 }
 
 /// A callback told of every failed publish, with the envelope that failed.

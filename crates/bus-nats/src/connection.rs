@@ -78,19 +78,10 @@ pub(crate) struct Shared {
     pub(crate) connecting: tokio::sync::Mutex<()>,
     /// Set by `NatsBus::close`: every later operation fails at once with `Closed`.
     pub(crate) closed: std::sync::atomic::AtomicBool,
-    /// The open subscriptions, for the health report.
-    pub(crate) watched: crate::health::Watched,
-    /// The connection control requests are answered on: its own, so that a user without the
-    /// permission for them gets a violation there, never on a topic's connection.
-    pub(crate) control: tokio::sync::OnceCell<async_nats::Client>,
     /// The connection of ownership leases and group membership (KV buckets): its own, so that
     /// renewing a lease never waits behind a topic's deliveries (a topic connection's reader
     /// blocks while a full pull inbox drains, and a lease not renewed in time is given up).
     pub(crate) coordination: tokio::sync::OnceCell<Coordination>,
-    /// By consumer: record batches released with some events settled (see
-    /// [`crate::subscriber`]'s copies).
-    pub(crate) partial_batches:
-        std::sync::Mutex<HashMap<String, Arc<std::sync::Mutex<crate::subscriber::PartialBatches>>>>,
 }
 
 /// See [`Shared::coordination`].

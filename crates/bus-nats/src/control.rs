@@ -58,10 +58,28 @@ pub struct MemberHalts {
     pub halted: Vec<HaltedAggregate>,
 }
 
+/// The connection control requests are answered on: its own, so that a user without the
+/// permission for them gets a violation there, never on a topic's connection. Made by the first
+/// subscription that answers them.
+#[derive(Debug, Default)]
+pub(crate) struct ControlConnection(tokio::sync::OnceCell<async_nats::Client>);
+
+impl ControlConnection {
+    /// The connection, if one was made.
+    pub(crate) fn get(&self) -> Option<&async_nats::Client> {
+        self.0.get()
+    }
+}
+
 /// Answers control requests for one subscription until it closes.
-pub(crate) async fn serve(shared: Arc<Shared>, topic: Topic, control: Arc<dyn AggregateControl>) {
-    let client = match shared
-        .control
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    connection: Arc<ControlConnection>,
+    topic: Topic,
+    control: Arc<dyn AggregateControl>,
+) {
+    let client = match connection
+        .0
         .get_or_try_init(|| async {
             let name = Topic::new("bus-control").expect("a valid topic");
             shared.connect(&name).await.map(|(client, _signals)| client)

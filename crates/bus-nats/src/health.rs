@@ -230,7 +230,6 @@ impl NatsBus {
             down
         };
         let open: Vec<Open> = self
-            .shared
             .watched
             .open
             .lock()

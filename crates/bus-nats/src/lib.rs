@@ -71,8 +71,8 @@ pub use bus_core::{current_delivery, Delivery};
 pub use config::{
     check_stream_name, default_stream_name, redact_url, Auth, BatchConfig, ConnectionCallback,
     ConnectionConfig, ConnectionEvent, ConsumerSpec, DeadLetterConfig, Discard, FetchConfig,
-    NatsConfig, Provisioning, PublishFailureCallback, PublishOrdering, Retention, StreamSpec,
-    TlsConfig, ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT, DEFAULT_BATCH_MAX_BYTES,
+    NatsConfig, Provisioning, PublishFailure, PublishFailureCallback, PublishOrdering, Retention,
+    StreamSpec, TlsConfig, ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT, DEFAULT_BATCH_MAX_BYTES,
     DEFAULT_BATCH_MAX_EVENTS, DEFAULT_BATCH_MAX_IN_FLIGHT, DEFAULT_DEAD_LETTER_MAX_BYTES,
     DEFAULT_DUPLICATE_WINDOW, DEFAULT_FETCH_BATCH, DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING,
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING, DEFAULT_METRICS_INTERVAL,
@@ -89,7 +89,7 @@ pub use health::{
 /// The keyed pool's settings, as `NatsConfig::pool` takes them.
 pub use keyed_pool::PoolConfig;
 pub use lag::Lag;
-pub use publisher::{message_size, NatsPublisher, PublishFailure};
+pub use publisher::{message_size, NatsPublisher};
 pub use topics::{ConsumerState, TopicState};
 
 /// The NATS JetStream transport: a [`Publisher`] (through its default [`NatsPublisher`]) and a
@@ -98,6 +98,12 @@ pub use topics::{ConsumerState, TopicState};
 pub struct NatsBus {
     shared: Arc<Shared>,
     publisher: NatsPublisher,
+    /// The open subscriptions, for the health report.
+    watched: Arc<health::Watched>,
+    /// Where control requests are answered.
+    answering: Arc<control::ControlConnection>,
+    /// Record batches released with some events settled, per consumer.
+    batch_memory: Arc<subscriber::BatchMemory>,
 }
 
 impl fmt::Debug for NatsBus {
@@ -118,17 +124,20 @@ impl NatsBus {
             connections: RwLock::new(HashMap::new()),
             connecting: tokio::sync::Mutex::new(()),
             closed: std::sync::atomic::AtomicBool::new(false),
-            watched: Default::default(),
-            control: Default::default(),
             coordination: Default::default(),
-            partial_batches: Default::default(),
         });
         // Fail at start-up, not at the first publish, when no server answers.
         let probe = Topic::new("bus-probe").expect("valid topic");
         let client = shared.connect(&probe).await?;
         drop(client);
         let publisher = NatsPublisher::new(shared.clone());
-        Ok(Self { shared, publisher })
+        Ok(Self {
+            shared,
+            publisher,
+            watched: Default::default(),
+            answering: Default::default(),
+            batch_memory: Default::default(),
+        })
     }
 
     /// The configuration in force.
@@ -161,7 +170,7 @@ impl NatsBus {
             .closed
             .store(true, std::sync::atomic::Ordering::Release);
         let flushed = self.publisher.close().await;
-        if let Some(control) = self.shared.control.get() {
+        if let Some(control) = self.answering.get() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), control.drain()).await;
         }
         if let Some(coordination) = self.shared.coordination.get() {
@@ -213,12 +222,8 @@ impl Subscriber for NatsBus {
         topic: &Topic,
         handler: Arc<dyn Handler>,
     ) -> Result<Subscription, SubscribeError> {
-        subscriber::start(
-            self.shared.clone(),
-            topic,
-            subscriber::Dispatch::Envelope(handler),
-        )
-        .await
+        self.start(topic, subscriber::Dispatch::Envelope(handler))
+            .await
     }
 
     async fn subscribe_raw(
@@ -227,12 +232,33 @@ impl Subscriber for NatsBus {
         key: RawKey,
         handler: Arc<dyn RawHandler>,
     ) -> Result<Subscription, SubscribeError> {
-        subscriber::start(
+        self.start(topic, subscriber::Dispatch::Raw(handler, key))
+            .await
+    }
+}
+
+impl NatsBus {
+    /// A subscription, listed for the health report, answering control requests, its gauges
+    /// sampled.
+    async fn start(
+        &self,
+        topic: &Topic,
+        dispatch: subscriber::Dispatch,
+    ) -> Result<Subscription, SubscribeError> {
+        let subscription = subscriber::start(
             self.shared.clone(),
+            self.batch_memory.clone(),
             topic,
-            subscriber::Dispatch::Raw(handler, key),
+            dispatch,
         )
-        .await
+        .await?;
+        Ok(telemetry::sampled(
+            self.shared.clone(),
+            self.watched.clone(),
+            self.answering.clone(),
+            topic,
+            subscription,
+        ))
     }
 }
 

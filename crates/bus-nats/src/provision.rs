@@ -26,6 +26,9 @@ pub(crate) fn partition_subjects(topic: &str, partitions: u32) -> Vec<String> {
     }
 }
 
+/// The priority group every subscription of the bus pulls in.
+pub(crate) const PRIORITY_GROUP: &str = "bus";
+
 pub(crate) fn stream_config(spec: &StreamSpec) -> stream::Config {
     stream::Config {
         name: spec.name.clone(),
@@ -68,7 +71,7 @@ pub(crate) fn consumer_config(
     let (priority_policy, priority_groups, priority_timeout) = if pinned {
         (
             consumer::PriorityPolicy::PinnedClient,
-            vec![crate::subscriber::PRIORITY_GROUP.to_owned()],
+            vec![PRIORITY_GROUP.to_owned()],
             spec.takeover_after,
         )
     } else {

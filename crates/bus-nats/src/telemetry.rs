@@ -194,24 +194,27 @@ struct Sampled {
     inner: Option<Subscription>,
     /// Its gauge sampler and its control-request server.
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    shared: Arc<Shared>,
-    watched: u64,
+    watched: Arc<crate::health::Watched>,
+    id: u64,
 }
 
 /// Lists `subscription` in the bus's health report, answers control requests for it, and
 /// samples its gauges every `config.metrics_interval` (none if zero), until it closes.
 pub(crate) fn sampled(
     shared: Arc<Shared>,
+    watched: Arc<crate::health::Watched>,
+    answering: Arc<crate::control::ControlConnection>,
     topic: &Topic,
     subscription: Subscription,
 ) -> Subscription {
     let control = subscription.control();
-    let watched = shared.watched.add(topic.clone(), control.clone());
+    let id = watched.add(topic.clone(), control.clone());
     let every = shared.config.metrics_interval;
     let mut tasks = Vec::new();
     if let Some(control) = &control {
         tasks.push(tokio::spawn(crate::control::serve(
             shared.clone(),
+            answering,
             topic.clone(),
             control.clone(),
         )));
@@ -227,8 +230,8 @@ pub(crate) fn sampled(
     Subscription::new(Sampled {
         inner: Some(subscription),
         tasks,
-        shared,
         watched,
+        id,
     })
 }
 
@@ -251,6 +254,6 @@ impl Drop for Sampled {
         for task in &self.tasks {
             task.abort();
         }
-        self.shared.watched.remove(self.watched);
+        self.watched.remove(self.id);
     }
 }

@@ -25,7 +25,7 @@ use futures::stream::{FuturesUnordered, SelectAll, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::telemetry::PublishMetrics;
-use crate::{BatchConfig, PublishOrdering, Shared, TopicConnection};
+use crate::{BatchConfig, PublishFailure, PublishOrdering, Shared, TopicConnection};
 
 mod acks;
 mod encode;
@@ -38,17 +38,6 @@ pub use encode::message_size;
 use encode::{batch_wire, envelope_headers};
 use lane::Lane;
 use settle::Settler;
-
-/// A publish that failed, as told to [`NatsConfig::on_publish_error`](crate::NatsConfig).
-#[derive(Debug)]
-pub struct PublishFailure {
-    /// The topic it was published on.
-    pub topic: Topic,
-    /// The envelope, for envelope publishes (raw publishes have none).
-    pub envelope: Option<Envelope>,
-    /// What went wrong.
-    pub error: PublishError,
-}
 
 /// One publish, from the call to `publish` until its receipt is settled.
 struct Message {

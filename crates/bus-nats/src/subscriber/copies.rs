@@ -51,6 +51,25 @@ pub(crate) struct Copies {
     partial: Arc<std::sync::Mutex<PartialBatches>>,
 }
 
+/// Per consumer, for a whole bus: the record batches its subscriptions released with some
+/// events settled, so that one opened again is not handed them again.
+#[derive(Debug, Default)]
+pub(crate) struct BatchMemory(
+    std::sync::Mutex<HashMap<String, Arc<std::sync::Mutex<PartialBatches>>>>,
+);
+
+impl BatchMemory {
+    /// What is remembered for `consumer`.
+    pub(crate) fn of(&self, consumer: &str) -> Arc<std::sync::Mutex<PartialBatches>> {
+        self.0
+            .lock()
+            .unwrap()
+            .entry(consumer.to_owned())
+            .or_default()
+            .clone()
+    }
+}
+
 /// Record batches left unacknowledged with some of their events handled (or dead-lettered):
 /// which ones, by stream position, so that a redelivery hands the handler only the others.
 #[derive(Debug, Default)]

@@ -105,6 +105,7 @@ struct GroupSubscription {
 
 pub(crate) async fn start(
     shared: Arc<Shared>,
+    memory: Arc<super::BatchMemory>,
     topic: &Topic,
     dispatch: Dispatch,
     partitions: u32,
@@ -179,6 +180,7 @@ pub(crate) async fn start(
     let task = tokio::spawn(reconcile(Reconciler {
         client: coordination.client.clone(),
         shared: shared.clone(),
+        memory,
         topic: topic.clone(),
         dispatch,
         partitions,
@@ -214,6 +216,7 @@ struct Reconciler {
     /// The coordination connection.
     client: async_nats::Client,
     shared: Arc<Shared>,
+    memory: Arc<super::BatchMemory>,
     topic: Topic,
     dispatch: Dispatch,
     partitions: u32,
@@ -312,7 +315,7 @@ async fn reconcile(mut r: Reconciler) {
                     consumer: format!("{}-p{p}", r.shared.config.consumer_name(&r.topic)),
                     partition: Some(*p),
                 };
-                match setup(&r.shared, &target, r.dispatch.clone()).await {
+                match setup(&r.shared, &r.memory, &target, r.dispatch.clone()).await {
                     Ok(subscription) => {
                         let control: Arc<dyn AggregateControl> = subscription.control.clone();
                         r.running.lock().unwrap().insert(

@@ -17,7 +17,7 @@ mod ownership;
 mod recovery;
 mod runner;
 mod unacked;
-pub(crate) use copies::PartialBatches;
+pub(crate) use copies::BatchMemory;
 pub(crate) use group::MEMBERS_BUCKET;
 
 use std::collections::HashMap;
@@ -37,7 +37,6 @@ use crate::{provision, NatsError, NatsErrorKind, Shared, StreamSpec};
 use acker::Acker;
 use copies::Copies;
 use fetch::{fetch, FetchPlan};
-pub(crate) use ownership::PRIORITY_GROUP;
 use ownership::{Ownership, Registration};
 use recovery::{server_at_least, Restarter};
 use runner::{Counters, Runner, Work};
@@ -84,22 +83,23 @@ fn subscribe_error(topic: &Topic, error: NatsError) -> SubscribeError {
 
 pub(crate) async fn start(
     shared: Arc<Shared>,
+    memory: Arc<BatchMemory>,
     topic: &Topic,
     dispatch: Dispatch,
 ) -> Result<Subscription, SubscribeError> {
     let partitions = shared.config.partitions_of(topic);
-    let subscription = if partitions > 1 {
-        group::start(shared.clone(), topic, dispatch, partitions).await?
-    } else {
-        let target = Target {
-            topic: topic.clone(),
-            subject: topic.clone(),
-            consumer: shared.config.consumer_name(topic),
-            partition: None,
-        };
-        Subscription::new(setup(&shared, &target, dispatch).await?)
+    if partitions > 1 {
+        return group::start(shared, memory, topic, dispatch, partitions).await;
+    }
+    let target = Target {
+        topic: topic.clone(),
+        subject: topic.clone(),
+        consumer: shared.config.consumer_name(topic),
+        partition: None,
     };
-    Ok(crate::telemetry::sampled(shared, topic, subscription))
+    Ok(Subscription::new(
+        setup(&shared, &memory, &target, dispatch).await?,
+    ))
 }
 
 /// Subscribing needs a consumer group: two services sharing a default one would leave one
@@ -129,6 +129,7 @@ pub(crate) struct Target {
 
 async fn setup(
     shared: &Arc<Shared>,
+    memory: &BatchMemory,
     target: &Target,
     dispatch: Dispatch,
 ) -> Result<NatsSubscription, SubscribeError> {
@@ -250,13 +251,7 @@ async fn setup(
     let counters = Arc::new(Counters::default());
     // Finished positions are remembered for a few windows of MaxAckPending: long enough to
     // recognise the copies a reconnect, a restart of delivery or AckWait expiry brings back.
-    let partial = shared
-        .partial_batches
-        .lock()
-        .unwrap()
-        .entry(name.clone())
-        .or_default()
-        .clone();
+    let partial = memory.of(&name);
     let max_ack_pending = config.consumer.max_ack_pending.max(1) as usize;
     // The fetcher pulls no more while the unacknowledged messages hold `max_ack_pending` events
     // (the broker's own limit counts messages, and a record batch holds many events): what a

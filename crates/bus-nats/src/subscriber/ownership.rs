@@ -34,10 +34,8 @@ use bus_core::{SubscribeError, SubscribeErrorKind, Topic};
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use crate::provision::PRIORITY_GROUP;
 use crate::NatsError;
-
-/// The priority group every subscription of the bus pulls in.
-pub(crate) const PRIORITY_GROUP: &str = "bus";
 
 /// The KV bucket holding ownership leases on servers before 2.14.
 pub(crate) const LEASE_BUCKET: &str = "BUS_OWNERS";

@@ -223,17 +223,19 @@ pub enum PublishErrorKind {
     Aborted,
 }
 
-/// A publish failed. [`kind`](Self::kind) says how; the message says with what.
+/// An error of the bus's operations: a kind (how it failed, for callers that decide by kind),
+/// a message naming the input at fault, and the error that caused it, if any.
+/// [`PublishError`] and [`SubscribeError`] are this with their kinds.
 #[derive(Debug)]
-pub struct PublishError {
-    kind: PublishErrorKind,
+pub struct BusError<K> {
+    kind: K,
     message: String,
     source: Option<BoxError>,
 }
 
-impl PublishError {
+impl<K: Copy> BusError<K> {
     /// A new error of `kind` with a message naming the input.
-    pub fn new(kind: PublishErrorKind, message: impl Into<String>) -> Self {
+    pub fn new(kind: K, message: impl Into<String>) -> Self {
         Self {
             kind,
             message: message.into(),
@@ -242,11 +244,7 @@ impl PublishError {
     }
 
     /// A new error of `kind` caused by `source`.
-    pub fn with_source(
-        kind: PublishErrorKind,
-        message: impl Into<String>,
-        source: impl Into<BoxError>,
-    ) -> Self {
+    pub fn with_source(kind: K, message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Self {
             kind,
             message: message.into(),
@@ -254,21 +252,13 @@ impl PublishError {
         }
     }
 
-    /// How the publish failed.
-    pub fn kind(&self) -> PublishErrorKind {
+    /// How it failed.
+    pub fn kind(&self) -> K {
         self.kind
-    }
-
-    /// Whether publishing the same envelope again may succeed.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self.kind,
-            PublishErrorKind::TimedOut | PublishErrorKind::Connection | PublishErrorKind::Aborted
-        )
     }
 }
 
-impl fmt::Display for PublishError {
+impl<K> fmt::Display for BusError<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.source {
             Some(source) => write!(f, "{}: {source}", self.message),
@@ -277,9 +267,22 @@ impl fmt::Display for PublishError {
     }
 }
 
-impl std::error::Error for PublishError {
+impl<K: fmt::Debug> std::error::Error for BusError<K> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// A publish failed. [`kind`](BusError::kind) says how; the message says with what.
+pub type PublishError = BusError<PublishErrorKind>;
+
+impl PublishError {
+    /// Whether publishing the same envelope again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            PublishErrorKind::TimedOut | PublishErrorKind::Connection | PublishErrorKind::Aborted
+        )
     }
 }
 
@@ -310,54 +313,5 @@ pub enum SubscribeErrorKind {
     NotHalted,
 }
 
-/// Subscribing or closing a subscription failed.
-#[derive(Debug)]
-pub struct SubscribeError {
-    kind: SubscribeErrorKind,
-    message: String,
-    source: Option<BoxError>,
-}
-
-impl SubscribeError {
-    /// A new error of `kind`.
-    pub fn new(kind: SubscribeErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    /// A new error of `kind` caused by `source`.
-    pub fn with_source(
-        kind: SubscribeErrorKind,
-        message: impl Into<String>,
-        source: impl Into<BoxError>,
-    ) -> Self {
-        Self {
-            kind,
-            message: message.into(),
-            source: Some(source.into()),
-        }
-    }
-
-    /// What failed.
-    pub fn kind(&self) -> SubscribeErrorKind {
-        self.kind
-    }
-}
-
-impl fmt::Display for SubscribeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Some(source) => write!(f, "{}: {source}", self.message),
-            None => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for SubscribeError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as _)
-    }
-}
+/// Subscribing or closing a subscription failed. [`kind`](BusError::kind) says what.
+pub type SubscribeError = BusError<SubscribeErrorKind>;

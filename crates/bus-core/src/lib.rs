@@ -49,7 +49,7 @@ pub use delivery::{
 };
 pub use envelope::{Envelope, EnvelopeBuilder};
 pub use error::{
-    BoxError, CodecError, DecodeError, HandlerError, PublishError, PublishErrorKind,
+    BoxError, BusError, CodecError, DecodeError, HandlerError, PublishError, PublishErrorKind,
     SubscribeError, SubscribeErrorKind, ValidationError,
 };
 pub use names::{AggregateId, EventId, EventType, Topic, MAX_AGGREGATE_ID_LEN, MAX_NAME_LEN};

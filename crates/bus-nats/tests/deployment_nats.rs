@@ -93,7 +93,8 @@ async fn consumer_connection_cut_mid_batch_keeps_order_and_loses_nothing() {
         proxy.cut();
         tokio::time::sleep(Duration::from_millis(50)).await;
         proxy.restore();
-        // The next cut only once this one was noticed and delivery runs again.
+        // The next cut only once this one was noticed and delivery runs again (the restart
+        // is counted once it is done, so the next cut cannot land in the middle of it).
         common::wait_for(
             &format!("delivery restart after cut {cut}"),
             Duration::from_secs(30),

@@ -24,7 +24,9 @@ use super::acker::Acker;
 use super::copies::{ack_info, Copies, Seen};
 use super::ownership::{Ownership, Wait};
 use super::recovery::{Restarter, Start};
-use super::runner::{prepare, prepare_record, BatchProgress, Counters, Job, Origin, Runner, Work};
+use super::runner::{
+    prepare, prepare_record, BatchProgress, Counters, Job, Origin, Request, Runner, Work,
+};
 use super::Dispatch;
 use crate::broker::{self, PullEnd};
 use crate::NatsError;
@@ -54,9 +56,39 @@ enum End {
     /// Close was asked for and every outstanding pull request is over.
     Stopped,
     /// Delivery is no longer contiguous; `seen_up_to` is the highest stream sequence received.
-    Discontinuity { why: String, seen_up_to: u64 },
+    Discontinuity { why: Break, seen_up_to: u64 },
     /// Another subscription owns the topic now.
     Lost(String),
+}
+
+/// Why delivery stopped being contiguous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Break {
+    /// The topic's connection was re-established: what the broker wrote to the old one is lost.
+    Reconnected,
+    /// The epoch's pull inbox closed.
+    InboxClosed,
+    /// A delivery carried another consumer sequence than the one due.
+    Jump { arrived: u64, due: u64 },
+    /// The broker refused a pull request: a consumer-leader change, the consumer deleted, or a
+    /// malformed request.
+    Refused(broker::PullEnd, String),
+    /// Pull requests went unanswered this long (the broker forgot them).
+    Unanswered(Duration),
+}
+
+impl std::fmt::Display for Break {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Break::Reconnected => f.write_str("the connection was re-established"),
+            Break::InboxClosed => f.write_str("the pull inbox closed"),
+            Break::Jump { arrived, due } => {
+                write!(f, "delivery {arrived} arrived where {due} was due")
+            }
+            Break::Refused(_, description) => write!(f, "pull request refused: {description}"),
+            Break::Unanswered(after) => write!(f, "pull requests went unanswered for {after:?}"),
+        }
+    }
 }
 
 /// What the fetcher hands back when it stops: the pool to drain, and the claim to release once
@@ -67,7 +99,7 @@ struct Fetcher {
     plan: FetchPlan,
     pool: KeyedPool<Work>,
     stop: watch::Receiver<bool>,
-    control: mpsc::UnboundedReceiver<(String, bool)>,
+    control: mpsc::UnboundedReceiver<Request>,
     ownership: Ownership,
 }
 
@@ -79,7 +111,7 @@ pub(crate) async fn fetch(
     plan: FetchPlan,
     pool: KeyedPool<Work>,
     stop: watch::Receiver<bool>,
-    control: mpsc::UnboundedReceiver<(String, bool)>,
+    control: mpsc::UnboundedReceiver<Request>,
     ownership: Ownership,
 ) -> Result<Stopped, NatsError> {
     let mut fetcher = Fetcher {
@@ -126,7 +158,6 @@ impl Fetcher {
                 End::Stopped => return Ok(()),
                 End::Discontinuity { why, seen_up_to } => {
                     tracing::warn!(topic = %self.plan.topic, subject = %self.plan.restarter.subject, %why, "delivery is no longer contiguous; restarting it at the ack floor");
-                    self.plan.counters.restarts.fetch_add(1, Ordering::Relaxed);
                     let restarter = self.plan.restarter.clone();
                     let counters = self.plan.counters.clone();
                     next = self
@@ -151,6 +182,9 @@ impl Fetcher {
                     if next.is_none() {
                         return Ok(());
                     }
+                    // Counted once delivery runs again: a discontinuity during the restart is
+                    // covered by it.
+                    self.plan.counters.restarts.fetch_add(1, Ordering::Relaxed);
                 }
                 End::Lost(why) => {
                     tracing::warn!(topic = %self.plan.topic, %why, "this subscription lost the topic; waiting as a standby");
@@ -313,7 +347,7 @@ impl Fetcher {
                 _ = self.stop.changed(), if !stopping => stopping = true,
                 _ = reconnects.changed() => {
                     break if stopping { End::Stopped } else {
-                        End::Discontinuity { why: "the connection was re-established".into(), seen_up_to }
+                        End::Discontinuity { why: Break::Reconnected, seen_up_to }
                     };
                 }
                 why = self.ownership.lost() => {
@@ -321,7 +355,7 @@ impl Fetcher {
                 }
                 message = replies.next() => {
                     let Some(message) = message else {
-                        break End::Discontinuity { why: "the pull inbox closed".into(), seen_up_to };
+                        break End::Discontinuity { why: Break::InboxClosed, seen_up_to };
                     };
                     last_reply = Instant::now();
                     let mut st = Progress { credit, next_delivery, seen_up_to, stopping, events_per_message };
@@ -336,7 +370,7 @@ impl Fetcher {
                                 burst += 1;
                             }
                             Some(None) => {
-                                outcome = Some(End::Discontinuity { why: "the pull inbox closed".into(), seen_up_to: st.seen_up_to });
+                                outcome = Some(End::Discontinuity { why: Break::InboxClosed, seen_up_to: st.seen_up_to });
                             }
                             None => break,
                         }
@@ -346,9 +380,10 @@ impl Fetcher {
                         break end;
                     }
                 }
-                Some((key, skip)) = self.control.recv(), if !stopping => {
+                Some(request) = self.control.recv(), if !stopping => {
                     // Routed like the aggregate's messages: it runs after what is queued before it.
-                    if self.pool.submit(&key, Work::Resume { key: key.clone(), skip }).await.is_err() {
+                    let key = request.key.clone();
+                    if self.pool.submit(&key, Work::Operator(request)).await.is_err() {
                         break End::Stopped;
                     }
                 }
@@ -359,7 +394,7 @@ impl Fetcher {
                             break End::Stopped;
                         }
                         break End::Discontinuity {
-                            why: format!("pull requests went unanswered for {forget_after:?}"),
+                            why: Break::Unanswered(forget_after),
                             seen_up_to,
                         };
                     }
@@ -387,6 +422,21 @@ struct Progress {
     events_per_message: (u64, u64),
 }
 
+impl Progress {
+    /// The one place a discontinuity ends an epoch: unless close was asked for (then it just
+    /// stops), delivery restarts at the ack floor + 1.
+    fn broken(&self, why: Break) -> Option<End> {
+        Some(if self.stopping {
+            End::Stopped
+        } else {
+            End::Discontinuity {
+                why,
+                seen_up_to: self.seen_up_to,
+            }
+        })
+    }
+}
+
 /// Handles one reply on the epoch's inbox: a delivery (dispatched if it is the next in
 /// sequence and not a copy) or a status. `Some` ends the epoch.
 async fn on_reply(
@@ -405,15 +455,9 @@ async fn on_reply(
                 return None;
             };
             if info.consumer_sequence != st.next_delivery {
-                if st.stopping {
-                    return Some(End::Stopped);
-                }
-                return Some(End::Discontinuity {
-                    why: format!(
-                        "delivery {} arrived where {} was due",
-                        info.consumer_sequence, st.next_delivery
-                    ),
-                    seen_up_to: st.seen_up_to,
+                return st.broken(Break::Jump {
+                    arrived: info.consumer_sequence,
+                    due: st.next_delivery,
                 });
             }
             st.next_delivery += 1;
@@ -484,29 +528,16 @@ async fn on_reply(
                 .unwrap_or(plan.batch);
             st.credit = st.credit.saturating_sub(pending);
             let description = message.description.clone().unwrap_or_default();
-            let discontinuity = |why: String| {
-                Some(if st.stopping {
-                    End::Stopped
-                } else {
-                    End::Discontinuity {
-                        why,
-                        seen_up_to: st.seen_up_to,
-                    }
-                })
-            };
             match broker::pull_end(status, &description) {
                 // A new consumer leader may not know what the old one handed out (those
                 // messages would come back only after AckWait); a deleted consumer is
                 // recreated on restart.
-                PullEnd::LeadershipChange | PullEnd::ConsumerDeleted => {
-                    return discontinuity(format!("pull request refused: {description}"));
+                end @ (PullEnd::LeadershipChange | PullEnd::ConsumerDeleted) => {
+                    return st.broken(Break::Refused(end, description));
                 }
                 PullEnd::Malformed => {
                     tracing::error!(topic = %plan.topic, %description, "pull request refused as malformed");
-                    return Some(End::Discontinuity {
-                        why: format!("pull request refused: {description}"),
-                        seen_up_to: st.seen_up_to,
-                    });
+                    return st.broken(Break::Refused(PullEnd::Malformed, description));
                 }
                 PullEnd::Over if status == 409 => {
                     tracing::warn!(topic = %plan.topic, %description, "pull request refused");

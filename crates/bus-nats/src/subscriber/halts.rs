@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use bus_core::HaltedAggregate;
 
-use super::runner::{Failure, Job, Outcome, Runner};
+use super::runner::{Action, Failure, Job, Outcome, Request, Runner};
 
 /// A halted aggregate: its failed event first, then the events that arrived behind it.
 pub(crate) struct Halt {
@@ -75,7 +75,9 @@ impl Runner {
     }
 
     /// Runs in the aggregate's worker, after everything queued there before the request.
-    pub(crate) async fn resume(&self, key: String, skip: bool) {
+    pub(crate) async fn resume(&self, request: Request) {
+        let Request { key, action } = request;
+        let skip = action == Action::Skip;
         let Some(halt) = self.halted.lock().unwrap().remove(&key) else {
             return;
         };

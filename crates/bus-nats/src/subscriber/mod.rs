@@ -366,19 +366,23 @@ struct NatsControl {
     topic: Topic,
     runner: Arc<Runner>,
     /// To the fetcher, which routes each request to the aggregate's worker.
-    requests: mpsc::UnboundedSender<(String, bool)>,
+    requests: mpsc::UnboundedSender<runner::Request>,
     queues: keyed_pool::PoolProbe<Work>,
 }
 
 impl NatsControl {
-    fn request(&self, key: &str, skip: bool) -> Result<(), SubscribeError> {
+    fn request(&self, key: &str, action: runner::Action) -> Result<(), SubscribeError> {
         if !self.runner.halted.lock().unwrap().contains_key(key) {
             return Err(SubscribeError::new(
                 SubscribeErrorKind::NotHalted,
                 format!("aggregate `{key}` of topic `{}` is not halted", self.topic),
             ));
         }
-        self.requests.send((key.to_owned(), skip)).map_err(|_| {
+        let request = runner::Request {
+            key: key.to_owned(),
+            action,
+        };
+        self.requests.send(request).map_err(|_| {
             SubscribeError::new(
                 SubscribeErrorKind::Closed,
                 format!("the subscription to topic `{}` is closed", self.topic),
@@ -428,11 +432,11 @@ impl AggregateControl for NatsControl {
     }
 
     async fn resume(&self, key: &str) -> Result<(), SubscribeError> {
-        self.request(key, false)
+        self.request(key, runner::Action::Resume)
     }
 
     async fn skip(&self, key: &str) -> Result<(), SubscribeError> {
-        self.request(key, true)
+        self.request(key, runner::Action::Skip)
     }
 }
 

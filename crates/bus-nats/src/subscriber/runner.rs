@@ -87,14 +87,27 @@ impl Job {
     }
 }
 
+/// What an operator asks of a halted aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Hand its failed event to the handler again, then its waiting events.
+    Resume,
+    /// Dead-letter its failed event, then hand over its waiting events.
+    Skip,
+}
+
+/// An operator's request for one aggregate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Request {
+    pub(crate) key: String,
+    pub(crate) action: Action,
+}
+
 /// What a worker is given.
 pub(crate) enum Work {
     Message(Box<Job>),
-    /// An operator resumes a halted aggregate, or skips its failed event.
-    Resume {
-        key: String,
-        skip: bool,
-    },
+    /// An operator's request, run in the aggregate's worker after what is queued before it.
+    Operator(Request),
 }
 
 /// The failure reason of an event that failed with a retryable error after the subscription
@@ -113,7 +126,8 @@ pub(crate) struct Counters {
     pub(crate) handled: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) copies_skipped: AtomicU64,
-    /// Times delivery was restarted at the ack floor after a discontinuity.
+    /// Times delivery was restarted at the ack floor after a discontinuity (counted once it
+    /// runs again).
     pub(crate) restarts: AtomicU64,
     /// Times this subscription gained the topic.
     pub(crate) gained: AtomicU64,
@@ -192,7 +206,7 @@ impl Runner {
                     self.halt(job, failure, VecDeque::new());
                 }
             }
-            Work::Resume { key, skip } => self.resume(key, skip).await,
+            Work::Operator(request) => self.resume(request).await,
         }
     }
 

@@ -50,11 +50,7 @@ pub(crate) fn stream_config(spec: &StreamSpec) -> stream::Config {
         max_bytes: spec.max_bytes,
         max_messages: spec.max_msgs,
         duplicate_window: spec.duplicate_window,
-        storage: if spec.file_storage {
-            stream::StorageType::File
-        } else {
-            stream::StorageType::Memory
-        },
+        storage: spec.storage.into(),
         num_replicas: spec.replicas,
         ..Default::default()
     }

@@ -1,0 +1,98 @@
+//! The durable consumer of each topic, how it fetches, and where dead letters go.
+
+use super::*;
+
+/// The durable pull consumer of each topic.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerSpec {
+    /// The consumer group: name it after the service. The replicas of one service share it
+    /// (one of them consumes each topic, the others wait as standbys); different services must
+    /// not, or one would wait behind the other. No default: subscribing without a group fails
+    /// (publishing needs none). ASCII letters, digits, `-` and `_`. Each topic's durable is
+    /// named `<group>-<topic with . as _>-<8 hex digits of the topic's hash>`.
+    pub group: String,
+    /// MaxAckPending (default [`DEFAULT_MAX_ACK_PENDING`]).
+    pub max_ack_pending: i64,
+    /// MaxWaiting (default [`DEFAULT_MAX_WAITING`]).
+    pub max_waiting: i64,
+    /// AckWait (default [`DEFAULT_ACK_WAIT`]).
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// How long an owner that stopped pulling keeps its topic before a standby subscriber of
+    /// the same group takes it over (default [`DEFAULT_TAKEOVER_AFTER`]). On servers with
+    /// priority groups and the consumer reset API (2.14+) it is the consumer's
+    /// `priority_timeout`; on older servers, the lifetime of the ownership lease.
+    #[serde(with = "humantime_serde")]
+    pub takeover_after: Duration,
+    /// Replicas of the KV buckets that hold consumer-group memberships (`BUS_MEMBERS`, for
+    /// partitioned topics) and ownership leases (`BUS_OWNERS`, servers before 2.14), 1 to 5
+    /// (default 1). In a cluster give them as many as the topics' streams.
+    pub coordination_replicas: usize,
+}
+
+impl Default for ConsumerSpec {
+    fn default() -> Self {
+        Self {
+            group: String::new(),
+            max_ack_pending: DEFAULT_MAX_ACK_PENDING,
+            max_waiting: DEFAULT_MAX_WAITING,
+            ack_wait: DEFAULT_ACK_WAIT,
+            takeover_after: DEFAULT_TAKEOVER_AFTER,
+            coordination_replicas: 1,
+        }
+    }
+}
+
+/// How each topic's single fetcher pulls.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Messages per pull request (default [`DEFAULT_FETCH_BATCH`]).
+    pub batch: usize,
+    /// Expiry of a pull request (default [`DEFAULT_FETCH_EXPIRES`]).
+    #[serde(with = "humantime_serde")]
+    pub expires: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            batch: DEFAULT_FETCH_BATCH,
+            expires: DEFAULT_FETCH_EXPIRES,
+        }
+    }
+}
+
+/// Default bytes the dead-letter stream keeps (128 MiB). It reserves this much of the
+/// server's storage, so it is kept smaller than a topic's stream; when it is full it refuses new
+/// dead letters, and the messages stay unacknowledged (see `docs/guarantees.md`).
+pub const DEFAULT_DEAD_LETTER_MAX_BYTES: i64 = 128 << 20;
+
+/// Where messages that cannot be handled go.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// The stream that stores dead letters (default `BUS_DEAD_LETTERS`); provisioned with the
+    /// bus's strategy.
+    pub stream: String,
+    /// Subject prefix: a dead letter of topic `t` is published on `<prefix>.t`
+    /// (default `bus-dlq`).
+    pub subject_prefix: String,
+    /// Bytes the dead-letter stream keeps at most (default [`DEFAULT_DEAD_LETTER_MAX_BYTES`]).
+    pub max_bytes: i64,
+    /// Replicas of the dead-letter stream, 1 to 5 (default 1). In a cluster give it as many as
+    /// the topics' streams, or losing one node loses the dead letters and stops dead-lettering.
+    pub replicas: usize,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            stream: "BUS_DEAD_LETTERS".into(),
+            subject_prefix: "bus-dlq".into(),
+            max_bytes: DEFAULT_DEAD_LETTER_MAX_BYTES,
+            replicas: 1,
+        }
+    }
+}

@@ -9,12 +9,91 @@ use futures::StreamExt;
 
 use crate::{NatsBus, NatsError};
 
+/// Why an event was dead-lettered (the header `Bus-Dlq-Reason`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    /// Its handler failed with a permanent error.
+    #[default]
+    Permanent,
+    /// Its handler failed with retryable errors until the retry policy gave up.
+    RetriesExhausted,
+    /// Its handler panicked.
+    Panic,
+    /// It could not be decoded as an envelope (or a record batch).
+    Undecodable,
+    /// A raw subscription's key function found no ordering key in it.
+    NoKey,
+    /// An operator skipped it while its aggregate was halted.
+    Skipped,
+    /// Its header block was one no client can read; it was removed from its stream.
+    Unreadable,
+    /// A reason this version does not know (a letter written by another version).
+    Other(String),
+}
+
+impl DeadLetterReason {
+    /// The reason as it is written in the header and in metrics labels (`permanent`,
+    /// `retries-exhausted`, `panic`, `undecodable`, `no-key`, `skipped`, `unreadable`).
+    pub fn as_str(&self) -> &str {
+        match self {
+            DeadLetterReason::Permanent => "permanent",
+            DeadLetterReason::RetriesExhausted => "retries-exhausted",
+            DeadLetterReason::Panic => "panic",
+            DeadLetterReason::Undecodable => "undecodable",
+            DeadLetterReason::NoKey => "no-key",
+            DeadLetterReason::Skipped => "skipped",
+            DeadLetterReason::Unreadable => "unreadable",
+            DeadLetterReason::Other(other) => other,
+        }
+    }
+
+    /// Reads a reason as written.
+    pub fn parse(text: &str) -> Self {
+        [
+            DeadLetterReason::Permanent,
+            DeadLetterReason::RetriesExhausted,
+            DeadLetterReason::Panic,
+            DeadLetterReason::Undecodable,
+            DeadLetterReason::NoKey,
+            DeadLetterReason::Skipped,
+            DeadLetterReason::Unreadable,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == text)
+        .unwrap_or_else(|| DeadLetterReason::Other(text.to_owned()))
+    }
+
+    /// Why a handler's last failure gave up.
+    pub(crate) fn of_failure(reason: &bus_core::FailureReason) -> Self {
+        match reason {
+            bus_core::FailureReason::Handler(e) if e.is_retryable() => {
+                DeadLetterReason::RetriesExhausted
+            }
+            bus_core::FailureReason::Handler(_) => DeadLetterReason::Permanent,
+            bus_core::FailureReason::Panicked(_) => DeadLetterReason::Panic,
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for DeadLetterReason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// What a dead letter says about its original, in headers besides the original's own
 /// (`Bus-Dlq-*`): written when a letter is stored, read when it is listed, here alone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct LetterHeaders {
     /// Why (`Bus-Dlq-Reason`).
-    pub(crate) reason: String,
+    pub(crate) reason: DeadLetterReason,
     /// The last error's text, on one line (`Bus-Dlq-Error`).
     pub(crate) error: String,
     /// Handler attempts (`Bus-Dlq-Attempts`).
@@ -81,7 +160,7 @@ impl LetterHeaders {
             .iter()
             .position(|h| h.eq_ignore_ascii_case(name))
         {
-            Some(0) => self.reason = value.to_owned(),
+            Some(0) => self.reason = DeadLetterReason::parse(value),
             Some(1) => self.error = value.to_owned(),
             Some(2) => self.attempts = value.parse().unwrap_or(0),
             Some(3) => self.topic = Topic::new(value).ok(),
@@ -113,9 +192,8 @@ pub struct DeadLetter {
     pub sequence: u64,
     /// The topic it was consumed from.
     pub topic: Topic,
-    /// Why: `permanent`, `retries-exhausted`, `panic`, `undecodable`, `no-key`, `skipped`, or
-    /// `unreadable` (a header block no client could parse; see `raw_headers`).
-    pub reason: String,
+    /// Why (`unreadable`: a header block no client could parse; see `raw_headers`).
+    pub reason: DeadLetterReason,
     /// The last error's text.
     pub error: String,
     /// Handler attempts made (0 for messages that could not be decoded).
@@ -343,7 +421,7 @@ mod tests {
     #[test]
     fn letter_headers_read_back_what_was_written() {
         let about = LetterHeaders {
-            reason: "permanent".into(),
+            reason: DeadLetterReason::Permanent,
             error: "line one\nline two".into(),
             attempts: 3,
             topic: Some(Topic::new("orders").unwrap()),

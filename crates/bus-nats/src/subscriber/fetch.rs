@@ -488,7 +488,10 @@ async fn on_reply(
                 }
                 Some(Err(error)) => (
                     String::new(),
-                    Err(("undecodable", format!("not a record batch: {error}"))),
+                    Err((
+                        crate::dead_letters::DeadLetterReason::Undecodable,
+                        format!("not a record batch: {error}"),
+                    )),
                 ),
                 None => prepare(&plan.topic, &plan.dispatch, &message),
             };

@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use bus_core::HaltedAggregate;
 
-use super::runner::{Action, Failure, Job, Outcome, Request, Runner};
+use super::runner::{Action, Failure, Job, Outcome, Request, Runner, Stop};
+use crate::dead_letters::DeadLetterReason;
 
 /// A halted aggregate: its failed event first, then the events that arrived behind it.
 pub(crate) struct Halt {
@@ -51,12 +52,12 @@ impl Runner {
             aggregate = %first.key,
             version = ?first.event_version(),
             stream_sequence = ?first.sequence,
-            reason = failure.reason,
+            reason = failure.reason.as_str(),
             error = %failure.error,
             attempts = failure.attempts,
             "aggregate halted: its later events wait until an operator resumes or skips it"
         );
-        if failure.reason == super::runner::CANCELLED {
+        if failure.reason == Stop::Cancelled {
             self.metrics.returned.increment(1);
         } else {
             self.metrics.halted.increment(1);
@@ -90,7 +91,7 @@ impl Runner {
             if let Some(first) = jobs.pop_front() {
                 let error = format!("skipped by an operator after: {}", failure.error);
                 let outcome = self
-                    .dead_letter_job(&first, "skipped", &error, failure.attempts)
+                    .dead_letter_job(&first, &DeadLetterReason::Skipped, &error, failure.attempts)
                     .await;
                 if outcome == Outcome::DeadLettered {
                     self.settle(&first, outcome);
@@ -120,7 +121,7 @@ impl Runner {
                     key: key.clone(),
                     waiting: halt.jobs.len(),
                     since: halt.since,
-                    reason: halt.failure.reason.to_owned(),
+                    reason: halt.failure.reason.as_str().to_owned(),
                     error: halt.failure.error.clone(),
                     attempts: halt.failure.attempts,
                     event_version: first.and_then(|j| j.event_version()),

@@ -228,7 +228,7 @@ impl Restarter {
     async fn dead_letter_unreadable(&self, stored: &Stored, why: &str) -> Result<(), NatsError> {
         let mut headers = HeaderMap::new();
         LetterHeaders {
-            reason: "unreadable".to_owned(),
+            reason: crate::dead_letters::DeadLetterReason::Unreadable,
             error: why.to_owned(),
             topic: Some(self.topic.clone()),
             stream_sequence: Some(stored.sequence),

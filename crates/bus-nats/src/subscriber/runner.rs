@@ -19,7 +19,7 @@ use super::copies::{ack_info, Copies};
 use super::halts::Halt;
 use super::unacked::{AckKind, Settled};
 use super::Dispatch;
-use crate::dead_letters::LetterHeaders;
+use crate::dead_letters::{DeadLetterReason, LetterHeaders};
 
 pub(crate) enum Input {
     Envelope(Envelope),
@@ -61,7 +61,7 @@ pub(crate) struct Job {
     pub(crate) sequence: Option<u64>,
     pub(crate) origin: Origin,
     /// The message ready for the handler, or why it cannot be handled.
-    pub(crate) input: Result<Input, (&'static str, String)>,
+    pub(crate) input: Result<Input, (DeadLetterReason, String)>,
     /// The ownership term it was delivered in: a job of an earlier term (the subscription lost
     /// the topic since) is not handled, since the new owner has it delivered again.
     pub(crate) term: u64,
@@ -110,13 +110,28 @@ pub(crate) enum Work {
     Operator(Request),
 }
 
-/// The failure reason of an event that failed with a retryable error after the subscription
-/// started closing or lost its topic: never dead-lettered, always returned.
-pub(crate) const CANCELLED: &str = "cancelled";
+/// Why a handler's final failure stops its event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// It failed for good: the failure policy decides (dead letter or halt).
+    Failed(DeadLetterReason),
+    /// It failed with a retryable error after the subscription started closing or lost its
+    /// topic: never dead-lettered, always returned.
+    Cancelled,
+}
+
+impl Stop {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Stop::Failed(reason) => reason.as_str(),
+            Stop::Cancelled => "cancelled",
+        }
+    }
+}
 
 /// How a handler's final failure went.
 pub(crate) struct Failure {
-    pub(crate) reason: &'static str,
+    pub(crate) reason: Stop,
     pub(crate) error: String,
     pub(crate) attempts: u32,
 }
@@ -283,11 +298,12 @@ impl Runner {
             Ok(outcome) => outcome,
             // Failed while the subscription is going: held like a halt, so that it and its
             // aggregate's later events are returned unacknowledged, in order.
-            Err(failure) if failure.reason == CANCELLED => return Err((job, failure)),
-            Err(failure) => match self.policy {
-                FailurePolicy::HaltAggregate => return Err((job, failure)),
-                FailurePolicy::DeadLetter => {
-                    self.dead_letter_job(&job, failure.reason, &failure.error, failure.attempts)
+            Err(failure) => match (&failure.reason, self.policy) {
+                (Stop::Cancelled, _) | (_, FailurePolicy::HaltAggregate) => {
+                    return Err((job, failure))
+                }
+                (Stop::Failed(reason), FailurePolicy::DeadLetter) => {
+                    self.dead_letter_job(&job, reason, &failure.error, failure.attempts)
                         .await
                 }
             },
@@ -372,9 +388,9 @@ impl Runner {
                 // up because of it: returned, never dead-lettered. Permanent failures and
                 // panics follow the failure policy as ever.
                 reason: if self.cancel.has_fired(&cancellation) && reason.is_retryable() {
-                    CANCELLED
+                    Stop::Cancelled
                 } else {
-                    reason.code()
+                    Stop::Failed(DeadLetterReason::of_failure(&reason))
                 },
                 error: reason.to_string(),
                 attempts,
@@ -433,7 +449,7 @@ impl Runner {
     pub(crate) async fn dead_letter_job(
         &self,
         job: &Job,
-        reason: &str,
+        reason: &DeadLetterReason,
         error: &str,
         attempts: u32,
     ) -> Outcome {
@@ -468,7 +484,7 @@ impl Runner {
     async fn dead_letter(
         &self,
         message: &async_nats::Message,
-        reason: &str,
+        reason: &DeadLetterReason,
         error: &str,
         attempts: u32,
     ) -> bool {
@@ -492,7 +508,7 @@ impl Runner {
     async fn store_dead_letter(
         &self,
         letter: Letter<'_>,
-        reason: &str,
+        reason: &DeadLetterReason,
         error: &str,
         attempts: u32,
     ) -> bool {
@@ -504,7 +520,7 @@ impl Runner {
         } = letter;
         let info = reply.and_then(ack_info);
         let about = LetterHeaders {
-            reason: reason.to_owned(),
+            reason: reason.clone(),
             error: error.to_owned(),
             attempts,
             topic: Some(self.topic.clone()),
@@ -522,7 +538,7 @@ impl Runner {
                 format!("dlq-{}-{}{index_suffix}", self.topic, info.stream_sequence),
             );
         }
-        tracing::warn!(topic = %self.topic, reason, %error, ?info, "dead-lettering message");
+        tracing::warn!(topic = %self.topic, %reason, %error, ?info, "dead-lettering message");
         // The original fitted `max_payload` with its own headers; with the dead-letter headers
         // added it may not. Then its body is stored apart first, with no headers at all (so it
         // always fits), and the letter points at it.
@@ -555,7 +571,7 @@ impl Runner {
                 Ok(_) => {
                     self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     self.metrics.dead_lettered.increment(1);
-                    self.metrics.dead_letter(reason);
+                    self.metrics.dead_letter(reason.as_str());
                     return true;
                 }
                 Err(e) => {
@@ -585,7 +601,7 @@ pub(crate) fn prepare(
     topic: &Topic,
     dispatch: &Dispatch,
     message: &async_nats::Message,
-) -> (String, Result<Input, (&'static str, String)>) {
+) -> (String, Result<Input, (DeadLetterReason, String)>) {
     prepare_parts(
         topic,
         dispatch,
@@ -601,7 +617,7 @@ pub(crate) fn prepare_record(
     dispatch: &Dispatch,
     subject: &str,
     record: &wire::Record,
-) -> (String, Result<Input, (&'static str, String)>) {
+) -> (String, Result<Input, (DeadLetterReason, String)>) {
     prepare_parts(topic, dispatch, subject, record.headers(), record.payload())
 }
 
@@ -611,7 +627,7 @@ fn prepare_parts<'a>(
     subject: &str,
     headers: impl Iterator<Item = (&'a str, &'a str)>,
     payload: &bytes::Bytes,
-) -> (String, Result<Input, (&'static str, String)>) {
+) -> (String, Result<Input, (DeadLetterReason, String)>) {
     match dispatch {
         Dispatch::Envelope(_) => {
             match wire::decode(headers, payload.clone()) {
@@ -620,7 +636,10 @@ fn prepare_parts<'a>(
                 // up an aggregate, and are dead-lettered in stream order.
                 Err(err) => (
                     String::new(),
-                    Err(("undecodable", format!("not an envelope: {err}"))),
+                    Err((
+                        DeadLetterReason::Undecodable,
+                        format!("not an envelope: {err}"),
+                    )),
                 ),
             }
         }
@@ -639,7 +658,10 @@ fn prepare_parts<'a>(
                 Some(k) => (k, Ok(Input::Raw(raw))),
                 None => (
                     String::new(),
-                    Err(("no-key", "no ordering key could be extracted".to_owned())),
+                    Err((
+                        DeadLetterReason::NoKey,
+                        "no ordering key could be extracted".to_owned(),
+                    )),
                 ),
             }
         }

@@ -175,6 +175,77 @@ impl LetterHeaders {
     }
 }
 
+/// Where one topic's dead letters go, and how large a message may be there.
+#[derive(Debug, Clone)]
+pub(crate) struct LetterBox {
+    pub(crate) jetstream: async_nats::jetstream::Context,
+    /// `<prefix>.<topic>`.
+    pub(crate) subject: String,
+    /// Where a letter's body goes when the letter would not fit with it: under the prefix, with
+    /// a `$` token no topic can have.
+    pub(crate) body_subject: String,
+    /// The server's `max_payload`.
+    pub(crate) max_payload: usize,
+}
+
+impl LetterBox {
+    pub(crate) fn new(
+        jetstream: async_nats::jetstream::Context,
+        prefix: &str,
+        topic: &Topic,
+        max_payload: usize,
+    ) -> Self {
+        Self {
+            jetstream,
+            subject: format!("{prefix}.{topic}"),
+            body_subject: format!("{prefix}.$body.{topic}"),
+            max_payload,
+        }
+    }
+
+    /// Stores one dead letter: the original's `headers`, what `about` says, `msg_id` (one
+    /// letter per stream position, however often this is tried) and the original's payload.
+    /// The original fitted `max_payload` with its own headers; with the dead-letter headers
+    /// added it may not: then its body is stored apart first, with no headers at all (so it
+    /// always fits), and the letter points at it.
+    pub(crate) async fn store(
+        &self,
+        mut headers: async_nats::HeaderMap,
+        about: &LetterHeaders,
+        msg_id: Option<String>,
+        payload: Bytes,
+    ) -> Result<(), NatsError> {
+        let what = || "storing a dead letter".to_owned();
+        about.write(&mut headers);
+        if let Some(id) = msg_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        let mut payload = payload;
+        if crate::publisher::header_len(&headers) + payload.len() > self.max_payload {
+            let body = self
+                .jetstream
+                .publish(self.body_subject.clone(), payload)
+                .await
+                .map_err(|e| NatsError::api(what(), e))?
+                .await
+                .map_err(|e| NatsError::api(what(), e))?;
+            LetterHeaders {
+                body_sequence: Some(body.sequence),
+                ..about.clone()
+            }
+            .write(&mut headers);
+            payload = Bytes::new();
+        }
+        self.jetstream
+            .publish_with_headers(self.subject.clone(), headers, payload)
+            .await
+            .map_err(|e| NatsError::api(what(), e))?
+            .await
+            .map_err(|e| NatsError::api(what(), e))?;
+        Ok(())
+    }
+}
+
 /// The headers a dead letter carries besides the original message's own: reason, error,
 /// attempts, topic, the original's stream sequence, its delivery count, (for a message no client
 /// could read, whose own headers cannot be carried) its raw header block in base64, (for a

@@ -177,7 +177,6 @@ async fn setup(
     .await
     .map_err(fail)?;
 
-    let dlq_subject = format!("{}.{topic}", config.dead_letters.subject_prefix);
     let mut dlq = StreamSpec::new(config.dead_letters.stream.clone(), []);
     dlq.retention = crate::Retention::Limits;
     dlq.max_bytes = config.dead_letters.max_bytes;
@@ -263,18 +262,18 @@ async fn setup(
     )));
     let acker = Arc::new(Acker::new(connection.client.clone(), subject.clone()));
     let acker_task = tokio::spawn(acker.clone().run());
+    let letters = crate::dead_letters::LetterBox::new(
+        connection.jetstream.clone(),
+        &config.dead_letters.subject_prefix,
+        topic,
+        connection.max_payload,
+    );
     let runner = Arc::new(Runner {
         acker: acker.clone(),
-        jetstream: connection.jetstream.clone(),
         topic: topic.clone(),
         dispatch: dispatch.clone(),
         retry: config.retry.clone(),
-        dead_letter_subject: dlq_subject.clone(),
-        dead_letter_body_subject: runner::dead_letter_body_subject(
-            &config.dead_letters.subject_prefix,
-            topic,
-        ),
-        max_payload: connection.max_payload,
+        letters: letters.clone(),
         counters: counters.clone(),
         copies: copies.clone(),
         policy: config.on_failure,
@@ -314,7 +313,7 @@ async fn setup(
         provisioning: config.provisioning,
         can_reset: pinned,
         work_queue: spec.retention == crate::Retention::WorkQueue,
-        dead_letter_subject: dlq_subject,
+        letters,
     };
     let plan = FetchPlan {
         client: connection.client.clone(),

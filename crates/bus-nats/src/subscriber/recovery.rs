@@ -39,7 +39,8 @@ pub(crate) struct Restarter {
     /// The server has the consumer reset API (2.14+).
     pub(crate) can_reset: bool,
     pub(crate) work_queue: bool,
-    pub(crate) dead_letter_subject: String,
+    /// Where the topic's dead letters go.
+    pub(crate) letters: crate::dead_letters::LetterBox,
 }
 
 /// Where a new run of deliveries starts.
@@ -226,8 +227,7 @@ impl Restarter {
     }
 
     async fn dead_letter_unreadable(&self, stored: &Stored, why: &str) -> Result<(), NatsError> {
-        let mut headers = HeaderMap::new();
-        LetterHeaders {
+        let about = LetterHeaders {
             reason: crate::dead_letters::DeadLetterReason::Unreadable,
             error: why.to_owned(),
             topic: Some(self.topic.clone()),
@@ -237,23 +237,16 @@ impl Restarter {
                     .encode(stored.headers.as_deref().unwrap_or_default()),
             ),
             ..LetterHeaders::default()
-        }
-        .write(&mut headers);
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("dlq-{}-{}", self.topic, stored.sequence),
-        );
-        self.jetstream
-            .publish_with_headers(
-                self.dead_letter_subject.clone(),
-                headers,
+        };
+        let msg_id = format!("dlq-{}-{}", self.topic, stored.sequence);
+        self.letters
+            .store(
+                HeaderMap::new(),
+                &about,
+                Some(msg_id),
                 stored.data.clone().into(),
             )
             .await
-            .map_err(|e| NatsError::api("storing a dead letter".to_owned(), e))?
-            .await
-            .map_err(|e| NatsError::api("storing a dead letter".to_owned(), e))?;
-        Ok(())
     }
 
     async fn delete(&self, sequence: u64) -> Result<(), NatsError> {

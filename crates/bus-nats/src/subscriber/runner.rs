@@ -19,7 +19,7 @@ use super::copies::{ack_info, Copies};
 use super::halts::Halt;
 use super::unacked::{AckKind, Settled};
 use super::Dispatch;
-use crate::dead_letters::{DeadLetterReason, LetterHeaders};
+use crate::dead_letters::{DeadLetterReason, LetterBox, LetterHeaders};
 
 pub(crate) enum Input {
     Envelope(Envelope),
@@ -161,23 +161,13 @@ pub(crate) fn header_pairs(headers: Option<&HeaderMap>) -> impl Iterator<Item = 
         .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v.as_str())))
 }
 
-/// The subject a dead letter's body goes to when it is stored apart: under the dead-letter
-/// prefix, with a `$` token no topic can have.
-pub(crate) fn dead_letter_body_subject(prefix: &str, topic: &Topic) -> String {
-    format!("{prefix}.$body.{topic}")
-}
-
 pub(crate) struct Runner {
     pub(crate) acker: Arc<Acker>,
-    pub(crate) jetstream: async_nats::jetstream::Context,
     pub(crate) topic: Topic,
     pub(crate) dispatch: Dispatch,
     pub(crate) retry: bus_core::RetryPolicy,
-    pub(crate) dead_letter_subject: String,
-    /// Where a dead letter's body goes when the letter would not fit with it.
-    pub(crate) dead_letter_body_subject: String,
-    /// The server's `max_payload`.
-    pub(crate) max_payload: usize,
+    /// Where its dead letters go.
+    pub(crate) letters: LetterBox,
     pub(crate) counters: Arc<Counters>,
     pub(crate) copies: Arc<Mutex<Copies>>,
     pub(crate) policy: FailurePolicy,
@@ -513,7 +503,7 @@ impl Runner {
         attempts: u32,
     ) -> bool {
         let Letter {
-            mut headers,
+            headers,
             payload: original,
             reply,
             index,
@@ -529,46 +519,18 @@ impl Runner {
             batch_index: index.map(|i| i as u32),
             ..LetterHeaders::default()
         };
-        about.write(&mut headers);
-        if let Some(info) = info {
-            // One dead letter per stream position, even if this is tried twice.
-            let index_suffix = index.map(|i| format!("-{i}")).unwrap_or_default();
-            headers.insert(
-                "Nats-Msg-Id",
-                format!("dlq-{}-{}{index_suffix}", self.topic, info.stream_sequence),
-            );
-        }
+        let index_suffix = index.map(|i| format!("-{i}")).unwrap_or_default();
+        let msg_id =
+            info.map(|info| format!("dlq-{}-{}{index_suffix}", self.topic, info.stream_sequence));
         tracing::warn!(topic = %self.topic, %reason, %error, ?info, "dead-lettering message");
-        // The original fitted `max_payload` with its own headers; with the dead-letter headers
-        // added it may not. Then its body is stored apart first, with no headers at all (so it
-        // always fits), and the letter points at it.
-        let apart = crate::publisher::header_len(&headers) + original.len() > self.max_payload;
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=5 {
-            let stored = async {
-                let mut headers = headers.clone();
-                let mut payload = original.clone();
-                if apart {
-                    let body = self
-                        .jetstream
-                        .publish(self.dead_letter_body_subject.clone(), payload)
-                        .await?
-                        .await?;
-                    LetterHeaders {
-                        body_sequence: Some(body.sequence),
-                        ..about.clone()
-                    }
-                    .write(&mut headers);
-                    payload = bytes::Bytes::new();
-                }
-                self.jetstream
-                    .publish_with_headers(self.dead_letter_subject.clone(), headers, payload)
-                    .await?
-                    .await
-            }
-            .await;
+            let stored = self
+                .letters
+                .store(headers.clone(), &about, msg_id.clone(), original.clone())
+                .await;
             match stored {
-                Ok(_) => {
+                Ok(()) => {
                     self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
                     self.metrics.dead_lettered.increment(1);
                     self.metrics.dead_letter(reason.as_str());

@@ -34,6 +34,7 @@
 
 mod codec;
 mod delivery;
+mod dispatch;
 mod envelope;
 mod error;
 mod names;
@@ -47,6 +48,7 @@ pub use codec::{Codec, ContentType};
 pub use delivery::{
     continue_trace, current_delivery, with_delivery, CancelSource, Cancellation, Delivery,
 };
+pub use dispatch::{prepare, Prepared, Unhandleable};
 pub use envelope::{Envelope, EnvelopeBuilder};
 pub use error::{
     BoxError, BusError, CodecError, DecodeError, HandlerError, PublishError, PublishErrorKind,

@@ -47,9 +47,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bus_core::{
     run_with_retry, wire, with_delivery, CancelSource, CloseReport, Delivery, Envelope, Handler,
-    HandlerError, PublishError, PublishErrorKind, Published, Publisher, RawHandler, RawKey,
-    RawMessage, Receipt, RetryOutcome, RetryPolicy, SubscribeError, SubscribeErrorKind, Subscriber,
-    Subscription, SubscriptionHandle, Topic, TraceParent, TRACEPARENT,
+    HandlerError, Prepared, PublishError, PublishErrorKind, Published, Publisher, RawHandler,
+    RawKey, RawMessage, Receipt, RetryOutcome, RetryPolicy, SubscribeError, SubscribeErrorKind,
+    Subscriber, Subscription, SubscriptionHandle, Topic, TraceParent, Unhandleable, TRACEPARENT,
 };
 use bytes::Bytes;
 use keyed_pool::{KeyedPool, PoolConfig};
@@ -311,13 +311,10 @@ struct Job {
     key: String,
     body: Arc<Body>,
     /// The message decoded for the handler, or why it could not be.
-    input: Result<Input, String>,
+    input: Result<Input, Unhandleable>,
 }
 
-enum Input {
-    Envelope(Envelope),
-    Raw(RawMessage),
-}
+type Input = Prepared;
 
 #[derive(Clone)]
 struct JobRunner {
@@ -358,8 +355,12 @@ impl JobRunner {
             return;
         }
         let outcome = match job.input {
-            Err(reason) => {
-                self.dead_letter(&job.body, "undecodable", reason, 0);
+            Err(why) => {
+                let reason = match why {
+                    Unhandleable::Undecodable(_) => "undecodable",
+                    Unhandleable::NoKey => "no-key",
+                };
+                self.dead_letter(&job.body, reason, why.to_string(), 0);
                 self.log.ack(job.offset);
                 return;
             }
@@ -370,9 +371,11 @@ impl JobRunner {
                     |attempt| {
                         let dispatch = self.dispatch.clone();
                         let (input, traceparent) = match input {
-                            Input::Envelope(e) => (Input::Envelope(e.clone()), e.traceparent()),
-                            Input::Raw(m) => (
-                                Input::Raw(m.clone()),
+                            Prepared::Envelope(e) => {
+                                (Prepared::Envelope(e.clone()), e.traceparent())
+                            }
+                            Prepared::Raw(m) => (
+                                Prepared::Raw(m.clone()),
                                 m.header(TRACEPARENT).and_then(TraceParent::parse),
                             ),
                         };
@@ -391,8 +394,8 @@ impl JobRunner {
                                 return Err(HandlerError::retryable("the subscription is closing"));
                             }
                             match (&*dispatch, input) {
-                                (Dispatch::Envelope(h), Input::Envelope(e)) => h.handle(e).await,
-                                (Dispatch::Raw(h, _), Input::Raw(m)) => h.handle(m).await,
+                                (Dispatch::Envelope(h), Prepared::Envelope(e)) => h.handle(e).await,
+                                (Dispatch::Raw(h, _), Prepared::Raw(m)) => h.handle(m).await,
                                 _ => unreachable!("jobs are decoded for their dispatch"),
                             }
                         })
@@ -445,32 +448,27 @@ impl JobRunner {
     }
 }
 
-/// Decodes a stored message for the subscription's handler; returns the ordering key too.
-fn prepare(topic: &Topic, dispatch: &Dispatch, body: &Body) -> (String, Result<Input, String>) {
-    match (dispatch, body) {
-        (Dispatch::Envelope(_), Body::Envelope(e)) => {
-            (e.aggregate_id().to_string(), Ok(Input::Envelope(e.clone())))
-        }
-        (Dispatch::Envelope(_), Body::Raw(m)) => {
-            let headers = m.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
-            match wire::decode(headers, m.payload.clone()) {
-                Ok(e) => (e.aggregate_id().to_string(), Ok(Input::Envelope(e))),
-                // Undecodable messages have no aggregate; their subject keeps them in order
-                // with each other without holding up any aggregate.
-                Err(err) => (m.subject.clone(), Err(format!("not an envelope: {err}"))),
-            }
-        }
-        (Dispatch::Raw(_, key), body) => {
-            let raw = as_raw(topic, body);
-            match key.key_of(&raw) {
-                Some(k) => (k, Ok(Input::Raw(raw))),
-                None => (
-                    raw.subject.clone(),
-                    Err("no ordering key could be extracted".into()),
-                ),
-            }
-        }
+/// Decodes a stored message for the subscription's handler; returns the ordering key too (see
+/// [`bus_core::prepare`]: the same rules as every transport).
+fn prepare(
+    topic: &Topic,
+    dispatch: &Dispatch,
+    body: &Body,
+) -> (String, Result<Input, Unhandleable>) {
+    if let (Dispatch::Envelope(_), Body::Envelope(e)) = (dispatch, body) {
+        // Stored as an envelope: nothing to decode.
+        return (
+            e.aggregate_id().to_string(),
+            Ok(Prepared::Envelope(e.clone())),
+        );
     }
+    let raw_key = match dispatch {
+        Dispatch::Envelope(_) => None,
+        Dispatch::Raw(_, key) => Some(key),
+    };
+    let raw = as_raw(topic, body);
+    let headers = raw.headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+    bus_core::prepare(topic, raw_key, &raw.subject, headers, &raw.payload)
 }
 
 /// The subscription's single reader: walks the topic in offset order and hands each message to

@@ -10,8 +10,8 @@ use async_nats::HeaderMap;
 use tracing::Instrument;
 
 use bus_core::{
-    run_with_retry, wire, with_delivery, CancelSource, Delivery, Envelope, FailurePolicy,
-    HandlerError, RawMessage, RetryOutcome, Topic, TraceParent, TRACEPARENT,
+    run_with_retry, wire, with_delivery, CancelSource, Delivery, FailurePolicy, HandlerError,
+    Prepared, RetryOutcome, Topic, TraceParent, Unhandleable, TRACEPARENT,
 };
 
 use super::acker::Acker;
@@ -21,19 +21,8 @@ use super::unacked::{AckKind, Settled};
 use super::Dispatch;
 use crate::dead_letters::{DeadLetterReason, LetterBox, LetterHeaders};
 
-pub(crate) enum Input {
-    Envelope(Envelope),
-    Raw(RawMessage),
-}
-
-impl Input {
-    fn clone_for_attempt(&self) -> Input {
-        match self {
-            Input::Envelope(e) => Input::Envelope(e.clone()),
-            Input::Raw(m) => Input::Raw(m.clone()),
-        }
-    }
-}
+/// A job's message, ready for the handler.
+pub(crate) type Input = Prepared;
 
 /// Where a job's event travelled.
 pub(crate) enum Origin {
@@ -81,7 +70,7 @@ pub(crate) enum Outcome {
 impl Job {
     pub(crate) fn event_version(&self) -> Option<u64> {
         match &self.input {
-            Ok(Input::Envelope(e)) => Some(e.event_version()),
+            Ok(Prepared::Envelope(e)) => Some(e.event_version()),
             _ => None,
         }
     }
@@ -317,7 +306,7 @@ impl Runner {
             &self.retry,
             |attempt| {
                 span.record("attempt", attempt);
-                let input = input.clone_for_attempt();
+                let input = input.clone();
                 let dispatch = &self.dispatch;
                 // Once the subscription is going, a failed event is not tried again.
                 let going = attempt > 1 && self.cancel.has_fired(&cancellation);
@@ -339,8 +328,8 @@ impl Runner {
                         ));
                     }
                     match (dispatch, input) {
-                        (Dispatch::Envelope(h), Input::Envelope(e)) => h.handle(e).await,
-                        (Dispatch::Raw(h, _), Input::Raw(m)) => h.handle(m).await,
+                        (Dispatch::Envelope(h), Prepared::Envelope(e)) => h.handle(e).await,
+                        (Dispatch::Raw(h, _), Prepared::Raw(m)) => h.handle(m).await,
                         _ => unreachable!("jobs are prepared for their subscription's handler"),
                     }
                 })
@@ -393,8 +382,8 @@ impl Runner {
     /// partition, then the attempt and the outcome as they happen.
     fn span(&self, job: &Job, input: &Input) -> (Option<TraceParent>, tracing::Span) {
         let traceparent = match input {
-            Input::Envelope(e) => e.traceparent(),
-            Input::Raw(m) => m.header(TRACEPARENT).and_then(TraceParent::parse),
+            Prepared::Envelope(e) => e.traceparent(),
+            Prepared::Raw(m) => m.header(TRACEPARENT).and_then(TraceParent::parse),
         };
         let span = tracing::info_span!(
             "bus.handle",
@@ -411,13 +400,13 @@ impl Runner {
             outcome = tracing::field::Empty,
         );
         if !span.is_disabled() {
-            if let Input::Envelope(e) = input {
+            if let Prepared::Envelope(e) = input {
                 span.record("version", e.event_version());
                 span.record("event_type", e.event_type().as_str());
                 span.record("event_id", e.event_id().as_str());
             }
             let trace_id = match (input, &traceparent) {
-                (Input::Envelope(e), _) if e.trace_id().is_some() => e.trace_id(),
+                (Prepared::Envelope(e), _) if e.trace_id().is_some() => e.trace_id(),
                 (_, Some(t)) => Some(t.trace_id()),
                 _ => None,
             };
@@ -590,42 +579,20 @@ fn prepare_parts<'a>(
     headers: impl Iterator<Item = (&'a str, &'a str)>,
     payload: &bytes::Bytes,
 ) -> (String, Result<Input, (DeadLetterReason, String)>) {
-    match dispatch {
-        Dispatch::Envelope(_) => {
-            match wire::decode(headers, payload.clone()) {
-                Ok(e) => (e.aggregate_id().to_string(), Ok(Input::Envelope(e))),
-                // Undecodable messages have no aggregate; they share one key so they never hold
-                // up an aggregate, and are dead-lettered in stream order.
-                Err(err) => (
-                    String::new(),
-                    Err((
-                        DeadLetterReason::Undecodable,
-                        format!("not an envelope: {err}"),
-                    )),
-                ),
-            }
-        }
+    let (key, prepared) = match dispatch {
+        Dispatch::Envelope(_) => bus_core::prepare(topic, None, subject, headers, payload),
         Dispatch::Raw(_, key) => {
-            let raw = RawMessage {
-                topic: topic.clone(),
-                subject: subject.to_owned(),
-                // The pin ID is the broker's, added on delivery: not the message's.
-                headers: headers
-                    .filter(|(n, _)| !n.eq_ignore_ascii_case("Nats-Pin-Id"))
-                    .map(|(n, v)| (n.to_owned(), v.to_owned()))
-                    .collect(),
-                payload: payload.clone(),
-            };
-            match key.key_of(&raw) {
-                Some(k) => (k, Ok(Input::Raw(raw))),
-                None => (
-                    String::new(),
-                    Err((
-                        DeadLetterReason::NoKey,
-                        "no ordering key could be extracted".to_owned(),
-                    )),
-                ),
-            }
+            // The pin ID is the broker's, added on delivery: not the message's.
+            let headers = headers.filter(|(n, _)| !n.eq_ignore_ascii_case("Nats-Pin-Id"));
+            bus_core::prepare(topic, Some(key), subject, headers, payload)
         }
-    }
+    };
+    let input = prepared.map_err(|why| {
+        let reason = match why {
+            Unhandleable::Undecodable(_) => DeadLetterReason::Undecodable,
+            Unhandleable::NoKey => DeadLetterReason::NoKey,
+        };
+        (reason, why.to_string())
+    });
+    (key, input)
 }

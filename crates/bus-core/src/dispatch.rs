@@ -1,0 +1,97 @@
+//! What a transport hands a subscription's handler for one stored message, and under which
+//! ordering key: the same for every transport.
+
+use bytes::Bytes;
+
+use crate::{wire, Envelope, RawKey, RawMessage, Topic};
+
+/// A stored message ready for a subscription's handler.
+#[derive(Debug, Clone)]
+pub enum Prepared {
+    /// For an envelope handler.
+    Envelope(Envelope),
+    /// For a raw handler.
+    Raw(RawMessage),
+}
+
+/// Why a stored message cannot reach the handler; the transport dead-letters it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unhandleable {
+    /// It is not an envelope (the text says why), for an envelope handler.
+    Undecodable(String),
+    /// A raw subscription's key function found no ordering key in it.
+    NoKey,
+}
+
+impl std::fmt::Display for Unhandleable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unhandleable::Undecodable(why) => write!(f, "not an envelope: {why}"),
+            Unhandleable::NoKey => f.write_str("no ordering key could be extracted"),
+        }
+    }
+}
+
+/// Decodes a stored message (its subject, headers and payload) for a subscription's handler
+/// and picks its ordering key: the envelope's aggregate ID for an envelope handler (`raw_key`
+/// `None`), what `raw_key` extracts for a raw one. A message that cannot reach the handler is
+/// keyed by its subject: such messages stay in order with each other and hold up no aggregate.
+/// The headers are only copied for a raw handler.
+pub fn prepare<'a>(
+    topic: &Topic,
+    raw_key: Option<&RawKey>,
+    subject: &str,
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+    payload: &Bytes,
+) -> (String, Result<Prepared, Unhandleable>) {
+    match raw_key {
+        None => match wire::decode(headers, payload.clone()) {
+            Ok(e) => (e.aggregate_id().to_string(), Ok(Prepared::Envelope(e))),
+            Err(err) => (
+                subject.to_owned(),
+                Err(Unhandleable::Undecodable(err.to_string())),
+            ),
+        },
+        Some(key) => {
+            let raw = RawMessage {
+                topic: topic.clone(),
+                subject: subject.to_owned(),
+                headers: headers.map(|(n, v)| (n.to_owned(), v.to_owned())).collect(),
+                payload: payload.clone(),
+            };
+            match key.key_of(&raw) {
+                Some(k) => (k, Ok(Prepared::Raw(raw))),
+                None => (subject.to_owned(), Err(Unhandleable::NoKey)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_are_keyed_by_aggregate_and_the_rest_by_subject() {
+        let topic = Topic::new("t").unwrap();
+        let e = Envelope::builder("a-1", "T", 3).build().unwrap();
+        let mut headers = Vec::new();
+        wire::encode_headers(&e, |n, v| headers.push((n.to_owned(), v.to_owned())));
+        let pairs = || headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
+        let (key, prepared) = prepare(&topic, None, "t.2", pairs(), e.payload());
+        assert_eq!(key, "a-1");
+        assert!(matches!(prepared, Ok(Prepared::Envelope(d)) if d.event_version() == 3));
+        let (key, prepared) = prepare(&topic, None, "t.2", std::iter::empty(), &Bytes::new());
+        assert_eq!(key, "t.2");
+        assert!(matches!(prepared, Err(Unhandleable::Undecodable(_))));
+        let by_header = RawKey::header("K");
+        let (key, prepared) = prepare(&topic, Some(&by_header), "t", pairs(), e.payload());
+        assert_eq!(
+            (key.as_str(), prepared.unwrap_err()),
+            ("t", Unhandleable::NoKey)
+        );
+        let (key, prepared) = prepare(&topic, Some(&RawKey::Subject), "t", pairs(), e.payload());
+        assert_eq!(key, "t");
+        assert!(matches!(prepared, Ok(Prepared::Raw(m)) if m.headers.len() == headers.len()));
+    }
+}

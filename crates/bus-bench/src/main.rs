@@ -9,6 +9,7 @@ mod members;
 mod report;
 mod stats;
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -120,8 +121,16 @@ enum Kind {
     /// work-queue retention: what the broker allows for the bus's messages, so the bus's own
     /// overhead can be told from what the broker does for its guarantees.
     CeilingWire,
+    /// Raw async-nats publishing messages that each carry `PACKED` events (a 4-byte length, the
+    /// aggregate index, the version and the 128-byte payload each), and a raw consumer that
+    /// splits them and acknowledges each message: the limit the record-batch design can
+    /// approach, with no per-event work beyond the split.
+    CeilingPacked,
     Bus(BusSetup),
 }
+
+/// Events per message of the `ceiling-packed` row (the bus's default `max_events`).
+const PACKED: usize = 128;
 
 #[derive(Debug, Clone)]
 struct Scenario {
@@ -721,6 +730,116 @@ async fn run_raw(
     })
 }
 
+/// The `ceiling-packed` row: see [`Kind::CeilingPacked`]. Events go in publish order (version by
+/// version, aggregate by aggregate), `PACKED` to a message, on one connection, so each
+/// aggregate's events are stored in order.
+async fn run_packed(s: &Scenario, url: &str, sink: Arc<Sink>) -> Result<Timing> {
+    let client = async_nats::connect(url).await?;
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(4096)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    let topic = "packed.t0".to_string();
+    let stream = js
+        .create_stream(stream::Config {
+            name: "PACKED".into(),
+            subjects: vec![topic.clone()],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await?;
+    let consumer: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("packed".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
+        .await?;
+    let consume = {
+        let sink = sink.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut messages = consumer
+                .stream()
+                .max_messages_per_batch(500 / PACKED.max(1) + 1)
+                .expires(Duration::from_millis(100))
+                .messages()
+                .await?;
+            let mut aggregate = String::new();
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut body = &message.payload[..];
+                while body.len() >= 4 {
+                    let len = u32::from_be_bytes(body[..4].try_into()?) as usize;
+                    let record = body.get(4..4 + len).context("a whole record")?;
+                    let index = u32::from_be_bytes(record[..4].try_into()?);
+                    let version = u64::from_be_bytes(record[4..12].try_into()?);
+                    aggregate.clear();
+                    let _ = write!(aggregate, "t0-a{index}");
+                    sink.record(&topic, &aggregate, version, &record[12..]);
+                    body = &body[4 + len..];
+                }
+                message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                if sink.handled.load(Ordering::Acquire) >= sink.expected {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let start = Instant::now();
+    let publisher = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut in_flight = FuturesUnordered::new();
+            let mut pacer = Pacer::new(s.rate.map(|r| r / PACKED as f64), 1);
+            let mut body = Vec::with_capacity(PACKED * (16 + s.payload));
+            let mut packed = 0;
+            let mut stored = 0u64;
+            let events = (1..=s.versions)
+                .flat_map(|version| (0..s.aggregates_per_topic).map(move |a| (a, version)));
+            let total = s.aggregates_per_topic * s.versions;
+            for (n, (a, version)) in events.enumerate() {
+                let payload = stamped_payload(s.payload);
+                body.extend_from_slice(&((12 + payload.len()) as u32).to_be_bytes());
+                body.extend_from_slice(&(a as u32).to_be_bytes());
+                body.extend_from_slice(&version.to_be_bytes());
+                body.extend_from_slice(&payload);
+                packed += 1;
+                if packed < PACKED && (n as u64 + 1) < total {
+                    continue;
+                }
+                pacer.pace().await;
+                let ack = js
+                    .publish(topic.clone(), Bytes::from(std::mem::take(&mut body)))
+                    .await?;
+                stored += 1;
+                packed = 0;
+                in_flight.push(std::future::IntoFuture::into_future(ack));
+                while in_flight.len() >= 4096 {
+                    in_flight.next().await.unwrap()?;
+                }
+            }
+            while let Some(ack) = in_flight.next().await {
+                ack?;
+            }
+            anyhow::Ok(stored)
+        })
+    };
+    let stored = publisher.await??;
+    let publish = start.elapsed();
+    sink.wait(Duration::from_secs(600)).await?;
+    let end_to_end = start.elapsed();
+    consume.await??;
+    Ok(Timing {
+        publish,
+        end_to_end,
+        stored: Some(stored),
+    })
+}
+
 /// The broker a row runs against: one server, or a cluster.
 enum Broker {
     Single(NatsServer),
@@ -754,6 +873,7 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
     let timing = match &s.kind {
         Kind::Ceiling => run_raw(s, 10_000, false, &url, sink.clone()).await,
         Kind::CeilingWire => run_raw(s, 10_000, true, &url, sink.clone()).await,
+        Kind::CeilingPacked => run_packed(s, &url, sink.clone()).await,
         Kind::Strict => run_raw(s, 1, false, &url, sink.clone()).await,
         Kind::Bus(_) if s.members > 0 => run_group(s, &url, sink.clone()).await,
         Kind::Bus(setup) => run_bus(s, setup, &url, sink.clone()).await,
@@ -791,6 +911,7 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
         duplicates: report.duplicates,
         ratio_to_ceiling: 0.0,
         ratio_to_ceiling_bus_wire: 0.0,
+        ratio_to_ceiling_packed: 0.0,
     })
 }
 
@@ -855,6 +976,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
     let mut rows = vec![
         Scenario::new("ceiling", Kind::Ceiling, 10_000, versions),
         Scenario::new("ceiling-bus-wire", Kind::CeilingWire, 10_000, versions),
+        Scenario::new("ceiling-packed", Kind::CeilingPacked, 10_000, versions),
         Scenario::new(
             "nats-strict",
             Kind::Strict,
@@ -1272,10 +1394,16 @@ async fn main() -> Result<()> {
         .find(|r| r.name == "ceiling-bus-wire")
         .map(|r| r.e2e_msgs_per_s)
         .unwrap_or(0.0);
+    let packed = rows
+        .iter()
+        .find(|r| r.name == "ceiling-packed")
+        .map(|r| r.e2e_msgs_per_s)
+        .unwrap_or(0.0);
     let ratio = |rate: f64, to: f64| if to > 0.0 { rate / to } else { 0.0 };
     for row in &mut rows {
         row.ratio_to_ceiling = ratio(row.e2e_msgs_per_s, ceiling);
         row.ratio_to_ceiling_bus_wire = ratio(row.e2e_msgs_per_s, wire);
+        row.ratio_to_ceiling_packed = ratio(row.e2e_msgs_per_s, packed);
     }
     let server_version = {
         let server = NatsServer::try_start(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -912,6 +912,7 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
         ratio_to_ceiling: 0.0,
         ratio_to_ceiling_bus_wire: 0.0,
         ratio_to_ceiling_packed: 0.0,
+        instructions_per_event: 0.0,
     })
 }
 
@@ -926,6 +927,8 @@ struct Options {
     rate: Option<f64>,
     /// Run as a member process of a group row, against this server.
     member: Option<String>,
+    /// Rows whose process also runs under callgrind, to count its instructions per event.
+    instructions: Vec<String>,
 }
 
 fn parse_args() -> Result<Options> {
@@ -936,6 +939,7 @@ fn parse_args() -> Result<Options> {
         row: None,
         rate: None,
         member: None,
+        instructions: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -945,6 +949,12 @@ fn parse_args() -> Result<Options> {
             "--row" => options.row = Some(args.next().context("--row needs a row name")?),
             "--rate" => options.rate = Some(args.next().context("--rate needs msg/s")?.parse()?),
             "--member" => options.member = Some(args.next().context("--member needs a URL")?),
+            "--instructions" => options.instructions.extend(
+                args.next()
+                    .context("--instructions needs row names")?
+                    .split(',')
+                    .map(String::from),
+            ),
             "--only" => options.only.extend(
                 args.next()
                     .context("--only needs row names")?
@@ -956,7 +966,9 @@ fn parse_args() -> Result<Options> {
                     "cargo xtask bench [--quick] [--only ROW,ROW...]\n\n\
                      --quick   a short run (about a minute): ceiling, ceiling-bus-wire, nats-strict, seed-before, default, seed-single, latency (as configured, and with the broker's GC tuned: GOGC=off GOMEMLIMIT=1GiB)\n\
                      --only    run only the named rows (the ceiling always runs, for the ratios)\n\
-                     --alone   with --only: skip the ceiling and latency rows (for profiling one row)\n\n\
+                     --alone   with --only: skip the ceiling and latency rows (for profiling one row)\n\
+                     --instructions ROW,ROW  run these rows once more under valgrind's callgrind and report the\n\
+                               instructions their process executed per event (the broker is another process)\n\n\
                      Writes target/bench/report.{{md,json,svg}}."
                 );
                 std::process::exit(0);
@@ -1278,6 +1290,55 @@ fn latency_scenario(name: &str, rate: f64, quick: bool) -> Scenario {
 /// instead. nats-server reads both from its environment, which the row's server inherits.
 const BROKER_GC_TUNED: &[(&str, &str)] = &[("GOGC", "off"), ("GOMEMLIMIT", "1GiB")];
 
+/// Runs row `name` once more, in a child process under valgrind's callgrind, and returns the
+/// instructions that process executed per event. Callgrind counts instructions, not time: the
+/// figure repeats for the same binary and inputs, however busy the machine is.
+fn count_instructions(name: &str, quick: bool) -> Result<f64> {
+    let valgrind = std::process::Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .context("valgrind is not installed (Debian: apt-get install valgrind)")?;
+    if !valgrind.status.success() {
+        bail!("valgrind --version failed");
+    }
+    let out = std::env::temp_dir().join(format!("bus-bench-callgrind-{}.out", std::process::id()));
+    let mut command = std::process::Command::new("valgrind");
+    command
+        .arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(std::env::current_exe()?)
+        .args(["--row", name]);
+    if quick {
+        command.arg("--quick");
+    }
+    let output = command
+        .output()
+        .with_context(|| format!("running row `{name}` under callgrind"))?;
+    let _ = std::fs::remove_file(&out);
+    if !output.status.success() {
+        bail!(
+            "row `{name}` under callgrind failed with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let collected: u64 = stderr
+        .lines()
+        .find_map(|l| l.split("Collected :").nth(1))
+        .context("callgrind printed no instruction count")?
+        .trim()
+        .parse()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let row: Row = serde_json::from_str(
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("ROW "))
+            .with_context(|| format!("row `{name}` printed no result"))?,
+    )?;
+    Ok(collected as f64 / row.messages.max(1) as f64)
+}
+
 /// Runs one row in a child process of this binary (with `env` added to its environment, and so
 /// to its nats-server's) and reads back its result.
 fn run_in_child(name: &str, quick: bool, rate: Option<f64>, env: &[(&str, &str)]) -> Result<Row> {
@@ -1394,6 +1455,19 @@ async fn main() -> Result<()> {
         .find(|r| r.name == "ceiling-bus-wire")
         .map(|r| r.e2e_msgs_per_s)
         .unwrap_or(0.0);
+    for name in &options.instructions {
+        match count_instructions(name, options.quick) {
+            Ok(per_event) => {
+                println!(
+                    "{name}: {per_event:.0} instructions per event (callgrind, the row's process)"
+                );
+                if let Some(row) = rows.iter_mut().find(|r| &r.name == name) {
+                    row.instructions_per_event = per_event;
+                }
+            }
+            Err(e) => eprintln!("instructions of row `{name}` not counted: {e:#}"),
+        }
+    }
     let packed = rows
         .iter()
         .find(|r| r.name == "ceiling-packed")

@@ -36,6 +36,11 @@ pub(crate) struct Row {
     /// events packed per message: the limit of the record-batch design); 0 when it did not run.
     #[serde(default)]
     pub(crate) ratio_to_ceiling_packed: f64,
+    /// Instructions the row's process (the bus, its publisher loop and the checking sink; not
+    /// the broker) executed per event, counted by callgrind (`--instructions`); 0 when not
+    /// counted.
+    #[serde(default)]
+    pub(crate) instructions_per_event: f64,
 }
 
 #[derive(Serialize)]
@@ -51,11 +56,11 @@ fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| row | events | publish events/s | e2e events/s | broker msg/s | ratio | vs wire | vs packed | p50 ms | p99 ms | p999 ms | peak RSS MiB | tasks | threads | violations | lost | dups |"
+        "| row | events | publish events/s | e2e events/s | broker msg/s | ratio | vs wire | vs packed | instr/event | p50 ms | p99 ms | p999 ms | peak RSS MiB | tasks | threads | violations | lost | dups |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rows {
         let shown = |ratio: f64| {
@@ -67,9 +72,14 @@ fn table(rows: &[Row]) -> String {
         };
         let vs_wire = shown(r.ratio_to_ceiling_bus_wire);
         let vs_packed = shown(r.ratio_to_ceiling_packed);
+        let instructions = if r.instructions_per_event > 0.0 {
+            format!("{:.0}", r.instructions_per_event)
+        } else {
+            "-".to_owned()
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.0} | {} | {:.2} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {} | {:.2} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
             r.name,
             r.messages,
             r.publish_msgs_per_s,
@@ -82,6 +92,7 @@ fn table(rows: &[Row]) -> String {
             r.ratio_to_ceiling,
             vs_wire,
             vs_packed,
+            instructions,
             r.p50_ms,
             r.p99_ms,
             r.p999_ms,
@@ -208,6 +219,7 @@ mod tests {
             ratio_to_ceiling_bus_wire: vs_wire,
             broker_msgs_per_s: rate / 8.0,
             ratio_to_ceiling_packed: 0.0,
+            instructions_per_event: 0.0,
         }
     }
 
@@ -244,7 +256,7 @@ mod tests {
     fn the_table_shows_a_dash_where_the_wire_row_did_not_run() {
         let table = table(&[row("default", 100.0, 0.9), row("seed-single", 10.0, 0.0)]);
         let lines: Vec<&str> = table.lines().collect();
-        assert!(lines[2].contains("| 0.50 | 0.90 | - |"), "{}", lines[2]);
-        assert!(lines[3].contains("| 0.50 | - | - |"), "{}", lines[3]);
+        assert!(lines[2].contains("| 0.50 | 0.90 | - | - |"), "{}", lines[2]);
+        assert!(lines[3].contains("| 0.50 | - | - | - |"), "{}", lines[3]);
     }
 }

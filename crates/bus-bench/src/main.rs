@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, consumer, stream};
-use bus_core::{handler_fn, Envelope, PublishEvent, Publisher, Subscriber, Topic};
+use bus_core::{
+    handler_fn, AggregateId, Envelope, EventType, PublishEvent, Publisher, Subscriber, Topic,
+};
 use bus_nats::{NatsBus, NatsConfig};
 use bus_testkit::{NatsServer, SequenceVerifier};
 use bytes::Bytes;
@@ -426,9 +428,15 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
         let async_publish = setup.async_publish;
         let typed = setup.typed;
         publishers.push(tokio::spawn(async move {
+            // Names are validated once, as a publisher of many events of the same aggregates
+            // keeps them, and shared by every envelope (`Envelope::builder_for`).
+            let aggregates = (0..s.aggregates_per_topic)
+                .map(|a| AggregateId::new(format!("t{t}-a{a}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let event_type = EventType::new("BenchEvent")?;
             let mut pacer = Pacer::new(s.rate, s.topics);
             for version in 1..=s.versions {
-                for a in 0..s.aggregates_per_topic {
+                for aggregate in &aggregates {
                     pacer.pace().await;
                     let receipt = if typed {
                         let event = BenchEvent {
@@ -436,13 +444,12 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
                             filler: "x".repeat(s.payload.saturating_sub(8)),
                         };
                         publisher
-                            .publish_event(&topic, &format!("t{t}-a{a}"), version, &event)
+                            .publish_event(&topic, aggregate.as_str(), version, &event)
                             .await?
                     } else {
-                        let envelope =
-                            Envelope::builder(format!("t{t}-a{a}"), "BenchEvent", version)
-                                .payload(Bytes::from(stamped_payload(s.payload)))
-                                .build()?;
+                        let envelope = Envelope::builder_for(aggregate, &event_type, version)
+                            .payload(Bytes::from(stamped_payload(s.payload)))
+                            .build()?;
                         publisher.publish(&topic, envelope).await?
                     };
                     if !async_publish {

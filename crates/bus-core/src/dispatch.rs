@@ -1,6 +1,8 @@
 //! What a transport hands a subscription's handler for one stored message, and under which
 //! ordering key: the same for every transport.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::{wire, Envelope, RawKey, RawMessage, Topic};
@@ -33,7 +35,7 @@ impl std::fmt::Display for Unhandleable {
 }
 
 /// Decodes a stored message (its subject, headers and payload) for a subscription's handler
-/// and picks its ordering key: the envelope's aggregate ID for an envelope handler (`raw_key`
+/// and picks its ordering key (shared: an envelope's key is its aggregate ID's own string): the envelope's aggregate ID for an envelope handler (`raw_key`
 /// `None`), what `raw_key` extracts for a raw one. A message that cannot reach the handler is
 /// keyed by its subject: such messages stay in order with each other and hold up no aggregate.
 /// The headers are only copied for a raw handler.
@@ -43,12 +45,12 @@ pub fn prepare<'a>(
     subject: &str,
     headers: impl Iterator<Item = (&'a str, &'a str)>,
     payload: &Bytes,
-) -> (String, Result<Prepared, Unhandleable>) {
+) -> (Arc<str>, Result<Prepared, Unhandleable>) {
     match raw_key {
         None => match wire::decode(headers, payload.clone()) {
-            Ok(e) => (e.aggregate_id().to_string(), Ok(Prepared::Envelope(e))),
+            Ok(e) => (e.aggregate_id().shared(), Ok(Prepared::Envelope(e))),
             Err(err) => (
-                subject.to_owned(),
+                subject.into(),
                 Err(Unhandleable::Undecodable(err.to_string())),
             ),
         },
@@ -60,8 +62,8 @@ pub fn prepare<'a>(
                 payload: payload.clone(),
             };
             match key.key_of(&raw) {
-                Some(k) => (k, Ok(Prepared::Raw(raw))),
-                None => (subject.to_owned(), Err(Unhandleable::NoKey)),
+                Some(k) => (k.into(), Ok(Prepared::Raw(raw))),
+                None => (subject.into(), Err(Unhandleable::NoKey)),
             }
         }
     }
@@ -79,19 +81,16 @@ mod tests {
         wire::encode_headers(&e, |n, v| headers.push((n.to_owned(), v.to_owned())));
         let pairs = || headers.iter().map(|(n, v)| (n.as_str(), v.as_str()));
         let (key, prepared) = prepare(&topic, None, "t.2", pairs(), e.payload());
-        assert_eq!(key, "a-1");
+        assert_eq!(&*key, "a-1");
         assert!(matches!(prepared, Ok(Prepared::Envelope(d)) if d.event_version() == 3));
         let (key, prepared) = prepare(&topic, None, "t.2", std::iter::empty(), &Bytes::new());
-        assert_eq!(key, "t.2");
+        assert_eq!(&*key, "t.2");
         assert!(matches!(prepared, Err(Unhandleable::Undecodable(_))));
         let by_header = RawKey::header("K");
         let (key, prepared) = prepare(&topic, Some(&by_header), "t", pairs(), e.payload());
-        assert_eq!(
-            (key.as_str(), prepared.unwrap_err()),
-            ("t", Unhandleable::NoKey)
-        );
+        assert_eq!((&*key, prepared.unwrap_err()), ("t", Unhandleable::NoKey));
         let (key, prepared) = prepare(&topic, Some(&RawKey::Subject), "t", pairs(), e.payload());
-        assert_eq!(key, "t");
+        assert_eq!(&*key, "t");
         assert!(matches!(prepared, Ok(Prepared::Raw(m)) if m.headers.len() == headers.len()));
     }
 }

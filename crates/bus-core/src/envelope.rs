@@ -42,8 +42,42 @@ impl Envelope {
         event_version: u64,
     ) -> EnvelopeBuilder {
         EnvelopeBuilder {
-            aggregate_id: aggregate_id.as_ref().to_owned(),
-            event_type: event_type.as_ref().to_owned(),
+            aggregate_id: Unchecked::Text(aggregate_id.as_ref().to_owned()),
+            event_type: Unchecked::Text(event_type.as_ref().to_owned()),
+            event_version,
+            event_id: None,
+            timestamp: None,
+            trace_id: None,
+            correlation_id: None,
+            tenant_id: None,
+            content_type: ContentType::Bytes,
+            headers: BTreeMap::new(),
+            payload: Bytes::new(),
+        }
+    }
+
+    /// Starts an envelope from names already validated, as a publisher that sends many events
+    /// of the same aggregates and types keeps them: the names are shared, not copied, and not
+    /// checked again.
+    ///
+    /// ```
+    /// use bus_core::{AggregateId, Envelope, EventType};
+    /// let account = AggregateId::new("acc-1")?;
+    /// let deposited = EventType::new("Deposited")?;
+    /// for version in 1..=3 {
+    ///     let envelope = Envelope::builder_for(&account, &deposited, version).build()?;
+    ///     assert_eq!(envelope.aggregate_id(), &account);
+    /// }
+    /// # Ok::<(), bus_core::ValidationError>(())
+    /// ```
+    pub fn builder_for(
+        aggregate_id: &AggregateId,
+        event_type: &EventType,
+        event_version: u64,
+    ) -> EnvelopeBuilder {
+        EnvelopeBuilder {
+            aggregate_id: Unchecked::Valid(aggregate_id.clone()),
+            event_type: Unchecked::Valid(event_type.clone()),
             event_version,
             event_id: None,
             timestamp: None,
@@ -143,8 +177,8 @@ impl Envelope {
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct EnvelopeBuilder {
-    aggregate_id: String,
-    event_type: String,
+    aggregate_id: Unchecked<AggregateId>,
+    event_type: Unchecked<EventType>,
     event_version: u64,
     event_id: Option<String>,
     timestamp: Option<SystemTime>,
@@ -154,6 +188,13 @@ pub struct EnvelopeBuilder {
     content_type: ContentType,
     headers: BTreeMap<String, String>,
     payload: Bytes,
+}
+
+/// A name as the builder was given it: text to validate at build time, or a name already valid.
+#[derive(Debug, Clone)]
+enum Unchecked<T> {
+    Text(String),
+    Valid(T),
 }
 
 impl EnvelopeBuilder {
@@ -248,8 +289,14 @@ impl EnvelopeBuilder {
             wire::check_user_header(name, value)?;
         }
         Ok(Envelope {
-            aggregate_id: AggregateId::new(self.aggregate_id)?,
-            event_type: EventType::new(self.event_type)?,
+            aggregate_id: match self.aggregate_id {
+                Unchecked::Text(text) => AggregateId::new(text)?,
+                Unchecked::Valid(name) => name,
+            },
+            event_type: match self.event_type {
+                Unchecked::Text(text) => EventType::new(text)?,
+                Unchecked::Valid(name) => name,
+            },
             event_version,
             event_id,
             timestamp: wire::wire_timestamp(self.timestamp.unwrap_or_else(SystemTime::now))?,

@@ -167,6 +167,11 @@ string_newtype!(
 );
 
 impl AggregateId {
+    /// The ID as a shared string: cloning it copies no bytes (the pool keys jobs by it).
+    pub fn shared(&self) -> Arc<str> {
+        Arc::clone(&self.0)
+    }
+
     /// Validates `value` as an aggregate ID.
     pub fn new(value: impl AsRef<str> + Into<Arc<str>>) -> Result<Self, ValidationError> {
         let text = value.as_ref();
@@ -193,8 +198,30 @@ string_newtype!(
 
 impl EventType {
     /// Validates `value` as an event type.
+    ///
+    /// A service has few event types and reads one on every event it decodes: the last few
+    /// validated on this thread are kept, and one of them is shared rather than validated and
+    /// copied again.
     pub fn new(value: impl AsRef<str> + Into<Arc<str>>) -> Result<Self, ValidationError> {
+        use std::cell::RefCell;
+        const KEPT: usize = 4;
+        thread_local! {
+            static RECENT: RefCell<(usize, [Option<EventType>; KEPT])> =
+                const { RefCell::new((0, [None, None, None, None])) };
+        }
         let text = value.as_ref();
+        let known = RECENT.with(|recent| {
+            let recent = recent.borrow();
+            recent
+                .1
+                .iter()
+                .flatten()
+                .find(|kept| kept.as_str() == text)
+                .cloned()
+        });
+        if let Some(kept) = known {
+            return Ok(kept);
+        }
         check_len("event_type", text, MAX_NAME_LEN)?;
         check_chars(
             "event_type",
@@ -202,7 +229,13 @@ impl EventType {
             |c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'),
             "ASCII letters, digits and \"-_.:/\"",
         )?;
-        Ok(Self(value.into()))
+        let new = Self(value.into());
+        RECENT.with(|recent| {
+            let (next, kept) = &mut *recent.borrow_mut();
+            kept[*next] = Some(new.clone());
+            *next = (*next + 1) % KEPT;
+        });
+        Ok(new)
     }
 }
 
@@ -243,20 +276,18 @@ impl EventId {
         let high = (millis << 16) | 0x7000 | (a & 0x0fff);
         let low = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
         let value = (u128::from(high) << 64) | u128::from(low);
-        let mut text = [0u8; 36];
-        let mut nibble = 0;
-        for (i, byte) in text.iter_mut().enumerate() {
-            if matches!(i, 8 | 13 | 18 | 23) {
-                *byte = b'-';
-                continue;
+        // Two hex digits per byte from a table, dashes at their fixed places: this runs for
+        // every event published without an ID of its own.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [b'-'; 36];
+        let mut at = 0;
+        for (i, byte) in value.to_be_bytes().into_iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                at += 1;
             }
-            let digit = ((value >> (124 - 4 * nibble)) & 0xf) as u8;
-            *byte = if digit < 10 {
-                b'0' + digit
-            } else {
-                b'a' + digit - 10
-            };
-            nibble += 1;
+            text[at] = HEX[usize::from(byte >> 4)];
+            text[at + 1] = HEX[usize::from(byte & 0xf)];
+            at += 2;
         }
         Self(std::str::from_utf8(&text).expect("hex is ascii").into())
     }
@@ -313,6 +344,25 @@ mod tests {
         for good in ["a", "orders.v1", "A-b_c.D9"] {
             assert!(Topic::new(good).is_ok(), "{good:?} was refused");
         }
+    }
+
+    #[test]
+    fn a_recent_event_type_is_shared_and_invalid_ones_stay_refused() {
+        let first = EventType::new("Deposited").unwrap();
+        let again = EventType::new(String::from("Deposited")).unwrap();
+        assert!(
+            Arc::ptr_eq(&first.0, &again.0),
+            "validated and copied again"
+        );
+        for name in ["A", "B", "C", "D", "E"] {
+            EventType::new(name).unwrap();
+        }
+        // Pushed out by five others: validated anew, equal all the same.
+        let later = EventType::new("Deposited").unwrap();
+        assert!(!Arc::ptr_eq(&first.0, &later.0));
+        assert_eq!(first, later);
+        assert!(EventType::new("Deposited ").is_err());
+        assert!(EventType::new("").is_err());
     }
 
     #[test]

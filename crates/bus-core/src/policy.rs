@@ -179,11 +179,8 @@ where
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match (CatchUnwind {
-            inner: Box::pin(attempt(attempts)),
-        })
-        .await
-        {
+        let call = std::pin::pin!(attempt(attempts));
+        match (CatchUnwind { inner: call }).await {
             Ok(Ok(())) => return RetryOutcome::Succeeded { attempts },
             Ok(Err(error)) => {
                 if !error.is_retryable() || !policy.should_retry(attempts) {
@@ -205,13 +202,15 @@ where
     }
 }
 
-/// Polls a future, turning a panic into an error with the panic's message. The future is
-/// boxed so that this crate needs neither `unsafe` pin projection nor a futures dependency.
-struct CatchUnwind<F> {
-    inner: std::pin::Pin<Box<F>>,
+/// Polls a future, turning a panic into an error with the panic's message. It holds the
+/// future pinned where its caller keeps it (`std::pin::pin!`): no `unsafe` pin projection, no
+/// futures dependency, and no allocation per handler call (a boxed handler future is large, and
+/// large allocations are the allocator's slow path).
+struct CatchUnwind<'a, F> {
+    inner: std::pin::Pin<&'a mut F>,
 }
 
-impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+impl<F: std::future::Future> std::future::Future for CatchUnwind<'_, F> {
     type Output = Result<F::Output, String>;
 
     fn poll(

@@ -228,7 +228,7 @@ pub fn decode<'a>(
                 value: value.to_owned(),
                 reason: reason.to_owned(),
             };
-            let mut fields = value.split(' ');
+            let mut fields = split_byte(value, b' ');
             let (Some(aggregate), Some(version), Some(kind), Some(micros), Some(id), None) = (
                 fields.next(),
                 fields.next(),
@@ -347,9 +347,64 @@ impl Record {
 /// returned too). Splits on `\n` bytes rather than searching for the two-byte pattern: this
 /// runs for every event of every batch.
 fn lines(text: &str) -> impl Iterator<Item = &str> {
-    text.split('\n')
+    split_byte(text, b'\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .filter(|l| !l.is_empty())
+}
+
+/// `text` split at each `sep`, an ASCII byte, like `str::split` with that character. A plain
+/// byte loop: the lines and fields split here are a few dozen bytes, where setting up a
+/// vectorised search costs more than it saves, and this runs for every field of every event.
+fn split_byte(text: &str, sep: u8) -> impl Iterator<Item = &str> {
+    debug_assert!(sep.is_ascii());
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.bytes().position(|b| b == sep) {
+            // An ASCII byte is a character boundary on both sides.
+            Some(at) => {
+                rest = Some(&current[at + 1..]);
+                Some(&current[..at])
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
+}
+
+/// The first line of a header block that is not `Name: value` ended by CR LF (every line, if
+/// one ends with a bare LF). The rule [`well_formed_block`] checks fast.
+fn ill_formed_line(text: &str) -> Option<&str> {
+    let bare_lf = text.split('\n').rev().skip(1).any(|l| !l.ends_with('\r'));
+    lines(text).find(|l| bare_lf || l.contains('\r') || !l.contains(':'))
+}
+
+/// Whether a record's header block is only `Name: value` lines, each ended by CR LF (empty
+/// lines allowed): one pass over its bytes. What it refuses is looked at again, slowly, to
+/// name the line at fault.
+fn well_formed_block(block: &[u8]) -> bool {
+    let (mut cr, mut colon, mut empty) = (false, false, true);
+    for &b in block {
+        if b == b'\n' {
+            if !cr || !(empty || colon) {
+                return false;
+            }
+            (cr, colon, empty) = (false, false, true);
+            continue;
+        }
+        if cr {
+            // A CR not followed by LF.
+            return false;
+        }
+        match b {
+            b'\r' => cr = true,
+            b':' => (colon, empty) = (true, false),
+            _ => empty = false,
+        }
+    }
+    !cr && empty
 }
 
 fn malformed(why: impl Into<String>) -> DecodeError {
@@ -467,12 +522,13 @@ pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeErro
         }
         // Every line ends with CR LF (a bare LF would be a line break no NATS header holds)
         // and holds a `:`.
-        let bare_lf = text.split('\n').rev().skip(1).any(|l| !l.ends_with('\r'));
-        if let Some(line) = lines(text).find(|l| bare_lf || l.contains('\r') || !l.contains(':')) {
-            return Err(malformed(format!(
-                "record {i}: header line `{}` is not `Name: value`",
-                line.escape_debug()
-            )));
+        if !well_formed_block(text.as_bytes()) {
+            if let Some(line) = ill_formed_line(text) {
+                return Err(malformed(format!(
+                    "record {i}: header line `{}` is not `Name: value`",
+                    line.escape_debug()
+                )));
+            }
         }
         let payload = take("payload", i)?;
         records.push(Record { headers, payload });
@@ -737,6 +793,31 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn the_fast_block_check_accepts_nothing_the_slow_one_refuses(
+            lines in proptest::collection::vec("[a-z:\r\n ]{0,6}", 0..5),
+            crlf in proptest::collection::vec(any::<bool>(), 5),
+        ) {
+            let mut block = String::new();
+            for (line, crlf) in lines.iter().zip(&crlf) {
+                block.push_str(line);
+                block.push_str(if *crlf { "\r\n" } else { "\n" });
+            }
+            // What the fast check accepts, the slow one does (what it refuses, the slow one
+            // looks at again: an empty line ended by a bare LF is accepted there).
+            if (block.is_empty() || block.ends_with("\r\n")) && well_formed_block(block.as_bytes()) {
+                prop_assert_eq!(ill_formed_line(&block), None, "{:?}", block);
+            }
+        }
+
+        #[test]
+        fn split_byte_splits_like_str_split(text in "[a b]{0,12}") {
+            prop_assert_eq!(
+                split_byte(&text, b' ').collect::<Vec<_>>(),
+                text.split(' ').collect::<Vec<_>>()
+            );
+        }
+
 
         /// Any list of envelopes the builder accepts comes back from a batch equal and in order.
         #[test]

@@ -308,7 +308,7 @@ enum Dispatch {
 struct Job {
     offset: u64,
     /// The ordering key the pool routed it by.
-    key: String,
+    key: Arc<str>,
     body: Arc<Body>,
     /// The message decoded for the handler, or why it could not be.
     input: Result<Input, Unhandleable>,
@@ -350,7 +350,7 @@ fn as_raw(topic: &Topic, body: &Body) -> RawMessage {
 
 impl JobRunner {
     async fn run(&self, job: Job) {
-        if self.stopped.lock().unwrap().contains(&job.key) {
+        if self.stopped.lock().unwrap().contains(&*job.key) {
             self.returned.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -426,7 +426,7 @@ impl JobRunner {
                 if reason.is_retryable() && self.cancel.is_closed() =>
             {
                 // Closing: not dead-lettered, but returned with the key's later events.
-                self.stopped.lock().unwrap().insert(job.key);
+                self.stopped.lock().unwrap().insert(job.key.to_string());
                 self.returned.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -454,13 +454,10 @@ fn prepare(
     topic: &Topic,
     dispatch: &Dispatch,
     body: &Body,
-) -> (String, Result<Input, Unhandleable>) {
+) -> (Arc<str>, Result<Input, Unhandleable>) {
     if let (Dispatch::Envelope(_), Body::Envelope(e)) = (dispatch, body) {
         // Stored as an envelope: nothing to decode.
-        return (
-            e.aggregate_id().to_string(),
-            Ok(Prepared::Envelope(e.clone())),
-        );
+        return (e.aggregate_id().shared(), Ok(Prepared::Envelope(e.clone())));
     }
     let raw_key = match dispatch {
         Dispatch::Envelope(_) => None,

@@ -303,7 +303,7 @@ pub(super) fn finish_at(
     shared: &Shared,
     now: Instant,
 ) {
-    let Message {
+    let Publish {
         topic,
         envelope,
         receipt,
@@ -311,7 +311,7 @@ pub(super) fn finish_at(
         metrics,
         span,
         ..
-    } = message;
+    } = *message;
     metrics
         .seconds
         .record(now.saturating_duration_since(created).as_secs_f64());

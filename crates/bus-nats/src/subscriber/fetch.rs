@@ -487,7 +487,7 @@ async fn on_reply(
                     return dispatch_batch(plan, pool, term, sequence, message, records).await;
                 }
                 Some(Err(error)) => (
-                    String::new(),
+                    Arc::from(""),
                     Err((
                         crate::dead_letters::DeadLetterReason::Undecodable,
                         format!("not a record batch: {error}"),
@@ -497,10 +497,7 @@ async fn on_reply(
             };
             st.events_per_message.0 += 1;
             st.events_per_message.1 += 1;
-            plan.copies
-                .lock()
-                .unwrap()
-                .link(sequence, [key.as_str()], 1);
+            plan.copies.lock().unwrap().link(sequence, [&*key], 1);
             let job = Box::new(Job {
                 key: key.clone(),
                 sequence: Some(sequence),
@@ -607,7 +604,7 @@ async fn dispatch_batch(
                 }),
         );
     }
-    let jobs: Vec<(String, Box<Job>)> = to_run
+    let jobs: Vec<(Arc<str>, Box<Job>)> = to_run
         .iter()
         .map(|&index| {
             let (key, input) = prepare_record(
@@ -630,7 +627,7 @@ async fn dispatch_batch(
         sequence,
         keys.iter()
             .chain(jobs.iter().map(|(key, _)| key))
-            .map(String::as_str),
+            .map(|key| &**key),
         progress.records.len(),
     );
     let mut stopped = None;

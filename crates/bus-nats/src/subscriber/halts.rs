@@ -118,7 +118,7 @@ impl Runner {
             .map(|(key, halt)| {
                 let first = halt.jobs.front();
                 HaltedAggregate {
-                    key: key.clone(),
+                    key: key.to_string(),
                     waiting: halt.jobs.len(),
                     since: halt.since,
                     reason: halt.failure.reason.as_str().to_owned(),

@@ -378,7 +378,7 @@ impl NatsControl {
             ));
         }
         let request = runner::Request {
-            key: key.to_owned(),
+            key: key.into(),
             action,
         };
         self.requests.send(request).map_err(|_| {

@@ -45,7 +45,7 @@ pub(crate) struct BatchProgress {
 
 pub(crate) struct Job {
     /// The ordering key (aggregate ID) the pool routed it by.
-    pub(crate) key: String,
+    pub(crate) key: Arc<str>,
     /// The message's stream sequence, if its ack subject could be read.
     pub(crate) sequence: Option<u64>,
     pub(crate) origin: Origin,
@@ -88,7 +88,7 @@ pub(crate) enum Action {
 /// An operator's request for one aggregate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Request {
-    pub(crate) key: String,
+    pub(crate) key: Arc<str>,
     pub(crate) action: Action,
 }
 
@@ -161,7 +161,7 @@ pub(crate) struct Runner {
     pub(crate) copies: Arc<Mutex<Copies>>,
     pub(crate) policy: FailurePolicy,
     /// Halted aggregates by key; `halted_count` lets the hot path skip the lock while none is.
-    pub(crate) halted: Mutex<HashMap<String, Halt>>,
+    pub(crate) halted: Mutex<HashMap<Arc<str>, Halt>>,
     pub(crate) halted_count: AtomicUsize,
     /// The current ownership term; see [`Job::term`].
     pub(crate) term: AtomicU64,
@@ -185,7 +185,7 @@ impl Runner {
                 }
                 if self.halted_count.load(Ordering::Acquire) > 0 {
                     let mut halted = self.halted.lock().unwrap();
-                    if let Some(halt) = halted.get_mut(&job.key) {
+                    if let Some(halt) = halted.get_mut(&*job.key) {
                         // Behind the aggregate's failed event; still kept alive at the broker.
                         halt.jobs.push_back(job);
                         return;
@@ -552,7 +552,7 @@ pub(crate) fn prepare(
     topic: &Topic,
     dispatch: &Dispatch,
     message: &async_nats::Message,
-) -> (String, Result<Input, (DeadLetterReason, String)>) {
+) -> (Arc<str>, Result<Input, (DeadLetterReason, String)>) {
     prepare_parts(
         topic,
         dispatch,
@@ -568,7 +568,7 @@ pub(crate) fn prepare_record(
     dispatch: &Dispatch,
     subject: &str,
     record: &wire::Record,
-) -> (String, Result<Input, (DeadLetterReason, String)>) {
+) -> (Arc<str>, Result<Input, (DeadLetterReason, String)>) {
     prepare_parts(topic, dispatch, subject, record.headers(), record.payload())
 }
 
@@ -578,7 +578,7 @@ fn prepare_parts<'a>(
     subject: &str,
     headers: impl Iterator<Item = (&'a str, &'a str)>,
     payload: &bytes::Bytes,
-) -> (String, Result<Input, (DeadLetterReason, String)>) {
+) -> (Arc<str>, Result<Input, (DeadLetterReason, String)>) {
     let (key, prepared) = match dispatch {
         Dispatch::Envelope(_) => bus_core::prepare(topic, None, subject, headers, payload),
         Dispatch::Raw(_, key) => {

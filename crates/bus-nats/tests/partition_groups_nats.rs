@@ -192,10 +192,18 @@ fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime, wh
 
     let all_calls = calls(&replicas.iter().collect::<Vec<_>>());
     let h = history(&all_calls, "grouped");
-    // The partitions the leaving member handled last, and when another member went on.
+    // The partitions the leaving member handled last (in the 300 ms before its last call: a
+    // partition it had just been given may not have been delivering yet when it was asked to
+    // leave), and when another member went on.
+    let last_of_b = all_calls
+        .iter()
+        .filter(|c| c.process == "b")
+        .map(|c| c.start)
+        .max()
+        .expect("the leaving member handled events");
     let left: std::collections::BTreeSet<u32> = all_calls
         .iter()
-        .filter(|c| c.process == "b" && c.start + 300_000_000 > left_at)
+        .filter(|c| c.process == "b" && c.start + 300_000_000 > last_of_b.min(left_at))
         .filter_map(|c| c.partition)
         .collect();
     let resumed_after_leave = all_calls

@@ -155,7 +155,25 @@ fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime, wh
         closed_in < bus_core::Subscription::DEFAULT_CLOSE_DEADLINE,
         "the leaving member took {closed_in:?} to close"
     );
-    // One is killed while it owns partitions.
+    // One is killed while it owns partitions: once every partition is handled again after the
+    // leave (a kill while the group is still handing the leaver's partitions over would leave
+    // them with the killed member, and measure its takeover instead).
+    let deadline = std::time::Instant::now() + common::replicas::STEP;
+    loop {
+        let resumed: std::collections::BTreeSet<u32> = calls(&replicas.iter().collect::<Vec<_>>())
+            .iter()
+            .filter(|c| c.process != "b" && c.start > left_at)
+            .filter_map(|c| c.partition)
+            .collect();
+        if resumed.len() == PARTITIONS as usize {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after the leave, only partitions {resumed:?} were handled again"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let so_far = all(&replicas);
     wait_handled(&replicas.iter().collect::<Vec<_>>(), so_far + 1_000);
     let killed_at = common::replicas::now_ns();

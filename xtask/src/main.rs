@@ -1,7 +1,9 @@
 //! Project automation, reached as `cargo xtask <command>`.
 //!
 //! * `test`: installs what the tests need (a current `nats-server`), then runs every test.
-//! * `ci`: format check, clippy with `-D warnings`, rustdoc with `-D warnings`, then `test`.
+//! * `ci`: format check, clippy with `-D warnings`, rustdoc with `-D warnings`, `test`, then
+//!   `cargo publish --dry-run` of every published crate and the unit and documentation tests of
+//!   each package unpacked alone.
 //! * `bench [--quick] [ARGS...]`: the benchmark suite against a broker it starts itself.
 //! * `nats-server`: finds or installs `nats-server` and prints its path.
 
@@ -47,7 +49,7 @@ fn main() -> Result<()> {
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  test [CARGO TEST ARGS]   install nats-server if needed, then run every test\n  \
-                 ci                       fmt check, clippy, rustdoc, then test (what CI runs)\n  \
+                 ci                       fmt check, clippy, rustdoc, test, then publish --dry-run (what CI runs)\n  \
                  bench [--quick] [ARGS]   run the benchmark suite (see `cargo xtask bench --help`)\n  \
                  nats-server              find or install nats-server and print its path"
             );
@@ -226,7 +228,117 @@ fn ci(root: &Path) -> Result<()> {
     run(cargo()
         .args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings"))?;
-    test(root, &[])
+    test(root, &[])?;
+    rust_version(root)?;
+    packages(root)
+}
+
+/// Checks the workspace with the toolchain of its stated `rust-version` (installed with rustup
+/// when missing), so that the version the manifests promise is one the code builds with.
+fn rust_version(root: &Path) -> Result<()> {
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml"))?;
+    let version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .context("the workspace manifest states no rust-version")?;
+    step(&format!(
+        "checking with Rust {version}, the stated rust-version"
+    ));
+    let installed = Command::new("rustup")
+        .args(["run", &version, "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !installed {
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &version,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    run(Command::new("cargo")
+        .arg(format!("+{version}"))
+        .args(["check", "--workspace", "--all-targets", "--all-features"])
+        // Not the toolchain this command runs under.
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env("CARGO_TARGET_DIR", root.join("target/rust-version")))
+}
+
+/// The crates as the registry would get them: `cargo publish --dry-run` for the whole workspace
+/// (packaged in dependency order, each built from its package against the others'), then the
+/// unit and documentation tests of each package unpacked outside the workspace, so that a test
+/// reading a file the package does not carry fails here.
+fn packages(root: &Path) -> Result<()> {
+    step("cargo publish --dry-run, every published crate");
+    run(cargo().args(["publish", "--dry-run", "--workspace"]))?;
+    step("unit and documentation tests of each package, unpacked alone");
+    let packaged = root.join("target/package");
+    let unpacked = root.join("target/packages-alone");
+    // Outside the workspace, or cargo takes each package for one of its members.
+    let outside = env::temp_dir().join(format!("ordered-bus-packages-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&outside);
+    std::fs::create_dir_all(&outside)?;
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&packaged)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if path.is_dir() && name.starts_with("ordered-bus") {
+            run(Command::new("cp").arg("-r").arg(&path).arg(&outside))?;
+            names.push(name);
+        }
+    }
+    if names.is_empty() {
+        bail!("no package under {}", packaged.display());
+    }
+    // Each package's dependencies on the others resolve to their unpacked packages.
+    let mut patch = String::from("[patch.crates-io]\n");
+    for name in &names {
+        let (package, _version) = name.rsplit_once('-').context("package directory name")?;
+        patch.push_str(&format!(
+            "{package} = {{ path = {:?} }}\n",
+            outside.join(name).display().to_string()
+        ));
+    }
+    let patch_file = outside.join("patch.toml");
+    std::fs::write(&patch_file, patch)?;
+    // A package's tests find no server beside it: name the one the suite ran with.
+    let server = ensure_nats_server(root, MIN_TEST_SERVER)?;
+    for name in &names {
+        let dir = outside.join(name);
+        let lib = dir.join("src/lib.rs").is_file();
+        let bins = dir.join("src/main.rs").is_file() || dir.join("src/bin").is_dir();
+        let mut runs: Vec<&[&str]> = Vec::new();
+        match (lib, bins) {
+            (true, true) => runs.push(&["--lib", "--bins"]),
+            (true, false) => runs.push(&["--lib"]),
+            (false, true) => runs.push(&["--bins"]),
+            (false, false) => {}
+        }
+        if lib {
+            runs.push(&["--doc"]);
+        }
+        for targets in runs {
+            run(cargo()
+                .current_dir(&dir)
+                .env("CARGO_TARGET_DIR", &unpacked)
+                .env("NATS_SERVER_BIN", &server)
+                .arg("test")
+                .arg("--all-features")
+                .arg("--config")
+                .arg(&patch_file)
+                .args(targets))?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&outside);
+    Ok(())
 }
 
 fn bench(root: &Path, extra: &[String]) -> Result<()> {

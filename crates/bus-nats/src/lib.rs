@@ -263,6 +263,6 @@ impl NatsBus {
 }
 
 /// The README's examples, compiled as doc-tests so the quick start stays true.
-#[doc = include_str!("../../../README.md")]
+#[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;

@@ -680,7 +680,7 @@ mod file_tests {
     /// and the stream it sets.
     #[test]
     fn the_example_file_is_the_defaults() {
-        let read = NatsConfig::from_toml(include_str!("../../../../examples/bus.toml")).unwrap();
+        let read = NatsConfig::from_toml(include_str!("../../bus.example.toml")).unwrap();
         let mut expected = NatsConfig::new("nats://127.0.0.1:4222").with_group("billing");
         expected.streams.push(StreamSpec::new(
             "ACCOUNTS",

@@ -252,10 +252,12 @@ pub async fn redelivery_after_handler_error(h: &dyn Harness) {
                     async move {
                         let key = (e.aggregate_id().to_string(), e.event_version());
                         // Every third version fails on its first attempt.
-                        if e.event_version() % 3 == 0 && attempts.lock().unwrap().insert(key) {
+                        if e.event_version().is_multiple_of(3)
+                            && attempts.lock().unwrap().insert(key)
+                        {
                             return Err(HandlerError::retryable("transient failure"));
                         }
-                        if e.event_version() % 3 == 0 {
+                        if e.event_version().is_multiple_of(3) {
                             retried.fetch_add(1, Ordering::Relaxed);
                         }
                         recorder.record(&t, &e);

@@ -231,7 +231,7 @@ impl Fetcher {
             failures += 1;
             // A consumer that is gone (deleted, lost with a memory store) answers nothing; check
             // now and then rather than after every failure, which is usually an election.
-            if failures % 3 != 0 {
+            if !failures.is_multiple_of(3) {
                 continue;
             }
             match tokio::time::timeout(ATTEMPT_TIMEOUT, self.plan.restarter.ensure_consumer()).await

@@ -1,7 +1,7 @@
 //! `bus`: the operator's command line for the ordered event bus.
 //!
 //! ```text
-//! bus [--server URL | --config FILE] [--group GROUP] <command>
+//! bus [--server URL | --config FILE] [--group GROUP] [--json] <command>
 //!   topics                          every topic, its stream and its consumers
 //!   lag <topic>                     how far the group is behind
 //!   halted <topic>                  the group's halted aggregates, per live subscription
@@ -11,7 +11,12 @@
 //!   replay <topic> --sequence N     publishes a dead letter again (or --all) and removes it
 //!   repartition <topic> --partitions N
 //!                                   changes a drained, unread topic's partition count
+//!   completions <shell>             a completion script for bash, zsh, fish, ...
 //! ```
+//!
+//! `--json` prints one JSON document per command instead of lines for people (for scripts and
+//! dashboards). A topic or group that does not exist is an error and a non-zero exit code,
+//! never figures.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +24,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bus_core::Topic;
 use bus_nats::{NatsBus, NatsConfig};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +52,9 @@ struct Cli {
     /// How long to gather answers from the group's subscriptions, in milliseconds.
     #[arg(long, default_value_t = 500, global = true)]
     wait_ms: u64,
+    /// Print one JSON document instead of lines for people.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,11 +116,21 @@ enum Command {
         #[arg(long)]
         partitions: u32,
     },
+    /// Prints a completion script for a shell (for example `bus completions bash >
+    /// /etc/bash_completion.d/bus`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "bus", &mut std::io::stdout());
+        return Ok(());
+    }
     let mut config = match &cli.config {
         Some(path) => NatsConfig::load(path)?,
         None => NatsConfig::new(&cli.server),
@@ -133,7 +152,7 @@ async fn main() -> Result<()> {
     }
     let wait = Duration::from_millis(cli.wait_ms);
     let bus = NatsBus::connect(config).await?;
-    let result = run(&bus, cli.command, wait).await;
+    let result = run(&bus, cli.command, wait, cli.json).await;
     bus.close().await?;
     result
 }
@@ -142,10 +161,42 @@ fn topic(name: &str) -> Result<Topic> {
     Topic::new(name).with_context(|| format!("`{name}` is not a topic"))
 }
 
-async fn run(bus: &NatsBus, command: Command, wait: Duration) -> Result<()> {
+/// Prints a command's JSON document.
+fn print_json(value: Value) {
+    println!("{value:#}");
+}
+
+async fn run(bus: &NatsBus, command: Command, wait: Duration, as_json: bool) -> Result<()> {
     match command {
         Command::Topics => {
             let topics = bus.topics().await?;
+            if as_json {
+                print_json(Value::Array(
+                    topics
+                        .iter()
+                        .map(|t| {
+                            json!({
+                                "topic": t.topic.as_str(),
+                                "stream": t.stream,
+                                "retention": t.retention.to_string(),
+                                "partitions": t.partitions,
+                                "events": t.messages,
+                                "consumers": t.consumers.iter().map(|c| json!({
+                                    "name": c.name,
+                                    "partition": c.partition,
+                                    "ack_floor": c.ack_floor,
+                                    "delivered": c.delivered,
+                                    "undelivered": c.undelivered,
+                                    "unacknowledged": c.unacknowledged,
+                                    "redelivered": c.redelivered,
+                                    "waiting_pulls": c.waiting,
+                                })).collect::<Vec<_>>(),
+                            })
+                        })
+                        .collect(),
+                ));
+                return Ok(());
+            }
             if topics.is_empty() {
                 println!("no topics");
             }
@@ -165,6 +216,15 @@ async fn run(bus: &NatsBus, command: Command, wait: Duration) -> Result<()> {
         }
         Command::Lag { topic: name } => {
             let lag = bus.lag(&topic(&name)?).await?;
+            if as_json {
+                print_json(json!({
+                    "topic": lag.topic.as_str(),
+                    "undelivered": lag.undelivered,
+                    "unacknowledged": lag.unacknowledged,
+                    "oldest_unhandled_seconds": lag.oldest_unhandled_age.map(|a| a.as_secs_f64()),
+                }));
+                return Ok(());
+            }
             let age = lag
                 .oldest_unhandled_age
                 .map_or("-".to_owned(), |a| format!("{:.3}s", a.as_secs_f64()));
@@ -175,6 +235,29 @@ async fn run(bus: &NatsBus, command: Command, wait: Duration) -> Result<()> {
         }
         Command::Halted { topic: name } => {
             let members = bus.remote_halted(&topic(&name)?, wait).await?;
+            if as_json {
+                print_json(Value::Array(
+                    members
+                        .iter()
+                        .map(|m| {
+                            json!({
+                                "member": m.member,
+                                "owner": m.owner,
+                                "halted": m.halted.iter().map(|h| json!({
+                                    "aggregate": h.key,
+                                    "version": h.event_version,
+                                    "stream_sequence": h.stream_sequence,
+                                    "waiting": h.waiting,
+                                    "attempts": h.attempts,
+                                    "reason": h.reason,
+                                    "error": h.error,
+                                })).collect::<Vec<_>>(),
+                            })
+                        })
+                        .collect(),
+                ));
+                return Ok(());
+            }
             for m in members {
                 println!(
                     "{}{}: {} halted",
@@ -197,17 +280,45 @@ async fn run(bus: &NatsBus, command: Command, wait: Duration) -> Result<()> {
             aggregate,
         } => {
             let member = bus.remote_resume(&topic(&name)?, &aggregate, wait).await?;
-            println!("resumed {aggregate} ({member})");
+            if as_json {
+                print_json(json!({"resumed": aggregate, "member": member.to_string()}));
+            } else {
+                println!("resumed {aggregate} ({member})");
+            }
         }
         Command::Skip {
             topic: name,
             aggregate,
         } => {
             let member = bus.remote_skip(&topic(&name)?, &aggregate, wait).await?;
-            println!("skipped the failed event of {aggregate} ({member})");
+            if as_json {
+                print_json(json!({"skipped": aggregate, "member": member.to_string()}));
+            } else {
+                println!("skipped the failed event of {aggregate} ({member})");
+            }
         }
         Command::DeadLetters { topic: name, limit } => {
             let letters = bus.dead_letters(&topic(&name)?, limit).await?;
+            if as_json {
+                print_json(Value::Array(
+                    letters
+                        .iter()
+                        .map(|l| {
+                            let envelope = l.envelope().ok();
+                            json!({
+                                "sequence": l.sequence,
+                                "aggregate": envelope.as_ref().map(|e| e.aggregate_id().as_str().to_owned()),
+                                "version": envelope.as_ref().map(|e| e.event_version()),
+                                "event_type": envelope.as_ref().map(|e| e.event_type().as_str().to_owned()),
+                                "reason": l.reason.to_string(),
+                                "attempts": l.attempts,
+                                "error": l.error,
+                            })
+                        })
+                        .collect(),
+                ));
+                return Ok(());
+            }
             if letters.is_empty() {
                 println!("no dead letters");
             }
@@ -236,13 +347,23 @@ async fn run(bus: &NatsBus, command: Command, wait: Duration) -> Result<()> {
             if chosen.is_empty() {
                 bail!("no such dead letter of topic `{topic}`");
             }
+            let mut replayed = Vec::new();
             for letter in chosen {
                 let published = bus.replay_dead_letter(letter).await?;
-                println!(
-                    "replayed {} as sequence {}",
-                    letter.sequence,
-                    published.sequence.map_or("-".to_owned(), |s| s.to_string())
-                );
+                if as_json {
+                    replayed.push(
+                        json!({"dead_letter": letter.sequence, "sequence": published.sequence}),
+                    );
+                } else {
+                    println!(
+                        "replayed {} as sequence {}",
+                        letter.sequence,
+                        published.sequence.map_or("-".to_owned(), |s| s.to_string())
+                    );
+                }
+            }
+            if as_json {
+                print_json(json!({ "replayed": replayed }));
             }
         }
         Command::Repartition {
@@ -251,8 +372,15 @@ async fn run(bus: &NatsBus, command: Command, wait: Duration) -> Result<()> {
         } => {
             let topic = topic(&name)?;
             let before = bus.repartition(&topic, partitions).await?;
-            println!("{topic}: {before} partition(s) -> {partitions}");
+            if as_json {
+                print_json(
+                    json!({"topic": topic.as_str(), "before": before, "partitions": partitions}),
+                );
+            } else {
+                println!("{topic}: {before} partition(s) -> {partitions}");
+            }
         }
+        Command::Completions { .. } => unreachable!("answered before connecting"),
     }
     Ok(())
 }

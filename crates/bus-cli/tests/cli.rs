@@ -38,6 +38,23 @@ async fn bus_billing(url: &str, args: &[&str]) -> (bool, String, String) {
     bus(&all).await
 }
 
+#[tokio::test]
+async fn completions_are_printed_without_a_server() {
+    for (shell, start) in [
+        ("bash", "_bus()"),
+        ("zsh", "#compdef bus"),
+        ("fish", "# Print an optspec"),
+    ] {
+        let (ok, out, err) = bus(&["--server", "nats://127.0.0.1:1", "completions", shell]).await;
+        assert!(ok, "{shell}: {err}");
+        assert!(out.trim_start().starts_with(start), "{shell}: {out}");
+        assert!(
+            out.contains("dead-letters"),
+            "{shell}: the commands are completed"
+        );
+    }
+}
+
 /// The versions of `aggregate` the service handled, in order.
 fn versions_of(handled: &Mutex<Vec<(String, u64)>>, aggregate: &str) -> Vec<u64> {
     handled
@@ -110,6 +127,29 @@ async fn the_cli_operates_a_running_service() {
     let (ok, out, err) = bus_billing(&url, &["lag", "cli.orders"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("undelivered 0  unacknowledged 6"), "{out}");
+    // The same figures as JSON, for scripts.
+    let (ok, out, err) = bus_billing(&url, &["--json", "lag", "cli.orders"]).await;
+    assert!(ok, "{err}");
+    let lag: serde_json::Value = serde_json::from_str(&out).expect("lag --json is JSON");
+    assert_eq!(lag["topic"], "cli.orders", "{out}");
+    assert_eq!(lag["undelivered"], 0, "{out}");
+    assert_eq!(lag["unacknowledged"], 6, "{out}");
+    let (ok, out, err) = bus(&["--server", &url, "--json", "topics"]).await;
+    assert!(ok, "{err}");
+    let topics: serde_json::Value = serde_json::from_str(&out).expect("topics --json is JSON");
+    let orders = topics
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["topic"] == "cli.orders")
+        .unwrap_or_else(|| panic!("cli.orders listed: {out}"));
+    assert_eq!(orders["stream"], "BUS_CLI_ORDERS", "{out}");
+    assert!(
+        orders["consumers"][0]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("billing-cli_orders")),
+        "{out}"
+    );
     // A group that never subscribed, a topic nothing stores: errors, not figures.
     let (ok, out, err) = bus(&[
         "--server",

@@ -321,7 +321,8 @@ fn packages(root: &Path) -> Result<()> {
     run(cargo().args(["publish", "--dry-run", "--workspace"]))?;
     step("unit and documentation tests of each package, unpacked alone");
     let packaged = root.join("target/package");
-    let unpacked = root.join("target/packages-alone");
+    // The workspace's own target directory: the dependencies built for the suite are reused.
+    let unpacked = root.join("target");
     // Outside the workspace, or cargo takes each package for one of its members.
     let outside = env::temp_dir().join(format!("ordered-bus-packages-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&outside);

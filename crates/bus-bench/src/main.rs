@@ -206,6 +206,8 @@ pub(crate) fn latency_micros(payload: &[u8]) -> u64 {
 struct Sink {
     verifier: SequenceVerifier,
     latency: Histogram,
+    /// Publish to stored, stored to received, received to handler start (see `report::Stages`).
+    stages: [Histogram; 3],
     handled: AtomicU64,
     /// For group rows, what the member processes saw.
     group_violations: AtomicU64,
@@ -221,6 +223,7 @@ impl Sink {
         Arc::new(Self {
             verifier: SequenceVerifier::new(),
             latency: Histogram::new(),
+            stages: [Histogram::new(), Histogram::new(), Histogram::new()],
             handled: AtomicU64::new(0),
             group_violations: AtomicU64::new(0),
             group_duplicates: AtomicU64::new(0),
@@ -242,8 +245,20 @@ impl Sink {
 
     /// Records an event sent at `sent_nanos` (wall clock).
     fn record_sent_at(&self, topic: &str, aggregate: &str, version: u64, sent_nanos: u64) {
-        self.latency
-            .record(wall_nanos().saturating_sub(sent_nanos) / 1_000);
+        let now = wall_nanos();
+        self.latency.record(now.saturating_sub(sent_nanos) / 1_000);
+        if let Some((Some(stored), Some(received))) =
+            bus_core::current_delivery().map(|d| (d.stored_at, d.received_at))
+        {
+            let nanos = |t: std::time::SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            };
+            let (stored, received) = (nanos(stored), nanos(received));
+            self.stages[0].record(stored.saturating_sub(sent_nanos) / 1_000);
+            self.stages[1].record(received.saturating_sub(stored) / 1_000);
+            self.stages[2].record(now.saturating_sub(received) / 1_000);
+        }
         self.verifier.record(topic, aggregate, version);
         if self.handled.fetch_add(1, Ordering::AcqRel) + 1 == self.expected {
             self.done.notify_one();
@@ -920,6 +935,10 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
         ratio_to_ceiling_bus_wire: 0.0,
         ratio_to_ceiling_packed: 0.0,
         instructions_per_event: 0.0,
+        stages: sink.stages[0].count().gt(&0).then(|| report::Stages {
+            p50_ms: sink.stages.each_ref().map(|h| h.quantile_ms(0.50)),
+            p99_ms: sink.stages.each_ref().map(|h| h.quantile_ms(0.99)),
+        }),
     })
 }
 

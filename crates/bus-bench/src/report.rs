@@ -41,6 +41,18 @@ pub(crate) struct Row {
     /// counted.
     #[serde(default)]
     pub(crate) instructions_per_event: f64,
+    /// Where an event's latency goes, for rows whose handlers know when the broker stored the
+    /// event and when the fetcher received it (`Delivery::stored_at`, `received_at`).
+    #[serde(default)]
+    pub(crate) stages: Option<Stages>,
+}
+
+/// Latency by stage, in milliseconds: publish to stored by the broker, stored to received by
+/// the fetcher, received to the handler's start. p50 and p99 of each.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub(crate) struct Stages {
+    pub(crate) p50_ms: [f64; 3],
+    pub(crate) p99_ms: [f64; 3],
 }
 
 #[derive(Serialize)]
@@ -103,6 +115,29 @@ fn table(rows: &[Row]) -> String {
             r.lost,
             r.duplicates
         );
+    }
+    if rows.iter().any(|r| r.stages.is_some()) {
+        let _ = writeln!(
+            out,
+            "\nWhere the latency goes (p50 / p99 ms): publish to stored by the broker, stored to \
+             received by the fetcher, received to the handler's start.\n\n\
+             | row | to stored | to received | to handler |\n|---|---:|---:|---:|"
+        );
+        for r in rows {
+            if let Some(s) = r.stages {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+                    r.name,
+                    s.p50_ms[0],
+                    s.p99_ms[0],
+                    s.p50_ms[1],
+                    s.p99_ms[1],
+                    s.p50_ms[2],
+                    s.p99_ms[2]
+                );
+            }
+        }
     }
     out
 }
@@ -220,6 +255,7 @@ mod tests {
             broker_msgs_per_s: rate / 8.0,
             ratio_to_ceiling_packed: 0.0,
             instructions_per_event: 0.0,
+            stages: None,
         }
     }
 

@@ -42,6 +42,11 @@ impl Histogram {
     }
 
     /// The counts of every bucket, to carry a histogram to another process.
+    /// Values recorded.
+    pub(crate) fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
     pub(crate) fn counts(&self) -> Vec<u64> {
         self.counts
             .iter()

@@ -40,6 +40,12 @@ pub struct Delivery {
     /// The W3C trace context the event carried (its `traceparent` header), if any. What the
     /// handler publishes continues this trace.
     pub traceparent: Option<TraceParent>,
+    /// When the broker stored the event, by the broker's clock, if the transport knows it.
+    pub stored_at: Option<std::time::SystemTime>,
+    /// When this process received it from the broker, before queueing it for its handler, if
+    /// the transport tells. With `stored_at` and the time the handler starts, it splits an
+    /// event's latency into its stages (the broker, the wire and fetch, the queue).
+    pub received_at: Option<std::time::SystemTime>,
 }
 
 impl Delivery {
@@ -52,6 +58,8 @@ impl Delivery {
             partition: None,
             cancellation: Cancellation::never(),
             traceparent: None,
+            stored_at: None,
+            received_at: None,
         }
     }
 }
@@ -261,6 +269,8 @@ mod tests {
             partition: Some(2),
             cancellation: source.signal(),
             traceparent: None,
+            stored_at: None,
+            received_at: None,
         };
         let seen = with_delivery(delivery, async {
             let d = current_delivery().expect("inside a call");

@@ -355,6 +355,8 @@ mod tests {
             partition: Some(1),
             cancellation: source.signal(),
             traceparent: None,
+            stored_at: None,
+            received_at: None,
         };
         with_delivery(
             delivery,

@@ -386,6 +386,9 @@ impl JobRunner {
                             partition: None,
                             cancellation: self.cancel.signal(),
                             traceparent,
+                            // A log in memory: stored and received are the same moment.
+                            stored_at: None,
+                            received_at: None,
                         };
                         // Once closing, a failed event is not tried again: it is returned.
                         let closing = attempt > 1 && self.cancel.is_closed();

@@ -560,3 +560,65 @@ async fn a_batch_is_acknowledged_only_after_earlier_messages_of_its_aggregates()
     recorder.verifier.report().assert_exact(5);
     subscription.close().await.unwrap();
 }
+
+/// A handler is told when the broker stored its event and when the fetcher received it, for an
+/// event of a batch and for one alone: the stages an event's latency splits into.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_knows_when_its_event_was_stored_and_received() {
+    use std::time::SystemTime;
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(batched(&server.url(), |c| {
+        c.batching.linger = Duration::from_millis(300);
+    }))
+    .await
+    .unwrap();
+    let topic = Topic::new("batch-timing").unwrap();
+    let before = SystemTime::now();
+    // Two events of one batch, then one alone (one event in the linger is sent as it is).
+    publish_stored_at(&bus, &topic, &[("a", 1), ("b", 1)], 1).await;
+    publish_stored_at(&bus, &topic, &[("a", 2)], 2).await;
+    let after_publish = SystemTime::now();
+
+    type Seen = (u64, Option<SystemTime>, Option<SystemTime>, SystemTime);
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let recorder = Recorder::new();
+    let _subscription = {
+        let (seen, recorder, t) = (seen.clone(), recorder.clone(), topic.clone());
+        bus.subscribe(
+            &topic,
+            Arc::new(handler_fn(move |e: Envelope| {
+                let (seen, recorder, t) = (seen.clone(), recorder.clone(), t.clone());
+                async move {
+                    let d = bus_core::current_delivery().unwrap();
+                    seen.lock().unwrap().push((
+                        d.stream_sequence.unwrap(),
+                        d.stored_at,
+                        d.received_at,
+                        SystemTime::now(),
+                    ));
+                    recorder.record(&t, &e);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    recorder.wait_unique(3).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (sequence, stored, received, started) in seen {
+        let stored = stored.unwrap_or_else(|| panic!("no stored_at for sequence {sequence}"));
+        let received = received.unwrap_or_else(|| panic!("no received_at for sequence {sequence}"));
+        // One clock on one machine: published, stored, received, handled, in that order.
+        assert!(
+            before <= stored && stored <= after_publish,
+            "{sequence}: stored {stored:?}"
+        );
+        assert!(
+            stored <= received,
+            "{sequence}: received {received:?} before stored {stored:?}"
+        );
+        assert!(received <= started, "{sequence}: started before received");
+    }
+}

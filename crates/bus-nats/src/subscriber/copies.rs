@@ -283,6 +283,8 @@ pub(crate) struct AckInfo {
     /// Its position in the consumer's deliveries: one more than the delivery before it, so a
     /// jump says deliveries were lost on the way.
     pub(crate) consumer_sequence: u64,
+    /// When the broker stored it, in nanoseconds since the Unix epoch.
+    pub(crate) stored_nanos: u64,
 }
 
 /// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` and the newer
@@ -299,6 +301,7 @@ pub(crate) fn ack_info(reply: &str) -> Option<AckInfo> {
         delivered: tokens.next()?.parse().ok()?,
         stream_sequence: tokens.next()?.parse().ok()?,
         consumer_sequence: tokens.next()?.parse().ok()?,
+        stored_nanos: tokens.next()?.parse().ok()?,
     })
 }
 
@@ -315,6 +318,7 @@ mod tests {
                 delivered: 3,
                 stream_sequence: 1042,
                 consumer_sequence: 17,
+                stored_nanos: 1_700_000_000_000_000_000,
             })
         );
         let v2 = "$JS.ACK.hub.ACCHASH.ORDERS.bus-orders.1.77.70.1700000000000000000.0.tok";
@@ -324,6 +328,7 @@ mod tests {
                 delivered: 1,
                 stream_sequence: 77,
                 consumer_sequence: 70,
+                stored_nanos: 1_700_000_000_000_000_000,
             })
         );
         assert_eq!(ack_info("_INBOX.abc"), None);

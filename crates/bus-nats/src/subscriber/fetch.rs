@@ -25,7 +25,7 @@ use super::copies::{ack_info, Copies, Seen};
 use super::ownership::{Ownership, Wait};
 use super::recovery::{Restarter, Start};
 use super::runner::{
-    prepare, prepare_record, BatchProgress, Counters, Job, Origin, Request, Runner, Work,
+    prepare, prepare_record, Arrival, BatchProgress, Counters, Job, Origin, Request, Runner, Work,
 };
 use super::Dispatch;
 use crate::broker::{self, PullEnd};
@@ -462,6 +462,7 @@ async fn on_reply(
             }
             st.next_delivery += 1;
             st.seen_up_to = st.seen_up_to.max(info.stream_sequence);
+            let arrival = Arrival::now(info.stored_nanos);
             let sequence = info.stream_sequence;
             // A copy of a message acknowledged recently is acknowledged again (its first ack was
             // lost or came too early); one not acknowledged yet keeps the copy's ack subject.
@@ -484,7 +485,8 @@ async fn on_reply(
                 Some(Ok(records)) => {
                     st.events_per_message.0 += records.len() as u64;
                     st.events_per_message.1 += 1;
-                    return dispatch_batch(plan, pool, term, sequence, message, records).await;
+                    return dispatch_batch(plan, pool, term, sequence, message, records, arrival)
+                        .await;
                 }
                 Some(Err(error)) => (
                     Arc::from(""),
@@ -504,6 +506,7 @@ async fn on_reply(
                 origin: Origin::Single(message),
                 input,
                 term,
+                arrival,
             });
             if pool.submit(&key, Work::Message(job)).await.is_err() {
                 return Some(End::Stopped);
@@ -559,6 +562,7 @@ async fn dispatch_batch(
     sequence: u64,
     message: async_nats::Message,
     records: Vec<wire::Record>,
+    arrival: Arrival,
 ) -> Option<End> {
     let first = records
         .first()
@@ -619,6 +623,7 @@ async fn dispatch_batch(
                 origin: Origin::Batch(progress.clone(), index),
                 input,
                 term,
+                arrival,
             });
             (key, job)
         })

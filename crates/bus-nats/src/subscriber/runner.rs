@@ -54,6 +54,27 @@ pub(crate) struct Job {
     /// The ownership term it was delivered in: a job of an earlier term (the subscription lost
     /// the topic since) is not handled, since the new owner has it delivered again.
     pub(crate) term: u64,
+    /// When the broker stored its message, and when the fetcher received it.
+    pub(crate) arrival: Arrival,
+}
+
+/// When a message was stored and received: the first stages of its events' latency, handed to
+/// the handler in its `Delivery`. One clock read per message, not per event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrival {
+    pub(crate) stored_at: Option<std::time::SystemTime>,
+    pub(crate) received_at: std::time::SystemTime,
+}
+
+impl Arrival {
+    /// A message received now, stored at `stored_nanos` (Unix epoch) by the broker's clock.
+    pub(crate) fn now(stored_nanos: u64) -> Self {
+        Self {
+            stored_at: (stored_nanos > 0)
+                .then(|| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(stored_nanos)),
+            received_at: std::time::SystemTime::now(),
+        }
+    }
 }
 
 /// How a job ended.
@@ -320,6 +341,8 @@ impl Runner {
                     partition: self.partition,
                     cancellation,
                     traceparent: traceparent.clone(),
+                    stored_at: job.arrival.stored_at,
+                    received_at: Some(job.arrival.received_at),
                 };
                 with_delivery(delivery, async move {
                     if going {

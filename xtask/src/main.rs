@@ -312,12 +312,55 @@ fn rust_version(root: &Path) -> Result<()> {
         .env("CARGO_TARGET_DIR", root.join("target/rust-version")))
 }
 
+/// Removes what earlier dry runs left in cargo's registry caches of this workspace's crates.
+/// `cargo publish --workspace` serves the packages it builds from a local registry under
+/// `target/package`; cargo unpacks each into `$CARGO_HOME/registry/src/<that registry>/` once
+/// and never again for the same name and version, so a second run verified the packages against
+/// the first run's sources. Only the local registries' copies go (the crates registry holds no
+/// `ordered-bus` crate).
+fn forget_packaged_sources() -> Result<()> {
+    let home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    for kind in ["src", "cache"] {
+        let Ok(registries) = std::fs::read_dir(home.join("registry").join(kind)) else {
+            continue;
+        };
+        for registry in registries.flatten() {
+            if registry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("index.crates.io")
+            {
+                continue;
+            }
+            for entry in std::fs::read_dir(registry.path())?.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("ordered-bus")
+                {
+                    let path = entry.path();
+                    if path.is_dir() {
+                        std::fs::remove_dir_all(&path)?;
+                    } else {
+                        std::fs::remove_file(&path)?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The crates as the registry would get them: `cargo publish --dry-run` for the whole workspace
 /// (packaged in dependency order, each built from its package against the others'), then the
 /// unit and documentation tests of each package unpacked outside the workspace, so that a test
 /// reading a file the package does not carry fails here.
 fn packages(root: &Path) -> Result<()> {
     step("cargo publish --dry-run, every published crate");
+    forget_packaged_sources()?;
     run(cargo().args(["publish", "--dry-run", "--workspace"]))?;
     step("unit and documentation tests of each package, unpacked alone");
     let packaged = root.join("target/package");

@@ -312,13 +312,25 @@ fn rust_version(root: &Path) -> Result<()> {
         .env("CARGO_TARGET_DIR", root.join("target/rust-version")))
 }
 
-/// Removes what earlier dry runs left in cargo's registry caches of this workspace's crates.
-/// `cargo publish --workspace` serves the packages it builds from a local registry under
-/// `target/package`; cargo unpacks each into `$CARGO_HOME/registry/src/<that registry>/` once
-/// and never again for the same name and version, so a second run verified the packages against
-/// the first run's sources. Only the local registries' copies go (the crates registry holds no
-/// `ordered-bus` crate).
-fn forget_packaged_sources() -> Result<()> {
+/// Removes what earlier dry runs left of this workspace's crates. `cargo publish --workspace`
+/// serves the packages it verifies from a local registry under `target/package`, and cargo
+/// takes a registry crate of a given name and version to never change: it unpacks it into
+/// `$CARGO_HOME/registry/src/<that registry>/` once and builds it once (into `target/debug`),
+/// so a second run verified each package against the first run's build of the others. Only
+/// `ordered-bus` crates go: the local registries' copies (the crates registry holds none) and
+/// the build fingerprints (the workspace's own builds of them are redone, the rest is kept).
+fn forget_packaged_sources(root: &Path) -> Result<()> {
+    if let Ok(fingerprints) = std::fs::read_dir(root.join("target/debug/.fingerprint")) {
+        for entry in fingerprints.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("ordered-bus")
+            {
+                std::fs::remove_dir_all(entry.path())?;
+            }
+        }
+    }
     let home = env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -360,7 +372,7 @@ fn forget_packaged_sources() -> Result<()> {
 /// reading a file the package does not carry fails here.
 fn packages(root: &Path) -> Result<()> {
     step("cargo publish --dry-run, every published crate");
-    forget_packaged_sources()?;
+    forget_packaged_sources(root)?;
     run(cargo().args(["publish", "--dry-run", "--workspace"]))?;
     step("unit and documentation tests of each package, unpacked alone");
     let packaged = root.join("target/package");

@@ -41,19 +41,11 @@ impl Envelope {
         event_type: impl AsRef<str>,
         event_version: u64,
     ) -> EnvelopeBuilder {
-        EnvelopeBuilder {
-            aggregate_id: Unchecked::Text(aggregate_id.as_ref().to_owned()),
-            event_type: Unchecked::Text(event_type.as_ref().to_owned()),
+        EnvelopeBuilder::start(
+            Unchecked::Text(aggregate_id.as_ref().to_owned()),
+            Unchecked::Text(event_type.as_ref().to_owned()),
             event_version,
-            event_id: None,
-            timestamp: None,
-            trace_id: None,
-            correlation_id: None,
-            tenant_id: None,
-            content_type: ContentType::Bytes,
-            headers: BTreeMap::new(),
-            payload: Bytes::new(),
-        }
+        )
     }
 
     /// Starts an envelope from names already validated, as a publisher that sends many events
@@ -75,19 +67,11 @@ impl Envelope {
         event_type: &EventType,
         event_version: u64,
     ) -> EnvelopeBuilder {
-        EnvelopeBuilder {
-            aggregate_id: Unchecked::Valid(aggregate_id.clone()),
-            event_type: Unchecked::Valid(event_type.clone()),
+        EnvelopeBuilder::start(
+            Unchecked::Valid(aggregate_id.clone()),
+            Unchecked::Valid(event_type.clone()),
             event_version,
-            event_id: None,
-            timestamp: None,
-            trace_id: None,
-            correlation_id: None,
-            tenant_id: None,
-            content_type: ContentType::Bytes,
-            headers: BTreeMap::new(),
-            payload: Bytes::new(),
-        }
+        )
     }
 
     /// The aggregate this event belongs to: the ordering key.
@@ -198,6 +182,27 @@ enum Unchecked<T> {
 }
 
 impl EnvelopeBuilder {
+    /// A builder with the names as given and every other field at its default.
+    fn start(
+        aggregate_id: Unchecked<AggregateId>,
+        event_type: Unchecked<EventType>,
+        event_version: u64,
+    ) -> Self {
+        Self {
+            aggregate_id,
+            event_type,
+            event_version,
+            event_id: None,
+            timestamp: None,
+            trace_id: None,
+            correlation_id: None,
+            tenant_id: None,
+            content_type: ContentType::Bytes,
+            headers: BTreeMap::new(),
+            payload: Bytes::new(),
+        }
+    }
+
     /// Sets the event ID. Without it a new UUID v7 is generated at build time; set it when the
     /// event already has an identity, so that publishing it twice is recognised as a duplicate.
     pub fn event_id(mut self, event_id: impl Into<String>) -> Self {

@@ -31,18 +31,6 @@ pub(crate) struct TopicConnection {
     pub(crate) violations: watch::Receiver<Option<String>>,
 }
 
-impl TopicConnection {
-    /// The subject an event of `aggregate` is published on.
-    pub(crate) fn subject_for(&self, aggregate: &str) -> &async_nats::Subject {
-        if self.partitions.is_empty() {
-            &self.subject
-        } else {
-            let p = bus_core::wire::partition_of(aggregate, self.partitions.len() as u32);
-            &self.partitions[p as usize]
-        }
-    }
-}
-
 /// What a connection tells the parts that use it.
 pub(crate) struct Signals {
     pub(crate) reconnects: watch::Receiver<u64>,

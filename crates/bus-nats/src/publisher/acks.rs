@@ -54,26 +54,18 @@ pub(super) async fn transmit(
 ) -> Result<(), (Flight, PublishError)> {
     let now = Instant::now();
     let (subject, headers, payload) = match &mut flight {
-        Flight::One(message) => {
+        Flight::Raw(message) => {
             message.first_sent.get_or_insert(now);
             message.sends += 1;
             message.span.record("attempt", message.sends);
-            let (headers, payload) = match (message.prepared.take(), &message.envelope) {
-                (Some(prepared), _) => prepared,
-                (None, Some(e)) => (envelope_headers(e), e.payload().clone()),
-                (None, None) => unreachable!("raw publishes are sent once"),
-            };
-            let subject = match &message.envelope {
-                Some(e) => route
-                    .connection
-                    .subject_for(e.aggregate_id().as_str())
-                    .clone(),
-                None => route.connection.subject.clone(),
-            };
-            (subject, headers, payload)
+            let (headers, payload) = message
+                .raw
+                .take()
+                .expect("only raw publishes fly alone, and are sent once");
+            (route.connection.subject.clone(), headers, payload)
         }
         Flight::Batch(batch) => {
-            if batch.first_sent.is_none() {
+            if batch.first_sent.is_none() && batch.lane.limits.enabled() {
                 if let Some(first) = batch.messages.first() {
                     first
                         .metrics
@@ -395,8 +387,8 @@ mod tests {
         let now = Instant::now();
         awaiting
             .by_id
-            .insert(1, (now - Duration::from_secs(6), Flight::One(message())));
-        awaiting.by_id.insert(2, (now, Flight::One(message())));
+            .insert(1, (now - Duration::from_secs(6), Flight::Raw(message())));
+        awaiting.by_id.insert(2, (now, Flight::Raw(message())));
         let expired = awaiting.expired(Duration::from_secs(5));
         assert_eq!(expired.len(), 1);
         assert_eq!(awaiting.by_id.keys().copied().collect::<Vec<_>>(), [2]);

@@ -6,7 +6,6 @@
 //! retries transient failures, times out the acks that never come and sends the next event of
 //! each aggregate chain. So publishing wakes no task of its own and arms no timer per message.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -33,9 +32,9 @@ mod lane;
 mod settle;
 
 use acks::{collect_acks, transmit, AckResult, Awaiting, Timer, Timers};
+use encode::batch_wire;
 pub(crate) use encode::header_len;
 pub use encode::message_size;
-use encode::{batch_wire, envelope_headers};
 use lane::Lane;
 use settle::Settler;
 
@@ -50,13 +49,13 @@ struct Publish {
     /// The aggregate chain it belongs to, under [`PublishOrdering::PerAggregate`].
     chain: Option<u64>,
     /// The envelope, kept for retries and the failure callback; `None` for raw publishes,
-    /// which are sent once, from `prepared`.
+    /// which are sent once, from `raw`.
     envelope: Option<Envelope>,
     receipt: oneshot::Sender<Result<Published, PublishError>>,
     /// When it was first sent; transient failures are retried until `publish_retry_for` after.
     first_sent: Option<Instant>,
-    /// Headers and body for the first send, built once; a retry builds them again.
-    prepared: Option<(HeaderMap, Bytes)>,
+    /// A raw publish's headers and body.
+    raw: Option<(HeaderMap, Bytes)>,
     /// When `publish` was called.
     created: Instant,
     /// `bus.publish`, from the call to the settled receipt.
@@ -69,16 +68,17 @@ struct Publish {
     _permit: OwnedSemaphorePermit,
 }
 
-/// What one NATS message carries while it awaits its ack: a publish sent alone, or a batch.
+/// What one NATS message carries while it awaits its ack: a raw publish, or a batch of envelopes
+/// (one event when batching is off).
 enum Flight {
-    One(Message),
+    Raw(Message),
     Batch(Batch),
 }
 
 impl Flight {
     fn topic(&self) -> &Topic {
         match self {
-            Flight::One(m) => &m.topic,
+            Flight::Raw(m) => &m.topic,
             Flight::Batch(b) => &b.topic,
         }
     }
@@ -124,8 +124,6 @@ struct State {
     idle: Notify,
     first_error: Mutex<Option<PublishError>>,
     closed: AtomicBool,
-    /// Aggregate chains with a publish awaiting its ack → the publishes waiting behind it.
-    chains: Mutex<HashMap<u64, VecDeque<Message>, ahash::RandomState>>,
     /// Each topic's connection and ack inbox, set up on its first publish.
     routes: RwLock<HashMap<Topic, Arc<Route>, ahash::RandomState>>,
     routing: tokio::sync::Mutex<()>,
@@ -201,7 +199,6 @@ impl NatsPublisher {
             idle: Notify::new(),
             first_error: Mutex::new(None),
             closed: AtomicBool::new(false),
-            chains: Mutex::new(HashMap::default()),
             routes: RwLock::new(HashMap::default()),
             routing: tokio::sync::Mutex::new(()),
             awaiting: Mutex::new(Awaiting::default()),
@@ -274,6 +271,11 @@ impl NatsPublisher {
         let mut violations = connection.violations.clone();
         violations.mark_unchanged();
         let mut limits = self.shared.config.batching.clone();
+        if !limits.enabled() {
+            // Batching off: every event is a batch of one, and different aggregates are
+            // pipelined up to the publisher's window (`max_in_flight` of the bus).
+            limits.max_in_flight = usize::MAX;
+        }
         // Room for the batch's own headers within the server's limit.
         limits.max_bytes = limits
             .max_bytes
@@ -313,7 +315,7 @@ impl NatsPublisher {
         &self,
         topic: &Topic,
         envelope: Option<Envelope>,
-        prepared: Option<(HeaderMap, Bytes)>,
+        raw: Option<(HeaderMap, Bytes)>,
     ) -> Result<Receipt, PublishError> {
         if self.state.closed.load(Ordering::Acquire) {
             return Err(PublishError::new(
@@ -336,11 +338,11 @@ impl NatsPublisher {
         }
         let max_payload = route.connection.max_payload;
         // Batched envelopes have no headers built yet: their size as a record tells.
-        let record_len = match (&prepared, &envelope) {
+        let record_len = match (&raw, &envelope) {
             (None, Some(e)) => wire::record_len(e),
             _ => 0,
         };
-        let (header_len, payload_len) = match (&prepared, &envelope) {
+        let (header_len, payload_len) = match (&raw, &envelope) {
             (Some((headers, payload)), _) => (header_len(headers), payload.len()),
             (None, Some(e)) => (
                 // A record's header lines, plus the block's first and last lines and the
@@ -351,7 +353,7 @@ impl NatsPublisher {
                     + e.event_id().as_str().len(),
                 e.payload().len(),
             ),
-            (None, None) => unreachable!("raw publishes are prepared"),
+            (None, None) => unreachable!("a publish is an envelope or raw"),
         };
         if payload_len + header_len > max_payload {
             return Err(PublishError::new(
@@ -411,7 +413,7 @@ impl NatsPublisher {
             envelope,
             receipt: tx,
             first_sent: None,
-            prepared,
+            raw,
             created: Instant::now(),
             metrics: route.metrics.clone(),
             span,
@@ -420,29 +422,12 @@ impl NatsPublisher {
             _permit: permit,
         });
         self.state.outstanding.fetch_add(1, Ordering::AcqRel);
-        if message.prepared.is_none() {
+        if message.envelope.is_some() {
+            // Envelopes go through their lane, batched or not: one chain mechanism.
             self.enqueue(topic, &route, message).await?;
-            return Ok(receipt(rx));
-        }
-        let send_now = match chain {
-            None => Some(message),
-            Some(key) => {
-                let mut chains = self.state.chains.lock().unwrap();
-                match chains.entry(key) {
-                    Entry::Occupied(mut waiting) => {
-                        // An earlier event of this aggregate awaits its ack: wait behind it.
-                        waiting.get_mut().push_back(message);
-                        None
-                    }
-                    Entry::Vacant(slot) => {
-                        slot.insert(VecDeque::new());
-                        Some(message)
-                    }
-                }
-            }
-        };
-        if let Some(message) = send_now {
-            self.write(&route, Flight::One(message)).await?;
+        } else {
+            // A raw publish belongs to no chain and goes as it is.
+            self.write(&route, Flight::Raw(message)).await?;
         }
         Ok(receipt(rx))
     }
@@ -540,14 +525,8 @@ impl NatsPublisher {
         #[cfg(feature = "opentelemetry")]
         crate::otel::inject(&mut envelope);
         bus_core::continue_trace(&mut envelope, bus_core::new_parent_id);
-        if self.shared.config.batching.enabled() {
-            // Headers are built when it is sent: as a record of a batch, or alone.
-            return self.send(topic, Some(envelope), None).await;
-        }
-        let headers = envelope_headers(&envelope);
-        let payload = envelope.payload().clone();
-        self.send(topic, Some(envelope), Some((headers, payload)))
-            .await
+        // Headers are built when it is sent: as a record of a batch, or alone.
+        self.send(topic, Some(envelope), None).await
     }
 }
 
@@ -618,7 +597,7 @@ pub(super) mod test_support {
             envelope: None,
             receipt: oneshot::channel().0,
             first_sent: None,
-            prepared: None,
+            raw: None,
             created: Instant::now(),
             metrics: Arc::new(PublishMetrics::new(&topic())),
             span: tracing::Span::none(),

@@ -1,5 +1,5 @@
-//! What an ack or a failure settles: receipts, the next publish of an aggregate chain, the
-//! next batches of a lane, and whether a failed publish is sent again.
+//! What an ack or a failure settles: receipts, the next batches of a lane (the next events of
+//! its aggregate chains), and whether a failed batch is sent again.
 
 use super::*;
 
@@ -49,17 +49,19 @@ impl Settler<'_> {
         timers: &mut Timers,
     ) -> Vec<Flight> {
         match flight {
-            Flight::One(message) => match self.decide_one(result, message) {
-                Next::Nothing => Vec::new(),
-                Next::Send(message) => vec![Flight::One(message)],
-                Next::Retry(message, delay) => {
-                    timers.push(Box::pin(async move {
-                        tokio::time::sleep(delay).await;
-                        Timer::Resend(Box::new(Flight::One(message)))
-                    }));
-                    Vec::new()
+            Flight::Raw(message) => {
+                // Raw publishes belong to no chain and are sent once.
+                let outcome = result.map(|(sequence, duplicate)| Published {
+                    topic: message.topic.clone(),
+                    sequence: Some(sequence),
+                    duplicate,
+                });
+                if let Err(error) = &outcome {
+                    tracing::warn!(topic = %message.topic, %error, "raw publish failed");
                 }
-            },
+                finish(message, outcome, self.state, self.shared);
+                Vec::new()
+            }
             Flight::Batch(batch) => self.decide_batch(result, batch, timers),
         }
     }
@@ -198,79 +200,12 @@ impl Settler<'_> {
         }
         flights
     }
-
-    pub(super) fn decide_one(&self, result: AckResult, message: Message) -> Next {
-        let state = self.state;
-        let shared = self.shared;
-        let topic = message.topic.clone();
-        match result {
-            Ok((sequence, duplicate)) => {
-                let chain = message.chain;
-                finish(
-                    message,
-                    Ok(Published {
-                        topic,
-                        sequence: Some(sequence),
-                        duplicate,
-                    }),
-                    state,
-                    shared,
-                );
-                let Some(key) = chain else {
-                    return Next::Nothing;
-                };
-                let mut chains = state.chains.lock().unwrap();
-                match chains.get_mut(&key).and_then(VecDeque::pop_front) {
-                    Some(next) => Next::Send(next),
-                    None => {
-                        chains.remove(&key);
-                        Next::Nothing
-                    }
-                }
-            }
-            Err(error) => {
-                if let Some(delay) =
-                    self.retry_after(&error, message.chain.is_some(), message.first_sent)
-                {
-                    // Retried before any later event of the aggregate is sent; the same
-                    // Nats-Msg-Id makes a retry of a publish that was in fact stored a duplicate.
-                    tracing::debug!(%topic, %error, ?delay, "publish failed; retrying before the aggregate's later events");
-                    state.retries.fetch_add(1, Ordering::Relaxed);
-                    message.metrics.retries.increment(1);
-                    return Next::Retry(message, delay);
-                }
-                tracing::warn!(%topic, %error, "publish failed");
-                let chain = message.chain;
-                let reason = error.to_string();
-                finish(message, Err(error), state, shared);
-                if let Some(key) = chain {
-                    let waiting = state
-                        .chains
-                        .lock()
-                        .unwrap()
-                        .remove(&key)
-                        .unwrap_or_default();
-                    self.abort(&topic, &reason, waiting);
-                }
-                Next::Nothing
-            }
-        }
-    }
 }
 
 /// Backoff before sending a transiently failed publish again, growing with how long it has
 /// been failing.
 pub(super) fn retry_delay(elapsed: Duration) -> Duration {
     (RETRY_FIRST_DELAY * 2u32.pow((elapsed.as_millis() / 500).min(5) as u32)).min(RETRY_MAX_DELAY)
-}
-
-/// What settling one publish starts.
-pub(super) enum Next {
-    Nothing,
-    /// The next publish of its aggregate chain.
-    Send(Message),
-    /// The same publish again, after a delay.
-    Retry(Message, Duration),
 }
 
 pub(super) fn is_transient(error: &PublishError) -> bool {

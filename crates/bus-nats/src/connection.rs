@@ -8,6 +8,7 @@ use async_nats::jetstream;
 use bus_core::Topic;
 use tokio::sync::watch;
 
+use crate::broker::Violation;
 use crate::config::{self, ConnectionEvent, NatsConfig};
 use crate::{provision, NatsError};
 
@@ -28,20 +29,20 @@ pub(crate) struct TopicConnection {
     /// whatever the broker wrote to the old one is gone.
     pub(crate) reconnects: watch::Receiver<u64>,
     /// The last permissions violation the server reported on this connection.
-    pub(crate) violations: watch::Receiver<Option<String>>,
+    pub(crate) violations: watch::Receiver<Option<Violation>>,
 }
 
 /// What a connection tells the parts that use it.
 pub(crate) struct Signals {
     pub(crate) reconnects: watch::Receiver<u64>,
-    pub(crate) violations: watch::Receiver<Option<String>>,
+    pub(crate) violations: watch::Receiver<Option<Violation>>,
 }
 
 /// Runs `operation`, failing it at once with `PermissionDenied` if the server reports a
 /// permissions violation on the connection meanwhile: the server answers a refused publish or
 /// subscription only with that report, so the operation itself would wait for its timeout.
 pub(crate) async fn guarded<T>(
-    violations: &watch::Receiver<Option<String>>,
+    violations: &watch::Receiver<Option<Violation>>,
     what: impl FnOnce() -> String,
     operation: impl std::future::Future<Output = Result<T, NatsError>>,
 ) -> Result<T, NatsError> {
@@ -50,7 +51,10 @@ pub(crate) async fn guarded<T>(
     tokio::select! {
         result = operation => result,
         Ok(()) = violations.changed() => {
-            let violation = violations.borrow().clone().unwrap_or_default();
+            let violation = violations
+                .borrow()
+                .as_ref()
+                .map_or_else(String::new, ToString::to_string);
             Err(NatsError::PermissionDenied(format!(
                 "{}: the server refused it for this user ({violation}); see docs/permissions.md for the subjects each role needs",
                 what()
@@ -76,7 +80,7 @@ pub(crate) struct Shared {
 pub(crate) struct Coordination {
     pub(crate) client: async_nats::Client,
     pub(crate) jetstream: jetstream::Context,
-    pub(crate) violations: watch::Receiver<Option<String>>,
+    pub(crate) violations: watch::Receiver<Option<Violation>>,
 }
 
 impl Shared {
@@ -256,7 +260,7 @@ impl Shared {
         let event_topic = topic.clone();
         let (reconnected, reconnects) = watch::channel(0u64);
         let reconnected = Arc::new(reconnected);
-        let (violated, violations) = watch::channel(None::<String>);
+        let (violated, violations) = watch::channel(None::<Violation>);
         let violated = Arc::new(violated);
         let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
         options = options.event_callback(move |event| {
@@ -279,10 +283,10 @@ impl Shared {
                     }
                     async_nats::Event::Disconnected => ConnectionEvent::Disconnected { topic },
                     async_nats::Event::Closed => ConnectionEvent::Closed { topic },
-                    async_nats::Event::ServerError(async_nats::ServerError::Other(text))
-                        if text.to_ascii_lowercase().contains("permissions violation") =>
-                    {
-                        violated.send_replace(Some(text.clone()));
+                    async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
+                        if let Some(violation) = Violation::parse(&text) {
+                            violated.send_replace(Some(violation));
+                        }
                         ConnectionEvent::Error {
                             topic,
                             message: text,

@@ -282,10 +282,10 @@ pub(super) async fn collect_acks(
                     let refused = {
                         let mut violations = route.violations.lock().unwrap();
                         match violations.has_changed() {
-                            Ok(true) => violations.borrow_and_update().clone().filter(|v| {
-                                let topic = route.connection.subject.as_str();
-                                v.contains(&format!("\"{topic}\"")) || v.contains(&format!("\"{topic}."))
-                            }),
+                            Ok(true) => violations
+                                .borrow_and_update()
+                                .clone()
+                                .filter(|v| v.refuses_publish_to(route.connection.subject.as_str())),
                             _ => None,
                         }
                     };

@@ -105,7 +105,7 @@ struct Route {
     /// was sent before may have gone down the old socket.
     reconnects_seen: AtomicU64,
     /// The connection's permissions violations, to notice a refused publish to the topic.
-    violations: Mutex<tokio::sync::watch::Receiver<Option<String>>>,
+    violations: Mutex<tokio::sync::watch::Receiver<Option<crate::broker::Violation>>>,
     metrics: Arc<PublishMetrics>,
     /// One lane per subject (per partition of a partitioned topic), for batched publishes.
     lanes: Vec<Arc<Lane>>,

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::connection::Shared;
-use crate::{NatsBus, NatsError};
+use crate::{MemberRefusal, NatsBus, NatsError};
 
 /// The subject prefix of control requests. No topic can start with `$`, so it never collides
 /// with a topic's subject.
@@ -166,7 +166,7 @@ impl NatsBus {
             }
         }
         if out.is_empty() {
-            return Err(NatsError::Configuration(format!(
+            return Err(NatsError::Unanswered(format!(
                 "no subscription of group `{}` to topic `{topic}` answered within {wait:?}",
                 self.shared.config.consumer.group
             )));
@@ -241,13 +241,22 @@ impl NatsBus {
         if let Some(done) = replies.iter().find(|r| r.error.is_none()) {
             return Ok(done.member.clone());
         }
-        let why: Vec<String> = replies
-            .iter()
-            .map(|r| format!("{}: {}", r.member, r.error.as_deref().unwrap_or("")))
-            .collect();
-        Err(NatsError::Configuration(format!(
-            "no subscription could do it ({})",
-            why.join("; ")
-        )))
+        let what = match &request {
+            Request::Resume { key } => format!("resume aggregate `{key}` on topic `{topic}`"),
+            Request::Skip { key } => {
+                format!("skip the failed event of aggregate `{key}` on topic `{topic}`")
+            }
+            Request::Halted => unreachable!("a halted request is not settled"),
+        };
+        Err(NatsError::Refused {
+            what,
+            refusals: replies
+                .into_iter()
+                .map(|r| MemberRefusal {
+                    member: r.member,
+                    reason: r.error.unwrap_or_default(),
+                })
+                .collect(),
+        })
     }
 }

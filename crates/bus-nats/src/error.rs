@@ -29,6 +29,11 @@ pub enum NatsErrorKind {
     /// What an operator asked about does not exist: no stream stores the topic, or the consumer
     /// group never subscribed to it.
     NotFound,
+    /// No live subscription of the group answered a remote-control request in time.
+    Unanswered,
+    /// Every subscription that answered a remote-control request refused it (for a resume or a
+    /// skip: none holds the aggregate halted).
+    Refused,
 }
 
 /// Errors of the NATS transport.
@@ -66,6 +71,25 @@ pub enum NatsError {
     /// What an operator asked about does not exist (a topic no stream stores, a group that never
     /// subscribed to it); says which.
     NotFound(String),
+    /// No live subscription of the group answered a remote-control request in time; says which
+    /// group, topic and wait.
+    Unanswered(String),
+    /// Every subscription that answered a remote-control request refused it.
+    Refused {
+        /// What was asked.
+        what: String,
+        /// Each member that answered, and why it refused.
+        refusals: Vec<MemberRefusal>,
+    },
+}
+
+/// One subscription's refusal of a remote-control request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRefusal {
+    /// The member that answered (`<host>:<pid>:<n>`).
+    pub member: String,
+    /// Why it refused (for a resume or a skip: the aggregate is not halted there).
+    pub reason: String,
 }
 
 impl NatsError {
@@ -91,6 +115,8 @@ impl NatsError {
             NatsError::Closed(_) => NatsErrorKind::Closed,
             NatsError::PermissionDenied(_) => NatsErrorKind::PermissionDenied,
             NatsError::NotFound(_) => NatsErrorKind::NotFound,
+            NatsError::Unanswered(_) => NatsErrorKind::Unanswered,
+            NatsError::Refused { .. } => NatsErrorKind::Refused,
         }
     }
 }
@@ -107,7 +133,16 @@ impl fmt::Display for NatsError {
             | NatsError::Owned(m)
             | NatsError::Closed(m)
             | NatsError::PermissionDenied(m)
-            | NatsError::NotFound(m) => f.write_str(m),
+            | NatsError::NotFound(m)
+            | NatsError::Unanswered(m) => f.write_str(m),
+            NatsError::Refused { what, refusals } => {
+                write!(f, "no subscription could {what} (")?;
+                for (i, r) in refusals.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { "; " };
+                    write!(f, "{sep}{}: {}", r.member, r.reason)?;
+                }
+                f.write_str(")")
+            }
             NatsError::Api { what, source } => write!(f, "{what} failed: {source}"),
         }
     }

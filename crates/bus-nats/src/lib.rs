@@ -82,7 +82,7 @@ pub use config::{
 pub(crate) use connection::{Shared, TopicConnection};
 pub use dead_letters::dead_letter_headers;
 pub use dead_letters::{DeadLetter, DeadLetterReason};
-pub use error::{NatsError, NatsErrorKind};
+pub use error::{MemberRefusal, NatsError, NatsErrorKind};
 pub use health::{
     Health, HealthAlert, HealthProblem, HealthStatus, HealthThresholds, SubscriptionHealth,
 };

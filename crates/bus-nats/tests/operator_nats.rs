@@ -137,6 +137,25 @@ async fn halted_aggregate_waits_for_the_operator_and_resumes_in_order() {
     // Operator calls on an aggregate that is not halted are refused.
     let error = control.resume("good-1").await.unwrap_err();
     assert_eq!(error.kind(), SubscribeErrorKind::NotHalted);
+    // The same through the control subject, as an operator in another process would ask.
+    let members = bus
+        .remote_halted(&topic, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(members.len(), 1, "{members:?}");
+    assert_eq!(members[0].halted.len(), 1, "{members:?}");
+    assert_eq!(members[0].halted[0].key, "bad", "{members:?}");
+    match bus
+        .remote_resume(&topic, "good-1", Duration::from_secs(2))
+        .await
+        .unwrap_err()
+    {
+        bus_nats::NatsError::Refused { refusals, .. } => {
+            assert_eq!(refusals.len(), 1, "{refusals:?}");
+            assert_eq!(refusals[0].member, members[0].member, "{refusals:?}");
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
 
     // A resume while the fault persists: two more attempts, then halted again.
     control.resume("bad").await.unwrap();

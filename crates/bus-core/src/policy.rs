@@ -220,18 +220,8 @@ impl<F: std::future::Future> std::future::Future for CatchUnwind<'_, F> {
         let inner = self.inner.as_mut();
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(poll) => poll.map(Ok),
-            Err(payload) => std::task::Poll::Ready(Err(panic_text(&*payload))),
+            Err(payload) => std::task::Poll::Ready(Err(keyed_pool::panic_message(&*payload))),
         }
-    }
-}
-
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic with a non-string payload".to_owned()
     }
 }
 

@@ -266,7 +266,14 @@ impl<J> fmt::Debug for KeyedPool<J> {
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// The message of a caught panic: its payload when that is a string (what `panic!` with a
+/// message gives), or a placeholder saying it was not.
+///
+/// ```
+/// let payload = std::panic::catch_unwind(|| panic!("worker {} failed", 3)).unwrap_err();
+/// assert_eq!(keyed_pool::panic_message(&*payload), "worker 3 failed");
+/// ```
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -376,6 +376,70 @@ pub(crate) fn pull_end(status: u16, description: &str) -> PullEnd {
     }
 }
 
+/// A KV bucket whose keys live `max_age` after their last write, created on first use.
+/// Created through the stream API directly: async-nats's `create_key_value` cannot read the
+/// reply of servers before 2.14 (seen with 2.9.10).
+pub(crate) async fn ensure_bucket(
+    client: &async_nats::Client,
+    jetstream: &async_nats::jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<async_nats::jetstream::kv::Store, NatsError> {
+    if let Ok(store) = jetstream.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    let stream = format!("KV_{bucket}");
+    let config = serde_json::json!({
+        "name": stream,
+        "subjects": [format!("$KV.{bucket}.>")],
+        "max_msgs_per_subject": 1,
+        "max_age": max_age.as_nanos() as u64,
+        "discard": "new",
+        "storage": "file",
+        "num_replicas": replicas,
+        "allow_rollup_hdrs": true,
+        "deny_delete": true,
+        "allow_direct": true,
+    });
+    let what = || format!("creating the KV bucket `{bucket}`");
+    if let Err(error) = create_stream(client, &stream, config).await {
+        // Another subscription may have created it meanwhile.
+        if jetstream.get_key_value(bucket).await.is_err() {
+            return Err(NatsError::Configuration(format!("{}: {error}", what())));
+        }
+    }
+    jetstream
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| NatsError::api(what(), e))
+}
+
+/// Runs `operation`, failing it at once with `PermissionDenied` if the server reports a
+/// permissions violation on the connection meanwhile: the server answers a refused publish or
+/// subscription only with that report, so the operation itself would wait for its timeout.
+pub(crate) async fn guarded<T>(
+    violations: &tokio::sync::watch::Receiver<Option<Violation>>,
+    what: impl FnOnce() -> String,
+    operation: impl std::future::Future<Output = Result<T, NatsError>>,
+) -> Result<T, NatsError> {
+    let mut violations = violations.clone();
+    violations.mark_unchanged();
+    tokio::select! {
+        result = operation => result,
+        Ok(()) = violations.changed() => {
+            let violation = violations
+                .borrow()
+                .as_ref()
+                .map_or_else(String::new, ToString::to_string);
+            Err(NatsError::PermissionDenied(format!(
+                "{}: the server refused it for this user ({violation}); see docs/permissions.md for the subjects each role needs",
+                what()
+            )))
+        }
+    }
+}
+
 /// What a client was refused: the server's `-ERR` report of a permissions violation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refused {

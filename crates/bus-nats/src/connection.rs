@@ -38,31 +38,6 @@ pub(crate) struct Signals {
     pub(crate) violations: watch::Receiver<Option<Violation>>,
 }
 
-/// Runs `operation`, failing it at once with `PermissionDenied` if the server reports a
-/// permissions violation on the connection meanwhile: the server answers a refused publish or
-/// subscription only with that report, so the operation itself would wait for its timeout.
-pub(crate) async fn guarded<T>(
-    violations: &watch::Receiver<Option<Violation>>,
-    what: impl FnOnce() -> String,
-    operation: impl std::future::Future<Output = Result<T, NatsError>>,
-) -> Result<T, NatsError> {
-    let mut violations = violations.clone();
-    violations.mark_unchanged();
-    tokio::select! {
-        result = operation => result,
-        Ok(()) = violations.changed() => {
-            let violation = violations
-                .borrow()
-                .as_ref()
-                .map_or_else(String::new, ToString::to_string);
-            Err(NatsError::PermissionDenied(format!(
-                "{}: the server refused it for this user ({violation}); see docs/permissions.md for the subjects each role needs",
-                what()
-            )))
-        }
-    }
-}
-
 /// What a bus's publishers and subscriptions share: the configuration and the connections.
 pub(crate) struct Shared {
     pub(crate) config: NatsConfig,
@@ -137,7 +112,7 @@ impl Shared {
             .backpressure_on_inflight(true)
             .build(client.clone());
         let spec = self.config.stream_for(topic);
-        guarded(
+        crate::broker::guarded(
             &signals.violations,
             || format!("provisioning stream `{}` of topic `{topic}`", spec.name),
             provision::ensure_stream(&jetstream, &spec, self.config.provisioning),

@@ -346,7 +346,7 @@ impl NatsBus {
         let connection = self.shared.connection(topic).await?;
         // A subject this user may not use is refused only in a violation report: fail at
         // once, naming it, instead of after the request timeout.
-        crate::connection::guarded(
+        crate::broker::guarded(
             &connection.violations,
             || format!("reading the dead letters of topic `{topic}`"),
             self.read_dead_letters(&connection, topic, limit),

@@ -100,7 +100,7 @@ struct GroupSubscription {
     key: String,
     /// Reports of partitions handed over while the subscription ran.
     handed_over: Arc<Mutex<CloseReport>>,
-    _registration: super::ownership::Registration,
+    _registration: super::registry::Registration,
 }
 
 pub(crate) async fn start(
@@ -117,7 +117,7 @@ pub(crate) async fn start(
     let coordination = shared.coordination().await.map_err(fail)?;
     let deadline = config.consumer.takeover_after;
     // One member per process: a second one would only fight for the same partitions.
-    let registration = super::ownership::Registration::claim(
+    let registration = super::registry::Registration::claim(
         &config.connection.servers,
         &connection.stream,
         &config.consumer_name(topic),
@@ -126,7 +126,7 @@ pub(crate) async fn start(
     let kv = super::ownership::within(
         deadline,
         "opening the group membership bucket",
-        super::ownership::ensure_bucket(
+        crate::broker::ensure_bucket(
             &coordination.client,
             &coordination.jetstream,
             MEMBERS_BUCKET,

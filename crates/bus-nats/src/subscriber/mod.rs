@@ -15,6 +15,7 @@ mod group;
 mod halts;
 mod ownership;
 mod recovery;
+mod registry;
 mod runner;
 mod unacked;
 pub(crate) use copies::BatchMemory;
@@ -33,12 +34,12 @@ use bus_core::{
 use keyed_pool::KeyedPool;
 use tokio::sync::{mpsc, watch};
 
-use crate::{provision, NatsError, NatsErrorKind, Shared, StreamSpec};
+use crate::{provision, NatsError, NatsErrorKind, Shared};
 use acker::Acker;
 use copies::Copies;
 use fetch::{fetch, FetchPlan};
-use ownership::{Ownership, Registration};
 use recovery::{server_at_least, Restarter};
+use registry::Registration;
 use runner::{Counters, Runner, Work};
 
 /// The handler a subscription delivers to.
@@ -159,93 +160,22 @@ async fn setup(
             "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {version}"
         ))));
     }
-    let want = provision::consumer_config(&name, subject.as_str(), &config.consumer, pinned);
-    let guard = |what: &'static str| {
-        let name = name.clone();
-        move || format!("{what} `{name}` of `{subject}`")
-    };
-    crate::connection::guarded(
+    let want = provision::subscription(
+        &connection.jetstream,
+        &connection.stream,
         &connection.violations,
-        guard("provisioning consumer"),
-        provision::ensure_consumer(
-            &connection.jetstream,
-            &connection.stream,
-            &want,
-            config.provisioning,
-        ),
+        config,
+        &name,
+        subject.as_str(),
+        pinned,
     )
     .await
     .map_err(fail)?;
-
-    let mut dlq = StreamSpec::new(config.dead_letters.stream.clone(), []);
-    dlq.retention = crate::Retention::Limits;
-    dlq.max_bytes = config.dead_letters.max_bytes;
-    dlq.replicas = config.dead_letters.replicas;
-    let mut dlq_config = provision::stream_config(&dlq);
-    dlq_config.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
-    crate::connection::guarded(
-        &connection.violations,
-        guard("provisioning the dead-letter stream for consumer"),
-        provision::ensure_dead_letter_stream(
-            &connection.jetstream,
-            dlq_config,
-            config.provisioning,
-        ),
-    )
-    .await
-    .map_err(fail)?;
-
     let next_subject = crate::broker::next_subject(&connection.stream, &name);
-    // Where a permission violation of the ownership requests would show.
-    let mut ownership_violations = connection.violations.clone();
-    let mode = if pinned {
-        ownership::Mode::Pinned
-    } else {
-        let coordination = shared.coordination().await.map_err(fail)?;
-        ownership_violations = coordination.violations.clone();
-        ownership::Mode::Lease {
-            kv: Box::new(
-                crate::connection::guarded(
-                    &coordination.violations,
-                    guard("opening the ownership lease of consumer"),
-                    ownership::lease_store(
-                        &coordination.client,
-                        &coordination.jetstream,
-                        config.consumer.takeover_after,
-                        config.consumer.coordination_replicas,
-                    ),
-                )
-                .await
-                .map_err(fail)?,
-            ),
-            key: name.clone(),
-            holder: format!(
-                "`{}` (host {}, pid {})",
-                config.connection.client_name,
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_owned())
-                    .or_else(|_| std::env::var("HOSTNAME"))
-                    .unwrap_or_else(|_| "unknown".into()),
-                std::process::id(),
-            ),
-        }
-    };
-    let mut ownership = Ownership::new(
-        connection.client.clone(),
-        subject.clone(),
-        connection.stream.clone(),
-        name.clone(),
-        next_subject.clone(),
-        config.consumer.takeover_after,
-        mode,
-    );
-    crate::connection::guarded(
-        &ownership_violations,
-        guard("taking the ownership lease of consumer"),
-        ownership.try_acquire(),
-    )
-    .await
-    .map_err(fail)?;
+    let ownership =
+        ownership::establish(shared, &connection, &name, subject, &next_subject, pinned)
+            .await
+            .map_err(fail)?;
 
     let counters = Arc::new(Counters::default());
     // Finished positions are remembered for a few windows of MaxAckPending: long enough to

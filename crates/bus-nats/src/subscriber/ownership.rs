@@ -23,17 +23,18 @@
 //! `takeover_after`, independently of the fetcher, so slow handlers or a full worker queue never
 //! cost the owner its topic; it reports the loss of the claim to the fetcher.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use async_nats::Subject;
-use bus_core::{SubscribeError, SubscribeErrorKind, Topic};
+use bus_core::Topic;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
+use crate::broker::guarded;
+use crate::connection::{Shared, TopicConnection};
 use crate::provision::PRIORITY_GROUP;
 use crate::NatsError;
 
@@ -42,47 +43,6 @@ pub(crate) const LEASE_BUCKET: &str = "BUS_OWNERS";
 
 /// The header that carries the pin ID on deliveries of a pinned-client consumer.
 const PIN_HEADER: &str = "Nats-Pin-Id";
-
-/// Subscriptions live in this process, by servers, stream and consumer: a second subscription
-/// of one topic and group in one process is refused, whichever `NatsBus` it comes through.
-fn registry() -> &'static Mutex<HashSet<String>> {
-    static ACTIVE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    ACTIVE.get_or_init(|| Mutex::new(HashSet::new()))
-}
-
-/// This process's claim on one topic and group; dropping it releases the claim.
-#[derive(Debug)]
-pub(crate) struct Registration(String);
-
-impl Registration {
-    pub(crate) fn claim(
-        servers: &[String],
-        stream: &str,
-        consumer: &str,
-        topic: &Topic,
-    ) -> Result<Self, SubscribeError> {
-        let mut servers = servers.to_vec();
-        servers.sort();
-        let key = format!("{}|{stream}|{consumer}", servers.join(","));
-        if registry().lock().unwrap().insert(key.clone()) {
-            Ok(Self(key))
-        } else {
-            Err(SubscribeError::new(
-                SubscribeErrorKind::AlreadySubscribed,
-                format!(
-                    "topic `{topic}` already has a subscription of consumer `{consumer}` in this process; \
-                     one per process is enough (one consumes, the others of other processes wait as standbys)"
-                ),
-            ))
-        }
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        registry().lock().unwrap().remove(&self.0);
-    }
-}
 
 /// How this server lets one subscription own a consumer.
 #[derive(Debug, Clone)]
@@ -436,6 +396,69 @@ impl std::fmt::Debug for Ownership {
     }
 }
 
+/// The ownership of consumer `name` of `subject`, tried once: pinned by the broker on 2.14+
+/// (`pinned`), a lease in `BUS_OWNERS` on the coordination connection before. Fails at once with
+/// `PermissionDenied` if the server refuses this user a request of it.
+pub(crate) async fn establish(
+    shared: &Shared,
+    connection: &TopicConnection,
+    name: &str,
+    subject: &Topic,
+    next_subject: &str,
+    pinned: bool,
+) -> Result<Ownership, NatsError> {
+    let config = &shared.config;
+    let what = |what: &'static str| move || format!("{what} `{name}` of `{subject}`");
+    // Where a permission violation of the ownership requests would show.
+    let mut violations = connection.violations.clone();
+    let mode = if pinned {
+        Mode::Pinned
+    } else {
+        let coordination = shared.coordination().await?;
+        violations = coordination.violations.clone();
+        let kv = guarded(
+            &coordination.violations,
+            what("opening the ownership lease of consumer"),
+            lease_store(
+                &coordination.client,
+                &coordination.jetstream,
+                config.consumer.takeover_after,
+                config.consumer.coordination_replicas,
+            ),
+        )
+        .await?;
+        Mode::Lease {
+            kv: Box::new(kv),
+            key: name.to_owned(),
+            holder: format!(
+                "`{}` (host {}, pid {})",
+                config.connection.client_name,
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .or_else(|_| std::env::var("HOSTNAME"))
+                    .unwrap_or_else(|_| "unknown".into()),
+                std::process::id(),
+            ),
+        }
+    };
+    let mut ownership = Ownership::new(
+        connection.client.clone(),
+        subject.clone(),
+        connection.stream.clone(),
+        name.to_owned(),
+        next_subject.to_owned(),
+        config.consumer.takeover_after,
+        mode,
+    );
+    guarded(
+        &violations,
+        what("taking the ownership lease of consumer"),
+        ownership.try_acquire(),
+    )
+    .await?;
+    Ok(ownership)
+}
+
 /// The lease bucket, created on first use with `takeover_after` as the lifetime of a lease.
 pub(crate) async fn lease_store(
     client: &async_nats::Client,
@@ -443,46 +466,7 @@ pub(crate) async fn lease_store(
     takeover_after: Duration,
     replicas: usize,
 ) -> Result<kv::Store, NatsError> {
-    ensure_bucket(client, jetstream, LEASE_BUCKET, takeover_after, replicas).await
-}
-
-/// A KV bucket whose keys live `max_age` after their last write, created on first use.
-/// Created through the stream API directly: async-nats's `create_key_value` cannot read the
-/// reply of servers before 2.14 (seen with 2.9.10).
-pub(crate) async fn ensure_bucket(
-    client: &async_nats::Client,
-    jetstream: &async_nats::jetstream::Context,
-    bucket: &str,
-    max_age: Duration,
-    replicas: usize,
-) -> Result<kv::Store, NatsError> {
-    if let Ok(store) = jetstream.get_key_value(bucket).await {
-        return Ok(store);
-    }
-    let stream = format!("KV_{bucket}");
-    let config = serde_json::json!({
-        "name": stream,
-        "subjects": [format!("$KV.{bucket}.>")],
-        "max_msgs_per_subject": 1,
-        "max_age": max_age.as_nanos() as u64,
-        "discard": "new",
-        "storage": "file",
-        "num_replicas": replicas,
-        "allow_rollup_hdrs": true,
-        "deny_delete": true,
-        "allow_direct": true,
-    });
-    let what = || format!("creating the KV bucket `{bucket}`");
-    if let Err(error) = crate::broker::create_stream(client, &stream, config).await {
-        // Another subscription may have created it meanwhile.
-        if jetstream.get_key_value(bucket).await.is_err() {
-            return Err(NatsError::Configuration(format!("{}: {error}", what())));
-        }
-    }
-    jetstream
-        .get_key_value(bucket)
-        .await
-        .map_err(|e| NatsError::api(what(), e))
+    crate::broker::ensure_bucket(client, jetstream, LEASE_BUCKET, takeover_after, replicas).await
 }
 
 /// Takes the lease if nobody holds it: `Some(revision)`, or `None` when it is held.

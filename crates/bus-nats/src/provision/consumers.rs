@@ -1,0 +1,239 @@
+//! A subscription's durable consumer (and the dead-letter stream it needs): created, updated or
+//! validated as the configuration asks.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+
+use super::{ensure_dead_letter_stream, mismatch_error, stream_config, PRIORITY_GROUP};
+use crate::broker::{guarded, Violation};
+use crate::config::{ConsumerSpec, Provisioning, Retention, StreamSpec};
+use crate::{NatsConfig, NatsError};
+
+/// The topic's durable. With `pinned` (servers 2.14+) it has a priority group with the
+/// pinned-client policy, so that one subscription consumes and the others wait as standbys.
+pub(crate) fn consumer_config(
+    name: &str,
+    filter_subject: &str,
+    spec: &ConsumerSpec,
+    pinned: bool,
+) -> consumer::pull::Config {
+    let (priority_policy, priority_groups, priority_timeout) = if pinned {
+        (
+            consumer::PriorityPolicy::PinnedClient,
+            vec![PRIORITY_GROUP.to_owned()],
+            spec.takeover_after,
+        )
+    } else {
+        (consumer::PriorityPolicy::None, Vec::new(), Duration::ZERO)
+    };
+    consumer::pull::Config {
+        priority_policy,
+        priority_groups,
+        priority_timeout,
+        durable_name: Some(name.to_owned()),
+        name: Some(name.to_owned()),
+        // Every consumer filters on its topic, so one topic's fetcher never receives another
+        // topic's messages even when several topics share a stream.
+        filter_subject: filter_subject.to_owned(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: spec.ack_wait,
+        deliver_policy: consumer::DeliverPolicy::All,
+        max_ack_pending: spec.max_ack_pending,
+        max_waiting: spec.max_waiting,
+        // Redelivery is never the way a failed message is retried (the worker retries it in
+        // place), so the broker's own limit stays unlimited.
+        max_deliver: -1,
+        ..Default::default()
+    }
+}
+
+fn consumer_mismatches(
+    want: &consumer::pull::Config,
+    have: &consumer::Config,
+) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut check = |field: &str, w: String, h: String| {
+        if w != h {
+            out.push((field.to_owned(), w, h));
+        }
+    };
+    check(
+        "filter_subject",
+        want.filter_subject.clone(),
+        have.filter_subject.clone(),
+    );
+    check(
+        "ack_policy",
+        format!("{:?}", want.ack_policy),
+        format!("{:?}", have.ack_policy),
+    );
+    check(
+        "ack_wait",
+        format!("{:?}", want.ack_wait),
+        format!("{:?}", have.ack_wait),
+    );
+    check(
+        "max_ack_pending",
+        want.max_ack_pending.to_string(),
+        have.max_ack_pending.to_string(),
+    );
+    check(
+        "max_waiting",
+        want.max_waiting.to_string(),
+        have.max_waiting.to_string(),
+    );
+    check(
+        "priority_policy",
+        format!("{:?}", want.priority_policy),
+        format!("{:?}", have.priority_policy),
+    );
+    check(
+        "priority_groups",
+        format!("{:?}", want.priority_groups),
+        format!("{:?}", have.priority_groups),
+    );
+    check(
+        "priority_timeout",
+        format!("{:?}", want.priority_timeout),
+        format!("{:?}", have.priority_timeout),
+    );
+    out
+}
+
+/// What a subscription needs besides its topic's stream: its durable consumer (`name`, filtered
+/// on `subject`) and the dead-letter stream, each provisioned with the bus's strategy and
+/// failing at once with `PermissionDenied` if the server refuses this user. Returns the
+/// consumer's configuration, which restarting delivery provisions again.
+pub(crate) async fn subscription(
+    js: &jetstream::Context,
+    stream: &str,
+    violations: &tokio::sync::watch::Receiver<Option<Violation>>,
+    config: &NatsConfig,
+    name: &str,
+    subject: &str,
+    pinned: bool,
+) -> Result<consumer::pull::Config, NatsError> {
+    let want = consumer_config(name, subject, &config.consumer, pinned);
+    guarded(
+        violations,
+        || format!("provisioning consumer `{name}` of `{subject}`"),
+        ensure_consumer(js, stream, &want, config.provisioning),
+    )
+    .await?;
+    let mut dlq = StreamSpec::new(config.dead_letters.stream.clone(), []);
+    dlq.retention = Retention::Limits;
+    dlq.max_bytes = config.dead_letters.max_bytes;
+    dlq.replicas = config.dead_letters.replicas;
+    let mut dlq_config = stream_config(&dlq);
+    dlq_config.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
+    guarded(
+        violations,
+        || format!("provisioning the dead-letter stream for consumer `{name}` of `{subject}`"),
+        ensure_dead_letter_stream(js, dlq_config, config.provisioning),
+    )
+    .await?;
+    Ok(want)
+}
+
+pub(crate) async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    want: &consumer::pull::Config,
+    strategy: Provisioning,
+) -> Result<consumer::PullConsumer, NatsError> {
+    let name = want.durable_name.clone().unwrap_or_default();
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| NatsError::api(format!("looking up stream `{stream_name}`"), e))?;
+    // Looked up by its info first: that error says "not found" by kind, not by text.
+    let exists = match stream.consumer_info(&name).await {
+        Ok(_) => true,
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => false,
+        Err(e) => return Err(NatsError::api(format!("looking up consumer `{name}`"), e)),
+    };
+    let existing = if exists {
+        Some(
+            stream
+                .get_consumer::<consumer::pull::Config>(&name)
+                .await
+                .map_err(|e| NatsError::api(format!("looking up consumer `{name}`"), e))?,
+        )
+    } else {
+        None
+    };
+    match (strategy, existing) {
+        (Provisioning::UseExisting | Provisioning::ValidateOnly, None) => Err(NatsError::Configuration(format!(
+            "consumer `{name}` of stream `{stream_name}` does not exist and provisioning is {strategy:?}"
+        ))),
+        (Provisioning::UseExisting, Some(c)) => Ok(c),
+        (Provisioning::ValidateOnly | Provisioning::Create, Some(mut c)) => {
+            let info = c.info().await.map_err(|e| NatsError::api(format!("reading consumer `{name}`"), e))?;
+            let mismatches = consumer_mismatches(want, &info.config);
+            if mismatches.is_empty() {
+                Ok(c)
+            } else {
+                Err(mismatch_error(format!("consumer `{name}` of stream `{stream_name}`"), mismatches))
+            }
+        }
+        (Provisioning::CreateOrUpdate, Some(mut c)) => {
+            let info = c.info().await.map_err(|e| NatsError::api(format!("reading consumer `{name}`"), e))?;
+            if consumer_mismatches(want, &info.config).is_empty() {
+                return Ok(c);
+            }
+            stream
+                .update_consumer(want.clone())
+                .await
+                .map_err(|e| NatsError::api(format!("updating consumer `{name}`"), e))
+        }
+        (Provisioning::Create | Provisioning::CreateOrUpdate, None) => {
+            match stream.create_consumer(want.clone()).await {
+                Ok(c) => Ok(c),
+                Err(e) if work_queue_taken(&e) => {
+                    Err(second_group_error(&stream, stream_name, &name, want).await)
+                }
+                Err(e) => Err(NatsError::api(format!("creating consumer `{name}`"), e)),
+            }
+        }
+    }
+}
+
+/// Whether the broker refused a consumer because the work-queue stream's subjects already have
+/// one.
+fn work_queue_taken(error: &async_nats::jetstream::stream::ConsumerError) -> bool {
+    use async_nats::jetstream::{stream::ConsumerErrorKind, ErrorCode};
+    match error.kind() {
+        ConsumerErrorKind::JetStream(e) => matches!(
+            e.error_code(),
+            ErrorCode::CONSUMER_WQ_CONSUMER_NOT_UNIQUE | ErrorCode::CONSUMER_WQ_MULTIPLE_UNFILTERED
+        ),
+        _ => false,
+    }
+}
+
+/// Says that a work-queue topic has a consumer group already, which one, and what to do.
+async fn second_group_error(
+    stream: &jetstream::stream::Stream,
+    stream_name: &str,
+    name: &str,
+    want: &consumer::pull::Config,
+) -> NatsError {
+    use futures::TryStreamExt;
+    let others: Vec<String> = match stream.consumer_names().try_collect::<Vec<_>>().await {
+        Ok(names) => names.into_iter().filter(|n| n != name).collect(),
+        Err(_) => Vec::new(),
+    };
+    let others = if others.is_empty() {
+        "another consumer".to_owned()
+    } else {
+        format!("`{}`", others.join("`, `"))
+    };
+    NatsError::Configuration(format!(
+        "consumer `{name}` cannot read `{topic}`: stream `{stream_name}` uses work-queue retention, \
+         which lets one consumer group read a topic, and {others} already does. For several \
+         groups (several services, projections) give the topic's stream \
+         `Retention::Acknowledged`; to join the existing group use its `consumer.group`",
+        topic = want.filter_subject,
+    ))
+}

@@ -79,9 +79,10 @@ pub(super) async fn transmit(
                 message.sends += 1;
                 message.span.record("attempt", message.sends);
             }
-            let (headers, payload) = batch
-                .wire
-                .get_or_insert_with(|| batch_wire(&batch.messages))
+            let headers = batch_headers(&batch.messages);
+            let payload = batch
+                .body
+                .get_or_insert_with(|| batch_body(&batch.messages))
                 .clone();
             (batch.lane.subject.clone(), headers, payload)
         }

@@ -70,13 +70,13 @@ impl LaneState {
     }
 
     /// Takes the next batch: the first pending publishes, within the limits (at least one).
-    pub(super) fn cut(&mut self, limits: &BatchConfig) -> Option<(u64, Vec<Message>)> {
+    pub(super) fn cut(&mut self, limits: &BatchConfig) -> Option<(u64, Batched)> {
         if self.pending.is_empty() || self.in_flight >= limits.max_in_flight {
             return None;
         }
         let number = self.next_number;
         self.next_number += 1;
-        let mut taken = Vec::with_capacity(self.pending.len().min(limits.max_events));
+        let mut taken = Batched::with_capacity(self.pending.len().min(limits.max_events));
         let mut bytes = 0;
         let mut left_behind = false;
         while let Some(next) = self.pending.front() {

@@ -32,9 +32,9 @@ mod lane;
 mod settle;
 
 use acks::{collect_acks, transmit, AckResult, Awaiting, Timer, Timers};
-use encode::batch_wire;
 pub(crate) use encode::header_len;
 pub use encode::message_size;
+use encode::{batch_body, batch_headers};
 use lane::Lane;
 use settle::Settler;
 
@@ -42,6 +42,9 @@ use settle::Settler;
 /// created: it is about 450 bytes and moves from the call to a lane, a batch and settlement;
 /// a pointer moves instead.
 type Message = Box<Publish>;
+
+/// The publishes of one batch. One is held inline: with batching off every batch is one event.
+type Batched = smallvec::SmallVec<[Message; 1]>;
 
 /// What a [`Message`] holds.
 struct Publish {
@@ -90,9 +93,10 @@ struct Batch {
     lane: Arc<Lane>,
     /// Its number in its lane; the aggregate chains it holds are marked with it.
     number: u64,
-    messages: Vec<Message>,
-    /// Headers and body, built on the first send and sent again as they are.
-    wire: Option<(HeaderMap, Bytes)>,
+    messages: Batched,
+    /// The body, built on the first send and sent again as it is (the headers are built
+    /// again, the same).
+    body: Option<Bytes>,
     first_sent: Option<Instant>,
 }
 
@@ -493,7 +497,7 @@ impl NatsPublisher {
                 lane,
                 number,
                 messages,
-                wire: None,
+                body: None,
                 first_sent: None,
             };
             self.write(route, Flight::Batch(batch)).await?;

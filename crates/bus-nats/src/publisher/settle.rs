@@ -74,7 +74,7 @@ impl Settler<'_> {
     ) -> Vec<Flight> {
         let (state, shared) = (self.state, self.shared);
         let topic = batch.topic.clone();
-        let chains: Vec<u64> = batch.messages.iter().filter_map(|m| m.chain).collect();
+        let chained = batch.messages.iter().any(|m| m.chain.is_some());
         match result {
             Ok((sequence, duplicate)) => {
                 let Batch {
@@ -83,7 +83,11 @@ impl Settler<'_> {
                     messages,
                     ..
                 } = batch;
-                lane.state.lock().unwrap().settled(number, chains, false);
+                lane.state.lock().unwrap().settled(
+                    number,
+                    messages.iter().filter_map(|m| m.chain),
+                    false,
+                );
                 let now = Instant::now();
                 for message in messages {
                     let published = Published {
@@ -96,8 +100,7 @@ impl Settler<'_> {
                 self.next_batches(&topic, &lane, timers)
             }
             Err(error) => {
-                if let Some(delay) = self.retry_after(&error, !chains.is_empty(), batch.first_sent)
-                {
+                if let Some(delay) = self.retry_after(&error, chained, batch.first_sent) {
                     // The same bytes again, with the same Nats-Msg-Id, before any later event
                     // of its aggregates: a batch that was in fact stored is a duplicate.
                     let events = batch.messages.len() as u64;
@@ -119,7 +122,11 @@ impl Settler<'_> {
                     messages,
                     ..
                 } = batch;
-                let aborted = lane.state.lock().unwrap().settled(number, chains, true);
+                let aborted = lane.state.lock().unwrap().settled(
+                    number,
+                    messages.iter().filter_map(|m| m.chain),
+                    true,
+                );
                 let reason = error.to_string();
                 for message in messages {
                     finish(
@@ -181,7 +188,7 @@ impl Settler<'_> {
                 lane: lane.clone(),
                 number,
                 messages,
-                wire: None,
+                body: None,
                 first_sent: None,
             }));
         }

@@ -30,6 +30,14 @@ pub(crate) struct TopicConnection {
     pub(crate) reconnects: watch::Receiver<u64>,
     /// The last permissions violation the server reported on this connection.
     pub(crate) violations: watch::Receiver<Option<Violation>>,
+    /// The server's version, as it reported it when this connection was made.
+    pub(crate) server_version: String,
+    /// The server pins one client of a consumer's priority group and resets a consumer to a
+    /// sequence (2.14+): one subscription of a group consumes, the others wait as standbys, and
+    /// delivery restarts without deleting the consumer. Before 2.14, a lease does it.
+    pub(crate) pinned: bool,
+    /// How the topic's stream keeps its events.
+    pub(crate) retention: config::Retention,
 }
 
 /// What a connection tells the parts that use it.
@@ -112,12 +120,14 @@ impl Shared {
             .backpressure_on_inflight(true)
             .build(client.clone());
         let spec = self.config.stream_for(topic);
-        crate::broker::guarded(
+        provision::ensure_stream(
+            &jetstream,
+            &spec,
+            self.config.provisioning,
             &signals.violations,
-            || format!("provisioning stream `{}` of topic `{topic}`", spec.name),
-            provision::ensure_stream(&jetstream, &spec, self.config.provisioning),
         )
         .await?;
+        let server_version = client.server_info().version;
         let connection = Arc::new(TopicConnection {
             subject: async_nats::Subject::from(topic.as_str()),
             partitions: if spec.partitions > 1 {
@@ -134,6 +144,12 @@ impl Shared {
             stream: spec.name,
             reconnects: signals.reconnects,
             violations: signals.violations,
+            // Priority groups came in 2.11, the consumer reset API in 2.14: a standby that
+            // takes over must restart delivery at the ack floor without deleting the consumer
+            // under the others.
+            pinned: server_at_least(&server_version, (2, 14)),
+            server_version,
+            retention: spec.retention,
         });
         self.connections
             .write()
@@ -312,5 +328,29 @@ fn check_pem(path: &std::path::Path, what: &str, label: &str) -> Result<(), Nats
             "TLS {what} file `{}` is not PEM: no `-----BEGIN ...{label}-----` line",
             path.display()
         )))
+    }
+}
+
+/// Whether a server version string like `2.15.1` is at least `(major, minor)`.
+pub(crate) fn server_at_least(version: &str, wanted: (u32, u32)) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= wanted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions_compare() {
+        assert!(server_at_least("2.15.1", (2, 14)));
+        assert!(server_at_least("2.14.0", (2, 14)));
+        assert!(!server_at_least("2.9.10", (2, 14)));
+        assert!(!server_at_least("2.10.22", (2, 14)));
     }
 }

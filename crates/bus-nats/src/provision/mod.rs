@@ -4,6 +4,7 @@ use async_nats::jetstream::{self, stream};
 
 use bus_core::Topic;
 
+use crate::broker::{guarded, Violation};
 use crate::config::{Discard, Provisioning, Retention, StreamSpec};
 use crate::NatsError;
 
@@ -261,7 +262,30 @@ pub(super) fn stream_missing(error: &jetstream::context::GetStreamError) -> bool
     )
 }
 
+/// The stream of `spec`, created, updated or validated as `strategy` says; fails at once with
+/// `PermissionDenied` if the server refuses this user a request of it.
 pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    spec: &StreamSpec,
+    strategy: Provisioning,
+    violations: &tokio::sync::watch::Receiver<Option<Violation>>,
+) -> Result<(), NatsError> {
+    guarded(
+        violations,
+        || {
+            let topics: Vec<&str> = spec.topics.iter().map(Topic::as_str).collect();
+            format!(
+                "provisioning stream `{}` of topic `{}`",
+                spec.name,
+                topics.join("`, `")
+            )
+        },
+        provision_stream(js, spec, strategy),
+    )
+    .await
+}
+
+async fn provision_stream(
     js: &jetstream::Context,
     spec: &StreamSpec,
     strategy: Provisioning,

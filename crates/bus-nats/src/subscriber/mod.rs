@@ -38,7 +38,7 @@ use crate::{provision, NatsError, NatsErrorKind, Shared};
 use acker::Acker;
 use copies::Copies;
 use fetch::{fetch, FetchPlan};
-use recovery::{server_at_least, Restarter};
+use recovery::Restarter;
 use registry::Registration;
 use runner::{Counters, Runner, Work};
 
@@ -147,17 +147,14 @@ async fn setup(
         &name,
         subject,
     )?;
-    let version = connection.client.server_info().version;
-    // Priority groups came in 2.11, the consumer reset API in 2.14: a standby that takes over
-    // must restart delivery at the ack floor without deleting the consumer under the others.
-    let pinned = server_at_least(&version, (2, 14));
-    let spec = config.stream_for(topic);
-    let acknowledged = spec.retention == crate::Retention::Acknowledged;
+    let pinned = connection.pinned;
+    let acknowledged = connection.retention == crate::Retention::Acknowledged;
     if acknowledged && !pinned {
         // Before 2.14 an order-safe restart deletes and recreates the consumer; while it is
         // gone, another group's purge would not see its ack floor.
         return Err(fail(NatsError::Unsupported(format!(
-            "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {version}"
+            "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {}",
+            connection.server_version
         ))));
     }
     let want = provision::subscription(
@@ -171,11 +168,9 @@ async fn setup(
     )
     .await
     .map_err(fail)?;
-    let next_subject = crate::broker::next_subject(&connection.stream, &name);
-    let ownership =
-        ownership::establish(shared, &connection, &name, subject, &next_subject, pinned)
-            .await
-            .map_err(fail)?;
+    let ownership = ownership::establish(shared, &connection, &name, subject, pinned)
+        .await
+        .map_err(fail)?;
 
     let counters = Arc::new(Counters::default());
     // Finished positions are remembered for a few windows of MaxAckPending: long enough to
@@ -242,12 +237,12 @@ async fn setup(
         want,
         provisioning: config.provisioning,
         can_reset: pinned,
-        work_queue: spec.retention == crate::Retention::WorkQueue,
+        work_queue: connection.retention == crate::Retention::WorkQueue,
         letters,
     };
     let plan = FetchPlan {
         client: connection.client.clone(),
-        next_subject,
+        next_subject: ownership.next_subject().to_owned(),
         batch: config.fetch.batch,
         expires: config.fetch.expires,
         topic: topic.clone(),

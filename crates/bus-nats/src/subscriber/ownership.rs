@@ -116,6 +116,11 @@ impl Ownership {
         }
     }
 
+    /// The subject its pull requests go to (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`).
+    pub(crate) fn next_subject(&self) -> &str {
+        &self.next_subject
+    }
+
     pub(crate) fn is_held(&self) -> bool {
         self.held.is_some()
     }
@@ -404,7 +409,6 @@ pub(crate) async fn establish(
     connection: &TopicConnection,
     name: &str,
     subject: &Topic,
-    next_subject: &str,
     pinned: bool,
 ) -> Result<Ownership, NatsError> {
     let config = &shared.config;
@@ -446,7 +450,7 @@ pub(crate) async fn establish(
         subject.clone(),
         connection.stream.clone(),
         name.to_owned(),
-        next_subject.to_owned(),
+        crate::broker::next_subject(&connection.stream, name),
         config.consumer.takeover_after,
         mode,
     );

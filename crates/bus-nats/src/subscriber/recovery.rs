@@ -315,28 +315,9 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// Whether a server version string like `2.15.1` is at least `(major, minor)`.
-pub(crate) fn server_at_least(version: &str, wanted: (u32, u32)) -> bool {
-    let mut parts = version
-        .trim_start_matches('v')
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let major = parts.next().unwrap_or(0);
-    let minor = parts.next().unwrap_or(0);
-    (major, minor) >= wanted
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn server_versions_compare() {
-        assert!(server_at_least("2.15.1", (2, 14)));
-        assert!(server_at_least("2.14.0", (2, 14)));
-        assert!(!server_at_least("2.9.10", (2, 14)));
-        assert!(!server_at_least("2.10.22", (2, 14)));
-    }
 
     #[test]
     fn header_blocks_the_client_refuses_are_recognised() {

@@ -120,11 +120,10 @@ impl Shared {
             .backpressure_on_inflight(true)
             .build(client.clone());
         let spec = self.config.stream_for(topic);
-        provision::ensure_stream(
-            &jetstream,
-            &spec,
-            self.config.provisioning,
+        crate::broker::guarded(
             &signals.violations,
+            || format!("provisioning stream `{}` of topic `{topic}`", spec.name),
+            provision::ensure_stream(&jetstream, &spec, self.config.provisioning),
         )
         .await?;
         let server_version = client.server_info().version;

@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 
-use super::{ensure_dead_letter_stream, mismatch_error, stream_config, PRIORITY_GROUP};
-use crate::broker::{guarded, Violation};
-use crate::config::{ConsumerSpec, Provisioning, Retention, StreamSpec};
-use crate::{NatsConfig, NatsError};
+use super::{mismatch_error, PRIORITY_GROUP};
+use crate::config::{ConsumerSpec, Provisioning};
+use crate::NatsError;
 
 /// The topic's durable. With `pinned` (servers 2.14+) it has a priority group with the
 /// pinned-client policy, so that one subscription consumes and the others wait as standbys.
@@ -99,41 +98,6 @@ fn consumer_mismatches(
         format!("{:?}", have.priority_timeout),
     );
     out
-}
-
-/// What a subscription needs besides its topic's stream: its durable consumer (`name`, filtered
-/// on `subject`) and the dead-letter stream, each provisioned with the bus's strategy and
-/// failing at once with `PermissionDenied` if the server refuses this user. Returns the
-/// consumer's configuration, which restarting delivery provisions again.
-pub(crate) async fn subscription(
-    js: &jetstream::Context,
-    stream: &str,
-    violations: &tokio::sync::watch::Receiver<Option<Violation>>,
-    config: &NatsConfig,
-    name: &str,
-    subject: &str,
-    pinned: bool,
-) -> Result<consumer::pull::Config, NatsError> {
-    let want = consumer_config(name, subject, &config.consumer, pinned);
-    guarded(
-        violations,
-        || format!("provisioning consumer `{name}` of `{subject}`"),
-        ensure_consumer(js, stream, &want, config.provisioning),
-    )
-    .await?;
-    let mut dlq = StreamSpec::new(config.dead_letters.stream.clone(), []);
-    dlq.retention = Retention::Limits;
-    dlq.max_bytes = config.dead_letters.max_bytes;
-    dlq.replicas = config.dead_letters.replicas;
-    let mut dlq_config = stream_config(&dlq);
-    dlq_config.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
-    guarded(
-        violations,
-        || format!("provisioning the dead-letter stream for consumer `{name}` of `{subject}`"),
-        ensure_dead_letter_stream(js, dlq_config, config.provisioning),
-    )
-    .await?;
-    Ok(want)
 }
 
 pub(crate) async fn ensure_consumer(

@@ -6,10 +6,10 @@ use bus_core::Topic;
 
 use crate::broker::{guarded, Violation};
 use crate::config::{Discard, Provisioning, Retention, StreamSpec};
-use crate::NatsError;
+use crate::{NatsConfig, NatsError};
 
 mod consumers;
-pub(crate) use consumers::{ensure_consumer, subscription};
+pub(crate) use consumers::ensure_consumer;
 
 /// The subjects of a stream: each topic, or each topic's partitions.
 pub(crate) fn stream_subjects(spec: &StreamSpec) -> Vec<String> {
@@ -262,30 +262,7 @@ pub(super) fn stream_missing(error: &jetstream::context::GetStreamError) -> bool
     )
 }
 
-/// The stream of `spec`, created, updated or validated as `strategy` says; fails at once with
-/// `PermissionDenied` if the server refuses this user a request of it.
 pub(crate) async fn ensure_stream(
-    js: &jetstream::Context,
-    spec: &StreamSpec,
-    strategy: Provisioning,
-    violations: &tokio::sync::watch::Receiver<Option<Violation>>,
-) -> Result<(), NatsError> {
-    guarded(
-        violations,
-        || {
-            let topics: Vec<&str> = spec.topics.iter().map(Topic::as_str).collect();
-            format!(
-                "provisioning stream `{}` of topic `{}`",
-                spec.name,
-                topics.join("`, `")
-            )
-        },
-        provision_stream(js, spec, strategy),
-    )
-    .await
-}
-
-async fn provision_stream(
     js: &jetstream::Context,
     spec: &StreamSpec,
     strategy: Provisioning,
@@ -442,4 +419,41 @@ pub(crate) async fn ensure_dead_letter_stream(
             e,
         )),
     }
+}
+
+/// What a subscription needs besides its topic's stream: its durable consumer (`name`, filtered
+/// on `subject`) and the dead-letter stream, provisioned with the bus's strategy and failing at
+/// once with `PermissionDenied` if the server refuses this user. Returns the consumer's
+/// configuration, which restarting delivery provisions again.
+pub(crate) async fn subscription(
+    js: &jetstream::Context,
+    stream: &str,
+    violations: &tokio::sync::watch::Receiver<Option<Violation>>,
+    config: &NatsConfig,
+    name: &str,
+    subject: &str,
+    pinned: bool,
+) -> Result<async_nats::jetstream::consumer::pull::Config, NatsError> {
+    let want = consumers::consumer_config(name, subject, &config.consumer, pinned);
+    let mut dlq = StreamSpec::new(config.dead_letters.stream.clone(), []);
+    dlq.retention = Retention::Limits;
+    dlq.max_bytes = config.dead_letters.max_bytes;
+    dlq.replicas = config.dead_letters.replicas;
+    let mut dead_letters = stream_config(&dlq);
+    dead_letters.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
+    guarded(
+        violations,
+        || {
+            format!(
+                "provisioning consumer `{name}` of `{subject}` and the dead-letter stream `{}`",
+                dlq.name
+            )
+        },
+        async {
+            ensure_consumer(js, stream, &want, config.provisioning).await?;
+            ensure_dead_letter_stream(js, dead_letters, config.provisioning).await
+        },
+    )
+    .await?;
+    Ok(want)
 }

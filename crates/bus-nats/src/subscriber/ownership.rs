@@ -412,55 +412,55 @@ pub(crate) async fn establish(
     pinned: bool,
 ) -> Result<Ownership, NatsError> {
     let config = &shared.config;
-    let what = |what: &'static str| move || format!("{what} `{name}` of `{subject}`");
-    // Where a permission violation of the ownership requests would show.
-    let mut violations = connection.violations.clone();
-    let mode = if pinned {
-        Mode::Pinned
-    } else {
-        let coordination = shared.coordination().await?;
-        violations = coordination.violations.clone();
-        let kv = guarded(
-            &coordination.violations,
-            what("opening the ownership lease of consumer"),
-            lease_store(
-                &coordination.client,
-                &coordination.jetstream,
-                config.consumer.takeover_after,
-                config.consumer.coordination_replicas,
-            ),
-        )
-        .await?;
-        Mode::Lease {
-            kv: Box::new(kv),
-            key: name.to_owned(),
-            holder: format!(
-                "`{}` (host {}, pid {})",
-                config.connection.client_name,
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_owned())
-                    .or_else(|_| std::env::var("HOSTNAME"))
-                    .unwrap_or_else(|_| "unknown".into()),
-                std::process::id(),
-            ),
-        }
+    // The lease lives on the coordination connection: a permission violation shows there.
+    let coordination = match pinned {
+        true => None,
+        false => Some(shared.coordination().await?),
     };
-    let mut ownership = Ownership::new(
-        connection.client.clone(),
-        subject.clone(),
-        connection.stream.clone(),
-        name.to_owned(),
-        crate::broker::next_subject(&connection.stream, name),
-        config.consumer.takeover_after,
-        mode,
-    );
+    let violations = coordination.map_or(&connection.violations, |c| &c.violations);
+    let next_subject = crate::broker::next_subject(&connection.stream, name);
     guarded(
-        &violations,
-        what("taking the ownership lease of consumer"),
-        ownership.try_acquire(),
+        violations,
+        || format!("taking the ownership of consumer `{name}` of `{subject}`"),
+        async {
+            let mode = match coordination {
+                None => Mode::Pinned,
+                Some(coordination) => Mode::Lease {
+                    kv: Box::new(
+                        lease_store(
+                            &coordination.client,
+                            &coordination.jetstream,
+                            config.consumer.takeover_after,
+                            config.consumer.coordination_replicas,
+                        )
+                        .await?,
+                    ),
+                    key: name.to_owned(),
+                    holder: format!(
+                        "`{}` (host {}, pid {})",
+                        config.connection.client_name,
+                        std::fs::read_to_string("/proc/sys/kernel/hostname")
+                            .map(|h| h.trim().to_owned())
+                            .or_else(|_| std::env::var("HOSTNAME"))
+                            .unwrap_or_else(|_| "unknown".into()),
+                        std::process::id(),
+                    ),
+                },
+            };
+            let mut ownership = Ownership::new(
+                connection.client.clone(),
+                subject.clone(),
+                connection.stream.clone(),
+                name.to_owned(),
+                next_subject,
+                config.consumer.takeover_after,
+                mode,
+            );
+            ownership.try_acquire().await?;
+            Ok(ownership)
+        },
     )
-    .await?;
-    Ok(ownership)
+    .await
 }
 
 /// The lease bucket, created on first use with `takeover_after` as the lifetime of a lease.

@@ -1,7 +1,7 @@
 //! The envelope every event travels in.
 
 use std::collections::BTreeMap;
-use std::num::NonZeroU64;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -27,6 +27,7 @@ pub struct Envelope {
     pub(crate) trace_id: Option<String>,
     pub(crate) correlation_id: Option<String>,
     pub(crate) tenant_id: Option<String>,
+    pub(crate) schema_version: NonZeroU32,
     pub(crate) content_type: ContentType,
     pub(crate) headers: BTreeMap<String, String>,
     pub(crate) payload: Bytes,
@@ -114,6 +115,12 @@ impl Envelope {
         self.tenant_id.as_deref()
     }
 
+    /// The version of the payload's schema: which shape of the event type's struct wrote it
+    /// (1 unless set; typed events write `Event::VERSION`).
+    pub fn schema_version(&self) -> u32 {
+        self.schema_version.get()
+    }
+
     /// What the payload bytes are.
     pub fn content_type(&self) -> &ContentType {
         &self.content_type
@@ -169,6 +176,7 @@ pub struct EnvelopeBuilder {
     trace_id: Option<String>,
     correlation_id: Option<String>,
     tenant_id: Option<String>,
+    schema_version: u32,
     content_type: ContentType,
     headers: BTreeMap<String, String>,
     payload: Bytes,
@@ -197,6 +205,7 @@ impl EnvelopeBuilder {
             trace_id: None,
             correlation_id: None,
             tenant_id: None,
+            schema_version: 1,
             content_type: ContentType::Bytes,
             headers: BTreeMap::new(),
             payload: Bytes::new(),
@@ -232,6 +241,14 @@ impl EnvelopeBuilder {
     /// Sets the tenant ID.
     pub fn tenant_id(mut self, tenant_id: impl Into<String>) -> Self {
         self.tenant_id = Some(tenant_id.into());
+        self
+    }
+
+    /// Sets the version of the payload's schema (default 1): raise it when the payload's shape
+    /// changes so that readers can turn older payloads into the current shape (see
+    /// `EventHandlers::upcast`). 0 is refused at build time.
+    pub fn schema_version(mut self, schema_version: u32) -> Self {
+        self.schema_version = schema_version;
         self
     }
 
@@ -274,6 +291,8 @@ impl EnvelopeBuilder {
     pub fn build(self) -> Result<Envelope, ValidationError> {
         let event_version = NonZeroU64::new(self.event_version)
             .ok_or_else(|| ValidationError::new("event_version", "0", "must be greater than 0"))?;
+        let schema_version = NonZeroU32::new(self.schema_version)
+            .ok_or_else(|| ValidationError::new("schema_version", "0", "must be greater than 0"))?;
         let event_id = match self.event_id {
             Some(id) => EventId::new(id)?,
             None => EventId::generate(),
@@ -308,6 +327,7 @@ impl EnvelopeBuilder {
             trace_id: self.trace_id,
             correlation_id: self.correlation_id,
             tenant_id: self.tenant_id,
+            schema_version,
             content_type: self.content_type,
             headers: self.headers,
             payload: self.payload,

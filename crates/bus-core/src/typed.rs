@@ -51,6 +51,12 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// How the struct is written into the payload; readers decode by the envelope's content
     /// type, so changing it later does not break stored events.
     const CODEC: Codec = Codec::MessagePack;
+    /// The version of the struct's shape (default 1), written with every event
+    /// ([`Envelope::schema_version`]). Raise it when stored payloads would no longer decode into
+    /// the struct, and register an upcaster from the previous version
+    /// ([`EventHandlers::upcast`]): older events are turned into the current shape before the
+    /// handler sees them, and an event newer than the code is refused, never misread.
+    const VERSION: u32 = 1;
 }
 
 impl Envelope {
@@ -61,7 +67,9 @@ impl Envelope {
         version: u64,
         event: &E,
     ) -> Result<EnvelopeBuilder, CodecError> {
-        Envelope::builder(aggregate_id, E::TYPE, version).typed_payload(event, E::CODEC)
+        Envelope::builder(aggregate_id, E::TYPE, version)
+            .schema_version(E::VERSION)
+            .typed_payload(event, E::CODEC)
     }
 }
 
@@ -168,9 +176,19 @@ pub enum UnknownEvents {
     Acknowledge,
 }
 
-type Call = dyn Fn(Envelope, Delivery) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>
+type Call = dyn Fn(
+        Envelope,
+        Delivery,
+        &Upcasters,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send>>
     + Send
     + Sync;
+
+/// Turns a payload of one schema version into the next, as a JSON value.
+type Upcaster = dyn Fn(serde_json::Value) -> Result<serde_json::Value, HandlerError> + Send + Sync;
+
+/// One event type's upcasters, by the schema version each reads.
+type Upcasters = std::collections::BTreeMap<u32, Box<Upcaster>>;
 
 /// A [`Handler`] that decodes each event into the struct registered for its event type and
 /// calls that type's handler. Calls for one aggregate still never overlap and come in version
@@ -178,9 +196,12 @@ type Call = dyn Fn(Envelope, Delivery) -> Pin<Box<dyn Future<Output = Result<(),
 ///
 /// A payload that does not decode into the registered struct is a permanent error (the
 /// transport's failure policy applies); an event type with no handler is dealt with by
-/// [`UnknownEvents`].
+/// [`UnknownEvents`]. A payload of an older schema version goes through the type's upcasters,
+/// one version at a time, before it is decoded; one of a newer version than `E::VERSION` is a
+/// permanent error (by default dead-lettered, to be replayed once the code is updated).
 pub struct EventHandlers {
     calls: HashMap<&'static str, Arc<Call>>,
+    upcasters: HashMap<&'static str, Upcasters>,
     unknown: UnknownEvents,
     unknown_acknowledged: AtomicU64,
 }
@@ -190,6 +211,7 @@ impl EventHandlers {
     pub fn new() -> Self {
         Self {
             calls: HashMap::new(),
+            upcasters: HashMap::new(),
             unknown: UnknownEvents::default(),
             unknown_acknowledged: AtomicU64::new(0),
         }
@@ -207,24 +229,77 @@ impl EventHandlers {
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        let call: Arc<Call> = Arc::new(move |envelope: Envelope, delivery: Delivery| {
-            let handler = handler.clone();
-            Box::pin(async move {
-                let event = envelope.decode_payload::<E>().map_err(|e| {
-                    HandlerError::permanent(format!(
-                        "event `{}` v{} of `{}` does not decode into {}: {e}",
-                        E::TYPE,
-                        envelope.event_version(),
-                        envelope.aggregate_id(),
-                        std::any::type_name::<E>(),
-                    ))
-                })?;
-                handler(event, EventContext { envelope, delivery }).await
-            })
-        });
+        let call: Arc<Call> = Arc::new(
+            move |envelope: Envelope, delivery: Delivery, upcasters: &Upcasters| {
+                let decoded = decode_event::<E>(&envelope, upcasters);
+                let handler = handler.clone();
+                Box::pin(
+                    async move { handler(decoded?, EventContext { envelope, delivery }).await },
+                )
+            },
+        );
         if self.calls.insert(E::TYPE, call).is_some() {
             panic!("event type `{}` has two handlers", E::TYPE);
         }
+        self
+    }
+
+    /// Turns a payload of `E::TYPE` written at schema version `from` into the shape of version
+    /// `from + 1`, as a JSON value (the payload decoded whatever its codec: a MessagePack map
+    /// becomes a JSON object). A payload written at version `v` below `E::VERSION` goes through
+    /// the upcasters of `v`, `v + 1`, ..., `E::VERSION - 1` in that order and is then decoded
+    /// into `E`; one that lacks an upcaster on the way is a permanent error naming it. An
+    /// upcaster's error is the handler's error.
+    ///
+    /// ```
+    /// use bus_core::{Event, EventHandlers};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// /// Version 2: version 1 had `amount` in whole units.
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Deposited { cents: u64 }
+    /// impl Event for Deposited {
+    ///     const TYPE: &'static str = "Deposited";
+    ///     const VERSION: u32 = 2;
+    /// }
+    ///
+    /// let handlers = EventHandlers::new()
+    ///     .on(|e: Deposited, _cx| async move { Ok(()) })
+    ///     .upcast::<Deposited>(1, |mut v| {
+    ///         let units = v["amount"].as_u64().unwrap_or(0);
+    ///         v["cents"] = (units * 100).into();
+    ///         Ok(v)
+    ///     });
+    /// # let _ = handlers;
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `from` is 0 or not below `E::VERSION`, or `from` of `E::TYPE` already has an upcaster.
+    pub fn upcast<E: Event>(
+        mut self,
+        from: u32,
+        upcaster: impl Fn(serde_json::Value) -> Result<serde_json::Value, HandlerError>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        assert!(
+            from >= 1 && from < E::VERSION,
+            "an upcaster of event type `{}` reads a version from 1 to {} (Event::VERSION - 1), not {from}",
+            E::TYPE,
+            E::VERSION.saturating_sub(1)
+        );
+        let previous = self
+            .upcasters
+            .entry(E::TYPE)
+            .or_default()
+            .insert(from, Box::new(upcaster));
+        assert!(
+            previous.is_none(),
+            "event type `{}` has two upcasters from version {from}",
+            E::TYPE
+        );
         self
     }
 
@@ -266,8 +341,12 @@ impl fmt::Debug for EventHandlers {
 impl Handler for EventHandlers {
     async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError> {
         let delivery = current_delivery().unwrap_or_else(|| Delivery::new(1));
-        match self.calls.get(envelope.event_type().as_str()) {
-            Some(call) => call(envelope, delivery).await,
+        let event_type = envelope.event_type().as_str();
+        match self.calls.get(event_type) {
+            Some(call) => {
+                let upcasters = self.upcasters.get(event_type).unwrap_or(&NO_UPCASTERS);
+                call(envelope, delivery, upcasters).await
+            }
             None => match self.unknown {
                 UnknownEvents::Fail => Err(HandlerError::permanent(format!(
                     "no handler for event type `{}` (v{} of `{}`); register one with EventHandlers::on, or acknowledge unknown types with UnknownEvents::Acknowledge",
@@ -282,6 +361,55 @@ impl Handler for EventHandlers {
             },
         }
     }
+}
+
+static NO_UPCASTERS: Upcasters = Upcasters::new();
+
+/// The event in `envelope` as an `E`: decoded as it is when it was written at `E::VERSION`,
+/// through the upcasters from its version when it is older, refused when it is newer.
+fn decode_event<E: Event>(envelope: &Envelope, upcasters: &Upcasters) -> Result<E, HandlerError> {
+    let written = envelope.schema_version();
+    let what = || {
+        format!(
+            "event `{}` v{} of `{}` (schema version {written})",
+            E::TYPE,
+            envelope.event_version(),
+            envelope.aggregate_id()
+        )
+    };
+    let undecodable = |e: &dyn fmt::Display| {
+        HandlerError::permanent(format!(
+            "{} does not decode into {}: {e}",
+            what(),
+            std::any::type_name::<E>()
+        ))
+    };
+    if written == E::VERSION {
+        return envelope.decode_payload::<E>().map_err(|e| undecodable(&e));
+    }
+    if written > E::VERSION {
+        return Err(HandlerError::permanent(format!(
+            "{} was written by newer code: this code reads `{}` up to schema version {}; update it, then replay the event",
+            what(),
+            E::TYPE,
+            E::VERSION
+        )));
+    }
+    let mut value = envelope
+        .decode_payload::<serde_json::Value>()
+        .map_err(|e| undecodable(&e))?;
+    for from in written..E::VERSION {
+        let upcaster = upcasters.get(&from).ok_or_else(|| {
+            HandlerError::permanent(format!(
+                "{}: no upcaster of `{}` from schema version {from} to {}; register one with EventHandlers::upcast",
+                what(),
+                E::TYPE,
+                from + 1
+            ))
+        })?;
+        value = upcaster(value)?;
+    }
+    serde_json::from_value(value).map_err(|e| undecodable(&e))
 }
 
 #[cfg(test)]
@@ -417,5 +545,151 @@ mod tests {
             .cloned()
             .unwrap_or_default();
         assert_eq!(text, "event type `Deposited` has two handlers");
+    }
+
+    /// Version 1 of an account's opening: a single `name`.
+    #[derive(Debug, Serialize, Deserialize)]
+    struct OpenedV1 {
+        name: String,
+    }
+    impl Event for OpenedV1 {
+        const TYPE: &'static str = "Opened";
+    }
+
+    /// Version 3: the name split in two (v2), then a currency with a default (v3).
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct Opened {
+        first: String,
+        last: String,
+        currency: String,
+    }
+    impl Event for Opened {
+        const TYPE: &'static str = "Opened";
+        const CODEC: Codec = Codec::Json;
+        const VERSION: u32 = 3;
+    }
+
+    /// Handlers for `Opened` v3 through two upcasters that record the order they ran in.
+    fn opened_handlers(seen: Arc<Mutex<Vec<Opened>>>, ran: Arc<Mutex<Vec<u32>>>) -> EventHandlers {
+        let (r1, r2) = (ran.clone(), ran);
+        EventHandlers::new()
+            .on(move |e: Opened, _cx: EventContext| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push(e);
+                    Ok(())
+                }
+            })
+            .upcast::<Opened>(2, move |mut v| {
+                r2.lock().unwrap().push(2);
+                v["currency"] = "EUR".into();
+                Ok(v)
+            })
+            .upcast::<Opened>(1, move |v| {
+                r1.lock().unwrap().push(1);
+                let name = v["name"].as_str().unwrap_or_default().to_owned();
+                let (first, last) = name.split_once(' ').unwrap_or((&name, ""));
+                Ok(serde_json::json!({ "first": first, "last": last }))
+            })
+    }
+
+    #[tokio::test]
+    async fn older_payloads_go_through_the_upcasters_in_order() {
+        let (seen, ran) = (Arc::default(), Arc::default());
+        let handlers = opened_handlers(Arc::clone(&seen), Arc::clone(&ran));
+        // Written by the old code: MessagePack, no schema header (version 1).
+        let old = envelope(
+            1,
+            &OpenedV1 {
+                name: "Ada Lovelace".into(),
+            },
+        );
+        assert_eq!(old.schema_version(), 1);
+        handlers.handle(old).await.unwrap();
+        assert_eq!(
+            *ran.lock().unwrap(),
+            vec![1, 2],
+            "1 -> 2 -> 3, in that order"
+        );
+        // Written at version 2 by hand: only the second upcaster runs.
+        let v2 = Envelope::builder("acc-1", "Opened", 2)
+            .schema_version(2)
+            .typed_payload(
+                &serde_json::json!({ "first": "Grace", "last": "Hopper" }),
+                Codec::MessagePack,
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+        handlers.handle(v2).await.unwrap();
+        assert_eq!(*ran.lock().unwrap(), vec![1, 2, 2]);
+        // Written by the current code: no upcaster runs.
+        let current = Opened {
+            first: "Alan".into(),
+            last: "Turing".into(),
+            currency: "GBP".into(),
+        };
+        let v3 = envelope(3, &current);
+        assert_eq!(v3.schema_version(), 3);
+        handlers.handle(v3).await.unwrap();
+        assert_eq!(ran.lock().unwrap().len(), 3);
+        let names: Vec<(String, String, String)> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|o| (o.first.clone(), o.last.clone(), o.currency.clone()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("Ada".into(), "Lovelace".into(), "EUR".into()),
+                ("Grace".into(), "Hopper".into(), "EUR".into()),
+                ("Alan".into(), "Turing".into(), "GBP".into()),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn newer_or_unbridged_payloads_are_permanent_errors() {
+        let (seen, ran) = (Arc::default(), Arc::default());
+        let handlers = opened_handlers(Arc::clone(&seen), ran);
+        let newer = Envelope::builder("acc-1", "Opened", 4)
+            .schema_version(4)
+            .typed_payload(&serde_json::json!({ "first": "x" }), Codec::Json)
+            .unwrap()
+            .build()
+            .unwrap();
+        let err = handlers.handle(newer).await.unwrap_err();
+        assert!(!err.is_retryable(), "{err}");
+        assert!(err.to_string().contains("newer code"), "{err}");
+        // A version 2 reader with no upcaster from 1: refused, naming the missing one.
+        #[derive(Debug, Serialize, Deserialize)]
+        struct Closed {
+            reason: String,
+        }
+        impl Event for Closed {
+            const TYPE: &'static str = "Closed";
+            const VERSION: u32 = 2;
+        }
+        let closed = EventHandlers::new().on(|_: Closed, _| async { Ok(()) });
+        let v1 = Envelope::builder("acc-1", "Closed", 5)
+            .typed_payload(&serde_json::json!({ "why": "moved" }), Codec::MessagePack)
+            .unwrap()
+            .build()
+            .unwrap();
+        let err = closed.handle(v1).await.unwrap_err();
+        assert!(!err.is_retryable(), "{err}");
+        assert!(
+            err.to_string()
+                .contains("no upcaster of `Closed` from schema version 1"),
+            "{err}"
+        );
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "reads a version from 1 to 2")]
+    fn an_upcaster_to_the_current_version_or_beyond_is_refused() {
+        let _ = EventHandlers::new().upcast::<Opened>(3, Ok);
     }
 }

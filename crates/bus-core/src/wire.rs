@@ -38,6 +38,9 @@ pub const TRACE_ID: &str = "Bus-Trace-Id";
 pub const CORRELATION_ID: &str = "Bus-Correlation-Id";
 /// Header carrying the tenant ID.
 pub const TENANT_ID: &str = "Bus-Tenant-Id";
+/// Header: the version of the payload's schema, in decimal (at least 1); absent means 1, and it
+/// is written only when it is not 1.
+pub const SCHEMA: &str = "Bus-Schema";
 
 /// Prefixes of header names that user headers may not use.
 pub const RESERVED_PREFIXES: [&str; 2] = ["Bus-", "Nats-"];
@@ -172,6 +175,9 @@ pub fn encode_headers(envelope: &Envelope, mut put: impl FnMut(&str, &str)) {
     if envelope.content_type != ContentType::Bytes {
         put(CONTENT_TYPE, envelope.content_type.as_str());
     }
+    if envelope.schema_version.get() != 1 {
+        put(SCHEMA, &envelope.schema_version.to_string());
+    }
     for (name, value) in [
         (TRACE_ID, &envelope.trace_id),
         (CORRELATION_ID, &envelope.correlation_id),
@@ -203,20 +209,26 @@ pub fn decode<'a>(
     let mut trace_id = None;
     let mut correlation_id = None;
     let mut tenant_id = None;
+    let mut schema_version = std::num::NonZeroU32::MIN;
     let mut user = std::collections::BTreeMap::new();
 
     // The bus's own headers may appear once each: two `Bus-Event` headers would leave it
     // ambiguous which event this is.
-    let mut seen = [false; 5];
+    const OWN: [&str; 6] = [
+        EVENT,
+        CONTENT_TYPE,
+        TRACE_ID,
+        CORRELATION_ID,
+        TENANT_ID,
+        SCHEMA,
+    ];
+    let mut seen = [false; OWN.len()];
     for (name, value) in headers {
         let is = |known: &str| name.eq_ignore_ascii_case(known);
-        if let Some(i) = [EVENT, CONTENT_TYPE, TRACE_ID, CORRELATION_ID, TENANT_ID]
-            .iter()
-            .position(|known| is(known))
-        {
+        if let Some(i) = OWN.iter().position(|known| is(known)) {
             if std::mem::replace(&mut seen[i], true) {
                 return Err(DecodeError::InvalidHeader {
-                    name: [EVENT, CONTENT_TYPE, TRACE_ID, CORRELATION_ID, TENANT_ID][i],
+                    name: OWN[i],
                     value: value.to_owned(),
                     reason: "the header appears more than once".to_owned(),
                 });
@@ -263,6 +275,16 @@ pub fn decode<'a>(
             correlation_id = Some(value.to_owned());
         } else if is(TENANT_ID) {
             tenant_id = Some(value.to_owned());
+        } else if is(SCHEMA) {
+            schema_version = parse_decimal(value)
+                .and_then(|v| u32::try_from(v).ok())
+                .and_then(std::num::NonZeroU32::new)
+                .ok_or_else(|| DecodeError::InvalidHeader {
+                    name: SCHEMA,
+                    value: value.to_owned(),
+                    reason: "the schema version must be a decimal integer from 1 to 4294967295"
+                        .to_owned(),
+                })?;
         } else if !is_reserved(name) {
             user.insert(name.to_owned(), value.to_owned());
         }
@@ -287,6 +309,7 @@ pub fn decode<'a>(
         trace_id,
         correlation_id,
         tenant_id,
+        schema_version,
         content_type,
         headers: user,
         payload,
@@ -447,6 +470,9 @@ pub fn record_len(envelope: &Envelope) -> usize {
     if envelope.content_type != ContentType::Bytes {
         headers += line(CONTENT_TYPE, envelope.content_type.as_str().len());
     }
+    if envelope.schema_version.get() != 1 {
+        headers += line(SCHEMA, digits(u64::from(envelope.schema_version.get())));
+    }
     for (name, value) in [
         (TRACE_ID, &envelope.trace_id),
         (CORRELATION_ID, &envelope.correlation_id),
@@ -578,6 +604,47 @@ mod tests {
             env.payload().clone(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_schema_version_travels_when_it_is_not_1() {
+        let plain = Envelope::builder("a", "T", 1).build().unwrap();
+        assert_eq!(plain.schema_version(), 1);
+        let mut names = Vec::new();
+        encode_headers(&plain, |n, _| names.push(n.to_owned()));
+        assert!(!names.iter().any(|n| n == SCHEMA), "{names:?}");
+
+        let third = Envelope::builder("a", "T", 1)
+            .schema_version(3)
+            .build()
+            .unwrap();
+        let mut headers = Vec::new();
+        encode_headers(&third, |n, v| headers.push((n.to_owned(), v.to_owned())));
+        assert!(
+            headers.contains(&(SCHEMA.to_owned(), "3".to_owned())),
+            "{headers:?}"
+        );
+        assert_eq!(through_nats(&third).schema_version(), 3);
+        let mut body = Vec::new();
+        encode_record(&third, &mut body);
+        assert_eq!(body.len(), record_len(&third));
+
+        let good = "a 7 T 1700000000000000 id-1";
+        for bad in ["0", "-1", "+2", "02", "x", "4294967296"] {
+            let err = decode([(EVENT, good), (SCHEMA, bad)], Bytes::new()).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::InvalidHeader { name: SCHEMA, .. }),
+                "`{bad}`: {err}"
+            );
+        }
+        let twice =
+            decode([(EVENT, good), (SCHEMA, "2"), (SCHEMA, "2")], Bytes::new()).unwrap_err();
+        assert!(twice.to_string().contains("more than once"), "{twice}");
+        let zero = Envelope::builder("a", "T", 1)
+            .schema_version(0)
+            .build()
+            .unwrap_err();
+        assert_eq!(zero.field(), "schema_version");
     }
 
     #[test]
@@ -822,10 +889,10 @@ mod tests {
         /// Any list of envelopes the builder accepts comes back from a batch equal and in order.
         #[test]
         fn batches_round_trip(
-            events in proptest::collection::vec(("[A-Za-z0-9:_-]{1,12}", 1u64..1000, proptest::option::of("[a-z]{1,8}"), proptest::collection::vec(any::<u8>(), 0..64)), 2..20),
+            events in proptest::collection::vec(("[A-Za-z0-9:_-]{1,12}", 1u64..1000, proptest::option::of("[a-z]{1,8}"), proptest::collection::vec(any::<u8>(), 0..64), 1u32..12), 2..20),
         ) {
-            let envelopes: Vec<Envelope> = events.iter().map(|(a, v, t, p)| {
-                let mut b = Envelope::builder(a, "T", *v).payload(p.clone());
+            let envelopes: Vec<Envelope> = events.iter().map(|(a, v, t, p, schema)| {
+                let mut b = Envelope::builder(a, "T", *v).payload(p.clone()).schema_version(*schema);
                 if let Some(t) = t { b = b.header("X-T", t.clone()); }
                 b.build().unwrap()
             }).collect();

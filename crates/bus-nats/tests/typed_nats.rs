@@ -295,3 +295,174 @@ async fn unknown_types_can_be_acknowledged_and_close_cancels_running_handlers() 
     subscription.close().await.unwrap();
     bus.close().await.unwrap();
 }
+
+/// A note as the first version of the code wrote it.
+#[derive(Debug, Serialize, Deserialize)]
+struct NotedV1 {
+    text: String,
+}
+impl Event for NotedV1 {
+    const TYPE: &'static str = "Noted";
+}
+
+/// The note as the current code (schema version 3) reads it: an author came in version 2,
+/// tags in version 3.
+#[derive(Debug, Serialize, Deserialize)]
+struct Noted {
+    text: String,
+    author: String,
+    tags: Vec<String>,
+}
+impl Event for Noted {
+    const TYPE: &'static str = "Noted";
+    const VERSION: u32 = 3;
+}
+
+/// A note written by code newer than the reader's.
+#[derive(Debug, Serialize, Deserialize)]
+struct NotedV4 {
+    text: String,
+}
+impl Event for NotedV4 {
+    const TYPE: &'static str = "Noted";
+    const VERSION: u32 = 4;
+}
+
+/// Events written by the first version of a type are read, through the broker, by code at
+/// version 3: each goes through both upcasters, 1 -> 2 then 2 -> 3, before the handler sees it,
+/// and every aggregate's events still come in order, old and new shapes mixed. An event newer
+/// than the code is dead-lettered, not misread, and the aggregates around it carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_events_are_read_by_new_code_through_upcasters_in_order() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let topic = Topic::new("typed.upcast").unwrap();
+
+    // Written by the old code: v1..=6 of eight aggregates; then the new code writes v7..=10.
+    for version in 1..=6u64 {
+        for a in 0..8 {
+            let text = format!("n{a}-{version}");
+            let _ = bus
+                .publish_event(&topic, &format!("note-{a}"), version, &NotedV1 { text })
+                .await
+                .unwrap();
+        }
+    }
+    for version in 7..=10u64 {
+        for a in 0..8 {
+            let note = Noted {
+                text: format!("n{a}-{version}"),
+                author: "new".into(),
+                tags: vec!["current".into()],
+            };
+            let _ = bus
+                .publish_event(&topic, &format!("note-{a}"), version, &note)
+                .await
+                .unwrap();
+        }
+    }
+    let _ = bus
+        .publish_event(
+            &topic,
+            "note-future",
+            1,
+            &NotedV4 {
+                text: "from tomorrow".into(),
+            },
+        )
+        .await
+        .unwrap();
+    bus.flush().await.unwrap();
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    // Every upcaster call, as (text, the version it read).
+    let steps = Arc::new(Mutex::new(Vec::new()));
+    let handlers = {
+        let (seen, s1, s2) = (seen.clone(), steps.clone(), steps.clone());
+        EventHandlers::new()
+            .on(move |e: Noted, cx: EventContext| {
+                let seen = seen.clone();
+                async move {
+                    seen.lock().unwrap().push((
+                        cx.aggregate_id().to_string(),
+                        cx.version(),
+                        e.text,
+                        e.author,
+                        e.tags,
+                    ));
+                    Ok(())
+                }
+            })
+            .upcast::<Noted>(1, move |mut v| {
+                s1.lock()
+                    .unwrap()
+                    .push((v["text"].as_str().unwrap().to_owned(), 1));
+                v["author"] = "unknown".into();
+                Ok(v)
+            })
+            .upcast::<Noted>(2, move |mut v| {
+                s2.lock()
+                    .unwrap()
+                    .push((v["text"].as_str().unwrap().to_owned(), 2));
+                v["tags"] = serde_json::json!([]);
+                Ok(v)
+            })
+    };
+    let subscription = bus.subscribe(&topic, Arc::new(handlers)).await.unwrap();
+    wait_for("80 notes handled", Duration::from_secs(20), || {
+        seen.lock().unwrap().len() == 80
+    })
+    .await;
+    let control = subscription.control().unwrap();
+    wait_for(
+        "the newer note dead-lettered",
+        Duration::from_secs(20),
+        || control.metrics().dead_lettered == 1,
+    )
+    .await;
+    subscription.close().await.unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    for a in 0..8 {
+        let mine: Vec<_> = seen.iter().filter(|s| s.0 == format!("note-{a}")).collect();
+        let versions: Vec<u64> = mine.iter().map(|s| s.1).collect();
+        assert_eq!(versions, (1..=10).collect::<Vec<_>>(), "note-{a} in order");
+        for s in &mine {
+            assert_eq!(s.2, format!("n{a}-{}", s.1));
+            if s.1 <= 6 {
+                assert_eq!((s.3.as_str(), s.4.len()), ("unknown", 0), "{s:?} upcast");
+            } else {
+                assert_eq!(
+                    (s.3.as_str(), s.4.as_slice()),
+                    ("new", &["current".to_owned()][..]),
+                    "{s:?} as written"
+                );
+            }
+        }
+    }
+    // Both upcasters ran once for each of the 48 old events, the first before the second;
+    // none ran for the new ones.
+    let steps = steps.lock().unwrap().clone();
+    assert_eq!(steps.len(), 96, "{steps:?}");
+    for a in 0..8 {
+        for version in 1..=6 {
+            let text = format!("n{a}-{version}");
+            let mine: Vec<u32> = steps.iter().filter(|s| s.0 == text).map(|s| s.1).collect();
+            assert_eq!(mine, [1, 2], "{text}");
+        }
+    }
+    let letters = bus.dead_letters(&topic, 10).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, "permanent");
+    assert!(
+        letters[0].error.contains("newer code"),
+        "{}",
+        letters[0].error
+    );
+    let letter = letters[0].envelope().unwrap();
+    assert_eq!(
+        (letter.aggregate_id().as_str(), letter.schema_version()),
+        ("note-future", 4)
+    );
+    bus.close().await.unwrap();
+}

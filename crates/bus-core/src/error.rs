@@ -311,6 +311,11 @@ pub enum SubscribeErrorKind {
     ShutdownTimedOut,
     /// The aggregate named in an operator call is not halted.
     NotHalted,
+    /// The operator call needs the subscription that consumes the topic, and this one is a
+    /// standby.
+    NotOwner,
+    /// The transport (or its server) cannot do what was asked.
+    Unsupported,
 }
 
 /// Subscribing or closing a subscription failed. [`kind`](BusError::kind) says what.

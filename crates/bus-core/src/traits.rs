@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::envelope::Envelope;
-use crate::error::{HandlerError, PublishError, SubscribeError};
+use crate::error::{HandlerError, PublishError, SubscribeError, SubscribeErrorKind};
 use crate::names::Topic;
 
 /// Handles the events of one topic.
@@ -259,6 +259,21 @@ pub trait AggregateControl: Send + Sync {
     /// Dead-letters the failed event (reason `skipped`) and goes on with the aggregate's
     /// waiting events in order.
     async fn skip(&self, key: &str) -> Result<(), SubscribeError>;
+
+    /// Moves delivery to stream position `sequence` (earlier, to rebuild from there, or later,
+    /// to skip ahead): handlers already running finish, what is queued is released unhandled,
+    /// and every aggregate's events are delivered again in order from `sequence`. Only the
+    /// subscription that consumes the topic can (`NotOwner` otherwise). Returns once delivery
+    /// restarted there. Transports without stream positions answer `Unsupported` (the
+    /// default).
+    async fn restart_at(&self, sequence: u64) -> Result<(), SubscribeError> {
+        Err(SubscribeError::new(
+            SubscribeErrorKind::Unsupported,
+            format!(
+                "this transport cannot restart delivery at a stream position (asked: {sequence})"
+            ),
+        ))
+    }
 }
 
 /// A transport's side of an active subscription.

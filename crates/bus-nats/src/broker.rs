@@ -45,6 +45,8 @@ pub(crate) mod codes {
     pub(crate) const NO_MESSAGE: u64 = 10037;
     /// No such stream.
     pub(crate) const STREAM_NOT_FOUND: u64 = 10059;
+    /// No such consumer.
+    pub(crate) const CONSUMER_NOT_FOUND: u64 = 10014;
     /// No suitable peers for placement: more replicas than the cluster can place.
     pub(crate) const NO_PEERS: u64 = 10005;
     /// Insufficient resources (a stream's `max_bytes` beyond what the server can reserve).
@@ -252,26 +254,61 @@ pub(crate) async fn consumer_state(
     })
 }
 
-/// Restarts a consumer's delivery at its ack floor + 1 (`CONSUMER.RESET`, nats-server 2.14+);
-/// returns the stream sequence delivery restarts at.
+/// Restarts a consumer's delivery (`CONSUMER.RESET`, nats-server 2.14+) at its ack floor + 1,
+/// or at stream sequence `to` (its ack floor becomes `to - 1`); returns the stream sequence
+/// delivery restarts at.
 pub(crate) async fn reset_consumer(
     client: &Client,
     stream: &str,
     consumer: &str,
+    to: Option<u64>,
 ) -> Result<u64, NatsError> {
     #[derive(serde::Deserialize)]
     struct Reset {
         reset_seq: u64,
     }
+    let body = match to {
+        Some(sequence) => serde_json::json!({ "seq": sequence }),
+        None => serde_json::Value::Null,
+    };
     let reset: Reset = request(
         client,
         || format!("resetting consumer `{consumer}`"),
         &format!("CONSUMER.RESET.{stream}.{consumer}"),
-        &serde_json::Value::Null,
+        &body,
         DEADLINE,
     )
     .await?;
     Ok(reset.reset_seq)
+}
+
+/// The sequence of the first message of `stream` stored at or after `time`; `None` if there is
+/// none.
+pub(crate) async fn first_sequence_at(
+    client: &Client,
+    stream: &str,
+    time: std::time::SystemTime,
+) -> Result<Option<u64>, NatsError> {
+    #[derive(serde::Deserialize)]
+    struct Reply {
+        message: Stored,
+    }
+    let at = humantime::format_rfc3339_nanos(time).to_string();
+    let reply: Result<Reply, NatsError> = request(
+        client,
+        || format!("reading stream `{stream}` at {at}"),
+        &format!("STREAM.MSG.GET.{stream}"),
+        &serde_json::json!({ "start_time": at }),
+        DEADLINE,
+    )
+    .await;
+    match reply {
+        Ok(reply) => Ok(Some(reply.message.sequence)),
+        Err(e) if refusal(&e).is_some_and(|r| r.code == 404 || r.err_code == codes::NO_MESSAGE) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Releases the pin of `group` on a consumer, so a standby is pinned at once.

@@ -34,6 +34,7 @@ enum Request {
     Halted,
     Resume { key: String },
     Skip { key: String },
+    MoveTo { sequence: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -123,6 +124,13 @@ pub(crate) async fn serve(
             Ok(Request::Skip { key }) => {
                 reply.error = control.skip(&key).await.err().map(|e| e.to_string())
             }
+            Ok(Request::MoveTo { sequence }) => {
+                reply.error = control
+                    .restart_at(sequence)
+                    .await
+                    .err()
+                    .map(|e| e.to_string())
+            }
             Err(e) => reply.error = Some(format!("unreadable control request: {e}")),
         }
         let body = serde_json::to_vec(&reply).expect("replies serialise");
@@ -138,6 +146,18 @@ impl NatsBus {
         topic: &Topic,
         request: &Request,
         wait: Duration,
+    ) -> Result<Vec<Reply>, NatsError> {
+        self.control_request_until(topic, request, wait, |_| false)
+            .await
+    }
+
+    /// [`Self::control_request`], done as soon as a reply satisfies `enough`.
+    async fn control_request_until(
+        &self,
+        topic: &Topic,
+        request: &Request,
+        wait: Duration,
+        enough: impl Fn(&Reply) -> bool,
     ) -> Result<Vec<Reply>, NatsError> {
         let connection = self.shared.connection(topic).await?;
         let client = &connection.client;
@@ -161,6 +181,10 @@ impl NatsBus {
         let mut out = Vec::new();
         while let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await {
             match serde_json::from_slice::<Reply>(&message.payload) {
+                Ok(reply) if enough(&reply) => {
+                    out.push(reply);
+                    break;
+                }
                 Ok(reply) => out.push(reply),
                 Err(e) => tracing::warn!(error = %e, "unreadable control reply"),
             }
@@ -246,7 +270,9 @@ impl NatsBus {
             Request::Skip { key } => {
                 format!("skip the failed event of aggregate `{key}` on topic `{topic}`")
             }
-            Request::Halted => unreachable!("a halted request is not settled"),
+            Request::Halted | Request::MoveTo { .. } => {
+                unreachable!("only resume and skip are settled here")
+            }
         };
         Err(NatsError::Refused {
             what,
@@ -258,5 +284,154 @@ impl NatsBus {
                 })
                 .collect(),
         })
+    }
+}
+
+/// Where [`NatsBus::reset_group`] moves a consumer group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The first event the topic's stream still keeps.
+    Start,
+    /// A stream sequence (as in [`bus_core::Delivery::stream_sequence`]).
+    Sequence(u64),
+    /// The first event stored at or after this time (the end, if none is).
+    Time(std::time::SystemTime),
+}
+
+/// What [`NatsBus::reset_group`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GroupReset {
+    /// The stream sequence delivery restarts at.
+    pub sequence: u64,
+    /// The member that consumes the topic and moved its delivery (`pid <pid> client <id>`);
+    /// `None` when no subscription of the group was running and the consumer itself was reset.
+    pub moved_by: Option<String>,
+}
+
+impl NatsBus {
+    /// Moves this bus's consumer group on `topic` to a point of the stream, to rebuild what it
+    /// builds from there (or to skip ahead). The subscription that consumes the topic, in
+    /// whichever process, does it as a discontinuity: its running handlers finish, what it has
+    /// queued is released unhandled, and every aggregate's events are delivered again in order
+    /// from the point (handlers see versions they saw before: a projection rebuilt this way
+    /// starts from its state at that point, or from scratch with [`ResetTo::Start`]). With no
+    /// subscription of the group running, the group's consumer is reset, and the next
+    /// subscription starts there. `wait` bounds how long the owner may take (its running
+    /// handlers finish first).
+    ///
+    /// Only where the stream keeps the events: a `WorkQueue` topic deletes what it delivered,
+    /// and a point before the first event kept is refused. Partitioned topics are refused for
+    /// now (each partition has its own consumer).
+    pub async fn reset_group(
+        &self,
+        topic: &Topic,
+        to: ResetTo,
+        wait: Duration,
+    ) -> Result<GroupReset, NatsError> {
+        let config = &self.shared.config;
+        let group = &config.consumer.group;
+        if config.partitions_of(topic) > 1 {
+            return Err(NatsError::Unsupported(format!(
+                "topic `{topic}` is partitioned: resetting a group on a partitioned topic is not supported yet"
+            )));
+        }
+        let connection = self.shared.connection(topic).await?;
+        if connection.retention == crate::Retention::WorkQueue {
+            return Err(NatsError::Unsupported(format!(
+                "topic `{topic}` keeps events until one group reads them (WorkQueue): what was read is gone, there is nothing to reset group `{group}` to; use Limits or Acknowledged retention to rebuild from the stream"
+            )));
+        }
+        let consumer = config.consumer_name(topic);
+        crate::broker::consumer_state(&connection.client, &connection.stream, &consumer)
+            .await
+            .map_err(|e| match crate::broker::error_code(&e) {
+                Some(crate::broker::codes::CONSUMER_NOT_FOUND) => NatsError::NotFound(format!(
+                    "consumer group `{group}` never subscribed to topic `{topic}` (no consumer `{consumer}`)"
+                )),
+                _ => e,
+            })?;
+        let mut stream = connection
+            .jetstream
+            .get_stream(&connection.stream)
+            .await
+            .map_err(|e| NatsError::api(format!("looking up stream `{}`", connection.stream), e))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| NatsError::api(format!("reading stream `{}`", connection.stream), e))?
+            .state
+            .clone();
+        let (first, end) = (state.first_sequence.max(1), state.last_sequence + 1);
+        let sequence = match to {
+            ResetTo::Start => first,
+            ResetTo::Sequence(n) => n,
+            ResetTo::Time(t) => {
+                crate::broker::first_sequence_at(&connection.client, &connection.stream, t)
+                    .await?
+                    .unwrap_or(end)
+            }
+        };
+        if sequence == 0 || sequence > end {
+            return Err(NatsError::Invalid(bus_core::ValidationError::new(
+                "sequence",
+                sequence.to_string(),
+                format!(
+                    "must be from 1 to {end} (one past the last event of stream `{}`)",
+                    connection.stream
+                ),
+            )));
+        }
+        if sequence < first {
+            return Err(NatsError::Configuration(format!(
+                "stream `{}` no longer keeps the events before {first} (its retention removed them): group `{group}` cannot be reset to {sequence}",
+                connection.stream
+            )));
+        }
+        let request = Request::MoveTo { sequence };
+        match self
+            .control_request_until(topic, &request, wait, |r| r.owner && r.error.is_none())
+            .await
+        {
+            Ok(replies) => match replies.iter().find(|r| r.owner && r.error.is_none()) {
+                Some(done) => Ok(GroupReset {
+                    sequence,
+                    moved_by: Some(done.member.clone()),
+                }),
+                None => Err(NatsError::Refused {
+                    what: format!("move group `{group}` on topic `{topic}` to {sequence}"),
+                    refusals: replies
+                        .into_iter()
+                        .map(|r| MemberRefusal {
+                            member: r.member,
+                            reason: r.error.unwrap_or_else(|| {
+                                "no answer from the subscription that consumes the topic".into()
+                            }),
+                        })
+                        .collect(),
+                }),
+            },
+            Err(NatsError::Unanswered(_)) => {
+                // No subscription of the group runs: the consumer itself moves.
+                if !connection.pinned {
+                    return Err(NatsError::Unsupported(format!(
+                        "no subscription of group `{group}` to topic `{topic}` is running, and nats-server {} cannot reset a consumer (2.14 can); start a subscription and reset again",
+                        connection.server_version
+                    )));
+                }
+                crate::broker::reset_consumer(
+                    &connection.client,
+                    &connection.stream,
+                    &consumer,
+                    Some(sequence),
+                )
+                .await?;
+                Ok(GroupReset {
+                    sequence,
+                    moved_by: None,
+                })
+            }
+            Err(e) => Err(e),
+        }
     }
 }

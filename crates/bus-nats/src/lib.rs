@@ -80,6 +80,7 @@ pub use config::{
     DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS, DEFAULT_TAKEOVER_AFTER, MAX_PARTITIONS,
 };
 pub(crate) use connection::{Shared, TopicConnection};
+pub use control::{GroupReset, ResetTo};
 pub use dead_letters::dead_letter_headers;
 pub use dead_letters::{DeadLetter, DeadLetterReason};
 pub use error::{MemberRefusal, NatsError, NatsErrorKind};

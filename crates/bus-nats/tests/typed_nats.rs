@@ -342,7 +342,7 @@ async fn old_events_are_read_by_new_code_through_upcasters_in_order() {
     for version in 1..=6u64 {
         for a in 0..8 {
             let text = format!("n{a}-{version}");
-            let _ = bus
+            let _receipt = bus
                 .publish_event(&topic, &format!("note-{a}"), version, &NotedV1 { text })
                 .await
                 .unwrap();
@@ -355,13 +355,13 @@ async fn old_events_are_read_by_new_code_through_upcasters_in_order() {
                 author: "new".into(),
                 tags: vec!["current".into()],
             };
-            let _ = bus
+            let _receipt = bus
                 .publish_event(&topic, &format!("note-{a}"), version, &note)
                 .await
                 .unwrap();
         }
     }
-    let _ = bus
+    let _receipt = bus
         .publish_event(
             &topic,
             "note-future",

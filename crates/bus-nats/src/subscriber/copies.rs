@@ -242,6 +242,17 @@ impl Copies {
 
     /// The subscription lost the topic: nothing delivered so far is acknowledged any more (the
     /// new owner has it delivered again), and the ack subjects kept for re-sending are dropped.
+    /// Forgets what was settled here (messages acknowledged, record batches partly settled):
+    /// after an operator moved delivery to an earlier position, they are to be handled again,
+    /// not recognised as copies.
+    pub(crate) fn forget_settled(&mut self) {
+        self.finished.clear();
+        self.finished_order.clear();
+        let mut partial = self.partial.lock().unwrap();
+        partial.order.clear();
+        partial.by_sequence.clear();
+    }
+
     pub(crate) fn abandon(&mut self) {
         self.unacked.abandon();
         self.recent_acks.clear();

@@ -50,9 +50,19 @@ pub(crate) struct FetchPlan {
     pub(crate) reconnects: watch::Receiver<u64>,
 }
 
+/// An operator's request to move delivery to stream position `sequence`; answered on `done`
+/// once delivery restarted there.
+#[derive(Debug)]
+pub(crate) struct MoveTo {
+    pub(crate) sequence: u64,
+    pub(crate) done: tokio::sync::oneshot::Sender<Result<(), NatsError>>,
+}
+
 /// Why an epoch ended.
 #[derive(Debug)]
 enum End {
+    /// An operator moved delivery to another stream position.
+    Moved(MoveTo),
     /// Close was asked for and every outstanding pull request is over.
     Stopped,
     /// Delivery is no longer contiguous; `seen_up_to` is the highest stream sequence received.
@@ -100,6 +110,7 @@ struct Fetcher {
     pool: KeyedPool<Work>,
     stop: watch::Receiver<bool>,
     control: mpsc::UnboundedReceiver<Request>,
+    moves: mpsc::UnboundedReceiver<MoveTo>,
     ownership: Ownership,
 }
 
@@ -112,6 +123,7 @@ pub(crate) async fn fetch(
     pool: KeyedPool<Work>,
     stop: watch::Receiver<bool>,
     control: mpsc::UnboundedReceiver<Request>,
+    moves: mpsc::UnboundedReceiver<MoveTo>,
     ownership: Ownership,
 ) -> Result<Stopped, NatsError> {
     let mut fetcher = Fetcher {
@@ -119,6 +131,7 @@ pub(crate) async fn fetch(
         pool,
         stop,
         control,
+        moves,
         ownership,
     };
     fetcher.run().await?;
@@ -175,7 +188,7 @@ impl Fetcher {
                                     }
                                     Err(error) => tracing::warn!(topic = %restarter.topic, %error, "looking for unreadable messages failed; restarting delivery without"),
                                 }
-                                restarter.restart().await
+                                restarter.restart_at(None).await
                             }
                         })
                         .await;
@@ -185,6 +198,33 @@ impl Fetcher {
                     // Counted once delivery runs again: a discontinuity during the restart is
                     // covered by it.
                     self.plan.counters.restarts.fetch_add(1, Ordering::Relaxed);
+                }
+                End::Moved(MoveTo { sequence, done }) => {
+                    tracing::info!(topic = %self.plan.topic, subject = %self.plan.restarter.subject, sequence, "an operator moved delivery; restarting it there");
+                    // As after losing the topic, but keeping it: running handlers finish, what
+                    // is queued is released unhandled, nothing of this term is acknowledged.
+                    if !self.abandon().await {
+                        let _ = done.send(Err(NatsError::Closed(
+                            "the subscription closed before delivery was moved".into(),
+                        )));
+                        return Ok(());
+                    }
+                    self.plan.copies.lock().unwrap().forget_settled();
+                    let restarter = self.plan.restarter.clone();
+                    next = self
+                        .retrying("moving delivery", || {
+                            let restarter = restarter.clone();
+                            async move { restarter.restart_at(Some(sequence)).await }
+                        })
+                        .await;
+                    let Some(_) = next else {
+                        let _ = done.send(Err(NatsError::Closed(
+                            "the subscription closed before delivery was moved".into(),
+                        )));
+                        return Ok(());
+                    };
+                    self.plan.counters.moves.fetch_add(1, Ordering::Relaxed);
+                    let _ = done.send(Ok(()));
                 }
                 End::Lost(why) => {
                     tracing::warn!(topic = %self.plan.topic, %why, "this subscription lost the topic; waiting as a standby");
@@ -380,6 +420,7 @@ impl Fetcher {
                         break end;
                     }
                 }
+                Some(move_to) = self.moves.recv(), if !stopping => break End::Moved(move_to),
                 Some(request) = self.control.recv(), if !stopping => {
                     // Routed like the aggregate's messages: it runs after what is queued before it.
                     let key = request.key.clone();

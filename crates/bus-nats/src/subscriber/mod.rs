@@ -222,7 +222,9 @@ async fn setup(
         })
     };
     let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (moves_tx, moves_rx) = mpsc::unbounded_channel();
     let control = Arc::new(NatsControl {
+        moves: moves_tx,
         topic: subject.clone(),
         runner: runner.clone(),
         requests: control_tx,
@@ -268,7 +270,7 @@ async fn setup(
         ))
     });
     let (stop, stop_rx) = watch::channel(false);
-    let fetcher = tokio::spawn(fetch(plan, pool, stop_rx, control_rx, ownership));
+    let fetcher = tokio::spawn(fetch(plan, pool, stop_rx, control_rx, moves_rx, ownership));
     Ok(NatsSubscription {
         topic: subject.clone(),
         stop,
@@ -285,12 +287,14 @@ async fn setup(
     })
 }
 
-/// Operator control of one subscription's halted aggregates.
+/// Operator control of one subscription: its halted aggregates, and where delivery stands.
 struct NatsControl {
     topic: Topic,
     runner: Arc<Runner>,
     /// To the fetcher, which routes each request to the aggregate's worker.
     requests: mpsc::UnboundedSender<runner::Request>,
+    /// To the fetcher: move delivery to a stream position.
+    moves: mpsc::UnboundedSender<fetch::MoveTo>,
     queues: keyed_pool::PoolProbe<Work>,
 }
 
@@ -361,6 +365,30 @@ impl AggregateControl for NatsControl {
 
     async fn skip(&self, key: &str) -> Result<(), SubscribeError> {
         self.request(key, runner::Action::Skip)
+    }
+
+    async fn restart_at(&self, sequence: u64) -> Result<(), SubscribeError> {
+        if self.runner.counters.owner.load(Ordering::Relaxed) != 1 {
+            return Err(SubscribeError::new(
+                SubscribeErrorKind::NotOwner,
+                format!("this subscription to topic `{}` is a standby: the one that consumes it moves delivery", self.topic),
+            ));
+        }
+        let closed = || {
+            SubscribeError::new(
+                SubscribeErrorKind::Closed,
+                format!("the subscription to topic `{}` is closed", self.topic),
+            )
+        };
+        let (done, moved) = tokio::sync::oneshot::channel();
+        self.moves
+            .send(fetch::MoveTo { sequence, done })
+            .map_err(|_| closed())?;
+        match moved.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(subscribe_error(&self.topic, error)),
+            Err(_) => Err(closed()),
+        }
     }
 }
 

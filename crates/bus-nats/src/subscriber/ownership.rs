@@ -292,7 +292,7 @@ impl Ownership {
         }
         tracing::info!(topic = %self.topic, consumer = %self.consumer, pending, "no subscriber owns the topic and messages await acknowledgement; restarting delivery at the ack floor");
         if let Err(error) =
-            crate::broker::reset_consumer(&self.client, &self.stream, &self.consumer).await
+            crate::broker::reset_consumer(&self.client, &self.stream, &self.consumer, None).await
         {
             tracing::debug!(topic = %self.topic, %error, "restarting delivery for a standby failed");
         }
@@ -363,9 +363,13 @@ impl Ownership {
         match (held, &self.mode) {
             (Some(Held::Pin(_)), Mode::Pinned) => {
                 if returned > 0 {
-                    if let Err(error) =
-                        crate::broker::reset_consumer(&self.client, &self.stream, &self.consumer)
-                            .await
+                    if let Err(error) = crate::broker::reset_consumer(
+                        &self.client,
+                        &self.stream,
+                        &self.consumer,
+                        None,
+                    )
+                    .await
                     {
                         tracing::debug!(topic = %self.topic, %error, "restarting delivery before releasing the topic failed");
                     }

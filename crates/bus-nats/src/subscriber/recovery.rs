@@ -58,11 +58,12 @@ impl Restarter {
         self.want.durable_name.as_deref().unwrap_or_default()
     }
 
-    /// Restarts delivery at the ack floor + 1.
-    pub(crate) async fn restart(&self) -> Result<Start, NatsError> {
+    /// Restarts delivery at the ack floor + 1, or at stream sequence `to` (which becomes the
+    /// consumer's ack floor + 1).
+    pub(crate) async fn restart_at(&self, to: Option<u64>) -> Result<Start, NatsError> {
         let name = self.name().to_owned();
         if self.can_reset {
-            let reset = broker::reset_consumer(&self.client, &self.stream, &name).await?;
+            let reset = broker::reset_consumer(&self.client, &self.stream, &name, to).await?;
             return Ok(Start {
                 next_delivery: 1,
                 seen_up_to: reset.saturating_sub(1),
@@ -75,9 +76,10 @@ impl Restarter {
             .get_stream(&self.stream)
             .await
             .map_err(|e| NatsError::api(format!("looking up stream `{}`", self.stream), e))?;
-        let floor = match stream.consumer_info(&name).await {
-            Ok(info) => info.ack_floor.stream_sequence,
-            Err(e) => return Err(NatsError::api(format!("reading consumer `{name}`"), e)),
+        let floor = match (to, stream.consumer_info(&name).await) {
+            (Some(to), Ok(_)) => to.saturating_sub(1),
+            (None, Ok(info)) => info.ack_floor.stream_sequence,
+            (_, Err(e)) => return Err(NatsError::api(format!("reading consumer `{name}`"), e)),
         };
         stream
             .delete_consumer(&name)
@@ -137,7 +139,7 @@ impl Restarter {
                 "consumer has unacknowledged messages from an earlier owner; restarting delivery at the ack floor"
             );
         }
-        self.restart().await
+        self.restart_at(None).await
     }
 
     /// Waits, up to `within`, until the consumer shows at most `expected` messages awaiting

@@ -154,6 +154,8 @@ pub(crate) struct Counters {
     /// Times delivery was restarted at the ack floor after a discontinuity (counted once it
     /// runs again).
     pub(crate) restarts: AtomicU64,
+    /// Times an operator moved delivery to another stream position.
+    pub(crate) moves: AtomicU64,
     /// Times this subscription gained the topic.
     pub(crate) gained: AtomicU64,
     /// Times it lost the topic to another subscription.

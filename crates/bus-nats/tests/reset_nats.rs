@@ -1,0 +1,283 @@
+//! Rebuilding from a point against a real nats-server: a running group moved back to a stream
+//! sequence replays every aggregate in order from there; a stopped group reset to a time
+//! rebuilds the same projection; and the resets that cannot keep order or have nothing to read
+//! are refused, saying why.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bus_core::{current_delivery, handler_fn, Envelope, Publisher, Subscriber, Topic};
+use bus_nats::{NatsBus, NatsErrorKind, ResetTo, Retention, StreamSpec};
+use bus_testkit::NatsServer;
+use common::{unbatched_config, wait_for};
+
+/// The test configuration, with `topics` each in a stream of its own that keeps its events
+/// (`Limits`): what a group is reset to must still be stored.
+fn kept(url: &str, topics: &[Topic]) -> bus_nats::NatsConfig {
+    let mut config = unbatched_config(url);
+    for topic in topics {
+        let name = format!("KEPT_{}", topic.as_str().replace('.', "_").to_uppercase());
+        let mut spec = StreamSpec::new(name, [topic.clone()]);
+        spec.retention = Retention::Limits;
+        // Each stream reserves its max_bytes of the server's store: twenty of 1 GiB would not fit.
+        spec.max_bytes = 16 << 20;
+        config.streams.push(spec);
+    }
+    config
+}
+
+/// (aggregate, version, stream sequence) of every handler call, in the order they ran.
+type Calls = Arc<Mutex<Vec<(String, u64, u64)>>>;
+
+async fn publish(bus: &NatsBus, topic: &Topic, aggregates: usize, versions: u64) {
+    for version in 1..=versions {
+        for a in 0..aggregates {
+            let envelope = Envelope::builder(format!("acc-{a}"), "Deposited", version)
+                .payload(version.to_be_bytes().to_vec())
+                .build()
+                .unwrap();
+            let _receipt = bus.publish(topic, envelope).await.unwrap();
+        }
+    }
+    bus.flush().await.unwrap();
+}
+
+async fn subscribe(bus: &NatsBus, topic: &Topic, calls: &Calls) -> bus_core::Subscription {
+    let calls = calls.clone();
+    bus.subscribe(
+        topic,
+        Arc::new(handler_fn(move |e: Envelope| {
+            let calls = calls.clone();
+            async move {
+                let sequence = current_delivery()
+                    .and_then(|d| d.stream_sequence)
+                    .expect("NATS deliveries have a stream sequence");
+                calls.lock().unwrap().push((
+                    e.aggregate_id().to_string(),
+                    e.event_version(),
+                    sequence,
+                ));
+                Ok(())
+            }
+        })),
+    )
+    .await
+    .unwrap()
+}
+
+/// Each aggregate's versions in the order its calls ran.
+fn by_aggregate(calls: &[(String, u64, u64)]) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (aggregate, version, _) in calls {
+        out.entry(aggregate.clone()).or_default().push(*version);
+    }
+    out
+}
+
+/// A running group moved back to stream sequence 41 by an operator's bus in another
+/// connection: the owner moves its own delivery, and every aggregate's events from 41 on come
+/// again, in order, after what it had handled: each replay is a contiguous run ending at the
+/// aggregate's last version. Twenty rounds, moved while the handlers are busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_group_moved_back_replays_every_aggregate_in_order() {
+    let server = NatsServer::start();
+    let topics: Vec<Topic> = (0..20)
+        .map(|round| Topic::new(format!("rebuild.running.{round}")).unwrap())
+        .collect();
+    let bus = NatsBus::connect(kept(&server.url(), &topics))
+        .await
+        .unwrap();
+    let operator = NatsBus::connect(kept(&server.url(), &topics))
+        .await
+        .unwrap();
+    for (round, topic) in topics.iter().enumerate() {
+        let topic = topic.clone();
+        publish(&bus, &topic, 5, 40).await;
+        let calls: Calls = Arc::default();
+        let subscription = subscribe(&bus, &topic, &calls).await;
+        // Moved while delivery is under way: once every aggregate is past version 12 (the
+        // stream holds 40 of each), not only once it is idle.
+        wait_for("every aggregate past v12", Duration::from_secs(20), || {
+            let calls = calls.lock().unwrap();
+            (0..5).all(|a| calls.iter().any(|c| c.0 == format!("acc-{a}") && c.1 >= 12))
+        })
+        .await;
+        let reset = operator
+            .reset_group(&topic, ResetTo::Sequence(41), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(reset.sequence, 41);
+        assert!(
+            reset.moved_by.is_some(),
+            "{reset:?}: the running owner moved"
+        );
+        // Every aggregate replayed from the event stored at 41 to its last (32 events each).
+        wait_for("the replay from 41", Duration::from_secs(20), || {
+            let by = by_aggregate(&calls.lock().unwrap());
+            by.len() == 5
+                && by.values().all(|v| {
+                    let split = (1..v.len()).find(|i| v[*i] != v[i - 1] + 1);
+                    split.is_some_and(|i| v.len() - i >= 32)
+                })
+        })
+        .await;
+        subscription.close().await.unwrap();
+        let calls = calls.lock().unwrap().clone();
+        // Per aggregate: 1..=k as first handled, then the replay from the event stored at 41
+        // (version 9 of every aggregate: 5 aggregates, published version by version) to 40.
+        for (aggregate, versions) in by_aggregate(&calls) {
+            let split = (1..versions.len())
+                .find(|i| versions[*i] != versions[i - 1] + 1)
+                .unwrap_or_else(|| panic!("round {round} {aggregate}: no replay {versions:?}"));
+            assert_eq!(
+                versions[..split],
+                (1..=versions[split - 1]).collect::<Vec<_>>(),
+                "round {round} {aggregate}"
+            );
+            assert!(
+                versions[split - 1] >= 12,
+                "round {round} {aggregate}: {versions:?}"
+            );
+            assert_eq!(
+                versions[split..],
+                (9..=40).collect::<Vec<_>>(),
+                "round {round} {aggregate}: the replay is a contiguous run from 41's event to the last"
+            );
+        }
+        // Nothing before 41 came twice.
+        let mut before: Vec<u64> = calls.iter().map(|c| c.2).filter(|s| *s < 41).collect();
+        before.sort_unstable();
+        before.dedup();
+        assert_eq!(
+            before.len(),
+            calls.iter().filter(|c| c.2 < 41).count(),
+            "round {round}"
+        );
+    }
+    bus.close().await.unwrap();
+    operator.close().await.unwrap();
+}
+
+/// A group with no subscription running is reset to a time before its topic's first event:
+/// the consumer itself moves, and a new subscription rebuilds exactly the projection the first
+/// one built. Reset past the last event, it skips ahead: nothing is handled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_group_reset_to_a_time_rebuilds_the_same_projection() {
+    let server = NatsServer::start();
+    let topic = Topic::new("rebuild.stopped").unwrap();
+    let bus = NatsBus::connect(kept(&server.url(), std::slice::from_ref(&topic)))
+        .await
+        .unwrap();
+    let before_everything = SystemTime::now() - Duration::from_secs(1);
+    publish(&bus, &topic, 4, 25).await;
+    let first: Calls = Arc::default();
+    let subscription = subscribe(&bus, &topic, &first).await;
+    wait_for("100 handled", Duration::from_secs(20), || {
+        first.lock().unwrap().len() == 100
+    })
+    .await;
+    subscription.close().await.unwrap();
+
+    let reset = bus
+        .reset_group(
+            &topic,
+            ResetTo::Time(before_everything),
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (reset.sequence, reset.moved_by.clone()),
+        (1, None),
+        "{reset:?}"
+    );
+    let rebuilt: Calls = Arc::default();
+    let subscription = subscribe(&bus, &topic, &rebuilt).await;
+    wait_for("100 handled again", Duration::from_secs(20), || {
+        rebuilt.lock().unwrap().len() == 100
+    })
+    .await;
+    subscription.close().await.unwrap();
+    assert_eq!(
+        by_aggregate(&rebuilt.lock().unwrap()),
+        by_aggregate(&first.lock().unwrap())
+    );
+    let mut sequences: Vec<u64> = rebuilt.lock().unwrap().iter().map(|c| c.2).collect();
+    sequences.sort_unstable();
+    assert_eq!(sequences, (1..=100).collect::<Vec<_>>());
+
+    // To a time after the last event: the end; a subscription then waits for new events.
+    let reset = bus
+        .reset_group(
+            &topic,
+            ResetTo::Time(SystemTime::now() + Duration::from_secs(3600)),
+            Duration::from_millis(500),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reset.sequence, 101);
+    let after: Calls = Arc::default();
+    let subscription = subscribe(&bus, &topic, &after).await;
+    publish(&bus, &topic, 1, 1).await; // acc-0 v1 again, stored at 101
+    wait_for("the new event", Duration::from_secs(20), || {
+        !after.lock().unwrap().is_empty()
+    })
+    .await;
+    subscription.close().await.unwrap();
+    assert_eq!(*after.lock().unwrap(), [("acc-0".to_owned(), 1, 101)]);
+    bus.close().await.unwrap();
+}
+
+/// What a reset cannot do is refused with its reason: a point outside the stream, a group
+/// that never subscribed, a work-queue topic (what was read is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_that_cannot_be_done_are_refused() {
+    let server = NatsServer::start();
+    let topic = Topic::new("rebuild.refused").unwrap();
+    let mut config = kept(&server.url(), std::slice::from_ref(&topic));
+    let queue = Topic::new("rebuild.queue").unwrap();
+    let mut spec = StreamSpec::new("REBUILD_QUEUE", [queue.clone()]);
+    spec.retention = Retention::WorkQueue;
+    config.streams.push(spec);
+    let bus = NatsBus::connect(config).await.unwrap();
+    publish(&bus, &topic, 1, 3).await;
+    let never = bus
+        .reset_group(&topic, ResetTo::Start, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert_eq!(never.kind(), NatsErrorKind::NotFound, "{never}");
+
+    let calls: Calls = Arc::default();
+    let subscription = subscribe(&bus, &topic, &calls).await;
+    wait_for("3 handled", Duration::from_secs(10), || {
+        calls.lock().unwrap().len() == 3
+    })
+    .await;
+    for bad in [0, 5] {
+        let err = bus
+            .reset_group(&topic, ResetTo::Sequence(bad), Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), NatsErrorKind::Invalid, "{bad}: {err}");
+    }
+    subscription.close().await.unwrap();
+
+    publish(&bus, &queue, 1, 2).await;
+    let queue_calls: Calls = Arc::default();
+    let subscription = subscribe(&bus, &queue, &queue_calls).await;
+    wait_for("2 handled", Duration::from_secs(10), || {
+        queue_calls.lock().unwrap().len() == 2
+    })
+    .await;
+    let err = bus
+        .reset_group(&queue, ResetTo::Start, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), NatsErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("WorkQueue"), "{err}");
+    subscription.close().await.unwrap();
+    bus.close().await.unwrap();
+}

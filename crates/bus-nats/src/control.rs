@@ -343,8 +343,9 @@ impl NatsBus {
             )));
         }
         let consumer = config.consumer_name(topic);
-        crate::broker::consumer_state(&connection.client, &connection.stream, &consumer)
-            .await
+        let consumer_state =
+            crate::broker::consumer_state(&connection.client, &connection.stream, &consumer)
+                .await
             .map_err(|e| match crate::broker::error_code(&e) {
                 Some(crate::broker::codes::CONSUMER_NOT_FOUND) => NatsError::NotFound(format!(
                     "consumer group `{group}` never subscribed to topic `{topic}` (no consumer `{consumer}`)"
@@ -417,6 +418,20 @@ impl NatsBus {
                     return Err(NatsError::Unsupported(format!(
                         "no subscription of group `{group}` to topic `{topic}` is running, and nats-server {} cannot reset a consumer (2.14 can); start a subscription and reset again",
                         connection.server_version
+                    )));
+                }
+                // A client pinned to the consumer is consuming it, yet did not answer: moving
+                // the consumer under it would hand it a replay it takes for copies.
+                let pinned = crate::broker::consumer_state(
+                    &connection.client,
+                    &connection.stream,
+                    &consumer,
+                )
+                .await?
+                .pinned;
+                if consumer_state.pinned || pinned {
+                    return Err(NatsError::Unanswered(format!(
+                        "a subscription of group `{group}` consumes topic `{topic}` but did not answer within {wait:?}: wait longer (its running handlers finish first), or for its pin to expire if it is gone"
                     )));
                 }
                 crate::broker::reset_consumer(

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use bus_core::{current_delivery, handler_fn, Envelope, Publisher, Subscriber, Topic};
 use bus_nats::{NatsBus, NatsErrorKind, ResetTo, Retention, StreamSpec};
-use bus_testkit::NatsServer;
+use bus_testkit::{NatsServer, OlderServer};
 use common::{unbatched_config, wait_for};
 
 /// The test configuration, with `topics` each in a stream of its own that keeps its events
@@ -68,6 +68,31 @@ async fn subscribe(bus: &NatsBus, topic: &Topic, calls: &Calls) -> bus_core::Sub
     .unwrap()
 }
 
+/// Where an aggregate's calls (version, stream sequence) start again from an older version.
+fn restart_of(handled: &[(u64, u64)]) -> Option<usize> {
+    (1..handled.len()).find(|i| handled[*i].0 != handled[i - 1].0 + 1)
+}
+
+/// Per aggregate, the calls after its replay began.
+fn replays(calls: &[(String, u64, u64)]) -> BTreeMap<String, Vec<(u64, u64)>> {
+    let mut out = BTreeMap::new();
+    for aggregate in calls
+        .iter()
+        .map(|c| &c.0)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let handled: Vec<(u64, u64)> = calls
+            .iter()
+            .filter(|c| &c.0 == aggregate)
+            .map(|c| (c.1, c.2))
+            .collect();
+        if let Some(split) = restart_of(&handled) {
+            out.insert(aggregate.clone(), handled[split..].to_vec());
+        }
+    }
+    out
+}
+
 /// Each aggregate's versions in the order its calls ran.
 fn by_aggregate(calls: &[(String, u64, u64)]) -> BTreeMap<String, Vec<u64>> {
     let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -83,8 +108,18 @@ fn by_aggregate(calls: &[(String, u64, u64)]) -> BTreeMap<String, Vec<u64>> {
 /// aggregate's last version. Twenty rounds, moved while the handlers are busy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_group_moved_back_replays_every_aggregate_in_order() {
-    let server = NatsServer::start();
-    let topics: Vec<Topic> = (0..20)
+    moved_back(NatsServer::start(), 20).await;
+}
+
+/// The same on nats-server 2.12, where ownership is a lease and the consumer has no reset API:
+/// the owner deletes and recreates it at the point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_group_on_a_lease_server_moved_back_replays_in_order() {
+    moved_back(NatsServer::start_older(OlderServer::V2_12), 10).await;
+}
+
+async fn moved_back(server: NatsServer, rounds: usize) {
+    let topics: Vec<Topic> = (0..rounds)
         .map(|round| Topic::new(format!("rebuild.running.{round}")).unwrap())
         .collect();
     let bus = NatsBus::connect(kept(&server.url(), &topics))
@@ -114,38 +149,64 @@ async fn a_running_group_moved_back_replays_every_aggregate_in_order() {
             reset.moved_by.is_some(),
             "{reset:?}: the running owner moved"
         );
-        // Every aggregate replayed from the event stored at 41 to its last (32 events each).
-        wait_for("the replay from 41", Duration::from_secs(20), || {
-            let by = by_aggregate(&calls.lock().unwrap());
-            by.len() == 5
-                && by.values().all(|v| {
-                    let split = (1..v.len()).find(|i| v[*i] != v[i - 1] + 1);
-                    split.is_some_and(|i| v.len() - i >= 32)
-                })
-        })
-        .await;
+        // The events stored from 41 on (160 of the 200: aggregates publish side by side, so
+        // which version of each is stored at 41 depends on how their publishes interleaved)
+        // all come again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while replays(&calls.lock().unwrap())
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            < 160
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: no replay from 41 within 20s; handled {:?}",
+                by_aggregate(&calls.lock().unwrap())
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         subscription.close().await.unwrap();
         let calls = calls.lock().unwrap().clone();
-        // Per aggregate: 1..=k as first handled, then the replay from the event stored at 41
-        // (version 9 of every aggregate: 5 aggregates, published version by version) to 40.
-        for (aggregate, versions) in by_aggregate(&calls) {
-            let split = (1..versions.len())
-                .find(|i| versions[*i] != versions[i - 1] + 1)
-                .unwrap_or_else(|| panic!("round {round} {aggregate}: no replay {versions:?}"));
-            assert_eq!(
-                versions[..split],
-                (1..=versions[split - 1]).collect::<Vec<_>>(),
-                "round {round} {aggregate}"
+        let replayed = replays(&calls);
+        assert_eq!(
+            replayed.values().map(Vec::len).sum::<usize>(),
+            160,
+            "round {round}: every event stored from 41 on, once: {replayed:?}"
+        );
+        // Per aggregate: 1..=k as first handled (k >= 12: moved while busy), then a contiguous
+        // run from its first event stored at or after 41 to its last.
+        for aggregate in (0..5).map(|a| format!("acc-{a}")) {
+            let handled: Vec<(u64, u64)> = calls
+                .iter()
+                .filter(|c| c.0 == aggregate)
+                .map(|c| (c.1, c.2))
+                .collect();
+            let split = restart_of(&handled)
+                .unwrap_or_else(|| panic!("round {round} {aggregate}: no replay {handled:?}"));
+            let (first, replay) = handled.split_at(split);
+            let k = first.len() as u64;
+            assert!(
+                first.iter().map(|c| c.0).eq(1..=k) && k >= 12,
+                "round {round} {aggregate}: first handled {first:?}"
+            );
+            let from = replay[0].0;
+            assert!(
+                replay.iter().map(|c| c.0).eq(from..=40),
+                "round {round} {aggregate}: the replay is a contiguous run to the last: {replay:?}"
             );
             assert!(
-                versions[split - 1] >= 12,
-                "round {round} {aggregate}: {versions:?}"
+                replay.iter().all(|c| c.1 >= 41),
+                "round {round} {aggregate}: replayed from before 41: {replay:?}"
             );
-            assert_eq!(
-                versions[split..],
-                (9..=40).collect::<Vec<_>>(),
-                "round {round} {aggregate}: the replay is a contiguous run from 41's event to the last"
-            );
+            // The version before the replay's first was stored before 41.
+            if from > 1 {
+                let before = first.get((from - 2) as usize).copied().unwrap_or_default();
+                assert!(
+                    before.0 == from - 1 && before.1 < 41,
+                    "round {round} {aggregate}: the replay starts late: {before:?} then {replay:?}"
+                );
+            }
         }
         // Nothing before 41 came twice.
         let mut before: Vec<u64> = calls.iter().map(|c| c.2).filter(|s| *s < 41).collect();

@@ -9,6 +9,8 @@
 //!   skip <topic> <aggregate>        dead-letters it and goes on with the aggregate
 //!   dead-letters <topic>            the topic's dead letters
 //!   replay <topic> --sequence N     publishes a dead letter again (or --all) and removes it
+//!   reset <topic> --to-start | --to-sequence N | --to-time T
+//!                                   moves the group to a point of the topic, to rebuild from it
 //!   repartition <topic> --partitions N
 //!                                   changes a drained, unread topic's partition count
 //!   completions <shell>             a completion script for bash, zsh, fish, ...
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bus_core::Topic;
-use bus_nats::{NatsBus, NatsConfig};
+use bus_nats::{NatsBus, NatsConfig, ResetTo};
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{json, Value};
 
@@ -49,9 +51,11 @@ struct Cli {
     /// The consumer group (the service's `consumer.group`).
     #[arg(long, env = "BUS_GROUP", global = true)]
     group: Option<String>,
-    /// How long to gather answers from the group's subscriptions, in milliseconds.
-    #[arg(long, default_value_t = 500, global = true)]
-    wait_ms: u64,
+    /// How long to gather answers from the group's subscriptions, in milliseconds (500; for
+    /// `reset`, how long the subscription that consumes the topic may take: 10 000, as its
+    /// running handlers finish first).
+    #[arg(long, global = true)]
+    wait_ms: Option<u64>,
     /// Print one JSON document instead of lines for people.
     #[arg(long, global = true)]
     json: bool,
@@ -107,6 +111,25 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Moves the group to a point of the topic, to rebuild what it builds from there (or to skip
+    /// ahead). The subscription that consumes the topic finishes its running handlers, drops
+    /// what it has queued and delivers every aggregate's events again, in order, from the
+    /// point; with none running, the group's next subscription starts there. Only for topics
+    /// whose stream keeps what was read (Limits or Acknowledged retention).
+    #[command(group(clap::ArgGroup::new("to").required(true)))]
+    Reset {
+        /// The topic.
+        topic: String,
+        /// The first event the topic still keeps.
+        #[arg(long, group = "to")]
+        to_start: bool,
+        /// A stream sequence (as `dead-letters`, `halted` and the handlers' deliveries show).
+        #[arg(long, group = "to", value_name = "N")]
+        to_sequence: Option<u64>,
+        /// The first event stored at or after this time, RFC 3339 (`2026-12-03T10:00:00Z`).
+        #[arg(long, group = "to", value_name = "TIME", value_parser = parse_time)]
+        to_time: Option<std::time::SystemTime>,
+    },
     /// Changes a topic's partition count (1: none). Refused unless the topic stores no event and
     /// nobody reads it; stop its publishers of the old count first.
     Repartition {
@@ -146,15 +169,24 @@ async fn main() -> Result<()> {
             | Command::Halted { .. }
             | Command::Resume { .. }
             | Command::Skip { .. }
+            | Command::Reset { .. }
     );
     if needs_group && config.consumer.group.is_empty() {
         bail!("this command is about one consumer group: give --group (or BUS_GROUP, or consumer.group in --config)");
     }
-    let wait = Duration::from_millis(cli.wait_ms);
+    let wait = Duration::from_millis(cli.wait_ms.unwrap_or(match cli.command {
+        Command::Reset { .. } => 10_000,
+        _ => 500,
+    }));
     let bus = NatsBus::connect(config).await?;
     let result = run(&bus, cli.command, wait, cli.json).await;
     bus.close().await?;
     result
+}
+
+fn parse_time(text: &str) -> Result<std::time::SystemTime, String> {
+    humantime::parse_rfc3339_weak(text)
+        .map_err(|e| format!("{e}: give a time as RFC 3339, for example 2026-12-03T10:00:00Z"))
 }
 
 fn topic(name: &str) -> Result<Topic> {
@@ -364,6 +396,38 @@ async fn run(bus: &NatsBus, command: Command, wait: Duration, as_json: bool) -> 
             }
             if as_json {
                 print_json(json!({ "replayed": replayed }));
+            }
+        }
+        Command::Reset {
+            topic: name,
+            to_start,
+            to_sequence,
+            to_time,
+        } => {
+            let to = match (to_start, to_sequence, to_time) {
+                (_, Some(sequence), _) => ResetTo::Sequence(sequence),
+                (_, _, Some(time)) => ResetTo::Time(time),
+                _ => ResetTo::Start,
+            };
+            let topic = topic(&name)?;
+            let reset = bus.reset_group(&topic, to, wait).await?;
+            if as_json {
+                print_json(json!({
+                    "topic": topic.as_str(),
+                    "sequence": reset.sequence,
+                    "moved_by": reset.moved_by,
+                }));
+            } else {
+                match reset.moved_by {
+                    Some(member) => println!(
+                        "{topic}: delivery moved to sequence {} ({member})",
+                        reset.sequence
+                    ),
+                    None => println!(
+                        "{topic}: no subscription running; the group starts at sequence {} next time",
+                        reset.sequence
+                    ),
+                }
             }
         }
         Command::Repartition {

@@ -311,3 +311,192 @@ async fn repartition_changes_a_drained_topic_and_refuses_otherwise() {
         "{stdout}"
     );
 }
+
+/// `bus reset` against a running service that rebuilds a projection: moved back to a stream
+/// sequence, then to a time before everything, the service's handler sees every aggregate's
+/// events again in order from the point; stopped, the group is reset for its next start; and
+/// a point the stream does not hold is refused. The operator and the service read the same
+/// configuration file (a topic whose stream keeps what was read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_resets_a_running_service() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let file = std::env::temp_dir().join(format!("bus-cli-reset-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        format!(
+            "[connection]\nservers = [\"{url}\"]\n[consumer]\ngroup = \"ledger\"\n\
+             [batching]\nmax_events = 1\n\
+             [[streams]]\nname = \"LEDGER\"\ntopics = [\"cli.ledger\"]\nretention = \"limits\"\n\
+             max_bytes = 16777216\n"
+        ),
+    )
+    .unwrap();
+    let config_arg = file.to_str().unwrap().to_owned();
+    let reset = |args: &'static [&'static str]| {
+        let config_arg = config_arg.clone();
+        async move {
+            let mut all = vec![
+                "--config",
+                config_arg.as_str(),
+                "--json",
+                "reset",
+                "cli.ledger",
+            ];
+            all.extend_from_slice(args);
+            bus(&all).await
+        }
+    };
+    let service = NatsBus::connect(NatsConfig::load(&file).unwrap())
+        .await
+        .unwrap();
+    let topic = Topic::new("cli.ledger").unwrap();
+    // (aggregate, version, stream sequence) of every call.
+    let calls: Arc<Mutex<Vec<(String, u64, u64)>>> = Arc::default();
+    let subscription = {
+        let calls = calls.clone();
+        service
+            .subscribe(
+                &topic,
+                Arc::new(handler_fn(move |e: Envelope| {
+                    let calls = calls.clone();
+                    async move {
+                        let sequence = bus_core::current_delivery()
+                            .and_then(|d| d.stream_sequence)
+                            .expect("a NATS delivery has a stream sequence");
+                        calls.lock().unwrap().push((
+                            e.aggregate_id().to_string(),
+                            e.event_version(),
+                            sequence,
+                        ));
+                        Ok(())
+                    }
+                })),
+            )
+            .await
+            .unwrap()
+    };
+    let before_everything = std::time::SystemTime::now() - Duration::from_secs(1);
+    for version in 1..=10 {
+        for aggregate in ["a", "b", "c"] {
+            let e = Envelope::builder(aggregate, "Posted", version)
+                .build()
+                .unwrap();
+            let _receipt = service.publish(&topic, e).await.unwrap();
+        }
+    }
+    service.flush().await.unwrap();
+    bus_testkit::wait_for("30 handled", Duration::from_secs(10), || {
+        calls.lock().unwrap().len() == 30
+    })
+    .await;
+    let control = subscription.control().unwrap();
+
+    // Back to sequence 16: the 15 events stored from there come again, each aggregate's in
+    // order, after everything it had handled.
+    let (ok, out, err) = reset(&["--to-sequence", "16"]).await;
+    assert!(ok, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["sequence"], 16, "{out}");
+    assert!(
+        answer["moved_by"].as_str().unwrap().starts_with("pid "),
+        "{out}"
+    );
+    bus_testkit::wait_for("15 handled again", Duration::from_secs(10), || {
+        calls.lock().unwrap().len() == 45
+    })
+    .await;
+    assert_eq!(control.metrics().delivery_moves, 1);
+    let replay: Vec<(String, u64, u64)> = calls.lock().unwrap()[30..].to_vec();
+    let mut sequences: Vec<u64> = replay.iter().map(|c| c.2).collect();
+    sequences.sort_unstable();
+    assert_eq!(sequences, (16..=30).collect::<Vec<_>>(), "{replay:?}");
+    for aggregate in ["a", "b", "c"] {
+        let versions: Vec<u64> = replay
+            .iter()
+            .filter(|c| c.0 == aggregate)
+            .map(|c| c.1)
+            .collect();
+        let from = versions[0];
+        assert_eq!(
+            versions,
+            (from..=10).collect::<Vec<_>>(),
+            "{aggregate}: in order, to the last"
+        );
+    }
+
+    // Back to a time before the first event: all 30 again, in order.
+    let time = humantime::format_rfc3339(before_everything).to_string();
+    let time: &'static str = Box::leak(time.into_boxed_str());
+    let args: &'static [&'static str] = Box::leak(Box::new(["--to-time", time]));
+    let (ok, out, err) = reset(args).await;
+    assert!(ok, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["sequence"], 1, "{out}");
+    bus_testkit::wait_for("30 handled again", Duration::from_secs(10), || {
+        calls.lock().unwrap().len() == 75
+    })
+    .await;
+    assert_eq!(control.metrics().delivery_moves, 2);
+    for aggregate in ["a", "b", "c"] {
+        let versions: Vec<u64> = calls.lock().unwrap()[45..]
+            .iter()
+            .filter(|c| c.0 == aggregate)
+            .map(|c| c.1)
+            .collect();
+        assert_eq!(versions, (1..=10).collect::<Vec<_>>(), "{aggregate}");
+    }
+
+    // Stopped: the group's consumer itself is reset, and the next subscription starts there.
+    subscription.close().await.unwrap();
+    let (ok, out, err) = reset(&["--to-sequence", "28"]).await;
+    assert!(ok, "{err}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["sequence"], 28, "{out}");
+    assert!(answer["moved_by"].is_null(), "{out}");
+
+    // A point past the end is refused, saying what the stream holds.
+    let (ok, _, err) = reset(&["--to-sequence", "99"]).await;
+    assert!(!ok);
+    assert!(err.contains("must be from 1 to 31"), "{err}");
+    // A point is required.
+    let (ok, _, err) = reset(&[]).await;
+    assert!(!ok);
+    assert!(err.contains("--to-start"), "{err}");
+
+    let again = calls.lock().unwrap().len();
+    let subscription = {
+        let calls = calls.clone();
+        service
+            .subscribe(
+                &topic,
+                Arc::new(handler_fn(move |e: Envelope| {
+                    let calls = calls.clone();
+                    async move {
+                        let sequence = bus_core::current_delivery()
+                            .and_then(|d| d.stream_sequence)
+                            .unwrap();
+                        calls.lock().unwrap().push((
+                            e.aggregate_id().to_string(),
+                            e.event_version(),
+                            sequence,
+                        ));
+                        Ok(())
+                    }
+                })),
+            )
+            .await
+            .unwrap()
+    };
+    bus_testkit::wait_for("28..=30 handled again", Duration::from_secs(10), || {
+        calls.lock().unwrap().len() == again + 3
+    })
+    .await;
+    // Aggregates run side by side: compared as a set.
+    let mut restarted: Vec<u64> = calls.lock().unwrap()[again..].iter().map(|c| c.2).collect();
+    restarted.sort_unstable();
+    assert_eq!(restarted, [28, 29, 30]);
+    subscription.close().await.unwrap();
+    service.close().await.unwrap();
+    let _ = std::fs::remove_file(&file);
+}

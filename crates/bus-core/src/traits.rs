@@ -235,6 +235,9 @@ pub struct SubscriptionMetrics {
     /// Times delivery was restarted in order after a discontinuity (a dropped connection, a
     /// gap in the deliveries, a consumer-leader change).
     pub delivery_restarts: u64,
+    /// Times an operator moved delivery to another point of the topic (a reset of the group:
+    /// every aggregate's events come again from there, in order).
+    pub delivery_moves: u64,
     /// Messages no client could read, dead-lettered with their raw bytes and removed.
     pub unreadable: u64,
     /// For a partitioned topic, the partitions this subscription consumes now (its share of

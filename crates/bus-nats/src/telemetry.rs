@@ -51,6 +51,8 @@ pub const METRIC_HALTED_EVENTS: &str = "bus_halted_events";
 pub const METRIC_OWNER: &str = "bus_owner";
 /// Sampled: times delivery restarted in order after a discontinuity.
 pub const METRIC_DELIVERY_RESTARTS: &str = "bus_delivery_restarts_total";
+/// Sampled: times an operator moved delivery to another point of the topic (a reset).
+pub const METRIC_DELIVERY_MOVES: &str = "bus_delivery_moves_total";
 /// Sampled, from the broker: events stored and not yet delivered to the group.
 pub const METRIC_LAG_UNDELIVERED: &str = "bus_consumer_undelivered";
 /// Sampled, from the broker: events delivered and not yet acknowledged.
@@ -127,6 +129,7 @@ struct Gauges {
     halted_events: Gauge,
     owner: Gauge,
     restarts: Counter,
+    moves: Counter,
     undelivered: Gauge,
     unacknowledged: Gauge,
     lag_seconds: Gauge,
@@ -143,6 +146,7 @@ impl Gauges {
             halted_events: gauge!(METRIC_HALTED_EVENTS, &labels),
             owner: gauge!(METRIC_OWNER, &labels),
             restarts: counter!(METRIC_DELIVERY_RESTARTS, &labels),
+            moves: counter!(METRIC_DELIVERY_MOVES, &labels),
             undelivered: gauge!(METRIC_LAG_UNDELIVERED, &labels),
             unacknowledged: gauge!(METRIC_LAG_UNACKNOWLEDGED, &labels),
             lag_seconds: gauge!(METRIC_LAG_SECONDS, &labels),
@@ -172,6 +176,7 @@ async fn sample(
             gauges.halted_events.set(m.halted_events as f64);
             gauges.owner.set(if m.owner { 1.0 } else { 0.0 });
             gauges.restarts.absolute(m.delivery_restarts);
+            gauges.moves.absolute(m.delivery_moves);
         }
         match crate::lag::lag_of(&shared, &topic, crate::lag::Missing::Waiting).await {
             Ok(lag) => {

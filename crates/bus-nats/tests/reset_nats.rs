@@ -166,6 +166,9 @@ async fn moved_back(server: NatsServer, rounds: usize) {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The owner moved its delivery (not a restart at the ack floor after some break).
+        let metrics = subscription.control().unwrap().metrics();
+        assert_eq!(metrics.delivery_moves, 1, "round {round}: {metrics:?}");
         subscription.close().await.unwrap();
         let calls = calls.lock().unwrap().clone();
         let replayed = replays(&calls);

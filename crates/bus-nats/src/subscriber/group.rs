@@ -436,6 +436,7 @@ impl AggregateControl for GroupControl {
             total.ownership_gained += m.ownership_gained;
             total.ownership_lost += m.ownership_lost;
             total.delivery_restarts += m.delivery_restarts;
+            total.delivery_moves += m.delivery_moves;
             total.unreadable += m.unreadable;
         }
         total

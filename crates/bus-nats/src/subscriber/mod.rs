@@ -350,6 +350,7 @@ impl AggregateControl for NatsControl {
             ownership_gained: runner.counters.gained.load(Ordering::Relaxed),
             ownership_lost: runner.counters.lost.load(Ordering::Relaxed),
             delivery_restarts: runner.counters.restarts.load(Ordering::Relaxed),
+            delivery_moves: runner.counters.moves.load(Ordering::Relaxed),
             unreadable: runner.counters.unreadable.load(Ordering::Relaxed),
             partitions: 0,
         }

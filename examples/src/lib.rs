@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use bus_core::{Event, Topic};
-use bus_nats::{NatsConfig, NatsError};
+use bus_nats::{default_stream_name, NatsConfig, NatsError, Retention, StreamSpec};
 use serde::{Deserialize, Serialize};
 
 /// The topic the examples use.
@@ -26,9 +26,12 @@ pub const GROUP: &str = "account-balances";
 pub struct Opened {
     /// Its owner.
     pub owner: String,
+    /// The account's currency (since version 2 of the event: version 1 had only the owner).
+    pub currency: String,
 }
 impl Event for Opened {
     const TYPE: &'static str = "AccountOpened";
+    const VERSION: u32 = 2;
 }
 
 /// Money came in.
@@ -71,6 +74,14 @@ impl Connection {
         };
         if config.consumer.group.is_empty() {
             config.consumer.group = group.to_owned();
+        }
+        // The accounts' history is kept (Limits retention), so that a projection can be
+        // rebuilt from it; a configuration file may say otherwise.
+        let topic = accounts();
+        if !config.streams.iter().any(|s| s.topics.contains(&topic)) {
+            let mut spec = StreamSpec::new(default_stream_name(&topic), [topic]);
+            spec.retention = Retention::Limits;
+            config.streams.push(spec);
         }
         Ok(config)
     }

@@ -46,6 +46,9 @@ struct BusSetup {
     typed: bool,
     /// Record batches (on in the bus's defaults).
     batching: bus_nats::BatchConfig,
+    /// The handler wrapped in `HandledOnce` with the group's versions in NATS KV: a read
+    /// before and a write after every event.
+    handled_once: bool,
 }
 
 /// The typed rows' event: when it was sent, and the filler that makes up the payload size.
@@ -73,6 +76,7 @@ impl BusSetup {
             retention: bus_nats::Retention::default(),
             publish_ordering: bus_nats::PublishOrdering::default(),
             typed: false,
+            handled_once: false,
             batching: bus_nats::BatchConfig::off(),
         }
     }
@@ -107,6 +111,7 @@ impl BusSetup {
             retention: bus_nats::Retention::default(),
             publish_ordering: bus_nats::PublishOrdering::default(),
             typed: false,
+            handled_once: false,
             batching: bus_nats::BatchConfig::default(),
         }
     }
@@ -377,6 +382,7 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
         bus.stream_name(topic).await?;
     }
     let typed = setup.typed;
+    let handled_once = setup.handled_once;
     let subscribe = |bus: NatsBus| {
         let topics = topics.clone();
         let sink = sink.clone();
@@ -407,23 +413,30 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
                     subscriptions.push(bus.subscribe(topic, Arc::new(handlers)).await?);
                     continue;
                 }
-                let handler = handler_fn(move |e: Envelope| {
-                    let sink = sink.clone();
-                    let name = name.clone();
-                    async move {
-                        if let Some(delay) = sink.delay {
-                            tokio::time::sleep(delay).await;
+                let handler: Arc<dyn bus_core::Handler> =
+                    Arc::new(handler_fn(move |e: Envelope| {
+                        let sink = sink.clone();
+                        let name = name.clone();
+                        async move {
+                            if let Some(delay) = sink.delay {
+                                tokio::time::sleep(delay).await;
+                            }
+                            sink.record(
+                                &name,
+                                e.aggregate_id().as_str(),
+                                e.event_version(),
+                                e.payload(),
+                            );
+                            Ok(())
                         }
-                        sink.record(
-                            &name,
-                            e.aggregate_id().as_str(),
-                            e.event_version(),
-                            e.payload(),
-                        );
-                        Ok(())
-                    }
-                });
-                subscriptions.push(bus.subscribe(topic, Arc::new(handler)).await?);
+                    }));
+                let handler: Arc<dyn bus_core::Handler> = if handled_once {
+                    let store = bus_nats::NatsHandledVersions::open(&bus, topic).await?;
+                    Arc::new(bus_core::HandledOnce::new(store, handler))
+                } else {
+                    handler
+                };
+                subscriptions.push(bus.subscribe(topic, handler).await?);
             }
             anyhow::Ok(subscriptions)
         }
@@ -1191,6 +1204,16 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
                 "typed",
                 bus(BusSetup {
                     typed: true,
+                    ..BusSetup::default_config()
+                }),
+                10_000,
+                versions,
+            ),
+            // What handled-once costs with the versions in NATS KV.
+            Scenario::new(
+                "handled-once-kv",
+                bus(BusSetup {
+                    handled_once: true,
                     ..BusSetup::default_config()
                 }),
                 10_000,

@@ -37,6 +37,7 @@ mod delivery;
 mod dispatch;
 mod envelope;
 mod error;
+mod handled;
 mod names;
 mod policy;
 mod trace;
@@ -54,6 +55,7 @@ pub use error::{
     BoxError, BusError, CodecError, DecodeError, HandlerError, PublishError, PublishErrorKind,
     SubscribeError, SubscribeErrorKind, ValidationError,
 };
+pub use handled::{HandledOnce, HandledVersions, MemoryHandledVersions};
 pub use names::{AggregateId, EventId, EventType, Topic, MAX_AGGREGATE_ID_LEN, MAX_NAME_LEN};
 pub use policy::{jitter, run_with_retry, FailurePolicy, FailureReason, RetryOutcome, RetryPolicy};
 pub use trace::{new_parent_id, TraceParent, TRACEPARENT};

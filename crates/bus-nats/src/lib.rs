@@ -44,6 +44,7 @@ mod connection;
 pub mod control;
 mod dead_letters;
 mod error;
+mod handled;
 mod health;
 mod lag;
 #[cfg(feature = "opentelemetry")]
@@ -84,6 +85,7 @@ pub use control::{GroupReset, ResetTo};
 pub use dead_letters::dead_letter_headers;
 pub use dead_letters::{DeadLetter, DeadLetterReason};
 pub use error::{MemberRefusal, NatsError, NatsErrorKind};
+pub use handled::{handled_bucket, NatsHandledVersions};
 pub use health::{
     Health, HealthAlert, HealthProblem, HealthStatus, HealthThresholds, SubscriptionHealth,
 };

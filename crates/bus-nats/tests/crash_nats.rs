@@ -15,7 +15,11 @@
 //!
 //! Cases: work-queue and acknowledged retention, batched and unbatched, on the current server
 //! and on servers before 2.14 (2.9, 2.10, 2.12), where a restarted process waits as a standby
-//! for the dead one's lease. Each case runs several rounds (`BUS_CRASH_ROUNDS`, default 2) of three kills, at 30 %, 50 %
+//! for the dead one's lease. Two more wrap the handler in `HandledOnce`: with the handled
+//! versions kept in the same write as the handler's effect (its log line), every version is
+//! handled exactly once across the kills, no replay at all; with them in NATS KV (written after
+//! the handler), no version is handled again once its record was stored, and the successors
+//! skipped what was recorded (both counted: the path under test was taken). Each case runs several rounds (`BUS_CRASH_ROUNDS`, default 2) of three kills, at 30 %, 50 %
 //! and 70 % of the events. `BUS_CRASH_ONLY` picks cases by a part of their name.
 //!
 //! This binary is its own child: run with `BUS_CRASH_CHILD_URL` set, it is a consumer that gets
@@ -23,14 +27,18 @@
 
 mod common;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bus_core::{handler_fn, Envelope, Publisher, Subscriber, Topic};
-use bus_nats::{default_stream_name, NatsBus, NatsConfig, Retention, StreamSpec};
+use bus_core::{
+    handler_fn, Envelope, HandledOnce, HandledVersions, HandlerError, Publisher, Subscriber, Topic,
+};
+use bus_nats::{
+    default_stream_name, NatsBus, NatsConfig, NatsHandledVersions, Retention, StreamSpec,
+};
 use bus_testkit::{OlderServer, SequenceVerifier, TestServer, VerifierReport};
 
 const AGGREGATES: u64 = 200;
@@ -70,6 +78,17 @@ struct Case {
     retention: Retention,
     server: TestServer,
     batched: bool,
+    once: Once,
+}
+
+/// Whether and where the consumers keep the versions they handled (`HandledOnce`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Once {
+    Off,
+    /// In the handler's own write: the log line is the record.
+    Log,
+    /// In the group's NATS KV bucket, written after the handler succeeded.
+    Kv,
 }
 
 impl Case {
@@ -81,6 +100,11 @@ impl Case {
             if self.batched { "batched" } else { "unbatched" }
         )
         .to_lowercase()
+            + match self.once {
+                Once::Off => "",
+                Once::Log => "-handled-once-in-the-log",
+                Once::Kv => "-handled-once-in-kv",
+            }
     }
 }
 
@@ -94,7 +118,12 @@ fn main() {
         let log = std::env::var("BUS_CRASH_CHILD_LOG").expect("child log path");
         let retention = std::env::var("BUS_CRASH_CHILD_RETENTION").expect("child retention");
         let batched = std::env::var("BUS_CRASH_CHILD_BATCHED").is_ok();
-        runtime.block_on(child(url, log, retention_named(&retention), batched));
+        let once = match std::env::var("BUS_CRASH_CHILD_ONCE").as_deref() {
+            Ok("log") => Once::Log,
+            Ok("kv") => Once::Kv,
+            _ => Once::Off,
+        };
+        runtime.block_on(child(url, log, retention_named(&retention), batched, once));
         return;
     }
     let rounds: usize = std::env::var("BUS_CRASH_ROUNDS")
@@ -106,36 +135,55 @@ fn main() {
             retention: Retention::WorkQueue,
             server: TestServer::Current,
             batched: true,
+            once: Once::Off,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Current,
             batched: false,
+            once: Once::Off,
         },
         Case {
             retention: Retention::Acknowledged,
             server: TestServer::Current,
             batched: true,
+            once: Once::Off,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Older(OlderServer::V2_9),
             batched: true,
+            once: Once::Off,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Older(OlderServer::V2_9),
             batched: false,
+            once: Once::Off,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Older(OlderServer::V2_10),
             batched: true,
+            once: Once::Off,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Older(OlderServer::V2_12),
             batched: true,
+            once: Once::Off,
+        },
+        Case {
+            retention: Retention::WorkQueue,
+            server: TestServer::Current,
+            batched: true,
+            once: Once::Log,
+        },
+        Case {
+            retention: Retention::WorkQueue,
+            server: TestServer::Current,
+            batched: true,
+            once: Once::Kv,
         },
     ];
     let cases: Vec<&Case> = cases
@@ -157,18 +205,27 @@ fn main() {
             println!("  {} round {round}: {outcome}", case.name());
             total.add(&outcome);
         }
-        assert!(
-            total.replays > 0,
-            "{}: no kill was followed by a replay in {rounds} rounds; the path under test was not taken",
-            case.name()
-        );
+        if case.once == Once::Off {
+            assert!(
+                total.replays > 0,
+                "{}: no kill was followed by a replay in {rounds} rounds; the path under test was not taken",
+                case.name()
+            );
+        } else {
+            assert!(
+                total.skipped > 0,
+                "{}: no successor skipped a handled version in {rounds} rounds; the path under test was not taken",
+                case.name()
+            );
+        }
         println!(
-            "test consumers_killed_in_turn ({}) ... ok: {rounds} rounds, {} kills, {} replays, 0 broken, {} events replayed of {} left unacknowledged",
+            "test consumers_killed_in_turn ({}) ... ok: {rounds} rounds, {} kills, {} replays, 0 broken, {} events replayed of {} left unacknowledged, {} skipped as handled",
             case.name(),
             total.kills,
             total.replays,
             total.duplicates,
-            total.replayable
+            total.replayable,
+            total.skipped
         );
     }
     println!("\ncrash_nats: {} passed, 0 failed", cases.len());
@@ -176,6 +233,7 @@ fn main() {
 
 #[derive(Default)]
 struct Totals {
+    skipped: u64,
     kills: u64,
     replays: u64,
     duplicates: u64,
@@ -185,6 +243,7 @@ struct Totals {
 impl Totals {
     fn add(&mut self, o: &Outcome) {
         self.kills += o.kills;
+        self.skipped += o.skipped;
         self.replays += o.report.replays;
         self.duplicates += o.report.duplicates;
         self.replayable += o.replayable;
@@ -197,6 +256,8 @@ struct Outcome {
     kills: u64,
     /// Events in what the killed processes left unacknowledged, summed over the kills.
     replayable: u64,
+    /// Deliveries the consumers skipped as handled (`HandledOnce`), as far as they reported.
+    skipped: u64,
     report: VerifierReport,
 }
 
@@ -205,7 +266,7 @@ impl std::fmt::Display for Outcome {
         let r = &self.report;
         write!(
             f,
-            "{} kills, taken over after {:.1?}; handled {} ({} unique), {} replays of {} events (of {} left unacknowledged), {} broken, {} violations, {} gaps",
+            "{} kills, taken over after {:.1?}; handled {} ({} unique), {} replays of {} events (of {} left unacknowledged), {} broken, {} violations, {} gaps, {} skipped as handled",
             self.kills,
             self.takeovers,
             r.handled,
@@ -215,14 +276,17 @@ impl std::fmt::Display for Outcome {
             self.replayable,
             r.broken_replays,
             r.order_violations,
-            r.gaps
+            r.gaps,
+            self.skipped
         )
     }
 }
 
 /// A consumer in its own process: records every handled event in its log, one line each, before
-/// its handler returns (so before the event can be acknowledged).
-async fn child(url: String, log: String, retention: Retention, batched: bool) {
+/// its handler returns (so before the event can be acknowledged). With `HandledOnce`, it also
+/// writes how many deliveries it skipped to `<log>.skipped` every few milliseconds, and with
+/// the KV store an `R <aggregate> <version>` line once a version's record is stored.
+async fn child(url: String, log: String, retention: Retention, batched: bool, once: Once) {
     // `RUST_LOG` shows what each consumer did, on the test's standard error.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -231,24 +295,220 @@ async fn child(url: String, log: String, retention: Retention, batched: bool) {
     let bus = NatsBus::connect(config(&url, retention, batched))
         .await
         .unwrap();
-    let file = Arc::new(Mutex::new(std::fs::File::create(log).unwrap()));
-    let _subscription = bus
-        .subscribe(
-            &topic(),
-            Arc::new(handler_fn(move |e: Envelope| {
-                let file = file.clone();
-                async move {
-                    // Some work, so that many messages are in flight when the kill comes.
-                    tokio::time::sleep(Duration::from_micros(200)).await;
-                    let line = format!("{} {}\n", e.aggregate_id(), e.event_version());
-                    file.lock().unwrap().write_all(line.as_bytes()).unwrap();
-                    Ok(())
+    let log = PathBuf::from(log);
+    let store = Arc::new(LogStore::open(&log));
+    let handler = {
+        let store = store.clone();
+        Arc::new(handler_fn(move |e: Envelope| {
+            let store = store.clone();
+            async move {
+                // Some work, so that many messages are in flight when the kill comes.
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                store.handled(e.aggregate_id(), e.event_version());
+                Ok(())
+            }
+        }))
+    };
+    let skipped: Option<Box<dyn Fn() -> u64 + Send + Sync>>;
+    let _subscription = match once {
+        Once::Off => {
+            skipped = None;
+            bus.subscribe(&topic(), handler).await.unwrap()
+        }
+        Once::Log => {
+            let once = Arc::new(HandledOnce::new(store.clone(), handler));
+            let counter = once.clone();
+            skipped = Some(Box::new(move || counter.skipped()));
+            bus.subscribe(&topic(), once).await.unwrap()
+        }
+        Once::Kv => {
+            let kv = NatsHandledVersions::open(&bus, &topic()).await.unwrap();
+            let once = Arc::new(HandledOnce::new(
+                Recorded {
+                    inner: kv,
+                    log: store.clone(),
+                },
+                handler,
+            ));
+            let counter = once.clone();
+            skipped = Some(Box::new(move || counter.skipped()));
+            bus.subscribe(&topic(), once).await.unwrap()
+        }
+    };
+    match skipped {
+        Some(skipped) => {
+            let path = log.with_extension("skipped");
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                std::fs::write(&path, skipped().to_string()).unwrap();
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// A child's log, which is also its store of handled versions: the line a handler writes is
+/// the record, in one write (the handler's effect and the version together). Opened with what
+/// the earlier processes' logs (in the same directory) hold.
+struct LogStore {
+    state: Mutex<(std::fs::File, std::collections::HashMap<String, u64>)>,
+}
+
+impl LogStore {
+    fn open(log: &Path) -> Self {
+        let mut versions = std::collections::HashMap::new();
+        for earlier in std::fs::read_dir(log.parent().unwrap()).unwrap() {
+            let path = earlier.unwrap().path();
+            if path.extension().is_some_and(|e| e == "log") && path != log {
+                for (aggregate, version) in handled_lines(&path) {
+                    let last = versions.entry(aggregate).or_insert(0);
+                    *last = version.max(*last);
                 }
-            })),
-        )
-        .await
-        .unwrap();
-    std::future::pending::<()>().await;
+            }
+        }
+        Self {
+            state: Mutex::new((std::fs::File::create(log).unwrap(), versions)),
+        }
+    }
+
+    /// The handler's effect: its line, and the version with it.
+    fn handled(&self, aggregate: &bus_core::AggregateId, version: u64) {
+        let mut state = self.state.lock().unwrap();
+        let line = format!("{aggregate} {version}\n");
+        state.0.write_all(line.as_bytes()).unwrap();
+        let last = state.1.entry(aggregate.to_string()).or_insert(0);
+        *last = version.max(*last);
+    }
+
+    fn write_line(&self, line: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .0
+            .write_all(line.as_bytes())
+            .unwrap();
+    }
+}
+
+#[async_trait::async_trait]
+impl HandledVersions for LogStore {
+    async fn last_handled(
+        &self,
+        aggregate: &bus_core::AggregateId,
+    ) -> Result<Option<u64>, HandlerError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .1
+            .get(aggregate.as_str())
+            .copied())
+    }
+
+    /// Written by the handler, with its line.
+    async fn record_handled(
+        &self,
+        _aggregate: &bus_core::AggregateId,
+        _version: u64,
+    ) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+/// The KV store, with an `R` line in the log once a record is stored.
+struct Recorded {
+    inner: NatsHandledVersions,
+    log: Arc<LogStore>,
+}
+
+#[async_trait::async_trait]
+impl HandledVersions for Recorded {
+    async fn last_handled(
+        &self,
+        aggregate: &bus_core::AggregateId,
+    ) -> Result<Option<u64>, HandlerError> {
+        self.inner.last_handled(aggregate).await
+    }
+
+    async fn record_handled(
+        &self,
+        aggregate: &bus_core::AggregateId,
+        version: u64,
+    ) -> Result<(), HandlerError> {
+        self.inner.record_handled(aggregate, version).await?;
+        self.log.write_line(&format!("R {aggregate} {version}\n"));
+        Ok(())
+    }
+}
+
+/// The complete `<aggregate> <version>` lines of a log (a kill can cut the last one short).
+fn handled_lines(path: &Path) -> Vec<(String, u64)> {
+    log_lines(path)
+        .into_iter()
+        .filter_map(|line| match line {
+            Line::Handled(aggregate, version) => Some((aggregate, version)),
+            Line::Recorded(..) => None,
+        })
+        .collect()
+}
+
+enum Line {
+    Handled(String, u64),
+    Recorded(String, u64),
+}
+
+/// The complete lines of a log, in order.
+fn log_lines(path: &Path) -> Vec<Line> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.split_inclusive('\n')
+        .filter(|line| line.ends_with('\n'))
+        .filter_map(|line| {
+            let line = line.trim_end();
+            let (recorded, line) = match line.strip_prefix("R ") {
+                Some(rest) => (true, rest),
+                None => (false, line),
+            };
+            let (aggregate, version) = line.split_once(' ')?;
+            let version = version.parse().ok()?;
+            Some(if recorded {
+                Line::Recorded(aggregate.to_owned(), version)
+            } else {
+                Line::Handled(aggregate.to_owned(), version)
+            })
+        })
+        .collect()
+}
+
+/// Versions handled again after their record was stored (read across the logs in the order
+/// their processes ran): what the KV store promises never happens.
+fn handled_after_recorded(logs: &[PathBuf]) -> Vec<(String, u64)> {
+    let mut recorded: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut again = Vec::new();
+    for log in logs {
+        for line in log_lines(log) {
+            match line {
+                Line::Recorded(aggregate, version) => {
+                    let last = recorded.entry(aggregate).or_insert(0);
+                    *last = version.max(*last);
+                }
+                Line::Handled(aggregate, version) => {
+                    if recorded.get(&aggregate).is_some_and(|r| *r >= version) {
+                        again.push((aggregate, version));
+                    }
+                }
+            }
+        }
+    }
+    again
+}
+
+fn skipped_of(logs: &[PathBuf]) -> u64 {
+    logs.iter()
+        .filter_map(|log| std::fs::read_to_string(log.with_extension("skipped")).ok())
+        .filter_map(|count| count.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// A child consumer process, killed when dropped (a failing assertion must not leave it behind).
@@ -276,6 +536,15 @@ fn spawn_child(url: &str, log: &Path, case: &Case) -> Consumer {
     if case.batched {
         command.env("BUS_CRASH_CHILD_BATCHED", "1");
     }
+    match case.once {
+        Once::Off => {}
+        Once::Log => {
+            command.env("BUS_CRASH_CHILD_ONCE", "log");
+        }
+        Once::Kv => {
+            command.env("BUS_CRASH_CHILD_ONCE", "kv");
+        }
+    }
     command
         .env("BUS_CRASH_CHILD_URL", url)
         .env("BUS_CRASH_CHILD_LOG", log)
@@ -290,30 +559,26 @@ fn spawn_child(url: &str, log: &Path, case: &Case) -> Consumer {
 fn verify(logs: &[PathBuf]) -> VerifierReport {
     let verifier = SequenceVerifier::new();
     for log in logs {
-        let Ok(file) = std::fs::File::open(log) else {
-            continue;
-        };
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.unwrap();
-            // A kill can cut the last line short.
-            let Some((aggregate, version)) = line.split_once(' ') else {
-                continue;
-            };
-            let Ok(version) = version.parse() else {
-                continue;
-            };
-            verifier.record(topic().as_str(), aggregate, version);
+        for (aggregate, version) in handled_lines(log) {
+            verifier.record(topic().as_str(), &aggregate, version);
         }
     }
     verifier.report()
 }
 
+/// Events handled so far, over every log (complete lines but the `R` ones).
 fn count_lines(logs: &[PathBuf]) -> u64 {
     logs.iter()
         .map(|path| {
-            std::fs::read(path)
-                .map(|b| b.iter().filter(|&&c| c == b'\n').count() as u64)
-                .unwrap_or(0)
+            let bytes = std::fs::read(path).unwrap_or_default();
+            let complete = bytes
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |end| end + 1);
+            bytes[..complete]
+                .split(|&b| b == b'\n')
+                .filter(|line| !line.is_empty() && line[0] != b'R')
+                .count() as u64
         })
         .sum()
 }
@@ -411,6 +676,7 @@ async fn consumers_killed_in_turn(case: &Case) -> Outcome {
         takeovers,
         kills: KILLS.len() as u64,
         replayable,
+        skipped: skipped_of(&logs),
         report,
     };
     let r = &outcome.report;
@@ -420,6 +686,23 @@ async fn consumers_killed_in_turn(case: &Case) -> Outcome {
     assert_eq!(r.lost(expected), 0, "{}: {outcome}", case.name());
     // Replays are only of what the dead processes left unacknowledged.
     assert!(r.duplicates <= replayable, "{}: {outcome}", case.name());
+    match case.once {
+        Once::Off => {}
+        // The record is the handler's own write: no version is handled twice.
+        Once::Log => {
+            assert_eq!(r.duplicates, 0, "{}: {outcome}", case.name());
+            assert_eq!(r.replays, 0, "{}: {outcome}", case.name());
+        }
+        // Kept apart: a version may be handled again only if its record was not stored yet.
+        Once::Kv => {
+            let again = handled_after_recorded(&logs);
+            assert!(
+                again.is_empty(),
+                "{}: handled again after their record was stored: {again:?}",
+                case.name()
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     outcome
 }

@@ -36,6 +36,7 @@ async fn main() -> Result<()> {
                 1,
                 &Opened {
                     owner: format!("owner {account}"),
+                    currency: "EUR".into(),
                 },
             )
             .await?;

@@ -345,3 +345,94 @@ async fn resets_that_cannot_be_done_are_refused() {
     subscription.close().await.unwrap();
     bus.close().await.unwrap();
 }
+
+/// New groups start where `consumer.start` says: at a stream sequence, at a time, or with what
+/// is stored after they subscribe; a work-queue topic refuses any start but its first event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_groups_start_at_a_sequence_a_time_or_what_is_new() {
+    let server = NatsServer::start();
+    let topic = Topic::new("rebuild.start").unwrap();
+    let publisher = NatsBus::connect(kept(&server.url(), std::slice::from_ref(&topic)))
+        .await
+        .unwrap();
+    let publish = |from: u64, to: u64| {
+        let (publisher, topic) = (publisher.clone(), topic.clone());
+        async move {
+            for version in from..=to {
+                for a in ["a", "b"] {
+                    let e = Envelope::builder(a, "Posted", version).build().unwrap();
+                    let _receipt = publisher.publish(&topic, e).await.unwrap();
+                }
+            }
+            publisher.flush().await.unwrap();
+        }
+    };
+    publish(1, 3).await; // sequences 1..=6
+    let between = SystemTime::now();
+    publish(4, 5).await; // 7..=10
+
+    let group = |name: &str, start: bus_nats::StartAt| {
+        let mut config = kept(&server.url(), std::slice::from_ref(&topic)).with_group(name);
+        config.consumer.start = start;
+        NatsBus::connect(config)
+    };
+    let sequences_of = |calls: &Calls| {
+        let mut s: Vec<u64> = calls.lock().unwrap().iter().map(|c| c.2).collect();
+        s.sort_unstable();
+        s
+    };
+    let from_sequence = group("from-sequence", bus_nats::StartAt::Sequence(5))
+        .await
+        .unwrap();
+    let from_time = group("from-time", bus_nats::StartAt::Time(between))
+        .await
+        .unwrap();
+    let only_new = group("only-new", bus_nats::StartAt::New).await.unwrap();
+    let (c1, c2, c3): (Calls, Calls, Calls) = Default::default();
+    let s1 = subscribe(&from_sequence, &topic, &c1).await;
+    let s2 = subscribe(&from_time, &topic, &c2).await;
+    let s3 = subscribe(&only_new, &topic, &c3).await;
+    wait_for("6 from sequence 5", Duration::from_secs(10), || {
+        c1.lock().unwrap().len() == 6
+    })
+    .await;
+    wait_for("4 from the time", Duration::from_secs(10), || {
+        c2.lock().unwrap().len() == 4
+    })
+    .await;
+    publish(6, 6).await; // 11, 12
+    wait_for("2 new", Duration::from_secs(10), || {
+        c3.lock().unwrap().len() == 2
+    })
+    .await;
+    wait_for("the new ones everywhere", Duration::from_secs(10), || {
+        c1.lock().unwrap().len() == 8 && c2.lock().unwrap().len() == 6
+    })
+    .await;
+    assert_eq!(sequences_of(&c1), (5..=12).collect::<Vec<_>>());
+    assert_eq!(sequences_of(&c2), (7..=12).collect::<Vec<_>>());
+    assert_eq!(sequences_of(&c3), [11, 12]);
+    for s in [s1, s2, s3] {
+        s.close().await.unwrap();
+    }
+
+    // A work-queue topic keeps only what its one group has not read: no other start.
+    let queue = Topic::new("rebuild.queue").unwrap();
+    let mut config = unbatched_config(&server.url()).with_group("late");
+    config.consumer.start = bus_nats::StartAt::New;
+    let late = NatsBus::connect(config).await.unwrap();
+    let error = late
+        .subscribe(
+            &queue,
+            Arc::new(handler_fn(|_e: Envelope| async { Ok(()) })),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("consumer.start") && error.to_string().contains("WorkQueue"),
+        "{error}"
+    );
+    for bus in [from_sequence, from_time, only_new, late, publisher] {
+        bus.close().await.unwrap();
+    }
+}

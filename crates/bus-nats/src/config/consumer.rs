@@ -29,6 +29,27 @@ pub struct ConsumerSpec {
     /// partitioned topics) and ownership leases (`BUS_OWNERS`, servers before 2.14), 1 to 5
     /// (default 1). In a cluster give them as many as the topics' streams.
     pub coordination_replicas: usize,
+    /// Where a new group starts reading a topic (default [`StartAt::Start`]: every event the
+    /// stream keeps). Applies when the group's consumer is created; a group that exists keeps
+    /// its position (move it with `NatsBus::reset_group`). Only `Start` on `WorkQueue` topics.
+    pub start: StartAt,
+}
+
+/// Where a new consumer group starts reading a topic ([`ConsumerSpec::start`]). In
+/// configuration files: `start = "start"`, `"new"`, `{ sequence = 41 }` or
+/// `{ time = "2026-12-01T00:00:00Z" }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StartAt {
+    /// Every event the stream keeps.
+    #[default]
+    Start,
+    /// Only events stored after the group's consumer is created.
+    New,
+    /// From this stream sequence on.
+    Sequence(u64),
+    /// From the first event stored at or after this time.
+    Time(#[serde(with = "humantime_serde")] std::time::SystemTime),
 }
 
 impl Default for ConsumerSpec {
@@ -40,6 +61,7 @@ impl Default for ConsumerSpec {
             ack_wait: DEFAULT_ACK_WAIT,
             takeover_after: DEFAULT_TAKEOVER_AFTER,
             coordination_replicas: 1,
+            start: StartAt::Start,
         }
     }
 }

@@ -209,4 +209,29 @@ mod files {
         .to_string();
         assert!(err.contains("batch"), "{err}");
     }
+
+    #[test]
+    fn a_new_group_s_start_is_read_from_files() {
+        let start = |toml: &str| {
+            NatsConfig::from_toml(&format!("[consumer]\n{toml}\n"))
+                .map(|c| c.consumer.start)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(start("start = \"start\""), Ok(StartAt::Start));
+        assert_eq!(start("start = \"new\""), Ok(StartAt::New));
+        assert_eq!(
+            start("start = { sequence = 41 }"),
+            Ok(StartAt::Sequence(41))
+        );
+        assert_eq!(
+            start("start = { time = \"2026-12-01T00:00:00Z\" }"),
+            Ok(StartAt::Time(
+                std::time::UNIX_EPOCH + Duration::from_secs(1_796_083_200)
+            ))
+        );
+        let err = start("start = { time = \"yesterday\" }").unwrap_err();
+        assert!(err.contains("start"), "{err}");
+        let err = start("start = \"end\"").unwrap_err();
+        assert!(err.contains("end"), "{err}");
+    }
 }

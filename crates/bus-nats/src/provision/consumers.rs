@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer};
 
 use super::{mismatch_error, PRIORITY_GROUP};
-use crate::config::{ConsumerSpec, Provisioning};
+use crate::config::{ConsumerSpec, Provisioning, StartAt};
 use crate::NatsError;
 
 /// The topic's durable. With `pinned` (servers 2.14+) it has a priority group with the
@@ -37,7 +37,16 @@ pub(crate) fn consumer_config(
         filter_subject: filter_subject.to_owned(),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: spec.ack_wait,
-        deliver_policy: consumer::DeliverPolicy::All,
+        deliver_policy: match spec.start {
+            StartAt::Start => consumer::DeliverPolicy::All,
+            StartAt::New => consumer::DeliverPolicy::New,
+            StartAt::Sequence(start_sequence) => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            StartAt::Time(time) => consumer::DeliverPolicy::ByStartTime {
+                start_time: time.into(),
+            },
+        },
         max_ack_pending: spec.max_ack_pending,
         max_waiting: spec.max_waiting,
         // Redelivery is never the way a failed message is retried (the worker retries it in

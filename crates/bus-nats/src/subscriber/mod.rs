@@ -157,6 +157,15 @@ async fn setup(
             connection.server_version
         ))));
     }
+    if connection.retention == crate::Retention::WorkQueue
+        && config.consumer.start != crate::StartAt::Start
+    {
+        return Err(fail(NatsError::Invalid(bus_core::ValidationError::new(
+            "consumer.start",
+            format!("{:?}", config.consumer.start),
+            format!("topic `{topic}` uses WorkQueue retention: its one group reads every event the stream keeps (it keeps only what was not read); start other groups on Limits or Acknowledged topics"),
+        ))));
+    }
     let want = provision::subscription(
         &connection.jetstream,
         &connection.stream,

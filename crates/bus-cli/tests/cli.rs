@@ -312,6 +312,27 @@ async fn repartition_changes_a_drained_topic_and_refuses_otherwise() {
     );
 }
 
+/// (aggregate, version, stream sequence) of every handler call, in the order they ran.
+type Calls = Arc<Mutex<Vec<(String, u64, u64)>>>;
+
+/// A handler that records every call in `calls`.
+fn recording(calls: &Calls) -> Arc<dyn bus_core::Handler> {
+    let calls = calls.clone();
+    Arc::new(handler_fn(move |e: Envelope| {
+        let calls = calls.clone();
+        async move {
+            let sequence = bus_core::current_delivery()
+                .and_then(|d| d.stream_sequence)
+                .expect("a NATS delivery has a stream sequence");
+            calls
+                .lock()
+                .unwrap()
+                .push((e.aggregate_id().to_string(), e.event_version(), sequence));
+            Ok(())
+        }
+    }))
+}
+
 /// `bus reset` against a running service that rebuilds a projection: moved back to a stream
 /// sequence, then to a time before everything, the service's handler sees every aggregate's
 /// events again in order from the point; stopped, the group is reset for its next start; and
@@ -352,30 +373,8 @@ async fn the_cli_resets_a_running_service() {
         .unwrap();
     let topic = Topic::new("cli.ledger").unwrap();
     // (aggregate, version, stream sequence) of every call.
-    let calls: Arc<Mutex<Vec<(String, u64, u64)>>> = Arc::default();
-    let subscription = {
-        let calls = calls.clone();
-        service
-            .subscribe(
-                &topic,
-                Arc::new(handler_fn(move |e: Envelope| {
-                    let calls = calls.clone();
-                    async move {
-                        let sequence = bus_core::current_delivery()
-                            .and_then(|d| d.stream_sequence)
-                            .expect("a NATS delivery has a stream sequence");
-                        calls.lock().unwrap().push((
-                            e.aggregate_id().to_string(),
-                            e.event_version(),
-                            sequence,
-                        ));
-                        Ok(())
-                    }
-                })),
-            )
-            .await
-            .unwrap()
-    };
+    let calls: Calls = Arc::default();
+    let subscription = service.subscribe(&topic, recording(&calls)).await.unwrap();
     let before_everything = std::time::SystemTime::now() - Duration::from_secs(1);
     for version in 1..=10 {
         for aggregate in ["a", "b", "c"] {
@@ -465,29 +464,7 @@ async fn the_cli_resets_a_running_service() {
     assert!(err.contains("--to-start"), "{err}");
 
     let again = calls.lock().unwrap().len();
-    let subscription = {
-        let calls = calls.clone();
-        service
-            .subscribe(
-                &topic,
-                Arc::new(handler_fn(move |e: Envelope| {
-                    let calls = calls.clone();
-                    async move {
-                        let sequence = bus_core::current_delivery()
-                            .and_then(|d| d.stream_sequence)
-                            .unwrap();
-                        calls.lock().unwrap().push((
-                            e.aggregate_id().to_string(),
-                            e.event_version(),
-                            sequence,
-                        ));
-                        Ok(())
-                    }
-                })),
-            )
-            .await
-            .unwrap()
-    };
+    let subscription = service.subscribe(&topic, recording(&calls)).await.unwrap();
     bus_testkit::wait_for("28..=30 handled again", Duration::from_secs(10), || {
         calls.lock().unwrap().len() == again + 3
     })

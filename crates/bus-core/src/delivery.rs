@@ -46,6 +46,13 @@ pub struct Delivery {
     /// the transport tells. With `stored_at` and the time the handler starts, it splits an
     /// event's latency into its stages (the broker, the wire and fetch, the queue).
     pub received_at: Option<std::time::SystemTime>,
+    /// The subscription's current hold on its topic (or partition), when the transport has
+    /// one: an identifier unique in the process that changes whenever the subscription loses
+    /// the topic and gains it again, or an operator moves its delivery. While it stays the
+    /// same, no other subscription handles the topic's aggregates (calls an earlier owner had
+    /// started aside), so what a handler learned about an aggregate under it stays true under
+    /// it: [`HandledOnce`](crate::HandledOnce) keeps the versions it read and wrote per term.
+    pub ownership_term: Option<u64>,
 }
 
 impl Delivery {
@@ -60,6 +67,7 @@ impl Delivery {
             traceparent: None,
             stored_at: None,
             received_at: None,
+            ownership_term: None,
         }
     }
 }
@@ -271,6 +279,7 @@ mod tests {
             traceparent: None,
             stored_at: None,
             received_at: None,
+            ownership_term: None,
         };
         let seen = with_delivery(delivery, async {
             let d = current_delivery().expect("inside a call");

@@ -98,6 +98,13 @@ impl HandledVersions for MemoryHandledVersions {
 /// attempt without calling the handler again. Events of one aggregate must carry growing
 /// versions: an event at or below one already handled is taken for a replay.
 ///
+/// The store is read once per aggregate and ownership term
+/// ([`Delivery::ownership_term`](crate::Delivery::ownership_term)): while the subscription
+/// keeps its topic no one else handles its aggregates, so the version it read or recorded
+/// stays the last one, and the next deliveries of the aggregate are decided without asking the
+/// store (a transport without terms asks it for every delivery). Use one per topic, as the
+/// store is.
+///
 /// Resetting a group to an earlier point (`NatsBus::reset_group` in bus-nats) replays versions
 /// the store holds: they are skipped, unless the store is emptied for the rebuild.
 pub struct HandledOnce<S> {
@@ -105,8 +112,16 @@ pub struct HandledOnce<S> {
     handler: Arc<dyn Handler>,
     /// Versions handled whose record failed: (aggregate → version).
     unrecorded: Mutex<HashMap<AggregateId, u64>>,
+    /// The last version handled per aggregate as read or recorded under an ownership term:
+    /// (term, version). Emptied when it holds `KNOWN_CAPACITY` aggregates.
+    known: Mutex<HashMap<AggregateId, (u64, Option<u64>)>>,
     skipped: AtomicU64,
+    reads: AtomicU64,
 }
+
+/// How many aggregates' versions a [`HandledOnce`] keeps at most (a few MiB); beyond, it
+/// starts again from the store.
+const KNOWN_CAPACITY: usize = 65_536;
 
 impl<S: HandledVersions> HandledOnce<S> {
     /// `handler`, called at most once per aggregate version `store` knows of.
@@ -115,8 +130,44 @@ impl<S: HandledVersions> HandledOnce<S> {
             store,
             handler,
             unrecorded: Mutex::default(),
+            known: Mutex::default(),
             skipped: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
         }
+    }
+
+    /// Times the store was asked for an aggregate's version so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// The last version handled of `aggregate`, as known under `term` or read from the store.
+    async fn last_handled(
+        &self,
+        aggregate: &AggregateId,
+        term: Option<u64>,
+    ) -> Result<Option<u64>, HandlerError> {
+        if let Some(term) = term {
+            if let Some((known_term, last)) = self.known.lock().unwrap().get(aggregate) {
+                if *known_term == term {
+                    return Ok(*last);
+                }
+            }
+        }
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        let last = self.store.last_handled(aggregate).await?;
+        if let Some(term) = term {
+            self.remember(aggregate, term, last);
+        }
+        Ok(last)
+    }
+
+    fn remember(&self, aggregate: &AggregateId, term: u64, last: Option<u64>) {
+        let mut known = self.known.lock().unwrap();
+        if known.len() >= KNOWN_CAPACITY && !known.contains_key(aggregate) {
+            known.clear();
+        }
+        known.insert(aggregate.clone(), (term, last));
     }
 
     /// Deliveries skipped so far because the store had their version.
@@ -143,9 +194,10 @@ impl<S: HandledVersions> Handler for HandledOnce<S> {
     async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError> {
         let aggregate = envelope.aggregate_id().clone();
         let version = envelope.event_version();
+        let term = crate::current_delivery().and_then(|d| d.ownership_term);
         let handled = self.unrecorded.lock().unwrap().get(&aggregate) == Some(&version);
         if !handled {
-            if let Some(last) = self.store.last_handled(&aggregate).await? {
+            if let Some(last) = self.last_handled(&aggregate, term).await? {
                 if version <= last {
                     self.skipped.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
@@ -157,6 +209,9 @@ impl<S: HandledVersions> Handler for HandledOnce<S> {
             Ok(()) => {
                 if handled {
                     self.unrecorded.lock().unwrap().remove(&aggregate);
+                }
+                if let Some(term) = term {
+                    self.remember(&aggregate, term, Some(version));
                 }
                 Ok(())
             }
@@ -238,6 +293,44 @@ mod tests {
         once.handle(event("a", 1)).await.unwrap();
         assert_eq!(calls.lock().unwrap().len(), 1);
         assert_eq!(once.store().last_handled(&a).await.unwrap(), Some(1));
+    }
+
+    /// Under one ownership term the store is read once per aggregate; a new term reads it
+    /// again (another owner may have handled more meanwhile); without a term every delivery
+    /// reads it.
+    #[tokio::test]
+    async fn the_store_is_read_once_per_aggregate_and_term() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let store = Arc::new(MemoryHandledVersions::new());
+        let once = HandledOnce::new(store.clone(), recording(calls.clone(), Arc::default()));
+        let under = |term: u64, e: Envelope| {
+            let delivery = crate::Delivery {
+                ownership_term: Some(term),
+                ..crate::Delivery::new(1)
+            };
+            crate::with_delivery(delivery, once.handle(e))
+        };
+        for v in 1..=3 {
+            under(1, event("a", v)).await.unwrap();
+        }
+        under(1, event("b", 1)).await.unwrap();
+        under(1, event("a", 2)).await.unwrap(); // a copy: skipped from what is known
+        assert_eq!(once.reads(), 2, "a and b, once each");
+        assert_eq!(once.skipped(), 1);
+        // Another owner handled a up to 10 while this one did not hold the topic.
+        let a = AggregateId::new("a").unwrap();
+        store.record_handled(&a, 10).await.unwrap();
+        under(2, event("a", 9)).await.unwrap();
+        assert_eq!(once.reads(), 3);
+        assert_eq!(once.skipped(), 2, "9 was handled by the other owner");
+        under(2, event("a", 11)).await.unwrap();
+        assert_eq!(once.reads(), 3);
+        // No term: the store every time.
+        once.handle(event("a", 11)).await.unwrap();
+        once.handle(event("a", 12)).await.unwrap();
+        assert_eq!(once.reads(), 5);
+        let seen: Vec<u64> = calls.lock().unwrap().iter().map(|c| c.1).collect();
+        assert_eq!(seen, [1, 2, 3, 1, 11, 12]);
     }
 
     /// A store whose writes fail while `down`.

@@ -485,6 +485,7 @@ mod tests {
             traceparent: None,
             stored_at: None,
             received_at: None,
+            ownership_term: None,
         };
         with_delivery(
             delivery,

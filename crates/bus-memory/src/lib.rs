@@ -389,6 +389,7 @@ impl JobRunner {
                             // A log in memory: stored and received are the same moment.
                             stored_at: None,
                             received_at: None,
+                            ownership_term: None,
                         };
                         // Once closing, a failed event is not tried again: it is returned.
                         let closing = attempt > 1 && self.cancel.is_closed();

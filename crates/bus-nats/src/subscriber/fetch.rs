@@ -292,7 +292,9 @@ impl Fetcher {
     /// may become the owner again. `false` if close was asked for meanwhile.
     async fn abandon(&mut self) -> bool {
         let runner = &self.plan.runner;
-        runner.term.fetch_add(1, Ordering::AcqRel);
+        runner
+            .term
+            .store(super::runner::next_term(), Ordering::Release);
         // Handlers still running learn that their outcome will not be acknowledged; those of
         // a later term get a fresh signal.
         runner.cancel.cancel();

@@ -213,7 +213,7 @@ async fn setup(
         policy: config.on_failure,
         halted: Mutex::new(HashMap::new()),
         halted_count: AtomicUsize::new(0),
-        term: AtomicU64::new(0),
+        term: AtomicU64::new(runner::next_term()),
         cancel: bus_core::CancelSource::new(),
         partition: target.partition,
         metrics: crate::telemetry::HandleMetrics::new(topic, &config.consumer.group),

@@ -186,7 +186,8 @@ pub(crate) struct Runner {
     /// Halted aggregates by key; `halted_count` lets the hot path skip the lock while none is.
     pub(crate) halted: Mutex<HashMap<Arc<str>, Halt>>,
     pub(crate) halted_count: AtomicUsize,
-    /// The current ownership term; see [`Job::term`].
+    /// The current ownership term; see [`Job::term`]. Unique in the process (from
+    /// [`next_term`]), as handlers see it in their `Delivery::ownership_term`.
     pub(crate) term: AtomicU64,
     /// The partition consumed, for a partitioned topic.
     pub(crate) partition: Option<u32>,
@@ -195,6 +196,13 @@ pub(crate) struct Runner {
     /// `close` fires every signal when it closes.
     pub(crate) cancel: CancelSource,
     pub(crate) metrics: crate::telemetry::HandleMetrics,
+}
+
+/// A fresh ownership term, unique in the process: every subscription starts with one and takes
+/// another each time it loses its topic or is moved.
+pub(crate) fn next_term() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Runner {
@@ -345,6 +353,7 @@ impl Runner {
                     traceparent: traceparent.clone(),
                     stored_at: job.arrival.stored_at,
                     received_at: Some(job.arrival.received_at),
+                    ownership_term: Some(job.term),
                 };
                 with_delivery(delivery, async move {
                     if going {

@@ -495,6 +495,9 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
     let publish = start.elapsed();
     let drain_start = Instant::now();
     if s.backlog {
+        if std::env::var_os(SPLIT_AT_DRAIN).is_some() {
+            dump_callgrind_counters().await?;
+        }
         // The backlog row reports memory while the backlog drains.
         stats::reset_peak_rss();
         subscriptions = subscribe(bus.clone()).await?;
@@ -948,6 +951,7 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
         ratio_to_ceiling_bus_wire: 0.0,
         ratio_to_ceiling_packed: 0.0,
         instructions_per_event: 0.0,
+        instructions_split: None,
         stages: sink.stages[0].count().gt(&0).then(|| report::Stages {
             p50_ms: sink.stages.each_ref().map(|h| h.quantile_ms(0.50)),
             p99_ms: sink.stages.each_ref().map(|h| h.quantile_ms(0.99)),
@@ -1003,11 +1007,12 @@ fn parse_args() -> Result<Options> {
             "--help" | "-h" => {
                 println!(
                     "cargo xtask bench [--quick] [--only ROW,ROW...]\n\n\
-                     --quick   a short run (about a minute): ceiling, ceiling-bus-wire, nats-strict, seed-before, default, seed-single, latency (as configured, and with the broker's GC tuned: GOGC=off GOMEMLIMIT=1GiB)\n\
+                     --quick   a short run (about a minute): ceiling, ceiling-bus-wire, ceiling-packed, nats-strict, seed-before, default, default-backlog, default-unbatched, seed-single, latency (as configured, and with the broker's GC tuned: GOGC=off GOMEMLIMIT=1GiB)\n\
                      --only    run only the named rows (the ceiling always runs, for the ratios)\n\
                      --alone   with --only: skip the ceiling and latency rows (for profiling one row)\n\
                      --instructions ROW,ROW  run these rows once more under valgrind's callgrind and report the\n\
-                               instructions their process executed per event (the broker is another process)\n\n\
+                               instructions their process executed per event (the broker is another process); for a\n\
+                               backlog row (default-backlog) split into publishing the backlog and draining it\n\n\
                      Writes target/bench/report.{{md,json,svg}}."
                 );
                 std::process::exit(0);
@@ -1119,6 +1124,17 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         10_000,
         versions,
     ));
+    // `default` over a backlog: everything published before the subscription starts, so that
+    // `--instructions default-backlog` splits the bus's work into publishing and consuming.
+    rows.push(Scenario {
+        backlog: true,
+        ..Scenario::new(
+            "default-backlog",
+            bus(BusSetup::default_config()),
+            10_000,
+            versions,
+        )
+    });
     // One event per message: the bus without record batches, as consumers that read only
     // single events need it.
     rows.push(Scenario::new(
@@ -1339,10 +1355,56 @@ fn latency_scenario(name: &str, rate: f64, quick: bool) -> Scenario {
 /// instead. nats-server reads both from its environment, which the row's server inherits.
 const BROKER_GC_TUNED: &[(&str, &str)] = &[("GOGC", "off"), ("GOMEMLIMIT", "1GiB")];
 
+/// Set for a backlog row run under callgrind: between publishing the backlog and draining it,
+/// the row dumps callgrind's counters, which splits its instructions into the two.
+const SPLIT_AT_DRAIN: &str = "BUS_BENCH_CALLGRIND_SPLIT";
+
+/// Asks callgrind (this process runs under it) to write and zero its counters now, and waits
+/// until it has.
+async fn dump_callgrind_counters() -> Result<()> {
+    let pid = std::process::id().to_string();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("callgrind_control")
+            .args(["--dump=publishing the backlog", &pid])
+            .stdout(std::process::Stdio::null())
+            .status()
+    })
+    .await?
+    .context("running callgrind_control")?;
+    if !status.success() {
+        bail!("callgrind_control --dump failed with {status}");
+    }
+    Ok(())
+}
+
+/// Instructions per event of a row counted under callgrind; for a backlog row, split into
+/// publishing and consuming.
+struct Instructions {
+    per_event: f64,
+    split: Option<(f64, f64)>,
+}
+
+/// The `totals:` (or `summary:`) line of a callgrind output file.
+fn callgrind_total(path: &std::path::Path) -> Result<u64> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .with_context(|| format!("{} has no totals", path.display()))?
+        .split_whitespace()
+        .next()
+        .context("an empty totals line")?
+        .parse()
+        .context("totals")
+}
+
 /// Runs row `name` once more, in a child process under valgrind's callgrind, and returns the
 /// instructions that process executed per event. Callgrind counts instructions, not time: the
 /// figure repeats for the same binary and inputs, however busy the machine is.
-fn count_instructions(name: &str, quick: bool) -> Result<f64> {
+fn count_instructions(name: &str, quick: bool, backlog: bool) -> Result<Instructions> {
     let valgrind = std::process::Command::new("valgrind")
         .arg("--version")
         .output()
@@ -1360,10 +1422,22 @@ fn count_instructions(name: &str, quick: bool) -> Result<f64> {
     if quick {
         command.arg("--quick");
     }
+    if backlog {
+        command.env(SPLIT_AT_DRAIN, "1");
+    }
     let output = command
         .output()
         .with_context(|| format!("running row `{name}` under callgrind"))?;
-    let _ = std::fs::remove_file(&out);
+    // With a dump, callgrind numbers its files: `<out>.1` up to the dump, `<out>.2` after it.
+    let dumped = std::path::PathBuf::from(format!("{}.1", out.display()));
+    let published = if backlog {
+        Some(callgrind_total(&dumped))
+    } else {
+        None
+    };
+    for file in [out.clone(), dumped, format!("{}.2", out.display()).into()] {
+        let _ = std::fs::remove_file(file);
+    }
     if !output.status.success() {
         bail!(
             "row `{name}` under callgrind failed with {}: {}",
@@ -1385,7 +1459,21 @@ fn count_instructions(name: &str, quick: bool) -> Result<f64> {
             .find_map(|l| l.strip_prefix("ROW "))
             .with_context(|| format!("row `{name}` printed no result"))?,
     )?;
-    Ok(collected as f64 / row.messages.max(1) as f64)
+    let events = row.messages.max(1) as f64;
+    let split = match published {
+        Some(published) => {
+            let published = published?;
+            Some((
+                published as f64 / events,
+                collected.saturating_sub(published) as f64 / events,
+            ))
+        }
+        None => None,
+    };
+    Ok(Instructions {
+        per_event: collected as f64 / events,
+        split,
+    })
 }
 
 /// Runs one row in a child process of this binary (with `env` added to its environment, and so
@@ -1505,13 +1593,21 @@ async fn main() -> Result<()> {
         .map(|r| r.e2e_msgs_per_s)
         .unwrap_or(0.0);
     for name in &options.instructions {
-        match count_instructions(name, options.quick) {
-            Ok(per_event) => {
-                println!(
-                    "{name}: {per_event:.0} instructions per event (callgrind, the row's process)"
-                );
+        let backlog = plan.iter().any(|s| &s.name == name && s.backlog);
+        match count_instructions(name, options.quick, backlog) {
+            Ok(counted) => {
+                let per_event = counted.per_event;
+                match counted.split {
+                    Some((publish, consume)) => println!(
+                        "{name}: {per_event:.0} instructions per event (callgrind, the row's process): {publish:.0} publishing the backlog, {consume:.0} draining it"
+                    ),
+                    None => println!(
+                        "{name}: {per_event:.0} instructions per event (callgrind, the row's process)"
+                    ),
+                }
                 if let Some(row) = rows.iter_mut().find(|r| &r.name == name) {
                     row.instructions_per_event = per_event;
+                    row.instructions_split = counted.split;
                 }
             }
             Err(e) => eprintln!("instructions of row `{name}` not counted: {e:#}"),

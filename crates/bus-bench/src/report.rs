@@ -41,6 +41,10 @@ pub(crate) struct Row {
     /// counted.
     #[serde(default)]
     pub(crate) instructions_per_event: f64,
+    /// For a backlog row counted by callgrind: its instructions per event split into publishing
+    /// the backlog and draining it (a dump of callgrind's counters between the two).
+    #[serde(default)]
+    pub(crate) instructions_split: Option<(f64, f64)>,
     /// Where an event's latency goes, for rows whose handlers know when the broker stored the
     /// event and when the fetcher received it (`Delivery::stored_at`, `received_at`).
     #[serde(default)]
@@ -84,10 +88,12 @@ fn table(rows: &[Row]) -> String {
         };
         let vs_wire = shown(r.ratio_to_ceiling_bus_wire);
         let vs_packed = shown(r.ratio_to_ceiling_packed);
-        let instructions = if r.instructions_per_event > 0.0 {
-            format!("{:.0}", r.instructions_per_event)
-        } else {
-            "-".to_owned()
+        let instructions = match (r.instructions_per_event, r.instructions_split) {
+            (total, Some((publish, consume))) if total > 0.0 => {
+                format!("{total:.0} (publish {publish:.0}, consume {consume:.0})")
+            }
+            (total, None) if total > 0.0 => format!("{total:.0}"),
+            _ => "-".to_owned(),
         };
         let _ = writeln!(
             out,
@@ -255,6 +261,7 @@ mod tests {
             broker_msgs_per_s: rate / 8.0,
             ratio_to_ceiling_packed: 0.0,
             instructions_per_event: 0.0,
+            instructions_split: None,
             stages: None,
         }
     }

@@ -127,8 +127,8 @@ fn producer_projection_and_operator() {
 
     let out = run(env!("CARGO_BIN_EXE_operator"), &["--server", &url]);
     assert!(
-        out.contains("events in BUS_EXAMPLES_ACCOUNTS)")
-            && !out.contains("topic examples.accounts (0 events"),
+        out.contains("messages in BUS_EXAMPLES_ACCOUNTS)")
+            && !out.contains("topic examples.accounts (0 messages"),
         "{out}"
     );
     assert!(

@@ -65,7 +65,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Every topic the broker holds: stream, retention, partitions, stored events, and each
+    /// Every topic the broker holds: stream, retention, partitions, stored messages, and each
     /// consumer's ack floor, undelivered and unacknowledged events.
     Topics,
     /// How far the group is behind on a topic.
@@ -212,7 +212,7 @@ async fn run(bus: &NatsBus, command: Command, wait: Duration, as_json: bool) -> 
                                 "stream": t.stream,
                                 "retention": t.retention.to_string(),
                                 "partitions": t.partitions,
-                                "events": t.messages,
+                                "messages": t.messages,
                                 "consumers": t.consumers.iter().map(|c| json!({
                                     "name": c.name,
                                     "partition": c.partition,
@@ -234,7 +234,7 @@ async fn run(bus: &NatsBus, command: Command, wait: Duration, as_json: bool) -> 
             }
             for t in topics {
                 println!(
-                    "{}  stream {}  {}  partitions {}  events {}",
+                    "{}  stream {}  {}  partitions {}  messages {}",
                     t.topic, t.stream, t.retention, t.partitions, t.messages
                 );
                 for c in t.consumers {

@@ -21,7 +21,8 @@ pub struct TopicState {
     pub retention: &'static str,
     /// Its partitions; 1 for an unpartitioned topic.
     pub partitions: u32,
-    /// Events stored on the topic now.
+    /// Messages stored on the topic now: events published one per message, or record batches
+    /// of several events each (the default), as the broker counts them.
     pub messages: u64,
     /// The consumers reading it (one per consumer group, per partition).
     pub consumers: Vec<ConsumerState>,

@@ -24,7 +24,10 @@ async fn main() -> Result<()> {
     let bus = NatsBus::connect(config).await?;
     let topic = accounts();
     for t in bus.topics().await? {
-        println!("topic {} ({} events in {})", t.topic, t.messages, t.stream);
+        println!(
+            "topic {} ({} messages in {})",
+            t.topic, t.messages, t.stream
+        );
         for c in &t.consumers {
             println!(
                 "  {}: ack floor {}, {} undelivered, {} unacknowledged",

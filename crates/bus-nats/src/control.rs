@@ -357,12 +357,19 @@ impl NatsBus {
             .get_stream(&connection.stream)
             .await
             .map_err(|e| NatsError::api(format!("looking up stream `{}`", connection.stream), e))?;
-        let state = stream
+        let info = stream
             .info()
             .await
-            .map_err(|e| NatsError::api(format!("reading stream `{}`", connection.stream), e))?
-            .state
-            .clone();
+            .map_err(|e| NatsError::api(format!("reading stream `{}`", connection.stream), e))?;
+        // The stream as the broker has it (a configuration that uses an existing stream may
+        // not say).
+        if info.config.retention == async_nats::jetstream::stream::RetentionPolicy::WorkQueue {
+            return Err(NatsError::Unsupported(format!(
+                "topic `{topic}` is stored in work-queue stream `{}`: what was read is gone, there is nothing to reset group `{group}` to",
+                connection.stream
+            )));
+        }
+        let state = info.state.clone();
         let (first, end) = (state.first_sequence.max(1), state.last_sequence + 1);
         let sequence = match to {
             ResetTo::Start => first,

@@ -342,6 +342,21 @@ async fn resets_that_cannot_be_done_are_refused() {
         .unwrap_err();
     assert_eq!(err.kind(), NatsErrorKind::Unsupported, "{err}");
     assert!(err.to_string().contains("WorkQueue"), "{err}");
+    // An operator whose configuration uses the existing stream without saying its retention:
+    // the broker's word counts.
+    let mut config = unbatched_config(&server.url());
+    let mut spec = StreamSpec::new("REBUILD_QUEUE", [queue.clone()]);
+    spec.retention = Retention::Limits;
+    config.streams.push(spec);
+    config.provisioning = bus_nats::Provisioning::UseExisting;
+    let operator = NatsBus::connect(config).await.unwrap();
+    let err = operator
+        .reset_group(&queue, ResetTo::Start, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), NatsErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("work-queue stream"), "{err}");
+    operator.close().await.unwrap();
     subscription.close().await.unwrap();
     bus.close().await.unwrap();
 }

@@ -263,6 +263,12 @@ pub trait AggregateControl: Send + Sync {
     /// waiting events in order.
     async fn skip(&self, key: &str) -> Result<(), SubscribeError>;
 
+    /// For a partitioned topic, the partitions this subscription consumes now (what
+    /// [`restart_at`](Self::restart_at) moves); empty otherwise (the default).
+    fn partitions(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
     /// Moves delivery to stream position `sequence` (earlier, to rebuild from there, or later,
     /// to skip ahead): handlers already running finish, what is queued is released unhandled,
     /// and every aggregate's events are delivered again in order from `sequence`. Only the

@@ -45,6 +45,9 @@ struct Reply {
     halted: Vec<HaltedAggregate>,
     #[serde(default)]
     error: Option<String>,
+    /// For a move on a partitioned topic: the partitions this member moved.
+    #[serde(default)]
+    moved: Vec<u32>,
 }
 
 /// What one subscription (one replica of the group) answered.
@@ -115,6 +118,7 @@ pub(crate) async fn serve(
             owner: control.metrics().owner,
             halted: Vec::new(),
             error: None,
+            moved: Vec::new(),
         };
         match serde_json::from_slice::<Request>(&message.payload) {
             Ok(Request::Halted) => reply.halted = control.halted(),
@@ -125,11 +129,11 @@ pub(crate) async fn serve(
                 reply.error = control.skip(&key).await.err().map(|e| e.to_string())
             }
             Ok(Request::MoveTo { sequence }) => {
-                reply.error = control
-                    .restart_at(sequence)
-                    .await
-                    .err()
-                    .map(|e| e.to_string())
+                let partitions = control.partitions();
+                match control.restart_at(sequence).await {
+                    Ok(()) => reply.moved = partitions,
+                    Err(e) => reply.error = Some(e.to_string()),
+                }
             }
             Err(e) => reply.error = Some(format!("unreadable control request: {e}")),
         }
@@ -157,7 +161,7 @@ impl NatsBus {
         topic: &Topic,
         request: &Request,
         wait: Duration,
-        enough: impl Fn(&Reply) -> bool,
+        mut enough: impl FnMut(&Reply) -> bool,
     ) -> Result<Vec<Reply>, NatsError> {
         let connection = self.shared.connection(topic).await?;
         let client = &connection.client;
@@ -304,8 +308,10 @@ pub enum ResetTo {
 pub struct GroupReset {
     /// The stream sequence delivery restarts at.
     pub sequence: u64,
-    /// The member that consumes the topic and moved its delivery (`pid <pid> client <id>`);
-    /// `None` when no subscription of the group was running and the consumer itself was reset.
+    /// The member that consumes the topic and moved its delivery (`pid <pid> client <id>`; on
+    /// a partitioned topic each member that moved some, with its partitions, comma-separated);
+    /// `None` when no subscription of the group was running and the consumers themselves were
+    /// reset.
     pub moved_by: Option<String>,
 }
 
@@ -320,9 +326,11 @@ impl NatsBus {
     /// subscription starts there. `wait` bounds how long the owner may take (its running
     /// handlers finish first).
     ///
+    /// On a partitioned topic every partition moves: each member moves the partitions it
+    /// consumes, and the consumers of partitions nobody consumes now are reset directly.
+    ///
     /// Only where the stream keeps the events: a `WorkQueue` topic deletes what it delivered,
-    /// and a point before the first event kept is refused. Partitioned topics are refused for
-    /// now (each partition has its own consumer).
+    /// and a point before the first event kept is refused.
     pub async fn reset_group(
         &self,
         topic: &Topic,
@@ -331,27 +339,150 @@ impl NatsBus {
     ) -> Result<GroupReset, NatsError> {
         let config = &self.shared.config;
         let group = &config.consumer.group;
-        if config.partitions_of(topic) > 1 {
-            return Err(NatsError::Unsupported(format!(
-                "topic `{topic}` is partitioned: resetting a group on a partitioned topic is not supported yet"
-            )));
-        }
         let connection = self.shared.connection(topic).await?;
         if connection.retention == crate::Retention::WorkQueue {
             return Err(NatsError::Unsupported(format!(
                 "topic `{topic}` keeps events until one group reads them (WorkQueue): what was read is gone, there is nothing to reset group `{group}` to; use Limits or Acknowledged retention to rebuild from the stream"
             )));
         }
-        let consumer = config.consumer_name(topic);
-        let consumer_state =
-            crate::broker::consumer_state(&connection.client, &connection.stream, &consumer)
-                .await
-            .map_err(|e| match crate::broker::error_code(&e) {
-                Some(crate::broker::codes::CONSUMER_NOT_FOUND) => NatsError::NotFound(format!(
-                    "consumer group `{group}` never subscribed to topic `{topic}` (no consumer `{consumer}`)"
-                )),
-                _ => e,
-            })?;
+        // One consumer per partition of a partitioned topic.
+        let partitions = config.partitions_of(topic);
+        let consumers: Vec<String> = if partitions > 1 {
+            (0..partitions)
+                .map(|p| format!("{}-p{p}", config.consumer_name(topic)))
+                .collect()
+        } else {
+            vec![config.consumer_name(topic)]
+        };
+        let mut pinned_before = Vec::with_capacity(consumers.len());
+        for consumer in &consumers {
+            let state =
+                crate::broker::consumer_state(&connection.client, &connection.stream, consumer)
+                    .await
+                    .map_err(|e| match crate::broker::error_code(&e) {
+                        Some(crate::broker::codes::CONSUMER_NOT_FOUND) => NatsError::NotFound(format!(
+                            "consumer group `{group}` never subscribed to topic `{topic}` (no consumer `{consumer}`)"
+                        )),
+                        _ => e,
+                    })?;
+            pinned_before.push(state.pinned);
+        }
+        let sequence = self.reset_point(topic, &connection, to).await?;
+        let request = Request::MoveTo { sequence };
+        // Done once a member reports a failure, or the moves cover every partition.
+        let mut covered = std::collections::BTreeSet::new();
+        let replies = match self
+            .control_request_until(topic, &request, wait, |r| {
+                if r.error.is_some() {
+                    return true;
+                }
+                if partitions > 1 {
+                    covered.extend(r.moved.iter().copied());
+                    covered.len() == partitions as usize
+                } else {
+                    r.owner
+                }
+            })
+            .await
+        {
+            Ok(replies) => replies,
+            Err(NatsError::Unanswered(_)) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        if replies.iter().any(|r| r.error.is_some()) {
+            return Err(NatsError::Refused {
+                what: format!("move group `{group}` on topic `{topic}` to {sequence}"),
+                refusals: replies
+                    .into_iter()
+                    .filter(|r| r.error.is_some())
+                    .map(|r| MemberRefusal {
+                        member: r.member,
+                        reason: r.error.unwrap_or_default(),
+                    })
+                    .collect(),
+            });
+        }
+        let moved: Vec<&Reply> = replies
+            .iter()
+            .filter(|r| {
+                if partitions > 1 {
+                    !r.moved.is_empty()
+                } else {
+                    r.owner
+                }
+            })
+            .collect();
+        let moved_by = (!moved.is_empty()).then(|| {
+            moved
+                .iter()
+                .map(|r| {
+                    if partitions > 1 {
+                        format!("{} (partitions {:?})", r.member, r.moved)
+                    } else {
+                        r.member.clone()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        // What no running subscription moved: the consumers themselves.
+        let left: Vec<usize> = (0..consumers.len())
+            .filter(|i| {
+                if partitions > 1 {
+                    !moved.iter().any(|r| r.moved.contains(&(*i as u32)))
+                } else {
+                    moved.is_empty()
+                }
+            })
+            .collect();
+        if left.is_empty() {
+            return Ok(GroupReset { sequence, moved_by });
+        }
+        if !connection.pinned {
+            return Err(NatsError::Unsupported(format!(
+                "no subscription of group `{group}` to topic `{topic}` moved {}, and nats-server {} cannot reset a consumer (2.14 can); start a subscription and reset again",
+                what_is_left(partitions, &left),
+                connection.server_version
+            )));
+        }
+        for &i in &left {
+            // A client pinned to the consumer consumes it, yet did not move it: moving the
+            // consumer under it would hand it a replay it takes for copies.
+            let pinned = crate::broker::consumer_state(
+                &connection.client,
+                &connection.stream,
+                &consumers[i],
+            )
+            .await?
+            .pinned;
+            if pinned_before[i] || pinned {
+                return Err(NatsError::Unanswered(format!(
+                    "a subscription of group `{group}` consumes {} of topic `{topic}` but did not move it within {wait:?}: wait longer (its running handlers finish first), or for its pin to expire if it is gone{}",
+                    what_is_left(partitions, &[i]),
+                    if moved.is_empty() { String::new() } else { format!("; moved already: {}", moved_by.clone().unwrap_or_default()) }
+                )));
+            }
+        }
+        for &i in &left {
+            crate::broker::reset_consumer(
+                &connection.client,
+                &connection.stream,
+                &consumers[i],
+                Some(sequence),
+            )
+            .await?;
+        }
+        Ok(GroupReset { sequence, moved_by })
+    }
+
+    /// The stream sequence `to` stands for on `topic`'s stream, checked against what it keeps.
+    async fn reset_point(
+        &self,
+        topic: &Topic,
+        connection: &crate::TopicConnection,
+        to: ResetTo,
+    ) -> Result<u64, NatsError> {
+        let group = &self.shared.config.consumer.group;
         let mut stream = connection
             .jetstream
             .get_stream(&connection.stream)
@@ -396,64 +527,15 @@ impl NatsBus {
                 connection.stream
             )));
         }
-        let request = Request::MoveTo { sequence };
-        match self
-            .control_request_until(topic, &request, wait, |r| r.owner && r.error.is_none())
-            .await
-        {
-            Ok(replies) => match replies.iter().find(|r| r.owner && r.error.is_none()) {
-                Some(done) => Ok(GroupReset {
-                    sequence,
-                    moved_by: Some(done.member.clone()),
-                }),
-                None => Err(NatsError::Refused {
-                    what: format!("move group `{group}` on topic `{topic}` to {sequence}"),
-                    refusals: replies
-                        .into_iter()
-                        .map(|r| MemberRefusal {
-                            member: r.member,
-                            reason: r.error.unwrap_or_else(|| {
-                                "no answer from the subscription that consumes the topic".into()
-                            }),
-                        })
-                        .collect(),
-                }),
-            },
-            Err(NatsError::Unanswered(_)) => {
-                // No subscription of the group runs: the consumer itself moves.
-                if !connection.pinned {
-                    return Err(NatsError::Unsupported(format!(
-                        "no subscription of group `{group}` to topic `{topic}` is running, and nats-server {} cannot reset a consumer (2.14 can); start a subscription and reset again",
-                        connection.server_version
-                    )));
-                }
-                // A client pinned to the consumer is consuming it, yet did not answer: moving
-                // the consumer under it would hand it a replay it takes for copies.
-                let pinned = crate::broker::consumer_state(
-                    &connection.client,
-                    &connection.stream,
-                    &consumer,
-                )
-                .await?
-                .pinned;
-                if consumer_state.pinned || pinned {
-                    return Err(NatsError::Unanswered(format!(
-                        "a subscription of group `{group}` consumes topic `{topic}` but did not answer within {wait:?}: wait longer (its running handlers finish first), or for its pin to expire if it is gone"
-                    )));
-                }
-                crate::broker::reset_consumer(
-                    &connection.client,
-                    &connection.stream,
-                    &consumer,
-                    Some(sequence),
-                )
-                .await?;
-                Ok(GroupReset {
-                    sequence,
-                    moved_by: None,
-                })
-            }
-            Err(e) => Err(e),
-        }
+        Ok(sequence)
+    }
+}
+
+/// "the topic", or "partition(s) …" of a partitioned one.
+fn what_is_left(partitions: u32, left: &[usize]) -> String {
+    if partitions > 1 {
+        format!("partition(s) {left:?}")
+    } else {
+        "the topic".to_owned()
     }
 }

@@ -108,24 +108,39 @@ fn by_aggregate(calls: &[(String, u64, u64)]) -> BTreeMap<String, Vec<u64>> {
 /// aggregate's last version. Twenty rounds, moved while the handlers are busy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_group_moved_back_replays_every_aggregate_in_order() {
-    moved_back(NatsServer::start(), 20).await;
+    moved_back(NatsServer::start(), 20, 1).await;
+}
+
+/// The same on a topic of four partitions, all consumed by one member: every partition moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_partitioned_group_moved_back_replays_every_aggregate_in_order() {
+    moved_back(NatsServer::start(), 5, 4).await;
 }
 
 /// The same on nats-server 2.12, where ownership is a lease and the consumer has no reset API:
 /// the owner deletes and recreates it at the point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_group_on_a_lease_server_moved_back_replays_in_order() {
-    moved_back(NatsServer::start_older(OlderServer::V2_12), 10).await;
+    moved_back(NatsServer::start_older(OlderServer::V2_12), 10, 1).await;
 }
 
-async fn moved_back(server: NatsServer, rounds: usize) {
+/// [`kept`] with every topic's stream in `partitions` partitions.
+fn kept_in(url: &str, topics: &[Topic], partitions: u32) -> bus_nats::NatsConfig {
+    let mut config = kept(url, topics);
+    for spec in &mut config.streams {
+        spec.partitions = partitions;
+    }
+    config
+}
+
+async fn moved_back(server: NatsServer, rounds: usize, partitions: u32) {
     let topics: Vec<Topic> = (0..rounds)
         .map(|round| Topic::new(format!("rebuild.running.{round}")).unwrap())
         .collect();
-    let bus = NatsBus::connect(kept(&server.url(), &topics))
+    let bus = NatsBus::connect(kept_in(&server.url(), &topics, partitions))
         .await
         .unwrap();
-    let operator = NatsBus::connect(kept(&server.url(), &topics))
+    let operator = NatsBus::connect(kept_in(&server.url(), &topics, partitions))
         .await
         .unwrap();
     for (round, topic) in topics.iter().enumerate() {
@@ -166,9 +181,23 @@ async fn moved_back(server: NatsServer, rounds: usize) {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // The owner moved its delivery (not a restart at the ack floor after some break).
+        // The owner moved its delivery (not a restart at the ack floor after some break), every
+        // partition of it.
         let metrics = subscription.control().unwrap().metrics();
-        assert_eq!(metrics.delivery_moves, 1, "round {round}: {metrics:?}");
+        assert_eq!(
+            metrics.delivery_moves,
+            u64::from(partitions),
+            "round {round}: {metrics:?}"
+        );
+        if partitions > 1 {
+            assert!(
+                reset
+                    .moved_by
+                    .as_deref()
+                    .is_some_and(|m| m.contains("(partitions [0, 1, 2, 3])")),
+                "{reset:?}"
+            );
+        }
         subscription.close().await.unwrap();
         let calls = calls.lock().unwrap().clone();
         let replayed = replays(&calls);
@@ -450,4 +479,40 @@ async fn new_groups_start_at_a_sequence_a_time_or_what_is_new() {
     for bus in [from_sequence, from_time, only_new, late, publisher] {
         bus.close().await.unwrap();
     }
+}
+
+/// A partitioned group with no subscription running: each partition's consumer is reset, and
+/// the next subscription handles every aggregate again from the start, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_partitioned_group_is_reset_partition_by_partition() {
+    let server = NatsServer::start();
+    let topic = Topic::new("rebuild.parts").unwrap();
+    let bus = NatsBus::connect(kept_in(&server.url(), std::slice::from_ref(&topic), 4))
+        .await
+        .unwrap();
+    publish(&bus, &topic, 8, 5).await;
+    let first: Calls = Arc::default();
+    let subscription = subscribe(&bus, &topic, &first).await;
+    wait_for("40 handled", Duration::from_secs(20), || {
+        first.lock().unwrap().len() == 40
+    })
+    .await;
+    subscription.close().await.unwrap();
+    let reset = bus
+        .reset_group(&topic, ResetTo::Start, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(reset.sequence, 1);
+    assert_eq!(reset.moved_by, None, "no subscription ran: {reset:?}");
+    let again: Calls = Arc::default();
+    let subscription = subscribe(&bus, &topic, &again).await;
+    wait_for("40 handled again", Duration::from_secs(20), || {
+        again.lock().unwrap().len() == 40
+    })
+    .await;
+    subscription.close().await.unwrap();
+    for (aggregate, versions) in by_aggregate(&again.lock().unwrap()) {
+        assert_eq!(versions, (1..=5).collect::<Vec<_>>(), "{aggregate}");
+    }
+    bus.close().await.unwrap();
 }

@@ -453,6 +453,20 @@ impl AggregateControl for GroupControl {
     async fn skip(&self, key: &str) -> Result<(), SubscribeError> {
         self.of_key(key)?.skip(key).await
     }
+
+    fn partitions(&self) -> Vec<u32> {
+        let mut partitions: Vec<u32> = self.running.lock().unwrap().keys().copied().collect();
+        partitions.sort_unstable();
+        partitions
+    }
+
+    /// Moves every partition this member consumes, one after another.
+    async fn restart_at(&self, sequence: u64) -> Result<(), SubscribeError> {
+        for control in self.controls() {
+            control.restart_at(sequence).await?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]

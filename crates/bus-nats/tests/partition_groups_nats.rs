@@ -15,7 +15,13 @@
 //! waits for it as a standby. On each: the killed member's partitions move within a few
 //! `takeover_after`, the leaving member's at once, and every close finishes within its deadline.
 //!
-//! This binary is its own child: run with `BUS_REPLICA_URL` set, it is one member.
+//! And on the current server, three members of a group on a topic that keeps its events are
+//! moved back to a stream sequence together (`reset_group`): each moves the partitions it
+//! consumes, together they cover all eight, and every aggregate's events stored from the point
+//! on are handled again, once, in order, after what had been handled.
+//!
+//! This binary is its own child: run with `BUS_REPLICA_URL` set, it is one member
+//! (`BUS_GROUPS_CASE=reset`: of the reset case).
 
 mod common;
 
@@ -52,6 +58,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let reset_case = std::env::var("BUS_GROUPS_CASE").is_ok_and(|c| c == "reset");
+    if reset_case && common::replicas::run_if_replica(&runtime, reset_topic(), reset_config) {
+        return;
+    }
     if common::replicas::run_if_replica(&runtime, topic(), config) {
         return;
     }
@@ -72,10 +82,142 @@ fn main() {
             server.name()
         );
     }
-    println!(
-        "\npartition_groups_nats: {} passed, 0 failed",
-        servers.len()
+    let mut passed = servers.len();
+    if servers.contains(&TestServer::Current) {
+        members_are_reset_together(&runtime);
+        println!("test members_are_reset_together (current server) ... ok");
+        passed += 1;
+    }
+    println!("\npartition_groups_nats: {passed} passed, 0 failed");
+}
+
+fn reset_topic() -> Topic {
+    Topic::new("regrouped").unwrap()
+}
+
+/// A topic that keeps its events (a reset needs them), one event per message (so that the
+/// events stored from a sequence on are counted by sequences).
+fn reset_config(url: &str) -> NatsConfig {
+    let mut config = common::test_config(url);
+    config.consumer.takeover_after = TAKEOVER_AFTER;
+    config.batching = bus_nats::BatchConfig::off();
+    let mut spec = StreamSpec::new("REGROUPED", [reset_topic()]);
+    spec.partitions = PARTITIONS;
+    spec.retention = bus_nats::Retention::Limits;
+    spec.max_bytes = 64 << 20;
+    config.streams.push(spec);
+    config
+}
+
+fn members_are_reset_together(runtime: &tokio::runtime::Runtime) {
+    let server = TestServer::Current.start();
+    let url = server.url();
+    let dir = tempfile_dir();
+    let bus = runtime
+        .block_on(NatsBus::connect(reset_config(&url)))
+        .unwrap();
+    runtime.block_on(bus.stream_name(&reset_topic())).unwrap();
+    let mut replicas: Vec<Replica> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Replica::spawn_with(n, &url, &dir, &[("BUS_GROUPS_CASE", "reset")]))
+        .collect();
+    for r in &replicas {
+        r.wait("became ready", |s| s.ready);
+    }
+    // Published version by version until every member has handled some (the partitions are
+    // shared out), then to 20 versions at least.
+    let mut version = 0;
+    loop {
+        version += 1;
+        runtime.block_on(async {
+            for a in 0..AGGREGATES {
+                let event = Envelope::builder(format!("r-{a}"), "Regrouped", version)
+                    .build()
+                    .unwrap();
+                let _receipt = bus.publish(&reset_topic(), event).await.unwrap();
+            }
+            bus.flush().await.unwrap();
+        });
+        let all: Vec<&Replica> = replicas.iter().collect();
+        let everyone = ["a", "b", "c"].iter().all(|n| handled_by(n, &all) > 0);
+        if everyone && version >= 20 {
+            break;
+        }
+        assert!(version < 2_000, "a member was given no partition");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let events = AGGREGATES * version;
+    wait_handled(&replicas.iter().collect::<Vec<_>>(), events);
+    let handled_before = calls(&replicas.iter().collect::<Vec<_>>()).len();
+
+    // Back to the middle of the stream, everyone running (and idle: everything was handled).
+    let from = events / 2;
+    let reset_at = common::replicas::now_ns();
+    let reset = runtime
+        .block_on(bus.reset_group(
+            &reset_topic(),
+            bus_nats::ResetTo::Sequence(from),
+            Duration::from_secs(20),
+        ))
+        .unwrap();
+    let moved_by = reset.moved_by.clone().unwrap_or_default();
+    let mut moved: Vec<u32> = moved_by
+        .split("[")
+        .skip(1)
+        .flat_map(|part| {
+            part.split(']')
+                .next()
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|p| p.trim().parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    moved.sort_unstable();
+    assert_eq!(
+        moved,
+        (0..PARTITIONS).collect::<Vec<_>>(),
+        "every partition moved once: {moved_by}"
     );
+    assert_eq!(
+        moved_by.matches("(partitions").count(),
+        3,
+        "each member moved its partitions: {moved_by}"
+    );
+    // Every event stored from `from` on is handled again: one message per event.
+    let replayed = (events - from + 1) as usize;
+    let deadline = std::time::Instant::now() + common::replicas::STEP;
+    while calls(&replicas.iter().collect::<Vec<_>>()).len() < handled_before + replayed {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {replayed} events handled again",
+            calls(&replicas.iter().collect::<Vec<_>>()).len() - handled_before
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for r in &mut replicas {
+        r.close();
+    }
+    let all = calls(&replicas.iter().collect::<Vec<_>>());
+    assert_eq!(all.len(), handled_before + replayed, "nothing more");
+    // Per aggregate, across the members in the order the calls started: what came after the
+    // reset is a contiguous run to the last version.
+    let mut again = 0;
+    for a in 0..AGGREGATES {
+        let aggregate = format!("r-{a}");
+        let versions: Vec<u64> = all
+            .iter()
+            .filter(|c| c.aggregate == aggregate && c.start > reset_at)
+            .map(|c| c.version)
+            .collect();
+        let first = versions.first().copied().unwrap_or(version + 1);
+        assert!(
+            versions.iter().copied().eq(first..=version),
+            "{aggregate}: the replay is a contiguous run to the last: {versions:?}"
+        );
+        again += versions.len();
+    }
+    assert_eq!(again, replayed, "every event stored from {from} on, once");
 }
 
 fn handled_by(process: &str, replicas: &[&Replica]) -> u64 {

@@ -134,8 +134,15 @@ pub struct Replica {
 
 impl Replica {
     pub fn spawn(name: &str, url: &str, dir: &Path) -> Self {
+        Self::spawn_with(name, url, dir, &[])
+    }
+
+    /// [`Replica::spawn`] with `env` added to the replica's environment (which case of the
+    /// test binary it runs).
+    pub fn spawn_with(name: &str, url: &str, dir: &Path, env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(std::env::current_exe().unwrap())
+            .envs(env.iter().copied())
             .env("BUS_REPLICA_URL", url)
             .env("BUS_REPLICA_LOG", &log)
             .env("BUS_REPLICA_NAME", name)

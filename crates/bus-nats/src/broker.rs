@@ -460,21 +460,41 @@ pub(crate) async fn guarded<T>(
     what: impl FnOnce() -> String,
     operation: impl std::future::Future<Output = Result<T, NatsError>>,
 ) -> Result<T, NatsError> {
+    guarded_on(violations, None, what, operation).await
+}
+
+/// [`guarded`] for an operation that uses a second connection too (`also`): a violation
+/// reported on either fails it.
+pub(crate) async fn guarded_on<T>(
+    violations: &tokio::sync::watch::Receiver<Option<Violation>>,
+    also: Option<&tokio::sync::watch::Receiver<Option<Violation>>>,
+    what: impl FnOnce() -> String,
+    operation: impl std::future::Future<Output = Result<T, NatsError>>,
+) -> Result<T, NatsError> {
     let mut violations = violations.clone();
     violations.mark_unchanged();
-    tokio::select! {
-        result = operation => result,
-        Ok(()) = violations.changed() => {
-            let violation = violations
-                .borrow()
-                .as_ref()
-                .map_or_else(String::new, ToString::to_string);
-            Err(NatsError::PermissionDenied(format!(
-                "{}: the server refused it for this user ({violation}); see docs/permissions.md for the subjects each role needs",
-                what()
-            )))
-        }
+    let mut also = also.cloned();
+    if let Some(also) = &mut also {
+        also.mark_unchanged();
     }
+    let also_changed = async {
+        match &mut also {
+            Some(also) => also.changed().await.map(|()| also.borrow().clone()),
+            None => std::future::pending().await,
+        }
+    };
+    let violation = tokio::select! {
+        result = operation => return result,
+        Ok(()) = violations.changed() => violations.borrow().clone(),
+        Ok(violation) = also_changed => violation,
+    };
+    let violation = violation
+        .as_ref()
+        .map_or_else(String::new, ToString::to_string);
+    Err(NatsError::PermissionDenied(format!(
+        "{}: the server refused it for this user ({violation}); see docs/permissions.md for the subjects each role needs",
+        what()
+    )))
 }
 
 /// What a client was refused: the server's `-ERR` report of a permissions violation.

@@ -425,6 +425,49 @@ async fn a_raw_subscription_gets_each_event_of_a_batch() {
     subscription.close().await.unwrap();
 }
 
+/// A raw subscription made before anything else on a new bus provisions the topic's stream
+/// and consumer itself, and then gets what is published, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_subscription_made_first_provisions_its_topic() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(batched(&server.url(), |_| {})).await.unwrap();
+    let topic = Topic::new("batch-raw-first").unwrap();
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let key = bus_core::RawKey::Extract(Arc::new(|m: &bus_core::RawMessage| {
+        m.header(bus_core::wire::EVENT)
+            .and_then(|v| v.split(' ').next())
+            .map(str::to_owned)
+    }));
+    let subscription = {
+        let seen = seen.clone();
+        bus.subscribe_raw(
+            &topic,
+            key,
+            Arc::new(bus_core::raw_handler_fn(move |m: bus_core::RawMessage| {
+                let seen = seen.clone();
+                async move {
+                    let event = m.header(bus_core::wire::EVENT).unwrap().to_owned();
+                    let version = event.split(' ').nth(1).unwrap().parse().unwrap();
+                    seen.lock().unwrap().push(version);
+                    Ok(())
+                }
+            })),
+        )
+        .await
+        .unwrap()
+    };
+    let info = stream(&server, &bus, &topic).await.cached_info().clone();
+    assert_eq!(info.config.subjects, [topic.to_string()]);
+    publish_many(&bus, &topic, "first", 1, 5).await;
+    common::wait_for("five raw events", Duration::from_secs(10), || {
+        seen.lock().unwrap().len() == 5
+    })
+    .await;
+    assert_eq!(*seen.lock().unwrap(), [1, 2, 3, 4, 5]);
+    wait_acknowledged(&server, &bus, &topic).await;
+    subscription.close().await.unwrap();
+}
+
 /// An aggregate halts on an event in the middle of a batch: its later event in the batch waits
 /// with it, the other aggregate's event is handled, and the batch stays unacknowledged until an
 /// operator resumes the aggregate; then both run, in order, and the batch is acknowledged.

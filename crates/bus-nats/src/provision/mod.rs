@@ -4,7 +4,6 @@ use async_nats::jetstream::{self, stream};
 
 use bus_core::Topic;
 
-use crate::broker::{guarded, Violation};
 use crate::config::{Discard, Provisioning, Retention, StreamSpec};
 use crate::{NatsConfig, NatsError};
 
@@ -422,13 +421,12 @@ pub(crate) async fn ensure_dead_letter_stream(
 }
 
 /// What a subscription needs besides its topic's stream: its durable consumer (`name`, filtered
-/// on `subject`) and the dead-letter stream, provisioned with the bus's strategy and failing at
-/// once with `PermissionDenied` if the server refuses this user. Returns the consumer's
-/// configuration, which restarting delivery provisions again.
+/// on `subject`) and the dead-letter stream, provisioned with the bus's strategy (the caller
+/// guards it against permission violations). Returns the consumer's configuration, which
+/// restarting delivery provisions again.
 pub(crate) async fn subscription(
     js: &jetstream::Context,
     stream: &str,
-    violations: &tokio::sync::watch::Receiver<Option<Violation>>,
     config: &NatsConfig,
     name: &str,
     subject: &str,
@@ -441,19 +439,7 @@ pub(crate) async fn subscription(
     dlq.replicas = config.dead_letters.replicas;
     let mut dead_letters = stream_config(&dlq);
     dead_letters.subjects = vec![format!("{}.>", config.dead_letters.subject_prefix)];
-    guarded(
-        violations,
-        || {
-            format!(
-                "provisioning consumer `{name}` of `{subject}` and the dead-letter stream `{}`",
-                dlq.name
-            )
-        },
-        async {
-            ensure_consumer(js, stream, &want, config.provisioning).await?;
-            ensure_dead_letter_stream(js, dead_letters, config.provisioning).await
-        },
-    )
-    .await?;
+    ensure_consumer(js, stream, &want, config.provisioning).await?;
+    ensure_dead_letter_stream(js, dead_letters, config.provisioning).await?;
     Ok(want)
 }

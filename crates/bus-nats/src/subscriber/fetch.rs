@@ -37,7 +37,6 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// What the fetcher needs besides its pool.
 pub(crate) struct FetchPlan {
     pub(crate) client: async_nats::Client,
-    pub(crate) next_subject: String,
     pub(crate) batch: usize,
     pub(crate) expires: Duration,
     pub(crate) topic: Topic,
@@ -111,6 +110,8 @@ struct Fetcher {
     stop: watch::Receiver<bool>,
     control: mpsc::UnboundedReceiver<Request>,
     moves: mpsc::UnboundedReceiver<MoveTo>,
+    /// Where pull requests go.
+    next_subject: async_nats::Subject,
     ownership: Ownership,
 }
 
@@ -132,6 +133,7 @@ pub(crate) async fn fetch(
         stop,
         control,
         moves,
+        next_subject: ownership.next_subject().into(),
         ownership,
     };
     fetcher.run().await?;
@@ -370,7 +372,7 @@ impl Fetcher {
                 }
                 match plan
                     .client
-                    .publish_with_reply(plan.next_subject.clone(), inbox.clone(), request.clone())
+                    .publish_with_reply(self.next_subject.clone(), inbox.clone(), request.clone())
                     .await
                 {
                     Ok(()) => credit += pull,

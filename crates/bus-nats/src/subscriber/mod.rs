@@ -166,20 +166,37 @@ async fn setup(
             format!("topic `{topic}` uses WorkQueue retention: its one group reads every event the stream keeps (it keeps only what was not read); start other groups on Limits or Acknowledged topics"),
         ))));
     }
-    let want = provision::subscription(
-        &connection.jetstream,
-        &connection.stream,
+    // Before 2.14 the ownership is a lease, kept on the coordination connection.
+    let coordination = match pinned {
+        true => None,
+        false => Some(shared.coordination().await.map_err(fail)?),
+    };
+    let (want, ownership) = crate::broker::guarded_on(
         &connection.violations,
-        config,
-        &name,
-        subject.as_str(),
-        pinned,
+        coordination.map(|c| &c.violations),
+        || {
+            format!(
+                "provisioning consumer `{name}` of `{subject}` and the dead-letter stream `{}`, and taking the consumer's ownership",
+                config.dead_letters.stream
+            )
+        },
+        async {
+            let want = provision::subscription(
+                &connection.jetstream,
+                &connection.stream,
+                config,
+                &name,
+                subject.as_str(),
+                pinned,
+            )
+            .await?;
+            let ownership =
+                ownership::establish(config, &connection, coordination, &name, subject).await?;
+            Ok((want, ownership))
+        },
     )
     .await
     .map_err(fail)?;
-    let ownership = ownership::establish(shared, &connection, &name, subject, pinned)
-        .await
-        .map_err(fail)?;
 
     let counters = Arc::new(Counters::default());
     // Finished positions are remembered for a few windows of MaxAckPending: long enough to
@@ -253,7 +270,6 @@ async fn setup(
     };
     let plan = FetchPlan {
         client: connection.client.clone(),
-        next_subject: ownership.next_subject().to_owned(),
         batch: config.fetch.batch,
         expires: config.fetch.expires,
         topic: topic.clone(),

@@ -33,10 +33,9 @@ use bus_core::Topic;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
-use crate::broker::guarded;
-use crate::connection::{Shared, TopicConnection};
+use crate::connection::{Coordination, TopicConnection};
 use crate::provision::PRIORITY_GROUP;
-use crate::NatsError;
+use crate::{NatsConfig, NatsError};
 
 /// The KV bucket holding ownership leases on servers before 2.14.
 pub(crate) const LEASE_BUCKET: &str = "BUS_OWNERS";
@@ -80,7 +79,6 @@ pub(crate) struct Ownership {
     topic: Topic,
     stream: String,
     consumer: String,
-    next_subject: String,
     takeover_after: Duration,
     mode: Mode,
     held: Option<Held>,
@@ -97,7 +95,6 @@ impl Ownership {
         topic: Topic,
         stream: String,
         consumer: String,
-        next_subject: String,
         takeover_after: Duration,
         mode: Mode,
     ) -> Self {
@@ -106,7 +103,6 @@ impl Ownership {
             topic,
             stream,
             consumer,
-            next_subject,
             takeover_after,
             mode,
             held: None,
@@ -117,8 +113,8 @@ impl Ownership {
     }
 
     /// The subject its pull requests go to (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`).
-    pub(crate) fn next_subject(&self) -> &str {
-        &self.next_subject
+    pub(crate) fn next_subject(&self) -> String {
+        crate::broker::next_subject(&self.stream, &self.consumer)
     }
 
     pub(crate) fn is_held(&self) -> bool {
@@ -205,6 +201,7 @@ impl Ownership {
         reconnects: &mut watch::Receiver<u64>,
     ) -> Result<Option<Held>, NatsError> {
         let inbox = Subject::from(self.client.new_inbox());
+        let next_subject = Subject::from(self.next_subject());
         let mut replies = self.client.subscribe(inbox.clone()).await.map_err(|e| {
             NatsError::api(
                 format!("subscribing to the standby inbox of topic `{}`", self.topic),
@@ -227,7 +224,7 @@ impl Ownership {
             if sent_at.is_none() {
                 match self
                     .client
-                    .publish_with_reply(self.next_subject.clone(), inbox.clone(), request.clone())
+                    .publish_with_reply(next_subject.clone(), inbox.clone(), request.clone())
                     .await
                 {
                     Ok(()) => sent_at = Some(tokio::time::Instant::now()),
@@ -305,7 +302,7 @@ impl Ownership {
         let keeper = match &held {
             Held::Pin(pin) => tokio::spawn(keep_pin(
                 self.client.clone(),
-                self.next_subject.clone(),
+                self.next_subject(),
                 pin.clone(),
                 self.takeover_after,
                 lost_tx,
@@ -406,65 +403,49 @@ impl std::fmt::Debug for Ownership {
 }
 
 /// The ownership of consumer `name` of `subject`, tried once: pinned by the broker on 2.14+
-/// (`pinned`), a lease in `BUS_OWNERS` on the coordination connection before. Fails at once with
-/// `PermissionDenied` if the server refuses this user a request of it.
+/// (no `coordination` connection), a lease in `BUS_OWNERS` on the coordination connection
+/// before. The caller guards it against permission violations on both connections.
 pub(crate) async fn establish(
-    shared: &Shared,
+    config: &NatsConfig,
     connection: &TopicConnection,
+    coordination: Option<&Coordination>,
     name: &str,
     subject: &Topic,
-    pinned: bool,
 ) -> Result<Ownership, NatsError> {
-    let config = &shared.config;
-    // The lease lives on the coordination connection: a permission violation shows there.
-    let coordination = match pinned {
-        true => None,
-        false => Some(shared.coordination().await?),
-    };
-    let violations = coordination.map_or(&connection.violations, |c| &c.violations);
-    let next_subject = crate::broker::next_subject(&connection.stream, name);
-    guarded(
-        violations,
-        || format!("taking the ownership of consumer `{name}` of `{subject}`"),
-        async {
-            let mode = match coordination {
-                None => Mode::Pinned,
-                Some(coordination) => Mode::Lease {
-                    kv: Box::new(
-                        lease_store(
-                            &coordination.client,
-                            &coordination.jetstream,
-                            config.consumer.takeover_after,
-                            config.consumer.coordination_replicas,
-                        )
-                        .await?,
-                    ),
-                    key: name.to_owned(),
-                    holder: format!(
-                        "`{}` (host {}, pid {})",
-                        config.connection.client_name,
-                        std::fs::read_to_string("/proc/sys/kernel/hostname")
-                            .map(|h| h.trim().to_owned())
-                            .or_else(|_| std::env::var("HOSTNAME"))
-                            .unwrap_or_else(|_| "unknown".into()),
-                        std::process::id(),
-                    ),
-                },
-            };
-            let mut ownership = Ownership::new(
-                connection.client.clone(),
-                subject.clone(),
-                connection.stream.clone(),
-                name.to_owned(),
-                next_subject,
-                config.consumer.takeover_after,
-                mode,
-            );
-            ownership.try_acquire().await?;
-            Ok(ownership)
+    let mode = match coordination {
+        None => Mode::Pinned,
+        Some(coordination) => Mode::Lease {
+            kv: Box::new(
+                lease_store(
+                    &coordination.client,
+                    &coordination.jetstream,
+                    config.consumer.takeover_after,
+                    config.consumer.coordination_replicas,
+                )
+                .await?,
+            ),
+            key: name.to_owned(),
+            holder: format!(
+                "`{}` (host {}, pid {})",
+                config.connection.client_name,
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .or_else(|_| std::env::var("HOSTNAME"))
+                    .unwrap_or_else(|_| "unknown".into()),
+                std::process::id(),
+            ),
         },
-    )
-    .await
+    };
+    let mut ownership = Ownership::new(
+        connection.client.clone(),
+        subject.clone(),
+        connection.stream.clone(),
+        name.to_owned(),
+        config.consumer.takeover_after,
+        mode,
+    );
+    ownership.try_acquire().await?;
+    Ok(ownership)
 }
 
 /// The lease bucket, created on first use with `takeover_after` as the lifetime of a lease.

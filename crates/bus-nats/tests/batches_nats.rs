@@ -430,7 +430,9 @@ async fn a_raw_subscription_gets_each_event_of_a_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raw_subscription_made_first_provisions_its_topic() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(batched(&server.url(), |_| {})).await.unwrap();
+    let bus = NatsBus::connect(batched(&server.url(), |_| {}))
+        .await
+        .unwrap();
     let topic = Topic::new("batch-raw-first").unwrap();
     let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
     let key = bus_core::RawKey::Extract(Arc::new(|m: &bus_core::RawMessage| {

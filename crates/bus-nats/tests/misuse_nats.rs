@@ -267,3 +267,98 @@ async fn tls_files_that_cannot_be_used_are_named() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stream or consumer that exists with other settings than the configuration's is refused by
+/// `Create` and `ValidateOnly`, naming every field that differs with both values; nothing is
+/// changed on the broker. `CreateOrUpdate` (the default) brings it in line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_or_consumer_that_differs_is_refused_naming_each_field() {
+    use bus_nats::{Provisioning, StreamSpec};
+    let server = NatsServer::start();
+    let topic = Topic::new("validated").unwrap();
+    let bus = NatsBus::connect(test_config(&server.url())).await.unwrap();
+    let subscription = common::subscribe_ignoring(&bus, &topic).await.unwrap();
+    subscription.close().await.unwrap();
+    let stream = bus.stream_name(&topic).await.unwrap();
+    let consumer = bus.config().consumer_name(&topic);
+    bus.close().await.unwrap();
+
+    for strategy in [Provisioning::Create, Provisioning::ValidateOnly] {
+        let mut config = test_config(&server.url());
+        config.provisioning = strategy;
+        let mut spec = StreamSpec::new(stream.clone(), [topic.clone()]);
+        spec.max_msgs = 1_000;
+        spec.max_bytes = 1 << 20;
+        config.streams.push(spec);
+        let bus = NatsBus::connect(config).await.unwrap();
+        let error = bus
+            .publish(&topic, envelope("v", 1, Vec::new()))
+            .await
+            .unwrap_err();
+        let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        for part in [
+            format!("stream `{stream}` differs from the configuration"),
+            "max_msgs: wanted 1000, found".to_owned(),
+            "max_bytes: wanted 1048576, found".to_owned(),
+        ] {
+            assert!(
+                text.contains(&part),
+                "{strategy:?}: `{part}` missing from: {text}"
+            );
+        }
+        assert!(
+            !text.contains("retention"),
+            "{strategy:?}: only what differs: {text}"
+        );
+        bus.close().await.unwrap();
+
+        let mut config = test_config(&server.url());
+        config.provisioning = strategy;
+        config.consumer.max_ack_pending = 7;
+        config.consumer.ack_wait = Duration::from_secs(11);
+        let bus = NatsBus::connect(config).await.unwrap();
+        let error = common::subscribe_ignoring(&bus, &topic).await.unwrap_err();
+        assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
+        let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        for part in [
+            format!("consumer `{consumer}` of stream `{stream}` differs from the configuration"),
+            "max_ack_pending: wanted 7, found".to_owned(),
+            "ack_wait: wanted 11s, found".to_owned(),
+        ] {
+            assert!(
+                text.contains(&part),
+                "{strategy:?}: `{part}` missing from: {text}"
+            );
+        }
+        bus.close().await.unwrap();
+    }
+
+    // Nothing was changed: the stream still has its first limits.
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let info = js
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_ne!(info.config.max_messages, 1_000);
+    let mut config = test_config(&server.url());
+    config.consumer.max_ack_pending = 7;
+    let bus = NatsBus::connect(config).await.unwrap();
+    let subscription = common::subscribe_ignoring(&bus, &topic).await.unwrap();
+    let info = js
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .consumer_info(&consumer)
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        info.config.max_ack_pending, 7,
+        "CreateOrUpdate brings it in line"
+    );
+    subscription.close().await.unwrap();
+}

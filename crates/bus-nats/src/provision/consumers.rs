@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 
-use super::{mismatch_error, PRIORITY_GROUP};
+use super::{mismatches, Mismatches, PRIORITY_GROUP};
 use crate::config::{ConsumerSpec, Provisioning, StartAt};
 use crate::NatsError;
 
@@ -56,57 +56,12 @@ pub(crate) fn consumer_config(
     }
 }
 
-fn consumer_mismatches(
-    want: &consumer::pull::Config,
-    have: &consumer::Config,
-) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    let mut check = |field: &str, w: String, h: String| {
-        if w != h {
-            out.push((field.to_owned(), w, h));
-        }
-    };
-    check(
-        "filter_subject",
-        want.filter_subject.clone(),
-        have.filter_subject.clone(),
-    );
-    check(
-        "ack_policy",
-        format!("{:?}", want.ack_policy),
-        format!("{:?}", have.ack_policy),
-    );
-    check(
-        "ack_wait",
-        format!("{:?}", want.ack_wait),
-        format!("{:?}", have.ack_wait),
-    );
-    check(
-        "max_ack_pending",
-        want.max_ack_pending.to_string(),
-        have.max_ack_pending.to_string(),
-    );
-    check(
-        "max_waiting",
-        want.max_waiting.to_string(),
-        have.max_waiting.to_string(),
-    );
-    check(
-        "priority_policy",
-        format!("{:?}", want.priority_policy),
-        format!("{:?}", have.priority_policy),
-    );
-    check(
-        "priority_groups",
-        format!("{:?}", want.priority_groups),
-        format!("{:?}", have.priority_groups),
-    );
-    check(
-        "priority_timeout",
-        format!("{:?}", want.priority_timeout),
-        format!("{:?}", have.priority_timeout),
-    );
-    out
+/// Fields of the consumer that differ from what was asked for.
+fn consumer_mismatches(want: &consumer::pull::Config, have: &consumer::Config) -> Mismatches {
+    mismatches!(want, have;
+        filter_subject, ack_policy, ack_wait, max_ack_pending, max_waiting,
+        priority_policy, priority_groups, priority_timeout,
+    )
 }
 
 pub(crate) async fn ensure_consumer(
@@ -147,7 +102,7 @@ pub(crate) async fn ensure_consumer(
             if mismatches.is_empty() {
                 Ok(c)
             } else {
-                Err(mismatch_error(format!("consumer `{name}` of stream `{stream_name}`"), mismatches))
+                Err(mismatches.error(format!("consumer `{name}` of stream `{stream_name}`")))
             }
         }
         (Provisioning::CreateOrUpdate, Some(mut c)) => {

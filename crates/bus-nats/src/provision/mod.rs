@@ -57,78 +57,58 @@ pub(crate) fn stream_config(spec: &StreamSpec) -> stream::Config {
     }
 }
 
-/// Fields of the stream that differ from what was asked for: (field, wanted, found).
-fn stream_mismatches(
-    want: &stream::Config,
-    have: &stream::Config,
-) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    let mut check = |field: &str, w: String, h: String| {
-        if w != h {
-            out.push((field.to_owned(), w, h));
+/// The fields of something provisioned that differ from what was asked for, each shown in
+/// its `Debug` form.
+#[derive(Debug, Default)]
+pub(super) struct Mismatches(Vec<String>);
+
+impl Mismatches {
+    /// Notes `field` if `want` and `have` differ.
+    pub(super) fn check<T: std::fmt::Debug + PartialEq + ?Sized>(
+        mut self,
+        field: &str,
+        want: &T,
+        have: &T,
+    ) -> Self {
+        if want != have {
+            self.0
+                .push(format!("{field}: wanted {want:?}, found {have:?}"));
         }
-    };
-    let mut want_subjects = want.subjects.clone();
-    want_subjects.sort();
-    let mut have_subjects = have.subjects.clone();
-    have_subjects.sort();
-    check(
-        "subjects",
-        format!("{want_subjects:?}"),
-        format!("{have_subjects:?}"),
-    );
-    check(
-        "retention",
-        format!("{:?}", want.retention),
-        format!("{:?}", have.retention),
-    );
-    check(
-        "discard",
-        format!("{:?}", want.discard),
-        format!("{:?}", have.discard),
-    );
-    check(
-        "max_bytes",
-        want.max_bytes.to_string(),
-        have.max_bytes.to_string(),
-    );
-    check(
-        "max_msgs",
-        want.max_messages.to_string(),
-        have.max_messages.to_string(),
-    );
-    check(
-        "max_age",
-        format!("{:?}", want.max_age),
-        format!("{:?}", have.max_age),
-    );
-    check(
-        "duplicate_window",
-        format!("{:?}", want.duplicate_window),
-        format!("{:?}", have.duplicate_window),
-    );
-    check(
-        "storage",
-        format!("{:?}", want.storage),
-        format!("{:?}", have.storage),
-    );
-    check(
-        "replicas",
-        want.num_replicas.to_string(),
-        have.num_replicas.max(1).to_string(),
-    );
-    out
+        self
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The error refusing `what`, naming every field that differs.
+    pub(super) fn error(self, what: String) -> NatsError {
+        NatsError::Configuration(format!(
+            "{what} differs from the configuration: {}",
+            self.0.join("; ")
+        ))
+    }
 }
 
-pub(super) fn mismatch_error(what: String, mismatches: Vec<(String, String, String)>) -> NatsError {
-    let fields: Vec<String> = mismatches
-        .iter()
-        .map(|(f, w, h)| format!("{f}: wanted {w}, found {h}"))
-        .collect();
-    NatsError::Configuration(format!(
-        "{what} differs from the configuration: {}",
-        fields.join("; ")
-    ))
+/// Checks the named fields, the same on both sides, in turn.
+macro_rules! mismatches {
+    ($want:expr, $have:expr; $($field:ident),+ $(,)?) => {
+        Mismatches::default()$(.check(stringify!($field), &$want.$field, &$have.$field))+
+    };
+}
+pub(super) use mismatches;
+
+/// Fields of the stream that differ from what was asked for.
+fn stream_mismatches(want: &stream::Config, have: &stream::Config) -> Mismatches {
+    let sorted = |subjects: &[String]| {
+        let mut subjects = subjects.to_vec();
+        subjects.sort();
+        subjects
+    };
+    mismatches!(want, have; retention, discard, max_bytes, max_age, duplicate_window, storage)
+        .check("subjects", &sorted(&want.subjects), &sorted(&have.subjects))
+        .check("max_msgs", &want.max_messages, &have.max_messages)
+        .check("replicas", &want.num_replicas, &have.num_replicas.max(1))
 }
 
 /// Subjects of `have` that `want` does not list: the stream holds other topics.
@@ -323,10 +303,7 @@ pub(crate) async fn ensure_stream(
             if mismatches.is_empty() {
                 Ok(())
             } else {
-                Err(mismatch_error(
-                    format!("stream `{}`", spec.name),
-                    mismatches,
-                ))
+                Err(mismatches.error(format!("stream `{}`", spec.name)))
             }
         }
         (Provisioning::CreateOrUpdate, Some(have)) => {

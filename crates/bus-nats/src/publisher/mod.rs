@@ -30,6 +30,8 @@ mod acks;
 mod encode;
 mod lane;
 mod settle;
+#[cfg(test)]
+mod test_support;
 
 use acks::{collect_acks, transmit, AckResult, Awaiting, Timer, Timers};
 pub(crate) use encode::header_len;
@@ -570,73 +572,5 @@ impl Publisher for NatsPublisher {
     async fn close(&self) -> Result<(), PublishError> {
         self.state.closed.store(true, Ordering::Release);
         self.flush().await
-    }
-}
-
-#[cfg(test)]
-pub(super) mod test_support {
-    use super::*;
-
-    pub(super) fn ack(payload: &str, status: Option<StatusCode>) -> async_nats::Message {
-        async_nats::Message {
-            subject: Subject::from("_INBOX.abc.42"),
-            reply: None,
-            payload: Bytes::from(payload.to_owned()),
-            headers: None,
-            status,
-            description: status.map(|_| "test".to_owned()),
-            length: payload.len(),
-        }
-    }
-
-    pub(super) fn topic() -> Topic {
-        Topic::new("orders").unwrap()
-    }
-
-    pub(super) fn message() -> Message {
-        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        Box::new(Publish {
-            topic: topic(),
-            chain: None,
-            envelope: None,
-            receipt: oneshot::channel().0,
-            first_sent: None,
-            raw: None,
-            created: Instant::now(),
-            metrics: Arc::new(PublishMetrics::new(&topic())),
-            span: tracing::Span::none(),
-            sends: 0,
-            record_len: 0,
-            _permit: permit,
-        })
-    }
-
-    /// Event `version` of aggregate `chain`, `len` bytes as a record.
-    pub(super) fn event(chain: u64, version: u64, len: usize) -> Message {
-        let mut m = message();
-        m.chain = Some(chain);
-        m.record_len = len;
-        m.envelope = Some(
-            Envelope::builder(format!("a{chain}"), "T", version)
-                .build()
-                .unwrap(),
-        );
-        m
-    }
-
-    pub(super) fn version(m: &Message) -> (u64, u64) {
-        (
-            m.chain.unwrap(),
-            m.envelope.as_ref().unwrap().event_version(),
-        )
-    }
-
-    pub(super) fn limits(max_events: usize, max_bytes: usize, max_in_flight: usize) -> BatchConfig {
-        BatchConfig {
-            max_events,
-            max_bytes,
-            linger: Duration::ZERO,
-            max_in_flight,
-        }
     }
 }

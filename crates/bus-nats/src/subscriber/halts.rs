@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use bus_core::HaltedAggregate;
 
-use super::runner::{Action, Failure, Job, Outcome, Request, Runner, Stop};
+use super::job::{Action, Job, Outcome, Request};
+use super::runner::{Failure, Runner, Stop};
 use crate::dead_letters::DeadLetterReason;
 
 /// A halted aggregate: its failed event first, then the events that arrived behind it.

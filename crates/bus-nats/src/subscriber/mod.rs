@@ -10,9 +10,11 @@
 
 mod acker;
 mod copies;
+mod epoch;
 mod fetch;
 mod group;
 mod halts;
+mod job;
 mod ownership;
 mod recovery;
 mod registry;
@@ -37,10 +39,12 @@ use tokio::sync::{mpsc, watch};
 use crate::{provision, NatsError, NatsErrorKind, Shared};
 use acker::Acker;
 use copies::Copies;
-use fetch::{fetch, FetchPlan};
+use epoch::FetchPlan;
+use fetch::fetch;
+use job::Work;
 use recovery::Restarter;
 use registry::Registration;
-use runner::{Counters, Runner, Work};
+use runner::{Counters, Runner};
 
 /// The handler a subscription delivers to.
 #[derive(Clone)]
@@ -317,21 +321,21 @@ struct NatsControl {
     topic: Topic,
     runner: Arc<Runner>,
     /// To the fetcher, which routes each request to the aggregate's worker.
-    requests: mpsc::UnboundedSender<runner::Request>,
+    requests: mpsc::UnboundedSender<job::Request>,
     /// To the fetcher: move delivery to a stream position.
-    moves: mpsc::UnboundedSender<fetch::MoveTo>,
+    moves: mpsc::UnboundedSender<epoch::MoveTo>,
     queues: keyed_pool::PoolProbe<Work>,
 }
 
 impl NatsControl {
-    fn request(&self, key: &str, action: runner::Action) -> Result<(), SubscribeError> {
+    fn request(&self, key: &str, action: job::Action) -> Result<(), SubscribeError> {
         if !self.runner.halted.lock().unwrap().contains_key(key) {
             return Err(SubscribeError::new(
                 SubscribeErrorKind::NotHalted,
                 format!("aggregate `{key}` of topic `{}` is not halted", self.topic),
             ));
         }
-        let request = runner::Request {
+        let request = job::Request {
             key: key.into(),
             action,
         };
@@ -386,11 +390,11 @@ impl AggregateControl for NatsControl {
     }
 
     async fn resume(&self, key: &str) -> Result<(), SubscribeError> {
-        self.request(key, runner::Action::Resume)
+        self.request(key, job::Action::Resume)
     }
 
     async fn skip(&self, key: &str) -> Result<(), SubscribeError> {
-        self.request(key, runner::Action::Skip)
+        self.request(key, job::Action::Skip)
     }
 
     async fn restart_at(&self, sequence: u64) -> Result<(), SubscribeError> {
@@ -408,7 +412,7 @@ impl AggregateControl for NatsControl {
         };
         let (done, moved) = tokio::sync::oneshot::channel();
         self.moves
-            .send(fetch::MoveTo { sequence, done })
+            .send(epoch::MoveTo { sequence, done })
             .map_err(|_| closed())?;
         match moved.await {
             Ok(Ok(())) => Ok(()),
@@ -484,8 +488,8 @@ impl SubscriptionHandle for NatsSubscription {
             // Returned, so that a record batch among them remembers which of its events were
             // handled: a subscription opened again on this bus skips those.
             for work in &report.not_run {
-                if let runner::Work::Message(job) = work {
-                    runner.settle(job, runner::Outcome::Returned);
+                if let job::Work::Message(job) = work {
+                    runner.settle(job, job::Outcome::Returned);
                 }
             }
             runner.release_halted();

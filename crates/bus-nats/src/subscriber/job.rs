@@ -1,0 +1,168 @@
+//! What a worker is given: a job (one delivered event, decoded for its handler, with where it
+//! travelled and when it arrived) or an operator's request for an aggregate.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
+
+use async_nats::HeaderMap;
+
+use bus_core::{wire, Prepared, Topic, Unhandleable};
+
+use super::Dispatch;
+use crate::dead_letters::DeadLetterReason;
+
+/// A job's message, ready for the handler.
+pub(crate) type Input = Prepared;
+
+/// Where a job's event travelled.
+pub(crate) enum Origin {
+    /// A message of its own.
+    Single(async_nats::Message),
+    /// Record `.1` of a record batch.
+    Batch(Arc<BatchProgress>, usize),
+}
+
+/// A record batch being handled: acknowledged once every one of its events is handled or
+/// dead-lettered, by whichever worker settles the last.
+pub(crate) struct BatchProgress {
+    pub(crate) message: async_nats::Message,
+    pub(crate) records: Vec<wire::Record>,
+    /// Events dispatched and not settled yet.
+    pub(crate) remaining: AtomicUsize,
+    /// Per record: handled or dead-lettered (skipped ones start out done).
+    pub(crate) done: Vec<AtomicBool>,
+}
+
+pub(crate) struct Job {
+    /// The ordering key (aggregate ID) the pool routed it by.
+    pub(crate) key: Arc<str>,
+    /// The message's stream sequence, if its ack subject could be read.
+    pub(crate) sequence: Option<u64>,
+    pub(crate) origin: Origin,
+    /// The message ready for the handler, or why it cannot be handled.
+    pub(crate) input: Result<Input, (DeadLetterReason, String)>,
+    /// The ownership term it was delivered in: a job of an earlier term (the subscription lost
+    /// the topic since) is not handled, since the new owner has it delivered again.
+    pub(crate) term: u64,
+    /// When the broker stored its message, and when the fetcher received it.
+    pub(crate) arrival: Arrival,
+}
+
+/// When a message was stored and received: the first stages of its events' latency, handed to
+/// the handler in its `Delivery`. One clock read per message, not per event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrival {
+    pub(crate) stored_at: Option<std::time::SystemTime>,
+    pub(crate) received_at: std::time::SystemTime,
+}
+
+impl Arrival {
+    /// A message received now, stored at `stored_nanos` (Unix epoch) by the broker's clock.
+    pub(crate) fn now(stored_nanos: u64) -> Self {
+        Self {
+            stored_at: (stored_nanos > 0)
+                .then(|| std::time::UNIX_EPOCH + std::time::Duration::from_nanos(stored_nanos)),
+            received_at: std::time::SystemTime::now(),
+        }
+    }
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Its handler succeeded.
+    Handled,
+    /// Its dead letter is stored.
+    DeadLettered,
+    /// Not handled here: its message is left to be delivered again.
+    Returned,
+}
+
+impl Job {
+    pub(crate) fn event_version(&self) -> Option<u64> {
+        match &self.input {
+            Ok(Prepared::Envelope(e)) => Some(e.event_version()),
+            _ => None,
+        }
+    }
+}
+
+/// What an operator asks of a halted aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Hand its failed event to the handler again, then its waiting events.
+    Resume,
+    /// Dead-letter its failed event, then hand over its waiting events.
+    Skip,
+}
+
+/// An operator's request for one aggregate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Request {
+    pub(crate) key: Arc<str>,
+    pub(crate) action: Action,
+}
+
+/// What a worker is given.
+pub(crate) enum Work {
+    Message(Box<Job>),
+    /// An operator's request, run in the aggregate's worker after what is queued before it.
+    Operator(Request),
+}
+
+pub(crate) fn header_pairs(headers: Option<&HeaderMap>) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .into_iter()
+        .flat_map(|h| h.iter())
+        .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v.as_str())))
+}
+
+/// Decodes a message for the subscription's handler and picks its ordering key.
+pub(crate) fn prepare(
+    topic: &Topic,
+    dispatch: &Dispatch,
+    message: &async_nats::Message,
+) -> (Arc<str>, Result<Input, (DeadLetterReason, String)>) {
+    prepare_parts(
+        topic,
+        dispatch,
+        &message.subject,
+        header_pairs(message.headers.as_ref()),
+        &message.payload,
+    )
+}
+
+/// Decodes one record of a batch for the subscription's handler and picks its ordering key.
+pub(crate) fn prepare_record(
+    topic: &Topic,
+    dispatch: &Dispatch,
+    subject: &str,
+    record: &wire::Record,
+) -> (Arc<str>, Result<Input, (DeadLetterReason, String)>) {
+    prepare_parts(topic, dispatch, subject, record.headers(), record.payload())
+}
+
+fn prepare_parts<'a>(
+    topic: &Topic,
+    dispatch: &Dispatch,
+    subject: &str,
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+    payload: &bytes::Bytes,
+) -> (Arc<str>, Result<Input, (DeadLetterReason, String)>) {
+    let (key, prepared) = match dispatch {
+        Dispatch::Envelope(_) => bus_core::prepare(topic, None, subject, headers, payload),
+        Dispatch::Raw(_, key) => {
+            // The pin ID is the broker's, added on delivery: not the message's.
+            let headers = headers.filter(|(n, _)| !n.eq_ignore_ascii_case("Nats-Pin-Id"));
+            bus_core::prepare(topic, Some(key), subject, headers, payload)
+        }
+    };
+    let input = prepared.map_err(|why| {
+        let reason = match why {
+            Unhandleable::Undecodable(_) => DeadLetterReason::Undecodable,
+            Unhandleable::NoKey => DeadLetterReason::NoKey,
+        };
+        (reason, why.to_string())
+    });
+    (key, input)
+}

@@ -390,7 +390,8 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
             let mut subscriptions = Vec::new();
             for topic in &topics {
                 let sink = sink.clone();
-                let name = topic.to_string();
+                // Shared, not copied, into each event's handler call.
+                let name: Arc<str> = topic.as_str().into();
                 if typed {
                     let handlers = bus_core::EventHandlers::new().on(
                         move |e: BenchEvent, cx: bus_core::EventContext| {

@@ -76,13 +76,19 @@ pub(crate) fn check_header_value(field: &'static str, value: &str) -> Result<(),
 /// A decimal number as the wire format writes it: ASCII digits only, no sign, no leading zero
 /// (except `0` itself).
 fn parse_decimal(text: &str) -> Option<u64> {
-    if text.is_empty()
-        || !text.bytes().all(|b| b.is_ascii_digit())
-        || (text.len() > 1 && text.starts_with('0'))
-    {
+    let bytes = text.as_bytes();
+    if bytes.is_empty() || (bytes.len() > 1 && bytes[0] == b'0') {
         return None;
     }
-    text.parse().ok()
+    let mut value: u64 = 0;
+    for &b in bytes {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_add(u64::from(digit))?;
+    }
+    Some(value)
 }
 
 /// Checks a user header's name and value.
@@ -155,28 +161,47 @@ pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
 
 /// Calls `put(name, value)` for every header of `envelope`, required ones first.
 pub fn encode_headers(envelope: &Envelope, mut put: impl FnMut(&str, &str)) {
-    use std::fmt::Write as _;
-    let mut event = String::with_capacity(
-        envelope.aggregate_id.as_str().len()
-            + envelope.event_type.as_str().len()
-            + envelope.event_id.as_str().len()
-            + 44,
-    );
-    let _ = write!(
-        event,
-        "{} {} {} {} {}",
-        envelope.aggregate_id.as_str(),
-        envelope.event_version.get(),
-        envelope.event_type.as_str(),
-        micros_since_epoch(envelope.timestamp),
-        envelope.event_id.as_str()
-    );
+    let mut event = String::with_capacity(event_value_len(envelope));
+    push_event_value(envelope, |part| event.push_str(part));
     put(EVENT, &event);
+    encode_other_headers(envelope, put);
+}
+
+/// The `Bus-Event` value, `<aggregate ID> <event version> <event type> <timestamp> <event ID>`,
+/// handed over in parts: decimals written with `itoa`, no intermediate string.
+fn push_event_value(envelope: &Envelope, mut push: impl FnMut(&str)) {
+    let mut number = itoa::Buffer::new();
+    push(envelope.aggregate_id.as_str());
+    push(" ");
+    push(number.format(envelope.event_version.get()));
+    push(" ");
+    push(envelope.event_type.as_str());
+    push(" ");
+    push(number.format(micros_since_epoch(envelope.timestamp)));
+    push(" ");
+    push(envelope.event_id.as_str());
+}
+
+/// The length of the `Bus-Event` value.
+fn event_value_len(envelope: &Envelope) -> usize {
+    envelope.aggregate_id.as_str().len()
+        + digits(envelope.event_version.get())
+        + envelope.event_type.as_str().len()
+        + digits(micros_since_epoch(envelope.timestamp))
+        + envelope.event_id.as_str().len()
+        + 4
+}
+
+/// Every header of `envelope` but `Bus-Event`.
+fn encode_other_headers(envelope: &Envelope, mut put: impl FnMut(&str, &str)) {
     if envelope.content_type != ContentType::Bytes {
         put(CONTENT_TYPE, envelope.content_type.as_str());
     }
     if envelope.schema_version.get() != 1 {
-        put(SCHEMA, &envelope.schema_version.to_string());
+        put(
+            SCHEMA,
+            itoa::Buffer::new().format(envelope.schema_version.get()),
+        );
     }
     for (name, value) in [
         (TRACE_ID, &envelope.trace_id),
@@ -408,28 +433,25 @@ fn ill_formed_line(text: &str) -> Option<&str> {
 /// lines allowed): one pass over its bytes. What it refuses is looked at again, slowly, to
 /// name the line at fault.
 fn well_formed_block(block: &[u8]) -> bool {
-    let (mut cr, mut colon, mut empty) = (false, false, true);
-    for &b in block {
-        if b == b'\n' {
-            if !cr || !(empty || colon) {
-                return false;
-            }
-            (cr, colon, empty) = (false, false, true);
-            continue;
-        }
-        if cr {
-            // A CR not followed by LF.
+    let mut rest = block;
+    while !rest.is_empty() {
+        // Each line ends at its first LF, with a CR before it and no other CR or LF in it.
+        let Some(end) = memchr::memchr(b'\n', rest) else {
+            return false;
+        };
+        if end == 0 || rest[end - 1] != b'\r' {
             return false;
         }
-        match b {
-            b'\r' => cr = true,
-            b':' => (colon, empty) = (true, false),
-            _ => empty = false,
+        let line = &rest[..end - 1];
+        if memchr::memchr(b'\r', line).is_some()
+            || !(line.is_empty() || memchr::memchr(b':', line).is_some())
+        {
+            return false;
         }
+        rest = &rest[end + 1..];
     }
-    !cr && empty
+    true
 }
-
 fn malformed(why: impl Into<String>) -> DecodeError {
     DecodeError::MalformedBatch(why.into())
 }
@@ -447,26 +469,15 @@ pub fn batch_count(value: &str) -> Result<usize, DecodeError> {
 }
 
 /// Decimal digits of `n`.
-fn digits(mut n: u64) -> usize {
-    let mut count = 1;
-    while n >= 10 {
-        n /= 10;
-        count += 1;
-    }
-    count
+fn digits(n: u64) -> usize {
+    n.checked_ilog10().map_or(1, |log| log as usize + 1)
 }
 
 /// The bytes one envelope takes as a record in a batch body: counted, not formatted (it runs on
 /// every publish).
 pub fn record_len(envelope: &Envelope) -> usize {
     let line = |name: &str, value: usize| name.len() + 2 + value + 2;
-    let event = envelope.aggregate_id.as_str().len()
-        + digits(envelope.event_version.get())
-        + envelope.event_type.as_str().len()
-        + digits(micros_since_epoch(envelope.timestamp))
-        + envelope.event_id.as_str().len()
-        + 4;
-    let mut headers = line(EVENT, event);
+    let mut headers = line(EVENT, event_value_len(envelope));
     if envelope.content_type != ContentType::Bytes {
         headers += line(CONTENT_TYPE, envelope.content_type.as_str().len());
     }
@@ -492,7 +503,11 @@ pub fn record_len(envelope: &Envelope) -> usize {
 pub fn encode_record(envelope: &Envelope, body: &mut Vec<u8>) {
     let at = body.len();
     body.extend_from_slice(&[0; 4]);
-    encode_headers(envelope, |name, value| {
+    body.extend_from_slice(EVENT.as_bytes());
+    body.extend_from_slice(b": ");
+    push_event_value(envelope, |part| body.extend_from_slice(part.as_bytes()));
+    body.extend_from_slice(b"\r\n");
+    encode_other_headers(envelope, |name, value| {
         body.extend_from_slice(name.as_bytes());
         body.extend_from_slice(b": ");
         body.extend_from_slice(value.as_bytes());
@@ -859,6 +874,17 @@ mod tests {
         );
     }
 
+    #[test]
+    fn decimals_at_the_edges() {
+        assert_eq!(parse_decimal("0"), Some(0));
+        assert_eq!(parse_decimal("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_decimal("18446744073709551616"), None);
+        assert_eq!(parse_decimal("99999999999999999999"), None);
+        for refused in ["", "01", "+1", "-1", " 1", "1 ", "1a"] {
+            assert_eq!(parse_decimal(refused), None, "{refused:?}");
+        }
+    }
+
     proptest! {
         #[test]
         fn the_fast_block_check_accepts_nothing_the_slow_one_refuses(
@@ -875,6 +901,44 @@ mod tests {
             if (block.is_empty() || block.ends_with("\r\n")) && well_formed_block(block.as_bytes()) {
                 prop_assert_eq!(ill_formed_line(&block), None, "{:?}", block);
             }
+        }
+
+        /// The memchr line check says what a byte-by-byte reading of the block says.
+        #[test]
+        fn the_block_check_reads_lines_as_a_bytewise_pass_does(block in "[a:\r\n]{0,16}") {
+            fn bytewise(block: &[u8]) -> bool {
+                let (mut cr, mut colon, mut empty) = (false, false, true);
+                for &b in block {
+                    if b == b'\n' {
+                        if !cr || !(empty || colon) {
+                            return false;
+                        }
+                        (cr, colon, empty) = (false, false, true);
+                        continue;
+                    }
+                    if cr {
+                        return false;
+                    }
+                    match b {
+                        b'\r' => cr = true,
+                        b':' => (colon, empty) = (true, false),
+                        _ => empty = false,
+                    }
+                }
+                !cr && empty
+            }
+            prop_assert_eq!(well_formed_block(block.as_bytes()), bytewise(block.as_bytes()), "{:?}", block);
+        }
+
+        /// A decimal is read as the wire writes it: digits only, no leading zero, within u64.
+        #[test]
+        fn decimals_are_digits_without_a_leading_zero(text in "[0-9+ -]{0,22}") {
+            let reference = (!text.is_empty()
+                && text.bytes().all(|b| b.is_ascii_digit())
+                && !(text.len() > 1 && text.starts_with('0')))
+            .then(|| text.parse::<u64>().ok())
+            .flatten();
+            prop_assert_eq!(parse_decimal(&text), reference, "{:?}", text);
         }
 
         #[test]

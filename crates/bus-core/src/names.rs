@@ -29,18 +29,51 @@ fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), Validat
     Ok(())
 }
 
+/// The bytes a name may hold: a flag per byte value, looked up once per byte.
+type Allowed = [bool; 256];
+
+/// ASCII letters and digits (or every printable ASCII character but space, `graphic`), and
+/// `extra`.
+const fn allowed(extra: &[u8], graphic: bool) -> Allowed {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8;
+        table[b] = if graphic {
+            c.is_ascii_graphic()
+        } else {
+            c.is_ascii_alphanumeric()
+        };
+        b += 1;
+    }
+    let mut i = 0;
+    while i < extra.len() {
+        table[extra[i] as usize] = true;
+        i += 1;
+    }
+    table
+}
+
+const TOPIC_CHARS: Allowed = allowed(b"-_.", false);
+const AGGREGATE_ID_CHARS: Allowed = allowed(b"-_.:@/+=~#", false);
+const EVENT_TYPE_CHARS: Allowed = allowed(b"-_.:/", false);
+const EVENT_ID_CHARS: Allowed = allowed(b"", true);
+
 fn check_chars(
     field: &'static str,
     value: &str,
-    allowed: impl Fn(char) -> bool,
+    allowed: &Allowed,
     allowed_text: &str,
 ) -> Result<(), ValidationError> {
     // Every allowed character is ASCII: check bytes (names are checked on every delivery), and
     // decode characters only to name the first bad one.
-    if value.bytes().all(|b| b.is_ascii() && allowed(b as char)) {
+    if value.bytes().all(|b| allowed[usize::from(b)]) {
         return Ok(());
     }
-    if let Some(bad) = value.chars().find(|c| !allowed(*c)) {
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii() && allowed[*c as usize]))
+    {
         return Err(ValidationError::new(
             field,
             value,
@@ -128,12 +161,7 @@ impl Topic {
         let text = value.as_ref();
         const ALLOWED: &str = "tokens of ASCII letters, digits, '-' and '_' separated by '.'";
         check_len("topic", text, MAX_NAME_LEN)?;
-        check_chars(
-            "topic",
-            text,
-            |c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.',
-            ALLOWED,
-        )?;
+        check_chars("topic", text, &TOPIC_CHARS, ALLOWED)?;
         if text.split('.').any(str::is_empty) {
             return Err(ValidationError::new(
                 "topic",
@@ -179,10 +207,7 @@ impl AggregateId {
         check_chars(
             "aggregate_id",
             text,
-            |c| {
-                c.is_ascii_alphanumeric()
-                    || matches!(c, '-' | '_' | '.' | ':' | '@' | '/' | '+' | '=' | '~' | '#')
-            },
+            &AGGREGATE_ID_CHARS,
             "ASCII letters, digits and \"-_.:@/+=~#\"",
         )?;
         Ok(Self(value.into()))
@@ -226,7 +251,7 @@ impl EventType {
         check_chars(
             "event_type",
             text,
-            |c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'),
+            &EVENT_TYPE_CHARS,
             "ASCII letters, digits and \"-_.:/\"",
         )?;
         let new = Self(value.into());
@@ -255,7 +280,7 @@ impl EventId {
         check_chars(
             "event_id",
             text,
-            |c| c.is_ascii_graphic(),
+            &EVENT_ID_CHARS,
             "printable ASCII without spaces",
         )?;
         Ok(Self(value.into()))
@@ -276,6 +301,27 @@ impl EventId {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Each table admits exactly the characters its rule names.
+    #[test]
+    fn the_character_tables_follow_their_rules() {
+        for c in (0u32..0x250).filter_map(char::from_u32) {
+            let admits = |table: &Allowed| c.is_ascii() && table[c as usize];
+            let alnum = c.is_ascii_alphanumeric();
+            assert_eq!(admits(&TOPIC_CHARS), alnum || "-_.".contains(c), "{c:?}");
+            assert_eq!(
+                admits(&AGGREGATE_ID_CHARS),
+                alnum || "-_.:@/+=~#".contains(c),
+                "{c:?}"
+            );
+            assert_eq!(
+                admits(&EVENT_TYPE_CHARS),
+                alnum || "-_.:/".contains(c),
+                "{c:?}"
+            );
+            assert_eq!(admits(&EVENT_ID_CHARS), c.is_ascii_graphic(), "{c:?}");
+        }
+    }
 
     #[test]
     fn aggregate_id_limits() {

@@ -249,8 +249,10 @@ pub fn decode<'a>(
     ];
     let mut seen = [false; OWN.len()];
     for (name, value) in headers {
-        let is = |known: &str| name.eq_ignore_ascii_case(known);
-        if let Some(i) = OWN.iter().position(|known| is(known)) {
+        let own = OWN
+            .iter()
+            .position(|known| name.eq_ignore_ascii_case(known));
+        if let Some(i) = own {
             if std::mem::replace(&mut seen[i], true) {
                 return Err(DecodeError::InvalidHeader {
                     name: OWN[i],
@@ -259,6 +261,7 @@ pub fn decode<'a>(
                 });
             }
         }
+        let is = |known: &str| own.is_some_and(|i| OWN[i] == known);
         if is(EVENT) {
             let invalid = |reason: &str| DecodeError::InvalidHeader {
                 name: EVENT,
@@ -310,7 +313,7 @@ pub fn decode<'a>(
                     reason: "the schema version must be a decimal integer from 1 to 4294967295"
                         .to_owned(),
                 })?;
-        } else if !is_reserved(name) {
+        } else if own.is_none() && !is_reserved(name) {
             user.insert(name.to_owned(), value.to_owned());
         }
     }
@@ -408,7 +411,7 @@ fn split_byte(text: &str, sep: u8) -> impl Iterator<Item = &str> {
     let mut rest = Some(text);
     std::iter::from_fn(move || {
         let current = rest?;
-        match current.bytes().position(|b| b == sep) {
+        match memchr::memchr(sep, current.as_bytes()) {
             // An ASCII byte is a character boundary on both sides.
             Some(at) => {
                 rest = Some(&current[at + 1..]);

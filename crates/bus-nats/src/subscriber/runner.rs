@@ -126,7 +126,8 @@ impl Runner {
                     self.halt(job, failure, VecDeque::new());
                 }
             }
-            Work::Operator(request) => self.resume(request).await,
+            // Boxed, as the rare path (see `dead_letter_job`).
+            Work::Operator(request) => Box::pin(self.resume(request)).await,
         }
     }
 
@@ -264,11 +265,15 @@ impl Runner {
                 })
             },
             // Backoffs end early once the subscription is going.
-            |delay| async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancellation.cancelled() => {}
-                }
+            // Boxed, as the rare path: a timer is large, and held inline it would grow every
+            // handler call's future.
+            |delay| {
+                Box::pin(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancellation.cancelled() => {}
+                    }
+                })
             },
             bus_core::jitter,
             |attempt, error| {
@@ -354,7 +359,21 @@ impl Runner {
     /// Dead-letters a job's event: a single-event message as it is, an event of a batch as a
     /// single-event message of its record's headers and payload, with `Bus-Dlq-Batch-Index`.
     /// [`Outcome::Returned`] if the letter could not be stored.
-    pub(crate) async fn dead_letter_job(
+    ///
+    /// Boxed: storing a letter is the rare path, and its future (a JetStream publish) is as
+    /// large as the whole handler call's; held inline it would double the size of every job's
+    /// future, copied as the job moves into its worker.
+    pub(crate) fn dead_letter_job<'a>(
+        &'a self,
+        job: &'a Job,
+        reason: &'a DeadLetterReason,
+        error: &'a str,
+        attempts: u32,
+    ) -> futures::future::BoxFuture<'a, Outcome> {
+        Box::pin(self.dead_letter_job_inline(job, reason, error, attempts))
+    }
+
+    async fn dead_letter_job_inline(
         &self,
         job: &Job,
         reason: &DeadLetterReason,

@@ -476,7 +476,9 @@ where
                 None => return (Vec::new(), 0),
             },
         };
-        let job = AssertUnwindSafe(run(slot.job)).catch_unwind();
+        // Pinned where it is made: the job's future (often large) is not moved again.
+        let job = std::pin::pin!(run(slot.job));
+        let job = AssertUnwindSafe(job).catch_unwind();
         let outcome = tokio::select! {
             biased;
             result = job => match result {

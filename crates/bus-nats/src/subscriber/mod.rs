@@ -243,12 +243,9 @@ async fn setup(
     // the memory of idle queue blocks small with many workers.
     let pool = {
         let runner = runner.clone();
+        // The runner's own future is the job's: no wrapping future to move it into.
         KeyedPool::new(config.pool.clone(), move |work: Work| {
-            let runner = runner.clone();
-            async move {
-                runner.run(work).await;
-                Ok::<(), std::convert::Infallible>(())
-            }
+            runner.clone().run(work)
         })
     };
     let (control_tx, control_rx) = mpsc::unbounded_channel();

@@ -101,27 +101,28 @@ pub(crate) fn next_term() -> u64 {
 }
 
 impl Runner {
-    pub(crate) async fn run(&self, work: Work) {
+    /// Runs what a worker was given. Never fails: a job's failure is settled here.
+    pub(crate) async fn run(self: Arc<Self>, work: Work) -> Result<(), std::convert::Infallible> {
         match work {
             Work::Message(job) => {
                 if job.term != self.term.load(Ordering::Acquire) {
                     // Delivered before the subscription lost the topic: the new owner has it.
                     self.settle(&job, Outcome::Returned);
-                    return;
+                    return Ok(());
                 }
                 if self.halted_count.load(Ordering::Acquire) > 0 {
                     let mut halted = self.halted.lock().unwrap();
                     if let Some(halt) = halted.get_mut(&*job.key) {
                         // Behind the aggregate's failed event; still kept alive at the broker.
                         halt.jobs.push_back(job);
-                        return;
+                        return Ok(());
                     }
                 }
                 if let Err((job, failure)) = self.process(job).await {
                     if job.term != self.term.load(Ordering::Acquire) {
                         // The topic was lost meanwhile: the new owner has it.
                         self.settle(&job, Outcome::Returned);
-                        return;
+                        return Ok(());
                     }
                     self.halt(job, failure, VecDeque::new());
                 }
@@ -129,6 +130,7 @@ impl Runner {
             // Boxed, as the rare path (see `dead_letter_job`).
             Work::Operator(request) => Box::pin(self.resume(request)).await,
         }
+        Ok(())
     }
 
     /// A job is over. A single-event message is acknowledged (terminated once dead-lettered)
@@ -229,7 +231,9 @@ impl Runner {
         let cancellation = self.cancel.signal();
         let started = std::time::Instant::now();
         let (traceparent, span) = self.span(job, input);
-        let attempts = run_with_retry(
+        // Pinned where it is made and instrumented by reference: the handler call's future is
+        // not moved again.
+        let attempts = std::pin::pin!(run_with_retry(
             &self.retry,
             |attempt| {
                 span.record("attempt", attempt);
@@ -280,7 +284,7 @@ impl Runner {
                 self.metrics.retries.increment(1);
                 tracing::debug!(topic = %self.topic, attempt, %error, "handler failed; retrying in place");
             },
-        );
+        ));
         let outcome = attempts.instrument(span.clone()).await;
         span.record(
             "outcome",

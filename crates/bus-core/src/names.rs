@@ -97,21 +97,28 @@ macro_rules! string_newtype {
             }
         }
 
+        string_impls!($name);
+    };
+}
+
+/// Display, Debug, `AsRef<str>` and parsing from strings, for a name with `as_str` and `new`.
+macro_rules! string_impls {
+    ($name:ident) => {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.write_str(self.as_str())
             }
         }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({:?})", stringify!($name), &*self.0)
+                write!(f, "{}({:?})", stringify!($name), self.as_str())
             }
         }
 
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
-                &self.0
+                self.as_str()
             }
         }
 
@@ -264,13 +271,27 @@ impl EventType {
     }
 }
 
-string_newtype!(
-    /// The unique identity of one event. Transports use it to recognise a retried publish
-    /// (on NATS it becomes `Nats-Msg-Id`).
-    ///
-    /// Non-empty, at most [`MAX_NAME_LEN`] bytes of printable ASCII without spaces.
-    EventId
-);
+/// The unique identity of one event. Transports use it to recognise a retried publish
+/// (on NATS it becomes `Nats-Msg-Id`).
+///
+/// Non-empty, at most [`MAX_NAME_LEN`] bytes of printable ASCII without spaces. Every event has
+/// one, generated on publish and read on every delivery: an ID of up to 38 bytes (a generated
+/// one is 36) is kept in place, without an allocation of its own.
+#[derive(Clone, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct EventId(EventIdRepr);
+
+/// The longest event ID kept in place rather than in a shared allocation.
+const EVENT_ID_INLINE: usize = 38;
+
+#[derive(Clone)]
+enum EventIdRepr {
+    Inline {
+        len: u8,
+        bytes: [u8; EVENT_ID_INLINE],
+    },
+    Shared(Arc<str>),
+}
 
 impl EventId {
     /// Validates `value` as an event ID.
@@ -283,7 +304,28 @@ impl EventId {
             &EVENT_ID_CHARS,
             "printable ASCII without spaces",
         )?;
-        Ok(Self(value.into()))
+        Ok(Self::from_checked(text).unwrap_or_else(|| Self(EventIdRepr::Shared(value.into()))))
+    }
+
+    /// `text` kept in place, if it is short enough.
+    fn from_checked(text: &str) -> Option<Self> {
+        let mut bytes = [0u8; EVENT_ID_INLINE];
+        bytes
+            .get_mut(..text.len())?
+            .copy_from_slice(text.as_bytes());
+        Some(Self(EventIdRepr::Inline {
+            len: text.len() as u8,
+            bytes,
+        }))
+    }
+
+    /// The validated value.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            EventIdRepr::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)])
+                .expect("an event ID is printable ASCII"),
+            EventIdRepr::Shared(text) => text,
+        }
     }
 
     /// A new time-ordered unique ID: a UUID version 7 (48 bits of Unix milliseconds, 74 random
@@ -293,7 +335,36 @@ impl EventId {
     pub fn generate() -> Self {
         let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        Self((&*id.hyphenated().encode_lower(&mut text)).into())
+        Self::from_checked(id.hyphenated().encode_lower(&mut text))
+            .expect("a UUID's 36 characters are kept in place")
+    }
+}
+
+string_impls!(EventId);
+
+impl PartialEq for EventId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for EventId {}
+
+impl std::hash::Hash for EventId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for EventId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for EventId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
     }
 }
 
@@ -301,6 +372,34 @@ impl EventId {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Short event IDs are kept in place, long ones shared; both read, compare, hash and print
+    /// by their text alone.
+    #[test]
+    fn event_ids_of_every_length_behave_as_their_text() {
+        use std::hash::{BuildHasher, RandomState};
+        let hasher = RandomState::new();
+        for len in [1, 36, EVENT_ID_INLINE, EVENT_ID_INLINE + 1, MAX_NAME_LEN - 1] {
+            let text = "e".repeat(len - 1) + "Z";
+            let id = EventId::new(text.as_str()).unwrap();
+            let again = EventId::new(text.clone()).unwrap();
+            assert_eq!(id.as_str(), text);
+            assert_eq!(id.to_string(), text);
+            assert_eq!(format!("{id:?}"), format!("EventId({text:?})"));
+            assert_eq!(id, again);
+            assert_eq!(hasher.hash_one(&id), hasher.hash_one(&again));
+            assert_eq!(
+                matches!(id.0, EventIdRepr::Inline { .. }),
+                len <= EVENT_ID_INLINE
+            );
+            let longer = EventId::new(text.clone() + "a").unwrap();
+            assert!(id < longer && longer != id, "{len}");
+        }
+        let generated = EventId::generate();
+        assert!(matches!(generated.0, EventIdRepr::Inline { len: 36, .. }));
+        let parsed: EventId = serde_json::from_str(&format!("{:?}", generated.as_str())).unwrap();
+        assert_eq!(parsed, generated);
+    }
 
     /// Each table admits exactly the characters its rule names.
     #[test]

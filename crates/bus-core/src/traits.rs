@@ -110,19 +110,34 @@ pub struct Published {
 /// Dropping a receipt does not lose the outcome: a transport also reports failures through
 /// its `flush` and its error callback.
 #[must_use = "a receipt says whether the message was stored; await it or rely on flush()"]
-pub struct Receipt(Pin<Box<dyn Future<Output = Result<Published, PublishError>> + Send>>);
+pub struct Receipt(ReceiptInner);
+
+enum ReceiptInner {
+    Boxed(Pin<Box<dyn Future<Output = Result<Published, PublishError>> + Send>>),
+    Channel(tokio::sync::oneshot::Receiver<Result<Published, PublishError>>),
+    Ready(Option<Result<Published, PublishError>>),
+}
 
 impl Receipt {
     /// Wraps a transport's future.
     pub fn new(
         future: impl Future<Output = Result<Published, PublishError>> + Send + 'static,
     ) -> Self {
-        Self(Box::pin(future))
+        Self(ReceiptInner::Boxed(Box::pin(future)))
+    }
+
+    /// A receipt resolved by whatever the transport sends on `outcome`, without a future of
+    /// its own to allocate; if the sender is dropped unsent, it resolves as a
+    /// [`PublishErrorKind::Connection`](crate::PublishErrorKind::Connection) error.
+    pub fn from_channel(
+        outcome: tokio::sync::oneshot::Receiver<Result<Published, PublishError>>,
+    ) -> Self {
+        Self(ReceiptInner::Channel(outcome))
     }
 
     /// A receipt that is already resolved.
     pub fn ready(result: Result<Published, PublishError>) -> Self {
-        Self::new(std::future::ready(result))
+        Self(ReceiptInner::Ready(Some(result)))
     }
 }
 
@@ -130,7 +145,22 @@ impl Future for Receipt {
     type Output = Result<Published, PublishError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.0.as_mut().poll(cx)
+        match &mut self.0 {
+            ReceiptInner::Boxed(future) => future.as_mut().poll(cx),
+            ReceiptInner::Channel(outcome) => Pin::new(outcome).poll(cx).map(|sent| {
+                sent.unwrap_or_else(|_| {
+                    Err(PublishError::new(
+                        crate::PublishErrorKind::Connection,
+                        "the publisher stopped before the broker's answer arrived",
+                    ))
+                })
+            }),
+            ReceiptInner::Ready(result) => Poll::Ready(
+                result
+                    .take()
+                    .expect("a receipt is not polled after it resolved"),
+            ),
+        }
     }
 }
 

@@ -509,14 +509,7 @@ impl NatsPublisher {
 }
 
 fn receipt(rx: oneshot::Receiver<Result<Published, PublishError>>) -> Receipt {
-    Receipt::new(async move {
-        rx.await.unwrap_or_else(|_| {
-            Err(PublishError::new(
-                PublishErrorKind::Connection,
-                "publisher stopped before the ack arrived",
-            ))
-        })
-    })
+    Receipt::from_channel(rx)
 }
 
 impl NatsPublisher {

@@ -286,10 +286,7 @@ const EVENT_ID_INLINE: usize = 38;
 
 #[derive(Clone)]
 enum EventIdRepr {
-    Inline {
-        len: u8,
-        bytes: [u8; EVENT_ID_INLINE],
-    },
+    Inline(arrayvec::ArrayString<EVENT_ID_INLINE>),
     Shared(Arc<str>),
 }
 
@@ -309,21 +306,15 @@ impl EventId {
 
     /// `text` kept in place, if it is short enough.
     fn from_checked(text: &str) -> Option<Self> {
-        let mut bytes = [0u8; EVENT_ID_INLINE];
-        bytes
-            .get_mut(..text.len())?
-            .copy_from_slice(text.as_bytes());
-        Some(Self(EventIdRepr::Inline {
-            len: text.len() as u8,
-            bytes,
-        }))
+        arrayvec::ArrayString::from(text)
+            .ok()
+            .map(|text| Self(EventIdRepr::Inline(text)))
     }
 
     /// The validated value.
     pub fn as_str(&self) -> &str {
         match &self.0 {
-            EventIdRepr::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)])
-                .expect("an event ID is printable ASCII"),
+            EventIdRepr::Inline(text) => text,
             EventIdRepr::Shared(text) => text,
         }
     }
@@ -379,7 +370,13 @@ mod tests {
     fn event_ids_of_every_length_behave_as_their_text() {
         use std::hash::{BuildHasher, RandomState};
         let hasher = RandomState::new();
-        for len in [1, 36, EVENT_ID_INLINE, EVENT_ID_INLINE + 1, MAX_NAME_LEN - 1] {
+        for len in [
+            1,
+            36,
+            EVENT_ID_INLINE,
+            EVENT_ID_INLINE + 1,
+            MAX_NAME_LEN - 1,
+        ] {
             let text = "e".repeat(len - 1) + "Z";
             let id = EventId::new(text.as_str()).unwrap();
             let again = EventId::new(text.clone()).unwrap();
@@ -389,14 +386,14 @@ mod tests {
             assert_eq!(id, again);
             assert_eq!(hasher.hash_one(&id), hasher.hash_one(&again));
             assert_eq!(
-                matches!(id.0, EventIdRepr::Inline { .. }),
+                matches!(id.0, EventIdRepr::Inline(_)),
                 len <= EVENT_ID_INLINE
             );
             let longer = EventId::new(text.clone() + "a").unwrap();
             assert!(id < longer && longer != id, "{len}");
         }
         let generated = EventId::generate();
-        assert!(matches!(generated.0, EventIdRepr::Inline { len: 36, .. }));
+        assert!(matches!(&generated.0, EventIdRepr::Inline(text) if text.len() == 36));
         let parsed: EventId = serde_json::from_str(&format!("{:?}", generated.as_str())).unwrap();
         assert_eq!(parsed, generated);
     }

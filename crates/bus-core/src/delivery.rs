@@ -112,9 +112,9 @@ pub fn continue_trace(envelope: &mut Envelope, parent_id: impl FnOnce() -> u64) 
 }
 
 /// Runs `call` (a handler call) with `delivery` readable through [`current_delivery`]. For
-/// transports.
-pub async fn with_delivery<F: Future>(delivery: Delivery, call: F) -> F::Output {
-    DELIVERY.scope(delivery, call).await
+/// transports. The scope itself is the future: no wrapper to move the call into.
+pub fn with_delivery<F: Future>(delivery: Delivery, call: F) -> impl Future<Output = F::Output> {
+    DELIVERY.scope(delivery, call)
 }
 
 /// A signal that a subscription no longer waits for a handler's outcome, or will not

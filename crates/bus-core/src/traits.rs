@@ -411,14 +411,22 @@ where
     HandlerFn(f)
 }
 
-#[async_trait]
+/// Written out rather than through `async_trait`: the closure's own future is the one boxed,
+/// without a wrapping future that would move the envelope in and out once more per event.
 impl<F, Fut> Handler for HandlerFn<F>
 where
     F: Fn(Envelope) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError> {
-        (self.0)(envelope).await
+    fn handle<'life0, 'async_trait>(
+        &'life0 self,
+        envelope: Envelope,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin((self.0)(envelope))
     }
 }
 
@@ -440,13 +448,20 @@ where
     RawHandlerFn(f)
 }
 
-#[async_trait]
+/// Written out rather than through `async_trait`, as [`HandlerFn`]'s is.
 impl<F, Fut> RawHandler for RawHandlerFn<F>
 where
     F: Fn(RawMessage) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    async fn handle(&self, message: RawMessage) -> Result<(), HandlerError> {
-        (self.0)(message).await
+    fn handle<'life0, 'async_trait>(
+        &'life0 self,
+        message: RawMessage,
+    ) -> Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin((self.0)(message))
     }
 }

@@ -460,22 +460,27 @@ where
     E: fmt::Display + 'static,
 {
     let mut interrupted = 0;
-    // One wait for the stop signal for the worker's whole life: building it anew for every
-    // job cost a registration and a deregistration per job.
+    let mut not_run = Vec::new();
+    // Whether stop was signalled (or the pool dropped without a shutdown), read before each
+    // job without waiting: one atomic load, where polling the wait below cost a registration
+    // with the watch on every job.
+    let flag = stop.clone();
+    let stop_signalled = move || !matches!(flag.has_changed(), Ok(false));
+    // One wait for the stop signal for the worker's whole life, polled only while a job runs:
+    // an idle worker needs none, as the pool closes the queues before it signals stop.
     let stopped = async move {
         let mut stop = stop;
         let _ = stop.wait_for(|s| *s).await;
     };
     tokio::pin!(stopped);
     loop {
-        let slot = tokio::select! {
-            biased;
-            _ = &mut stopped => break,
-            slot = queue.recv() => match slot {
-                Some(slot) => slot,
-                None => return (Vec::new(), 0),
-            },
+        let Some(slot) = queue.recv().await else {
+            return (not_run, interrupted);
         };
+        if stop_signalled() {
+            not_run.push(slot.job);
+            break;
+        }
         // Pinned where it is made: the job's future (often large) is not moved again.
         let job = std::pin::pin!(run(slot.job));
         let job = AssertUnwindSafe(job).catch_unwind();
@@ -505,7 +510,6 @@ where
         }
     }
     queue.close();
-    let mut not_run = Vec::new();
     while let Ok(slot) = queue.try_recv() {
         not_run.push(slot.job);
     }

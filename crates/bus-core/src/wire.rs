@@ -203,16 +203,19 @@ fn encode_other_headers(envelope: &Envelope, mut put: impl FnMut(&str, &str)) {
             itoa::Buffer::new().format(envelope.schema_version.get()),
         );
     }
+    let Some(context) = envelope.context.as_deref() else {
+        return;
+    };
     for (name, value) in [
-        (TRACE_ID, &envelope.trace_id),
-        (CORRELATION_ID, &envelope.correlation_id),
-        (TENANT_ID, &envelope.tenant_id),
+        (TRACE_ID, &context.trace_id),
+        (CORRELATION_ID, &context.correlation_id),
+        (TENANT_ID, &context.tenant_id),
     ] {
         if let Some(value) = value {
             put(name, value);
         }
     }
-    for (name, value) in &envelope.headers {
+    for (name, value) in &context.headers {
         put(name, value);
     }
 }
@@ -334,12 +337,15 @@ pub fn decode<'a>(
         event_version,
         event_id,
         timestamp,
-        trace_id,
-        correlation_id,
-        tenant_id,
         schema_version,
         content_type,
-        headers: user,
+        context: crate::envelope::Context {
+            trace_id,
+            correlation_id,
+            tenant_id,
+            headers: user,
+        }
+        .boxed(),
         payload,
     })
 }
@@ -487,17 +493,19 @@ pub fn record_len(envelope: &Envelope) -> usize {
     if envelope.schema_version.get() != 1 {
         headers += line(SCHEMA, digits(u64::from(envelope.schema_version.get())));
     }
-    for (name, value) in [
-        (TRACE_ID, &envelope.trace_id),
-        (CORRELATION_ID, &envelope.correlation_id),
-        (TENANT_ID, &envelope.tenant_id),
-    ] {
-        if let Some(value) = value {
+    if let Some(context) = envelope.context.as_deref() {
+        for (name, value) in [
+            (TRACE_ID, &context.trace_id),
+            (CORRELATION_ID, &context.correlation_id),
+            (TENANT_ID, &context.tenant_id),
+        ] {
+            if let Some(value) = value {
+                headers += line(name, value.len());
+            }
+        }
+        for (name, value) in &context.headers {
             headers += line(name, value.len());
         }
-    }
-    for (name, value) in &envelope.headers {
-        headers += line(name, value.len());
     }
     8 + headers + envelope.payload.len()
 }

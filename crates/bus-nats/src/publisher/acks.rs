@@ -58,7 +58,7 @@ pub(super) async fn transmit(
             message.first_sent.get_or_insert(now);
             message.sends += 1;
             message.span.record("attempt", message.sends);
-            let (headers, payload) = message
+            let (headers, payload) = *message
                 .raw
                 .take()
                 .expect("only raw publishes fly alone, and are sent once");

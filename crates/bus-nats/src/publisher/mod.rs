@@ -59,8 +59,8 @@ struct Publish {
     receipt: oneshot::Sender<Result<Published, PublishError>>,
     /// When it was first sent; transient failures are retried until `publish_retry_for` after.
     first_sent: Option<Instant>,
-    /// A raw publish's headers and body.
-    raw: Option<(HeaderMap, Bytes)>,
+    /// A raw publish's headers and body (boxed: rare, and large beside the rest).
+    raw: Option<Box<(HeaderMap, Bytes)>>,
     /// When `publish` was called.
     created: Instant,
     /// `bus.publish`, from the call to the settled receipt.
@@ -321,7 +321,7 @@ impl NatsPublisher {
         &self,
         topic: &Topic,
         envelope: Option<Envelope>,
-        raw: Option<(HeaderMap, Bytes)>,
+        raw: Option<Box<(HeaderMap, Bytes)>>,
     ) -> Result<Receipt, PublishError> {
         if self.state.closed.load(Ordering::Acquire) {
             return Err(PublishError::new(
@@ -349,7 +349,7 @@ impl NatsPublisher {
             _ => 0,
         };
         let (header_len, payload_len) = match (&raw, &envelope) {
-            (Some((headers, payload)), _) => (header_len(headers), payload.len()),
+            (Some(raw), _) => (header_len(&raw.0), raw.1.len()),
             (None, Some(e)) => (
                 // A record's header lines, plus the block's first and last lines and the
                 // `Nats-Msg-Id` a single-event message adds.
@@ -545,7 +545,7 @@ impl Publisher for NatsPublisher {
         for (name, value) in &headers {
             map.append(name.as_str(), value.as_str());
         }
-        self.send(topic, None, Some((map, payload))).await
+        self.send(topic, None, Some(Box::new((map, payload)))).await
     }
 
     async fn flush(&self) -> Result<(), PublishError> {

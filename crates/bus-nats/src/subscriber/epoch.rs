@@ -183,7 +183,7 @@ pub(super) async fn on_reply(
             let job = Box::new(Job {
                 key: key.clone(),
                 sequence: Some(sequence),
-                origin: Origin::Single(message),
+                origin: Origin::Single(Box::new(message)),
                 input,
                 term,
                 arrival,

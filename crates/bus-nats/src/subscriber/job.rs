@@ -16,8 +16,8 @@ pub(crate) type Input = Prepared;
 
 /// Where a job's event travelled.
 pub(crate) enum Origin {
-    /// A message of its own.
-    Single(async_nats::Message),
+    /// A message of its own (boxed: a record of a batch, the usual case, needs none of it).
+    Single(Box<async_nats::Message>),
     /// Record `.1` of a record batch.
     Batch(Arc<BatchProgress>, usize),
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::num::{NonZeroU32, NonZeroU64};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
@@ -23,7 +23,9 @@ pub struct Envelope {
     pub(crate) event_type: EventType,
     pub(crate) event_version: NonZeroU64,
     pub(crate) event_id: EventId,
-    pub(crate) timestamp: SystemTime,
+    /// When the event was created, in microseconds since the Unix epoch: what the wire
+    /// carries, kept as it is written rather than converted on every encoding.
+    pub(crate) timestamp_micros: u64,
     pub(crate) schema_version: NonZeroU32,
     pub(crate) content_type: ContentType,
     /// Trace, correlation and tenant IDs and user headers; `None` when it has none of them.
@@ -55,7 +57,11 @@ impl Context {
     /// Boxed, unless it is empty: an envelope holds `None` then, so that two envelopes with
     /// the same fields are equal however they were made.
     pub(crate) fn boxed(self) -> Option<Box<Context>> {
-        (self != EMPTY_CONTEXT).then(|| Box::new(self))
+        let empty = self.trace_id.is_none()
+            && self.correlation_id.is_none()
+            && self.tenant_id.is_none()
+            && self.headers.is_empty();
+        (!empty).then(|| Box::new(self))
     }
 }
 
@@ -123,7 +129,7 @@ impl Envelope {
 
     /// When the event was created (microsecond precision on the wire).
     pub fn timestamp(&self) -> SystemTime {
-        self.timestamp
+        UNIX_EPOCH + Duration::from_micros(self.timestamp_micros)
     }
 
     /// The distributed trace this event belongs to, if any.
@@ -356,7 +362,7 @@ impl EnvelopeBuilder {
             },
             event_version,
             event_id,
-            timestamp: wire::wire_timestamp(self.timestamp.unwrap_or_else(SystemTime::now))?,
+            timestamp_micros: wire::wire_micros(self.timestamp.unwrap_or_else(SystemTime::now))?,
             schema_version,
             content_type: self.content_type,
             context: self.context.and_then(|context| context.boxed()),

@@ -70,7 +70,8 @@ struct Publish {
     /// The bytes it takes as a record of a batch (0 when it is never batched).
     record_len: usize,
     metrics: Arc<PublishMetrics>,
-    _permit: OwnedSemaphorePermit,
+    /// Its place in the in-flight window, given back when it is settled.
+    permit: OwnedSemaphorePermit,
 }
 
 /// What one NATS message carries while it awaits its ack: a raw publish, or a batch of envelopes
@@ -425,7 +426,7 @@ impl NatsPublisher {
             span,
             sends: 0,
             record_len,
-            _permit: permit,
+            permit,
         });
         self.state.outstanding.fetch_add(1, Ordering::AcqRel);
         if message.envelope.is_some() {

@@ -89,14 +89,22 @@ impl Settler<'_> {
                     false,
                 );
                 let now = Instant::now();
+                // The batch's places in the window are given back together: one release
+                // (a lock of the semaphore's waiters) per batch instead of one per event.
+                let mut window: Option<OwnedSemaphorePermit> = None;
                 for message in messages {
                     let published = Published {
                         topic: topic.clone(),
                         sequence: Some(sequence),
                         duplicate,
                     };
-                    finish_at(message, Ok(published), state, shared, now);
+                    let permit = finish_at(message, Ok(published), state, shared, now);
+                    match &mut window {
+                        Some(window) => window.merge(permit),
+                        None => window = Some(permit),
+                    }
                 }
+                drop(window);
                 self.next_batches(&topic, &lane, timers)
             }
             Err(error) => {
@@ -234,17 +242,19 @@ pub(super) fn finish(
     state: &State,
     shared: &Shared,
 ) {
-    finish_at(message, outcome, state, shared, Instant::now())
+    drop(finish_at(message, outcome, state, shared, Instant::now()));
 }
 
-/// [`finish`], with the time it settled read once for a whole batch.
+/// [`finish`], with the time it settled read once for a whole batch; returns the publish's
+/// place in the in-flight window, for the caller to give back.
+#[must_use = "dropping the permit gives the publish's place in the window back"]
 pub(super) fn finish_at(
     message: Message,
     outcome: Result<Published, PublishError>,
     state: &State,
     shared: &Shared,
     now: Instant,
-) {
+) -> OwnedSemaphorePermit {
     let Publish {
         topic,
         envelope,
@@ -252,6 +262,7 @@ pub(super) fn finish_at(
         created,
         metrics,
         span,
+        permit,
         ..
     } = *message;
     metrics
@@ -300,4 +311,5 @@ pub(super) fn finish_at(
     if state.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
         state.idle.notify_waiters();
     }
+    permit
 }

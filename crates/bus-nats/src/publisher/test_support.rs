@@ -32,7 +32,7 @@ pub(super) fn message() -> Message {
         span: tracing::Span::none(),
         sends: 0,
         record_len: 0,
-        _permit: permit,
+        permit,
     })
 }
 

@@ -331,9 +331,11 @@ impl EnvelopeBuilder {
             .ok_or_else(|| ValidationError::new("event_version", "0", "must be greater than 0"))?;
         let schema_version = NonZeroU32::new(self.schema_version)
             .ok_or_else(|| ValidationError::new("schema_version", "0", "must be greater than 0"))?;
+        // One clock read serves a generated ID and a default timestamp.
+        let now = (self.event_id.is_none() || self.timestamp.is_none()).then(SystemTime::now);
         let event_id = match self.event_id {
             Some(id) => EventId::new(id)?,
-            None => EventId::generate(),
+            None => EventId::generate_at(now.unwrap_or_else(SystemTime::now)),
         };
         let context = self.context.as_deref().unwrap_or(&EMPTY_CONTEXT);
         for (field, value) in [
@@ -362,7 +364,9 @@ impl EnvelopeBuilder {
             },
             event_version,
             event_id,
-            timestamp_micros: wire::wire_micros(self.timestamp.unwrap_or_else(SystemTime::now))?,
+            timestamp_micros: wire::wire_micros(
+                self.timestamp.or(now).unwrap_or_else(SystemTime::now),
+            )?,
             schema_version,
             content_type: self.content_type,
             context: self.context.and_then(|context| context.boxed()),

@@ -347,7 +347,20 @@ impl EventId {
     /// random bits come from a per-thread generator (`fast-rng`), so generating one costs no
     /// system call; without a shared counter, no lock is taken either.
     pub fn generate() -> Self {
-        let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
+        Self::generate_at(std::time::SystemTime::now())
+    }
+
+    /// [`EventId::generate`] with the time already read (the builder reads the clock once
+    /// for the timestamp and the ID). A time before the Unix epoch counts as the epoch.
+    pub(crate) fn generate_at(now: std::time::SystemTime) -> Self {
+        let since = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            since.as_secs(),
+            since.subsec_nanos(),
+        ));
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         Self::from_checked(id.hyphenated().encode_lower(&mut text))
             .expect("a UUID's 36 characters are kept in place")

@@ -370,16 +370,16 @@ pub const BATCH: &str = "Bus-Batch";
 /// One event of a record batch: its header block and its payload, not yet decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    headers: Bytes,
+    /// Checked to be UTF-8 once, when the batch is split: reading the headers checks no more.
+    headers: bytestring::ByteString,
     payload: Bytes,
 }
 
 impl Record {
     /// The record's headers, in the order they were written.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> {
-        // Checked to be UTF-8 made of `name: value` lines when the batch was decoded.
-        let text = std::str::from_utf8(&self.headers).unwrap_or("");
-        lines(text).map(|line| {
+        // Checked to be made of `name: value` lines when the batch was decoded.
+        lines(&self.headers).map(|line| {
             let (name, value) = line.split_once(':').unwrap_or((line, ""));
             (name, value.trim_start_matches(' '))
         })
@@ -387,7 +387,7 @@ impl Record {
 
     /// The header block as it travelled.
     pub fn header_block(&self) -> &Bytes {
-        &self.headers
+        self.headers.as_bytes()
     }
 
     /// The payload, sharing the batch's memory.
@@ -567,8 +567,9 @@ pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeErro
     };
     for i in 0..count {
         let headers = take("header block", i)?;
-        let text = std::str::from_utf8(&headers)
+        let headers = bytestring::ByteString::try_from(headers)
             .map_err(|e| malformed(format!("record {i}: its header block is not UTF-8 ({e})")))?;
+        let text: &str = &headers;
         if !text.is_empty() && !text.ends_with("\r\n") {
             return Err(malformed(format!(
                 "record {i}: its header block does not end with CR LF"
@@ -812,6 +813,15 @@ mod tests {
         let records = decode_batch("3", &body).unwrap();
         let back: Vec<Envelope> = records.iter().map(|r| r.decode().unwrap()).collect();
         assert_eq!(back, envelopes);
+        // A header block that is UTF-8 but not ASCII reads back as it was written.
+        let accented = Envelope::builder("account-42", "Deposited", 4)
+            .header("X-Branch", "Zürich, 東京")
+            .build()
+            .unwrap();
+        let pair = [envelopes[0].clone(), accented];
+        let mixed = decode_batch("2", &batch_of(&pair)).unwrap();
+        assert!(!mixed[1].header_block().is_ascii());
+        assert_eq!(mixed[1].decode().unwrap(), pair[1]);
         // The documented example: the first record's bytes.
         let first = &body[..4 + 74 + 4 + 1];
         assert_eq!(&first[..4], &74u32.to_be_bytes());
@@ -871,6 +881,9 @@ mod tests {
             }
             let err = decode_batch("2", &Bytes::from(bad.clone())).unwrap_err();
             assert!(matches!(err, DecodeError::MalformedBatch(_)), "{err}");
+            if block.starts_with(b"\xff") {
+                assert!(err.to_string().contains("is not UTF-8"), "{err}");
+            }
         }
         // A well-formed batch whose record is not an envelope: the batch reads, the record
         // does not decode.

@@ -332,10 +332,14 @@ impl EnvelopeBuilder {
         let schema_version = NonZeroU32::new(self.schema_version)
             .ok_or_else(|| ValidationError::new("schema_version", "0", "must be greater than 0"))?;
         // One clock read serves a generated ID and a default timestamp.
-        let now = (self.event_id.is_none() || self.timestamp.is_none()).then(SystemTime::now);
+        // One clock read, measured from the epoch once, serves a generated ID and a default
+        // timestamp.
+        let now = (self.event_id.is_none() || self.timestamp.is_none())
+            .then(|| SystemTime::now().duration_since(UNIX_EPOCH));
+        let now_or_epoch = || now.as_ref().and_then(|n| n.as_ref().ok()).copied();
         let event_id = match self.event_id {
             Some(id) => EventId::new(id)?,
-            None => EventId::generate_at(now.unwrap_or_else(SystemTime::now)),
+            None => EventId::generate_at(now_or_epoch().unwrap_or_default()),
         };
         let context = self.context.as_deref().unwrap_or(&EMPTY_CONTEXT);
         for (field, value) in [
@@ -364,9 +368,11 @@ impl EnvelopeBuilder {
             },
             event_version,
             event_id,
-            timestamp_micros: wire::wire_micros(
-                self.timestamp.or(now).unwrap_or_else(SystemTime::now),
-            )?,
+            timestamp_micros: match (self.timestamp, now) {
+                (Some(timestamp), _) => wire::wire_micros(timestamp)?,
+                (None, Some(now)) => wire::micros_since_epoch(now)?,
+                (None, None) => wire::wire_micros(SystemTime::now())?,
+            },
             schema_version,
             content_type: self.content_type,
             context: self.context.and_then(|context| context.boxed()),
@@ -378,6 +384,38 @@ impl EnvelopeBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_generated_id_and_a_default_timestamp_share_one_clock_read() {
+        for _ in 0..1_000 {
+            let e = Envelope::builder("a", "T", 1).build().unwrap();
+            // A UUID version 7 begins with 48 bits of Unix milliseconds.
+            let hex: String = e
+                .event_id()
+                .as_str()
+                .chars()
+                .filter(|c| *c != '-')
+                .collect();
+            let millis = u64::from_str_radix(&hex[..12], 16).unwrap();
+            assert_eq!(millis, e.timestamp_micros / 1_000, "{}", e.event_id());
+        }
+        // Given a timestamp, the generated ID still carries the time it was built.
+        let before = SystemTime::now();
+        let e = Envelope::builder("a", "T", 1)
+            .timestamp(UNIX_EPOCH + Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let hex: String = e
+            .event_id()
+            .as_str()
+            .chars()
+            .filter(|c| *c != '-')
+            .collect();
+        let millis = u64::from_str_radix(&hex[..12], 16).unwrap();
+        let since = before.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+        assert!(millis >= since, "{millis} < {since}");
+        assert_eq!(e.timestamp(), UNIX_EPOCH + Duration::from_secs(1));
+    }
 
     #[test]
     fn version_zero_is_refused_with_its_field() {

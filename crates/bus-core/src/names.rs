@@ -347,15 +347,17 @@ impl EventId {
     /// random bits come from a per-thread generator (`fast-rng`), so generating one costs no
     /// system call; without a shared counter, no lock is taken either.
     pub fn generate() -> Self {
-        Self::generate_at(std::time::SystemTime::now())
+        Self::generate_at(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        )
     }
 
-    /// [`EventId::generate`] with the time already read (the builder reads the clock once
-    /// for the timestamp and the ID). A time before the Unix epoch counts as the epoch.
-    pub(crate) fn generate_at(now: std::time::SystemTime) -> Self {
-        let since = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+    /// [`EventId::generate`] with the time already read, as the time since the Unix epoch (the
+    /// builder reads the clock once for the timestamp and the ID; a clock before the epoch
+    /// counts as the epoch).
+    pub(crate) fn generate_at(since: std::time::Duration) -> Self {
         let id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
             uuid::NoContext,
             since.as_secs(),

@@ -113,7 +113,14 @@ pub(crate) fn check_user_header(name: &str, value: &str) -> Result<(), Validatio
 /// `time` in whole microseconds since the Unix epoch, as the wire carries it; refused before
 /// the epoch or past what 64 bits of microseconds hold.
 pub(crate) fn wire_micros(time: SystemTime) -> Result<u64, ValidationError> {
-    let since = time.duration_since(UNIX_EPOCH).map_err(|e| {
+    micros_since_epoch(time.duration_since(UNIX_EPOCH))
+}
+
+/// [`wire_micros`] of a time already measured from the Unix epoch (`Err` before it).
+pub(crate) fn micros_since_epoch(
+    since: Result<std::time::Duration, std::time::SystemTimeError>,
+) -> Result<u64, ValidationError> {
+    let since = since.map_err(|e| {
         ValidationError::new(
             "timestamp",
             format!("{:?} before the Unix epoch", e.duration()),

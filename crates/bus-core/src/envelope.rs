@@ -331,15 +331,19 @@ impl EnvelopeBuilder {
             .ok_or_else(|| ValidationError::new("event_version", "0", "must be greater than 0"))?;
         let schema_version = NonZeroU32::new(self.schema_version)
             .ok_or_else(|| ValidationError::new("schema_version", "0", "must be greater than 0"))?;
-        // One clock read serves a generated ID and a default timestamp.
         // One clock read, measured from the epoch once, serves a generated ID and a default
         // timestamp.
         let now = (self.event_id.is_none() || self.timestamp.is_none())
             .then(|| SystemTime::now().duration_since(UNIX_EPOCH));
-        let now_or_epoch = || now.as_ref().and_then(|n| n.as_ref().ok()).copied();
         let event_id = match self.event_id {
             Some(id) => EventId::new(id)?,
-            None => EventId::generate_at(now_or_epoch().unwrap_or_default()),
+            // A clock before the epoch fails a default timestamp below, never the ID.
+            None => EventId::generate_at(
+                now.as_ref()
+                    .and_then(|n| n.as_ref().ok())
+                    .copied()
+                    .unwrap_or_default(),
+            ),
         };
         let context = self.context.as_deref().unwrap_or(&EMPTY_CONTEXT);
         for (field, value) in [
@@ -385,19 +389,27 @@ impl EnvelopeBuilder {
 mod tests {
     use super::*;
 
+    /// The Unix milliseconds a UUID version 7 begins with (its first 48 bits).
+    fn id_millis(e: &Envelope) -> u64 {
+        let hex: String = e
+            .event_id()
+            .as_str()
+            .chars()
+            .filter(|c| *c != '-')
+            .collect();
+        u64::from_str_radix(&hex[..12], 16).unwrap()
+    }
+
     #[test]
     fn a_generated_id_and_a_default_timestamp_share_one_clock_read() {
         for _ in 0..1_000 {
             let e = Envelope::builder("a", "T", 1).build().unwrap();
-            // A UUID version 7 begins with 48 bits of Unix milliseconds.
-            let hex: String = e
-                .event_id()
-                .as_str()
-                .chars()
-                .filter(|c| *c != '-')
-                .collect();
-            let millis = u64::from_str_radix(&hex[..12], 16).unwrap();
-            assert_eq!(millis, e.timestamp_micros / 1_000, "{}", e.event_id());
+            assert_eq!(
+                id_millis(&e),
+                e.timestamp_micros / 1_000,
+                "{}",
+                e.event_id()
+            );
         }
         // Given a timestamp, the generated ID still carries the time it was built.
         let before = SystemTime::now();
@@ -405,15 +417,8 @@ mod tests {
             .timestamp(UNIX_EPOCH + Duration::from_secs(1))
             .build()
             .unwrap();
-        let hex: String = e
-            .event_id()
-            .as_str()
-            .chars()
-            .filter(|c| *c != '-')
-            .collect();
-        let millis = u64::from_str_radix(&hex[..12], 16).unwrap();
         let since = before.duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
-        assert!(millis >= since, "{millis} < {since}");
+        assert!(id_millis(&e) >= since, "{} < {since}", id_millis(&e));
         assert_eq!(e.timestamp(), UNIX_EPOCH + Duration::from_secs(1));
     }
 

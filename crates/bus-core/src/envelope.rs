@@ -132,6 +132,12 @@ impl Envelope {
         UNIX_EPOCH + Duration::from_micros(self.timestamp_micros)
     }
 
+    /// [`timestamp`](Self::timestamp) as microseconds since the Unix epoch, as it travels on
+    /// the wire (0 for a time before the epoch).
+    pub fn timestamp_micros(&self) -> u64 {
+        self.timestamp_micros
+    }
+
     /// The distributed trace this event belongs to, if any.
     pub fn trace_id(&self) -> Option<&str> {
         self.context().trace_id.as_deref()

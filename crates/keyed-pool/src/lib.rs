@@ -342,11 +342,20 @@ impl<J: Send + 'static> KeyedPool<J> {
 
     /// Queues `job` behind the earlier jobs of `key`, waiting while that queue is full.
     pub async fn submit<K: Hash + ?Sized>(&self, key: &K, job: J) -> Result<(), Closed<J>> {
-        let slot = Slot { job, done: None };
-        self.senders[self.worker_for(key)]
-            .send(slot)
-            .await
-            .map_err(|e| Closed(e.0.job))
+        self.put(key, Slot { job, done: None }).await
+    }
+
+    async fn put<K: Hash + ?Sized>(&self, key: &K, slot: Slot<J>) -> Result<(), Closed<J>> {
+        let sender = &self.senders[self.worker_for(key)];
+        // Room in the queue is the usual case: taken without making a waiting future. A full
+        // queue is waited on in turn (its free places go to those waiting first).
+        match sender.try_send(slot) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(slot)) => {
+                sender.send(slot).await.map_err(|e| Closed(e.0.job))
+            }
+            Err(mpsc::error::TrySendError::Closed(slot)) => Err(Closed(slot.job)),
+        }
     }
 
     /// Like [`submit`](Self::submit), and returns a [`Completion`] for the job.
@@ -360,10 +369,7 @@ impl<J: Send + 'static> KeyedPool<J> {
             job,
             done: Some(tx),
         };
-        self.senders[self.worker_for(key)]
-            .send(slot)
-            .await
-            .map_err(|e| Closed(e.0.job))?;
+        self.put(key, slot).await?;
         Ok(Completion(rx))
     }
 

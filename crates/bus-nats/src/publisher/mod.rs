@@ -372,13 +372,17 @@ impl NatsPublisher {
                 ),
             ));
         }
-        let permit = self
-            .state
-            .window
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| PublishError::new(PublishErrorKind::Closed, "publisher is closed"))?;
+        // A free place in the window is the usual case: taken without making a waiting future.
+        let permit = match self.state.window.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => self
+                .state
+                .window
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| PublishError::new(PublishErrorKind::Closed, "publisher is closed"))?,
+        };
         let chain = match (&envelope, self.shared.config.publish_ordering) {
             (Some(e), PublishOrdering::PerAggregate) => {
                 Some(chain_key(topic, e.aggregate_id().as_str()))

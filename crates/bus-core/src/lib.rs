@@ -61,7 +61,7 @@ pub use policy::{jitter, run_with_retry, FailurePolicy, FailureReason, RetryOutc
 pub use trace::{new_parent_id, TraceParent, TRACEPARENT};
 pub use traits::{
     handler_fn, raw_handler_fn, AggregateControl, CloseReport, HaltedAggregate, Handler, HandlerFn,
-    KeyExtractor, Published, Publisher, RawHandler, RawHandlerFn, RawKey, RawMessage, Receipt,
-    Subscriber, Subscription, SubscriptionHandle, SubscriptionMetrics,
+    KeyExtractor, PublishOutcome, Published, Publisher, RawHandler, RawHandlerFn, RawKey,
+    RawMessage, Receipt, Subscriber, Subscription, SubscriptionHandle, SubscriptionMetrics,
 };
 pub use typed::{Event, EventContext, EventHandlers, PublishEvent, UnknownEvents};

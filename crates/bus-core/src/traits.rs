@@ -115,7 +115,18 @@ pub struct Receipt(ReceiptInner);
 enum ReceiptInner {
     Boxed(Pin<Box<dyn Future<Output = Result<Published, PublishError>> + Send>>),
     Channel(tokio::sync::oneshot::Receiver<Result<Published, PublishError>>),
+    Shared(Arc<dyn PublishOutcome>),
     Ready(Option<Result<Published, PublishError>>),
+}
+
+/// A transport's own record of one publish's outcome, which a [`Receipt`] made with
+/// [`Receipt::from_outcome`] waits on: it can live in the allocation the transport keeps for
+/// the publish anyway, where a channel would be one more per message.
+pub trait PublishOutcome: Send + Sync + 'static {
+    /// The outcome, once known (handed out once: a receipt reads it once); until then
+    /// `Pending`, with `cx`'s waker kept to be woken when it is known. A transport that can
+    /// no longer settle the publish resolves it as an error rather than leave it pending.
+    fn poll_outcome(&self, cx: &mut Context<'_>) -> Poll<Result<Published, PublishError>>;
 }
 
 impl Receipt {
@@ -133,6 +144,11 @@ impl Receipt {
         outcome: tokio::sync::oneshot::Receiver<Result<Published, PublishError>>,
     ) -> Self {
         Self(ReceiptInner::Channel(outcome))
+    }
+
+    /// A receipt resolved by the transport's shared record of the publish.
+    pub fn from_outcome(outcome: Arc<dyn PublishOutcome>) -> Self {
+        Self(ReceiptInner::Shared(outcome))
     }
 
     /// A receipt that is already resolved.
@@ -155,6 +171,7 @@ impl Future for Receipt {
                     ))
                 })
             }),
+            ReceiptInner::Shared(outcome) => outcome.poll_outcome(cx),
             ReceiptInner::Ready(result) => Poll::Ready(
                 result
                     .take()

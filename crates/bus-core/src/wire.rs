@@ -81,12 +81,19 @@ fn parse_decimal(text: &str) -> Option<u64> {
         return None;
     }
     let mut value: u64 = 0;
+    // Nineteen digits never overflow (u64::MAX has twenty): a version or a timestamp in
+    // microseconds is checked digit by digit only.
+    let checked = bytes.len() > 19;
     for &b in bytes {
         let digit = b.wrapping_sub(b'0');
         if digit > 9 {
             return None;
         }
-        value = value.checked_mul(10)?.checked_add(u64::from(digit))?;
+        value = if checked {
+            value.checked_mul(10)?.checked_add(u64::from(digit))?
+        } else {
+            value * 10 + u64::from(digit)
+        };
     }
     Some(value)
 }
@@ -911,6 +918,10 @@ mod tests {
     #[test]
     fn decimals_at_the_edges() {
         assert_eq!(parse_decimal("0"), Some(0));
+        assert_eq!(
+            parse_decimal("9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
         assert_eq!(parse_decimal("18446744073709551615"), Some(u64::MAX));
         assert_eq!(parse_decimal("18446744073709551616"), None);
         assert_eq!(parse_decimal("99999999999999999999"), None);

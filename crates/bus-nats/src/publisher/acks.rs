@@ -55,13 +55,16 @@ pub(super) async fn transmit(
     let now = Instant::now();
     let (subject, headers, payload) = match &mut flight {
         Flight::Raw(message) => {
-            message.first_sent.get_or_insert(now);
-            message.sends += 1;
-            message.span.record("attempt", message.sends);
-            let (headers, payload) = *message
-                .raw
-                .take()
-                .expect("only raw publishes fly alone, and are sent once");
+            let (headers, payload) = {
+                let mut held = message.held();
+                if let Some(span) = &held.span {
+                    span.record("attempt", 1u32);
+                }
+                *held
+                    .raw
+                    .take()
+                    .expect("only raw publishes fly alone, and are sent once")
+            };
             (route.connection.subject.clone(), headers, payload)
         }
         Flight::Batch(batch) => {
@@ -74,10 +77,11 @@ pub(super) async fn transmit(
                 }
             }
             batch.first_sent.get_or_insert(now);
-            for message in &mut batch.messages {
-                message.first_sent.get_or_insert(now);
-                message.sends += 1;
-                message.span.record("attempt", message.sends);
+            batch.sends += 1;
+            for message in batch.messages.iter().filter(|m| m.traced) {
+                if let Some(span) = &message.held().span {
+                    span.record("attempt", batch.sends);
+                }
             }
             let headers = batch_headers(&batch.messages);
             let payload = batch

@@ -2,8 +2,12 @@
 
 use super::*;
 
-fn envelope(m: &Message) -> &Envelope {
-    m.envelope.as_ref().expect("only envelopes are batched")
+/// `f` of a batched publish's envelope.
+fn with_envelope<R>(m: &Message, f: impl FnOnce(&Envelope) -> R) -> R {
+    f(m.held()
+        .envelope
+        .as_ref()
+        .expect("only envelopes are batched, and only until settled"))
 }
 
 /// A batch's headers: a single event's headers for one event, `Bus-Batch: <n>` for more. Its
@@ -11,13 +15,15 @@ fn envelope(m: &Message) -> &Envelope {
 /// the batch. Built for each send: cheaper than keeping a map and cloning it.
 pub(super) fn batch_headers(messages: &[Message]) -> HeaderMap {
     if let [only] = messages {
-        return envelope_headers(envelope(only));
+        return with_envelope(only, envelope_headers);
     }
     let mut headers = HeaderMap::new();
     headers.insert(wire::BATCH, messages.len().to_string());
     headers.insert(
         "Nats-Msg-Id",
-        format!("{}+{}", envelope(&messages[0]).event_id(), messages.len()),
+        with_envelope(&messages[0], |e| {
+            format!("{}+{}", e.event_id(), messages.len())
+        }),
     );
     headers
 }
@@ -25,11 +31,11 @@ pub(super) fn batch_headers(messages: &[Message]) -> HeaderMap {
 /// A batch's body: the event's payload for one event, the records in order for more.
 pub(super) fn batch_body(messages: &[Message]) -> Bytes {
     if let [only] = messages {
-        return envelope(only).payload().clone();
+        return with_envelope(only, |e| e.payload().clone());
     }
     let mut body = Vec::with_capacity(messages.iter().map(|m| m.record_len).sum());
     for m in messages {
-        wire::encode_record(envelope(m), &mut body);
+        with_envelope(m, |e| wire::encode_record(e, &mut body));
     }
     Bytes::from(body)
 }

@@ -21,7 +21,7 @@ use bus_core::{
 };
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, SelectAll, StreamExt};
-use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::telemetry::PublishMetrics;
 use crate::{BatchConfig, PublishFailure, PublishOrdering, Shared, TopicConnection};
@@ -29,6 +29,7 @@ use crate::{BatchConfig, PublishFailure, PublishOrdering, Shared, TopicConnectio
 mod acks;
 mod encode;
 mod lane;
+mod message;
 mod settle;
 #[cfg(test)]
 mod test_support;
@@ -38,41 +39,11 @@ pub(crate) use encode::header_len;
 pub use encode::message_size;
 use encode::{batch_body, batch_headers};
 use lane::Lane;
+use message::{Held, Message, Outcome, Publish};
 use settle::Settler;
-
-/// One publish, from the call to `publish` until its receipt is settled. Boxed once when it is
-/// created: it is about 450 bytes and moves from the call to a lane, a batch and settlement;
-/// a pointer moves instead.
-type Message = Box<Publish>;
 
 /// The publishes of one batch. One is held inline: with batching off every batch is one event.
 type Batched = smallvec::SmallVec<[Message; 1]>;
-
-/// What a [`Message`] holds.
-struct Publish {
-    topic: Topic,
-    /// The aggregate chain it belongs to, under [`PublishOrdering::PerAggregate`].
-    chain: Option<u64>,
-    /// The envelope, kept for retries and the failure callback; `None` for raw publishes,
-    /// which are sent once, from `raw`.
-    envelope: Option<Envelope>,
-    receipt: oneshot::Sender<Result<Published, PublishError>>,
-    /// When it was first sent; transient failures are retried until `publish_retry_for` after.
-    first_sent: Option<Instant>,
-    /// A raw publish's headers and body (boxed: rare, and large beside the rest).
-    raw: Option<Box<(HeaderMap, Bytes)>>,
-    /// When `publish` was called.
-    created: Instant,
-    /// `bus.publish`, from the call to the settled receipt.
-    span: tracing::Span,
-    /// Times sent.
-    sends: u32,
-    /// The bytes it takes as a record of a batch (0 when it is never batched).
-    record_len: usize,
-    metrics: Arc<PublishMetrics>,
-    /// Its place in the in-flight window, given back when it is settled.
-    permit: OwnedSemaphorePermit,
-}
 
 /// What one NATS message carries while it awaits its ack: a raw publish, or a batch of envelopes
 /// (one event when batching is off).
@@ -101,6 +72,8 @@ struct Batch {
     /// again, the same).
     body: Option<Bytes>,
     first_sent: Option<Instant>,
+    /// Times sent.
+    sends: u32,
 }
 
 /// Where a topic's publishes go and where their acks come back.
@@ -417,30 +390,32 @@ impl NatsPublisher {
                 }
             }
         }
-        let (tx, rx) = oneshot::channel();
-        let message = Box::new(Publish {
-            topic: topic.clone(),
+        // Envelopes go through their lane, batched or not: one chain mechanism. A raw
+        // publish belongs to no chain and goes as it is.
+        let lane = envelope
+            .as_ref()
+            .map(|e| route.lane_for(e.aggregate_id().as_str()).clone());
+        let publish = Arc::new(Publish::new(
+            topic.clone(),
             chain,
-            envelope,
-            receipt: tx,
-            first_sent: None,
-            raw,
-            created: Instant::now(),
-            metrics: route.metrics.clone(),
-            span,
-            sends: 0,
             record_len,
-            permit,
-        });
+            route.metrics.clone(),
+            Held {
+                envelope,
+                raw,
+                span: Some(span),
+                permit: Some(permit),
+                outcome: Outcome::Pending(None),
+            },
+        ));
+        let receipt = Receipt::from_outcome(publish.clone());
+        let message = Message(publish);
         self.state.outstanding.fetch_add(1, Ordering::AcqRel);
-        if message.envelope.is_some() {
-            // Envelopes go through their lane, batched or not: one chain mechanism.
-            self.enqueue(topic, &route, message).await?;
-        } else {
-            // A raw publish belongs to no chain and goes as it is.
-            self.write(&route, Flight::Raw(message)).await?;
+        match lane {
+            Some(lane) => self.enqueue(topic, &route, lane, message).await?,
+            None => self.write(&route, Flight::Raw(message)).await?,
         }
-        Ok(receipt(rx))
+        Ok(receipt)
     }
 
     /// Writes a flight now; one that could not be written is settled by the ack task, like
@@ -466,14 +441,9 @@ impl NatsPublisher {
         &self,
         topic: &Topic,
         route: &Route,
+        lane: Arc<Lane>,
         message: Message,
     ) -> Result<(), PublishError> {
-        let aggregate = message
-            .envelope
-            .as_ref()
-            .map(|e| e.aggregate_id().as_str())
-            .unwrap_or_default();
-        let lane = route.lane_for(aggregate).clone();
         let limits = &lane.limits;
         // Just created: its creation time serves as now, without another clock read.
         let now = message.created;
@@ -506,15 +476,12 @@ impl NatsPublisher {
                 messages,
                 body: None,
                 first_sent: None,
+                sends: 0,
             };
             self.write(route, Flight::Batch(batch)).await?;
         }
         Ok(())
     }
-}
-
-fn receipt(rx: oneshot::Receiver<Result<Published, PublishError>>) -> Receipt {
-    Receipt::from_channel(rx)
 }
 
 impl NatsPublisher {

@@ -99,9 +99,10 @@ impl Settler<'_> {
                         duplicate,
                     };
                     let permit = finish_at(message, Ok(published), state, shared, now);
-                    match &mut window {
-                        Some(window) => window.merge(permit),
-                        None => window = Some(permit),
+                    match (&mut window, permit) {
+                        (Some(window), Some(permit)) => window.merge(permit),
+                        (None, permit) => window = permit,
+                        (Some(_), None) => {}
                     }
                 }
                 drop(window);
@@ -198,6 +199,7 @@ impl Settler<'_> {
                 messages,
                 body: None,
                 first_sent: None,
+                sends: 0,
             }));
         }
         if !limits.linger.is_zero()
@@ -254,21 +256,16 @@ pub(super) fn finish_at(
     state: &State,
     shared: &Shared,
     now: Instant,
-) -> OwnedSemaphorePermit {
-    let Publish {
-        topic,
-        envelope,
-        receipt,
-        created,
-        metrics,
-        span,
-        permit,
-        ..
-    } = *message;
+) -> Option<OwnedSemaphorePermit> {
+    let (envelope, span, permit) = {
+        let mut held = message.held();
+        (held.envelope.take(), held.span.take(), held.permit.take())
+    };
+    let metrics = &message.metrics;
     metrics
         .seconds
-        .record(now.saturating_duration_since(created).as_secs_f64());
-    if !span.is_disabled() {
+        .record(now.saturating_duration_since(message.created).as_secs_f64());
+    if let Some(span) = span.as_ref().filter(|s| !s.is_disabled()) {
         match &outcome {
             Ok(published) => {
                 span.record(
@@ -297,7 +294,7 @@ pub(super) fn finish_at(
     if let Err(error) = &outcome {
         if let Some(callback) = &shared.config.on_publish_error {
             callback(&PublishFailure {
-                topic,
+                topic: message.topic.clone(),
                 envelope,
                 error: PublishError::new(error.kind(), error.to_string()),
             });
@@ -307,7 +304,9 @@ pub(super) fn finish_at(
             *first = Some(PublishError::new(error.kind(), error.to_string()));
         }
     }
-    let _ = receipt.send(outcome);
+    // The span closes now, settled, whatever the receipt does.
+    drop(span);
+    message.resolve(outcome);
     if state.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
         state.idle.notify_waiters();
     }

@@ -19,40 +19,38 @@ pub(super) fn topic() -> Topic {
 }
 
 pub(super) fn message() -> Message {
+    publish(None, 0, None)
+}
+
+fn publish(chain: Option<u64>, record_len: usize, envelope: Option<Envelope>) -> Message {
     let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-    Box::new(Publish {
-        topic: topic(),
-        chain: None,
-        envelope: None,
-        receipt: oneshot::channel().0,
-        first_sent: None,
-        raw: None,
-        created: Instant::now(),
-        metrics: Arc::new(PublishMetrics::new(&topic())),
-        span: tracing::Span::none(),
-        sends: 0,
-        record_len: 0,
-        permit,
-    })
+    Message(Arc::new(Publish::new(
+        topic(),
+        chain,
+        record_len,
+        Arc::new(PublishMetrics::new(&topic())),
+        Held {
+            envelope,
+            raw: None,
+            span: Some(tracing::Span::none()),
+            permit: Some(permit),
+            outcome: Outcome::Pending(None),
+        },
+    )))
 }
 
 /// Event `version` of aggregate `chain`, `len` bytes as a record.
 pub(super) fn event(chain: u64, version: u64, len: usize) -> Message {
-    let mut m = message();
-    m.chain = Some(chain);
-    m.record_len = len;
-    m.envelope = Some(
-        Envelope::builder(format!("a{chain}"), "T", version)
-            .build()
-            .unwrap(),
-    );
-    m
+    let envelope = Envelope::builder(format!("a{chain}"), "T", version)
+        .build()
+        .unwrap();
+    publish(Some(chain), len, Some(envelope))
 }
 
 pub(super) fn version(m: &Message) -> (u64, u64) {
     (
         m.chain.unwrap(),
-        m.envelope.as_ref().unwrap().event_version(),
+        m.held().envelope.as_ref().unwrap().event_version(),
     )
 }
 

@@ -1,0 +1,223 @@
+//! One publish as the publisher keeps it, shared with its receipt.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_nats::HeaderMap;
+use bus_core::{Envelope, PublishError, PublishErrorKind, Published, Topic};
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::telemetry::PublishMetrics;
+
+/// The publisher's handle on one publish, from the call to `publish` until it is settled; its
+/// receipt holds the other. One allocation holds what is sent and the outcome the receipt
+/// waits for (a channel beside it was a second allocation per event); a pointer moves from the
+/// call to a lane, a batch and settlement.
+///
+/// Dropped unsettled (the publisher's tasks stopped with it in flight), it resolves its receipt
+/// as a connection failure rather than leave it waiting.
+pub(super) struct Message(pub(super) Arc<Publish>);
+
+impl std::ops::Deref for Message {
+    type Target = Publish;
+    fn deref(&self) -> &Publish {
+        &self.0
+    }
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        if !self.0.settled.load(Ordering::Acquire) {
+            self.0.resolve(Err(PublishError::new(
+                PublishErrorKind::Connection,
+                "the publisher stopped before the broker's answer arrived",
+            )));
+        }
+    }
+}
+
+/// What a [`Message`] holds.
+pub(super) struct Publish {
+    pub(super) topic: Topic,
+    /// The aggregate chain it belongs to, under [`PublishOrdering::PerAggregate`](crate::PublishOrdering::PerAggregate).
+    pub(super) chain: Option<u64>,
+    /// When `publish` was called.
+    pub(super) created: Instant,
+    /// The bytes it takes as a record of a batch (0 when it is never batched).
+    pub(super) record_len: usize,
+    pub(super) metrics: Arc<PublishMetrics>,
+    /// Whether its span records (so that sending it looks at the span at all).
+    pub(super) traced: bool,
+    /// Set once it is settled (its outcome is in `held`).
+    pub(super) settled: AtomicBool,
+    /// What is sent, what settling takes, and the outcome. Locked by the publisher's tasks
+    /// while it flies and by its receipt when polled: never for long, seldom at once.
+    pub(super) held: Mutex<Held>,
+}
+
+pub(super) struct Held {
+    /// The envelope, kept for retries and the failure callback; `None` for raw publishes
+    /// (sent once, from `raw`) and once settled.
+    pub(super) envelope: Option<Envelope>,
+    /// A raw publish's headers and body (boxed: rare, and large beside the rest).
+    pub(super) raw: Option<Box<(HeaderMap, Bytes)>>,
+    /// `bus.publish`, from the call until it is settled (then closed).
+    pub(super) span: Option<tracing::Span>,
+    /// Its place in the in-flight window, given back when it is settled.
+    pub(super) permit: Option<OwnedSemaphorePermit>,
+    pub(super) outcome: Outcome,
+}
+
+/// Where a publish's outcome stands, for its receipt.
+pub(super) enum Outcome {
+    /// Not known yet; the receipt's waker, once it waits.
+    Pending(Option<std::task::Waker>),
+    Known(Result<Published, PublishError>),
+    /// Read by the receipt.
+    Read,
+}
+
+impl Publish {
+    pub(super) fn new(
+        topic: Topic,
+        chain: Option<u64>,
+        record_len: usize,
+        metrics: Arc<PublishMetrics>,
+        held: Held,
+    ) -> Self {
+        Self {
+            topic,
+            chain,
+            created: Instant::now(),
+            record_len,
+            metrics,
+            traced: held.span.as_ref().is_some_and(|s| !s.is_disabled()),
+            settled: AtomicBool::new(false),
+            held: Mutex::new(held),
+        }
+    }
+
+    pub(super) fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records its outcome (the first one given) and wakes its receipt.
+    pub(super) fn resolve(&self, outcome: Result<Published, PublishError>) {
+        let waker = {
+            let mut held = self.held();
+            match &mut held.outcome {
+                Outcome::Pending(waker) => {
+                    let waker = waker.take();
+                    held.outcome = Outcome::Known(outcome);
+                    waker
+                }
+                Outcome::Known(_) | Outcome::Read => None,
+            }
+        };
+        self.settled.store(true, Ordering::Release);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+impl bus_core::PublishOutcome for Publish {
+    fn poll_outcome(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Published, PublishError>> {
+        let mut held = self.held();
+        match std::mem::replace(&mut held.outcome, Outcome::Read) {
+            Outcome::Known(outcome) => std::task::Poll::Ready(outcome),
+            Outcome::Pending(waker) => {
+                let waker = match waker {
+                    Some(w) if w.will_wake(cx.waker()) => w,
+                    _ => cx.waker().clone(),
+                };
+                held.outcome = Outcome::Pending(Some(waker));
+                std::task::Poll::Pending
+            }
+            Outcome::Read => std::task::Poll::Ready(Err(PublishError::new(
+                PublishErrorKind::Invalid,
+                "a receipt is not polled after it resolved",
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use bus_core::Receipt;
+
+    use super::*;
+    use crate::publisher::test_support::message;
+
+    /// Counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn receipt_of(m: &Message) -> Receipt {
+        Receipt::from_outcome(m.0.clone())
+    }
+
+    fn published() -> Published {
+        Published {
+            topic: Topic::new("orders").unwrap(),
+            sequence: Some(7),
+            duplicate: false,
+        }
+    }
+
+    #[test]
+    fn a_waiting_receipt_is_woken_with_the_outcome_and_reads_it_once() {
+        let m = message();
+        let mut receipt = pin!(receipt_of(&m));
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(receipt.as_mut().poll(&mut cx).is_pending());
+        m.resolve(Ok(published()));
+        // A second outcome (a late failure) does not replace the first.
+        m.resolve(Err(PublishError::new(PublishErrorKind::Connection, "late")));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(receipt.as_mut().poll(&mut cx), Poll::Ready(Ok(p)) if p == published()));
+        let again = receipt.as_mut().poll(&mut cx);
+        assert!(matches!(again, Poll::Ready(Err(e)) if e.kind() == PublishErrorKind::Invalid));
+    }
+
+    #[test]
+    fn a_publish_dropped_unsettled_fails_its_receipt_and_one_settled_does_not() {
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+
+        let m = message();
+        let mut receipt = pin!(receipt_of(&m));
+        assert!(receipt.as_mut().poll(&mut cx).is_pending());
+        drop(m);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(
+            receipt.as_mut().poll(&mut cx),
+            Poll::Ready(Err(e)) if e.kind() == PublishErrorKind::Connection
+        ));
+
+        let m = message();
+        let mut receipt = pin!(receipt_of(&m));
+        m.resolve(Ok(published()));
+        drop(m);
+        assert!(matches!(receipt.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+    }
+}

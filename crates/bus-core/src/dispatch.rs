@@ -47,13 +47,7 @@ pub fn prepare<'a>(
     payload: &Bytes,
 ) -> (Arc<str>, Result<Prepared, Unhandleable>) {
     match raw_key {
-        None => match wire::decode(headers, payload.clone()) {
-            Ok(e) => (e.aggregate_id().shared(), Ok(Prepared::Envelope(e))),
-            Err(err) => (
-                subject.into(),
-                Err(Unhandleable::Undecodable(err.to_string())),
-            ),
-        },
+        None => keyed(wire::decode(headers, payload.clone()), subject),
         Some(key) => {
             let raw = RawMessage {
                 topic: topic.clone(),
@@ -66,6 +60,28 @@ pub fn prepare<'a>(
                 None => (subject.into(), Err(Unhandleable::NoKey)),
             }
         }
+    }
+}
+
+/// [`prepare`] of one record of a record batch for an envelope handler (a raw handler gets
+/// [`wire::Record::headers`] and its payload through [`prepare`]).
+pub fn prepare_record(
+    subject: &str,
+    record: &wire::Record,
+) -> (Arc<str>, Result<Prepared, Unhandleable>) {
+    keyed(record.decode(), subject)
+}
+
+fn keyed(
+    decoded: Result<crate::Envelope, crate::DecodeError>,
+    subject: &str,
+) -> (Arc<str>, Result<Prepared, Unhandleable>) {
+    match decoded {
+        Ok(e) => (e.aggregate_id().shared(), Ok(Prepared::Envelope(e))),
+        Err(err) => (
+            subject.into(),
+            Err(Unhandleable::Undecodable(err.to_string())),
+        ),
     }
 }
 
@@ -92,5 +108,23 @@ mod tests {
         let (key, prepared) = prepare(&topic, Some(&RawKey::Subject), "t", pairs(), e.payload());
         assert_eq!(&*key, "t");
         assert!(matches!(prepared, Ok(Prepared::Raw(m)) if m.headers.len() == headers.len()));
+    }
+
+    #[test]
+    fn records_are_keyed_by_aggregate_and_the_undecodable_by_subject() {
+        let e = Envelope::builder("a-1", "T", 3).build().unwrap();
+        let mut body = Vec::new();
+        wire::encode_record(&e, &mut body);
+        // A record whose header block is not an envelope's.
+        body.extend_from_slice(&6u32.to_be_bytes());
+        body.extend_from_slice(b"X: 1\r\n");
+        body.extend_from_slice(&0u32.to_be_bytes());
+        let records = wire::decode_batch("2", &Bytes::from(body)).unwrap();
+        let (key, prepared) = prepare_record("t.2", &records[0]);
+        assert_eq!(&*key, "a-1");
+        assert!(matches!(prepared, Ok(Prepared::Envelope(d)) if d == e));
+        let (key, prepared) = prepare_record("t.2", &records[1]);
+        assert_eq!(&*key, "t.2");
+        assert!(matches!(prepared, Err(Unhandleable::Undecodable(_))));
     }
 }

@@ -49,7 +49,7 @@ pub use codec::{Codec, ContentType};
 pub use delivery::{
     continue_trace, current_delivery, with_delivery, CancelSource, Cancellation, Delivery,
 };
-pub use dispatch::{prepare, Prepared, Unhandleable};
+pub use dispatch::{prepare, prepare_record, Prepared, Unhandleable};
 pub use envelope::{Envelope, EnvelopeBuilder};
 pub use error::{
     BoxError, BusError, CodecError, DecodeError, HandlerError, PublishError, PublishErrorKind,

@@ -139,7 +139,15 @@ pub(crate) fn prepare_record(
     subject: &str,
     record: &wire::Record,
 ) -> (Arc<str>, Result<Input, (DeadLetterReason, String)>) {
-    prepare_parts(topic, dispatch, subject, record.headers(), record.payload())
+    match dispatch {
+        Dispatch::Envelope(_) => {
+            let (key, prepared) = bus_core::prepare_record(subject, record);
+            (key, prepared.map_err(dead_letter_reason))
+        }
+        Dispatch::Raw(..) => {
+            prepare_parts(topic, dispatch, subject, record.headers(), record.payload())
+        }
+    }
 }
 
 fn prepare_parts<'a>(
@@ -157,12 +165,13 @@ fn prepare_parts<'a>(
             bus_core::prepare(topic, Some(key), subject, headers, payload)
         }
     };
-    let input = prepared.map_err(|why| {
-        let reason = match why {
-            Unhandleable::Undecodable(_) => DeadLetterReason::Undecodable,
-            Unhandleable::NoKey => DeadLetterReason::NoKey,
-        };
-        (reason, why.to_string())
-    });
-    (key, input)
+    (key, prepared.map_err(dead_letter_reason))
+}
+
+fn dead_letter_reason(why: Unhandleable) -> (DeadLetterReason, String) {
+    let reason = match why {
+        Unhandleable::Undecodable(_) => DeadLetterReason::Undecodable,
+        Unhandleable::NoKey => DeadLetterReason::NoKey,
+    };
+    (reason, why.to_string())
 }

@@ -80,23 +80,35 @@ pub(super) enum Outcome {
 }
 
 impl Publish {
-    pub(super) fn new(
+    /// A publish made now, in flight, in one expression: its fields are written where they
+    /// end up rather than moved there through a `Held` and a `Mutex` of their own.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn create(
         topic: Topic,
         chain: Option<u64>,
         record_len: usize,
         metrics: Arc<PublishMetrics>,
-        held: Held,
-    ) -> Self {
-        Self {
+        envelope: Option<Envelope>,
+        raw: Option<Box<(HeaderMap, Bytes)>>,
+        span: tracing::Span,
+        permit: OwnedSemaphorePermit,
+    ) -> Arc<Self> {
+        Arc::new(Self {
             topic,
             chain,
             created: Instant::now(),
             record_len,
             metrics,
-            traced: held.span.as_ref().is_some_and(|s| !s.is_disabled()),
+            traced: !span.is_disabled(),
             settled: AtomicBool::new(false),
-            held: Mutex::new(held),
-        }
+            held: Mutex::new(Held {
+                envelope,
+                raw,
+                span: Some(span),
+                permit: Some(permit),
+                outcome: Outcome::Pending(None),
+            }),
+        })
     }
 
     pub(super) fn held(&self) -> std::sync::MutexGuard<'_, Held> {

@@ -39,7 +39,7 @@ pub(crate) use encode::header_len;
 pub use encode::message_size;
 use encode::{batch_body, batch_headers};
 use lane::Lane;
-use message::{Held, Message, Outcome, Publish};
+use message::{Message, Publish};
 use settle::Settler;
 
 /// The publishes of one batch. One is held inline: with batching off every batch is one event.
@@ -395,19 +395,16 @@ impl NatsPublisher {
         let lane = envelope
             .as_ref()
             .map(|e| route.lane_for(e.aggregate_id().as_str()).clone());
-        let publish = Arc::new(Publish::new(
+        let publish = Publish::create(
             topic.clone(),
             chain,
             record_len,
             route.metrics.clone(),
-            Held {
-                envelope,
-                raw,
-                span: Some(span),
-                permit: Some(permit),
-                outcome: Outcome::Pending(None),
-            },
-        ));
+            envelope,
+            raw,
+            span,
+            permit,
+        );
         let receipt = Receipt::from_outcome(publish.clone());
         let message = Message(publish);
         self.state.outstanding.fetch_add(1, Ordering::AcqRel);

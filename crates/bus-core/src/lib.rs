@@ -56,7 +56,9 @@ pub use error::{
     SubscribeError, SubscribeErrorKind, ValidationError,
 };
 pub use handled::{HandledOnce, HandledVersions, MemoryHandledVersions};
-pub use names::{AggregateId, EventId, EventType, Topic, MAX_AGGREGATE_ID_LEN, MAX_NAME_LEN};
+pub use names::{
+    AggregateId, AggregateIds, EventId, EventType, Topic, MAX_AGGREGATE_ID_LEN, MAX_NAME_LEN,
+};
 pub use policy::{jitter, run_with_retry, FailurePolicy, FailureReason, RetryOutcome, RetryPolicy};
 pub use trace::{new_parent_id, TraceParent, TRACEPARENT};
 pub use traits::{

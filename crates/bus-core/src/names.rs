@@ -241,6 +241,73 @@ impl AggregateId {
     }
 }
 
+impl std::borrow::Borrow<str> for AggregateId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Aggregate IDs one decoder read recently, shared rather than validated and allocated again:
+/// an aggregate's events arrive many times over, with the same ID every time.
+///
+/// Holds at most its capacity of IDs and forgets them all when full, so its memory stays
+/// bounded (about 70 bytes an ID beside the IDs' own text) whatever the number of aggregates;
+/// with more aggregates in turn than it holds, it finds few and costs a lookup per event.
+///
+/// ```
+/// let mut ids = bus_core::AggregateIds::new(2);
+/// let first = ids.get("order-1").unwrap();
+/// assert!(std::ptr::eq(first.as_str(), ids.get("order-1").unwrap().as_str()));
+/// assert!(ids.get("not valid").is_err());
+/// ```
+#[derive(Debug)]
+pub struct AggregateIds {
+    known: std::collections::HashSet<AggregateId, ahash::RandomState>,
+    capacity: usize,
+}
+
+impl AggregateIds {
+    /// What a subscription's decoder keeps: about a megabyte at most.
+    pub const DEFAULT_CAPACITY: usize = 16 * 1024;
+
+    /// Keeps up to `capacity` IDs (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            known: std::collections::HashSet::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// `text` as an aggregate ID: the one kept if it was read before, validated otherwise.
+    pub fn get(&mut self, text: &str) -> Result<AggregateId, ValidationError> {
+        if let Some(id) = self.known.get(text) {
+            return Ok(id.clone());
+        }
+        let id = AggregateId::new(text)?;
+        if self.known.len() >= self.capacity {
+            self.known.clear();
+        }
+        self.known.insert(id.clone());
+        Ok(id)
+    }
+
+    /// IDs kept now.
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+}
+
+impl Default for AggregateIds {
+    fn default() -> Self {
+        Self::new(Self::DEFAULT_CAPACITY)
+    }
+}
+
 string_newtype!(
     /// The type of an event, such as `OrderPlaced` or `billing.invoice.issued`.
     ///
@@ -434,6 +501,22 @@ mod tests {
         assert!(matches!(&generated.0, EventIdRepr::Inline(text) if text.len() == 36));
         let parsed: EventId = serde_json::from_str(&format!("{:?}", generated.as_str())).unwrap();
         assert_eq!(parsed, generated);
+    }
+
+    #[test]
+    fn kept_aggregate_ids_are_shared_and_forgotten_when_full() {
+        let mut ids = AggregateIds::new(2);
+        let a = ids.get("a").unwrap();
+        assert!(Arc::ptr_eq(&a.0, &ids.get("a").unwrap().0));
+        ids.get("b").unwrap();
+        assert_eq!(ids.len(), 2);
+        // Full: all are forgotten, and the new one kept.
+        ids.get("c").unwrap();
+        assert_eq!(ids.len(), 1);
+        assert!(!Arc::ptr_eq(&a.0, &ids.get("a").unwrap().0));
+        // Refused IDs are never kept.
+        assert!(ids.get("a b").is_err());
+        assert_eq!(ids.len(), 2);
     }
 
     /// The word-at-a-time check agrees with the byte rule for every byte value, at every

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use crate::codec::ContentType;
 use crate::envelope::Envelope;
 use crate::error::{DecodeError, ValidationError};
-use crate::names::{AggregateId, EventId, EventType};
+use crate::names::{AggregateId, AggregateIds, EventId, EventType};
 
 /// Header carrying the required metadata: aggregate ID, event version, event type, timestamp
 /// (microseconds since the Unix epoch) and event ID, separated by single spaces.
@@ -283,7 +283,7 @@ fn event_fields(value: &str) -> Result<EventFields, DecodeError> {
 /// (short runs of digits) are delimited by a plain loop, the two names by `memchr`. `None` for
 /// anything else, which [`event_fields`] then reads again to name what is wrong; so both accept
 /// exactly the same values.
-fn event_fields_fast(value: &str) -> Option<EventFields> {
+fn event_fields_fast(value: &str, ids: Option<&mut AggregateIds>) -> Option<EventFields> {
     let bytes = value.as_bytes();
     let space_after = |at: usize| bytes[at..].iter().position(|&b| b == b' ').map(|n| at + n);
     let aggregate = memchr::memchr(b' ', bytes)?;
@@ -291,7 +291,11 @@ fn event_fields_fast(value: &str) -> Option<EventFields> {
     let kind = version + 1 + memchr::memchr(b' ', &bytes[version + 1..])?;
     let micros = space_after(kind + 1)?;
     Some(EventFields {
-        aggregate_id: AggregateId::new(&value[..aggregate]).ok()?,
+        aggregate_id: match ids {
+            Some(ids) => ids.get(&value[..aggregate]),
+            None => AggregateId::new(&value[..aggregate]),
+        }
+        .ok()?,
         event_version: parse_decimal(&value[aggregate + 1..version])
             .and_then(std::num::NonZeroU64::new)?,
         event_type: EventType::new(&value[version + 1..kind]).ok()?,
@@ -445,12 +449,22 @@ impl Record {
 
     /// The record as an envelope.
     pub fn decode(&self) -> Result<Envelope, DecodeError> {
+        self.decode_in(None)
+    }
+
+    /// [`decode`](Self::decode), sharing the aggregate ID with earlier records that had the
+    /// same one (kept in `ids`) rather than validating and allocating it again.
+    pub fn decode_with(&self, ids: &mut AggregateIds) -> Result<Envelope, DecodeError> {
+        self.decode_in(Some(ids))
+    }
+
+    fn decode_in(&self, ids: Option<&mut AggregateIds>) -> Result<Envelope, DecodeError> {
         // As this library writes a record: `Bus-Event` first, the rest (usually nothing) after.
         // Every line of the block ends with CR LF and holds no other CR (checked when the batch
         // was split), so the first CR ends the line.
         if let Some(line) = self.headers.strip_prefix("Bus-Event: ") {
             if let Some(end) = memchr::memchr(b'\r', line.as_bytes()) {
-                if let Some(fields) = event_fields_fast(&line[..end]) {
+                if let Some(fields) = event_fields_fast(&line[..end], ids) {
                     let rest = &line[end + 2..];
                     return if rest.is_empty() {
                         decode_from(Some(fields), std::iter::empty(), self.payload.clone())
@@ -1168,11 +1182,14 @@ mod tests {
                 payload: Bytes::from_static(b"p"),
             };
             let general = decode(header_pairs(&block), Bytes::from_static(b"p"));
-            let fast = record.decode();
-            match (fast, general) {
-                (Ok(fast), Ok(general)) => prop_assert_eq!(fast, general),
-                (Err(fast), Err(general)) => prop_assert_eq!(fast.to_string(), general.to_string()),
-                (fast, general) => prop_assert!(false, "{block:?}: fast {fast:?}, general {general:?}"),
+            // Without kept IDs, then with them: the first read keeps the ID, the second finds it.
+            let mut ids = AggregateIds::new(4);
+            for fast in [record.decode(), record.decode_with(&mut ids), record.decode_with(&mut ids)] {
+                match (fast, &general) {
+                    (Ok(fast), Ok(general)) => prop_assert_eq!(&fast, general),
+                    (Err(fast), Err(general)) => prop_assert_eq!(fast.to_string(), general.to_string()),
+                    (fast, general) => prop_assert!(false, "{block:?}: fast {fast:?}, general {general:?}"),
+                }
             }
         }
     }
@@ -1187,7 +1204,9 @@ mod tests {
         let records = decode_batch("2", &body).unwrap();
         let block = std::str::from_utf8(records[0].header_block()).unwrap();
         let line = block.strip_prefix("Bus-Event: ").unwrap();
-        assert!(event_fields_fast(&line[..line.find('\r').unwrap()]).is_some());
+        let mut ids = AggregateIds::default();
+        assert!(event_fields_fast(&line[..line.find('\r').unwrap()], Some(&mut ids)).is_some());
+        assert_eq!(ids.len(), 1);
         assert_eq!(records[0].decode().unwrap(), e);
     }
 }

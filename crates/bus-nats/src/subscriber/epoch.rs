@@ -31,6 +31,9 @@ pub(crate) struct FetchPlan {
     pub(crate) counters: Arc<Counters>,
     pub(crate) acker: Arc<Acker>,
     pub(crate) runner: Arc<Runner>,
+    /// The aggregate IDs its records carried lately, shared by the next records that carry
+    /// them (locked once per batch, by the fetcher alone).
+    pub(crate) ids: Mutex<bus_core::AggregateIds>,
     pub(crate) restarter: Restarter,
     pub(crate) reconnects: watch::Receiver<u64>,
 }
@@ -272,42 +275,48 @@ async fn dispatch_batch(
     });
     // Every event's aggregate is known before any of them can settle, those settled before
     // included: the batch holds them until it is acknowledged.
-    let mut keys = Vec::new();
-    if skipped > 0 {
-        keys.extend(
-            (0..progress.records.len())
-                .filter(|i| progress.done[*i].load(Ordering::Relaxed))
-                .map(|index| {
-                    prepare_record(
-                        &plan.topic,
-                        &plan.dispatch,
-                        progress.message.subject.as_str(),
-                        &progress.records[index],
-                    )
-                    .0
-                }),
-        );
-    }
-    let jobs: Vec<(Arc<str>, Box<Job>)> = to_run
-        .iter()
-        .map(|&index| {
-            let (key, input) = prepare_record(
-                &plan.topic,
-                &plan.dispatch,
-                progress.message.subject.as_str(),
-                &progress.records[index],
+    let (keys, jobs) = {
+        let mut ids = plan.ids.lock().unwrap();
+        let mut keys = Vec::new();
+        if skipped > 0 {
+            keys.extend(
+                (0..progress.records.len())
+                    .filter(|i| progress.done[*i].load(Ordering::Relaxed))
+                    .map(|index| {
+                        prepare_record(
+                            &plan.topic,
+                            &plan.dispatch,
+                            progress.message.subject.as_str(),
+                            &progress.records[index],
+                            &mut ids,
+                        )
+                        .0
+                    }),
             );
-            let job = Box::new(Job {
-                key: key.clone(),
-                sequence: Some(sequence),
-                origin: Origin::Batch(progress.clone(), index),
-                input,
-                term,
-                arrival,
-            });
-            (key, job)
-        })
-        .collect();
+        }
+        let jobs: Vec<(Arc<str>, Box<Job>)> = to_run
+            .iter()
+            .map(|&index| {
+                let (key, input) = prepare_record(
+                    &plan.topic,
+                    &plan.dispatch,
+                    progress.message.subject.as_str(),
+                    &progress.records[index],
+                    &mut ids,
+                );
+                let job = Box::new(Job {
+                    key: key.clone(),
+                    sequence: Some(sequence),
+                    origin: Origin::Batch(progress.clone(), index),
+                    input,
+                    term,
+                    arrival,
+                });
+                (key, job)
+            })
+            .collect();
+        (keys, jobs)
+    };
     plan.copies.lock().unwrap().link(
         sequence,
         keys.iter()

@@ -138,10 +138,11 @@ pub(crate) fn prepare_record(
     dispatch: &Dispatch,
     subject: &str,
     record: &wire::Record,
+    ids: &mut bus_core::AggregateIds,
 ) -> (Arc<str>, Result<Input, (DeadLetterReason, String)>) {
     match dispatch {
         Dispatch::Envelope(_) => {
-            let (key, prepared) = bus_core::prepare_record(subject, record);
+            let (key, prepared) = bus_core::prepare_record(subject, record, ids);
             (key, prepared.map_err(dead_letter_reason))
         }
         Dispatch::Raw(..) => {

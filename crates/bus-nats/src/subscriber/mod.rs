@@ -279,6 +279,7 @@ async fn setup(
         counters: counters.clone(),
         acker: acker.clone(),
         runner: runner.clone(),
+        ids: Default::default(),
         restarter: restarter.clone(),
         reconnects: connection.reconnects.clone(),
     };

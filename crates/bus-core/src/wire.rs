@@ -329,7 +329,9 @@ fn decode_from<'a>(
         TENANT_ID,
         SCHEMA,
     ];
-    let mut seen = [event.is_some(), false, false, false, false, false];
+    let mut seen = [false; OWN.len()];
+    // `Bus-Event`, read already on the fast path, may not appear again.
+    seen[0] = event.is_some();
     for (name, value) in headers {
         let own = OWN
             .iter()

@@ -10,6 +10,7 @@ mod members;
 mod raw;
 mod report;
 mod scenarios;
+mod sink;
 mod stats;
 
 use std::fmt::Write as _;
@@ -33,6 +34,7 @@ use callgrind::{count_instructions, dump_callgrind_counters, SPLIT_AT_DRAIN};
 use raw::{run_packed, run_raw};
 use report::Row;
 use scenarios::{latency_scenario, scenarios, Kind, Scenario, PACKED};
+use sink::{epoch, latency_micros, stamped_payload, start_sampler, wall_nanos, Sink};
 use stats::Histogram;
 
 /// How the bus is configured for a row.
@@ -121,144 +123,6 @@ impl BusSetup {
             batching: bus_nats::BatchConfig::default(),
         }
     }
-}
-
-/// The clock every timestamp in a payload is relative to.
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-/// Nanoseconds since the Unix epoch: the clock payloads are stamped with, the same in every
-/// process of a row (members of a group are other processes).
-fn wall_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-fn stamped_payload(size: usize) -> Vec<u8> {
-    let mut payload = vec![0xA5u8; size.max(8)];
-    payload[..8].copy_from_slice(&wall_nanos().to_le_bytes());
-    payload
-}
-
-pub(crate) fn latency_micros(payload: &[u8]) -> u64 {
-    let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
-    wall_nanos().saturating_sub(sent) / 1_000
-}
-
-/// What every handler of a row feeds.
-struct Sink {
-    verifier: SequenceVerifier,
-    latency: Histogram,
-    /// Publish to stored, stored to received, received to handler start (see `report::Stages`).
-    stages: [Histogram; 3],
-    handled: AtomicU64,
-    /// For group rows, what the member processes saw.
-    group_violations: AtomicU64,
-    group_duplicates: AtomicU64,
-    group_unique: AtomicU64,
-    expected: u64,
-    done: Notify,
-    delay: Option<Duration>,
-}
-
-impl Sink {
-    fn new(expected: u64, delay: Option<Duration>) -> Arc<Self> {
-        Arc::new(Self {
-            verifier: SequenceVerifier::new(),
-            latency: Histogram::new(),
-            stages: [Histogram::new(), Histogram::new(), Histogram::new()],
-            handled: AtomicU64::new(0),
-            group_violations: AtomicU64::new(0),
-            group_duplicates: AtomicU64::new(0),
-            group_unique: AtomicU64::new(0),
-            expected,
-            done: Notify::new(),
-            delay,
-        })
-    }
-
-    fn record(&self, topic: &str, aggregate: &str, version: u64, payload: &[u8]) {
-        self.record_sent_at(
-            topic,
-            aggregate,
-            version,
-            u64::from_le_bytes(payload[..8].try_into().unwrap()),
-        );
-    }
-
-    /// Records an event sent at `sent_nanos` (wall clock).
-    fn record_sent_at(&self, topic: &str, aggregate: &str, version: u64, sent_nanos: u64) {
-        let now = wall_nanos();
-        self.latency.record(now.saturating_sub(sent_nanos) / 1_000);
-        if let Some((Some(stored), Some(received))) =
-            bus_core::current_delivery().map(|d| (d.stored_at, d.received_at))
-        {
-            let nanos = |t: std::time::SystemTime| {
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64)
-            };
-            let (stored, received) = (nanos(stored), nanos(received));
-            self.stages[0].record(stored.saturating_sub(sent_nanos) / 1_000);
-            self.stages[1].record(received.saturating_sub(stored) / 1_000);
-            self.stages[2].record(now.saturating_sub(received) / 1_000);
-        }
-        self.verifier.record(topic, aggregate, version);
-        if self.handled.fetch_add(1, Ordering::AcqRel) + 1 == self.expected {
-            self.done.notify_one();
-        }
-    }
-
-    async fn wait(&self, timeout: Duration) -> Result<()> {
-        let finished = tokio::time::timeout(timeout, async {
-            loop {
-                let notified = self.done.notified();
-                if self.handled.load(Ordering::Acquire) >= self.expected {
-                    return;
-                }
-                notified.await;
-            }
-        })
-        .await;
-        if finished.is_err() {
-            bail!(
-                "only {} of {} messages were handled within {timeout:?}",
-                self.handled.load(Ordering::Acquire),
-                self.expected
-            );
-        }
-        Ok(())
-    }
-}
-
-/// Samples tasks and threads while a row runs, and drives its progress bar.
-fn start_sampler(
-    sink: Arc<Sink>,
-    bar: ProgressBar,
-) -> (tokio::task::JoinHandle<(u64, u64)>, Arc<Notify>) {
-    let stop = Arc::new(Notify::new());
-    let stopped = stop.clone();
-    let handle = tokio::spawn(async move {
-        let (mut tasks, mut threads) = (0u64, 0u64);
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                _ = stopped.notified() => break,
-                _ = tick.tick() => {
-                    let metrics = tokio::runtime::Handle::current().metrics();
-                    tasks = tasks.max(metrics.num_alive_tasks() as u64);
-                    threads = threads.max(stats::threads());
-                    bar.set_position(sink.handled.load(Ordering::Relaxed));
-                }
-            }
-        }
-        bar.set_position(sink.handled.load(Ordering::Relaxed));
-        (tasks, threads)
-    });
-    (handle, stop)
 }
 
 struct Timing {

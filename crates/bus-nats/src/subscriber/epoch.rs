@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::acker::Acker;
 use super::copies::{ack_info, Copies, Seen};
-use super::job::{prepare, prepare_record, Arrival, BatchProgress, Job, Origin, Work};
+use super::job::{prepare, prepare_record, Arrival, BatchProgress, Event, Job, Single, Work};
 use super::recovery::Restarter;
 use super::runner::{Counters, Runner};
 use super::Dispatch;
@@ -183,14 +183,16 @@ pub(super) async fn on_reply(
             st.events_per_message.0 += 1;
             st.events_per_message.1 += 1;
             plan.copies.lock().unwrap().link(sequence, [&*key], 1);
-            let job = Box::new(Job {
-                key: key.clone(),
+            let job = Job::Single(Box::new(Single {
+                message,
                 sequence: Some(sequence),
-                origin: Origin::Single(Box::new(message)),
-                input,
+                event: Event {
+                    key: key.clone(),
+                    input,
+                },
                 term,
                 arrival,
-            });
+            }));
             if pool.submit(&key, Work::Message(job)).await.is_err() {
                 return Some(End::Stopped);
             }
@@ -265,69 +267,50 @@ async fn dispatch_batch(
             .fetch_add(skipped as u64, Ordering::Relaxed);
         tracing::debug!(topic = %plan.topic, sequence, skipped, "record batch delivered again; its settled events are not handled again");
     }
+    // Every event's aggregate is known before any of them can settle, those settled before
+    // included: the batch holds them until it is acknowledged.
+    let events: Vec<Event> = {
+        let mut ids = plan.ids.lock().unwrap();
+        records
+            .iter()
+            .map(|record| {
+                let (key, input) = prepare_record(
+                    &plan.topic,
+                    &plan.dispatch,
+                    message.subject.as_str(),
+                    record,
+                    &mut ids,
+                );
+                Event { key, input }
+            })
+            .collect()
+    };
+    plan.copies.lock().unwrap().link(
+        sequence,
+        events.iter().map(|event| &*event.key),
+        records.len(),
+    );
     let progress = Arc::new(BatchProgress {
         message,
         records,
+        events,
+        sequence,
+        term,
+        arrival,
         // One more than the events to run, released below once all are dispatched: a worker
         // settling the last event before the others are dispatched must not ack the batch.
         remaining: AtomicUsize::new(to_run.len() + 1),
         done,
     });
-    // Every event's aggregate is known before any of them can settle, those settled before
-    // included: the batch holds them until it is acknowledged.
-    let (keys, jobs) = {
-        let mut ids = plan.ids.lock().unwrap();
-        let mut keys = Vec::new();
-        if skipped > 0 {
-            keys.extend(
-                (0..progress.records.len())
-                    .filter(|i| progress.done[*i].load(Ordering::Relaxed))
-                    .map(|index| {
-                        prepare_record(
-                            &plan.topic,
-                            &plan.dispatch,
-                            progress.message.subject.as_str(),
-                            &progress.records[index],
-                            &mut ids,
-                        )
-                        .0
-                    }),
-            );
-        }
-        let jobs: Vec<(Arc<str>, Box<Job>)> = to_run
-            .iter()
-            .map(|&index| {
-                let (key, input) = prepare_record(
-                    &plan.topic,
-                    &plan.dispatch,
-                    progress.message.subject.as_str(),
-                    &progress.records[index],
-                    &mut ids,
-                );
-                let job = Box::new(Job {
-                    key: key.clone(),
-                    sequence: Some(sequence),
-                    origin: Origin::Batch(progress.clone(), index),
-                    input,
-                    term,
-                    arrival,
-                });
-                (key, job)
-            })
-            .collect();
-        (keys, jobs)
-    };
-    plan.copies.lock().unwrap().link(
-        sequence,
-        keys.iter()
-            .chain(jobs.iter().map(|(key, _)| key))
-            .map(|key| &**key),
-        progress.records.len(),
-    );
     let mut stopped = None;
     let mut dispatched = 0;
-    for (key, job) in jobs {
-        if pool.submit(&key, Work::Message(job)).await.is_err() {
+    for index in to_run.iter().copied() {
+        let job = Job::Record(progress.clone(), index);
+        if pool
+            .submit(&progress.events[index].key, Work::Message(job))
+            .await
+            .is_err()
+        {
             stopped = Some(End::Stopped);
             break;
         }

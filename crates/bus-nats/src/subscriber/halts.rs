@@ -12,7 +12,7 @@ use crate::dead_letters::DeadLetterReason;
 
 /// A halted aggregate: its failed event first, then the events that arrived behind it.
 pub(crate) struct Halt {
-    pub(crate) jobs: VecDeque<Box<Job>>,
+    pub(crate) jobs: VecDeque<Job>,
     pub(crate) since: std::time::SystemTime,
     pub(crate) failure: Failure,
 }
@@ -47,12 +47,12 @@ impl Runner {
         }
     }
 
-    pub(crate) fn halt(&self, first: Box<Job>, failure: Failure, mut rest: VecDeque<Box<Job>>) {
+    pub(crate) fn halt(&self, first: Job, failure: Failure, mut rest: VecDeque<Job>) {
         tracing::error!(
             topic = %self.topic,
-            aggregate = %first.key,
+            aggregate = %first.key(),
             version = ?first.event_version(),
-            stream_sequence = ?first.sequence,
+            stream_sequence = ?first.sequence(),
             reason = failure.reason.as_str(),
             error = %failure.error,
             attempts = failure.attempts,
@@ -63,7 +63,7 @@ impl Runner {
         } else {
             self.metrics.halted.increment(1);
         }
-        let key = first.key.clone();
+        let key = first.key().clone();
         rest.push_front(first);
         let halt = Halt {
             jobs: rest,
@@ -126,7 +126,7 @@ impl Runner {
                     error: halt.failure.error.clone(),
                     attempts: halt.failure.attempts,
                     event_version: first.and_then(|j| j.event_version()),
-                    stream_sequence: first.and_then(|j| j.sequence),
+                    stream_sequence: first.and_then(|j| j.sequence()),
                 }
             })
             .collect()

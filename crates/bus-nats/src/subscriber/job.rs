@@ -14,38 +14,102 @@ use crate::dead_letters::DeadLetterReason;
 /// A job's message, ready for the handler.
 pub(crate) type Input = Prepared;
 
-/// Where a job's event travelled.
-pub(crate) enum Origin {
-    /// A message of its own (boxed: a record of a batch, the usual case, needs none of it).
-    Single(Box<async_nats::Message>),
-    /// Record `.1` of a record batch.
-    Batch(Arc<BatchProgress>, usize),
+/// One event ready for its handler: the ordering key (aggregate ID) the pool routes it by, and
+/// its message decoded for the handler, or why it cannot be handled.
+pub(crate) struct Event {
+    pub(crate) key: Arc<str>,
+    pub(crate) input: Result<Input, (DeadLetterReason, String)>,
+}
+
+/// A message of its own (not a record batch), with its event.
+pub(crate) struct Single {
+    pub(crate) message: async_nats::Message,
+    /// The message's stream sequence, if its ack subject could be read.
+    pub(crate) sequence: Option<u64>,
+    pub(crate) event: Event,
+    /// The ownership term it was delivered in; see [`Job::term`].
+    pub(crate) term: u64,
+    pub(crate) arrival: Arrival,
 }
 
 /// A record batch being handled: acknowledged once every one of its events is handled or
-/// dead-lettered, by whichever worker settles the last.
+/// dead-lettered, by whichever worker settles the last. It holds its events, decoded, one per
+/// record: its jobs are indexes into it, so that a batch of 128 events takes one allocation
+/// for them rather than one each.
 pub(crate) struct BatchProgress {
     pub(crate) message: async_nats::Message,
     pub(crate) records: Vec<wire::Record>,
+    /// Per record, its event (decoded for those settled before too: their keys order the
+    /// batch's acknowledgement).
+    pub(crate) events: Vec<Event>,
+    /// The batch message's stream sequence.
+    pub(crate) sequence: u64,
+    /// The ownership term it was delivered in; see [`Job::term`].
+    pub(crate) term: u64,
+    pub(crate) arrival: Arrival,
     /// Events dispatched and not settled yet.
     pub(crate) remaining: AtomicUsize,
     /// Per record: handled or dead-lettered (skipped ones start out done).
     pub(crate) done: Vec<AtomicBool>,
 }
 
-pub(crate) struct Job {
+/// One delivered event for its worker: a message of its own, or record `.1` of a batch.
+pub(crate) enum Job {
+    /// Boxed: a record of a batch, the usual case, needs none of it.
+    Single(Box<Single>),
+    Record(Arc<BatchProgress>, usize),
+}
+
+impl Job {
+    pub(crate) fn event(&self) -> &Event {
+        match self {
+            Job::Single(single) => &single.event,
+            Job::Record(progress, index) => &progress.events[*index],
+        }
+    }
+
     /// The ordering key (aggregate ID) the pool routed it by.
-    pub(crate) key: Arc<str>,
-    /// The message's stream sequence, if its ack subject could be read.
-    pub(crate) sequence: Option<u64>,
-    pub(crate) origin: Origin,
+    pub(crate) fn key(&self) -> &Arc<str> {
+        &self.event().key
+    }
+
     /// The message ready for the handler, or why it cannot be handled.
-    pub(crate) input: Result<Input, (DeadLetterReason, String)>,
+    pub(crate) fn input(&self) -> &Result<Input, (DeadLetterReason, String)> {
+        &self.event().input
+    }
+
+    /// The message's stream sequence, if its ack subject could be read.
+    pub(crate) fn sequence(&self) -> Option<u64> {
+        match self {
+            Job::Single(single) => single.sequence,
+            Job::Record(progress, _) => Some(progress.sequence),
+        }
+    }
+
     /// The ownership term it was delivered in: a job of an earlier term (the subscription lost
     /// the topic since) is not handled, since the new owner has it delivered again.
-    pub(crate) term: u64,
+    pub(crate) fn term(&self) -> u64 {
+        match self {
+            Job::Single(single) => single.term,
+            Job::Record(progress, _) => progress.term,
+        }
+    }
+
     /// When the broker stored its message, and when the fetcher received it.
-    pub(crate) arrival: Arrival,
+    pub(crate) fn arrival(&self) -> Arrival {
+        match self {
+            Job::Single(single) => single.arrival,
+            Job::Record(progress, _) => progress.arrival,
+        }
+    }
+
+    /// Its index in its record batch.
+    pub(crate) fn batch_index(&self) -> Option<usize> {
+        match self {
+            Job::Single(_) => None,
+            Job::Record(_, index) => Some(*index),
+        }
+    }
 }
 
 /// When a message was stored and received: the first stages of its events' latency, handed to
@@ -80,7 +144,7 @@ pub(crate) enum Outcome {
 
 impl Job {
     pub(crate) fn event_version(&self) -> Option<u64> {
-        match &self.input {
+        match self.input() {
             Ok(Prepared::Envelope(e)) => Some(e.event_version()),
             _ => None,
         }
@@ -105,7 +169,7 @@ pub(crate) struct Request {
 
 /// What a worker is given.
 pub(crate) enum Work {
-    Message(Box<Job>),
+    Message(Job),
     /// An operator's request, run in the aggregate's worker after what is queued before it.
     Operator(Request),
 }

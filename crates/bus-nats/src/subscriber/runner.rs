@@ -17,7 +17,7 @@ use bus_core::{
 use super::acker::Acker;
 use super::copies::{ack_info, Copies};
 use super::halts::Halt;
-use super::job::{header_pairs, BatchProgress, Input, Job, Origin, Outcome, Work};
+use super::job::{header_pairs, BatchProgress, Input, Job, Outcome, Work};
 use super::unacked::{AckKind, Settled};
 use super::Dispatch;
 use crate::dead_letters::{DeadLetterReason, LetterBox, LetterHeaders};
@@ -105,21 +105,21 @@ impl Runner {
     pub(crate) async fn run(self: Arc<Self>, work: Work) -> Result<(), std::convert::Infallible> {
         match work {
             Work::Message(job) => {
-                if job.term != self.term.load(Ordering::Acquire) {
+                if job.term() != self.term.load(Ordering::Acquire) {
                     // Delivered before the subscription lost the topic: the new owner has it.
                     self.settle(&job, Outcome::Returned);
                     return Ok(());
                 }
                 if self.halted_count.load(Ordering::Acquire) > 0 {
                     let mut halted = self.halted.lock().unwrap();
-                    if let Some(halt) = halted.get_mut(&*job.key) {
+                    if let Some(halt) = halted.get_mut(&**job.key()) {
                         // Behind the aggregate's failed event; still kept alive at the broker.
                         halt.jobs.push_back(job);
                         return Ok(());
                     }
                 }
                 if let Err((job, failure)) = self.process(job).await {
-                    if job.term != self.term.load(Ordering::Acquire) {
+                    if job.term() != self.term.load(Ordering::Acquire) {
                         // The topic was lost meanwhile: the new owner has it.
                         self.settle(&job, Outcome::Returned);
                         return Ok(());
@@ -139,20 +139,20 @@ impl Runner {
     /// remembered so that its events are not handled twice. Acknowledgements go out in the
     /// order [`super::unacked`] keeps.
     pub(crate) fn settle(&self, job: &Job, outcome: Outcome) {
-        match &job.origin {
-            Origin::Single(_) => self.settle_message(
-                job.sequence,
+        match job {
+            Job::Single(single) => self.settle_message(
+                single.sequence,
                 match outcome {
                     Outcome::Handled => Settled::Done(AckKind::Ack),
                     Outcome::DeadLettered => Settled::Done(AckKind::Term),
                     Outcome::Returned => Settled::Returned,
                 },
             ),
-            Origin::Batch(progress, index) => {
+            Job::Record(progress, index) => {
                 if outcome != Outcome::Returned {
                     progress.done[*index].store(true, Ordering::Release);
                 }
-                self.settle_records(progress, job.sequence, 1);
+                self.settle_records(progress, Some(progress.sequence), 1);
             }
         }
     }
@@ -201,7 +201,7 @@ impl Runner {
 
     /// Handles one message to the end, unless its final failure halts its aggregate: then the
     /// job comes back, unacknowledged, with why it failed.
-    pub(crate) async fn process(&self, job: Box<Job>) -> Result<(), (Box<Job>, Failure)> {
+    pub(crate) async fn process(&self, job: Job) -> Result<(), (Job, Failure)> {
         let outcome = match self.handle(&job).await {
             Ok(outcome) => outcome,
             // Failed while the subscription is going: held like a halt, so that it and its
@@ -224,11 +224,12 @@ impl Runner {
     /// dead-lettered (returned); `Err` when the handler failed for good and the failure policy
     /// decides.
     async fn handle(&self, job: &Job) -> Result<Outcome, Failure> {
-        let input = match &job.input {
+        let input = match job.input() {
             Ok(input) => input,
             Err((reason, error)) => return Ok(self.dead_letter_job(job, reason, error, 0).await),
         };
         let cancellation = self.cancel.signal();
+        let arrival = job.arrival();
         let started = std::time::Instant::now();
         let (traceparent, span) = self.span(job, input);
         // Pinned where it is made and instrumented by reference: the handler call's future is
@@ -243,17 +244,14 @@ impl Runner {
                 let going = attempt > 1 && self.cancel.has_fired(&cancellation);
                 let delivery = Delivery {
                     attempt,
-                    stream_sequence: job.sequence,
-                    batch_index: match &job.origin {
-                        Origin::Batch(_, index) => Some(*index as u32),
-                        Origin::Single(_) => None,
-                    },
+                    stream_sequence: job.sequence(),
+                    batch_index: job.batch_index().map(|index| index as u32),
                     partition: self.partition,
                     cancellation,
                     traceparent: traceparent.clone(),
-                    stored_at: job.arrival.stored_at,
-                    received_at: Some(job.arrival.received_at),
-                    ownership_term: Some(job.term),
+                    stored_at: arrival.stored_at,
+                    received_at: Some(arrival.received_at),
+                    ownership_term: Some(job.term()),
                 };
                 with_delivery(delivery, async move {
                     if going {
@@ -326,13 +324,13 @@ impl Runner {
         let span = tracing::info_span!(
             "bus.handle",
             topic = %self.topic,
-            aggregate = %job.key,
+            aggregate = %job.key(),
             version = tracing::field::Empty,
             event_type = tracing::field::Empty,
             event_id = tracing::field::Empty,
             trace_id = tracing::field::Empty,
             traceparent = tracing::field::Empty,
-            stream_sequence = job.sequence,
+            stream_sequence = job.sequence(),
             partition = self.partition,
             attempt = tracing::field::Empty,
             outcome = tracing::field::Empty,
@@ -384,9 +382,12 @@ impl Runner {
         error: &str,
         attempts: u32,
     ) -> Outcome {
-        let stored = match &job.origin {
-            Origin::Single(message) => self.dead_letter(message, reason, error, attempts).await,
-            Origin::Batch(progress, index) => {
+        let stored = match job {
+            Job::Single(single) => {
+                self.dead_letter(&single.message, reason, error, attempts)
+                    .await
+            }
+            Job::Record(progress, index) => {
                 let record = &progress.records[*index];
                 let mut headers = HeaderMap::new();
                 for (name, value) in record.headers() {

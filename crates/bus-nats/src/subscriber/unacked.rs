@@ -80,8 +80,10 @@ struct Entry {
 #[derive(Debug, Default)]
 pub(crate) struct Unacked {
     entries: HashMap<u64, Entry, ahash::RandomState>,
-    /// Per aggregate hash: the latest unacknowledged message holding one of its events.
-    tails: HashMap<u64, u64, ahash::RandomState>,
+    /// Per aggregate hash: the latest unacknowledged message holding one of its events. Keyed
+    /// by the hash itself: it is `hasher`'s output already, and hashing it again cost a second
+    /// hash per event on each side.
+    tails: HashMap<u64, u64, std::hash::BuildHasherDefault<Prehashed>>,
     hasher: ahash::RandomState,
     /// Events held by linked entries.
     events: usize,
@@ -89,6 +91,27 @@ pub(crate) struct Unacked {
     pending: usize,
     /// Entries settled whose acknowledgement waits.
     held: usize,
+}
+
+/// The hasher of a map keyed by hashes: a key is its own hash.
+#[derive(Debug, Default)]
+pub(crate) struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+
+    /// Not used by a `u64` key; mixes whatever else is written, in case.
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
 }
 
 /// What happened to a message delivered again while the subscription still knows it.
@@ -152,7 +175,8 @@ impl Unacked {
             Some(entry) if entry.keys.is_none() && !entry.orphan => {}
             _ => return,
         }
-        let mut hashes = Vec::new();
+        let keys = keys.into_iter();
+        let mut hashes = Vec::with_capacity(keys.size_hint().0);
         let mut predecessors: Vec<u64> = Vec::new();
         for key in keys {
             let hash = self.hasher.hash_one(key);
@@ -241,8 +265,11 @@ impl Unacked {
         self.events -= entry.events;
         if let Some(keys) = &entry.keys {
             for hash in keys {
-                if self.tails.get(hash) == Some(&sequence) {
-                    self.tails.remove(hash);
+                // One lookup, not a look and a removal.
+                if let std::collections::hash_map::Entry::Occupied(tail) = self.tails.entry(*hash) {
+                    if *tail.get() == sequence {
+                        tail.remove();
+                    }
                 }
             }
         }

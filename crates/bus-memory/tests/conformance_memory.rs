@@ -21,6 +21,7 @@ impl MemoryHarness {
             pool: keyed_pool::PoolConfig {
                 workers: 64,
                 queue_capacity: 8,
+                ..keyed_pool::PoolConfig::default()
             },
             ..MemoryConfig::default()
         }))

@@ -2,8 +2,10 @@
 //! workers, and each worker runs its bounded FIFO queue one job at a time.
 //!
 //! So jobs of one key complete strictly in submission order, and jobs of different keys run in
-//! parallel up to the number of workers. Workers are tokio tasks; their number is fixed at
-//! construction and does not grow with the number of keys.
+//! parallel up to the number of workers. The workers are driven by a few tokio tasks (the
+//! drivers, [`PoolConfig::drivers`]): a worker whose job waits (on I/O, a timer) lets every
+//! other worker run, and a job that completes at once costs no task wake-up of its own. Their
+//! numbers are fixed at construction and do not grow with the number of keys.
 //!
 //! * Back-pressure, never loss: [`KeyedPool::submit`] waits while the key's queue is full;
 //!   [`KeyedPool::try_submit`] hands the job back when it is full or closed.
@@ -50,14 +52,12 @@
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -69,6 +69,15 @@ use tokio::task::JoinHandle;
 /// time. 1 024 matches the design this project starts from; `docs/performance.md` shows the
 /// measured effect.
 pub const DEFAULT_WORKERS: usize = 1024;
+
+/// Default number of driver tasks ([`PoolConfig::drivers`]).
+///
+/// Each runs its share of the workers. More drivers spread the workers over more tasks: a job
+/// that blocks its thread (synchronous I/O, a long computation) holds up only the workers of its
+/// driver, about `1 / drivers` of the keys. Fewer drivers wake fewer tasks: with one task per
+/// worker, almost every event of a batch woke a task of its own, and that cost as much as a
+/// sixth of the bus's work per event (`docs/performance.md`).
+pub const DEFAULT_DRIVERS: usize = 16;
 
 /// Default queue capacity per worker.
 ///
@@ -91,10 +100,14 @@ const HASH_SEEDS: (u64, u64, u64, u64) = (
 #[cfg_attr(feature = "serde", derive(serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 pub struct PoolConfig {
-    /// Number of workers (default [`DEFAULT_WORKERS`]); at least 1.
+    /// Number of workers (default [`DEFAULT_WORKERS`]); at least 1. Each runs the jobs of its
+    /// keys one at a time; up to this many jobs wait (on I/O, say) at once.
     pub workers: usize,
     /// Capacity of each worker's queue (default [`DEFAULT_QUEUE_CAPACITY`]); at least 1.
     pub queue_capacity: usize,
+    /// Number of tokio tasks that drive the workers (default [`DEFAULT_DRIVERS`]; at least 1,
+    /// at most `workers`). A job that blocks its thread holds up the workers of its driver.
+    pub drivers: usize,
 }
 
 impl Default for PoolConfig {
@@ -102,6 +115,7 @@ impl Default for PoolConfig {
         Self {
             workers: DEFAULT_WORKERS,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            drivers: DEFAULT_DRIVERS,
         }
     }
 }
@@ -255,6 +269,7 @@ pub struct KeyedPool<J> {
     hasher: ahash::RandomState,
     counters: Arc<Counters>,
     stop: watch::Sender<bool>,
+    /// The driver tasks.
     workers: Vec<JoinHandle<(Vec<J>, u64)>>,
 }
 
@@ -284,8 +299,8 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl<J: Send + 'static> KeyedPool<J> {
-    /// Starts `config.workers` workers on the current tokio runtime, each running `run` on the
-    /// jobs of its queue one at a time.
+    /// Starts `config.workers` workers, driven by `config.drivers` tasks on the current tokio
+    /// runtime, each worker running `run` on the jobs of its queue one at a time.
     ///
     /// # Panics
     /// If called outside a tokio runtime, or if a size in `config` is 0.
@@ -300,21 +315,31 @@ impl<J: Send + 'static> KeyedPool<J> {
             config.queue_capacity > 0,
             "keyed pool queues need a capacity of at least 1"
         );
+        assert!(config.drivers > 0, "keyed pool needs at least one driver");
         let run = Arc::new(run);
         let counters = Arc::new(Counters::default());
         let (stop, stop_rx) = watch::channel(false);
+        let drivers = config.drivers.min(config.workers);
         let mut senders = Vec::with_capacity(config.workers);
-        let mut workers = Vec::with_capacity(config.workers);
-        for _ in 0..config.workers {
+        let mut receivers: Vec<Vec<mpsc::Receiver<Slot<J>>>> =
+            (0..drivers).map(|_| Vec::new()).collect();
+        for worker in 0..config.workers {
             let (tx, rx) = mpsc::channel(config.queue_capacity);
             senders.push(tx);
-            workers.push(tokio::spawn(worker(
-                rx,
-                run.clone(),
-                counters.clone(),
-                stop_rx.clone(),
-            )));
+            // Worker `w` is driven by driver `w % drivers`: neighbours apart.
+            receivers[worker % drivers].push(rx);
         }
+        let workers = receivers
+            .into_iter()
+            .map(|queues| {
+                tokio::spawn(driver::drive(
+                    queues,
+                    run.clone(),
+                    counters.clone(),
+                    stop_rx.clone(),
+                ))
+            })
+            .collect();
         Self {
             senders,
             hasher: ahash::RandomState::with_seeds(
@@ -447,80 +472,14 @@ impl<J: Send + 'static> KeyedPool<J> {
                     report.not_run.extend(not_run);
                     report.interrupted += interrupted;
                 }
-                Err(e) => tracing::error!(error = %e, "keyed pool worker ended abnormally"),
+                Err(e) => tracing::error!(error = %e, "keyed pool driver ended abnormally"),
             }
         }
         report
     }
 }
 
-async fn worker<J, F, Fut, E>(
-    mut queue: mpsc::Receiver<Slot<J>>,
-    run: Arc<F>,
-    counters: Arc<Counters>,
-    stop: watch::Receiver<bool>,
-) -> (Vec<J>, u64)
-where
-    F: Fn(J) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(), E>> + Send + 'static,
-    E: fmt::Display + 'static,
-{
-    let mut interrupted = 0;
-    let mut not_run = Vec::new();
-    // Whether stop was signalled (or the pool dropped without a shutdown), read before each
-    // job without waiting: one atomic load, where polling the wait below cost a registration
-    // with the watch on every job.
-    let flag = stop.clone();
-    let stop_signalled = move || !matches!(flag.has_changed(), Ok(false));
-    // One wait for the stop signal for the worker's whole life, polled only while a job runs:
-    // an idle worker needs none, as the pool closes the queues before it signals stop.
-    let stopped = async move {
-        let mut stop = stop;
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    tokio::pin!(stopped);
-    loop {
-        let Some(slot) = queue.recv().await else {
-            return (not_run, interrupted);
-        };
-        if stop_signalled() {
-            not_run.push(slot.job);
-            break;
-        }
-        // Pinned where it is made: the job's future (often large) is not moved again.
-        let job = std::pin::pin!(run(slot.job));
-        let job = AssertUnwindSafe(job).catch_unwind();
-        let outcome = tokio::select! {
-            biased;
-            result = job => match result {
-                Ok(Ok(())) => JobOutcome::Succeeded,
-                Ok(Err(e)) => {
-                    counters.failures.fetch_add(1, Ordering::Relaxed);
-                    JobOutcome::Failed(e.to_string())
-                }
-                Err(panic) => {
-                    counters.panics.fetch_add(1, Ordering::Relaxed);
-                    let message = panic_message(&*panic);
-                    tracing::error!(panic = %message, "keyed pool job panicked");
-                    JobOutcome::Panicked(message)
-                }
-            },
-            _ = &mut stopped => {
-                interrupted += 1;
-                break;
-            }
-        };
-        counters.jobs_run.fetch_add(1, Ordering::Relaxed);
-        if let Some(done) = slot.done {
-            let _ = done.send(outcome);
-        }
-    }
-    queue.close();
-    while let Ok(slot) = queue.try_recv() {
-        not_run.push(slot.job);
-    }
-    (not_run, interrupted)
-}
+mod driver;
 
 #[cfg(test)]
 mod tests;

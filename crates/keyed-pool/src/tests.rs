@@ -9,6 +9,7 @@ fn recording_pool(workers: usize, capacity: usize, log: Log) -> KeyedPool<(u32, 
         PoolConfig {
             workers,
             queue_capacity: capacity,
+            ..PoolConfig::default()
         },
         move |(key, seq, delay_us): (u32, u32, u64)| {
             let log = log.clone();
@@ -31,6 +32,7 @@ async fn panicking_job_is_reported_and_worker_lives_on() {
         PoolConfig {
             workers: 1,
             queue_capacity: 4,
+            ..PoolConfig::default()
         },
         |n: u32| async move {
             if n == 1 {
@@ -63,6 +65,7 @@ async fn try_submit_hands_back_on_full() {
         PoolConfig {
             workers: 1,
             queue_capacity: 1,
+            ..PoolConfig::default()
         },
         move |n: u32| {
             let mut gate = gate_rx.clone();
@@ -107,12 +110,94 @@ async fn shutdown_drains_every_queued_job() {
     assert_eq!(log.lock().unwrap().len(), 50);
 }
 
+/// Workers of one driver take turns: a job waiting on something another worker's job does
+/// lets that job run, and its completion wakes the waiting worker alone.
+#[tokio::test(flavor = "current_thread")]
+async fn a_waiting_job_lets_the_other_workers_of_its_driver_run() {
+    let (release, released) = tokio::sync::watch::channel(false);
+    let pool = KeyedPool::new(
+        PoolConfig {
+            workers: 8,
+            drivers: 1,
+            ..PoolConfig::default()
+        },
+        move |key: u32| {
+            let (release, mut released) = (release.clone(), released.clone());
+            async move {
+                if key == 0 {
+                    released.wait_for(|r| *r).await.map_err(|e| e.to_string())?;
+                } else {
+                    release.send_replace(true);
+                }
+                Ok::<(), String>(())
+            }
+        },
+    );
+    let (mut waiting, mut waiting_key) = (None, 0);
+    // Key 0 waits until a job of another key runs; find one on another worker.
+    for key in 0..64u32 {
+        if key == 0 {
+            waiting = Some(pool.submit_tracked(&key, key).await.unwrap());
+        } else if pool.worker_for(&key) != pool.worker_for(&0u32) {
+            waiting_key = key;
+            break;
+        }
+    }
+    assert_ne!(waiting_key, 0, "no key found on another worker");
+    let other = pool
+        .submit_tracked(&waiting_key, waiting_key)
+        .await
+        .unwrap();
+    assert_eq!(other.await, JobOutcome::Succeeded);
+    assert_eq!(waiting.unwrap().await, JobOutcome::Succeeded);
+    let report = pool.shutdown().await;
+    assert!(report.not_run.is_empty());
+    assert_eq!(report.interrupted, 0);
+}
+
+/// At the deadline every driver drops the jobs it runs and hands back every queue.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn shutdown_deadline_interrupts_every_waiting_worker_of_a_driver() {
+    let pool = KeyedPool::new(
+        PoolConfig {
+            workers: 4,
+            drivers: 2,
+            queue_capacity: 10,
+        },
+        |_n: (u32, u32)| async {
+            std::future::pending::<()>().await;
+            Ok::<(), String>(())
+        },
+    );
+    let workers: std::collections::BTreeSet<usize> =
+        (0..4u32).map(|key| pool.worker_for(&key)).collect();
+    for key in 0..4u32 {
+        for n in 0..3 {
+            pool.submit(&key, (key, n)).await.unwrap();
+        }
+    }
+    let report = pool.shutdown_within(Duration::from_millis(50)).await;
+    // One job running per worker holding a key; the rest handed back in order per key.
+    assert_eq!(report.interrupted, workers.len() as u64);
+    assert_eq!(report.not_run.len(), 12 - workers.len());
+    for key in 0..4u32 {
+        let handed: Vec<u32> = report
+            .not_run
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, n)| *n)
+            .collect();
+        assert!(handed.windows(2).all(|w| w[0] < w[1]), "{key}: {handed:?}");
+    }
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn shutdown_deadline_hands_back_jobs_not_started() {
     let pool = KeyedPool::new(
         PoolConfig {
             workers: 1,
             queue_capacity: 10,
+            ..PoolConfig::default()
         },
         |_n: u32| async {
             // A job that never finishes on its own.
@@ -140,6 +225,7 @@ fn keys_spread_over_workers() {
         PoolConfig {
             workers: 16,
             queue_capacity: 1,
+            ..PoolConfig::default()
         },
         |_| async { Ok::<(), String>(()) },
     );

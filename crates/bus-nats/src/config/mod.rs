@@ -399,6 +399,7 @@ impl NatsConfig {
             ("batching.max_in_flight", self.batching.max_in_flight as i64),
             ("pool.workers", self.pool.workers as i64),
             ("pool.queue_capacity", self.pool.queue_capacity as i64),
+            ("pool.drivers", self.pool.drivers as i64),
         ] {
             if value < 1 {
                 return Err(ValidationError::new(

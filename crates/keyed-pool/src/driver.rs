@@ -20,6 +20,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{panic_message, Counters, JobOutcome, Slot};
 
+/// How many times a driver takes the list of woken workers in one poll before it yields to
+/// the runtime's other tasks.
+const ROUNDS_PER_POLL: usize = 16;
+
 /// Which of a driver's workers were woken since it last looked, each listed once.
 struct Wakeups {
     woken: Mutex<Vec<usize>>,
@@ -184,6 +188,7 @@ where
     let mut turn: VecDeque<usize> = VecDeque::new();
     let mut taken = Vec::new();
     let interrupted_by_stop = std::future::poll_fn(|cx| {
+        let mut rounds = 0;
         wakeups.driver.register(cx.waker());
         if stopped.as_mut().poll(cx).is_ready() {
             return Poll::Ready(true);
@@ -204,9 +209,11 @@ where
                     }
                 }
             }
-            if !tokio::task::coop::has_budget_remaining() {
-                // The workers that spent it have woken themselves; go on after the runtime's
-                // other tasks.
+            rounds += 1;
+            if rounds == ROUNDS_PER_POLL || !tokio::task::coop::has_budget_remaining() {
+                // Go on after the runtime's other tasks: the workers that spent the budget have
+                // woken themselves, and a job that wakes itself at once (a yield without
+                // tokio's help) must not keep the driver from returning.
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }

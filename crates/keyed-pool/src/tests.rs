@@ -155,6 +155,44 @@ async fn a_waiting_job_lets_the_other_workers_of_its_driver_run() {
     assert_eq!(report.interrupted, 0);
 }
 
+/// A job that yields by waking itself (as runtime-agnostic code does) while it waits for
+/// another task: its driver returns to the runtime now and then, so that task runs.
+#[tokio::test(flavor = "current_thread")]
+async fn a_job_that_wakes_itself_lets_the_runtime_run_other_tasks() {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = flag.clone();
+    let pool = KeyedPool::new(
+        PoolConfig {
+            workers: 2,
+            drivers: 1,
+            ..PoolConfig::default()
+        },
+        move |_: u32| {
+            let seen = seen.clone();
+            async move {
+                let mut polls = 0u64;
+                std::future::poll_fn(|cx| {
+                    polls += 1;
+                    if seen.load(Ordering::Acquire) {
+                        Poll::Ready(Ok(()))
+                    } else if polls > 1_000_000 {
+                        // What a driver that never returns to the runtime comes to.
+                        Poll::Ready(Err(format!("still waiting after {polls} polls")))
+                    } else {
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
+                })
+                .await
+            }
+        },
+    );
+    let done = pool.submit_tracked(&0u32, 0).await.unwrap();
+    tokio::spawn(async move { flag.store(true, Ordering::Release) });
+    assert_eq!(done.await, JobOutcome::Succeeded);
+    pool.shutdown().await;
+}
+
 /// At the deadline every driver drops the jobs it runs and hands back every queue.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn shutdown_deadline_interrupts_every_waiting_worker_of_a_driver() {

@@ -6,7 +6,6 @@
 //! looked. A job that completes on its first poll, the usual case for fast handlers, costs no
 //! task wake-up: the driver takes the next job of each woken worker in one turn.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -185,7 +184,6 @@ where
         let _ = stop.wait_for(|s| *s).await;
     };
     tokio::pin!(stopped);
-    let mut turn: VecDeque<usize> = VecDeque::new();
     let mut taken = Vec::new();
     let interrupted_by_stop = std::future::poll_fn(|cx| {
         let mut rounds = 0;
@@ -198,8 +196,7 @@ where
             if taken.is_empty() {
                 return Poll::Pending;
             }
-            turn.extend(taken.drain(..));
-            while let Some(index) = turn.pop_front() {
+            for index in taken.drain(..) {
                 // Cleared before the worker runs: a wake-up during its turn lists it again.
                 wakeups.listed[index].store(false, Ordering::Release);
                 if workers[index].turn(&*run, &counters, &flag) {

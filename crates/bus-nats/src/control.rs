@@ -327,7 +327,9 @@ impl NatsBus {
     /// handlers finish first).
     ///
     /// On a partitioned topic every partition moves: each member moves the partitions it
-    /// consumes, and the consumers of partitions nobody consumes now are reset directly.
+    /// consumes, and the consumers of partitions nobody consumes now are reset directly. A
+    /// partition being handed over to a member is moved by that member once the one it comes
+    /// from has let go, within `consumer.takeover_after`: give `wait` more than that.
     ///
     /// Only where the stream keeps the events: a `WorkQueue` topic deletes what it delivered,
     /// and a point before the first event kept is refused.

@@ -18,10 +18,12 @@
 //! And on the current server, three members of a group on a topic that keeps its events are
 //! moved back to a stream sequence together (`reset_group`): each moves the partitions it
 //! consumes, together they cover all eight, and every aggregate's events stored from the point
-//! on are handled again, once, in order, after what had been handled.
+//! on are handled again, once, in order, after what had been handled. And a reset that arrives
+//! while partitions are being handed over to a member that just joined (held open by handlers
+//! that wait): that member moves them once the others let go (current server and 2.12).
 //!
 //! This binary is its own child: run with `BUS_REPLICA_URL` set, it is one member
-//! (`BUS_GROUPS_CASE=reset`: of the reset case).
+//! (`BUS_GROUPS_CASE=reset` or `handover`: of those cases).
 
 mod common;
 
@@ -62,6 +64,10 @@ fn main() {
     if reset_case && common::replicas::run_if_replica(&runtime, reset_topic(), reset_config) {
         return;
     }
+    let handover_case = std::env::var("BUS_GROUPS_CASE").is_ok_and(|c| c == "handover");
+    if handover_case && common::replicas::run_if_replica(&runtime, reset_topic(), handover_config) {
+        return;
+    }
     if common::replicas::run_if_replica(&runtime, topic(), config) {
         return;
     }
@@ -87,6 +93,20 @@ fn main() {
         members_are_reset_together(&runtime);
         println!("test members_are_reset_together (current server) ... ok");
         passed += 1;
+    }
+    // Pinned partitions (the current server) and leased ones (2.12).
+    for &server in &servers {
+        if matches!(
+            server,
+            TestServer::Current | TestServer::Older(OlderServer::V2_12)
+        ) {
+            a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(&runtime, server);
+            println!(
+                "test a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over ({} server) ... ok",
+                server.name()
+            );
+            passed += 1;
+        }
     }
     println!("\npartition_groups_nats: {passed} passed, 0 failed");
 }
@@ -161,19 +181,7 @@ fn members_are_reset_together(runtime: &tokio::runtime::Runtime) {
         ))
         .unwrap();
     let moved_by = reset.moved_by.clone().unwrap_or_default();
-    let mut moved: Vec<u32> = moved_by
-        .split("[")
-        .skip(1)
-        .flat_map(|part| {
-            part.split(']')
-                .next()
-                .unwrap_or_default()
-                .split(',')
-                .filter_map(|p| p.trim().parse::<u32>().ok())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    moved.sort_unstable();
+    let moved = moved_partitions(&moved_by);
     assert_eq!(
         moved,
         (0..PARTITIONS).collect::<Vec<_>>(),
@@ -218,6 +226,230 @@ fn members_are_reset_together(runtime: &tokio::runtime::Runtime) {
         again += versions.len();
     }
     assert_eq!(again, replayed, "every event stored from {from} on, once");
+}
+
+/// The reset case's topic, with the default `takeover_after`: a partition being handed over
+/// is waited for that long by a move.
+fn handover_config(url: &str) -> NatsConfig {
+    let mut config = reset_config(url);
+    config.consumer.takeover_after = bus_nats::DEFAULT_TAKEOVER_AFTER;
+    config
+}
+
+/// A reset that arrives while partitions are being handed over to a member that just joined:
+/// the members they come from have let go of them (nobody else moves them), the new member
+/// waits for them as a standby, and it moves them once it takes them over. Every partition is
+/// moved once, and every event from the point on is handled again, in order.
+///
+/// The hand-over is held open by events whose handlers wait for a file: the members they run
+/// in drain them before letting go.
+fn a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(
+    runtime: &tokio::runtime::Runtime,
+    which: TestServer,
+) {
+    let server = which.start();
+    let url = server.url();
+    let dir = tempfile_dir();
+    // One directory per test process: a file of its own for each server's run.
+    let hold = dir.join(format!("go-{}", which.name()));
+    let _ = std::fs::remove_file(&hold);
+    let hold_env = hold.to_str().unwrap().to_owned();
+    let bus = runtime
+        .block_on(NatsBus::connect(handover_config(&url)))
+        .unwrap();
+    runtime.block_on(bus.stream_name(&reset_topic())).unwrap();
+    let env = [
+        ("BUS_GROUPS_CASE", "handover"),
+        ("BUS_HOLD_FILE", hold_env.as_str()),
+    ];
+    let mut replicas: Vec<Replica> = ["a", "b"]
+        .iter()
+        .map(|n| Replica::spawn_with(n, &url, &dir, &env))
+        .collect();
+    for r in &replicas {
+        r.wait("became ready", |s| s.ready);
+    }
+    let versions = 20;
+    runtime.block_on(async {
+        for version in 1..=versions {
+            for a in 0..AGGREGATES {
+                let event = Envelope::builder(format!("r-{a}"), "Regrouped", version)
+                    .build()
+                    .unwrap();
+                let _receipt = bus.publish(&reset_topic(), event).await.unwrap();
+            }
+        }
+        bus.flush().await.unwrap();
+    });
+    wait_handled(&replicas.iter().collect::<Vec<_>>(), AGGREGATES * versions);
+    // One held event in every partition.
+    let mut holds = Vec::new();
+    for i in 0.. {
+        let key = format!("hold-{i}");
+        let p = bus_core::wire::partition_of(&key, PARTITIONS);
+        if !holds.iter().any(|(_, q)| *q == p) {
+            holds.push((key, p));
+        }
+        if holds.len() == PARTITIONS as usize {
+            break;
+        }
+    }
+    runtime.block_on(async {
+        for (key, _) in &holds {
+            let event = Envelope::builder(key.as_str(), "Held", 1u64)
+                .build()
+                .unwrap();
+            let _receipt = bus.publish(&reset_topic(), event).await.unwrap();
+        }
+        bus.flush().await.unwrap();
+    });
+    let events = AGGREGATES * versions + PARTITIONS as u64;
+    // Each held event is delivered (and not acknowledged) before the third member joins.
+    runtime.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+        let stream = js.get_stream("REGROUPED").await.unwrap();
+        let base = handover_config(&url).consumer_name(&reset_topic());
+        let deadline = std::time::Instant::now() + common::replicas::STEP;
+        for p in 0..PARTITIONS {
+            loop {
+                let info = stream.consumer_info(format!("{base}-p{p}")).await.unwrap();
+                if info.num_ack_pending > 0 {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "partition {p}'s held event was never delivered: {info:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let handled_before = calls(&replicas.iter().collect::<Vec<_>>()).len();
+    assert_eq!(
+        handled_before as u64,
+        AGGREGATES * versions,
+        "the held events are held"
+    );
+
+    // The third member joins: the others let go of its partitions once their held handlers
+    // finish, and it waits for them as a standby.
+    let c_env = [
+        ("BUS_GROUPS_CASE", "handover"),
+        ("BUS_HOLD_FILE", hold_env.as_str()),
+        ("RUST_LOG", "bus_nats=info"),
+    ];
+    replicas.push(Replica::spawn_with("c", &url, &dir, &c_env));
+    replicas[2].wait("became ready", |s| s.ready);
+    let deadline = std::time::Instant::now() + common::replicas::STEP;
+    loop {
+        let running: Vec<(u64, u64)> = replicas
+            .iter()
+            .map(|r| r.seen(|s| (s.partitions, s.gained)))
+            .collect();
+        // Handed over: the others run the rest, the newcomer runs its share, all as standbys.
+        if running[2].0 > 0 && running.iter().map(|r| r.0).sum::<u64>() == PARTITIONS as u64 {
+            assert_eq!(running[2].1, 0, "the newcomer took over a held partition");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the partitions were never shared out among three: {running:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let from = events / 2;
+    let reset_at = common::replicas::now_ns();
+    let reset = runtime.spawn({
+        let bus = bus.clone();
+        async move {
+            bus.reset_group(
+                &reset_topic(),
+                bus_nats::ResetTo::Sequence(from),
+                Duration::from_secs(20),
+            )
+            .await
+        }
+    });
+    let waiting = "a move waits for the member this partition comes from to let go";
+    replicas[2].wait("waited to take over", |s| {
+        s.logged.iter().any(|l| l.contains(waiting))
+    });
+    assert!(
+        !reset.is_finished(),
+        "the reset is waiting for the hand-over"
+    );
+    std::fs::write(&hold, b"go").unwrap();
+    let reset = runtime.block_on(reset).unwrap().unwrap();
+    let moved_by = reset.moved_by.clone().unwrap_or_default();
+    assert_eq!(
+        moved_partitions(&moved_by),
+        (0..PARTITIONS).collect::<Vec<_>>(),
+        "every partition moved once: {moved_by}"
+    );
+    assert_eq!(
+        moved_by.matches("(partitions").count(),
+        3,
+        "each member moved its partitions, the newcomer too: {moved_by}"
+    );
+
+    // The held events are handled (once released), then everything from the point on again.
+    let replayed = (events - from + 1) as usize;
+    let expected = handled_before + PARTITIONS as usize + replayed;
+    let deadline = std::time::Instant::now() + common::replicas::STEP;
+    while calls(&replicas.iter().collect::<Vec<_>>()).len() < expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {expected} calls",
+            calls(&replicas.iter().collect::<Vec<_>>()).len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        replicas[2].seen(|s| s.gained) > 0,
+        "the newcomer took its partitions over"
+    );
+    for r in &mut replicas {
+        r.close();
+    }
+    let all = calls(&replicas.iter().collect::<Vec<_>>());
+    assert_eq!(all.len(), expected, "nothing more");
+    let mut again = 0;
+    let aggregates = (0..AGGREGATES)
+        .map(|a| (format!("r-{a}"), versions))
+        .chain(holds.iter().map(|(key, _)| (key.clone(), 1)));
+    for (aggregate, last) in aggregates {
+        let versions: Vec<u64> = all
+            .iter()
+            .filter(|c| c.aggregate == aggregate && c.start > reset_at)
+            .map(|c| c.version)
+            .collect();
+        let first = versions.first().copied().unwrap_or(last + 1);
+        assert!(
+            versions.iter().copied().eq(first..=last),
+            "{aggregate}: the replay is a contiguous run to the last: {versions:?}"
+        );
+        again += versions.len();
+    }
+    assert_eq!(again, replayed, "every event stored from {from} on, once");
+}
+
+/// The partitions a `GroupReset::moved_by` names, sorted (a partition moved twice, twice).
+fn moved_partitions(moved_by: &str) -> Vec<u32> {
+    let mut moved: Vec<u32> = moved_by
+        .split('[')
+        .skip(1)
+        .flat_map(|part| {
+            part.split(']')
+                .next()
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|p| p.trim().parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    moved.sort_unstable();
+    moved
 }
 
 fn handled_by(process: &str, replicas: &[&Replica]) -> u64 {

@@ -351,7 +351,15 @@ impl Fetcher {
                         break end;
                     }
                 }
-                Some(move_to) = self.moves.recv(), if !stopping => break End::Moved(move_to),
+                Some(move_to) = self.moves.recv(), if !stopping => {
+                    // One its requester gave up waiting for (a partition's move queued while it
+                    // was being handed over here, see `NatsControl::move_to`) is not applied.
+                    if move_to.done.is_closed() {
+                        tracing::info!(topic = %plan.topic, sequence = move_to.sequence, "a move its requester withdrew is not applied");
+                    } else {
+                        break End::Moved(move_to);
+                    }
+                }
                 Some(request) = self.control.recv(), if !stopping => {
                     // Routed like the aggregate's messages: it runs after what is queued before it.
                     let key = request.key.clone();

@@ -82,7 +82,7 @@ pub(crate) fn assigned(member: &str, members: &BTreeSet<String>, partitions: u32
 type Running = Arc<Mutex<HashMap<u32, RunningPartition>>>;
 
 struct RunningPartition {
-    control: Arc<dyn AggregateControl>,
+    control: Arc<super::NatsControl>,
     subscription: NatsSubscription,
 }
 
@@ -196,6 +196,7 @@ pub(crate) async fn start(
         topic: topic.clone(),
         partitions,
         running: running.clone(),
+        handover_wait: config.consumer.takeover_after,
     });
     Ok(Subscription::new(GroupSubscription {
         topic: topic.clone(),
@@ -317,7 +318,7 @@ async fn reconcile(mut r: Reconciler) {
                 };
                 match setup(&r.shared, &r.memory, &target, r.dispatch.clone()).await {
                     Ok(subscription) => {
-                        let control: Arc<dyn AggregateControl> = subscription.control.clone();
+                        let control = subscription.control.clone();
                         r.running.lock().unwrap().insert(
                             *p,
                             RunningPartition {
@@ -383,16 +384,29 @@ struct GroupControl {
     topic: Topic,
     partitions: u32,
     running: Running,
+    /// How long a move waits for a partition being handed over to this member to be taken
+    /// over (`takeover_after`: the longest a member that is gone can hold it).
+    handover_wait: Duration,
 }
 
 impl GroupControl {
     fn controls(&self) -> Vec<Arc<dyn AggregateControl>> {
-        self.running
+        self.partition_controls()
+            .into_iter()
+            .map(|(_, c)| c as Arc<dyn AggregateControl>)
+            .collect()
+    }
+
+    fn partition_controls(&self) -> Vec<(u32, Arc<super::NatsControl>)> {
+        let mut controls: Vec<_> = self
+            .running
             .lock()
             .unwrap()
-            .values()
-            .map(|r| r.control.clone())
-            .collect()
+            .iter()
+            .map(|(p, r)| (*p, r.control.clone()))
+            .collect();
+        controls.sort_unstable_by_key(|(p, _)| *p);
+        controls
     }
 
     fn of_key(&self, key: &str) -> Result<Arc<dyn AggregateControl>, SubscribeError> {
@@ -401,7 +415,7 @@ impl GroupControl {
             .lock()
             .unwrap()
             .get(&p)
-            .map(|r| r.control.clone())
+            .map(|r| r.control.clone() as Arc<dyn AggregateControl>)
             .ok_or_else(|| {
                 SubscribeError::new(
                     SubscribeErrorKind::NotHalted,
@@ -460,10 +474,12 @@ impl AggregateControl for GroupControl {
         partitions
     }
 
-    /// Moves every partition this member consumes, one after another.
+    /// Moves every partition this member runs, one after another. A partition assigned to it
+    /// but still being handed over from another member (a standby until that one lets go) is
+    /// moved once this member takes it over, within `takeover_after`: nobody else moves it.
     async fn restart_at(&self, sequence: u64) -> Result<(), SubscribeError> {
-        for control in self.controls() {
-            control.restart_at(sequence).await?;
+        for (_, control) in self.partition_controls() {
+            control.move_to(sequence, Some(self.handover_wait)).await?;
         }
         Ok(())
     }

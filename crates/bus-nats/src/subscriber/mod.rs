@@ -250,13 +250,6 @@ async fn setup(
     };
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let (moves_tx, moves_rx) = mpsc::unbounded_channel();
-    let control = Arc::new(NatsControl {
-        moves: moves_tx,
-        topic: subject.clone(),
-        runner: runner.clone(),
-        requests: control_tx,
-        queues: pool.probe(),
-    });
     let restarter = Restarter {
         client: connection.client.clone(),
         jetstream: connection.jetstream.clone(),
@@ -269,6 +262,14 @@ async fn setup(
         work_queue: connection.retention == crate::Retention::WorkQueue,
         letters,
     };
+    let control = Arc::new(NatsControl {
+        moves: moves_tx,
+        topic: subject.clone(),
+        runner: runner.clone(),
+        requests: control_tx,
+        queues: pool.probe(),
+        restarter: restarter.clone(),
+    });
     let plan = FetchPlan {
         client: connection.client.clone(),
         batch: config.fetch.batch,
@@ -323,6 +324,8 @@ struct NatsControl {
     /// To the fetcher: move delivery to a stream position.
     moves: mpsc::UnboundedSender<epoch::MoveTo>,
     queues: keyed_pool::PoolProbe<Work>,
+    /// The consumer, for a move while this subscription is a standby.
+    restarter: Restarter,
 }
 
 impl NatsControl {
@@ -396,12 +399,41 @@ impl AggregateControl for NatsControl {
     }
 
     async fn restart_at(&self, sequence: u64) -> Result<(), SubscribeError> {
-        if self.runner.counters.owner.load(Ordering::Relaxed) != 1 {
-            return Err(SubscribeError::new(
+        self.move_to(sequence, None).await
+    }
+}
+
+impl NatsControl {
+    /// [`AggregateControl::restart_at`]. A standby refuses (`NotOwner`: the subscription that
+    /// consumes the topic moves it), unless `standby_wait` is given: a partition its group has
+    /// just assigned to this member is a standby until the member it came from lets go, and
+    /// nobody else moves it meanwhile (see [`Self::move_standby`]).
+    async fn move_to(
+        &self,
+        sequence: u64,
+        standby_wait: Option<Duration>,
+    ) -> Result<(), SubscribeError> {
+        match standby_wait {
+            Some(wait) if !self.is_owner() => self.move_standby(sequence, wait).await,
+            None if !self.is_owner() => Err(SubscribeError::new(
                 SubscribeErrorKind::NotOwner,
                 format!("this subscription to topic `{}` is a standby: the one that consumes it moves delivery", self.topic),
-            ));
+            )),
+            _ => self.move_owned(sequence, None).await,
         }
+    }
+
+    fn is_owner(&self) -> bool {
+        self.runner.counters.owner.load(Ordering::Relaxed) == 1
+    }
+
+    /// Has the fetcher move delivery and waits until it has; gives up after `within` if given
+    /// (the move is then withdrawn: the fetcher drops a move whose requester stopped waiting).
+    async fn move_owned(
+        &self,
+        sequence: u64,
+        within: Option<Duration>,
+    ) -> Result<(), SubscribeError> {
         let closed = || {
             SubscribeError::new(
                 SubscribeErrorKind::Closed,
@@ -412,13 +444,76 @@ impl AggregateControl for NatsControl {
         self.moves
             .send(epoch::MoveTo { sequence, done })
             .map_err(|_| closed())?;
-        match moved.await {
+        let moved = match within {
+            None => moved.await,
+            Some(wait) => match tokio::time::timeout(wait, moved).await {
+                Ok(moved) => moved,
+                Err(_) => return Err(self.not_taken_over(wait)),
+            },
+        };
+        match moved {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(subscribe_error(&self.topic, error)),
             Err(_) => Err(closed()),
         }
     }
+
+    /// Moves a partition this member is taking over from another, within `wait`. On servers
+    /// before 2.14 a standby takes the ownership lease as soon as it is released: the move is
+    /// queued and the fetcher applies it once it has taken over. On 2.14+ the broker pins a
+    /// standby only when it has a message to deliver, which an idle partition may not have for
+    /// a long time: once the member it comes from has unpinned (nobody consumes it), the
+    /// consumer itself is moved, and this subscription takes it over with the first message
+    /// delivered from there (starting at the ack floor, as after any gain). Should it take it
+    /// over meanwhile, it moves it as an owner.
+    async fn move_standby(&self, sequence: u64, wait: Duration) -> Result<(), SubscribeError> {
+        tracing::info!(topic = %self.topic, sequence, ?wait, "a move waits for the member this partition comes from to let go");
+        let restarter = &self.restarter;
+        if !restarter.can_reset {
+            return self.move_owned(sequence, Some(wait)).await;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let consumer = restarter.want.durable_name.as_deref().unwrap_or_default();
+        loop {
+            if self.is_owner() {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                return self.move_owned(sequence, Some(left)).await;
+            }
+            let state =
+                crate::broker::consumer_state(&restarter.client, &restarter.stream, consumer)
+                    .await
+                    .map_err(|e| subscribe_error(&self.topic, e))?;
+            if !state.pinned {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self.not_taken_over(wait));
+            }
+            tokio::time::sleep(STANDBY_POLL).await;
+        }
+        crate::broker::reset_consumer(
+            &restarter.client,
+            &restarter.stream,
+            consumer,
+            Some(sequence),
+        )
+        .await
+        .map_err(|e| subscribe_error(&self.topic, e))?;
+        self.runner.counters.moves.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(topic = %self.topic, sequence, "moved the consumer of a partition being taken over");
+        Ok(())
+    }
+
+    fn not_taken_over(&self, wait: Duration) -> SubscribeError {
+        SubscribeError::new(
+            SubscribeErrorKind::NotOwner,
+            format!("this subscription to topic `{}` is a standby, and the member it is being handed over from did not let go within {wait:?}: nothing was moved; try again", self.topic),
+        )
+    }
 }
+
+/// How often a move for a standby looks whether the member a partition comes from has let go.
+const STANDBY_POLL: Duration = Duration::from_millis(50);
 
 /// What a close allows each broker round trip after its deadline has passed: a close must not
 /// hang on an unreachable broker, and what it could not confirm is delivered again, in order.

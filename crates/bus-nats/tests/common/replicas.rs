@@ -48,14 +48,25 @@ async fn replica(config: NatsConfig, topic: Topic, log: PathBuf, name: String) {
     }
     let bus = NatsBus::connect(config).await.unwrap();
     let file = Arc::new(Mutex::new(std::fs::File::create(log).unwrap()));
+    // With `BUS_HOLD_FILE`, the events of aggregates named `hold-…` are held in their handler
+    // until that file exists.
+    let hold = std::env::var_os("BUS_HOLD_FILE").map(PathBuf::from);
     let subscription = {
         let name = name.clone();
         bus.subscribe(
             &topic,
             Arc::new(handler_fn(move |e: Envelope| {
                 let (file, name) = (file.clone(), name.clone());
+                let hold = hold
+                    .clone()
+                    .filter(|_| e.aggregate_id().as_str().starts_with("hold-"));
                 async move {
                     let start = now_ns();
+                    if let Some(hold) = hold {
+                        while !hold.exists() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
                     // As slow as events are published (an event per aggregate every 5 ms), so
                     // that events are in flight whenever the owner is killed.
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -85,12 +96,16 @@ async fn replica(config: NatsConfig, topic: Topic, log: PathBuf, name: String) {
             let mut last = None;
             loop {
                 let m = control.metrics();
-                if last != Some((m.owner, m.ownership_gained)) {
+                if last != Some((m.owner, m.ownership_gained, m.partitions)) {
                     println!(
-                        "owner {} gained {} lost {} restarts {}",
-                        m.owner, m.ownership_gained, m.ownership_lost, m.delivery_restarts
+                        "owner {} gained {} lost {} restarts {} partitions {}",
+                        m.owner,
+                        m.ownership_gained,
+                        m.ownership_lost,
+                        m.delivery_restarts,
+                        m.partitions
                     );
-                    last = Some((m.owner, m.ownership_gained));
+                    last = Some((m.owner, m.ownership_gained, m.partitions));
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -121,7 +136,11 @@ pub struct Seen {
     pub ready: bool,
     pub owner: bool,
     pub gained: u64,
+    /// The partitions it runs, owned or waiting as a standby (a group member).
+    pub partitions: u64,
     pub closed: Option<String>,
+    /// Its log lines (stderr), kept when it was started with `RUST_LOG`.
+    pub logged: Vec<String>,
 }
 
 pub struct Replica {
@@ -148,10 +167,27 @@ impl Replica {
             .env("BUS_REPLICA_NAME", name)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
         let seen: Arc<(Mutex<Seen>, Condvar)> = Arc::default();
+        let keep_log = env.iter().any(|(name, _)| *name == "RUST_LOG");
+        {
+            let seen = seen.clone();
+            let name = name.to_owned();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("[{name}] {line}");
+                    if keep_log {
+                        seen.0.lock().unwrap().logged.push(line);
+                        seen.1.notify_all();
+                    }
+                }
+            });
+        }
         {
             let seen = seen.clone();
             let name = name.to_owned();
@@ -166,6 +202,7 @@ impl Replica {
                         Some(&"owner") => {
                             state.owner = words[1] == "true";
                             state.gained = words[3].parse().unwrap();
+                            state.partitions = words[9].parse().unwrap();
                         }
                         Some(&"closed") => state.closed = Some(line.clone()),
                         _ => {}
@@ -193,6 +230,11 @@ impl Replica {
                 .unwrap_or_else(|| panic!("replica {} never {what}: {state:?}", self.name));
             state = changed.wait_timeout(state, left).unwrap().0;
         }
+    }
+
+    /// What is known of it now.
+    pub fn seen<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
+        f(&self.seen.0.lock().unwrap())
     }
 
     pub fn is_owner(&self) -> bool {

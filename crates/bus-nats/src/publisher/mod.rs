@@ -111,6 +111,8 @@ struct State {
     next_id: AtomicU64,
     /// Publishes sent again after a transient failure.
     retries: AtomicU64,
+    /// Settled publishes kept to make the next ones in.
+    spares: message::Spares,
 }
 
 fn chain_key(topic: &Topic, aggregate: &str) -> u64 {
@@ -184,6 +186,7 @@ impl NatsPublisher {
             awaiting: Mutex::new(Awaiting::default()),
             next_id: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            spares: message::Spares::default(),
         });
         let (events, rx) = mpsc::unbounded_channel();
         tokio::spawn(collect_acks(rx, state.clone(), shared.clone()));
@@ -396,6 +399,7 @@ impl NatsPublisher {
             .as_ref()
             .map(|e| route.lane_for(e.aggregate_id().as_str()).clone());
         let publish = Publish::create(
+            &self.state.spares,
             topic.clone(),
             chain,
             record_len,

@@ -310,5 +310,9 @@ pub(super) fn finish_at(
     if state.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
         state.idle.notify_waiters();
     }
+    // Settled: dropping the message does nothing more than let go of the publish.
+    let publish = message.0.clone();
+    drop(message);
+    state.spares.keep(publish);
     permit
 }

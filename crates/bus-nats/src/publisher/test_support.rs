@@ -23,8 +23,19 @@ pub(super) fn message() -> Message {
 }
 
 fn publish(chain: Option<u64>, record_len: usize, envelope: Option<Envelope>) -> Message {
+    publish_in(&message::Spares::default(), chain, record_len, envelope)
+}
+
+/// A publish made in one of `spares` when there is one.
+pub(super) fn publish_in(
+    spares: &message::Spares,
+    chain: Option<u64>,
+    record_len: usize,
+    envelope: Option<Envelope>,
+) -> Message {
     let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
     Message(Publish::create(
+        spares,
         topic(),
         chain,
         record_len,

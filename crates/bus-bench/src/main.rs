@@ -266,8 +266,15 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
         publishers.push(tokio::spawn(async move {
             // Names are validated once, as a publisher of many events of the same aggregates
             // keeps them, and shared by every envelope (`Envelope::builder_for`).
+            // Each written into one reused buffer: the ID's own allocation is its only one.
+            let mut name = String::new();
             let aggregates = (0..s.aggregates_per_topic)
-                .map(|a| AggregateId::new(format!("t{t}-a{a}")))
+                .map(|a| {
+                    use std::fmt::Write as _;
+                    name.clear();
+                    write!(name, "t{t}-a{a}").expect("writing to a String cannot fail");
+                    AggregateId::new(name.as_str())
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let event_type = EventType::new("BenchEvent")?;
             // One payload shared by every envelope (cloning it counts a reference): the bus

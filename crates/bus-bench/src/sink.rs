@@ -80,8 +80,9 @@ impl Sink {
     ) {
         let now = wall_nanos();
         self.latency.record(now.saturating_sub(sent_nanos) / 1_000);
+        // Read in place: a copy of the whole delivery is not needed for two times.
         if let Some((Some(stored), Some(received))) =
-            bus_core::current_delivery().map(|d| (d.stored_at, d.received_at))
+            bus_core::with_current_delivery(|d| (d.stored_at, d.received_at))
         {
             let nanos = |t: std::time::SystemTime| {
                 t.duration_since(std::time::UNIX_EPOCH)

@@ -82,6 +82,21 @@ pub fn current_delivery() -> Option<Delivery> {
     DELIVERY.try_with(Delivery::clone).ok()
 }
 
+/// Inside a handler call: `read` applied to the delivery of the event being handled, without
+/// copying it (what [`current_delivery`] does). `None` outside one.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use bus_core::{with_current_delivery, with_delivery, Delivery};
+/// assert_eq!(with_current_delivery(|d| d.attempt), None);
+/// let attempt = with_delivery(Delivery::new(2), async { with_current_delivery(|d| d.attempt) });
+/// assert_eq!(attempt.await, Some(2));
+/// # });
+/// ```
+pub fn with_current_delivery<R>(read: impl FnOnce(&Delivery) -> R) -> Option<R> {
+    DELIVERY.try_with(read).ok()
+}
+
 /// The trace context of the event being handled on this task, under a new parent.
 fn current_trace_child(parent_id: impl FnOnce() -> u64) -> Option<TraceParent> {
     DELIVERY

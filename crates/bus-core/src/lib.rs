@@ -47,7 +47,8 @@ pub mod wire;
 
 pub use codec::{Codec, ContentType};
 pub use delivery::{
-    continue_trace, current_delivery, with_delivery, CancelSource, Cancellation, Delivery,
+    continue_trace, current_delivery, with_current_delivery, with_delivery, CancelSource,
+    Cancellation, Delivery,
 };
 pub use dispatch::{prepare, prepare_record, Prepared, Unhandleable};
 pub use envelope::{Envelope, EnvelopeBuilder};

@@ -68,7 +68,7 @@ use bus_core::{
 };
 use bytes::Bytes;
 
-pub use bus_core::{current_delivery, Delivery};
+pub use bus_core::{current_delivery, with_current_delivery, Delivery};
 pub use config::{
     check_stream_name, default_stream_name, redact_url, Auth, BatchConfig, ConnectionCallback,
     ConnectionConfig, ConnectionEvent, ConsumerSpec, DeadLetterConfig, Discard, FetchConfig,

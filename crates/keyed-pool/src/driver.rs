@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use futures::task::AtomicWaker;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
+
+use crate::queue;
 
 use crate::{panic_message, Counters, JobOutcome, Slot};
 
@@ -52,7 +54,7 @@ impl Wake for WorkerWaker {
 
 /// One worker: its queue, the job it runs and whom to tell how that ended.
 struct Worker<J, Fut> {
-    queue: mpsc::Receiver<Slot<J>>,
+    queue: queue::Receiver<Slot<J>>,
     /// Set from job to job (`Pin::set`): allocated once.
     job: Pin<Box<Option<Fut>>>,
     done: Option<oneshot::Sender<JobOutcome>>,
@@ -145,7 +147,7 @@ fn finish_job(
 /// running are dropped (counted as interrupted) and those queued are handed back, per worker in
 /// submission order.
 pub(crate) async fn drive<J, F, Fut, E>(
-    queues: Vec<mpsc::Receiver<Slot<J>>>,
+    queues: Vec<queue::Receiver<Slot<J>>>,
     run: Arc<F>,
     counters: Arc<Counters>,
     stop: watch::Receiver<bool>,
@@ -228,7 +230,7 @@ where
                 interrupted += 1;
             }
             worker.queue.close();
-            while let Ok(slot) = worker.queue.try_recv() {
+            while let Some(slot) = worker.queue.try_recv() {
                 not_run.push(slot.job);
             }
         }

@@ -58,7 +58,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// Default number of workers.
@@ -211,25 +211,21 @@ impl PoolMetrics {
 
 /// Reads a pool's queue depths; see [`KeyedPool::probe`].
 pub struct PoolProbe<J> {
-    senders: Vec<mpsc::WeakSender<Slot<J>>>,
+    queues: Vec<queue::Probe<Slot<J>>>,
 }
 
 impl<J> PoolProbe<J> {
     /// Jobs waiting in all queues now (not counting those running); 0 once the pool is shut
     /// down.
     pub fn queued(&self) -> usize {
-        self.senders
-            .iter()
-            .filter_map(mpsc::WeakSender::upgrade)
-            .map(|s| s.max_capacity() - s.capacity())
-            .sum()
+        self.queues.iter().map(queue::Probe::len).sum()
     }
 }
 
 impl<J> Clone for PoolProbe<J> {
     fn clone(&self) -> Self {
         Self {
-            senders: self.senders.clone(),
+            queues: self.queues.clone(),
         }
     }
 }
@@ -265,7 +261,7 @@ struct Slot<J> {
 
 /// The keyed executor; see the [crate documentation](crate).
 pub struct KeyedPool<J> {
-    senders: Vec<mpsc::Sender<Slot<J>>>,
+    senders: Vec<queue::Sender<Slot<J>>>,
     hasher: ahash::RandomState,
     counters: Arc<Counters>,
     stop: watch::Sender<bool>,
@@ -321,10 +317,10 @@ impl<J: Send + 'static> KeyedPool<J> {
         let (stop, stop_rx) = watch::channel(false);
         let drivers = config.drivers.min(config.workers);
         let mut senders = Vec::with_capacity(config.workers);
-        let mut receivers: Vec<Vec<mpsc::Receiver<Slot<J>>>> =
+        let mut receivers: Vec<Vec<queue::Receiver<Slot<J>>>> =
             (0..drivers).map(|_| Vec::new()).collect();
         for worker in 0..config.workers {
-            let (tx, rx) = mpsc::channel(config.queue_capacity);
+            let (tx, rx) = queue::channel(config.queue_capacity);
             senders.push(tx);
             // Worker `w` is driven by driver `w % drivers`: neighbours apart.
             receivers[worker % drivers].push(rx);
@@ -376,10 +372,10 @@ impl<J: Send + 'static> KeyedPool<J> {
         // queue is waited on in turn (its free places go to those waiting first).
         match sender.try_send(slot) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(slot)) => {
-                sender.send(slot).await.map_err(|e| Closed(e.0.job))
+            Err(queue::TrySendError::Full(slot)) => {
+                sender.send(slot).await.map_err(|slot| Closed(slot.job))
             }
-            Err(mpsc::error::TrySendError::Closed(slot)) => Err(Closed(slot.job)),
+            Err(queue::TrySendError::Closed(slot)) => Err(Closed(slot.job)),
         }
     }
 
@@ -404,19 +400,15 @@ impl<J: Send + 'static> KeyedPool<J> {
         self.senders[self.worker_for(key)]
             .try_send(slot)
             .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(s) => TrySubmitError::Full(s.job),
-                mpsc::error::TrySendError::Closed(s) => TrySubmitError::Closed(s.job),
+                queue::TrySendError::Full(s) => TrySubmitError::Full(s.job),
+                queue::TrySendError::Closed(s) => TrySubmitError::Closed(s.job),
             })
     }
 
     /// A snapshot of the pool's counters.
     pub fn metrics(&self) -> PoolMetrics {
         PoolMetrics {
-            queue_depths: self
-                .senders
-                .iter()
-                .map(|s| s.max_capacity() - s.capacity())
-                .collect(),
+            queue_depths: self.senders.iter().map(queue::Sender::len).collect(),
             jobs_run: self.counters.jobs_run.load(Ordering::Relaxed),
             failures: self.counters.failures.load(Ordering::Relaxed),
             panics: self.counters.panics.load(Ordering::Relaxed),
@@ -427,7 +419,7 @@ impl<J: Send + 'static> KeyedPool<J> {
     /// keeping the pool's queues open.
     pub fn probe(&self) -> PoolProbe<J> {
         PoolProbe {
-            senders: self.senders.iter().map(mpsc::Sender::downgrade).collect(),
+            queues: self.senders.iter().map(queue::Sender::probe).collect(),
         }
     }
 
@@ -480,6 +472,7 @@ impl<J: Send + 'static> KeyedPool<J> {
 }
 
 mod driver;
+mod queue;
 
 #[cfg(test)]
 mod tests;

@@ -17,9 +17,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use futures::task::AtomicWaker;
 use tokio::sync::{oneshot, watch};
 
-use crate::queue;
-
-use crate::{panic_message, Counters, JobOutcome, Slot};
+use crate::{panic_message, queue, Counters, JobOutcome, Slot};
 
 /// How many times a driver takes the list of woken workers in one poll before it yields to
 /// the runtime's other tasks.

@@ -230,6 +230,10 @@ impl<T> Receiver<T> {
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         self.close();
+        // Jobs nobody will take go now, not when the last sender or probe goes (dropped
+        // outside the lock: a job's drop may do anything).
+        let left = std::mem::take(&mut self.shared.lock().items);
+        drop(left);
     }
 }
 
@@ -279,6 +283,17 @@ mod tests {
         assert_eq!(probe.len(), 0, "no sender is left");
         assert_eq!(poll_fn(|cx| rx.poll_recv(cx)).await, Some(2));
         assert_eq!(poll_fn(|cx| rx.poll_recv(cx)).await, None);
+    }
+
+    #[test]
+    fn jobs_left_in_a_dropped_queue_go_with_its_receiver() {
+        let (tx, rx) = channel::<Arc<()>>(2);
+        let job = Arc::new(());
+        tx.try_send(job.clone()).ok().unwrap();
+        assert_eq!(Arc::strong_count(&job), 2);
+        drop(rx);
+        assert_eq!(Arc::strong_count(&job), 1, "the queued job was dropped");
+        assert!(matches!(tx.try_send(job), Err(TrySendError::Closed(_))));
     }
 
     #[tokio::test]

@@ -2,8 +2,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 const SHARDS: usize = 64;
 
@@ -19,7 +20,85 @@ struct KeyState {
     missing: Option<Box<BTreeSet<u64>>>,
 }
 
-type Shard = Mutex<HashMap<Box<str>, KeyState, ahash::RandomState>>;
+/// One (topic, aggregate) pair and what was seen of it.
+struct Entry {
+    topic: Arc<str>,
+    aggregate: Box<str>,
+    state: KeyState,
+}
+
+impl Entry {
+    fn is(&self, topic: &str, aggregate: &str) -> bool {
+        &*self.aggregate == aggregate && &*self.topic == topic
+    }
+}
+
+/// Passes a hash already taken through unchanged.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only hashes of (topic, aggregate) pairs are keys")
+    }
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+}
+
+/// The pairs of one shard, keyed by the hash of (topic, aggregate) taken once per record
+/// (it picks the shard too). Pairs whose hash another pair already holds (a 64-bit collision:
+/// possible, never expected) wait in `collided`, looked through one by one.
+#[derive(Default)]
+struct Shard {
+    pairs: HashMap<u64, Entry, BuildHasherDefault<Prehashed>>,
+    collided: Vec<Entry>,
+}
+
+impl Shard {
+    fn get(&self, hash: u64, topic: &str, aggregate: &str) -> Option<&Entry> {
+        match self.pairs.get(&hash) {
+            Some(entry) if entry.is(topic, aggregate) => Some(entry),
+            Some(_) => self.collided.iter().find(|e| e.is(topic, aggregate)),
+            None => None,
+        }
+    }
+
+    /// The state of (topic, aggregate), made empty if it is new (`intern` gives the topic's
+    /// name, shared among its pairs).
+    fn state(
+        &mut self,
+        hash: u64,
+        topic: &str,
+        aggregate: &str,
+        intern: &dyn Fn(&str) -> Arc<str>,
+    ) -> &mut KeyState {
+        let new = || Entry {
+            topic: intern(topic),
+            aggregate: aggregate.into(),
+            state: KeyState::default(),
+        };
+        let entry = self.pairs.entry(hash).or_insert_with(new);
+        if entry.is(topic, aggregate) {
+            return &mut entry.state;
+        }
+        let at = match self.collided.iter().position(|e| e.is(topic, aggregate)) {
+            Some(at) => at,
+            None => {
+                self.collided.push(new());
+                self.collided.len() - 1
+            }
+        };
+        &mut self.collided[at].state
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.pairs.values().chain(&self.collided)
+    }
+}
 
 /// Records `(topic, aggregate, version)` as events are handled and classifies each one.
 ///
@@ -39,8 +118,8 @@ type Shard = Mutex<HashMap<Box<str>, KeyState, ahash::RandomState>>;
 /// again after newer ones, then the replay skipping ahead, or a hole inside the replay).
 /// `[1, 2, 3, 4, 2, 3, 4, 5]` is a clean replay; `[1, 2, 3, 4, 2, 5]` is a broken one.
 /// Records from several processes are judged in the order given, so record a dead process's
-/// log before its successor's. Thread-safe; recording costs one sharded lock and one hash
-/// lookup.
+/// log before its successor's. Thread-safe; recording hashes the pair once, for its shard and
+/// its place there, and takes that shard's lock.
 ///
 /// ```
 /// use bus_testkit::SequenceVerifier;
@@ -52,7 +131,9 @@ type Shard = Mutex<HashMap<Box<str>, KeyState, ahash::RandomState>>;
 /// assert_eq!((report.order_violations, report.duplicates, report.gaps), (1, 1, 0));
 /// ```
 pub struct SequenceVerifier {
-    topics: RwLock<HashMap<Box<str>, Box<[Shard]>, ahash::RandomState>>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Every topic's name, shared by its pairs.
+    topics: Mutex<Vec<Arc<str>>>,
     hasher: ahash::RandomState,
     handled: AtomicU64,
     order_violations: AtomicU64,
@@ -121,7 +202,8 @@ impl SequenceVerifier {
     /// An empty verifier.
     pub fn new() -> Self {
         Self {
-            topics: RwLock::new(HashMap::default()),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            topics: Mutex::default(),
             hasher: ahash::RandomState::new(),
             handled: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
@@ -131,63 +213,62 @@ impl SequenceVerifier {
         }
     }
 
-    fn with_shard<R>(&self, topic: &str, aggregate: &str, f: impl FnOnce(&Shard) -> R) -> R {
-        let shard = (self.hasher.hash_one(aggregate) as usize) % SHARDS;
-        {
-            let topics = self.topics.read().unwrap();
-            if let Some(shards) = topics.get(topic) {
-                return f(&shards[shard]);
-            }
+    /// The pair's hash and its shard. The shard is taken from bits the shard's own table does
+    /// not use to place or tell apart its entries (the lowest and the highest).
+    fn shard_of(&self, topic: &str, aggregate: &str) -> (u64, &Mutex<Shard>) {
+        let hash = self.hasher.hash_one((topic, aggregate));
+        (hash, &self.shards[(hash >> 32) as usize % SHARDS])
+    }
+
+    /// `topic`'s name, shared with the pairs of the topic recorded before.
+    fn intern(&self, topic: &str) -> Arc<str> {
+        let mut topics = self.topics.lock().unwrap();
+        if let Some(known) = topics.iter().find(|t| &***t == topic) {
+            return known.clone();
         }
-        let mut topics = self.topics.write().unwrap();
-        let shards = topics.entry(topic.into()).or_insert_with(|| {
-            (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect()
-        });
-        f(&shards[shard])
+        let name: Arc<str> = topic.into();
+        topics.push(name.clone());
+        name
     }
 
     /// Records that version `version` of `aggregate` on `topic` was handled.
     pub fn record(&self, topic: &str, aggregate: &str, version: u64) {
         self.handled.fetch_add(1, Ordering::Relaxed);
-        self.with_shard(topic, aggregate, |shard| {
-            let mut map = shard.lock().unwrap();
-            let state = match map.get_mut(aggregate) {
-                Some(s) => s,
-                None => map.entry(aggregate.into()).or_default(),
-            };
-            if version <= state.cursor {
-                self.replays.fetch_add(1, Ordering::Relaxed);
-            } else if version > state.cursor + 1 && state.cursor < state.last {
-                self.broken_replays.fetch_add(1, Ordering::Relaxed);
-            }
-            state.cursor = version;
-            if version == state.last + 1 {
-                state.last = version;
-            } else if version > state.last {
-                state
-                    .missing
-                    .get_or_insert_with(Default::default)
-                    .extend(state.last + 1..version);
-                state.last = version;
-            } else if state
+        let (hash, shard) = self.shard_of(topic, aggregate);
+        let mut shard = shard.lock().unwrap();
+        let state = shard.state(hash, topic, aggregate, &|t| self.intern(t));
+        if version <= state.cursor {
+            self.replays.fetch_add(1, Ordering::Relaxed);
+        } else if version > state.cursor + 1 && state.cursor < state.last {
+            self.broken_replays.fetch_add(1, Ordering::Relaxed);
+        }
+        state.cursor = version;
+        if version == state.last + 1 {
+            state.last = version;
+        } else if version > state.last {
+            state
                 .missing
-                .as_mut()
-                .is_some_and(|missing| missing.remove(&version))
-            {
-                self.order_violations.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.duplicates.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+                .get_or_insert_with(Default::default)
+                .extend(state.last + 1..version);
+            state.last = version;
+        } else if state
+            .missing
+            .as_mut()
+            .is_some_and(|missing| missing.remove(&version))
+        {
+            self.order_violations.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The highest version seen of `aggregate` on `topic` (0 if none).
     pub fn last_version(&self, topic: &str, aggregate: &str) -> u64 {
-        self.with_shard(topic, aggregate, |shard| {
-            shard.lock().unwrap().get(aggregate).map_or(0, |s| s.last)
-        })
+        let (hash, shard) = self.shard_of(topic, aggregate);
+        let shard = shard.lock().unwrap();
+        shard
+            .get(hash, topic, aggregate)
+            .map_or(0, |e| e.state.last)
     }
 
     /// Events recorded so far.
@@ -199,14 +280,11 @@ impl SequenceVerifier {
     pub fn report(&self) -> VerifierReport {
         let mut aggregates = 0;
         let mut gaps = 0;
-        for shards in self.topics.read().unwrap().values() {
-            for shard in shards.iter() {
-                let map = shard.lock().unwrap();
-                aggregates += map.len() as u64;
-                gaps += map
-                    .values()
-                    .map(|s| s.missing.as_ref().map_or(0, |m| m.len() as u64))
-                    .sum::<u64>();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap();
+            for entry in shard.entries() {
+                aggregates += 1;
+                gaps += entry.state.missing.as_ref().map_or(0, |m| m.len() as u64);
             }
         }
         let handled = self.handled();
@@ -299,6 +377,36 @@ mod tests {
         }
         let r = v.report();
         assert_eq!((r.replays, r.broken_replays, r.gaps), (2, 0, 0));
+    }
+
+    /// Two pairs with one hash (a 64-bit collision, forced here) are kept and judged apart.
+    #[test]
+    fn pairs_whose_hashes_collide_are_kept_apart() {
+        let mut shard = Shard::default();
+        let intern = |t: &str| Arc::<str>::from(t);
+        shard.state(7, "t", "a", &intern).last = 3;
+        shard.state(7, "t", "b", &intern).last = 5;
+        shard.state(7, "u", "a", &intern).last = 9;
+        assert_eq!(shard.state(7, "t", "a", &intern).last, 3);
+        assert_eq!(shard.state(7, "u", "a", &intern).last, 9);
+        assert_eq!(shard.get(7, "t", "b").map(|e| e.state.last), Some(5));
+        assert!(shard.get(7, "u", "b").is_none());
+        assert!(shard.get(8, "t", "a").is_none());
+        assert_eq!((shard.entries().count(), shard.collided.len()), (3, 2));
+    }
+
+    #[test]
+    fn the_pairs_of_a_topic_share_its_name() {
+        let v = SequenceVerifier::new();
+        for a in 0..100 {
+            v.record("orders", &format!("a-{a}"), 1);
+        }
+        assert_eq!(v.last_version("orders", "a-7"), 1);
+        assert_eq!(v.last_version("orders", "a-100"), 0);
+        let topics = v.topics.lock().unwrap();
+        assert_eq!(topics.len(), 1);
+        // The list's reference and one per pair.
+        assert_eq!(Arc::strong_count(&topics[0]), 101);
     }
 
     proptest! {

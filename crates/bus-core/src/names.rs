@@ -247,36 +247,65 @@ impl std::borrow::Borrow<str> for AggregateId {
     }
 }
 
-/// Aggregate IDs one decoder read recently, shared rather than validated and allocated again:
-/// an aggregate's events arrive many times over, with the same ID every time.
+/// Aggregate IDs one decoder read recently, and the event types, shared rather than
+/// validated and allocated again: an aggregate's events arrive many times over, with the same
+/// ID every time, and a topic carries a few event types.
 ///
 /// Holds at most its capacity of IDs and forgets them all when full, so its memory stays
 /// bounded (about 50 bytes an ID beside the ID's own text) whatever the number of aggregates;
 /// with more aggregates in turn than it holds, it finds few and costs a lookup per event. An ID
-/// it holds is its own small allocation, never a part of a larger message.
+/// it holds is its own small allocation, never a part of a larger message. Of event types it
+/// keeps the [`AggregateIds::EVENT_TYPES`] read last.
 ///
 /// ```
 /// let mut ids = bus_core::AggregateIds::new(2);
 /// let first = ids.get("order-1").unwrap();
 /// assert!(std::ptr::eq(first.as_str(), ids.get("order-1").unwrap().as_str()));
 /// assert!(ids.get("not valid").is_err());
+/// let placed = ids.event_type("OrderPlaced").unwrap();
+/// assert!(std::ptr::eq(placed.as_str(), ids.event_type("OrderPlaced").unwrap().as_str()));
 /// ```
 #[derive(Debug)]
 pub struct AggregateIds {
     known: std::collections::HashSet<AggregateId, ahash::RandomState>,
     capacity: usize,
+    /// Event types read, at most [`AggregateIds::EVENT_TYPES`].
+    types: Vec<EventType>,
+    /// Where the next type not kept goes once `types` is full.
+    next_type: usize,
 }
 
 impl AggregateIds {
     /// What a subscription's decoder keeps: under 1.5 MB of UUIDs at most.
     pub const DEFAULT_CAPACITY: usize = 16 * 1024;
 
+    /// The most event types kept: looked through one by one, as a topic carries a few.
+    pub const EVENT_TYPES: usize = 16;
+
     /// Keeps up to `capacity` IDs (at least 1).
     pub fn new(capacity: usize) -> Self {
         Self {
             known: std::collections::HashSet::default(),
             capacity: capacity.max(1),
+            types: Vec::new(),
+            next_type: 0,
         }
+    }
+
+    /// `text` as an event type: the one kept if it was read lately, validated otherwise (and
+    /// kept in place of the oldest once [`AggregateIds::EVENT_TYPES`] are).
+    pub fn event_type(&mut self, text: &str) -> Result<EventType, ValidationError> {
+        if let Some(kept) = self.types.iter().find(|t| t.as_str() == text) {
+            return Ok(kept.clone());
+        }
+        let kind = EventType::new(text)?;
+        if self.types.len() < Self::EVENT_TYPES {
+            self.types.push(kind.clone());
+        } else {
+            self.types[self.next_type] = kind.clone();
+            self.next_type = (self.next_type + 1) % Self::EVENT_TYPES;
+        }
+        Ok(kind)
     }
 
     /// `text` as an aggregate ID: the one kept if it was read before, validated otherwise.
@@ -668,6 +697,26 @@ mod tests {
         let first = EventId::generate().to_string();
         let later = EventId::generate().to_string();
         assert!(first[..13] <= later[..13]);
+    }
+
+    #[test]
+    fn event_types_read_lately_are_shared_and_the_oldest_makes_room() {
+        let mut ids = AggregateIds::new(4);
+        let first = ids.event_type("T0").unwrap();
+        assert!(ids.event_type("not valid").is_err());
+        for n in 1..AggregateIds::EVENT_TYPES {
+            ids.event_type(&format!("T{n}")).unwrap();
+        }
+        let again = ids.event_type("T0").unwrap();
+        assert!(std::ptr::eq(first.as_str(), again.as_str()), "kept");
+        // One more type takes the oldest's place: T1 is still kept, T0 is read anew.
+        let t1 = ids.event_type("T1").unwrap();
+        ids.event_type("Newer").unwrap();
+        assert_eq!(ids.types.len(), AggregateIds::EVENT_TYPES);
+        assert!(std::ptr::eq(t1.as_str(), ids.event_type("T1").unwrap().as_str()));
+        let anew = ids.event_type("T0").unwrap();
+        assert!(!std::ptr::eq(first.as_str(), anew.as_str()));
+        assert_eq!(anew, first);
     }
 
     proptest! {

@@ -321,15 +321,20 @@ fn event_fields_fast(value: &str, ids: Option<&mut AggregateIds>) -> Option<Even
     let version = space_after(aggregate + 1)?;
     let kind = version + 1 + memchr::memchr(b' ', &bytes[version + 1..])?;
     let micros = space_after(kind + 1)?;
+    let mut ids = ids;
     Some(EventFields {
-        aggregate_id: match ids {
+        aggregate_id: match ids.as_deref_mut() {
             Some(ids) => ids.get(&value[..aggregate]),
             None => AggregateId::new(&value[..aggregate]),
         }
         .ok()?,
         event_version: parse_decimal(&value[aggregate + 1..version])
             .and_then(std::num::NonZeroU64::new)?,
-        event_type: EventType::new(&value[version + 1..kind]).ok()?,
+        event_type: match ids {
+            Some(ids) => ids.event_type(&value[version + 1..kind]),
+            None => EventType::new(&value[version + 1..kind]),
+        }
+        .ok()?,
         micros: parse_decimal(&value[kind + 1..micros])?,
         event_id: EventId::new(&value[micros + 1..]).ok()?,
     })
@@ -1252,5 +1257,10 @@ mod tests {
         assert!(event_fields_fast(&line[..line.find('\r').unwrap()], Some(&mut ids)).is_some());
         assert_eq!(ids.len(), 1);
         assert_eq!(records[0].decode().unwrap(), e);
+        // The second record's names are the ones the first one's decoding kept.
+        let first = records[0].decode_with(&mut ids).unwrap();
+        let second = records[1].decode_with(&mut ids).unwrap();
+        assert!(std::ptr::eq(first.aggregate_id().as_str(), second.aggregate_id().as_str()));
+        assert!(std::ptr::eq(first.event_type().as_str(), second.event_type().as_str()));
     }
 }

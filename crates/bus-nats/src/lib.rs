@@ -49,6 +49,7 @@ mod health;
 mod lag;
 #[cfg(feature = "opentelemetry")]
 mod otel;
+mod prehashed;
 mod provision;
 mod publisher;
 mod repartition;

@@ -21,8 +21,9 @@ pub(super) struct LaneState {
     pub(super) pending: VecDeque<Message>,
     /// Their record bytes.
     pub(super) pending_bytes: usize,
-    /// Aggregate chains with a publish pending or in flight.
-    pub(super) chains: HashMap<u64, Chain, ahash::RandomState>,
+    /// Aggregate chains with a publish pending or in flight, keyed by their [`chain_key`]
+    /// (a hash already: not hashed again).
+    pub(super) chains: crate::prehashed::PrehashedMap<Chain>,
     /// Batches awaiting their ack (or to be sent again).
     pub(super) in_flight: usize,
     pub(super) next_number: u64,

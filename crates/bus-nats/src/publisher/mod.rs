@@ -115,12 +115,14 @@ struct State {
     spares: message::Spares,
 }
 
+/// The key of an aggregate's chain in its lane: a hash of the topic and the aggregate. A
+/// collision only makes two aggregates share one chain, which keeps both in order. Seeded at
+/// random once per process: the lanes' tables use the key as its own hash, so keys must not be
+/// predictable from aggregate IDs.
 fn chain_key(topic: &Topic, aggregate: &str) -> u64 {
-    // Fixed seeds: a collision only makes two aggregates share one chain, which keeps both in
-    // order.
     static HASHER: std::sync::OnceLock<ahash::RandomState> = std::sync::OnceLock::new();
     HASHER
-        .get_or_init(|| ahash::RandomState::with_seeds(7, 11, 13, 17))
+        .get_or_init(ahash::RandomState::new)
         .hash_one((topic.as_str(), aggregate))
 }
 

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::Subject;
 
+use crate::prehashed::PrehashedMap;
+
 /// What a settled message is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AckKind {
@@ -83,7 +85,7 @@ pub(crate) struct Unacked {
     /// Per aggregate hash: the latest unacknowledged message holding one of its events. Keyed
     /// by the hash itself: it is `hasher`'s output already, and hashing it again cost a second
     /// hash per event on each side.
-    tails: HashMap<u64, u64, std::hash::BuildHasherDefault<Prehashed>>,
+    tails: PrehashedMap<u64>,
     hasher: ahash::RandomState,
     /// Events held by linked entries.
     events: usize,
@@ -91,27 +93,6 @@ pub(crate) struct Unacked {
     pending: usize,
     /// Entries settled whose acknowledgement waits.
     held: usize,
-}
-
-/// The hasher of a map keyed by hashes: a key is its own hash.
-#[derive(Debug, Default)]
-pub(crate) struct Prehashed(u64);
-
-impl std::hash::Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write_u64(&mut self, hash: u64) {
-        self.0 = hash;
-    }
-
-    /// Not used by a `u64` key; mixes whatever else is written, in case.
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
 }
 
 /// What happened to a message delivered again while the subscription still knows it.

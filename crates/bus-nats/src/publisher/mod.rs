@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, SelectAll, StreamExt};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::telemetry::PublishMetrics;
+use crate::telemetry::{PublishMetrics, Seconds};
 use crate::{BatchConfig, PublishFailure, PublishOrdering, Shared, TopicConnection};
 
 mod acks;

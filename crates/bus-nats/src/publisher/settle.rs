@@ -262,9 +262,10 @@ pub(super) fn finish_at(
         (held.envelope.take(), held.span.take(), held.permit.take())
     };
     let metrics = &message.metrics;
-    metrics
-        .seconds
-        .record(now.saturating_duration_since(message.created).as_secs_f64());
+    metrics.seconds.record(Seconds {
+        from: message.created,
+        to: Some(now),
+    });
     if let Some(span) = span.as_ref().filter(|s| !s.is_disabled()) {
         match &outcome {
             Ok(published) => {

@@ -21,6 +21,7 @@ use super::job::{header_pairs, BatchProgress, Input, Job, Outcome, Work};
 use super::unacked::{AckKind, Settled};
 use super::Dispatch;
 use crate::dead_letters::{DeadLetterReason, LetterBox, LetterHeaders};
+use crate::telemetry::Seconds;
 
 /// Why a handler's final failure stops its event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,7 +292,7 @@ impl Runner {
                 RetryOutcome::Failed { .. } => "failed",
             },
         );
-        self.metrics.seconds.record(started.elapsed().as_secs_f64());
+        self.metrics.seconds.record(Seconds::since(started));
         match outcome {
             RetryOutcome::Succeeded { .. } => {
                 self.metrics.handled.increment(1);

@@ -71,17 +71,30 @@ impl Spares {
 
     /// Keeps `publish` if it is settled, nothing else holds it (its receipt was dropped) and
     /// there is room.
-    pub(super) fn keep(&self, mut publish: Arc<Publish>) {
-        if !publish.settled.load(Ordering::Acquire) || Arc::get_mut(&mut publish).is_none() {
+    #[cfg(test)]
+    pub(super) fn keep(&self, publish: Arc<Publish>) {
+        self.keep_all(vec![publish]);
+    }
+
+    /// [`Spares::keep`] for each of `publishes`, under one lock.
+    pub(super) fn keep_all(&self, publishes: Vec<Arc<Publish>>) {
+        let mut keep = publishes
+            .into_iter()
+            .filter_map(|mut publish| {
+                let idle =
+                    publish.settled.load(Ordering::Acquire) && Arc::get_mut(&mut publish).is_some();
+                idle.then_some(publish)
+            })
+            .peekable();
+        if keep.peek().is_none() {
             return;
         }
         let mut spares = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if spares.len() < SPARES {
-            spares.push(publish);
-        }
+        let room = SPARES - spares.len();
+        spares.extend(keep.take(room));
     }
 }
 
@@ -324,6 +337,29 @@ mod tests {
             spares.keep(publish);
         }
         assert_eq!(spares.0.lock().unwrap().len(), SPARES);
+        // Kept together, as a batch's are: only as many as there is room for.
+        let spares = Spares::default();
+        let settled = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    let m = publish_in(&Spares::default(), None, 0, None);
+                    m.resolve(Ok(published()));
+                    let publish = m.0.clone();
+                    drop(m);
+                    publish
+                })
+                .collect::<Vec<_>>()
+        };
+        spares.keep_all(settled(SPARES - 2));
+        let mut last = settled(5);
+        let unsettled = publish_in(&spares, None, 0, None);
+        let taken_at = Arc::as_ptr(&unsettled.0);
+        last.insert(0, unsettled.0.clone());
+        spares.keep_all(last);
+        let kept = spares.0.lock().unwrap();
+        // One was taken for the publish in flight: room for three of the five.
+        assert_eq!(kept.len(), SPARES);
+        assert!(kept.iter().all(|p| Arc::as_ptr(p) != taken_at), "not while in flight");
     }
 
     #[test]

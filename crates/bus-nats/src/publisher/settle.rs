@@ -89,23 +89,16 @@ impl Settler<'_> {
                     false,
                 );
                 let now = Instant::now();
-                // The batch's places in the window are given back together: one release
-                // (a lock of the semaphore's waiters) per batch instead of one per event.
-                let mut window: Option<OwnedSemaphorePermit> = None;
+                let mut back = GiveBack::with_capacity(messages.len());
                 for message in messages {
                     let published = Published {
                         topic: topic.clone(),
                         sequence: Some(sequence),
                         duplicate,
                     };
-                    let permit = finish_at(message, Ok(published), state, shared, now);
-                    match (&mut window, permit) {
-                        (Some(window), Some(permit)) => window.merge(permit),
-                        (None, permit) => window = permit,
-                        (Some(_), None) => {}
-                    }
+                    finish_at(message, Ok(published), state, shared, now, &mut back);
                 }
-                drop(window);
+                back.give(state);
                 self.next_batches(&topic, &lane, timers)
             }
             Err(error) => {
@@ -244,19 +237,53 @@ pub(super) fn finish(
     state: &State,
     shared: &Shared,
 ) {
-    drop(finish_at(message, outcome, state, shared, Instant::now()));
+    let mut back = GiveBack::with_capacity(1);
+    finish_at(message, outcome, state, shared, Instant::now(), &mut back);
+    back.give(state);
 }
 
-/// [`finish`], with the time it settled read once for a whole batch; returns the publish's
-/// place in the in-flight window, for the caller to give back.
-#[must_use = "dropping the permit gives the publish's place in the window back"]
+/// What publishes settled together give back at once ([`GiveBack::give`]): their places in
+/// the in-flight window (one release, a lock of the semaphore's waiters, instead of one per
+/// event), their count off `outstanding` (one atomic update, and `flush` woken once nothing is
+/// left), and their allocations to the spares (one lock).
+pub(super) struct GiveBack {
+    window: Option<OwnedSemaphorePermit>,
+    settled: u64,
+    spares: Vec<Arc<Publish>>,
+}
+
+impl GiveBack {
+    pub(super) fn with_capacity(publishes: usize) -> Self {
+        Self {
+            window: None,
+            settled: 0,
+            spares: Vec::with_capacity(publishes),
+        }
+    }
+
+    /// Gives back what the publishes settled since it was made hold. Their receipts are
+    /// resolved already, so `flush` finds every one settled when it is woken.
+    pub(super) fn give(self, state: &State) {
+        drop(self.window);
+        if self.settled > 0
+            && state.outstanding.fetch_sub(self.settled, Ordering::AcqRel) == self.settled
+        {
+            state.idle.notify_waiters();
+        }
+        state.spares.keep_all(self.spares);
+    }
+}
+
+/// [`finish`], with the time it settled read once for a whole batch, and what the publish
+/// gives back added to `back`.
 pub(super) fn finish_at(
     message: Message,
     outcome: Result<Published, PublishError>,
     state: &State,
     shared: &Shared,
     now: Instant,
-) -> Option<OwnedSemaphorePermit> {
+    back: &mut GiveBack,
+) {
     let (envelope, span, permit) = {
         let mut held = message.held();
         (held.envelope.take(), held.span.take(), held.permit.take())
@@ -308,12 +335,14 @@ pub(super) fn finish_at(
     // The span closes now, settled, whatever the receipt does.
     drop(span);
     message.resolve(outcome);
-    if state.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
-        state.idle.notify_waiters();
+    back.settled += 1;
+    match (&mut back.window, permit) {
+        (Some(window), Some(permit)) => window.merge(permit),
+        (None, permit) => back.window = permit,
+        (Some(_), None) => {}
     }
     // Settled: dropping the message does nothing more than let go of the publish.
     let publish = message.0.clone();
     drop(message);
-    state.spares.keep(publish);
-    permit
+    back.spares.push(publish);
 }

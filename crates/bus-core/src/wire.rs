@@ -580,8 +580,11 @@ fn well_formed_block(block: &[u8]) -> bool {
         // `contains` sets up its word-at-a-time search (callgrind, 50 000 events: 622.1 M
         // with `contains`, 618.7 M with the loop).
         let line = &rest[..end];
+        // Most lines are the `Bus-Event` line this library writes first: its name is compared
+        // whole, ten bytes at once, rather than looked through for the colon byte by byte.
         #[allow(clippy::manual_contains)]
-        let has_colon = line.iter().any(|&b| b == b':');
+        let has_colon =
+            line.starts_with(b"Bus-Event:") || line.iter().any(|&b| b == b':');
         if !(line.is_empty() || has_colon) {
             return false;
         }

@@ -490,7 +490,12 @@ fn hex8(x: u32) -> [u8; 8] {
 
 /// `id` as a UUID is written: `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lower case.
 fn hyphenated(id: u128) -> arrayvec::ArrayString<EVENT_ID_INLINE> {
-    let words = [(id >> 96) as u32, (id >> 64) as u32, (id >> 32) as u32, id as u32];
+    let words = [
+        (id >> 96) as u32,
+        (id >> 64) as u32,
+        (id >> 32) as u32,
+        id as u32,
+    ];
     let [a, b, c, d] = words.map(hex8);
     let mut text = [b'-'; EVENT_ID_INLINE];
     text[..8].copy_from_slice(&a);
@@ -713,7 +718,10 @@ mod tests {
         let t1 = ids.event_type("T1").unwrap();
         ids.event_type("Newer").unwrap();
         assert_eq!(ids.types.len(), AggregateIds::EVENT_TYPES);
-        assert!(std::ptr::eq(t1.as_str(), ids.event_type("T1").unwrap().as_str()));
+        assert!(std::ptr::eq(
+            t1.as_str(),
+            ids.event_type("T1").unwrap().as_str()
+        ));
         let anew = ids.event_type("T0").unwrap();
         assert!(!std::ptr::eq(first.as_str(), anew.as_str()));
         assert_eq!(anew, first);

@@ -583,8 +583,7 @@ fn well_formed_block(block: &[u8]) -> bool {
         // Most lines are the `Bus-Event` line this library writes first: its name is compared
         // whole, ten bytes at once, rather than looked through for the colon byte by byte.
         #[allow(clippy::manual_contains)]
-        let has_colon =
-            line.starts_with(b"Bus-Event:") || line.iter().any(|&b| b == b':');
+        let has_colon = line.starts_with(b"Bus-Event:") || line.iter().any(|&b| b == b':');
         if !(line.is_empty() || has_colon) {
             return false;
         }
@@ -1263,7 +1262,13 @@ mod tests {
         // The second record's names are the ones the first one's decoding kept.
         let first = records[0].decode_with(&mut ids).unwrap();
         let second = records[1].decode_with(&mut ids).unwrap();
-        assert!(std::ptr::eq(first.aggregate_id().as_str(), second.aggregate_id().as_str()));
-        assert!(std::ptr::eq(first.event_type().as_str(), second.event_type().as_str()));
+        assert!(std::ptr::eq(
+            first.aggregate_id().as_str(),
+            second.aggregate_id().as_str()
+        ));
+        assert!(std::ptr::eq(
+            first.event_type().as_str(),
+            second.event_type().as_str()
+        ));
     }
 }

@@ -326,7 +326,11 @@ mod tests {
         };
         let conversions = AtomicUsize::new(0);
         Histogram::noop().record(Counted(&conversions, quarter()));
-        assert_eq!(conversions.load(Ordering::SeqCst), 0, "a no-op handle converts nothing");
+        assert_eq!(
+            conversions.load(Ordering::SeqCst),
+            0,
+            "a no-op handle converts nothing"
+        );
 
         let recorded = Arc::new(Recorded::default());
         let live = Histogram::from_arc(recorded.clone());

@@ -359,7 +359,10 @@ mod tests {
         let kept = spares.0.lock().unwrap();
         // One was taken for the publish in flight: room for three of the five.
         assert_eq!(kept.len(), SPARES);
-        assert!(kept.iter().all(|p| Arc::as_ptr(p) != taken_at), "not while in flight");
+        assert!(
+            kept.iter().all(|p| Arc::as_ptr(p) != taken_at),
+            "not while in flight"
+        );
     }
 
     #[test]

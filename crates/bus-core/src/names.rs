@@ -458,8 +458,8 @@ impl EventId {
     /// A random UUID (version 4: 122 random bits, the variant set) with the milliseconds
     /// written over its first 48 bits and its version made 7 is a version 7 UUID with 74
     /// random bits, as `Uuid::new_v7` makes one without a counter; made and written here
-    /// directly, it costs a third of what that and the crate's formatting did (callgrind,
-    /// `--quick --row default`).
+    /// directly, it costs about 330 instructions where that and the crate's formatting cost
+    /// about 370 (callgrind, `--quick --row default`: 18.4 -> 16.5 M for 50 000 IDs).
     pub(crate) fn generate_at(since: std::time::Duration) -> Self {
         const MILLIS_SHIFT: u32 = 128 - 48;
         const VERSION: u128 = 0xF << 76;

@@ -2,6 +2,7 @@
 //! clock payloads are stamped with, and the sampler of tasks and threads behind the progress bar.
 
 use super::*;
+use std::time::SystemTime;
 
 /// The clock every timestamp in a payload is relative to.
 pub(crate) fn epoch() -> Instant {
@@ -27,6 +28,32 @@ pub(crate) fn stamped_payload(size: usize) -> Vec<u8> {
 pub(crate) fn latency_micros(payload: &[u8]) -> u64 {
     let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
     wall_nanos().saturating_sub(sent) / 1_000
+}
+
+/// `stored` and `received` in nanoseconds since the Unix epoch. Every event of a record batch
+/// was stored and received at the same two times: the last pair converted on this thread is
+/// kept, and compared rather than converted again (two conversions cost about 110
+/// instructions, callgrind `--quick --row default`).
+fn arrival_nanos(stored: SystemTime, received: SystemTime) -> (u64, u64) {
+    use std::cell::Cell;
+    type Converted = Option<(SystemTime, SystemTime, u64, u64)>;
+    thread_local! {
+        static LAST: Cell<Converted> = const { Cell::new(None) };
+    }
+    LAST.with(|last| match last.get() {
+        Some((s, r, stored_nanos, received_nanos)) if s == stored && r == received => {
+            (stored_nanos, received_nanos)
+        }
+        _ => {
+            let nanos = |t: SystemTime| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            };
+            let converted = (nanos(stored), nanos(received));
+            last.set(Some((stored, received, converted.0, converted.1)));
+            converted
+        }
+    })
 }
 
 /// What every handler of a row feeds.
@@ -84,11 +111,7 @@ impl Sink {
         if let Some((Some(stored), Some(received))) =
             bus_core::with_current_delivery(|d| (d.stored_at, d.received_at))
         {
-            let nanos = |t: std::time::SystemTime| {
-                t.duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos() as u64)
-            };
-            let (stored, received) = (nanos(stored), nanos(received));
+            let (stored, received) = arrival_nanos(stored, received);
             self.stages[0].record(stored.saturating_sub(sent_nanos) / 1_000);
             self.stages[1].record(received.saturating_sub(stored) / 1_000);
             self.stages[2].record(now.saturating_sub(received) / 1_000);
@@ -146,4 +169,20 @@ pub(crate) fn start_sampler(
         (tasks, threads)
     });
     (handle, stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrival_times_converted_again_only_when_they_change() {
+        let at = |nanos: u64| std::time::UNIX_EPOCH + Duration::from_nanos(nanos);
+        assert_eq!(arrival_nanos(at(10), at(25)), (10, 25));
+        // The same pair, from the kept conversion.
+        assert_eq!(arrival_nanos(at(10), at(25)), (10, 25));
+        // Either time changed: converted again, not taken from the kept pair.
+        assert_eq!(arrival_nanos(at(10), at(40)), (10, 40));
+        assert_eq!(arrival_nanos(at(30), at(40)), (30, 40));
+    }
 }

@@ -63,12 +63,13 @@ pub fn prepare<'a>(
     }
 }
 
-/// [`prepare`] of one record of a record batch for an envelope handler (a raw handler gets
-/// [`wire::Record::headers`] and its payload through [`prepare`]); the aggregate ID is shared
-/// with earlier records' through `ids` ([`wire::Record::decode_with`]).
+/// [`prepare`] of one record of a record batch, as [`wire::split_batch`] gives it, for an
+/// envelope handler (a raw handler gets [`wire::RecordView::headers`] and its payload through
+/// [`prepare`]); the aggregate ID is shared with earlier records' through `ids`
+/// ([`wire::RecordView::decode_with`]).
 pub fn prepare_record(
     subject: &str,
-    record: &wire::Record,
+    record: wire::RecordView<'_>,
     ids: &mut crate::AggregateIds,
 ) -> (Arc<str>, Result<Prepared, Unhandleable>) {
     keyed(record.decode_with(ids), subject)
@@ -121,13 +122,16 @@ mod tests {
         body.extend_from_slice(&6u32.to_be_bytes());
         body.extend_from_slice(b"X: 1\r\n");
         body.extend_from_slice(&0u32.to_be_bytes());
-        let records = wire::decode_batch("2", &Bytes::from(body)).unwrap();
         let mut ids = crate::AggregateIds::default();
-        let (key, prepared) = prepare_record("t.2", &records[0], &mut ids);
-        assert_eq!(&*key, "a-1");
-        assert!(matches!(prepared, Ok(Prepared::Envelope(d)) if d == e));
-        let (key, prepared) = prepare_record("t.2", &records[1], &mut ids);
-        assert_eq!(&*key, "t.2");
-        assert!(matches!(prepared, Err(Unhandleable::Undecodable(_))));
+        let (_, prepared) = wire::split_batch("2", &Bytes::from(body), |record| {
+            prepare_record("t.2", record, &mut ids)
+        })
+        .unwrap();
+        let (key, prepared_first) = &prepared[0];
+        assert_eq!(&**key, "a-1");
+        assert!(matches!(prepared_first, Ok(Prepared::Envelope(d)) if *d == e));
+        let (key, prepared_second) = &prepared[1];
+        assert_eq!(&**key, "t.2");
+        assert!(matches!(prepared_second, Err(Unhandleable::Undecodable(_))));
     }
 }

@@ -497,22 +497,116 @@ impl Record {
     }
 
     fn decode_in(&self, ids: Option<&mut AggregateIds>) -> Result<Envelope, DecodeError> {
-        // As this library writes a record: `Bus-Event` first, the rest (usually nothing) after.
-        // Every line of the block ends with CR LF and holds no other CR (checked when the batch
-        // was split), so the first CR ends the line.
-        if let Some(line) = self.headers.strip_prefix("Bus-Event: ") {
-            if let Some(end) = memchr::memchr(b'\r', line.as_bytes()) {
-                if let Some(fields) = event_fields_fast(&line[..end], ids) {
-                    let rest = &line[end + 2..];
-                    return if rest.is_empty() {
-                        decode_from(Some(fields), std::iter::empty(), self.payload.clone())
-                    } else {
-                        decode_from(Some(fields), header_pairs(rest), self.payload.clone())
-                    };
-                }
+        decode_block(&self.headers, self.payload.clone(), ids)
+    }
+}
+
+/// An envelope from a record's header block (checked: `Name: value` lines, each ended by CR
+/// LF) and its payload.
+fn decode_block(
+    block: &str,
+    payload: Bytes,
+    ids: Option<&mut AggregateIds>,
+) -> Result<Envelope, DecodeError> {
+    // As this library writes a record: `Bus-Event` first, the rest (usually nothing) after.
+    // Every line of the block ends with CR LF and holds no other CR (checked when the batch
+    // was split), so the first CR ends the line.
+    if let Some(line) = block.strip_prefix("Bus-Event: ") {
+        if let Some(end) = memchr::memchr(b'\r', line.as_bytes()) {
+            if let Some(fields) = event_fields_fast(&line[..end], ids) {
+                let rest = &line[end + 2..];
+                return if rest.is_empty() {
+                    decode_from(Some(fields), std::iter::empty(), payload)
+                } else {
+                    decode_from(Some(fields), header_pairs(rest), payload)
+                };
             }
         }
-        decode(self.headers(), self.payload.clone())
+    }
+    decode(header_pairs(block), payload)
+}
+
+/// Where one record lies in its batch's body: the byte ranges of its header block and its
+/// payload. Sixteen bytes and no reference to the body: what a consumer keeps of each record
+/// of a batch it holds, rather than two shared slices of the body per record (each one a
+/// reference count taken and given back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordSpan {
+    headers: (u32, u32),
+    payload: (u32, u32),
+}
+
+impl RecordSpan {
+    /// The header block, from the body the span was split from.
+    ///
+    /// # Panics
+    /// If `body` is shorter than the batch the span was split from.
+    pub fn header_block(&self, body: &Bytes) -> Bytes {
+        body.slice(self.headers.0 as usize..self.headers.1 as usize)
+    }
+
+    /// The payload, sharing the body's memory.
+    ///
+    /// # Panics
+    /// As [`RecordSpan::header_block`].
+    pub fn payload(&self, body: &Bytes) -> Bytes {
+        body.slice(self.payload.0 as usize..self.payload.1 as usize)
+    }
+
+    /// The record, from the body the span was split from; `None` from another body, too short
+    /// or whose bytes there are not a header block.
+    pub fn record(&self, body: &Bytes) -> Option<Record> {
+        if body.len() < self.headers.1.max(self.payload.1) as usize {
+            return None;
+        }
+        let headers = bytestring::ByteString::try_from(self.header_block(body)).ok()?;
+        Some(Record {
+            headers,
+            payload: self.payload(body),
+        })
+    }
+}
+
+/// One record of a batch, borrowed from its body while it is split ([`split_batch`]): its
+/// header block, checked to be UTF-8 `Name: value` lines each ended by CR LF, and where its
+/// payload lies.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    headers: &'a str,
+    body: &'a Bytes,
+    span: RecordSpan,
+}
+
+impl<'a> RecordView<'a> {
+    /// The record's headers, in the order they were written.
+    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
+        header_pairs(self.headers)
+    }
+
+    /// The header block as it travelled.
+    pub fn header_block(&self) -> &'a str {
+        self.headers
+    }
+
+    /// The payload, sharing the batch's memory.
+    pub fn payload(&self) -> Bytes {
+        self.span.payload(self.body)
+    }
+
+    /// Where the record lies in the batch's body.
+    pub fn span(&self) -> RecordSpan {
+        self.span
+    }
+
+    /// The record as an envelope ([`Record::decode`]).
+    pub fn decode(&self) -> Result<Envelope, DecodeError> {
+        decode_block(self.headers, self.payload(), None)
+    }
+
+    /// [`RecordView::decode`], sharing aggregate IDs and event types through `ids`
+    /// ([`Record::decode_with`]).
+    pub fn decode_with(&self, ids: &mut AggregateIds) -> Result<Envelope, DecodeError> {
+        decode_block(self.headers, self.payload(), Some(ids))
     }
 }
 
@@ -665,6 +759,26 @@ pub fn encode_record(envelope: &Envelope, body: &mut Vec<u8>) {
 /// `Name: value` lines, each ended by `\r\n`. Whether a record is a valid envelope is
 /// [`Record::decode`]'s business: one bad record does not make the others unreadable.
 pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeError> {
+    let (_, records) = split_batch(count, body, |record| Record {
+        // The same bytes `split_batch` checked: UTF-8.
+        headers: bytestring::ByteString::try_from(record.span().header_block(body))
+            .expect("a header block checked to be UTF-8"),
+        payload: record.payload(),
+    })?;
+    Ok(records)
+}
+
+/// [`decode_batch`] without a `Record` per record: `each` is given every record, in order,
+/// borrowed from the body as soon as it is checked, and the records' spans are returned with
+/// what `each` made of them. A consumer decodes each record where it is split, and keeps only
+/// the spans (say, to dead-letter one record later); the header block is checked to be UTF-8
+/// once, for both. The body is refused as [`decode_batch`] refuses it, whatever `each` was
+/// given before the fault was found.
+pub fn split_batch<T>(
+    count: &str,
+    body: &Bytes,
+    mut each: impl FnMut(RecordView<'_>) -> T,
+) -> Result<(Vec<RecordSpan>, Vec<T>), DecodeError> {
     let count = batch_count(count)?;
     // Every record takes at least 8 bytes: a count the body cannot hold allocates nothing.
     if count > body.len() / 8 {
@@ -673,31 +787,38 @@ pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeErro
             body.len()
         )));
     }
-    let mut records = Vec::with_capacity(count);
+    if u32::try_from(body.len()).is_err() {
+        return Err(malformed(format!(
+            "the body is {} bytes, more than a batch may hold (4 GiB)",
+            body.len()
+        )));
+    }
+    let mut spans = Vec::with_capacity(count);
+    let mut made = Vec::with_capacity(count);
     let mut at = 0usize;
-    let mut take = |what: &str, i: usize| -> Result<Bytes, DecodeError> {
-        let rest = body.len() - at;
+    let take = |at: &mut usize, what: &str, i: usize| -> Result<(u32, u32), DecodeError> {
+        let rest = body.len() - *at;
         if rest < 4 {
             return Err(malformed(format!(
                 "record {i}: the body ends before the length of its {what}"
             )));
         }
-        let len = u32::from_be_bytes(body[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let len = u32::from_be_bytes(body[*at..*at + 4].try_into().expect("4 bytes")) as usize;
         if rest - 4 < len {
             return Err(malformed(format!(
                 "record {i}: its {what} is {len} bytes, but only {} remain",
                 rest - 4
             )));
         }
-        let part = body.slice(at + 4..at + 4 + len);
-        at += 4 + len;
+        // Within the body, which is under 4 GiB.
+        let part = ((*at + 4) as u32, (*at + 4 + len) as u32);
+        *at += 4 + len;
         Ok(part)
     };
     for i in 0..count {
-        let headers = take("header block", i)?;
-        let headers = bytestring::ByteString::try_from(headers)
+        let headers = take(&mut at, "header block", i)?;
+        let text = std::str::from_utf8(&body[headers.0 as usize..headers.1 as usize])
             .map_err(|e| malformed(format!("record {i}: its header block is not UTF-8 ({e})")))?;
-        let text: &str = &headers;
         if !text.is_empty() && !text.ends_with("\r\n") {
             return Err(malformed(format!(
                 "record {i}: its header block does not end with CR LF"
@@ -713,8 +834,14 @@ pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeErro
                 )));
             }
         }
-        let payload = take("payload", i)?;
-        records.push(Record { headers, payload });
+        let payload = take(&mut at, "payload", i)?;
+        let span = RecordSpan { headers, payload };
+        spans.push(span);
+        made.push(each(RecordView {
+            headers: text,
+            body,
+            span,
+        }));
     }
     if at != body.len() {
         return Err(malformed(format!(
@@ -722,7 +849,7 @@ pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeErro
             body.len() - at
         )));
     }
-    Ok(records)
+    Ok((spans, made))
 }
 
 #[cfg(test)]
@@ -922,6 +1049,28 @@ mod tests {
             assert_eq!(body.len() - before, record_len(e));
         }
         Bytes::from(body)
+    }
+
+    #[test]
+    fn a_span_reads_only_the_body_it_was_split_from() {
+        let envelopes: Vec<Envelope> = (1..=2)
+            .map(|v| {
+                Envelope::builder("a-1", "T", v)
+                    .payload(vec![7; 10])
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let body = batch_of(&envelopes);
+        let (spans, _) = split_batch("2", &body, |_| ()).unwrap();
+        let second = spans[1].record(&body).unwrap();
+        assert_eq!(second.decode().unwrap(), envelopes[1]);
+        assert_eq!(spans[1].payload(&body), envelopes[1].payload());
+        // A shorter body, and one whose bytes there are not UTF-8.
+        assert_eq!(spans[1].record(&body.slice(..body.len() - 1)), None);
+        let mut other = body.to_vec();
+        other[spans[1].headers.0 as usize] = 0xFF;
+        assert_eq!(spans[1].record(&Bytes::from(other)), None);
     }
 
     #[test]
@@ -1133,7 +1282,19 @@ mod tests {
             let body = batch_of(&envelopes);
             let records = decode_batch(&envelopes.len().to_string(), &body).unwrap();
             let back: Vec<Envelope> = records.iter().map(|r| r.decode().unwrap()).collect();
-            prop_assert_eq!(back, envelopes);
+            prop_assert_eq!(&back, &envelopes);
+            // Split in place: the same envelopes, and spans that give the same records back.
+            let mut ids = AggregateIds::default();
+            let (spans, viewed) = split_batch(&envelopes.len().to_string(), &body, |view| {
+                (view.decode_with(&mut ids).unwrap(), view.header_block().to_owned(), view.span())
+            })
+            .unwrap();
+            for (i, (envelope, block, span)) in viewed.iter().enumerate() {
+                prop_assert_eq!(envelope, &envelopes[i]);
+                prop_assert_eq!(block.as_bytes(), &records[i].header_block()[..]);
+                prop_assert_eq!(*span, spans[i]);
+                prop_assert_eq!(span.record(&body), Some(records[i].clone()));
+            }
         }
 
         /// Arbitrary bodies and counts never panic the batch decoder.
@@ -1142,11 +1303,18 @@ mod tests {
             count in "[0-9]{1,4}|.{0,4}",
             body in proptest::collection::vec(any::<u8>(), 0..128),
         ) {
-            if let Ok(records) = decode_batch(&count, &Bytes::from(body)) {
-                for r in records {
-                    let _ = r.headers().count();
-                    let _ = r.decode();
+            let body = Bytes::from(body);
+            let split = split_batch(&count, &body, |view| (view.headers().count(), view.decode().is_ok()));
+            match decode_batch(&count, &body) {
+                Ok(records) => {
+                    // Refused by both or by neither, and read alike.
+                    let (spans, read) = split.unwrap();
+                    for (i, r) in records.iter().enumerate() {
+                        prop_assert_eq!(read[i], (r.headers().count(), r.decode().is_ok()));
+                        prop_assert_eq!(spans[i].record(&body), Some(r.clone()));
+                    }
                 }
+                Err(error) => prop_assert_eq!(split.unwrap_err().to_string(), error.to_string()),
             }
         }
         /// Every envelope the builder accepts, whatever its text fields hold, comes back equal

@@ -159,17 +159,34 @@ pub(super) async fn on_reply(
                 tracing::debug!(topic = %plan.topic, sequence, ?seen, "redelivered copy recognised; not handled again");
                 return None;
             }
+            // A record batch is decoded as it is split, each record straight from the body.
             let batch = message
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(wire::BATCH))
-                .map(|v| wire::decode_batch(v.as_str(), &message.payload));
+                .map(|count| {
+                    let mut ids = plan.ids.lock().unwrap();
+                    wire::split_batch(count.as_str(), &message.payload, |record| {
+                        let (key, input) = prepare_record(
+                            &plan.topic,
+                            &plan.dispatch,
+                            message.subject.as_str(),
+                            record,
+                            &mut ids,
+                        );
+                        Event { key, input }
+                    })
+                });
             let (key, input) = match batch {
-                Some(Ok(records)) => {
-                    st.events_per_message.0 += records.len() as u64;
+                Some(Ok((spans, events))) => {
+                    st.events_per_message.0 += spans.len() as u64;
                     st.events_per_message.1 += 1;
-                    return dispatch_batch(plan, pool, term, sequence, message, records, arrival)
-                        .await;
+                    let batch = Batch {
+                        message,
+                        spans,
+                        events,
+                    };
+                    return dispatch_batch(plan, pool, term, sequence, batch, arrival).await;
                 }
                 Some(Err(error)) => (
                     Arc::from(""),
@@ -237,6 +254,13 @@ pub(super) async fn on_reply(
     None
 }
 
+/// A record batch split: its message, where its records lie, and their events.
+struct Batch {
+    message: async_nats::Message,
+    spans: Vec<wire::RecordSpan>,
+    events: Vec<Event>,
+}
+
 /// Dispatches the events of a record batch, each to its key's worker, in record order. Events
 /// settled before the batch was last released in this subscription (handled or dead-lettered)
 /// are not handed to the handler again.
@@ -245,22 +269,26 @@ async fn dispatch_batch(
     pool: &KeyedPool<Work>,
     term: u64,
     sequence: u64,
-    message: async_nats::Message,
-    records: Vec<wire::Record>,
+    batch: Batch,
     arrival: Arrival,
 ) -> Option<End> {
-    let first = records
+    let Batch {
+        message,
+        spans,
+        events,
+    } = batch;
+    let first = spans
         .first()
-        .map(|r| r.header_block().clone())
+        .map(|span| span.header_block(&message.payload))
         .unwrap_or_default();
     let before = plan.copies.lock().unwrap().take_partial(sequence, &first);
-    let done: Vec<AtomicBool> = (0..records.len())
+    let done: Vec<AtomicBool> = (0..spans.len())
         .map(|i| AtomicBool::new(before.as_ref().is_some_and(|d| d.get(i) == Some(&true))))
         .collect();
-    let to_run: Vec<usize> = (0..records.len())
+    let to_run: Vec<usize> = (0..spans.len())
         .filter(|i| !done[*i].load(Ordering::Relaxed))
         .collect();
-    let skipped = records.len() - to_run.len();
+    let skipped = spans.len() - to_run.len();
     if skipped > 0 {
         plan.counters
             .copies_skipped
@@ -269,30 +297,14 @@ async fn dispatch_batch(
     }
     // Every event's aggregate is known before any of them can settle, those settled before
     // included: the batch holds them until it is acknowledged.
-    let events: Vec<Event> = {
-        let mut ids = plan.ids.lock().unwrap();
-        records
-            .iter()
-            .map(|record| {
-                let (key, input) = prepare_record(
-                    &plan.topic,
-                    &plan.dispatch,
-                    message.subject.as_str(),
-                    record,
-                    &mut ids,
-                );
-                Event { key, input }
-            })
-            .collect()
-    };
     plan.copies.lock().unwrap().link(
         sequence,
         events.iter().map(|event| &*event.key),
-        records.len(),
+        spans.len(),
     );
     let progress = Arc::new(BatchProgress {
         message,
-        records,
+        spans,
         events,
         sequence,
         term,

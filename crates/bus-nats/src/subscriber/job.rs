@@ -38,7 +38,8 @@ pub(crate) struct Single {
 /// for them rather than one each.
 pub(crate) struct BatchProgress {
     pub(crate) message: async_nats::Message,
-    pub(crate) records: Vec<wire::Record>,
+    /// Where each record lies in the message's payload.
+    pub(crate) spans: Vec<wire::RecordSpan>,
     /// Per record, its event (decoded for those settled before too: their keys order the
     /// batch's acknowledgement).
     pub(crate) events: Vec<Event>,
@@ -201,7 +202,7 @@ pub(crate) fn prepare_record(
     topic: &Topic,
     dispatch: &Dispatch,
     subject: &str,
-    record: &wire::Record,
+    record: wire::RecordView<'_>,
     ids: &mut bus_core::AggregateIds,
 ) -> (Arc<str>, Result<Input, (DeadLetterReason, String)>) {
     match dispatch {
@@ -209,9 +210,13 @@ pub(crate) fn prepare_record(
             let (key, prepared) = bus_core::prepare_record(subject, record, ids);
             (key, prepared.map_err(dead_letter_reason))
         }
-        Dispatch::Raw(..) => {
-            prepare_parts(topic, dispatch, subject, record.headers(), record.payload())
-        }
+        Dispatch::Raw(..) => prepare_parts(
+            topic,
+            dispatch,
+            subject,
+            record.headers(),
+            &record.payload(),
+        ),
     }
 }
 

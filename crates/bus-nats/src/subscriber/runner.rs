@@ -178,9 +178,9 @@ impl Runner {
         } else {
             if let Some(sequence) = sequence {
                 let first = progress
-                    .records
+                    .spans
                     .first()
-                    .map(|r| r.header_block().clone())
+                    .map(|span| span.header_block(&progress.message.payload))
                     .unwrap_or_default();
                 self.copies
                     .lock()
@@ -389,7 +389,9 @@ impl Runner {
                     .await
             }
             Job::Record(progress, index) => {
-                let record = &progress.records[*index];
+                let record = progress.spans[*index]
+                    .record(&progress.message.payload)
+                    .expect("a batch's spans are of its own payload");
                 let mut headers = HeaderMap::new();
                 for (name, value) in record.headers() {
                     headers.append(name, value);

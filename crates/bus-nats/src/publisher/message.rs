@@ -202,6 +202,35 @@ impl Publish {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Settles a publish whose span records nothing, under one lock: lets go of what it sent,
+    /// records its outcome (the first one given) and wakes its receipt. Returns its place in
+    /// the window.
+    pub(super) fn resolve_untraced(
+        &self,
+        outcome: Result<Published, PublishError>,
+    ) -> Option<OwnedSemaphorePermit> {
+        let (permit, waker) = {
+            let mut held = self.held();
+            held.envelope = None;
+            held.raw = None;
+            held.span = None;
+            let waker = match &mut held.outcome {
+                Outcome::Pending(waker) => {
+                    let waker = waker.take();
+                    held.outcome = Outcome::Known(outcome);
+                    waker
+                }
+                Outcome::Known(_) | Outcome::Read => None,
+            };
+            (held.permit.take(), waker)
+        };
+        self.settled.store(true, Ordering::Release);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        permit
+    }
+
     /// Records its outcome (the first one given) and wakes its receipt.
     pub(super) fn resolve(&self, outcome: Result<Published, PublishError>) {
         let waker = {
@@ -380,6 +409,31 @@ mod tests {
         assert!(matches!(receipt.as_mut().poll(&mut cx), Poll::Ready(Ok(p)) if p == published()));
         let again = receipt.as_mut().poll(&mut cx);
         assert!(matches!(again, Poll::Ready(Err(e)) if e.kind() == PublishErrorKind::Invalid));
+    }
+
+    #[test]
+    fn an_untraced_publish_settles_under_one_lock_as_a_resolved_one_does() {
+        let m = publish_in(&Spares::default(), Some(1), 10, Some(envelope(1)));
+        let window = Arc::new(tokio::sync::Semaphore::new(1));
+        m.held().permit = Some(window.clone().try_acquire_owned().unwrap());
+        let mut receipt = pin!(receipt_of(&m));
+        let count = Arc::new(Count(Default::default()));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(receipt.as_mut().poll(&mut cx).is_pending());
+        let permit = m.resolve_untraced(Ok(published()));
+        assert!(m.settled.load(Ordering::Acquire));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "its receipt is woken");
+        assert!(permit.is_some(), "its place in the window is handed back");
+        assert!(m.held().envelope.is_none() && m.held().span.is_none());
+        // A later outcome does not replace the first.
+        assert!(m
+            .resolve_untraced(Err(PublishError::new(PublishErrorKind::Connection, "late")))
+            .is_none());
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(matches!(receipt.as_mut().poll(&mut cx), Poll::Ready(Ok(p)) if p == published()));
+        drop(permit);
+        assert_eq!(window.available_permits(), 1);
     }
 
     #[test]

@@ -284,11 +284,27 @@ pub(super) fn finish_at(
     now: Instant,
     back: &mut GiveBack,
 ) {
+    let metrics = &message.metrics;
+    // Stored, and its span records nothing: taken apart and resolved under one lock of what
+    // it holds rather than two (the span and the failure callback need nothing of it).
+    if let (Ok(published), false) = (&outcome, message.traced) {
+        metrics.seconds.record(Seconds {
+            from: message.created,
+            to: Some(now),
+        });
+        if published.duplicate {
+            metrics.duplicate.increment(1);
+        } else {
+            metrics.stored.increment(1);
+        }
+        let permit = message.resolve_untraced(outcome);
+        give_back(message, permit, back);
+        return;
+    }
     let (envelope, span, permit) = {
         let mut held = message.held();
         (held.envelope.take(), held.span.take(), held.permit.take())
     };
-    let metrics = &message.metrics;
     metrics.seconds.record(Seconds {
         from: message.created,
         to: Some(now),
@@ -335,6 +351,11 @@ pub(super) fn finish_at(
     // The span closes now, settled, whatever the receipt does.
     drop(span);
     message.resolve(outcome);
+    give_back(message, permit, back);
+}
+
+/// What a settled publish gives back, added to `back`.
+fn give_back(message: Message, permit: Option<OwnedSemaphorePermit>, back: &mut GiveBack) {
     back.settled += 1;
     match (&mut back.window, permit) {
         (Some(window), Some(permit)) => window.merge(permit),

@@ -266,13 +266,17 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
         publishers.push(tokio::spawn(async move {
             // Names are validated once, as a publisher of many events of the same aggregates
             // keeps them, and shared by every envelope (`Envelope::builder_for`).
-            // Each written into one reused buffer: the ID's own allocation is its only one.
+            // Each written into one reused buffer (its numbers by `itoa`, not the formatting
+            // machinery): the ID's own allocation is its only one.
             let mut name = String::new();
+            let mut number = itoa::Buffer::new();
             let aggregates = (0..s.aggregates_per_topic)
                 .map(|a| {
-                    use std::fmt::Write as _;
                     name.clear();
-                    write!(name, "t{t}-a{a}").expect("writing to a String cannot fail");
+                    name.push('t');
+                    name.push_str(number.format(t));
+                    name.push_str("-a");
+                    name.push_str(number.format(a));
                     AggregateId::new(name.as_str())
                 })
                 .collect::<Result<Vec<_>, _>>()?;

@@ -67,6 +67,7 @@ pub fn prepare<'a>(
 /// envelope handler (a raw handler gets [`wire::RecordView::headers`] and its payload through
 /// [`prepare`]); the aggregate ID is shared with earlier records' through `ids`
 /// ([`wire::RecordView::decode_with`]).
+#[inline]
 pub fn prepare_record(
     subject: &str,
     record: wire::RecordView<'_>,
@@ -75,6 +76,7 @@ pub fn prepare_record(
     keyed(record.decode_with(ids), subject)
 }
 
+#[inline]
 fn keyed(
     decoded: Result<crate::Envelope, crate::DecodeError>,
     subject: &str,

@@ -503,6 +503,7 @@ impl Record {
 
 /// An envelope from a record's header block (checked: `Name: value` lines, each ended by CR
 /// LF) and its payload.
+#[inline]
 fn decode_block(
     block: &str,
     payload: Bytes,
@@ -605,6 +606,7 @@ impl<'a> RecordView<'a> {
 
     /// [`RecordView::decode`], sharing aggregate IDs and event types through `ids`
     /// ([`Record::decode_with`]).
+    #[inline]
     pub fn decode_with(&self, ids: &mut AggregateIds) -> Result<Envelope, DecodeError> {
         decode_block(self.headers, self.payload(), Some(ids))
     }

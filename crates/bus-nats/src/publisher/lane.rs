@@ -131,22 +131,25 @@ impl LaneState {
         self.in_flight -= 1;
         let mut aborted = Vec::new();
         for key in chains {
-            let Some(chain) = self.chains.get_mut(&key) else {
+            // Looked up once, and removed through the same entry when it is done.
+            let std::collections::hash_map::Entry::Occupied(mut entry) = self.chains.entry(key)
+            else {
                 continue;
             };
+            let chain = entry.get_mut();
             if chain.batch != Some(number) {
                 continue;
             }
             chain.batch = None;
             let waiting = std::mem::take(&mut chain.waiting);
             if failed {
-                aborted.extend(waiting);
                 if chain.pending == 0 {
-                    self.chains.remove(&key);
+                    entry.remove();
                 }
+                aborted.extend(waiting);
             } else if waiting.is_empty() {
                 if chain.pending == 0 {
-                    self.chains.remove(&key);
+                    entry.remove();
                 }
             } else {
                 chain.pending += waiting.len();

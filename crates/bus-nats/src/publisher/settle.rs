@@ -285,18 +285,18 @@ pub(super) fn finish_at(
     back: &mut GiveBack,
 ) {
     let metrics = &message.metrics;
+    metrics.seconds.record(Seconds {
+        from: message.created,
+        to: Some(now),
+    });
+    match &outcome {
+        Ok(published) if published.duplicate => metrics.duplicate.increment(1),
+        Ok(_) => metrics.stored.increment(1),
+        Err(_) => metrics.failed.increment(1),
+    }
     // Stored, and its span records nothing: taken apart and resolved under one lock of what
     // it holds rather than two (the span and the failure callback need nothing of it).
-    if let (Ok(published), false) = (&outcome, message.traced) {
-        metrics.seconds.record(Seconds {
-            from: message.created,
-            to: Some(now),
-        });
-        if published.duplicate {
-            metrics.duplicate.increment(1);
-        } else {
-            metrics.stored.increment(1);
-        }
+    if outcome.is_ok() && !message.traced {
         let permit = message.resolve_untraced(outcome);
         give_back(message, permit, back);
         return;
@@ -305,10 +305,6 @@ pub(super) fn finish_at(
         let mut held = message.held();
         (held.envelope.take(), held.span.take(), held.permit.take())
     };
-    metrics.seconds.record(Seconds {
-        from: message.created,
-        to: Some(now),
-    });
     if let Some(span) = span.as_ref().filter(|s| !s.is_disabled()) {
         match &outcome {
             Ok(published) => {
@@ -329,11 +325,6 @@ pub(super) fn finish_at(
                 span.in_scope(|| tracing::debug!(%error, "publish failed"));
             }
         }
-    }
-    match &outcome {
-        Ok(published) if published.duplicate => metrics.duplicate.increment(1),
-        Ok(_) => metrics.stored.increment(1),
-        Err(_) => metrics.failed.increment(1),
     }
     if let Err(error) = &outcome {
         if let Some(callback) = &shared.config.on_publish_error {

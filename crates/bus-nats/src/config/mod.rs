@@ -39,7 +39,8 @@ pub const DEFAULT_BATCH_MAX_BYTES: usize = 64 << 10;
 /// ([`BatchConfig::max_in_flight`]).
 pub const DEFAULT_BATCH_MAX_IN_FLIGHT: usize = 4;
 
-/// Default messages asked for in one pull request (optimisation 2: 10 → 500).
+/// Default events asked for in one pull request (optimisation 2: 10 → 500; see
+/// [`FetchConfig::batch`] for record batches).
 ///
 /// Bounded above by the note's rule `batch ≤ AckWait / per-message time` (30 s / 10 ms = 3 000);
 /// 500 amortises the request round trip over many messages without hoarding work.

@@ -255,6 +255,7 @@ async fn run_bus(s: &Scenario, setup: &BusSetup, url: &str, sink: Arc<Sink>) -> 
         subscribe(bus.clone()).await?
     };
 
+    sink.clock_started();
     let start = Instant::now();
     let mut publishers = Vec::new();
     for (t, topic) in topics.iter().enumerate() {
@@ -394,6 +395,7 @@ async fn run_group(s: &Scenario, url: &str, sink: Arc<Sink>) -> Result<Timing> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let expected = s.messages();
+    sink.clock_started();
     let start = Instant::now();
     let publisher = bus.publisher();
     let mut pacer = Pacer::new(s.rate, 1);
@@ -467,7 +469,14 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
     };
     let url = broker.url();
     let expected = s.messages();
-    let sink = Sink::new(expected, s.handler_delay);
+    let sink = Sink::new(
+        expected,
+        s.handler_delay,
+        match &broker {
+            Broker::Single(server) => server.pid(),
+            Broker::Cluster(_) => None,
+        },
+    );
     stats::reset_peak_rss();
     let (sampler, stop) = start_sampler(sink.clone(), bar.clone());
     let timing = match &s.kind {
@@ -478,6 +487,7 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
         Kind::Bus(_) if s.members > 0 => run_group(s, &url, sink.clone()).await,
         Kind::Bus(setup) => run_bus(s, setup, &url, sink.clone()).await,
     };
+    let (bus_cores, broker_cores) = sink.cores();
     stop.notify_one();
     let (tasks, threads) = sampler.await?;
     if let Err(e) = &timing {
@@ -518,6 +528,7 @@ async fn run_row(s: &Scenario, bar: ProgressBar) -> Result<Row> {
             p50_ms: sink.stages.each_ref().map(|h| h.quantile_ms(0.50)),
             p99_ms: sink.stages.each_ref().map(|h| h.quantile_ms(0.99)),
         }),
+        cores: (bus_cores.filter(|_| s.members == 0), broker_cores),
     })
 }
 

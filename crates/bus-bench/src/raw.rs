@@ -107,6 +107,7 @@ pub(crate) async fn run_raw(
     };
     // The publisher runs as a spawned task, like the bus's publishers, so that both compete
     // for the same runtime threads.
+    sink.clock_started();
     let start = Instant::now();
     let publisher = {
         let s = s.clone();
@@ -214,6 +215,7 @@ pub(crate) async fn run_packed(s: &Scenario, url: &str, sink: Arc<Sink>) -> Resu
             anyhow::Ok(())
         })
     };
+    sink.clock_started();
     let start = Instant::now();
     let publisher = {
         let s = s.clone();

@@ -49,6 +49,12 @@ pub(crate) struct Row {
     /// event and when the fetcher received it (`Delivery::stored_at`, `received_at`).
     #[serde(default)]
     pub(crate) stages: Option<Stages>,
+    /// Cores kept busy over the row, on average: by the row's process (the bus, the publishing
+    /// loop, the checking sink; `None` for group rows, whose members are other processes) and
+    /// by its broker (`None` for a cluster): CPU time over wall time, from when the row's clock
+    /// starts (its setup left out) until every event is handled.
+    #[serde(default)]
+    pub(crate) cores: (Option<f64>, Option<f64>),
 }
 
 /// Latency by stage, in milliseconds: publish to stored by the broker, stored to received by
@@ -72,11 +78,11 @@ fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| row | events | publish events/s | e2e events/s | broker msg/s | ratio | vs wire | vs packed | instr/event | p50 ms | p99 ms | p999 ms | peak RSS MiB | tasks | threads | violations | lost | dups |"
+        "| row | events | publish events/s | e2e events/s | broker msg/s | ratio | vs wire | vs packed | instr/event | p50 ms | p99 ms | p999 ms | peak RSS MiB | cores bus / broker | tasks | threads | violations | lost | dups |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for r in rows {
         let shown = |ratio: f64| {
@@ -95,9 +101,11 @@ fn table(rows: &[Row]) -> String {
             (total, None) if total > 0.0 => format!("{total:.0}"),
             _ => "-".to_owned(),
         };
+        let core = |c: Option<f64>| c.map_or("-".to_owned(), |c| format!("{c:.2}"));
+        let cores = format!("{} / {}", core(r.cores.0), core(r.cores.1));
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.0} | {} | {:.2} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {} | {:.2} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} |",
             r.name,
             r.messages,
             r.publish_msgs_per_s,
@@ -115,6 +123,7 @@ fn table(rows: &[Row]) -> String {
             r.p99_ms,
             r.p999_ms,
             r.rss_peak_mib,
+            cores,
             r.tasks,
             r.threads,
             r.order_violations,
@@ -263,6 +272,7 @@ mod tests {
             instructions_per_event: 0.0,
             instructions_split: None,
             stages: None,
+            cores: (Some(1.25), None),
         }
     }
 
@@ -290,6 +300,7 @@ mod tests {
             "duplicates",
             "ratio_to_ceiling",
             "ratio_to_ceiling_bus_wire",
+            "cores",
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
@@ -301,5 +312,22 @@ mod tests {
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[2].contains("| 0.50 | 0.90 | - | - |"), "{}", lines[2]);
         assert!(lines[3].contains("| 0.50 | - | - | - |"), "{}", lines[3]);
+    }
+
+    #[test]
+    fn the_table_shows_the_cores_each_side_kept_busy() {
+        let mut cluster_row = row("default-r3-cluster", 100.0, 0.9);
+        cluster_row.cores = (Some(0.5), None);
+        let mut both = row("default", 100.0, 0.9);
+        both.cores = (Some(1.234), Some(0.5));
+        let table = table(&[both, cluster_row]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("| cores bus / broker |"), "{}", lines[0]);
+        assert!(
+            lines[2].contains("| 4.0 | 1.23 / 0.50 | 5 |"),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[3].contains("| 4.0 | 0.50 / - | 5 |"), "{}", lines[3]);
     }
 }

@@ -70,10 +70,14 @@ pub(crate) struct Sink {
     pub(crate) expected: u64,
     pub(crate) done: Notify,
     pub(crate) delay: Option<Duration>,
+    /// The row's broker process, if it is one server.
+    broker: Option<u32>,
+    /// CPU use from when the row's runner starts its clock ([`Sink::clock_started`]).
+    cpu: std::sync::Mutex<Option<crate::stats::CpuUse>>,
 }
 
 impl Sink {
-    pub(crate) fn new(expected: u64, delay: Option<Duration>) -> Arc<Self> {
+    pub(crate) fn new(expected: u64, delay: Option<Duration>, broker: Option<u32>) -> Arc<Self> {
         Arc::new(Self {
             verifier: SequenceVerifier::new(),
             latency: Histogram::new(),
@@ -85,7 +89,23 @@ impl Sink {
             expected,
             done: Notify::new(),
             delay,
+            broker,
+            cpu: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The row's runner starts its clock: CPU use is measured from here (setup left out).
+    pub(crate) fn clock_started(&self) {
+        *self.cpu.lock().unwrap() = Some(crate::stats::CpuUse::start(self.broker));
+    }
+
+    /// Cores kept busy since [`Sink::clock_started`]: (this process, the broker).
+    pub(crate) fn cores(&self) -> (Option<f64>, Option<f64>) {
+        self.cpu
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or((None, None), crate::stats::CpuUse::cores)
     }
 
     pub(crate) fn record(&self, topic: &str, aggregate: &str, version: u64, payload: &[u8]) {

@@ -1,6 +1,7 @@
 //! Latency histogram and process sampling.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// Sub-buckets per power of two: about 1.5 % resolution.
 const SUB: usize = 64;
@@ -106,9 +107,90 @@ pub(crate) fn threads() -> u64 {
     status_field("Threads").unwrap_or(0)
 }
 
+/// CPU time (user and system, every thread) that process `pid` has used so far, in seconds;
+/// this process for `None`. `None` when it cannot be read (not Linux, the process is gone).
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let ticks = cpu_ticks(&std::fs::read_to_string(path).ok()?)?;
+    // /proc counts in USER_HZ, which Linux fixes at 100 a second for user space.
+    Some(ticks as f64 / 100.0)
+}
+
+/// `utime + stime` (fields 14 and 15) of a /proc/<pid>/stat line. The command name (field 2,
+/// in parentheses) may hold spaces and parentheses itself, so fields are counted from after
+/// its last `)`.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = stat.get(stat.rfind(')')? + 1..)?;
+    // Field 3 (the state) is the first after the name.
+    let mut fields = after_name.split_ascii_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Measures the cores a row keeps busy: CPU time used by this process (the bus, its publishing
+/// loop and the checking sink) and by the broker, each over the wall time between
+/// [`CpuUse::start`] and [`CpuUse::cores`]. On a machine the two share, what they leave idle
+/// says whether a row's rate or tail is bound by CPU.
+pub(crate) struct CpuUse {
+    started: Instant,
+    bus: Option<f64>,
+    broker: Option<(u32, f64)>,
+}
+
+impl CpuUse {
+    pub(crate) fn start(broker: Option<u32>) -> Self {
+        Self {
+            started: Instant::now(),
+            bus: cpu_seconds(None),
+            broker: broker.and_then(|pid| Some((pid, cpu_seconds(Some(pid))?))),
+        }
+    }
+
+    /// Average cores busy since the start: (this process, the broker).
+    pub(crate) fn cores(&self) -> (Option<f64>, Option<f64>) {
+        let wall = self.started.elapsed().as_secs_f64();
+        let used = |before: f64, now: Option<f64>| now.map(|now| (now - before) / wall);
+        (
+            self.bus.and_then(|before| used(before, cpu_seconds(None))),
+            self.broker
+                .and_then(|(pid, before)| used(before, cpu_seconds(Some(pid)))),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime cutime ...
+        let stat = "4242 (tokio rt) (x)) S 1 4242 4242 0 -1 4194304 120 0 0 0 731 69 5 7 20 0";
+        assert_eq!(cpu_ticks(stat), Some(731 + 69));
+        assert_eq!(cpu_ticks("4242 (cut short) S 1 2"), None);
+        assert_eq!(cpu_ticks("no name at all"), None);
+    }
+
+    #[test]
+    fn this_process_reads_its_own_cpu_time() {
+        let before = cpu_seconds(None).expect("/proc/self/stat is readable on Linux");
+        // Spin until the kernel has charged at least one more tick (10 ms) to this process;
+        // a reading that never moves fails after 10 s of wall time.
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut spins = 0u64;
+        while cpu_seconds(None).unwrap() <= before && Instant::now() < deadline {
+            spins = std::hint::black_box(spins + 1);
+        }
+        assert!(
+            cpu_seconds(None).unwrap() > before,
+            "no CPU time counted after {spins} spins"
+        );
+    }
 
     #[test]
     fn buckets_are_monotone_and_close() {

@@ -347,6 +347,12 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The process ID of the running server, `None` while it is stopped (after
+    /// [`kill`](Self::kill)). It changes across [`restart`](Self::restart).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The port; it stays the same across [`restart`](Self::restart).
     pub fn port(&self) -> u16 {
         self.port

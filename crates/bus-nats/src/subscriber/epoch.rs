@@ -145,7 +145,6 @@ pub(super) async fn on_reply(
             }
             st.next_delivery += 1;
             st.seen_up_to = st.seen_up_to.max(info.stream_sequence);
-            plan.acker.delivered(info.stream_sequence);
             let arrival = Arrival::now(info.stored_nanos);
             let sequence = info.stream_sequence;
             // A copy of a message acknowledged recently is acknowledged again (its first ack was

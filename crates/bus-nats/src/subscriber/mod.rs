@@ -215,12 +215,7 @@ async fn setup(
         max_ack_pending,
         partial,
     )));
-    // Work-queue topics hold back the newest message's acknowledgement (see `acker::Tail`).
-    let acker = Arc::new(Acker::new(
-        connection.client.clone(),
-        subject.clone(),
-        connection.retention == crate::Retention::WorkQueue,
-    ));
+    let acker = Arc::new(Acker::new(connection.client.clone(), subject.clone()));
     let acker_task = tokio::spawn(acker.clone().run());
     let letters = crate::dead_letters::LetterBox::new(
         connection.jetstream.clone(),

@@ -119,7 +119,7 @@ pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
-/// `utime + stime` (fields 14 and 15) of a /proc/<pid>/stat line. The command name (field 2,
+/// `utime + stime` (fields 14 and 15) of a `/proc/<pid>/stat` line. The command name (field 2,
 /// in parentheses) may hold spaces and parentheses itself, so fields are counted from after
 /// its last `)`.
 fn cpu_ticks(stat: &str) -> Option<u64> {

@@ -20,7 +20,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bus_core::{Envelope, Publisher, Topic};
 use bus_nats::NatsBus;
@@ -129,6 +129,19 @@ fn owner_killed_then_closed_while_standbys_wait(
         .iter()
         .map(|r| (r.name.clone(), r.gained()))
         .collect();
+    // The handlers keep pace with the publisher, so there are moments with nothing in flight:
+    // the kill waits for one with something unacknowledged (checked again after it, below).
+    let deadline = Instant::now() + STEP;
+    while runtime
+        .block_on(common::consumer_info(&server, &bus, &topic()))
+        .num_ack_pending
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "nothing was ever left unacknowledged to kill the owner with"
+        );
+    }
     let killed_at = now_ns();
     replicas
         .iter_mut()

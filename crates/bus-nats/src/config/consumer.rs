@@ -72,12 +72,13 @@ impl Default for ConsumerSpec {
 pub struct FetchConfig {
     /// Events asked for in one pull request (default [`DEFAULT_FETCH_BATCH`]): as many
     /// messages as hold about this many events, going by the events per message seen so far
-    /// (at least one message; a tenth of `batch` messages until 16 have arrived). For messages
-    /// of one event each that is `batch` messages. The fetcher asks again once less than one
-    /// request's worth is outstanding, so at most about two requests' worth is in flight: a
-    /// small `batch` on a topic of record batches (100 events when its messages hold 50) leaves
-    /// a message or two per round trip to the broker, and the topic's throughput is then
-    /// bounded by that round trip, not by its handlers.
+    /// (at least one message; `batch` / [`DEFAULT_BATCH_MAX_EVENTS`] until 16 have arrived, as
+    /// if every message were a full default batch). For messages of one event each that is
+    /// `batch` messages. The fetcher asks again once less than one request's worth is
+    /// outstanding, so at most about two requests' worth is in flight: a small `batch` on a
+    /// topic of record batches (500 events when its messages hold 128) leaves a few messages
+    /// per round trip to the broker, and the topic's throughput is then bounded by that round
+    /// trip, not by its handlers.
     pub batch: usize,
     /// Expiry of a pull request (default [`DEFAULT_FETCH_EXPIRES`]).
     #[serde(with = "humantime_serde")]

@@ -39,12 +39,14 @@ pub const DEFAULT_BATCH_MAX_BYTES: usize = 64 << 10;
 /// ([`BatchConfig::max_in_flight`]).
 pub const DEFAULT_BATCH_MAX_IN_FLIGHT: usize = 4;
 
-/// Default events asked for in one pull request (optimisation 2: 10 → 500; see
-/// [`FetchConfig::batch`] for record batches).
+/// Default events asked for in one pull request (optimisation 2: 10 → 500, then 2 000 for
+/// record batches; see [`FetchConfig::batch`]).
 ///
-/// Bounded above by the note's rule `batch ≤ AckWait / per-message time` (30 s / 10 ms = 3 000);
-/// 500 amortises the request round trip over many messages without hoarding work.
-pub const DEFAULT_FETCH_BATCH: usize = 500;
+/// Bounded above by the note's rule `batch ≤ AckWait / per-message time` (30 s / 10 ms = 3 000).
+/// With record batches of up to 128 events, 500 events is about four messages a request, and a
+/// topic's fetcher fell behind its own publisher at full speed (`docs/performance.md`, "The
+/// fetcher's pull size"); 2 000 is about sixteen, and the fetcher keeps up.
+pub const DEFAULT_FETCH_BATCH: usize = 2_000;
 
 /// Default expiry of a pull request (optimisation 3: MaxWait 1 s → 100 ms).
 ///

@@ -270,7 +270,9 @@ impl Fetcher {
             )
         })?;
         // Messages per pull request: `batch` events' worth, as record batches hold several.
-        let mut pull = (plan.batch / 10).max(1);
+        // Until enough have arrived to tell, messages are taken for full default batches, so the
+        // first requests hold about `batch` events whatever the publishers do.
+        let mut pull = (plan.batch / crate::DEFAULT_BATCH_MAX_EVENTS).max(1);
         let mut request = self.pull_request(pull);
         let term = plan.runner.term.load(Ordering::Acquire);
         let mut next_delivery = start.next_delivery;

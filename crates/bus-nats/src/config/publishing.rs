@@ -54,7 +54,9 @@ pub struct BatchConfig {
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     /// Batches of one topic (one partition, for a partitioned topic) awaiting their ack at
-    /// once (default [`DEFAULT_BATCH_MAX_IN_FLIGHT`]).
+    /// once (default [`DEFAULT_BATCH_MAX_IN_FLIGHT`]). A batch that is not full is sent only
+    /// while fewer than half of them (at least one) are in flight: under a light load events
+    /// gather into fewer, fuller batches, and under a heavy one full batches still have room.
     pub max_in_flight: usize,
 }
 
@@ -90,6 +92,12 @@ impl BatchConfig {
             max_events: 1,
             ..Self::default()
         }
+    }
+
+    /// Batches in flight below which a batch that is not full is sent: half of
+    /// `max_in_flight`, at least one.
+    pub fn partial_in_flight(&self) -> usize {
+        (self.max_in_flight / 2).max(1)
     }
 
     /// Whether events are packed into batches at all.

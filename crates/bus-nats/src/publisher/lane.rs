@@ -57,16 +57,23 @@ impl LaneState {
         self.pending.push_back(message);
     }
 
-    /// Whether a batch should be cut now: there is room in flight, and either nothing lingers
-    /// or the pending publishes fill a batch or have waited long enough.
+    /// Whether a batch should be cut now: there is room in flight (for a batch that is not
+    /// full, in half of `max_in_flight`: partial batches do not crowd out full ones), and
+    /// either nothing lingers or the pending publishes fill a batch or have waited long enough.
     pub(super) fn ready(&self, limits: &BatchConfig, now: Instant) -> bool {
         let Some(oldest) = self.pending.front() else {
             return false;
         };
-        self.in_flight < limits.max_in_flight
+        let full =
+            self.pending.len() >= limits.max_events || self.pending_bytes >= limits.max_bytes;
+        let room = if full {
+            limits.max_in_flight
+        } else {
+            limits.partial_in_flight()
+        };
+        self.in_flight < room
             && (limits.linger.is_zero()
-                || self.pending.len() >= limits.max_events
-                || self.pending_bytes >= limits.max_bytes
+                || full
                 || now.duration_since(oldest.created) >= limits.linger)
     }
 
@@ -192,6 +199,41 @@ mod tests {
             batch.iter().map(version).collect::<Vec<_>>(),
             [(1, 3), (1, 4)]
         );
+    }
+
+    #[test]
+    fn partial_batches_take_half_the_room_in_flight_and_full_ones_the_rest() {
+        let limits = limits(3, 1 << 20, 4);
+        let now = Instant::now();
+        let mut lane = LaneState::default();
+        let mut chain = 0;
+        let mut push = |lane: &mut LaneState, n: usize| {
+            for _ in 0..n {
+                chain += 1;
+                lane.push(event(chain, 1, 10));
+            }
+        };
+        // Two partial batches of one event each: half of the four places.
+        for _ in 0..2 {
+            push(&mut lane, 1);
+            assert!(lane.ready(&limits, now));
+            lane.cut(&limits).unwrap();
+        }
+        push(&mut lane, 1);
+        assert!(!lane.ready(&limits, now), "a third partial batch waits");
+        // Once a full batch's worth is pending it goes, up to all four places.
+        push(&mut lane, 2);
+        assert!(lane.ready(&limits, now));
+        assert_eq!(lane.cut(&limits).unwrap().1.len(), 3);
+        push(&mut lane, 3);
+        assert!(lane.ready(&limits, now));
+        lane.cut(&limits).unwrap();
+        push(&mut lane, 3);
+        assert!(
+            !lane.ready(&limits, now),
+            "no place left, even for a full batch"
+        );
+        assert_eq!(lane.in_flight, 4);
     }
 
     #[test]

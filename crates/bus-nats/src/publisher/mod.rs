@@ -457,7 +457,7 @@ impl NatsPublisher {
                 (st.cut(limits), None)
             } else if !limits.linger.is_zero()
                 && !st.lingering
-                && st.in_flight < limits.max_in_flight
+                && st.in_flight < limits.partial_in_flight()
             {
                 st.lingering = true;
                 let oldest = st.pending.front().map_or(now, |m| m.created);

@@ -197,7 +197,7 @@ impl Settler<'_> {
         }
         if !limits.linger.is_zero()
             && !st.lingering
-            && st.in_flight < limits.max_in_flight
+            && st.in_flight < limits.partial_in_flight()
             && !st.pending.is_empty()
         {
             st.lingering = true;

@@ -71,7 +71,8 @@ fn server_config(consumer: &str) -> String {
             subscribe: {{allow: ["_INBOX.>"]}} }} }}"#
     );
     format!(
-        "authorization {{ users = [ {{user: admin, password: a}}, {publisher}, {consumer_user}, {operator}, {no_jetstream} ] }}\n"
+        "authorization {{ users = [ {{user: admin, password: a}}, {publisher}, {consumer_user}, {operator}, {no_jetstream} ] }}\n{}",
+        bus_testkit::JETSTREAM_LIMITS
     )
 }
 

@@ -69,9 +69,10 @@ impl NatsCluster {
         for (i, port) in cluster_ports.iter().enumerate() {
             let file = config_dir.path().join(format!("n{}.conf", i + 1));
             let config = format!(
-                "server_name: n{}\ncluster {{\n  name: bus-test\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n",
+                "server_name: n{}\ncluster {{\n  name: bus-test\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n{}",
                 i + 1,
-                routes.join(", ")
+                routes.join(", "),
+                crate::server::JETSTREAM_LIMITS
             );
             std::fs::write(&file, config).map_err(NatsServerError::Spawn)?;
             let file = file.to_string_lossy().into_owned();

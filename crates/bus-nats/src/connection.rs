@@ -1,5 +1,5 @@
-//! Connections: one per topic (or one shared), each with its stream provisioned, and what the
-//! transport's parts share.
+//! Connections: one per topic (or one shared), each with its stream provisioned, a topic's
+//! publishes on a connection of their own, and what the transport's parts share.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -50,6 +50,9 @@ pub(crate) struct Signals {
 pub(crate) struct Shared {
     pub(crate) config: NatsConfig,
     pub(crate) connections: RwLock<HashMap<Topic, Arc<TopicConnection>>>,
+    /// Each topic's publishing connection, when publishes have their own
+    /// ([`NatsConfig::separate_publish_connection`]).
+    pub(crate) publishing: RwLock<HashMap<Topic, Arc<TopicConnection>>>,
     pub(crate) connecting: tokio::sync::Mutex<()>,
     /// Set by `NatsBus::close`: every later operation fails at once with `Closed`.
     pub(crate) closed: std::sync::atomic::AtomicBool,
@@ -73,7 +76,7 @@ impl Shared {
         self.coordination
             .get_or_try_init(|| async {
                 let name = Topic::new("bus-coordination").expect("a valid topic");
-                let (client, signals) = self.connect(&name).await?;
+                let (client, signals) = self.connect(&name, Role::Topic).await?;
                 Ok(Coordination {
                     jetstream: jetstream::new(client.clone()),
                     client,
@@ -111,14 +114,9 @@ impl Shared {
         };
         let (client, signals) = match shared_client {
             Some(shared) => shared,
-            None => self.connect(topic).await?,
+            None => self.connect(topic, Role::Topic).await?,
         };
-        // The ack window is ours (`max_in_flight`); the client's own is set to the same size
-        // and waits rather than failing at the bound.
-        let jetstream = jetstream::ContextBuilder::new()
-            .max_ack_inflight(self.config.max_in_flight)
-            .backpressure_on_inflight(true)
-            .build(client.clone());
+        let jetstream = self.jetstream(&client);
         let spec = self.config.stream_for(topic);
         crate::broker::guarded(
             &signals.violations,
@@ -157,6 +155,80 @@ impl Shared {
         Ok(connection)
     }
 
+    /// The connection a topic's publishes go out on: with
+    /// [`NatsConfig::separate_publish_connection`] (and without `share_connection`) a
+    /// connection of their own, connected on first use, after the topic's connection has
+    /// provisioned its stream; otherwise the topic's connection.
+    ///
+    /// Apart, a publisher's messages and the broker's acks of them do not queue behind the
+    /// topic's deliveries and the subscriptions' acks on one socket, and the broker reads each
+    /// socket in reads of similar sizes (it regrows its read buffer, and allocates, whenever a
+    /// large publish follows a run of small acks).
+    pub(crate) async fn publish_connection(
+        &self,
+        topic: &Topic,
+    ) -> Result<Arc<TopicConnection>, NatsError> {
+        let consuming = self.connection(topic).await?;
+        if self.config.share_connection || !self.config.separate_publish_connection {
+            return Ok(consuming);
+        }
+        if let Some(c) = self.publishing.read().unwrap().get(topic) {
+            return Ok(c.clone());
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(c) = self.publishing.read().unwrap().get(topic) {
+            return Ok(c.clone());
+        }
+        self.check_open()?;
+        let (client, signals) = self.connect(topic, Role::Publishing).await?;
+        let connection = Arc::new(TopicConnection {
+            subject: consuming.subject.clone(),
+            partitions: consuming.partitions.clone(),
+            max_payload: client.server_info().max_payload,
+            jetstream: self.jetstream(&client),
+            client,
+            stream: consuming.stream.clone(),
+            reconnects: signals.reconnects,
+            violations: signals.violations,
+            server_version: consuming.server_version.clone(),
+            pinned: consuming.pinned,
+            retention: consuming.retention,
+        });
+        self.publishing
+            .write()
+            .unwrap()
+            .insert(topic.clone(), connection.clone());
+        Ok(connection)
+    }
+
+    /// A JetStream context on `client`. The ack window is ours (`max_in_flight`); the
+    /// client's own is set to the same size and waits rather than failing at the bound.
+    fn jetstream(&self, client: &async_nats::Client) -> jetstream::Context {
+        jetstream::ContextBuilder::new()
+            .max_ack_inflight(self.config.max_in_flight)
+            .backpressure_on_inflight(true)
+            .build(client.clone())
+    }
+
+    /// Every topic connection and publishing connection, with its topic.
+    pub(crate) fn all_connections(&self) -> Vec<(Topic, Arc<TopicConnection>)> {
+        let mut all: Vec<_> = self
+            .connections
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(t, c)| (t.clone(), c.clone()))
+            .collect();
+        all.extend(
+            self.publishing
+                .read()
+                .unwrap()
+                .iter()
+                .map(|(t, c)| (t.clone(), c.clone())),
+        );
+        all
+    }
+
     /// Fails with `Closed` once the bus was closed.
     pub(crate) fn check_open(&self) -> Result<(), NatsError> {
         if self.closed.load(std::sync::atomic::Ordering::Acquire) {
@@ -170,10 +242,11 @@ impl Shared {
     pub(crate) async fn connect(
         &self,
         topic: &Topic,
+        role: Role,
     ) -> Result<(async_nats::Client, Signals), NatsError> {
         let c = &self.config.connection;
         let mut options = async_nats::ConnectOptions::new()
-            .name(format!("{}:{topic}", c.client_name))
+            .name(format!("{}:{topic}{}", c.client_name, role.suffix()))
             .connection_timeout(c.connect_timeout)
             .max_reconnects(c.max_reconnects)
             // A publisher's acks come back on one subscription, up to `max_in_flight` at a time;
@@ -265,7 +338,7 @@ impl Shared {
                         // The first event is the first connection; every later one replaced a
                         // lost socket.
                         if first.swap(false, std::sync::atomic::Ordering::AcqRel) {
-                            tracing::debug!(%topic, "connected");
+                            tracing::debug!(%topic, role = role.suffix(), "connected");
                         } else {
                             reconnected.send_modify(|n| *n += 1);
                         }
@@ -287,7 +360,7 @@ impl Shared {
                         message: other.to_string(),
                     },
                 };
-                tracing::info!(?event, "nats connection event");
+                tracing::info!(?event, role = role.suffix(), "nats connection event");
                 if let Some(callback) = callback {
                     callback(event);
                 }
@@ -304,6 +377,24 @@ impl Shared {
                 violations,
             },
         ))
+    }
+}
+
+/// What a connection is for; its name on the server (`<client name>:<topic><suffix>`) says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// A topic's connection: its stream, subscriptions, and publishes unless they have their own.
+    Topic,
+    /// A topic's publishes alone.
+    Publishing,
+}
+
+impl Role {
+    fn suffix(self) -> &'static str {
+        match self {
+            Role::Topic => "",
+            Role::Publishing => ":publish",
+        }
     }
 }
 

@@ -86,7 +86,10 @@ pub(crate) async fn serve(
         .0
         .get_or_try_init(|| async {
             let name = Topic::new("bus-control").expect("a valid topic");
-            shared.connect(&name).await.map(|(client, _signals)| client)
+            shared
+                .connect(&name, crate::connection::Role::Topic)
+                .await
+                .map(|(client, _signals)| client)
         })
         .await
     {

@@ -220,13 +220,17 @@ impl NatsBus {
     /// Cheap enough for a health endpoint: one consumer read per subscribed partition.
     pub async fn health(&self, thresholds: &HealthThresholds) -> Health {
         let disconnected: Vec<Topic> = {
-            let connections = self.shared.connections.read().unwrap();
-            let mut down: Vec<Topic> = connections
-                .iter()
+            let mut down: Vec<Topic> = self
+                .shared
+                .all_connections()
+                .into_iter()
                 .filter(|(_, c)| c.client.connection_state() != State::Connected)
-                .map(|(t, _)| t.clone())
+                .map(|(t, _)| t)
                 .collect();
             down.sort();
+            // A topic whose publishing connection and topic connection are both down is one
+            // topic down.
+            down.dedup();
             down
         };
         let open: Vec<Open> = self

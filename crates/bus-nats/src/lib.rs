@@ -126,13 +126,16 @@ impl NatsBus {
         let shared = Arc::new(Shared {
             config,
             connections: RwLock::new(HashMap::new()),
+            publishing: RwLock::new(HashMap::new()),
             connecting: tokio::sync::Mutex::new(()),
             closed: std::sync::atomic::AtomicBool::new(false),
             coordination: Default::default(),
         });
         // Fail at start-up, not at the first publish, when no server answers.
         let probe = Topic::new("bus-probe").expect("valid topic");
-        let client = shared.connect(&probe).await?;
+        let client = shared
+            .connect(&probe, crate::connection::Role::Topic)
+            .await?;
         drop(client);
         let publisher = NatsPublisher::new(shared.clone());
         Ok(Self {
@@ -181,7 +184,9 @@ impl NatsBus {
             let drain = coordination.client.drain();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
         }
-        let connections: Vec<_> = self.shared.connections.write().unwrap().drain().collect();
+        // Publishing connections first: what they sent is acknowledged (flushed above).
+        let mut connections: Vec<_> = self.shared.publishing.write().unwrap().drain().collect();
+        connections.extend(self.shared.connections.write().unwrap().drain());
         for (topic, connection) in connections {
             // Bounded: with the broker unreachable a drain would wait for the reconnection.
             if tokio::time::timeout(std::time::Duration::from_secs(2), connection.client.drain())

@@ -56,7 +56,10 @@ impl NatsBus {
     /// reads the broker's state, needs no subscription, and works for any consumer group.
     pub async fn topics(&self) -> Result<Vec<TopicState>, NatsError> {
         let probe = Topic::new("bus-topics").expect("valid topic");
-        let (client, _signals) = self.shared.connect(&probe).await?;
+        let (client, _signals) = self
+            .shared
+            .connect(&probe, crate::connection::Role::Topic)
+            .await?;
         let jetstream = async_nats::jetstream::new(client);
         let streams: Vec<_> = jetstream
             .streams()

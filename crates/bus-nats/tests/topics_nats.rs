@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use bus_core::{Envelope, Publisher, Topic};
+use bus_core::{Envelope, Publisher, Subscriber, Topic};
 use bus_nats::{Discard, NatsBus, Retention, StreamSpec};
 use bus_testkit::NatsServer;
 use common::{subscribe_ignoring, test_config, wait_for};
@@ -116,4 +116,97 @@ async fn topics_are_listed_with_their_streams_and_consumers() {
     );
     subscription.close().await.unwrap();
     bus.close().await.unwrap();
+}
+
+/// The server's `/connz` (its monitoring port): each client connection's name and the bytes the
+/// server read from it.
+fn connections_read(monitor: u16) -> Vec<(String, u64)> {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", monitor)).unwrap();
+    socket
+        .write_all(b"GET /connz?limit=1024 HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    socket.read_to_string(&mut response).unwrap();
+    let body = &response[response.find("\r\n\r\n").expect("an HTTP response") + 4..];
+    let connz: serde_json::Value = serde_json::from_str(body).unwrap();
+    connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or_default().to_owned(),
+                c["in_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A bus that publishes and consumes a topic: its publishes go out on a connection of their
+/// own (`<client>:<topic>:publish`), carrying every byte published, and the topic's connection
+/// carries the subscription's pulls and acks; with `separate_publish_connection` off, one
+/// connection carries both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_go_out_on_their_own_connection() {
+    let monitor = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = NatsServer::try_start(&["-m", &monitor.to_string()]).unwrap();
+    let topic = Topic::new("apart").unwrap();
+    let payload = bytes::Bytes::from(vec![7u8; 1_000]);
+    for separate in [true, false] {
+        let mut config = test_config(&server.url());
+        config.connection.client_name = format!("apart-{separate}");
+        config.separate_publish_connection = separate;
+        let bus = NatsBus::connect(config).await.unwrap();
+        let handled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = handled.clone();
+        let _subscription = bus
+            .subscribe(
+                &topic,
+                std::sync::Arc::new(bus_core::handler_fn(move |_e: Envelope| {
+                    let counter = counter.clone();
+                    async move {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        Ok(())
+                    }
+                })),
+            )
+            .await
+            .unwrap();
+        for v in 1..=200 {
+            let e = Envelope::builder(format!("a-{}", v % 10), "Apart", v)
+                .payload(payload.clone())
+                .build()
+                .unwrap();
+            let _receipt = bus.publish(&topic, e).await.unwrap();
+        }
+        bus.flush().await.unwrap();
+        wait_for("all 200 events handled", Duration::from_secs(10), || {
+            handled.load(std::sync::atomic::Ordering::Relaxed) == 200
+        })
+        .await;
+
+        let prefix = format!("apart-{separate}:apart");
+        let ours: Vec<(String, u64)> = connections_read(monitor)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(&prefix))
+            .collect();
+        let read = |name: &str| ours.iter().find(|(n, _)| n == name).map(|(_, b)| *b);
+        let published = 200 * 1_000;
+        if separate {
+            assert_eq!(ours.len(), 2, "{ours:?}");
+            let publishing = read(&format!("{prefix}:publish")).expect("a publishing connection");
+            let topic_connection = read(&prefix).expect("the topic's connection");
+            assert!(publishing >= published, "{ours:?}");
+            assert!(topic_connection < published / 10, "{ours:?}");
+        } else {
+            assert_eq!(ours.len(), 1, "{ours:?}");
+            assert!(read(&prefix).unwrap() >= published, "{ours:?}");
+        }
+        bus.close().await.unwrap();
+    }
 }

@@ -226,7 +226,7 @@ impl NatsPublisher {
         if let Some(route) = self.state.routes.read().unwrap().get(topic) {
             return Ok(route.clone());
         }
-        let connection = self.shared.connection(topic).await.map_err(|e| {
+        let connection = self.shared.publish_connection(topic).await.map_err(|e| {
             let kind = match e.kind() {
                 crate::NatsErrorKind::Closed => PublishErrorKind::Closed,
                 crate::NatsErrorKind::PermissionDenied => PublishErrorKind::Rejected,

@@ -188,7 +188,7 @@ pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
         versions,
     ));
     if !quick {
-        // Each batching limit moved alone from the default (128 events, 64 KiB, 4 in flight,
+        // Each batching limit moved alone from the default (128 events, 64 KiB, 8 in flight,
         // no linger).
         for (name, setup) in [
             ("batched-max-8", BusSetup::batched(|b| b.max_events = 8)),

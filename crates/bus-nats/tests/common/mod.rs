@@ -151,10 +151,20 @@ pub async fn consumer_info(
         .get_stream(bus.stream_name(topic).await.unwrap())
         .await
         .unwrap();
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .get_consumer(&bus.config().consumer_name(topic))
-        .await
-        .unwrap();
+    // On servers before 2.14 a new owner restarts delivery by deleting the consumer and
+    // creating it again: read in between, it is not there for a moment.
+    let name = bus.config().consumer_name(topic);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = loop {
+        match stream.get_consumer(&name).await {
+            Ok(consumer) => break consumer,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("consumer `{name}` not readable yet ({e}); asking again");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("consumer `{name}` not found for 10 s: {e}"),
+        }
+    };
     consumer.info().await.unwrap().clone()
 }
 

@@ -115,9 +115,11 @@ async fn halted_aggregate_waits_for_the_operator_and_resumes_in_order() {
     assert_eq!(halt.reason, "retries-exhausted");
     assert_eq!(halt.attempts, 2);
     assert!(halt.error.contains("downstream unavailable"), "{halt:?}");
-    // The handler records before the worker counts and acknowledges: wait for the count.
-    wait_for("202 handled", Duration::from_secs(10), || {
-        control.metrics().handled == 202
+    // The handler records before the worker counts and acknowledges, and an event is counted
+    // handled a moment before it leaves the in-flight count: wait for both.
+    wait_for("202 handled, 18 in flight", Duration::from_secs(10), || {
+        let m = control.metrics();
+        m.handled == 202 && m.in_flight == 18
     })
     .await;
     let metrics = control.metrics();

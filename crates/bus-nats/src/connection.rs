@@ -116,6 +116,21 @@ impl Shared {
             Some(shared) => shared,
             None => self.connect(topic, Role::Topic).await?,
         };
+        let connection = Arc::new(self.provisioned(topic, client, signals).await?);
+        self.connections
+            .write()
+            .unwrap()
+            .insert(topic.clone(), connection.clone());
+        Ok(connection)
+    }
+
+    /// A topic's connection on `client`, once the topic's stream is provisioned through it.
+    async fn provisioned(
+        &self,
+        topic: &Topic,
+        client: async_nats::Client,
+        signals: Signals,
+    ) -> Result<TopicConnection, NatsError> {
         let jetstream = self.jetstream(&client);
         let spec = self.config.stream_for(topic);
         crate::broker::guarded(
@@ -125,7 +140,7 @@ impl Shared {
         )
         .await?;
         let server_version = client.server_info().version;
-        let connection = Arc::new(TopicConnection {
+        Ok(TopicConnection {
             subject: async_nats::Subject::from(topic.as_str()),
             partitions: if spec.partitions > 1 {
                 provision::partition_subjects(topic.as_str(), spec.partitions)
@@ -147,18 +162,15 @@ impl Shared {
             pinned: server_at_least(&server_version, (2, 14)),
             server_version,
             retention: spec.retention,
-        });
-        self.connections
-            .write()
-            .unwrap()
-            .insert(topic.clone(), connection.clone());
-        Ok(connection)
+        })
     }
 
     /// The connection a topic's publishes go out on: with
     /// [`NatsConfig::separate_publish_connection`] (and without `share_connection`) a
-    /// connection of their own, connected on first use, after the topic's connection has
-    /// provisioned its stream; otherwise the topic's connection.
+    /// connection of their own, connected on first use; otherwise the topic's connection.
+    /// When the topic's connection is already there, it has provisioned the stream and the
+    /// publishing connection only connects; otherwise the publishing connection provisions it,
+    /// and a process that only publishes keeps one connection to the topic.
     ///
     /// Apart, a publisher's messages and the broker's acks of them do not queue behind the
     /// topic's deliveries and the subscriptions' acks on one socket, and the broker reads each
@@ -168,10 +180,10 @@ impl Shared {
         &self,
         topic: &Topic,
     ) -> Result<Arc<TopicConnection>, NatsError> {
-        let consuming = self.connection(topic).await?;
         if self.config.share_connection || !self.config.separate_publish_connection {
-            return Ok(consuming);
+            return self.connection(topic).await;
         }
+        self.check_open()?;
         if let Some(c) = self.publishing.read().unwrap().get(topic) {
             return Ok(c.clone());
         }
@@ -180,19 +192,23 @@ impl Shared {
             return Ok(c.clone());
         }
         self.check_open()?;
+        let consuming = self.connections.read().unwrap().get(topic).cloned();
         let (client, signals) = self.connect(topic, Role::Publishing).await?;
-        let connection = Arc::new(TopicConnection {
-            subject: consuming.subject.clone(),
-            partitions: consuming.partitions.clone(),
-            max_payload: client.server_info().max_payload,
-            jetstream: self.jetstream(&client),
-            client,
-            stream: consuming.stream.clone(),
-            reconnects: signals.reconnects,
-            violations: signals.violations,
-            server_version: consuming.server_version.clone(),
-            pinned: consuming.pinned,
-            retention: consuming.retention,
+        let connection = Arc::new(match consuming {
+            Some(consuming) => TopicConnection {
+                subject: consuming.subject.clone(),
+                partitions: consuming.partitions.clone(),
+                max_payload: client.server_info().max_payload,
+                jetstream: self.jetstream(&client),
+                client,
+                stream: consuming.stream.clone(),
+                reconnects: signals.reconnects,
+                violations: signals.violations,
+                server_version: consuming.server_version.clone(),
+                pinned: consuming.pinned,
+                retention: consuming.retention,
+            },
+            None => self.provisioned(topic, client, signals).await?,
         });
         self.publishing
             .write()

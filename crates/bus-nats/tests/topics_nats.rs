@@ -146,7 +146,8 @@ fn connections_read(monitor: u16) -> Vec<(String, u64)> {
 /// A bus that publishes and consumes a topic: its publishes go out on a connection of their
 /// own (`<client>:<topic>:publish`), carrying every byte published, and the topic's connection
 /// carries the subscription's pulls and acks; with `separate_publish_connection` off, one
-/// connection carries both.
+/// connection carries both. A bus that only publishes has one connection, its publishing one,
+/// which provisioned the stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_go_out_on_their_own_connection() {
     let monitor = std::net::TcpListener::bind("127.0.0.1:0")
@@ -209,4 +210,38 @@ async fn publishes_go_out_on_their_own_connection() {
         }
         bus.close().await.unwrap();
     }
+
+    let mut config = test_config(&server.url());
+    config.connection.client_name = "publish-only".into();
+    let stream = config
+        .stream_for(&Topic::new("only-published").unwrap())
+        .name;
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("only-published").unwrap();
+    for v in 1..=20 {
+        let e = Envelope::builder("a", "Apart", v).build().unwrap();
+        let _receipt = bus.publish(&topic, e).await.unwrap();
+    }
+    bus.flush().await.unwrap();
+    let ours: Vec<String> = connections_read(monitor)
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name.starts_with("publish-only:"))
+        .collect();
+    assert_eq!(
+        ours,
+        vec!["publish-only:only-published:publish".to_string()]
+    );
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let info = async_nats::jetstream::new(raw)
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    // Record batches: fewer messages than events, but the stream is there and holds them.
+    assert!(info.state.messages > 0, "{:?}", info.state);
+    bus.close().await.unwrap();
 }

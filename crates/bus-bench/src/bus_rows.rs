@@ -120,13 +120,17 @@ impl Pacer {
     }
 
     pub(crate) async fn pace(&mut self) {
-        if let Some(step) = self.per_message {
-            let due = self.start + step * self.sent as u32;
-            if due > Instant::now() + Duration::from_micros(500) {
-                tokio::time::sleep_until(due.into()).await;
-            }
+        if let Some(due) = self.would_sleep() {
+            tokio::time::sleep_until(due.into()).await;
         }
         self.sent += 1;
+    }
+
+    /// When the next message is due, if [`Pacer::pace`] would sleep for it (it lets messages
+    /// due within 500 µs go at once).
+    pub(crate) fn would_sleep(&self) -> Option<Instant> {
+        let due = self.start + self.per_message? * self.sent as u32;
+        (due > Instant::now() + Duration::from_micros(500)).then_some(due)
     }
 }
 

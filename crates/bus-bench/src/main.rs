@@ -177,7 +177,7 @@ fn parse_args() -> Result<Options> {
             "--help" | "-h" => {
                 println!(
                     "cargo xtask bench [--quick] [--only ROW,ROW...]\n\n\
-                     --quick   a short run (about a minute): ceiling, ceiling-bus-wire, ceiling-packed, nats-strict, seed-before, default, default-backlog, default-unbatched, seed-single, latency (as configured, and with the broker's GC tuned: GOGC=off GOMEMLIMIT=1GiB)\n\
+                     --quick   a short run (about a minute): ceiling, ceiling-bus-wire, ceiling-packed, nats-strict, seed-before, default, default-backlog, default-unbatched, seed-single, latency (as configured, with the broker's GC tuned: GOGC=off GOMEMLIMIT=1GiB, and the raw packed client at the same rate)\n\
                      --only    run only the named rows (the ceiling always runs, for the ratios)\n\
                      --alone   with --only: skip the ceiling and latency rows (for profiling one row)\n\
                      --instructions ROW,ROW  run these rows once more under valgrind's callgrind and report the\n\
@@ -283,6 +283,11 @@ async fn main() -> Result<()> {
             BROKER_GC_TUNED,
         )?;
         row.name = format!("latency-broker-gogc-off-at-{:.0}-msg-s", rate);
+        rows.push(row);
+        // The raw client packing events as the bus batches them, at the same rate and with the
+        // broker as it comes: the tail the broker leaves on this machine.
+        let mut row = run_in_child("ceiling-packed-latency", options.quick, Some(rate), &[])?;
+        row.name = format!("ceiling-packed-at-{:.0}-msg-s", rate);
         rows.push(row);
         // One event per message at half of its own capacity, next to the raw client at that
         // rate (the raw client cannot carry the batched rate at all).

@@ -159,12 +159,22 @@ pub(crate) async fn run_raw(
 /// The `ceiling-packed` row: see [`Kind::CeilingPacked`]. Events go in publish order (version by
 /// version, aggregate by aggregate), `PACKED` to a message, on one connection, so each
 /// aggregate's events are stored in order.
+///
+/// At a fixed rate (`ceiling-packed-latency`) events are paced one by one, and a message goes
+/// out when it holds `PACKED` events or when the pacer is about to wait (what is packed then
+/// does not wait for more, as the bus's batches do not linger); publishes then have a
+/// connection of their own, as the bus's do by default.
 pub(crate) async fn run_packed(s: &Scenario, url: &str, sink: Arc<Sink>) -> Result<Timing> {
     let client = async_nats::connect(url).await?;
+    let publishing = if s.rate.is_some() {
+        async_nats::connect(url).await?
+    } else {
+        client.clone()
+    };
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(4096)
         .backpressure_on_inflight(true)
-        .build(client.clone());
+        .build(publishing);
     let topic = "packed.t0".to_string();
     let stream = js
         .create_stream(stream::Config {
@@ -221,7 +231,13 @@ pub(crate) async fn run_packed(s: &Scenario, url: &str, sink: Arc<Sink>) -> Resu
         let s = s.clone();
         tokio::spawn(async move {
             let mut in_flight = FuturesUnordered::new();
-            let mut pacer = Pacer::new(s.rate.map(|r| r / PACKED as f64), 1);
+            // Unpaced, one message's worth of events at a time; paced, event by event.
+            let per_event = s.rate.is_some();
+            let mut pacer = Pacer::new(
+                s.rate
+                    .map(|r| if per_event { r } else { r / PACKED as f64 }),
+                1,
+            );
             let mut body = Vec::with_capacity(PACKED * (16 + s.payload));
             let mut packed = 0;
             let mut stored = 0u64;
@@ -229,6 +245,24 @@ pub(crate) async fn run_packed(s: &Scenario, url: &str, sink: Arc<Sink>) -> Resu
                 .flat_map(|version| (0..s.aggregates_per_topic).map(move |a| (a, version)));
             let total = s.aggregates_per_topic * s.versions;
             for (n, (a, version)) in events.enumerate() {
+                if per_event {
+                    if let Some(due) = pacer.would_sleep() {
+                        if packed > 0 {
+                            let ack = js
+                                .publish(topic.clone(), Bytes::from(std::mem::take(&mut body)))
+                                .await?;
+                            stored += 1;
+                            packed = 0;
+                            in_flight.push(std::future::IntoFuture::into_future(ack));
+                            // The context's window frees a slot only when an ack is awaited.
+                            while in_flight.len() >= 4096 {
+                                in_flight.next().await.unwrap()?;
+                            }
+                        }
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    pacer.sent += 1;
+                }
                 // The event's send time and filler written in place: the bus rows allocate no
                 // payload per event either.
                 let len = s.payload.max(8);
@@ -241,7 +275,9 @@ pub(crate) async fn run_packed(s: &Scenario, url: &str, sink: Arc<Sink>) -> Resu
                 if packed < PACKED && (n as u64 + 1) < total {
                     continue;
                 }
-                pacer.pace().await;
+                if !per_event {
+                    pacer.pace().await;
+                }
                 let ack = js
                     .publish(topic.clone(), Bytes::from(std::mem::take(&mut body)))
                     .await?;

@@ -375,12 +375,15 @@ pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
 }
 
 /// A fixed-rate row: the bus's default (`latency-half-capacity`), or the raw ceiling's client
-/// at the same rate, plain (`ceiling-latency`) or carrying the bus's wire format
-/// (`ceiling-bus-wire-latency`), so the bus's latency can be told from the broker's.
+/// at the same rate, plain (`ceiling-latency`), carrying the bus's wire format
+/// (`ceiling-bus-wire-latency`) or packing events like the bus's record batches
+/// (`ceiling-packed-latency`), so the bus's latency can be told from the broker's.
 pub(crate) fn latency_scenario(name: &str, rate: f64, quick: bool) -> Scenario {
     let seconds = if quick { 5.0 } else { 10.0 };
     let versions = ((rate * seconds) / 10_000.0).ceil().max(1.0) as u64;
-    let kind = if name == "ceiling-bus-wire-latency" {
+    let kind = if name == "ceiling-packed-latency" {
+        Kind::CeilingPacked
+    } else if name == "ceiling-bus-wire-latency" {
         Kind::CeilingWire
     } else if name == "ceiling-latency" {
         Kind::Ceiling

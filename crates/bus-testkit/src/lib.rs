@@ -31,4 +31,4 @@ pub use server::{
     JETSTREAM_LIMITS,
 };
 pub use verifier::{SequenceVerifier, VerifierReport};
-pub use wait::{wait_for, wait_for_async};
+pub use wait::{poll_until, wait_for, wait_for_async};

@@ -17,8 +17,25 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    poll_until(what, timeout, || {
+        let asked = condition();
+        async move { asked.await.then_some(()) }
+    })
+    .await
+}
+
+/// Asks `poll` every 10 ms until it gives a value, for at most `timeout`, and returns that
+/// value; panics with `what` after that.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut poll: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
-    while !condition().await {
+    loop {
+        if let Some(value) = poll().await {
+            return value;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"

@@ -154,17 +154,20 @@ pub async fn consumer_info(
     // On servers before 2.14 a new owner restarts delivery by deleting the consumer and
     // creating it again: read in between, it is not there for a moment.
     let name = bus.config().consumer_name(topic);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = loop {
-        match stream.get_consumer(&name).await {
-            Ok(consumer) => break consumer,
-            Err(e) if std::time::Instant::now() < deadline => {
-                eprintln!("consumer `{name}` not readable yet ({e}); asking again");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = bus_testkit::poll_until(
+        &format!("consumer `{name}` to be readable"),
+        std::time::Duration::from_secs(10),
+        || async {
+            match stream.get_consumer(&name).await {
+                Ok(consumer) => Some(consumer),
+                Err(e) => {
+                    eprintln!("consumer `{name}` not readable yet ({e}); asking again");
+                    None
+                }
             }
-            Err(e) => panic!("consumer `{name}` not found for 10 s: {e}"),
-        }
-    };
+        },
+    )
+    .await;
     consumer.info().await.unwrap().clone()
 }
 

@@ -254,16 +254,9 @@ pub(crate) async fn run_packed(s: &Scenario, url: &str, sink: Arc<Sink>) -> Resu
                 if per_event {
                     if let Some(due) = pacer.would_sleep() {
                         if packed > 0 {
-                            let ack = js
-                                .publish(topic.clone(), Bytes::from(std::mem::take(&mut body)))
-                                .await?;
+                            send_packed(&js, &topic, &mut body, &mut in_flight).await?;
                             stored += 1;
                             packed = 0;
-                            in_flight.push(std::future::IntoFuture::into_future(ack));
-                            // The context's window frees a slot only when an ack is awaited.
-                            while in_flight.len() >= 4096 {
-                                in_flight.next().await.unwrap()?;
-                            }
                         }
                         tokio::time::sleep_until(due.into()).await;
                     }
@@ -284,15 +277,9 @@ pub(crate) async fn run_packed(s: &Scenario, url: &str, sink: Arc<Sink>) -> Resu
                 if !per_event {
                     pacer.pace().await;
                 }
-                let ack = js
-                    .publish(topic.clone(), Bytes::from(std::mem::take(&mut body)))
-                    .await?;
+                send_packed(&js, &topic, &mut body, &mut in_flight).await?;
                 stored += 1;
                 packed = 0;
-                in_flight.push(std::future::IntoFuture::into_future(ack));
-                while in_flight.len() >= 4096 {
-                    in_flight.next().await.unwrap()?;
-                }
             }
             while let Some(ack) = in_flight.next().await {
                 ack?;
@@ -310,4 +297,26 @@ pub(crate) async fn run_packed(s: &Scenario, url: &str, sink: Arc<Sink>) -> Resu
         end_to_end,
         stored: Some(stored),
     })
+}
+
+/// The acks the packed publisher awaits.
+type PackedAcks =
+    FuturesUnordered<<jetstream::context::PublishAckFuture as std::future::IntoFuture>::IntoFuture>;
+
+/// Publishes what `body` packs (leaving it empty) and keeps its ack, awaiting the oldest acks
+/// while 4 096 are outstanding: the context's window frees a slot only when an ack is awaited.
+async fn send_packed(
+    js: &jetstream::Context,
+    topic: &str,
+    body: &mut Vec<u8>,
+    in_flight: &mut PackedAcks,
+) -> Result<()> {
+    let ack = js
+        .publish(topic.to_string(), Bytes::from(std::mem::take(body)))
+        .await?;
+    in_flight.push(std::future::IntoFuture::into_future(ack));
+    while in_flight.len() >= 4096 {
+        in_flight.next().await.unwrap()?;
+    }
+    Ok(())
 }

@@ -56,6 +56,9 @@ impl Hasher for Prehashed {
 struct Shard {
     pairs: HashMap<u64, Entry, BuildHasherDefault<Prehashed>>,
     collided: Vec<Entry>,
+    /// Events recorded of this shard's pairs: counted under its lock rather than in one
+    /// counter every recording thread writes.
+    handled: u64,
 }
 
 impl Shard {
@@ -135,7 +138,6 @@ pub struct SequenceVerifier {
     /// Every topic's name, shared by its pairs.
     topics: Mutex<Vec<Arc<str>>>,
     hasher: ahash::RandomState,
-    handled: AtomicU64,
     order_violations: AtomicU64,
     duplicates: AtomicU64,
     replays: AtomicU64,
@@ -205,7 +207,6 @@ impl SequenceVerifier {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             topics: Mutex::default(),
             hasher: ahash::RandomState::new(),
-            handled: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             replays: AtomicU64::new(0),
@@ -233,9 +234,9 @@ impl SequenceVerifier {
 
     /// Records that version `version` of `aggregate` on `topic` was handled.
     pub fn record(&self, topic: &str, aggregate: &str, version: u64) {
-        self.handled.fetch_add(1, Ordering::Relaxed);
         let (hash, shard) = self.shard_of(topic, aggregate);
         let mut shard = shard.lock().unwrap();
+        shard.handled += 1;
         let state = shard.state(hash, topic, aggregate, &|t| self.intern(t));
         if version <= state.cursor {
             self.replays.fetch_add(1, Ordering::Relaxed);
@@ -273,21 +274,22 @@ impl SequenceVerifier {
 
     /// Events recorded so far.
     pub fn handled(&self) -> u64 {
-        self.handled.load(Ordering::Relaxed)
+        self.shards.iter().map(|s| s.lock().unwrap().handled).sum()
     }
 
     /// A summary of everything recorded so far.
     pub fn report(&self) -> VerifierReport {
         let mut aggregates = 0;
         let mut gaps = 0;
+        let mut handled = 0;
         for shard in self.shards.iter() {
             let shard = shard.lock().unwrap();
+            handled += shard.handled;
             for entry in shard.entries() {
                 aggregates += 1;
                 gaps += entry.state.missing.as_ref().map_or(0, |m| m.len() as u64);
             }
         }
-        let handled = self.handled();
         let duplicates = self.duplicates.load(Ordering::Relaxed);
         VerifierReport {
             handled,
@@ -295,7 +297,8 @@ impl SequenceVerifier {
             order_violations: self.order_violations.load(Ordering::Relaxed),
             duplicates,
             gaps,
-            unique: handled - duplicates,
+            // Saturating: events recorded while the shards were read may add duplicates.
+            unique: handled.saturating_sub(duplicates),
             replays: self.replays.load(Ordering::Relaxed),
             broken_replays: self.broken_replays.load(Ordering::Relaxed),
         }

@@ -175,18 +175,28 @@ pub(crate) async fn run_bus(
                 if typed {
                     let handlers = bus_core::EventHandlers::new().on(
                         move |e: BenchEvent, cx: bus_core::EventContext| {
-                            let sink = sink.clone();
-                            let name = name.clone();
-                            async move {
-                                if let Some(delay) = sink.delay {
-                                    tokio::time::sleep(delay).await;
-                                }
+                            // Recorded in the call, not in the future it returns, unless the
+                            // row's handler waits first: no reference to the sink or the
+                            // topic's name is counted per event.
+                            let waits = sink.delay.map(|delay| (delay, sink.clone(), name.clone()));
+                            if waits.is_none() {
                                 sink.record_sent_at(
                                     &name,
                                     cx.aggregate_id().as_str(),
                                     cx.version(),
                                     e.sent_nanos,
                                 );
+                            }
+                            async move {
+                                if let Some((delay, sink, name)) = waits {
+                                    tokio::time::sleep(delay).await;
+                                    sink.record_sent_at(
+                                        &name,
+                                        cx.aggregate_id().as_str(),
+                                        cx.version(),
+                                        e.sent_nanos,
+                                    );
+                                }
                                 Ok(())
                             }
                         },
@@ -196,19 +206,29 @@ pub(crate) async fn run_bus(
                 }
                 let handler: Arc<dyn bus_core::Handler> =
                     Arc::new(handler_fn(move |e: Envelope| {
-                        let sink = sink.clone();
-                        let name = name.clone();
-                        async move {
-                            if let Some(delay) = sink.delay {
-                                tokio::time::sleep(delay).await;
-                            }
-                            // Sent when it was built: its timestamp.
+                        // Sent when it was built: its timestamp. Recorded in the call, not in
+                        // the future it returns, unless the row's handler waits first: no
+                        // reference to the sink or the topic's name is counted per event.
+                        let record = |sink: &Sink, name: &str, e: &Envelope| {
                             sink.record_sent_at(
-                                &name,
+                                name,
                                 e.aggregate_id().as_str(),
                                 e.event_version(),
                                 e.timestamp_micros() * 1_000,
-                            );
+                            )
+                        };
+                        let waits = match sink.delay {
+                            Some(delay) => Some((delay, sink.clone(), name.clone(), e)),
+                            None => {
+                                record(&sink, &name, &e);
+                                None
+                            }
+                        };
+                        async move {
+                            if let Some((delay, sink, name, e)) = waits {
+                                tokio::time::sleep(delay).await;
+                                record(&sink, &name, &e);
+                            }
                             Ok(())
                         }
                     }));

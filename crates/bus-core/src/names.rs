@@ -282,11 +282,12 @@ impl AggregateIds {
     /// The most event types kept: looked through one by one, as a topic carries a few.
     pub const EVENT_TYPES: usize = 16;
 
-    /// Keeps up to `capacity` IDs (at least 1).
+    /// Keeps up to `capacity` IDs. With 0 it keeps none: every ID is validated and made anew
+    /// (for a decoder that reads IDs in no useful order), and only event types are kept.
     pub fn new(capacity: usize) -> Self {
         Self {
             known: std::collections::HashSet::default(),
-            capacity: capacity.max(1),
+            capacity,
             types: Vec::new(),
             next_type: 0,
         }
@@ -310,6 +311,9 @@ impl AggregateIds {
 
     /// `text` as an aggregate ID: the one kept if it was read before, validated otherwise.
     pub fn get(&mut self, text: &str) -> Result<AggregateId, ValidationError> {
+        if self.capacity == 0 {
+            return AggregateId::new(text);
+        }
         if let Some(id) = self.known.get(text) {
             return Ok(id.clone());
         }
@@ -591,6 +595,19 @@ mod tests {
         // Refused IDs are never kept.
         assert!(ids.get("a b").is_err());
         assert_eq!(ids.len(), 2);
+    }
+
+    #[test]
+    fn with_no_capacity_ids_are_made_anew_and_event_types_kept() {
+        let mut ids = AggregateIds::new(0);
+        let a = ids.get("a").unwrap();
+        let again = ids.get("a").unwrap();
+        assert_eq!(a, again);
+        assert!(!Arc::ptr_eq(&a.0, &again.0));
+        assert!(ids.is_empty());
+        assert!(ids.get("a b").is_err());
+        let placed = ids.event_type("Placed").unwrap();
+        assert!(Arc::ptr_eq(&placed.0, &ids.event_type("Placed").unwrap().0));
     }
 
     /// The word-at-a-time check agrees with the byte rule for every byte value, at every

@@ -554,6 +554,23 @@ impl RecordSpan {
         body.slice(self.payload.0 as usize..self.payload.1 as usize)
     }
 
+    /// The record, borrowed from the body the span was split from ([`split_batch`] hands the
+    /// same view); `None` from another body, too short or whose bytes there are not a header
+    /// block (checked again: UTF-8 `Name: value` lines each ended by CR LF).
+    pub fn view<'a>(&self, body: &'a Bytes) -> Option<RecordView<'a>> {
+        if body.len() < self.headers.1.max(self.payload.1) as usize {
+            return None;
+        }
+        let headers =
+            std::str::from_utf8(body.get(self.headers.0 as usize..self.headers.1 as usize)?)
+                .ok()?;
+        well_formed_block(headers.as_bytes()).then_some(RecordView {
+            headers: Block::Text(headers),
+            body,
+            span: *self,
+        })
+    }
+
     /// The record, from the body the span was split from; `None` from another body, too short
     /// or whose bytes there are not a header block.
     pub fn record(&self, body: &Bytes) -> Option<Record> {
@@ -571,22 +588,49 @@ impl RecordSpan {
 /// One record of a batch, borrowed from its body while it is split ([`split_batch`]): its
 /// header block, checked to be UTF-8 `Name: value` lines each ended by CR LF, and where its
 /// payload lies.
+///
+/// As [`split_batch`] hands it, the block is kept as bytes (checked UTF-8 a word at a time)
+/// and read as text only when asked for, each time: a consumer that only routes the record by
+/// [`RecordView::aggregate_id_str`] does not read all of it.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordView<'a> {
-    headers: &'a str,
+    headers: Block<'a>,
     body: &'a Bytes,
     span: RecordSpan,
 }
 
+/// A record's header block: read as text already, or bytes checked to be UTF-8.
+#[derive(Debug, Clone, Copy)]
+enum Block<'a> {
+    Text(&'a str),
+    Checked(&'a [u8]),
+}
+
 impl<'a> RecordView<'a> {
+    fn text(&self) -> &'a str {
+        match self.headers {
+            Block::Text(text) => text,
+            Block::Checked(bytes) => {
+                std::str::from_utf8(bytes).expect("checked to be UTF-8 when the view was made")
+            }
+        }
+    }
+
+    fn bytes(&self) -> &'a [u8] {
+        match self.headers {
+            Block::Text(text) => text.as_bytes(),
+            Block::Checked(bytes) => bytes,
+        }
+    }
+
     /// The record's headers, in the order they were written.
     pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
-        header_pairs(self.headers)
+        header_pairs(self.text())
     }
 
     /// The header block as it travelled.
     pub fn header_block(&self) -> &'a str {
-        self.headers
+        self.text()
     }
 
     /// The payload, sharing the batch's memory.
@@ -599,16 +643,31 @@ impl<'a> RecordView<'a> {
         self.span
     }
 
+    /// The text the record's envelope has as its aggregate ID, read without decoding the
+    /// record, when its header block starts as this library writes it: `Bus-Event: `, then
+    /// anything but a space up to the next space on that line. `None` otherwise. A record
+    /// that decodes has this aggregate ID (one that does not may have read anything here): a
+    /// consumer can route the record by it and decode it later, elsewhere.
+    pub fn aggregate_id_str(&self) -> Option<&'a str> {
+        let line = self.bytes().strip_prefix(b"Bus-Event: ")?;
+        let end = memchr::memchr2(b' ', b'\r', line)?;
+        if end == 0 || line[end] != b' ' {
+            return None;
+        }
+        // A run of a UTF-8 block between ASCII bytes (the prefix, a space).
+        std::str::from_utf8(&line[..end]).ok()
+    }
+
     /// The record as an envelope ([`Record::decode`]).
     pub fn decode(&self) -> Result<Envelope, DecodeError> {
-        decode_block(self.headers, self.payload(), None)
+        decode_block(self.text(), self.payload(), None)
     }
 
     /// [`RecordView::decode`], sharing aggregate IDs and event types through `ids`
     /// ([`Record::decode_with`]).
     #[inline]
     pub fn decode_with(&self, ids: &mut AggregateIds) -> Result<Envelope, DecodeError> {
-        decode_block(self.headers, self.payload(), Some(ids))
+        decode_block(self.text(), self.payload(), Some(ids))
     }
 }
 
@@ -819,16 +878,21 @@ pub fn split_batch<T>(
     };
     for i in 0..count {
         let headers = take(&mut at, "header block", i)?;
-        let text = std::str::from_utf8(&body[headers.0 as usize..headers.1 as usize])
-            .map_err(|e| malformed(format!("record {i}: its header block is not UTF-8 ({e})")))?;
-        if !text.is_empty() && !text.ends_with("\r\n") {
+        let block = &body[headers.0 as usize..headers.1 as usize];
+        if !block.is_ascii() {
+            std::str::from_utf8(block).map_err(|e| {
+                malformed(format!("record {i}: its header block is not UTF-8 ({e})"))
+            })?;
+        }
+        if !block.is_empty() && !block.ends_with(b"\r\n") {
             return Err(malformed(format!(
                 "record {i}: its header block does not end with CR LF"
             )));
         }
         // Every line ends with CR LF (a bare LF would be a line break no NATS header holds)
         // and holds a `:`.
-        if !well_formed_block(text.as_bytes()) {
+        if !well_formed_block(block) {
+            let text = std::str::from_utf8(block).expect("checked above");
             if let Some(line) = ill_formed_line(text) {
                 return Err(malformed(format!(
                     "record {i}: header line `{}` is not `Name: value`",
@@ -840,7 +904,7 @@ pub fn split_batch<T>(
         let span = RecordSpan { headers, payload };
         spans.push(span);
         made.push(each(RecordView {
-            headers: text,
+            headers: Block::Checked(block),
             body,
             span,
         }));
@@ -1403,15 +1467,40 @@ mod tests {
                 payload: Bytes::from_static(b"p"),
             };
             let general = decode(header_pairs(&block), Bytes::from_static(b"p"));
-            // Without kept IDs, then with them: the first read keeps the ID, the second finds it.
+            // Without kept IDs, then with them: the first read keeps the ID, the second finds it;
+            // then with a decoder that keeps none.
             let mut ids = AggregateIds::new(4);
-            for fast in [record.decode(), record.decode_with(&mut ids), record.decode_with(&mut ids)] {
+            let mut none_kept = AggregateIds::new(0);
+            for fast in [record.decode(), record.decode_with(&mut ids), record.decode_with(&mut ids), record.decode_with(&mut none_kept)] {
                 match (fast, &general) {
                     (Ok(fast), Ok(general)) => prop_assert_eq!(&fast, general),
                     (Err(fast), Err(general)) => prop_assert_eq!(fast.to_string(), general.to_string()),
                     (fast, general) => prop_assert!(false, "{block:?}: fast {fast:?}, general {general:?}"),
                 }
             }
+            // The aggregate ID read without decoding is the decoded one, whenever it is read
+            // and the record decodes; and a record as this library writes it always has it.
+            // (In a batch of two copies of the record, as a view only comes of a split.)
+            let mut body = Vec::new();
+            for _ in 0..2 {
+                body.extend_from_slice(&(block.len() as u32).to_be_bytes());
+                body.extend_from_slice(block.as_bytes());
+                body.extend_from_slice(&1u32.to_be_bytes());
+                body.push(b'p');
+            }
+            let body = Bytes::from(body);
+            let (spans, read) = split_batch("2", &body, |view| view.aggregate_id_str().map(str::to_owned)).unwrap();
+            let viewed = spans[1].view(&body).expect("a span of its own body");
+            prop_assert_eq!(viewed.aggregate_id_str().map(str::to_owned), read[1].clone());
+            match (&read[0], &general) {
+                (Some(key), Ok(general)) => prop_assert_eq!(key.as_str(), general.aggregate_id().as_str()),
+                (None, Ok(_)) => prop_assert!(
+                    block.strip_prefix("Bus-Event: ").is_none_or(|line| line.starts_with(' ')),
+                    "{block:?}"
+                ),
+                (_, Err(_)) => {}
+            }
+            prop_assert_eq!(viewed.decode().map_err(|e| e.to_string()), general.clone().map_err(|e| e.to_string()));
         }
     }
 

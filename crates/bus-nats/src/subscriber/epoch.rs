@@ -13,7 +13,9 @@ use tokio::sync::watch;
 
 use super::acker::Acker;
 use super::copies::{ack_info, Copies, Seen};
-use super::job::{prepare, prepare_record, Arrival, BatchProgress, Event, Job, Single, Work};
+use super::job::{
+    prepare, prepare_record, Arrival, BatchProgress, Event, Job, RecordEvent, Single, Work,
+};
 use super::recovery::Restarter;
 use super::runner::{Counters, Runner};
 use super::Dispatch;
@@ -166,7 +168,18 @@ pub(super) async fn on_reply(
                 .and_then(|h| h.get(wire::BATCH))
                 .map(|count| {
                     let mut ids = plan.ids.lock().unwrap();
+                    let payload = message.payload.as_ptr() as usize;
+                    let envelopes = matches!(plan.dispatch, Dispatch::Envelope(_));
                     wire::split_batch(count.as_str(), &message.payload, |record| {
+                        // Routed by its aggregate ID as it lies in the payload, and decoded by
+                        // its worker: the fetcher, one task, only splits and routes.
+                        if let Some(key) = envelopes.then(|| record.aggregate_id_str()).flatten() {
+                            // Within the payload, which a batch keeps under 4 GiB.
+                            let at = key.as_ptr() as usize - payload;
+                            return RecordEvent::Deferred {
+                                key: (at as u32, (at + key.len()) as u32),
+                            };
+                        }
                         let (key, input) = prepare_record(
                             &plan.topic,
                             &plan.dispatch,
@@ -174,7 +187,7 @@ pub(super) async fn on_reply(
                             record,
                             &mut ids,
                         );
-                        Event { key, input }
+                        RecordEvent::Ready(Event { key, input })
                     })
                 });
             let (key, input) = match batch {
@@ -258,7 +271,7 @@ pub(super) async fn on_reply(
 struct Batch {
     message: async_nats::Message,
     spans: Vec<wire::RecordSpan>,
-    events: Vec<Event>,
+    events: Vec<RecordEvent>,
 }
 
 /// Dispatches the events of a record batch, each to its key's worker, in record order. Events
@@ -295,13 +308,6 @@ async fn dispatch_batch(
             .fetch_add(skipped as u64, Ordering::Relaxed);
         tracing::debug!(topic = %plan.topic, sequence, skipped, "record batch delivered again; its settled events are not handled again");
     }
-    // Every event's aggregate is known before any of them can settle, those settled before
-    // included: the batch holds them until it is acknowledged.
-    plan.copies.lock().unwrap().link(
-        sequence,
-        events.iter().map(|event| &*event.key),
-        spans.len(),
-    );
     let progress = Arc::new(BatchProgress {
         message,
         spans,
@@ -314,15 +320,22 @@ async fn dispatch_batch(
         remaining: AtomicUsize::new(to_run.len() + 1),
         done,
     });
+    let keys: Vec<&str> = progress
+        .events
+        .iter()
+        .map(|event| event.key(&progress.message.payload))
+        .collect();
+    // Every event's aggregate is known before any of them can settle, those settled before
+    // included: the batch holds them until it is acknowledged.
+    plan.copies
+        .lock()
+        .unwrap()
+        .link(sequence, keys.iter().copied(), keys.len());
     let mut stopped = None;
     let mut dispatched = 0;
     for index in to_run.iter().copied() {
         let job = Job::Record(progress.clone(), index);
-        if pool
-            .submit(&progress.events[index].key, Work::Message(job))
-            .await
-            .is_err()
-        {
+        if pool.submit(keys[index], Work::Message(job)).await.is_err() {
             stopped = Some(End::Stopped);
             break;
         }

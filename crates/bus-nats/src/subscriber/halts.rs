@@ -63,7 +63,7 @@ impl Runner {
         } else {
             self.metrics.halted.increment(1);
         }
-        let key = first.key().clone();
+        let key: std::sync::Arc<str> = first.key().into();
         rest.push_front(first);
         let halt = Halt {
             jobs: rest,

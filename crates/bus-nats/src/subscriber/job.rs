@@ -1,6 +1,7 @@
 //! What a worker is given: a job (one delivered event, decoded for its handler, with where it
 //! travelled and when it arrived) or an operator's request for an aggregate.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
@@ -32,17 +33,43 @@ pub(crate) struct Single {
     pub(crate) arrival: Arrival,
 }
 
+/// One record of a batch as its worker finds it.
+pub(crate) enum RecordEvent {
+    /// Decoded where the batch was split: every record for a raw handler (keyed by its own
+    /// header), and a record whose aggregate ID could not be read without decoding it.
+    Ready(Event),
+    /// Decoded by its worker when it runs, on the worker's thread: the envelope is made where
+    /// the handler takes it (its aggregate ID allocated and freed there, its event type from
+    /// that thread's own), not on the fetcher's thread and handed over. Its key, the aggregate
+    /// ID it decodes with, lies at these bytes of the batch's payload
+    /// ([`wire::RecordView::aggregate_id_str`]).
+    Deferred { key: (u32, u32) },
+}
+
+impl RecordEvent {
+    /// The record's key, as the pool routed it; `payload` is its batch's.
+    pub(crate) fn key<'a>(&'a self, payload: &'a [u8]) -> &'a str {
+        match self {
+            RecordEvent::Ready(event) => &event.key,
+            RecordEvent::Deferred { key } => {
+                std::str::from_utf8(&payload[key.0 as usize..key.1 as usize])
+                    .expect("a run of the UTF-8 header block between ASCII bytes")
+            }
+        }
+    }
+}
+
 /// A record batch being handled: acknowledged once every one of its events is handled or
-/// dead-lettered, by whichever worker settles the last. It holds its events, decoded, one per
-/// record: its jobs are indexes into it, so that a batch of 128 events takes one allocation
-/// for them rather than one each.
+/// dead-lettered, by whichever worker settles the last. It holds its events, one per record:
+/// its jobs are indexes into it, so that a batch of 128 events takes one allocation for them
+/// rather than one each.
 pub(crate) struct BatchProgress {
     pub(crate) message: async_nats::Message,
     /// Where each record lies in the message's payload.
     pub(crate) spans: Vec<wire::RecordSpan>,
-    /// Per record, its event (decoded for those settled before too: their keys order the
-    /// batch's acknowledgement).
-    pub(crate) events: Vec<Event>,
+    /// Per record, its event or where its key lies (for those settled before too: their keys
+    /// order the batch's acknowledgement).
+    pub(crate) events: Vec<RecordEvent>,
     /// The batch message's stream sequence.
     pub(crate) sequence: u64,
     /// The ownership term it was delivered in; see [`Job::term`].
@@ -62,21 +89,24 @@ pub(crate) enum Job {
 }
 
 impl Job {
-    pub(crate) fn event(&self) -> &Event {
+    /// The ordering key (aggregate ID) the pool routed it by.
+    pub(crate) fn key(&self) -> &str {
         match self {
-            Job::Single(single) => &single.event,
-            Job::Record(progress, index) => &progress.events[*index],
+            Job::Single(single) => &single.event.key,
+            Job::Record(progress, index) => progress.events[*index].key(&progress.message.payload),
         }
     }
 
-    /// The ordering key (aggregate ID) the pool routed it by.
-    pub(crate) fn key(&self) -> &Arc<str> {
-        &self.event().key
-    }
-
-    /// The message ready for the handler, or why it cannot be handled.
-    pub(crate) fn input(&self) -> &Result<Input, (DeadLetterReason, String)> {
-        &self.event().input
+    /// The message ready for the handler, or why it cannot be handled: a copy of what was
+    /// decoded, or for a deferred record decoded now, on this thread (again at each call).
+    pub(crate) fn input(&self) -> Result<Input, (DeadLetterReason, String)> {
+        match self {
+            Job::Single(single) => single.event.input.clone(),
+            Job::Record(progress, index) => match &progress.events[*index] {
+                RecordEvent::Ready(event) => event.input.clone(),
+                RecordEvent::Deferred { .. } => progress.decode(*index),
+            },
+        }
     }
 
     /// The message's stream sequence, if its ack subject could be read.
@@ -110,6 +140,24 @@ impl Job {
             Job::Single(_) => None,
             Job::Record(_, index) => Some(*index),
         }
+    }
+}
+
+impl BatchProgress {
+    /// Decodes record `index` for an envelope handler, as [`prepare_record`] would have.
+    fn decode(&self, index: usize) -> Result<Input, (DeadLetterReason, String)> {
+        thread_local! {
+            /// The event types this thread's workers read lately. Aggregate IDs arrive in no
+            /// useful order here and are made anew (allocated and freed on this thread).
+            static IDS: RefCell<bus_core::AggregateIds> =
+                RefCell::new(bus_core::AggregateIds::new(0));
+        }
+        let record = self.spans[index]
+            .view(&self.message.payload)
+            .expect("a batch's spans are of its own payload");
+        IDS.with(|ids| record.decode_with(&mut ids.borrow_mut()))
+            .map(Prepared::Envelope)
+            .map_err(|error| dead_letter_reason(Unhandleable::Undecodable(error.to_string())))
     }
 }
 

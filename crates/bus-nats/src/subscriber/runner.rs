@@ -113,7 +113,7 @@ impl Runner {
                 }
                 if self.halted_count.load(Ordering::Acquire) > 0 {
                     let mut halted = self.halted.lock().unwrap();
-                    if let Some(halt) = halted.get_mut(&**job.key()) {
+                    if let Some(halt) = halted.get_mut(job.key()) {
                         // Behind the aggregate's failed event; still kept alive at the broker.
                         halt.jobs.push_back(job);
                         return Ok(());
@@ -225,21 +225,23 @@ impl Runner {
     /// dead-lettered (returned); `Err` when the handler failed for good and the failure policy
     /// decides.
     async fn handle(&self, job: &Job) -> Result<Outcome, Failure> {
+        // Owned: the first attempt takes it, later ones read the job again.
         let input = match job.input() {
             Ok(input) => input,
-            Err((reason, error)) => return Ok(self.dead_letter_job(job, reason, error, 0).await),
+            Err((reason, error)) => return Ok(self.dead_letter_job(job, &reason, &error, 0).await),
         };
         let cancellation = self.cancel.signal();
         let arrival = job.arrival();
         let started = std::time::Instant::now();
-        let (traceparent, span) = self.span(job, input);
+        let (traceparent, span) = self.span(job, &input);
+        let mut first = Some(input);
         // Pinned where it is made and instrumented by reference: the handler call's future is
         // not moved again.
         let attempts = std::pin::pin!(run_with_retry(
             &self.retry,
             |attempt| {
                 span.record("attempt", attempt);
-                let input = input.clone();
+                let input = first.take().map_or_else(|| job.input(), Ok);
                 let dispatch = &self.dispatch;
                 // Once the subscription is going, a failed event is not tried again.
                 let going = attempt > 1 && self.cancel.has_fired(&cancellation);
@@ -261,8 +263,12 @@ impl Runner {
                         ));
                     }
                     match (dispatch, input) {
-                        (Dispatch::Envelope(h), Prepared::Envelope(e)) => h.handle(e).await,
-                        (Dispatch::Raw(h, _), Prepared::Raw(m)) => h.handle(m).await,
+                        (Dispatch::Envelope(h), Ok(Prepared::Envelope(e))) => h.handle(e).await,
+                        (Dispatch::Raw(h, _), Ok(Prepared::Raw(m))) => h.handle(m).await,
+                        // It was read for the first attempt: the same bytes read the same.
+                        (_, Err((_, error))) => Err(HandlerError::permanent(format!(
+                            "the event could not be read again: {error}"
+                        ))),
                         _ => unreachable!("jobs are prepared for their subscription's handler"),
                     }
                 })

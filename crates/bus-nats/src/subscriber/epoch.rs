@@ -161,7 +161,8 @@ pub(super) async fn on_reply(
                 tracing::debug!(topic = %plan.topic, sequence, ?seen, "redelivered copy recognised; not handled again");
                 return None;
             }
-            // A record batch is decoded as it is split, each record straight from the body.
+            // A record batch is routed as it is split, each record straight from the body.
+            let mut ready = Vec::new();
             let batch = message
                 .headers
                 .as_ref()
@@ -187,7 +188,8 @@ pub(super) async fn on_reply(
                             record,
                             &mut ids,
                         );
-                        RecordEvent::Ready(Event { key, input })
+                        ready.push(Event { key, input });
+                        RecordEvent::Ready(ready.len() as u32 - 1)
                     })
                 });
             let (key, input) = match batch {
@@ -198,6 +200,7 @@ pub(super) async fn on_reply(
                         message,
                         spans,
                         events,
+                        ready,
                     };
                     return dispatch_batch(plan, pool, term, sequence, batch, arrival).await;
                 }
@@ -272,6 +275,7 @@ struct Batch {
     message: async_nats::Message,
     spans: Vec<wire::RecordSpan>,
     events: Vec<RecordEvent>,
+    ready: Vec<Event>,
 }
 
 /// Dispatches the events of a record batch, each to its key's worker, in record order. Events
@@ -289,6 +293,7 @@ async fn dispatch_batch(
         message,
         spans,
         events,
+        ready,
     } = batch;
     let first = spans
         .first()
@@ -312,6 +317,7 @@ async fn dispatch_batch(
         message,
         spans,
         events,
+        ready,
         sequence,
         term,
         arrival,
@@ -320,10 +326,8 @@ async fn dispatch_batch(
         remaining: AtomicUsize::new(to_run.len() + 1),
         done,
     });
-    let keys: Vec<&str> = progress
-        .events
-        .iter()
-        .map(|event| event.key(&progress.message.payload))
+    let keys: Vec<&str> = (0..progress.events.len())
+        .map(|index| progress.key(index))
         .collect();
     // Every event's aggregate is known before any of them can settle, those settled before
     // included: the batch holds them until it is acknowledged.

@@ -33,30 +33,20 @@ pub(crate) struct Single {
     pub(crate) arrival: Arrival,
 }
 
-/// One record of a batch as its worker finds it.
+/// One record of a batch as its worker finds it: twelve bytes, so that a batch's list of them
+/// is a few cache lines, not an envelope's room per record.
+#[derive(Debug, Clone, Copy)]
 pub(crate) enum RecordEvent {
-    /// Decoded where the batch was split: every record for a raw handler (keyed by its own
-    /// header), and a record whose aggregate ID could not be read without decoding it.
-    Ready(Event),
+    /// Decoded where the batch was split, at this index of [`BatchProgress::ready`]: every
+    /// record for a raw handler (keyed by its own header), and a record whose aggregate ID
+    /// could not be read without decoding it.
+    Ready(u32),
     /// Decoded by its worker when it runs, on the worker's thread: the envelope is made where
     /// the handler takes it (its aggregate ID allocated and freed there, its event type from
     /// that thread's own), not on the fetcher's thread and handed over. Its key, the aggregate
     /// ID it decodes with, lies at these bytes of the batch's payload
     /// ([`wire::RecordView::aggregate_id_str`]).
     Deferred { key: (u32, u32) },
-}
-
-impl RecordEvent {
-    /// The record's key, as the pool routed it; `payload` is its batch's.
-    pub(crate) fn key<'a>(&'a self, payload: &'a [u8]) -> &'a str {
-        match self {
-            RecordEvent::Ready(event) => &event.key,
-            RecordEvent::Deferred { key } => {
-                std::str::from_utf8(&payload[key.0 as usize..key.1 as usize])
-                    .expect("a run of the UTF-8 header block between ASCII bytes")
-            }
-        }
-    }
 }
 
 /// A record batch being handled: acknowledged once every one of its events is handled or
@@ -67,9 +57,11 @@ pub(crate) struct BatchProgress {
     pub(crate) message: async_nats::Message,
     /// Where each record lies in the message's payload.
     pub(crate) spans: Vec<wire::RecordSpan>,
-    /// Per record, its event or where its key lies (for those settled before too: their keys
+    /// Per record, where its event or its key lies (for those settled before too: their keys
     /// order the batch's acknowledgement).
     pub(crate) events: Vec<RecordEvent>,
+    /// The events decoded where the batch was split.
+    pub(crate) ready: Vec<Event>,
     /// The batch message's stream sequence.
     pub(crate) sequence: u64,
     /// The ownership term it was delivered in; see [`Job::term`].
@@ -93,7 +85,7 @@ impl Job {
     pub(crate) fn key(&self) -> &str {
         match self {
             Job::Single(single) => &single.event.key,
-            Job::Record(progress, index) => progress.events[*index].key(&progress.message.payload),
+            Job::Record(progress, index) => progress.key(*index),
         }
     }
 
@@ -102,8 +94,8 @@ impl Job {
     pub(crate) fn input(&self) -> Result<Input, (DeadLetterReason, String)> {
         match self {
             Job::Single(single) => single.event.input.clone(),
-            Job::Record(progress, index) => match &progress.events[*index] {
-                RecordEvent::Ready(event) => event.input.clone(),
+            Job::Record(progress, index) => match progress.events[*index] {
+                RecordEvent::Ready(at) => progress.ready[at as usize].input.clone(),
                 RecordEvent::Deferred { .. } => progress.decode(*index),
             },
         }
@@ -144,6 +136,17 @@ impl Job {
 }
 
 impl BatchProgress {
+    /// Record `index`'s key, as the pool routed it.
+    pub(crate) fn key(&self, index: usize) -> &str {
+        match self.events[index] {
+            RecordEvent::Ready(at) => &self.ready[at as usize].key,
+            RecordEvent::Deferred { key } => {
+                std::str::from_utf8(&self.message.payload[key.0 as usize..key.1 as usize])
+                    .expect("a run of the UTF-8 header block between ASCII bytes")
+            }
+        }
+    }
+
     /// Decodes record `index` for an envelope handler, as [`prepare_record`] would have.
     fn decode(&self, index: usize) -> Result<Input, (DeadLetterReason, String)> {
         thread_local! {

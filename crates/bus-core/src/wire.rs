@@ -831,10 +831,11 @@ pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeErro
 
 /// [`decode_batch`] without a `Record` per record: `each` is given every record, in order,
 /// borrowed from the body as soon as it is checked, and the records' spans are returned with
-/// what `each` made of them. A consumer decodes each record where it is split, and keeps only
-/// the spans (say, to dead-letter one record later); the header block is checked to be UTF-8
-/// once, for both. The body is refused as [`decode_batch`] refuses it, whatever `each` was
-/// given before the fault was found.
+/// what `each` made of them. A consumer decodes each record where it is split, or routes it by
+/// [`RecordView::aggregate_id_str`] and decodes it later from its span
+/// ([`RecordSpan::view`]), and keeps only the spans (say, to dead-letter one record later).
+/// The body is refused as [`decode_batch`] refuses it, whatever `each` was given before the
+/// fault was found.
 pub fn split_batch<T>(
     count: &str,
     body: &Bytes,

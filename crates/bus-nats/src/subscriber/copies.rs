@@ -163,7 +163,7 @@ impl Copies {
     pub(crate) fn link<'a>(
         &mut self,
         sequence: u64,
-        keys: impl IntoIterator<Item = &'a str>,
+        keys: impl IntoIterator<Item = &'a [u8]>,
         events: usize,
     ) {
         self.unacked.link(sequence, keys, events);
@@ -368,7 +368,7 @@ mod tests {
         let admit = |copies: &mut Copies, sequence: u64| {
             let seen = copies.admit(sequence, reply(sequence), &sent);
             if seen == Seen::New {
-                copies.link(sequence, [format!("k{sequence}").as_str()], 1);
+                copies.link(sequence, [format!("k{sequence}").as_bytes()], 1);
             }
             seen
         };
@@ -404,8 +404,8 @@ mod tests {
         for sequence in [1, 2] {
             assert_eq!(copies.admit(sequence, reply(sequence), &sent), Seen::New);
         }
-        copies.link(1, ["a", "b"], 2);
-        copies.link(2, ["b"], 1);
+        copies.link(1, [b"a".as_slice(), b"b"], 2);
+        copies.link(2, [b"b".as_slice()], 1);
         assert!(room.is_full(), "3 events unacknowledged, the limit");
         copies.settle(2, Settled::Done(AckKind::Ack), &sent);
         assert!(sent.0.lock().unwrap().is_empty(), "b is pending in 1");

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use super::acker::Acker;
 use super::copies::{ack_info, Copies, Seen};
 use super::job::{
-    prepare, prepare_record, Arrival, BatchProgress, Event, Job, RecordEvent, Single, Work,
+    prepare, prepare_record, submit, Arrival, BatchProgress, Event, Job, RecordEvent, Single, Work,
 };
 use super::recovery::Restarter;
 use super::runner::{Counters, Runner};
@@ -174,7 +174,8 @@ pub(super) async fn on_reply(
                     wire::split_batch(count.as_str(), &message.payload, |record| {
                         // Routed by its aggregate ID as it lies in the payload, and decoded by
                         // its worker: the fetcher, one task, only splits and routes.
-                        if let Some(key) = envelopes.then(|| record.aggregate_id_str()).flatten() {
+                        if let Some(key) = envelopes.then(|| record.aggregate_id_bytes()).flatten()
+                        {
                             // Within the payload, which a batch keeps under 4 GiB.
                             let at = key.as_ptr() as usize - payload;
                             return RecordEvent::Deferred {
@@ -215,7 +216,10 @@ pub(super) async fn on_reply(
             };
             st.events_per_message.0 += 1;
             st.events_per_message.1 += 1;
-            plan.copies.lock().unwrap().link(sequence, [&*key], 1);
+            plan.copies
+                .lock()
+                .unwrap()
+                .link(sequence, [key.as_bytes()], 1);
             let job = Job::Single(Box::new(Single {
                 message,
                 sequence: Some(sequence),
@@ -226,7 +230,10 @@ pub(super) async fn on_reply(
                 term,
                 arrival,
             }));
-            if pool.submit(&key, Work::Message(job)).await.is_err() {
+            if submit(pool, key.as_bytes(), Work::Message(job))
+                .await
+                .is_err()
+            {
                 return Some(End::Stopped);
             }
         }
@@ -326,7 +333,7 @@ async fn dispatch_batch(
         remaining: AtomicUsize::new(to_run.len() + 1),
         done,
     });
-    let keys: Vec<&str> = (0..progress.events.len())
+    let keys: Vec<&[u8]> = (0..progress.events.len())
         .map(|index| progress.key(index))
         .collect();
     // Every event's aggregate is known before any of them can settle, those settled before
@@ -339,7 +346,7 @@ async fn dispatch_batch(
     let mut dispatched = 0;
     for index in to_run.iter().copied() {
         let job = Job::Record(progress.clone(), index);
-        if pool.submit(keys[index], Work::Message(job)).await.is_err() {
+        if submit(pool, keys[index], Work::Message(job)).await.is_err() {
             stopped = Some(End::Stopped);
             break;
         }

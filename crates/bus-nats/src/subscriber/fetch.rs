@@ -19,7 +19,7 @@ use keyed_pool::KeyedPool;
 use tokio::sync::{mpsc, watch};
 
 use super::epoch::{on_reply, Break, End, FetchPlan, MoveTo, Progress, BURST};
-use super::job::{Request, Work};
+use super::job::{submit, Request, Work};
 use super::ownership::{Ownership, Wait};
 use super::recovery::Start;
 use crate::NatsError;
@@ -365,7 +365,7 @@ impl Fetcher {
                 Some(request) = self.control.recv(), if !stopping => {
                     // Routed like the aggregate's messages: it runs after what is queued before it.
                     let key = request.key.clone();
-                    if self.pool.submit(&key, Work::Operator(request)).await.is_err() {
+                    if submit(&self.pool, key.as_bytes(), Work::Operator(request)).await.is_err() {
                         break End::Stopped;
                     }
                 }

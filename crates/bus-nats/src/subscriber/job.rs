@@ -15,6 +15,18 @@ use crate::dead_letters::DeadLetterReason;
 /// A job's message, ready for the handler.
 pub(crate) type Input = Prepared;
 
+/// Queues `work` behind the earlier work of the aggregate whose ID is `key`. Every job and
+/// request reaches the pool through here, its key as bytes: a record routed by its aggregate
+/// ID as it lies in the batch and an event routed by its decoded envelope's ID reach the same
+/// worker, as the key's hash is of the same bytes.
+pub(crate) async fn submit(
+    pool: &keyed_pool::KeyedPool<Work>,
+    key: &[u8],
+    work: Work,
+) -> Result<(), keyed_pool::Closed<Work>> {
+    pool.submit(key, work).await
+}
+
 /// One event ready for its handler: the ordering key (aggregate ID) the pool routes it by, and
 /// its message decoded for the handler, or why it cannot be handled.
 pub(crate) struct Event {
@@ -45,7 +57,8 @@ pub(crate) enum RecordEvent {
     /// the handler takes it (its aggregate ID allocated and freed there, its event type from
     /// that thread's own), not on the fetcher's thread and handed over. Its key, the aggregate
     /// ID it decodes with, lies at these bytes of the batch's payload
-    /// ([`wire::RecordView::aggregate_id_str`]).
+    /// ([`wire::RecordView::aggregate_id_bytes`]): routed and linked by them as they lie,
+    /// without reading them as text.
     Deferred { key: (u32, u32) },
 }
 
@@ -85,7 +98,8 @@ impl Job {
     pub(crate) fn key(&self) -> &str {
         match self {
             Job::Single(single) => &single.event.key,
-            Job::Record(progress, index) => progress.key(*index),
+            Job::Record(progress, index) => std::str::from_utf8(progress.key(*index))
+                .expect("a run of the UTF-8 header block between ASCII bytes"),
         }
     }
 
@@ -136,14 +150,11 @@ impl Job {
 }
 
 impl BatchProgress {
-    /// Record `index`'s key, as the pool routed it.
-    pub(crate) fn key(&self, index: usize) -> &str {
+    /// Record `index`'s key, as the pool routed it: the bytes of its aggregate ID.
+    pub(crate) fn key(&self, index: usize) -> &[u8] {
         match self.events[index] {
-            RecordEvent::Ready(at) => &self.ready[at as usize].key,
-            RecordEvent::Deferred { key } => {
-                std::str::from_utf8(&self.message.payload[key.0 as usize..key.1 as usize])
-                    .expect("a run of the UTF-8 header block between ASCII bytes")
-            }
+            RecordEvent::Ready(at) => self.ready[at as usize].key.as_bytes(),
+            RecordEvent::Deferred { key } => &self.message.payload[key.0 as usize..key.1 as usize],
         }
     }
 

@@ -149,7 +149,7 @@ impl Unacked {
     pub(crate) fn link<'a>(
         &mut self,
         sequence: u64,
-        keys: impl IntoIterator<Item = &'a str>,
+        keys: impl IntoIterator<Item = &'a [u8]>,
         events: usize,
     ) {
         match self.entries.get(&sequence) {
@@ -319,7 +319,7 @@ mod tests {
 
     fn deliver(u: &mut Unacked, sequence: u64, keys: &[&str]) {
         u.insert(sequence, None);
-        u.link(sequence, keys.iter().copied(), keys.len());
+        u.link(sequence, keys.iter().map(|k| k.as_bytes()), keys.len());
     }
 
     #[test]
@@ -350,7 +350,7 @@ mod tests {
         assert_eq!(u.delivered_again(2, None), Some(Again::Copy));
         assert_eq!(u.delivered_again(1, None), Some(Again::Handle));
         // Linked again: a no-op, it keeps its place.
-        u.link(1, ["a", "b"], 2);
+        u.link(1, [b"a".as_slice(), b"b"], 2);
         assert_eq!(settle(&mut u, 1), vec![1, 2]);
         assert_eq!(u.events(), 0);
     }
@@ -406,7 +406,7 @@ mod tests {
             for (m, keys) in plan.messages.iter().enumerate() {
                 let sequence = m as u64 + 1;
                 u.insert(sequence, None);
-                u.link(sequence, keys.iter().map(|k| NAMES[*k as usize]), keys.len());
+                u.link(sequence, keys.iter().map(|k| NAMES[*k as usize].as_bytes()), keys.len());
             }
             let mut unsettled: Vec<usize> = (0..plan.messages.len()).collect();
             let mut returned_once: HashSet<usize> = HashSet::new();
@@ -421,7 +421,7 @@ mod tests {
                     prop_assert!(ready.is_empty());
                     prop_assert_eq!(u.delivered_again(sequence, None), Some(Again::Handle));
                     // Linking again changes nothing; it settles later.
-                    u.link(sequence, plan.messages[m].iter().map(|k| NAMES[*k as usize]), 99);
+                    u.link(sequence, plan.messages[m].iter().map(|k| NAMES[*k as usize].as_bytes()), 99);
                     unsettled.push(m);
                 } else {
                     prop_assert!(u.settle(sequence, Settled::Done(AckKind::Ack), &mut ready));

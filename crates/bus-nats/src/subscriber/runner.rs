@@ -23,6 +23,8 @@ use super::Dispatch;
 use crate::dead_letters::{DeadLetterReason, LetterBox, LetterHeaders};
 use crate::telemetry::Seconds;
 
+const PREPARED_FOR_ITS_HANDLER: &str = "jobs are prepared for their subscription's handler";
+
 /// Why a handler's final failure stops its event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Stop {
@@ -225,23 +227,23 @@ impl Runner {
     /// dead-lettered (returned); `Err` when the handler failed for good and the failure policy
     /// decides.
     async fn handle(&self, job: &Job) -> Result<Outcome, Failure> {
-        // Owned: the first attempt takes it, later ones read the job again.
-        let input = match job.input() {
-            Ok(input) => input,
-            Err((reason, error)) => return Ok(self.dead_letter_job(job, &reason, &error, 0).await),
+        // Owned: the first attempt takes it, later ones read the job again. Kept where it is
+        // read until then: an envelope is large, and each move on its way to the handler a copy.
+        let mut first = Some(job.input());
+        let (traceparent, span) = match first.as_ref().expect("read above") {
+            Ok(input) => self.span(job, input),
+            Err((reason, error)) => return Ok(self.dead_letter_job(job, reason, error, 0).await),
         };
         let cancellation = self.cancel.signal();
         let arrival = job.arrival();
         let started = std::time::Instant::now();
-        let (traceparent, span) = self.span(job, &input);
-        let mut first = Some(input);
         // Pinned where it is made and instrumented by reference: the handler call's future is
         // not moved again.
         let attempts = std::pin::pin!(run_with_retry(
             &self.retry,
             |attempt| {
                 span.record("attempt", attempt);
-                let input = first.take().map_or_else(|| job.input(), Ok);
+                let input = first.take().unwrap_or_else(|| job.input());
                 let dispatch = &self.dispatch;
                 // Once the subscription is going, a failed event is not tried again.
                 let going = attempt > 1 && self.cancel.has_fired(&cancellation);
@@ -262,14 +264,20 @@ impl Runner {
                             "the subscription is closing or lost its topic",
                         ));
                     }
-                    match (dispatch, input) {
-                        (Dispatch::Envelope(h), Ok(Prepared::Envelope(e))) => h.handle(e).await,
-                        (Dispatch::Raw(h, _), Ok(Prepared::Raw(m))) => h.handle(m).await,
+                    // Matched as it is, not moved into a tuple with the handler first.
+                    match input {
+                        Ok(Prepared::Envelope(e)) => match dispatch {
+                            Dispatch::Envelope(h) => h.handle(e).await,
+                            Dispatch::Raw(..) => unreachable!("{PREPARED_FOR_ITS_HANDLER}"),
+                        },
+                        Ok(Prepared::Raw(m)) => match dispatch {
+                            Dispatch::Raw(h, _) => h.handle(m).await,
+                            Dispatch::Envelope(_) => unreachable!("{PREPARED_FOR_ITS_HANDLER}"),
+                        },
                         // It was read for the first attempt: the same bytes read the same.
-                        (_, Err((_, error))) => Err(HandlerError::permanent(format!(
+                        Err((_, error)) => Err(HandlerError::permanent(format!(
                             "the event could not be read again: {error}"
                         ))),
-                        _ => unreachable!("jobs are prepared for their subscription's handler"),
                     }
                 })
             },

@@ -15,18 +15,27 @@ pub const MAX_AGGREGATE_ID_LEN: usize = 256;
 /// The longest topic, event type or event ID accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 256;
 
+/// Inlined where a name is checked, on every event it is read: the error is made apart.
+#[inline]
 fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), ValidationError> {
-    if value.is_empty() {
-        return Err(ValidationError::new(field, value, "must not be empty"));
+    if value.is_empty() || value.len() > max {
+        return Err(len_error(field, value, max));
     }
-    if value.len() > max {
-        return Err(ValidationError::new(
+    Ok(())
+}
+
+#[cold]
+#[inline(never)]
+fn len_error(field: &'static str, value: &str, max: usize) -> ValidationError {
+    if value.is_empty() {
+        ValidationError::new(field, value, "must not be empty")
+    } else {
+        ValidationError::new(
             field,
             value,
             format!("is {} bytes long, the limit is {max}", value.len()),
-        ));
+        )
     }
-    Ok(())
 }
 
 /// The bytes a name may hold: a flag per byte value, looked up once per byte.
@@ -59,6 +68,7 @@ const AGGREGATE_ID_CHARS: Allowed = allowed(b"-_.:@/+=~#", false);
 const EVENT_TYPE_CHARS: Allowed = allowed(b"-_.:/", false);
 const EVENT_ID_CHARS: Allowed = allowed(b"", true);
 
+#[inline]
 fn check_chars(
     field: &'static str,
     value: &str,
@@ -66,10 +76,21 @@ fn check_chars(
     allowed_text: &str,
 ) -> Result<(), ValidationError> {
     // Every allowed character is ASCII: check bytes (names are checked on every delivery), and
-    // decode characters only to name the first bad one.
+    // decode characters only to name the first bad one, apart.
     if value.bytes().all(|b| allowed[usize::from(b)]) {
         return Ok(());
     }
+    chars_error(field, value, allowed, allowed_text)
+}
+
+#[cold]
+#[inline(never)]
+fn chars_error(
+    field: &'static str,
+    value: &str,
+    allowed: &Allowed,
+    allowed_text: &str,
+) -> Result<(), ValidationError> {
     if let Some(bad) = value
         .chars()
         .find(|c| !(c.is_ascii() && allowed[*c as usize]))
@@ -101,6 +122,62 @@ fn all_graphic(bytes: &[u8]) -> bool {
         }
     }
     chunks.remainder().iter().all(u8::is_ascii_graphic)
+}
+
+/// A validated name's text: kept in place, without an allocation of its own, when it is at most
+/// `N` bytes long, and shared between clones otherwise.
+#[derive(Clone)]
+enum Text<const N: usize> {
+    Inline(arrayvec::ArrayString<N>),
+    Shared(Arc<str>),
+}
+
+impl<const N: usize> Text<N> {
+    fn new(value: impl AsRef<str> + Into<Arc<str>>) -> Self {
+        match arrayvec::ArrayString::from(value.as_ref()) {
+            Ok(text) => Self::Inline(text),
+            Err(_) => Self::Shared(value.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Inline(text) => text,
+            Self::Shared(text) => text,
+        }
+    }
+}
+
+/// Equality, order and hash of a name with `as_str`: those of its text, however it is kept
+/// (and so the same as a `str`'s, which `Borrow<str>` needs).
+macro_rules! ordered_as_text {
+    ($name:ident) => {
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                self.as_str() == other.as_str()
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.as_str().hash(state);
+            }
+        }
+
+        impl PartialOrd for $name {
+            fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(other))
+            }
+        }
+
+        impl Ord for $name {
+            fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+                self.as_str().cmp(other.as_str())
+            }
+        }
+    };
 }
 
 macro_rules! string_newtype {
@@ -205,26 +282,37 @@ impl Topic {
 #[cfg(test)]
 const AGGREGATE_ID_PUNCTUATION: &str = "-_.:@/+=~#";
 
-string_newtype!(
-    /// The identity of an aggregate: events with the same ID on the same topic are delivered
-    /// and handled strictly in order.
-    ///
-    /// Non-empty, at most [`MAX_AGGREGATE_ID_LEN`] bytes, made of ASCII letters, digits and
-    /// `- _ . : @ / + = ~ #`. White space and control characters are refused because the ID
-    /// travels in a message header.
-    ///
-    /// ```
-    /// use bus_core::AggregateId;
-    /// assert!(AggregateId::new("order-2024/17").is_ok());
-    /// assert!(AggregateId::new("").is_err());
-    /// ```
-    AggregateId
-);
+/// The identity of an aggregate: events with the same ID on the same topic are delivered
+/// and handled strictly in order.
+///
+/// Non-empty, at most [`MAX_AGGREGATE_ID_LEN`] bytes, made of ASCII letters, digits and
+/// `- _ . : @ / + = ~ #`. White space and control characters are refused because the ID
+/// travels in a message header.
+///
+/// Every event has one, read on every delivery: an ID of up to 38 bytes (a UUID is 36) is kept
+/// in place, without an allocation of its own; a longer one is shared between its clones.
+///
+/// ```
+/// use bus_core::AggregateId;
+/// assert!(AggregateId::new("order-2024/17").is_ok());
+/// assert!(AggregateId::new("").is_err());
+/// ```
+#[derive(Clone, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct AggregateId(Text<AGGREGATE_ID_INLINE>);
+
+/// The longest aggregate ID kept in place rather than in a shared allocation: as much as the
+/// room a shared one takes holds beside the length.
+const AGGREGATE_ID_INLINE: usize = 38;
 
 impl AggregateId {
-    /// The ID as a shared string: cloning it copies no bytes (the pool keys jobs by it).
+    /// The ID as a shared string, as keys are kept: cloning that copies no bytes. An ID kept in
+    /// place is copied into a new allocation here; a longer one is shared as it is.
     pub fn shared(&self) -> Arc<str> {
-        Arc::clone(&self.0)
+        match &self.0 {
+            Text::Inline(text) => Arc::from(text.as_str()),
+            Text::Shared(text) => Arc::clone(text),
+        }
     }
 
     /// Validates `value` as an aggregate ID.
@@ -237,30 +325,40 @@ impl AggregateId {
             &AGGREGATE_ID_CHARS,
             "ASCII letters, digits and \"-_.:@/+=~#\"",
         )?;
-        Ok(Self(value.into()))
+        Ok(Self(Text::new(value)))
+    }
+
+    /// The validated value.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
     }
 }
+
+string_impls!(AggregateId);
+ordered_as_text!(AggregateId);
 
 impl std::borrow::Borrow<str> for AggregateId {
     fn borrow(&self) -> &str {
-        &self.0
+        self.as_str()
     }
 }
 
-/// Aggregate IDs one decoder read recently, and the event types, shared rather than
-/// validated and allocated again: an aggregate's events arrive many times over, with the same
-/// ID every time, and a topic carries a few event types.
+/// Aggregate IDs one decoder read recently, and the event types, copied or shared rather than
+/// validated (and, if longer than an ID kept in place, allocated) again: an aggregate's events
+/// arrive many times over, with the same ID every time, and a topic carries a few event types.
 ///
 /// Holds at most its capacity of IDs and forgets them all when full, so its memory stays
-/// bounded (about 50 bytes an ID beside the ID's own text) whatever the number of aggregates;
-/// with more aggregates in turn than it holds, it finds few and costs a lookup per event. An ID
-/// it holds is its own small allocation, never a part of a larger message. Of event types it
-/// keeps the [`AggregateIds::EVENT_TYPES`] read last.
+/// bounded (about 60 bytes an ID, and a longer ID's own text) whatever the number of
+/// aggregates; with more aggregates in turn than it holds, it finds few and costs a lookup per
+/// event. A longer ID it holds is its own small allocation, never a part of a larger message.
+/// Of event types it keeps the [`AggregateIds::EVENT_TYPES`] read last.
 ///
 /// ```
 /// let mut ids = bus_core::AggregateIds::new(2);
-/// let first = ids.get("order-1").unwrap();
-/// assert!(std::ptr::eq(first.as_str(), ids.get("order-1").unwrap().as_str()));
+/// let long = "tenant-7/region-eu-west/orders/2024-000017";
+/// let first = ids.get(long).unwrap();
+/// assert!(std::ptr::eq(first.as_str(), ids.get(long).unwrap().as_str()));
+/// assert_eq!(ids.get("order-1").unwrap(), ids.get("order-1").unwrap());
 /// assert!(ids.get("not valid").is_err());
 /// let placed = ids.event_type("OrderPlaced").unwrap();
 /// assert!(std::ptr::eq(placed.as_str(), ids.event_type("OrderPlaced").unwrap().as_str()));
@@ -400,16 +498,10 @@ impl EventType {
 /// one is 36) is kept in place, without an allocation of its own.
 #[derive(Clone, serde::Deserialize)]
 #[serde(try_from = "String")]
-pub struct EventId(EventIdRepr);
+pub struct EventId(Text<EVENT_ID_INLINE>);
 
 /// The longest event ID kept in place rather than in a shared allocation.
 const EVENT_ID_INLINE: usize = 38;
-
-#[derive(Clone)]
-enum EventIdRepr {
-    Inline(arrayvec::ArrayString<EVENT_ID_INLINE>),
-    Shared(Arc<str>),
-}
 
 impl EventId {
     /// Validates `value` as an event ID.
@@ -425,22 +517,12 @@ impl EventId {
                 "printable ASCII without spaces",
             )?;
         }
-        Ok(Self::from_checked(text).unwrap_or_else(|| Self(EventIdRepr::Shared(value.into()))))
-    }
-
-    /// `text` kept in place, if it is short enough.
-    fn from_checked(text: &str) -> Option<Self> {
-        arrayvec::ArrayString::from(text)
-            .ok()
-            .map(|text| Self(EventIdRepr::Inline(text)))
+        Ok(Self(Text::new(value)))
     }
 
     /// The validated value.
     pub fn as_str(&self) -> &str {
-        match &self.0 {
-            EventIdRepr::Inline(text) => text,
-            EventIdRepr::Shared(text) => text,
-        }
+        self.0.as_str()
     }
 
     /// A new time-ordered unique ID: a UUID version 7 (48 bits of Unix milliseconds, 74 random
@@ -472,7 +554,7 @@ impl EventId {
         let id = (random & !(u128::MAX << MILLIS_SHIFT) & !VERSION)
             | (u128::from(millis) << MILLIS_SHIFT)
             | (7 << 76);
-        Self(EventIdRepr::Inline(hyphenated(id)))
+        Self(Text::Inline(hyphenated(id)))
     }
 }
 
@@ -515,42 +597,17 @@ fn hyphenated(id: u128) -> arrayvec::ArrayString<EVENT_ID_INLINE> {
 }
 
 string_impls!(EventId);
-
-impl PartialEq for EventId {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl Eq for EventId {}
-
-impl std::hash::Hash for EventId {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
-    }
-}
-
-impl PartialOrd for EventId {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for EventId {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_str().cmp(other.as_str())
-    }
-}
+ordered_as_text!(EventId);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Short event IDs are kept in place, long ones shared; both read, compare, hash and print
-    /// by their text alone.
+    /// Short event and aggregate IDs are kept in place, long ones shared; both read, compare,
+    /// hash and print by their text alone.
     #[test]
-    fn event_ids_of_every_length_behave_as_their_text() {
+    fn ids_of_every_length_behave_as_their_text() {
         use std::hash::{BuildHasher, RandomState};
         let hasher = RandomState::new();
         for len in [
@@ -568,42 +625,80 @@ mod tests {
             assert_eq!(format!("{id:?}"), format!("EventId({text:?})"));
             assert_eq!(id, again);
             assert_eq!(hasher.hash_one(&id), hasher.hash_one(&again));
-            assert_eq!(
-                matches!(id.0, EventIdRepr::Inline(_)),
-                len <= EVENT_ID_INLINE
-            );
+            assert_eq!(matches!(id.0, Text::Inline(_)), len <= EVENT_ID_INLINE);
             let longer = EventId::new(text.clone() + "a").unwrap();
             assert!(id < longer && longer != id, "{len}");
         }
+        for len in [
+            1,
+            36,
+            AGGREGATE_ID_INLINE,
+            AGGREGATE_ID_INLINE + 1,
+            MAX_AGGREGATE_ID_LEN,
+        ] {
+            let text = "a".repeat(len - 1) + "Z";
+            let id = AggregateId::new(text.as_str()).unwrap();
+            let again = AggregateId::new(text.clone()).unwrap();
+            assert_eq!(id.as_str(), text);
+            assert_eq!(&*id.shared(), text);
+            assert_eq!(id.to_string(), text);
+            assert_eq!(format!("{id:?}"), format!("AggregateId({text:?})"));
+            assert_eq!(id, again);
+            assert_eq!(hasher.hash_one(&id), hasher.hash_one(&again));
+            assert_eq!(hasher.hash_one(&id), hasher.hash_one(text.as_str()));
+            assert_eq!(matches!(id.0, Text::Inline(_)), len <= AGGREGATE_ID_INLINE);
+            let parsed: AggregateId = serde_json::from_str(&format!("{text:?}")).unwrap();
+            assert_eq!(parsed, id);
+            if len < MAX_AGGREGATE_ID_LEN {
+                let longer = AggregateId::new(text.clone() + "a").unwrap();
+                assert!(id < longer && longer != id, "{len}");
+            }
+        }
         let generated = EventId::generate();
-        assert!(matches!(&generated.0, EventIdRepr::Inline(text) if text.len() == 36));
+        assert!(matches!(&generated.0, Text::Inline(text) if text.len() == 36));
         let parsed: EventId = serde_json::from_str(&format!("{:?}", generated.as_str())).unwrap();
         assert_eq!(parsed, generated);
     }
 
     #[test]
     fn kept_aggregate_ids_are_shared_and_forgotten_when_full() {
+        // Longer than an ID kept in place: kept ones are shared, not allocated again.
+        let [a, b, c] = ["a", "b", "c"].map(|n| n.repeat(AGGREGATE_ID_INLINE + 1));
+        let shared = |id: &AggregateId| match &id.0 {
+            Text::Shared(text) => Arc::clone(text),
+            Text::Inline(_) => panic!("{id:?} is longer than an ID kept in place"),
+        };
         let mut ids = AggregateIds::new(2);
-        let a = ids.get("a").unwrap();
-        assert!(Arc::ptr_eq(&a.0, &ids.get("a").unwrap().0));
-        ids.get("b").unwrap();
+        let first = ids.get(&a).unwrap();
+        assert!(Arc::ptr_eq(&shared(&first), &shared(&ids.get(&a).unwrap())));
+        ids.get(&b).unwrap();
         assert_eq!(ids.len(), 2);
         // Full: all are forgotten, and the new one kept.
-        ids.get("c").unwrap();
+        ids.get(&c).unwrap();
         assert_eq!(ids.len(), 1);
-        assert!(!Arc::ptr_eq(&a.0, &ids.get("a").unwrap().0));
+        assert!(!Arc::ptr_eq(
+            &shared(&first),
+            &shared(&ids.get(&a).unwrap())
+        ));
         // Refused IDs are never kept.
         assert!(ids.get("a b").is_err());
         assert_eq!(ids.len(), 2);
+        // Short ones are kept too, in place.
+        let short = ids.get("order-1").unwrap();
+        assert!(matches!(short.0, Text::Inline(_)));
+        assert_eq!(ids.len(), 1);
+        assert_eq!(ids.get("order-1").unwrap(), short);
+        assert_eq!(ids.len(), 1);
     }
 
     #[test]
     fn with_no_capacity_ids_are_made_anew_and_event_types_kept() {
         let mut ids = AggregateIds::new(0);
-        let a = ids.get("a").unwrap();
-        let again = ids.get("a").unwrap();
+        let long = "a".repeat(AGGREGATE_ID_INLINE + 1);
+        let a = ids.get(&long).unwrap();
+        let again = ids.get(&long).unwrap();
         assert_eq!(a, again);
-        assert!(!Arc::ptr_eq(&a.0, &again.0));
+        assert!(!std::ptr::eq(a.as_str(), again.as_str()));
         assert!(ids.is_empty());
         assert!(ids.get("a b").is_err());
         let placed = ids.event_type("Placed").unwrap();

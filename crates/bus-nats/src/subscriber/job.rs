@@ -54,8 +54,8 @@ pub(crate) enum RecordEvent {
     /// could not be read without decoding it.
     Ready(u32),
     /// Decoded by its worker when it runs, on the worker's thread: the envelope is made where
-    /// the handler takes it (its aggregate ID allocated and freed there, its event type from
-    /// that thread's own), not on the fetcher's thread and handed over. Its key, the aggregate
+    /// the handler takes it (its aggregate ID made there, in place unless longer than 38
+    /// bytes, its event type from that thread's own), not on the fetcher's thread and handed over. Its key, the aggregate
     /// ID it decodes with, lies at these bytes of the batch's payload
     /// ([`wire::RecordView::aggregate_id_bytes`]): routed and linked by them as they lie,
     /// without reading them as text.
@@ -162,7 +162,7 @@ impl BatchProgress {
     fn decode(&self, index: usize) -> Result<Input, (DeadLetterReason, String)> {
         thread_local! {
             /// The event types this thread's workers read lately. Aggregate IDs arrive in no
-            /// useful order here and are made anew (allocated and freed on this thread).
+            /// useful order here and are made anew (in place, unless longer than 38 bytes).
             static IDS: RefCell<bus_core::AggregateIds> =
                 RefCell::new(bus_core::AggregateIds::new(0));
         }

@@ -22,6 +22,8 @@ pub(crate) struct BusSetup {
     /// The handler wrapped in `HandledOnce` with the group's versions in NATS KV: a read
     /// before and a write after every event.
     pub(crate) handled_once: bool,
+    /// How the group owns each topic's consumer (the bus's default: the pinned group on 2.14+).
+    pub(crate) ownership: bus_nats::Ownership,
 }
 
 /// The typed rows' event: when it was sent, and the filler that makes up the payload size.
@@ -51,6 +53,7 @@ impl BusSetup {
             typed: false,
             handled_once: false,
             batching: bus_nats::BatchConfig::off(),
+            ownership: bus_nats::Ownership::Auto,
         }
     }
 
@@ -86,6 +89,15 @@ impl BusSetup {
             typed: false,
             handled_once: false,
             batching: bus_nats::BatchConfig::default(),
+            ownership: bus_nats::Ownership::Auto,
+        }
+    }
+
+    /// The bus's defaults, each topic owned by a lease (`consumer.ownership` Lease).
+    pub(crate) fn lease() -> Self {
+        Self {
+            ownership: bus_nats::Ownership::Lease,
+            ..Self::default_config()
         }
     }
 }
@@ -148,6 +160,7 @@ pub(crate) async fn run_bus(
     config.share_connection = setup.share_connection;
     config.publish_ordering = setup.publish_ordering;
     config.batching = setup.batching.clone();
+    config.consumer.ownership = setup.ownership;
     for (i, topic) in topics_for(s).into_iter().enumerate() {
         let mut spec = bus_nats::StreamSpec::new(format!("BENCH_{i}"), [topic]);
         spec.retention = setup.retention;

@@ -177,7 +177,7 @@ fn parse_args() -> Result<Options> {
             "--help" | "-h" => {
                 println!(
                     "cargo xtask bench [--quick] [--only ROW,ROW...]\n\n\
-                     --quick   a short run (about a minute): ceiling, ceiling-bus-wire, ceiling-packed, nats-strict, seed-before, default, default-backlog, default-unbatched, seed-single, latency (as configured, with the broker's GC tuned: GOGC=off GOMEMLIMIT=1GiB, and the raw packed client at the same rate)\n\
+                     --quick   a short run (about a minute): ceiling, ceiling-bus-wire, ceiling-packed, nats-strict, seed-before, default, default-backlog, default-unbatched, seed-single, latency (as configured, with the broker's GC tuned: GOGC=off GOMEMLIMIT=1GiB, with each topic owned by a lease, and the raw packed client at the same rate)\n\
                      --only    run only the named rows (the ceiling always runs, for the ratios)\n\
                      --alone   with --only: skip the ceiling and latency rows (for profiling one row)\n\
                      --instructions ROW,ROW  run these rows once more under valgrind's callgrind and report the\n\
@@ -283,6 +283,11 @@ async fn main() -> Result<()> {
             BROKER_GC_TUNED,
         )?;
         row.name = format!("latency-broker-gogc-off-at-{:.0}-msg-s", rate);
+        rows.push(row);
+        // The same with each topic owned by a lease instead of the pinned group: the broker copies
+        // each message it delivers to a pinned client once more (performance.md, eighteenth look).
+        let mut row = run_in_child("latency-lease", options.quick, Some(rate), &[])?;
+        row.name = format!("latency-lease-at-{:.0}-msg-s", rate);
         rows.push(row);
         // The raw client packing events as the bus batches them, at the same rate and with the
         // broker as it comes: the tail the broker leaves on this machine.

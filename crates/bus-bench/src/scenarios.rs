@@ -374,7 +374,8 @@ pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
     rows
 }
 
-/// A fixed-rate row: the bus's default (`latency-half-capacity`), or the raw ceiling's client
+/// A fixed-rate row: the bus's default (`latency-half-capacity`), the same with each topic owned
+/// by a lease (`latency-lease`), or the raw ceiling's client
 /// at the same rate, plain (`ceiling-latency`), carrying the bus's wire format
 /// (`ceiling-bus-wire-latency`) or packing events like the bus's record batches
 /// (`ceiling-packed-latency`), so the bus's latency can be told from the broker's.
@@ -389,6 +390,8 @@ pub(crate) fn latency_scenario(name: &str, rate: f64, quick: bool) -> Scenario {
         Kind::Ceiling
     } else if name == "latency-unbatched" {
         Kind::Bus(BusSetup::unbatched())
+    } else if name == "latency-lease" {
+        Kind::Bus(BusSetup::lease())
     } else {
         Kind::Bus(BusSetup::default_config())
     };

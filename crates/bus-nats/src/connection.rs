@@ -158,8 +158,9 @@ impl Shared {
             violations: signals.violations,
             // Priority groups came in 2.11, the consumer reset API in 2.14: a standby that
             // takes over must restart delivery at the ack floor without deleting the consumer
-            // under the others.
-            pinned: server_at_least(&server_version, (2, 14)),
+            // under the others. Unless the group's ownership is a lease on every server.
+            pinned: server_at_least(&server_version, (2, 14))
+                && self.config.consumer.ownership == crate::Ownership::Auto,
             server_version,
             retention: spec.retention,
         })

@@ -445,7 +445,7 @@ impl NatsBus {
         }
         if !connection.pinned {
             return Err(NatsError::Unsupported(format!(
-                "no subscription of group `{group}` to topic `{topic}` moved {}, and nats-server {} cannot reset a consumer (2.14 can); start a subscription and reset again",
+                "no subscription of group `{group}` to topic `{topic}` moved {}, and a consumer owned by a lease (nats-server {}: before 2.14, or `consumer.ownership` Lease) is not reset without one; start a subscription and reset again",
                 what_is_left(partitions, &left),
                 connection.server_version
             )));

@@ -73,8 +73,8 @@ pub use bus_core::{current_delivery, with_current_delivery, Delivery};
 pub use config::{
     check_stream_name, default_stream_name, redact_url, Auth, BatchConfig, ConnectionCallback,
     ConnectionConfig, ConnectionEvent, ConsumerSpec, DeadLetterConfig, Discard, FetchConfig,
-    NatsConfig, Provisioning, PublishFailure, PublishFailureCallback, PublishOrdering, Retention,
-    StartAt, Storage, StreamSpec, TlsConfig, ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT,
+    NatsConfig, Ownership, Provisioning, PublishFailure, PublishFailureCallback, PublishOrdering,
+    Retention, StartAt, Storage, StreamSpec, TlsConfig, ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT,
     DEFAULT_BATCH_MAX_BYTES, DEFAULT_BATCH_MAX_EVENTS, DEFAULT_BATCH_MAX_IN_FLIGHT,
     DEFAULT_DEAD_LETTER_MAX_BYTES, DEFAULT_DUPLICATE_WINDOW, DEFAULT_FETCH_BATCH,
     DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING,

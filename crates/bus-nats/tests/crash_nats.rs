@@ -15,7 +15,8 @@
 //!
 //! Cases: work-queue and acknowledged retention, batched and unbatched, on the current server
 //! and on servers before 2.14 (2.9, 2.10, 2.12), where a restarted process waits as a standby
-//! for the dead one's lease. Two more wrap the handler in `HandledOnce`: with the handled
+//! for the dead one's lease, and with that lease on the current server (`Ownership::Lease`);
+//! each case checks which of the two held the consumer. Two more wrap the handler in `HandledOnce`: with the handled
 //! versions kept in the same write as the handler's effect (its log line), every version is
 //! handled exactly once across the kills, no replay at all; with them in NATS KV (written after
 //! the handler), no version is handled again once its record was stored, and the successors
@@ -33,11 +34,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::PriorityPolicy;
 use bus_core::{
     handler_fn, Envelope, HandledOnce, HandledVersions, HandlerError, Publisher, Subscriber, Topic,
 };
 use bus_nats::{
-    default_stream_name, NatsBus, NatsConfig, NatsHandledVersions, Retention, StreamSpec,
+    default_stream_name, NatsBus, NatsConfig, NatsHandledVersions, Ownership, Retention, StreamSpec,
 };
 use bus_testkit::{OlderServer, SequenceVerifier, TestServer, VerifierReport};
 
@@ -53,8 +55,11 @@ fn topic() -> Topic {
 }
 
 /// The tests' configuration with the topic's stream kept by `retention`.
-fn config(url: &str, retention: Retention, batched: bool) -> NatsConfig {
+fn config(url: &str, retention: Retention, batched: bool, lease: bool) -> NatsConfig {
     let mut config = common::test_config(url);
+    if lease {
+        config.consumer.ownership = Ownership::Lease;
+    }
     if !batched {
         config.batching = bus_nats::BatchConfig::off();
     }
@@ -79,6 +84,8 @@ struct Case {
     server: TestServer,
     batched: bool,
     once: Once,
+    /// `consumer.ownership` Lease: the lease on a server that has the pinned group too.
+    lease: bool,
 }
 
 /// Whether and where the consumers keep the versions they handled (`HandledOnce`).
@@ -105,6 +112,7 @@ impl Case {
                 Once::Log => "-handled-once-in-the-log",
                 Once::Kv => "-handled-once-in-kv",
             }
+            + if self.lease { "-lease" } else { "" }
     }
 }
 
@@ -118,12 +126,20 @@ fn main() {
         let log = std::env::var("BUS_CRASH_CHILD_LOG").expect("child log path");
         let retention = std::env::var("BUS_CRASH_CHILD_RETENTION").expect("child retention");
         let batched = std::env::var("BUS_CRASH_CHILD_BATCHED").is_ok();
+        let lease = std::env::var("BUS_CRASH_CHILD_LEASE").is_ok();
         let once = match std::env::var("BUS_CRASH_CHILD_ONCE").as_deref() {
             Ok("log") => Once::Log,
             Ok("kv") => Once::Kv,
             _ => Once::Off,
         };
-        runtime.block_on(child(url, log, retention_named(&retention), batched, once));
+        runtime.block_on(child(
+            url,
+            log,
+            retention_named(&retention),
+            batched,
+            once,
+            lease,
+        ));
         return;
     }
     let rounds: usize = std::env::var("BUS_CRASH_ROUNDS")
@@ -136,54 +152,70 @@ fn main() {
             server: TestServer::Current,
             batched: true,
             once: Once::Off,
+            lease: false,
+        },
+        Case {
+            retention: Retention::WorkQueue,
+            server: TestServer::Current,
+            batched: true,
+            once: Once::Off,
+            lease: true,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Current,
             batched: false,
             once: Once::Off,
+            lease: false,
         },
         Case {
             retention: Retention::Acknowledged,
             server: TestServer::Current,
             batched: true,
             once: Once::Off,
+            lease: false,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Older(OlderServer::V2_9),
             batched: true,
             once: Once::Off,
+            lease: false,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Older(OlderServer::V2_9),
             batched: false,
             once: Once::Off,
+            lease: false,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Older(OlderServer::V2_10),
             batched: true,
             once: Once::Off,
+            lease: false,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Older(OlderServer::V2_12),
             batched: true,
             once: Once::Off,
+            lease: false,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Current,
             batched: true,
             once: Once::Log,
+            lease: false,
         },
         Case {
             retention: Retention::WorkQueue,
             server: TestServer::Current,
             batched: true,
             once: Once::Kv,
+            lease: false,
         },
     ];
     let cases: Vec<&Case> = cases
@@ -293,13 +325,20 @@ impl std::fmt::Display for Outcome {
 /// its handler returns (so before the event can be acknowledged). With `HandledOnce`, it also
 /// writes how many deliveries it skipped to `<log>.skipped` every few milliseconds, and with
 /// the KV store an `R <aggregate> <version>` line once a version's record is stored.
-async fn child(url: String, log: String, retention: Retention, batched: bool, once: Once) {
+async fn child(
+    url: String,
+    log: String,
+    retention: Retention,
+    batched: bool,
+    once: Once,
+    lease: bool,
+) {
     // `RUST_LOG` shows what each consumer did, on the test's standard error.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .try_init();
-    let bus = NatsBus::connect(config(&url, retention, batched))
+    let bus = NatsBus::connect(config(&url, retention, batched, lease))
         .await
         .unwrap();
     let log = PathBuf::from(log);
@@ -543,6 +582,9 @@ fn spawn_child(url: &str, log: &Path, case: &Case) -> Consumer {
     if case.batched {
         command.env("BUS_CRASH_CHILD_BATCHED", "1");
     }
+    if case.lease {
+        command.env("BUS_CRASH_CHILD_LEASE", "1");
+    }
     match case.once {
         Once::Off => {}
         Once::Log => {
@@ -592,9 +634,14 @@ fn count_lines(logs: &[PathBuf]) -> u64 {
 
 async fn consumers_killed_in_turn(case: &Case) -> Outcome {
     let server = case.server.start();
-    let bus = NatsBus::connect(config(&server.url(), case.retention, case.batched))
-        .await
-        .unwrap();
+    let bus = NatsBus::connect(config(
+        &server.url(),
+        case.retention,
+        case.batched,
+        case.lease,
+    ))
+    .await
+    .unwrap();
     for version in 1..=VERSIONS {
         for a in 0..AGGREGATES {
             let event = Envelope::builder(format!("k-{a}"), "Tested", version)
@@ -678,6 +725,31 @@ async fn consumers_killed_in_turn(case: &Case) -> Outcome {
         child.assert_running();
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // The ownership that ran: the pinned group is on the consumer; the lease is a key in its
+    // bucket, held by the live consumer.
+    let info = common::consumer_info(&server, &bus, &topic()).await;
+    let pinned = info.config.priority_policy == PriorityPolicy::PinnedClient;
+    assert_eq!(
+        pinned,
+        matches!(case.server, TestServer::Current) && !case.lease,
+        "{}: the consumer's priority policy is {:?}",
+        case.name(),
+        info.config.priority_policy
+    );
+    if !pinned {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let leases = async_nats::jetstream::new(client)
+            .get_key_value("BUS_OWNERS")
+            .await
+            .unwrap();
+        let held = leases.get(&info.name).await.unwrap();
+        assert!(
+            held.is_some_and(|holder| !holder.is_empty()),
+            "{}: no lease held for consumer `{}`",
+            case.name(),
+            info.name
+        );
+    }
     child.kill();
     let outcome = Outcome {
         takeovers,

@@ -362,3 +362,60 @@ async fn a_stream_or_consumer_that_differs_is_refused_naming_each_field() {
     );
     subscription.close().await.unwrap();
 }
+
+/// Members of one group set to hold its consumer differently (`consumer.ownership`) would not
+/// exclude each other: one set otherwise than the group's consumer is refused, under either
+/// ownership and the default provisioning (which updates a consumer that differs in other
+/// fields), and the consumer keeps its ownership. (One process subscribes once per consumer, so
+/// the first member has closed here; a running one is no different to the check.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_set_to_own_a_consumer_differently_are_refused() {
+    use async_nats::jetstream::consumer::PriorityPolicy;
+    use bus_nats::Ownership;
+    let server = NatsServer::start();
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    for (first, second, held) in [
+        (
+            Ownership::Auto,
+            Ownership::Lease,
+            PriorityPolicy::PinnedClient,
+        ),
+        (Ownership::Lease, Ownership::Auto, PriorityPolicy::None),
+    ] {
+        let topic = Topic::new(format!("owned-{first:?}").to_lowercase()).unwrap();
+        let mut config = test_config(&server.url());
+        config.consumer.ownership = first;
+        let owner_bus = NatsBus::connect(config).await.unwrap();
+        let owner = common::subscribe_ignoring(&owner_bus, &topic)
+            .await
+            .unwrap();
+        let stream = owner_bus.stream_name(&topic).await.unwrap();
+        let consumer = owner_bus.config().consumer_name(&topic);
+        owner.close().await.unwrap();
+        owner_bus.close().await.unwrap();
+
+        let mut config = test_config(&server.url());
+        config.consumer.ownership = second;
+        let bus = NatsBus::connect(config).await.unwrap();
+        let error = common::subscribe_ignoring(&bus, &topic).await.unwrap_err();
+        assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
+        let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+        assert!(
+            text.contains("`consumer.ownership`") && text.contains(&consumer),
+            "{first:?} then {second:?}: {text}"
+        );
+        let info = js
+            .get_stream(&stream)
+            .await
+            .unwrap()
+            .consumer_info(&consumer)
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(
+            info.config.priority_policy, held,
+            "{first:?} then {second:?}"
+        );
+        bus.close().await.unwrap();
+    }
+}

@@ -33,6 +33,28 @@ pub struct ConsumerSpec {
     /// stream keeps). Applies when the group's consumer is created; a group that exists keeps
     /// its position (move it with `NatsBus::reset_group`). Only `Start` on `WorkQueue` topics.
     pub start: StartAt,
+    /// How one subscription of the group comes to own each topic's consumer (default
+    /// [`Ownership::Auto`]). Every member of a group must be set alike: a member set otherwise
+    /// fails to subscribe rather than change the consumer under the others.
+    pub ownership: Ownership,
+}
+
+/// How one subscription of a group owns a topic's consumer ([`ConsumerSpec::ownership`]). In
+/// configuration files: `ownership = "auto"` or `"lease"`. Both keep every aggregate's order
+/// through takeovers (`docs/guarantees.md`, "Several replicas of one service").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ownership {
+    /// On nats-server 2.14 or newer a priority group with the pinned-client policy: the broker
+    /// delivers only to the owner. On older servers a lease, as [`Ownership::Lease`].
+    #[default]
+    Auto,
+    /// A lease in the KV bucket `BUS_OWNERS` on every server, as before 2.14: the owner fences
+    /// itself when it cannot renew the lease, and a takeover deletes and recreates the
+    /// consumer. The broker then does less per delivered message (a pinned client's messages
+    /// are each copied once more to carry the pin; `docs/performance.md`, eighteenth look), for
+    /// a shorter latency tail. `Retention::Acknowledged` needs the pinned group.
+    Lease,
 }
 
 /// Where a new consumer group starts reading a topic ([`ConsumerSpec::start`]). In
@@ -62,6 +84,7 @@ impl Default for ConsumerSpec {
             takeover_after: DEFAULT_TAKEOVER_AFTER,
             coordination_replicas: 1,
             start: StartAt::Start,
+            ownership: Ownership::Auto,
         }
     }
 }

@@ -110,6 +110,15 @@ pub(crate) async fn ensure_consumer(
             if consumer_mismatches(want, &info.config).is_empty() {
                 return Ok(c);
             }
+            if info.config.priority_policy != want.priority_policy {
+                // Members that hold the consumer differently would not exclude each other:
+                // never switch it under a running owner.
+                return Err(NatsError::Configuration(format!(
+                    "consumer `{name}` of stream `{stream_name}` is owned {}, this subscriber is set to own it {} (`consumer.ownership`): set every member of the group alike, or delete the consumer to change how the group owns it",
+                    ownership_of(&info.config.priority_policy),
+                    ownership_of(&want.priority_policy),
+                )));
+            }
             stream
                 .update_consumer(want.clone())
                 .await
@@ -124,6 +133,14 @@ pub(crate) async fn ensure_consumer(
                 Err(e) => Err(NatsError::api(format!("creating consumer `{name}`"), e)),
             }
         }
+    }
+}
+
+/// How a consumer's priority policy has it owned, in words.
+fn ownership_of(policy: &consumer::PriorityPolicy) -> &'static str {
+    match policy {
+        consumer::PriorityPolicy::PinnedClient => "by a pinned-client priority group",
+        _ => "by a lease (no priority group)",
     }
 }
 

@@ -157,8 +157,8 @@ async fn setup(
         // Before 2.14 an order-safe restart deletes and recreates the consumer; while it is
         // gone, another group's purge would not see its ack floor.
         return Err(fail(NatsError::Unsupported(format!(
-            "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {}",
-            connection.server_version
+            "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API) and `consumer.ownership` Auto; this server is {}, the ownership {:?}",
+            connection.server_version, config.consumer.ownership
         ))));
     }
     if connection.retention == crate::Retention::WorkQueue

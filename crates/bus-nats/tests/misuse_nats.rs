@@ -373,7 +373,6 @@ async fn members_set_to_own_a_consumer_differently_are_refused() {
     use async_nats::jetstream::consumer::PriorityPolicy;
     use bus_nats::Ownership;
     let server = NatsServer::start();
-    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     for (first, second, held) in [
         (
             Ownership::Auto,
@@ -389,7 +388,6 @@ async fn members_set_to_own_a_consumer_differently_are_refused() {
         let owner = common::subscribe_ignoring(&owner_bus, &topic)
             .await
             .unwrap();
-        let stream = owner_bus.stream_name(&topic).await.unwrap();
         let consumer = owner_bus.config().consumer_name(&topic);
         owner.close().await.unwrap();
         owner_bus.close().await.unwrap();
@@ -404,14 +402,7 @@ async fn members_set_to_own_a_consumer_differently_are_refused() {
             text.contains("`consumer.ownership`") && text.contains(&consumer),
             "{first:?} then {second:?}: {text}"
         );
-        let info = js
-            .get_stream(&stream)
-            .await
-            .unwrap()
-            .consumer_info(&consumer)
-            .await
-            .unwrap()
-            .clone();
+        let info = common::consumer_info(&server, &bus, &topic).await;
         assert_eq!(
             info.config.priority_policy, held,
             "{first:?} then {second:?}"

@@ -32,10 +32,14 @@ pub(crate) struct TopicConnection {
     pub(crate) violations: watch::Receiver<Option<Violation>>,
     /// The server's version, as it reported it when this connection was made.
     pub(crate) server_version: String,
-    /// The server pins one client of a consumer's priority group and resets a consumer to a
-    /// sequence (2.14+): one subscription of a group consumes, the others wait as standbys, and
-    /// delivery restarts without deleting the consumer. Before 2.14, a lease does it.
+    /// The group's consumers are owned through a priority group whose client the server pins
+    /// (2.14+ with `consumer.ownership` Auto): one subscription of a group consumes, the others
+    /// wait as standbys. Otherwise a lease in `BUS_OWNERS` does it.
     pub(crate) pinned: bool,
+    /// The server resets a consumer to a sequence (the consumer reset API, 2.14+): delivery
+    /// restarts without deleting the consumer, whichever way it is owned. Before 2.14 a restart
+    /// deletes and recreates it.
+    pub(crate) can_reset: bool,
     /// How the topic's stream keeps its events.
     pub(crate) retention: config::Retention,
 }
@@ -158,9 +162,11 @@ impl Shared {
             violations: signals.violations,
             // Priority groups came in 2.11, the consumer reset API in 2.14: a standby that
             // takes over must restart delivery at the ack floor without deleting the consumer
-            // under the others. Unless the group's ownership is a lease on every server.
+            // under the others. Unless the group's ownership is a lease on every server; the
+            // lease, too, restarts delivery by the reset API where the server has it.
             pinned: server_at_least(&server_version, (2, 14))
                 && self.config.consumer.ownership == crate::Ownership::Auto,
+            can_reset: server_at_least(&server_version, (2, 14)),
             server_version,
             retention: spec.retention,
         })
@@ -207,6 +213,7 @@ impl Shared {
                 violations: signals.violations,
                 server_version: consuming.server_version.clone(),
                 pinned: consuming.pinned,
+                can_reset: consuming.can_reset,
                 retention: consuming.retention,
             },
             None => self.provisioned(topic, client, signals).await?,

@@ -326,8 +326,9 @@ impl NatsBus {
     /// from the point (handlers see versions they saw before: a projection rebuilt this way
     /// starts from its state at that point, or from scratch with [`ResetTo::Start`]). With no
     /// subscription of the group running, the group's consumer is reset, and the next
-    /// subscription starts there. `wait` bounds how long the owner may take (its running
-    /// handlers finish first).
+    /// subscription starts there (nats-server 2.14+: older servers have no consumer reset API,
+    /// and a running subscription must move it). `wait` bounds how long the owner may take (its
+    /// running handlers finish first).
     ///
     /// On a partitioned topic every partition moves: each member moves the partitions it
     /// consumes, and the consumers of partitions nobody consumes now are reset directly. A
@@ -360,6 +361,7 @@ impl NatsBus {
             vec![config.consumer_name(topic)]
         };
         let mut pinned_before = Vec::with_capacity(consumers.len());
+        let mut pin_group = Vec::with_capacity(consumers.len());
         for consumer in &consumers {
             let state =
                 crate::broker::consumer_state(&connection.client, &connection.stream, consumer)
@@ -371,6 +373,7 @@ impl NatsBus {
                         _ => e,
                     })?;
             pinned_before.push(state.pinned);
+            pin_group.push(state.pin_group);
         }
         let sequence = self.reset_point(topic, &connection, to).await?;
         let request = Request::MoveTo { sequence };
@@ -443,26 +446,47 @@ impl NatsBus {
         if left.is_empty() {
             return Ok(GroupReset { sequence, moved_by });
         }
-        if !connection.pinned {
+        if !connection.can_reset {
             return Err(NatsError::Unsupported(format!(
-                "no subscription of group `{group}` to topic `{topic}` moved {}, and a consumer owned by a lease (nats-server {}: before 2.14, or `consumer.ownership` Lease) is not reset without one; start a subscription and reset again",
+                "no subscription of group `{group}` to topic `{topic}` moved {}, and nats-server {} (before 2.14) has no consumer reset API: a consumer is not reset without a subscription; start one and reset again",
                 what_is_left(partitions, &left),
                 connection.server_version
             )));
         }
+        let mut leases = None;
         for &i in &left {
-            // A client pinned to the consumer consumes it, yet did not move it: moving the
-            // consumer under it would hand it a replay it takes for copies.
-            let pinned = crate::broker::consumer_state(
-                &connection.client,
-                &connection.stream,
-                &consumers[i],
-            )
-            .await?
-            .pinned;
-            if pinned_before[i] || pinned {
+            // A subscription that owns the consumer (the broker pinned it, or it holds the
+            // lease) consumes it, yet did not move it: moving the consumer under it would hand
+            // it a replay it takes for copies. How the group owns it is read off the consumer,
+            // not this process's configuration.
+            let (consumed, expire) = match pin_group[i] {
+                true => {
+                    let pinned = crate::broker::consumer_state(
+                        &connection.client,
+                        &connection.stream,
+                        &consumers[i],
+                    )
+                    .await?
+                    .pinned;
+                    (pinned_before[i] || pinned, "pin to expire")
+                }
+                false => {
+                    if leases.is_none() {
+                        leases = Some(self.leases().await?);
+                    }
+                    let kv = leases.as_ref().expect("opened above");
+                    let held = kv.get(consumers[i].as_str()).await.map_err(|e| {
+                        NatsError::api(
+                            format!("reading the lease of consumer `{}`", consumers[i]),
+                            e,
+                        )
+                    })?;
+                    (held.is_some(), "lease to run out")
+                }
+            };
+            if consumed {
                 return Err(NatsError::Unanswered(format!(
-                    "a subscription of group `{group}` consumes {} of topic `{topic}` but did not move it within {wait:?}: wait longer (its running handlers finish first), or for its pin to expire if it is gone{}",
+                    "a subscription of group `{group}` consumes {} of topic `{topic}` but did not move it within {wait:?}: wait longer (its running handlers finish first), or for its {expire} if it is gone{}",
                     what_is_left(partitions, &[i]),
                     if moved.is_empty() { String::new() } else { format!("; moved already: {}", moved_by.clone().unwrap_or_default()) }
                 )));
@@ -478,6 +502,19 @@ impl NatsBus {
             .await?;
         }
         Ok(GroupReset { sequence, moved_by })
+    }
+
+    /// The bucket of the ownership leases (`BUS_OWNERS`), as the group's subscriptions open it.
+    async fn leases(&self) -> Result<async_nats::jetstream::kv::Store, NatsError> {
+        let config = &self.shared.config;
+        let coordination = self.shared.coordination().await?;
+        crate::subscriber::lease_store(
+            &coordination.client,
+            &coordination.jetstream,
+            config.consumer.takeover_after,
+            config.consumer.coordination_replicas,
+        )
+        .await
     }
 
     /// The stream sequence `to` stands for on `topic`'s stream, checked against what it keeps.

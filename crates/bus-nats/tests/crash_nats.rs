@@ -15,8 +15,10 @@
 //!
 //! Cases: work-queue and acknowledged retention, batched and unbatched, on the current server
 //! and on servers before 2.14 (2.9, 2.10, 2.12), where a restarted process waits as a standby
-//! for the dead one's lease, and with that lease on the current server (`Ownership::Lease`);
-//! each case checks which of the two held the consumer. Two more wrap the handler in `HandledOnce`: with the handled
+//! for the dead one's lease, and with that lease on the current server (`Ownership::Lease`,
+//! work-queue and acknowledged); each case checks which of the two held the consumer, and how
+//! the takeovers restarted delivery: by the consumer reset API on the current server (the
+//! consumer is the one first created), by deleting and recreating it on the older ones. Two more wrap the handler in `HandledOnce`: with the handled
 //! versions kept in the same write as the handler's effect (its log line), every version is
 //! handled exactly once across the kills, no replay at all; with them in NATS KV (written after
 //! the handler), no version is handled again once its record was stored, and the successors
@@ -174,6 +176,13 @@ fn main() {
             batched: true,
             once: Once::Off,
             lease: false,
+        },
+        Case {
+            retention: Retention::Acknowledged,
+            server: TestServer::Current,
+            batched: true,
+            once: Once::Off,
+            lease: true,
         },
         Case {
             retention: Retention::WorkQueue,
@@ -668,6 +677,8 @@ async fn consumers_killed_in_turn(case: &Case) -> Outcome {
     let mut child = spawn_child(&server.url(), &logs[0], case);
     let mut replayable = 0;
     let mut takeovers = Vec::new();
+    // When the consumer the first process made was created.
+    let mut first_created = None;
     for share in KILLS {
         // Bounded: the children are other processes, so their logs are the only signal.
         let target = (expected as f64 * share) as u64;
@@ -690,6 +701,7 @@ async fn consumers_killed_in_turn(case: &Case) -> Outcome {
             "{}: the kill left nothing unacknowledged: {info:?}",
             case.name()
         );
+        first_created.get_or_insert(info.created);
         // What a successor may replay: the events of the messages above the ack floor that
         // are still stored.
         replayable += common::events_above_ack_floor(&server, &bus, &topic()).await;
@@ -735,6 +747,16 @@ async fn consumers_killed_in_turn(case: &Case) -> Outcome {
         "{}: the consumer's priority policy is {:?}",
         case.name(),
         info.config.priority_policy
+    );
+    // Every takeover found messages unacknowledged and restarted delivery: with the reset API
+    // the consumer is still the first one, before 2.14 it was deleted and created again.
+    let current = matches!(case.server, TestServer::Current);
+    assert_eq!(
+        Some(info.created) == first_created,
+        current,
+        "{}: consumer created at {:?}, the first one at {first_created:?}",
+        case.name(),
+        info.created
     );
     if !pinned {
         let client = async_nats::connect(server.url()).await.unwrap();

@@ -364,9 +364,10 @@ async fn a_stream_or_consumer_that_differs_is_refused_naming_each_field() {
 }
 
 /// Members of one group set to hold its consumer differently (`consumer.ownership`) would not
-/// exclude each other: one set otherwise than the group's consumer is refused, under either
-/// ownership and the default provisioning (which updates a consumer that differs in other
-/// fields), and the consumer keeps its ownership. (One process subscribes once per consumer, so
+/// exclude each other: one set otherwise than the group's consumer is refused with an error that
+/// names the setting, under either ownership and every provisioning that checks the consumer
+/// (the default updates a consumer that differs in other fields; `Create` and `ValidateOnly`
+/// refuse any difference), and the consumer keeps its ownership. (One process subscribes once per consumer, so
 /// the first member has closed here; a running one is no different to the check.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_set_to_own_a_consumer_differently_are_refused() {
@@ -392,21 +393,32 @@ async fn members_set_to_own_a_consumer_differently_are_refused() {
         owner.close().await.unwrap();
         owner_bus.close().await.unwrap();
 
-        let mut config = test_config(&server.url());
-        config.consumer.ownership = second;
-        let bus = NatsBus::connect(config).await.unwrap();
-        let error = common::subscribe_ignoring(&bus, &topic).await.unwrap_err();
-        assert_eq!(error.kind(), SubscribeErrorKind::Configuration, "{error}");
-        let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
-        assert!(
-            text.contains("`consumer.ownership`") && text.contains(&consumer),
-            "{first:?} then {second:?}: {text}"
-        );
-        let info = common::consumer_info(&server, &bus, &topic).await;
-        assert_eq!(
-            info.config.priority_policy, held,
-            "{first:?} then {second:?}"
-        );
-        bus.close().await.unwrap();
+        for provisioning in [
+            bus_nats::Provisioning::CreateOrUpdate,
+            bus_nats::Provisioning::Create,
+            bus_nats::Provisioning::ValidateOnly,
+        ] {
+            let mut config = test_config(&server.url());
+            config.consumer.ownership = second;
+            config.provisioning = provisioning;
+            let bus = NatsBus::connect(config).await.unwrap();
+            let error = common::subscribe_ignoring(&bus, &topic).await.unwrap_err();
+            assert_eq!(
+                error.kind(),
+                SubscribeErrorKind::Configuration,
+                "{provisioning:?}: {error}"
+            );
+            let text = format!("{error}: {}", std::error::Error::source(&error).unwrap());
+            assert!(
+                text.contains("`consumer.ownership`") && text.contains(&consumer),
+                "{first:?} then {second:?}, {provisioning:?}: {text}"
+            );
+            let info = common::consumer_info(&server, &bus, &topic).await;
+            assert_eq!(
+                info.config.priority_policy, held,
+                "{first:?} then {second:?}, {provisioning:?}"
+            );
+            bus.close().await.unwrap();
+        }
     }
 }

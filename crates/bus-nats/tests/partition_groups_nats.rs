@@ -94,16 +94,22 @@ fn main() {
         println!("test members_are_reset_together (current server) ... ok");
         passed += 1;
     }
-    // Pinned partitions (the current server) and leased ones (2.12).
+    // Pinned partitions (the current server), leased ones (2.12), and leased ones on the
+    // current server (`consumer.ownership` Lease, restarted by the reset API).
     for &server in &servers {
-        if matches!(
-            server,
-            TestServer::Current | TestServer::Older(OlderServer::V2_12)
-        ) {
-            a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(&runtime, server);
+        let leases: &[bool] = match server {
+            TestServer::Current => &[false, true],
+            TestServer::Older(OlderServer::V2_12) => &[false],
+            _ => &[],
+        };
+        for &lease in leases {
+            a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(
+                &runtime, server, lease,
+            );
             println!(
-                "test a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over ({} server) ... ok",
-                server.name()
+                "test a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over ({} server{}) ... ok",
+                server.name(),
+                if lease { ", lease" } else { "" }
             );
             passed += 1;
         }
@@ -229,10 +235,18 @@ fn members_are_reset_together(runtime: &tokio::runtime::Runtime) {
 }
 
 /// The reset case's topic, with the default `takeover_after`: a partition being handed over
-/// is waited for that long by a move.
+/// is waited for that long by a move. A member started with `BUS_GROUPS_LEASE` set owns its
+/// partitions by the lease (`consumer.ownership` Lease).
 fn handover_config(url: &str) -> NatsConfig {
+    handover_config_with(url, std::env::var("BUS_GROUPS_LEASE").is_ok())
+}
+
+fn handover_config_with(url: &str, lease: bool) -> NatsConfig {
     let mut config = reset_config(url);
     config.consumer.takeover_after = bus_nats::DEFAULT_TAKEOVER_AFTER;
+    if lease {
+        config.consumer.ownership = bus_nats::Ownership::Lease;
+    }
     config
 }
 
@@ -246,22 +260,27 @@ fn handover_config(url: &str) -> NatsConfig {
 fn a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(
     runtime: &tokio::runtime::Runtime,
     which: TestServer,
+    lease: bool,
 ) {
     let server = which.start();
     let url = server.url();
     let dir = tempfile_dir();
     // One directory per test process: a file of its own for each server's run.
-    let hold = dir.join(format!("go-{}", which.name()));
+    let hold = dir.join(format!("go-{}-{lease}", which.name()));
     let _ = std::fs::remove_file(&hold);
     let hold_env = hold.to_str().unwrap().to_owned();
     let bus = runtime
-        .block_on(NatsBus::connect(handover_config(&url)))
+        .block_on(NatsBus::connect(handover_config_with(&url, lease)))
         .unwrap();
     runtime.block_on(bus.stream_name(&reset_topic())).unwrap();
-    let env = [
+    let lease_env = if lease { "1" } else { "" };
+    let mut env = vec![
         ("BUS_GROUPS_CASE", "handover"),
         ("BUS_HOLD_FILE", hold_env.as_str()),
     ];
+    if lease {
+        env.push(("BUS_GROUPS_LEASE", lease_env));
+    }
     let mut replicas: Vec<Replica> = ["a", "b"]
         .iter()
         .map(|n| Replica::spawn_with(n, &url, &dir, &env))
@@ -308,12 +327,20 @@ fn a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(
     runtime.block_on(async {
         let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
         let stream = js.get_stream("REGROUPED").await.unwrap();
-        let base = handover_config(&url).consumer_name(&reset_topic());
+        let base = handover_config_with(&url, lease).consumer_name(&reset_topic());
         let deadline = std::time::Instant::now() + common::replicas::STEP;
         for p in 0..PARTITIONS {
             loop {
                 let info = stream.consumer_info(format!("{base}-p{p}")).await.unwrap();
                 if info.num_ack_pending > 0 {
+                    // The ownership under test: the pinned group only by default on 2.14+.
+                    assert_eq!(
+                        info.config.priority_policy
+                            == async_nats::jetstream::consumer::PriorityPolicy::PinnedClient,
+                        matches!(which, TestServer::Current) && !lease,
+                        "partition {p}: {:?}",
+                        info.config.priority_policy
+                    );
                     break;
                 }
                 assert!(
@@ -333,11 +360,8 @@ fn a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(
 
     // The third member joins: the others let go of its partitions once their held handlers
     // finish, and it waits for them as a standby.
-    let c_env = [
-        ("BUS_GROUPS_CASE", "handover"),
-        ("BUS_HOLD_FILE", hold_env.as_str()),
-        ("RUST_LOG", "bus_nats=info"),
-    ];
+    let mut c_env = env.clone();
+    c_env.push(("RUST_LOG", "bus_nats=info"));
     replicas.push(Replica::spawn_with("c", &url, &dir, &c_env));
     replicas[2].wait("became ready", |s| s.ready);
     let deadline = std::time::Instant::now() + common::replicas::STEP;

@@ -324,6 +324,82 @@ async fn a_stopped_group_reset_to_a_time_rebuilds_the_same_projection() {
     bus.close().await.unwrap();
 }
 
+/// A group owned by a lease on a server with the consumer reset API: with nobody holding the
+/// lease the consumer itself is reset, and the next subscription replays from the point; while
+/// the lease is held by a subscription that does not answer (a stalled process), the reset is
+/// refused and the consumer left where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_owned_by_a_lease_is_reset_while_nobody_holds_the_lease() {
+    let server = NatsServer::start();
+    let topic = Topic::new("rebuild.lease").unwrap();
+    let mut config = kept(&server.url(), std::slice::from_ref(&topic));
+    config.consumer.ownership = bus_nats::Ownership::Lease;
+    let bus = NatsBus::connect(config).await.unwrap();
+    publish(&bus, &topic, 3, 10).await;
+    let first: Calls = Arc::default();
+    let subscription = subscribe(&bus, &topic, &first).await;
+    wait_for("30 handled", Duration::from_secs(20), || {
+        first.lock().unwrap().len() == 30
+    })
+    .await;
+    subscription.close().await.unwrap();
+    let info = common::consumer_info(&server, &bus, &topic).await;
+    assert_eq!(info.ack_floor.stream_sequence, 30, "{info:?}");
+
+    // Someone holds the lease and does not move: refused, nothing moved.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let leases = async_nats::jetstream::new(client)
+        .get_key_value("BUS_OWNERS")
+        .await
+        .unwrap();
+    let revision = leases
+        .create(info.name.as_str(), "a stalled process".into())
+        .await
+        .unwrap();
+    let err = bus
+        .reset_group(&topic, ResetTo::Sequence(1), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), NatsErrorKind::Unanswered, "{err}");
+    assert!(err.to_string().contains("lease to run out"), "{err}");
+    let info = common::consumer_info(&server, &bus, &topic).await;
+    assert_eq!(info.ack_floor.stream_sequence, 30, "moved anyway: {info:?}");
+
+    // Released: the consumer is reset by the reset API (the same consumer), and a new
+    // subscription handles everything again, in order.
+    leases
+        .delete_expect_revision(info.name.as_str(), Some(revision))
+        .await
+        .unwrap();
+    let reset = bus
+        .reset_group(&topic, ResetTo::Sequence(1), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        (reset.sequence, reset.moved_by.clone()),
+        (1, None),
+        "{reset:?}"
+    );
+    let moved = common::consumer_info(&server, &bus, &topic).await;
+    assert_eq!(
+        (moved.ack_floor.stream_sequence, moved.created),
+        (0, info.created),
+        "{moved:?}"
+    );
+    let rebuilt: Calls = Arc::default();
+    let subscription = subscribe(&bus, &topic, &rebuilt).await;
+    wait_for("30 handled again", Duration::from_secs(20), || {
+        rebuilt.lock().unwrap().len() == 30
+    })
+    .await;
+    subscription.close().await.unwrap();
+    assert_eq!(
+        by_aggregate(&rebuilt.lock().unwrap()),
+        by_aggregate(&first.lock().unwrap())
+    );
+    bus.close().await.unwrap();
+}
+
 /// What a reset cannot do is refused with its reason: a point outside the stream, a group
 /// that never subscribed, a work-queue topic (what was read is gone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -219,10 +219,12 @@ pub(crate) async fn create_stream(
 }
 
 /// What the bus reads of a consumer's info without async-nats' typed reply (which older
-/// servers' replies do not always fit): its unacknowledged messages and whether a client is
-/// pinned in one of its priority groups.
+/// servers' replies do not always fit): its unacknowledged messages, whether it is owned
+/// through a pinned-client priority group and whether a client is pinned in one of them.
 pub(crate) struct ConsumerState {
     pub(crate) num_ack_pending: u64,
+    /// Its priority policy is the pinned client's (else the bus owns it by a lease).
+    pub(crate) pin_group: bool,
     pub(crate) pinned: bool,
 }
 
@@ -237,6 +239,13 @@ pub(crate) async fn consumer_state(
         num_ack_pending: u64,
         #[serde(default)]
         priority_groups: Vec<Group>,
+        #[serde(default)]
+        config: Config,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Config {
+        #[serde(default)]
+        priority_policy: String,
     }
     #[derive(serde::Deserialize)]
     struct Group {
@@ -253,6 +262,7 @@ pub(crate) async fn consumer_state(
     .await?;
     Ok(ConsumerState {
         num_ack_pending: info.num_ack_pending,
+        pin_group: info.config.priority_policy == "pinned_client",
         pinned: info
             .priority_groups
             .iter()

@@ -50,10 +50,11 @@ pub enum Ownership {
     #[default]
     Auto,
     /// A lease in the KV bucket `BUS_OWNERS` on every server, as before 2.14: the owner fences
-    /// itself when it cannot renew the lease, and a takeover deletes and recreates the
-    /// consumer. The broker then does less per delivered message (a pinned client's messages
-    /// are each copied once more to carry the pin; `docs/performance.md`, eighteenth look), for
-    /// a shorter latency tail. `Retention::Acknowledged` needs the pinned group.
+    /// itself when it cannot renew the lease. A takeover restarts delivery by the consumer
+    /// reset API on 2.14+ (so `Retention::Acknowledged` works with it there), by deleting and
+    /// recreating the consumer before. The broker then does less per delivered message (a
+    /// pinned client's messages are each copied once more to carry the pin;
+    /// `docs/performance.md`, eighteenth look), for a shorter latency tail.
     Lease,
 }
 

@@ -101,6 +101,8 @@ pub(crate) async fn ensure_consumer(
             let mismatches = consumer_mismatches(want, &info.config);
             if mismatches.is_empty() {
                 Ok(c)
+            } else if let Some(error) = ownership_differs(&name, stream_name, want, &info.config) {
+                Err(error)
             } else {
                 Err(mismatches.error(format!("consumer `{name}` of stream `{stream_name}`")))
             }
@@ -110,14 +112,10 @@ pub(crate) async fn ensure_consumer(
             if consumer_mismatches(want, &info.config).is_empty() {
                 return Ok(c);
             }
-            if info.config.priority_policy != want.priority_policy {
-                // Members that hold the consumer differently would not exclude each other:
-                // never switch it under a running owner.
-                return Err(NatsError::Configuration(format!(
-                    "consumer `{name}` of stream `{stream_name}` is owned {}, this subscriber is set to own it {} (`consumer.ownership`): set every member of the group alike, or delete the consumer to change how the group owns it",
-                    ownership_of(&info.config.priority_policy),
-                    ownership_of(&want.priority_policy),
-                )));
+            // Members that hold the consumer differently would not exclude each other: never
+            // switch it under a running owner.
+            if let Some(error) = ownership_differs(&name, stream_name, want, &info.config) {
+                return Err(error);
             }
             stream
                 .update_consumer(want.clone())
@@ -134,6 +132,22 @@ pub(crate) async fn ensure_consumer(
             }
         }
     }
+}
+
+/// The error for a consumer owned otherwise than this subscriber is set to own it, if it is.
+fn ownership_differs(
+    name: &str,
+    stream_name: &str,
+    want: &consumer::pull::Config,
+    have: &consumer::Config,
+) -> Option<NatsError> {
+    (have.priority_policy != want.priority_policy).then(|| {
+        NatsError::Configuration(format!(
+            "consumer `{name}` of stream `{stream_name}` is owned {}, this subscriber is set to own it {} (`consumer.ownership`): set every member of the group alike, or delete the consumer to change how the group owns it",
+            ownership_of(&have.priority_policy),
+            ownership_of(&want.priority_policy),
+        ))
+    })
 }
 
 /// How a consumer's priority policy has it owned, in words.

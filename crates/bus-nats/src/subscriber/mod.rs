@@ -22,6 +22,7 @@ mod runner;
 mod unacked;
 pub(crate) use copies::BatchMemory;
 pub(crate) use group::MEMBERS_BUCKET;
+pub(crate) use ownership::lease_store;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -153,12 +154,12 @@ async fn setup(
     )?;
     let pinned = connection.pinned;
     let acknowledged = connection.retention == crate::Retention::Acknowledged;
-    if acknowledged && !pinned {
+    if acknowledged && !connection.can_reset {
         // Before 2.14 an order-safe restart deletes and recreates the consumer; while it is
         // gone, another group's purge would not see its ack floor.
         return Err(fail(NatsError::Unsupported(format!(
-            "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API) and `consumer.ownership` Auto; this server is {}, the ownership {:?}",
-            connection.server_version, config.consumer.ownership
+            "topic `{topic}`: Retention::Acknowledged needs nats-server 2.14 or newer (the consumer reset API); this server is {}",
+            connection.server_version
         ))));
     }
     if connection.retention == crate::Retention::WorkQueue
@@ -258,7 +259,8 @@ async fn setup(
         stream: connection.stream.clone(),
         want,
         provisioning: config.provisioning,
-        can_reset: pinned,
+        can_reset: connection.can_reset,
+        pinned,
         work_queue: connection.retention == crate::Retention::WorkQueue,
         letters,
     };
@@ -458,9 +460,10 @@ impl NatsControl {
         }
     }
 
-    /// Moves a partition this member is taking over from another, within `wait`. On servers
-    /// before 2.14 a standby takes the ownership lease as soon as it is released: the move is
-    /// queued and the fetcher applies it once it has taken over. On 2.14+ the broker pins a
+    /// Moves a partition this member is taking over from another, within `wait`. Where a lease
+    /// owns the consumer (servers before 2.14, or `consumer.ownership` Lease) a standby takes
+    /// it as soon as it is released: the move is queued and the fetcher applies it once it has
+    /// taken over. With the pinned-client group (2.14+, by default) the broker pins a
     /// standby only when it has a message to deliver, which an idle partition may not have for
     /// a long time: once the member it comes from has unpinned (nobody consumes it), the
     /// consumer itself is moved, and this subscription takes it over with the first message
@@ -469,7 +472,7 @@ impl NatsControl {
     async fn move_standby(&self, sequence: u64, wait: Duration) -> Result<(), SubscribeError> {
         tracing::info!(topic = %self.topic, sequence, ?wait, "a move waits for the member this partition comes from to let go");
         let restarter = &self.restarter;
-        if !restarter.can_reset {
+        if !restarter.pinned {
             return self.move_owned(sequence, Some(wait)).await;
         }
         let deadline = tokio::time::Instant::now() + wait;

@@ -38,6 +38,8 @@ pub(crate) struct Restarter {
     pub(crate) provisioning: Provisioning,
     /// The server has the consumer reset API (2.14+).
     pub(crate) can_reset: bool,
+    /// The consumer is owned through its pinned-client priority group (not a lease).
+    pub(crate) pinned: bool,
     pub(crate) work_queue: bool,
     /// Where the topic's dead letters go.
     pub(crate) letters: crate::dead_letters::LetterBox,
@@ -121,7 +123,7 @@ impl Restarter {
                 seen_up_to: info.ack_floor.stream_sequence,
             });
         }
-        if self.can_reset && info.num_ack_pending == 1 {
+        if self.pinned && info.num_ack_pending == 1 {
             // Most likely the one message a pinned claim comes with: the normal start of an
             // owner, not worth a warning.
             tracing::debug!(

@@ -238,7 +238,46 @@ fn main() {
             None => true,
         })
         .collect();
-    println!("running {} tests of {rounds} rounds", cases.len());
+    // Stopped owners, on the current server with either ownership and on 2.12's lease.
+    let paused: Vec<&Case> = cases
+        .iter()
+        .copied()
+        .filter(|c| c.once == Once::Off && c.batched && c.retention == Retention::WorkQueue)
+        .filter(|c| {
+            !matches!(
+                c.server,
+                TestServer::Older(OlderServer::V2_9 | OlderServer::V2_10)
+            )
+        })
+        .collect();
+    println!(
+        "running {} tests of {rounds} rounds",
+        cases.len() + paused.len()
+    );
+    for case in &paused {
+        for round in 1..=rounds {
+            let (late, report) = runtime.block_on(owner_paused(case));
+            println!(
+                "  {} round {round}: the stopped owner started {late} handlers after it ran again; {report:?}",
+                case.name()
+            );
+            assert!(
+                late <= 2,
+                "{}: the old owner handled {late} events after its successor took over",
+                case.name()
+            );
+            assert_eq!(
+                (report.order_violations, report.broken_replays, report.gaps),
+                (0, 0, 0),
+                "{}: {report:?}",
+                case.name()
+            );
+        }
+        println!(
+            "test an_owner_stopped_past_its_claim_handles_nothing_when_it_runs_again ({}) ... ok: {rounds} rounds",
+            case.name()
+        );
+    }
     for case in &cases {
         let mut total = Totals::default();
         for round in 1..=rounds {
@@ -273,7 +312,10 @@ fn main() {
             }
         );
     }
-    println!("\ncrash_nats: {} passed, 0 failed", cases.len());
+    println!(
+        "\ncrash_nats: {} passed, 0 failed",
+        cases.len() + paused.len()
+    );
 }
 
 #[derive(Default)]
@@ -352,14 +394,22 @@ async fn child(
         .unwrap();
     let log = PathBuf::from(log);
     let store = Arc::new(LogStore::open(&log));
+    // With `BUS_CRASH_CHILD_AT_START` the line is written when the handler starts: a handler
+    // running when the process is stopped has written its line already.
+    let at_start = std::env::var("BUS_CRASH_CHILD_AT_START").is_ok();
     let handler = {
         let store = store.clone();
         Arc::new(handler_fn(move |e: Envelope| {
             let store = store.clone();
             async move {
+                if at_start {
+                    store.handled(e.aggregate_id(), e.event_version());
+                }
                 // Some work, so that many messages are in flight when the kill comes.
                 tokio::time::sleep(Duration::from_micros(200)).await;
-                store.handled(e.aggregate_id(), e.event_version());
+                if !at_start {
+                    store.handled(e.aggregate_id(), e.event_version());
+                }
                 Ok(())
             }
         }))
@@ -390,15 +440,19 @@ async fn child(
             bus.subscribe(&topic(), once).await.unwrap()
         }
     };
-    match skipped {
-        Some(skipped) => {
-            let path = log.with_extension("skipped");
-            loop {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                std::fs::write(&path, skipped().to_string()).unwrap();
-            }
+    // Every few milliseconds: how often the subscription lost its topic, and with
+    // `HandledOnce` how many deliveries it skipped.
+    let lost = log.with_extension("lost");
+    let skipped_path = log.with_extension("skipped");
+    let control = _subscription
+        .control()
+        .expect("NATS subscriptions have control");
+    loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        std::fs::write(&lost, control.metrics().ownership_lost.to_string()).unwrap();
+        if let Some(skipped) = &skipped {
+            std::fs::write(&skipped_path, skipped().to_string()).unwrap();
         }
-        None => std::future::pending::<()>().await,
     }
 }
 
@@ -575,6 +629,42 @@ impl Consumer {
         let _ = self.0.wait();
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the process.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Stops the process (SIGSTOP) and waits until every one of its threads has stopped: a
+    /// thread on a core runs on until the kernel next takes it off.
+    fn stop(&self) {
+        self.signal("STOP");
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.0.id()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let running = std::fs::read_dir(&tasks)
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("stat")).ok())
+                .filter(|stat| {
+                    // The state follows the command name, which is in parentheses.
+                    let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                    !state.starts_with('T') && !state.starts_with('t')
+                })
+                .count();
+            if running == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{running} threads still run after SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn assert_running(&mut self) {
         assert!(self.0.try_wait().unwrap().is_none(), "a child exited early");
     }
@@ -587,7 +677,14 @@ impl Drop for Consumer {
 }
 
 fn spawn_child(url: &str, log: &Path, case: &Case) -> Consumer {
+    spawn_child_with(url, log, case, false)
+}
+
+fn spawn_child_with(url: &str, log: &Path, case: &Case, at_start: bool) -> Consumer {
     let mut command = Command::new(std::env::current_exe().unwrap());
+    if at_start {
+        command.env("BUS_CRASH_CHILD_AT_START", "1");
+    }
     if case.batched {
         command.env("BUS_CRASH_CHILD_BATCHED", "1");
     }
@@ -639,6 +736,118 @@ fn count_lines(logs: &[PathBuf]) -> u64 {
                 .count() as u64
         })
         .sum()
+}
+
+/// The owner is stopped (SIGSTOP) mid-batch with thousands of events queued, its successor
+/// takes over and handles; then the old owner runs again (SIGCONT). It must not start another
+/// handler: what it had queued is its successor's now. Returns the events it started after
+/// running again (a handler started just before the stop may write its line after; at most
+/// one per runtime thread), with the verifier's report over both logs.
+async fn owner_paused(case: &Case) -> (u64, VerifierReport) {
+    let server = case.server.start();
+    let bus = NatsBus::connect(config(
+        &server.url(),
+        case.retention,
+        case.batched,
+        case.lease,
+    ))
+    .await
+    .unwrap();
+    for version in 1..=VERSIONS {
+        for a in 0..AGGREGATES {
+            let event = Envelope::builder(format!("k-{a}"), "Tested", version)
+                .build()
+                .unwrap();
+            let _receipt = bus.publish(&topic(), event).await.unwrap();
+        }
+    }
+    bus.flush().await.unwrap();
+    let expected = AGGREGATES * VERSIONS;
+    let dir =
+        std::env::temp_dir().join(format!("bus-pause-{}-{}", std::process::id(), case.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let logs: Vec<PathBuf> = vec![dir.join("0.log"), dir.join("1.log")];
+    let mut old = spawn_paused_child(&server.url(), &logs[0], case);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count_lines(&logs[..1]) < expected * 3 / 10 {
+        assert!(
+            Instant::now() < deadline,
+            "{}: the first consumer stalled",
+            case.name()
+        );
+        old.assert_running();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    old.stop();
+    let at_stop = count_lines(&logs[..1]);
+    // Stopped with events queued and unacknowledged: there is something to handle late.
+    let info = common::consumer_info(&server, &bus, &topic()).await;
+    assert!(
+        info.num_ack_pending > 0,
+        "{}: nothing in flight at the stop: {info:?}",
+        case.name()
+    );
+    let mut new = spawn_paused_child(&server.url(), &logs[1], case);
+    let deadline = Instant::now() + TAKEOVER_AFTER * 10;
+    while count_lines(&logs[1..]) < 2000 {
+        assert!(Instant::now() < deadline, "{}: no takeover", case.name());
+        new.assert_running();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let lost_before = lost_count(&logs[0]);
+    old.signal("CONT");
+    // Until the old owner has said it lost the topic: it ran again, and noticed.
+    let deadline = Instant::now() + TAKEOVER_AFTER * 5;
+    while lost_count(&logs[0]) <= lost_before {
+        assert!(
+            Instant::now() < deadline,
+            "{}: the old owner never said it lost the topic",
+            case.name()
+        );
+        old.assert_running();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let late = count_lines(&logs[..1]) - at_stop;
+    old.kill();
+    // Its successor kept the topic all along (its keep-alives confirmed it in time).
+    assert_eq!(
+        lost_count(&logs[1]),
+        0,
+        "{}: the successor lost the topic",
+        case.name()
+    );
+    // The successor finishes; read in the order the processes ran, everything is in order.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let report = loop {
+        let report = verify(&logs);
+        if report.unique >= expected {
+            break report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: only {} of {expected} events handled: {report:?}",
+            case.name(),
+            report.unique
+        );
+        new.assert_running();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    new.kill();
+    (late, report)
+}
+
+/// A consumer whose handlers write their line when they start.
+fn spawn_paused_child(url: &str, log: &Path, case: &Case) -> Consumer {
+    spawn_child_with(url, log, case, true)
+}
+
+/// How often the consumer writing `log` lost its topic, as it last wrote it.
+fn lost_count(log: &Path) -> u64 {
+    std::fs::read_to_string(log.with_extension("lost"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 async fn consumers_killed_in_turn(case: &Case) -> Outcome {

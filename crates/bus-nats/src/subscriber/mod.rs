@@ -236,6 +236,7 @@ async fn setup(
         halted: Mutex::new(HashMap::new()),
         halted_count: AtomicUsize::new(0),
         term: AtomicU64::new(runner::next_term()),
+        validity: ownership.validity(),
         cancel: bus_core::CancelSource::new(),
         partition: target.partition,
         metrics: crate::telemetry::HandleMetrics::new(topic, &config.consumer.group),

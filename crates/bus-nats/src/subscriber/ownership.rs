@@ -22,6 +22,16 @@
 //! While it owns the topic, a keeper task refreshes the claim several times per
 //! `takeover_after`, independently of the fetcher, so slow handlers or a full worker queue never
 //! cost the owner its topic; it reports the loss of the claim to the fetcher.
+//!
+//! **Validity.** Either way the claim is known good until a deadline on this process's
+//! monotonic clock ([`Validity`]): two thirds of `takeover_after` after the last request the
+//! broker confirmed was *sent* (a keep-alive pull it answered with anything but 423, a lease
+//! write it accepted). Nobody else can take the claim before `takeover_after` has passed since
+//! the broker received that request. The worker that is about to start a job checks the
+//! deadline and returns the job unhandled once it has passed: a process that was stopped or
+//! frozen while its successor took over (SIGSTOP, a paused machine) does not handle what it had
+//! queued when it runs again, before its keeper has even noticed. A deadline that passed is
+//! final for the term: a late confirmation does not revive it, and the keeper reports the loss.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -67,6 +77,75 @@ enum Held {
     Lease(Arc<AtomicU64>),
 }
 
+/// Until when this subscription's claim on its topic is known good, shared by its keeper (which
+/// extends it) and its workers (which check it before starting a job). Nanoseconds on the
+/// process's monotonic clock ([`clock_nanos`]); 0 when no claim is held, or once it passed.
+#[derive(Debug, Default)]
+pub(crate) struct Validity(AtomicU64);
+
+/// Nanoseconds since the first call, on the monotonic clock (never 0).
+pub(crate) fn clock_nanos(at: std::time::Instant) -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| std::time::Instant::now() - Duration::from_secs(1));
+    at.saturating_duration_since(base).as_nanos() as u64
+}
+
+impl Validity {
+    /// A new claim, good until `until`.
+    fn grant(&self, until: std::time::Instant) {
+        self.0.store(clock_nanos(until), Ordering::Release);
+    }
+
+    /// The claim is gone (lost, released, or its deadline passed).
+    fn revoke(&self) {
+        self.0.store(0, Ordering::Release);
+    }
+
+    /// Moves the deadline to `until` if the claim still holds now; `false` if it had passed
+    /// (then it stays passed: what was returned meanwhile must not be followed by handling).
+    fn extend(&self, until: std::time::Instant) -> bool {
+        let until = clock_nanos(until);
+        let mut current = self.0.load(Ordering::Acquire);
+        loop {
+            if current == 0 || clock_nanos(std::time::Instant::now()) >= current {
+                self.0.store(0, Ordering::Release);
+                return false;
+            }
+            match self.0.compare_exchange_weak(
+                current,
+                current.max(until),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    /// Whether the claim holds at `now`; once it does not, it does not again (for this claim).
+    pub(crate) fn holds(&self, now: std::time::Instant) -> bool {
+        let mut current = self.0.load(Ordering::Acquire);
+        let now = clock_nanos(now);
+        loop {
+            if current == 0 {
+                return false;
+            }
+            if now < current {
+                return true;
+            }
+            // Passed: make it final, unless the keeper moved it on meanwhile.
+            match self
+                .0
+                .compare_exchange_weak(current, 0, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return false,
+                Err(moved) => current = moved,
+            }
+        }
+    }
+}
+
 /// The outcome of waiting to own the topic.
 pub(crate) enum Wait {
     Gained,
@@ -84,6 +163,7 @@ pub(crate) struct Ownership {
     held: Option<Held>,
     keeper: Option<tokio::task::JoinHandle<()>>,
     lost: Option<mpsc::Receiver<String>>,
+    validity: Arc<Validity>,
     /// Times this subscription gained the topic.
     pub(crate) gained: u64,
 }
@@ -108,8 +188,14 @@ impl Ownership {
             held: None,
             keeper: None,
             lost: None,
+            validity: Arc::default(),
             gained: 0,
         }
+    }
+
+    /// Until when the claim is known good, for the workers to check.
+    pub(crate) fn validity(&self) -> Arc<Validity> {
+        self.validity.clone()
     }
 
     /// The subject its pull requests go to (`$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`).
@@ -137,6 +223,7 @@ impl Ownership {
         let Mode::Lease { kv, key, holder } = &self.mode else {
             return Ok(());
         };
+        let sent = std::time::Instant::now();
         let revision = within(
             self.takeover_after,
             "taking the ownership lease",
@@ -144,7 +231,7 @@ impl Ownership {
         )
         .await??;
         match revision {
-            Some(revision) => self.gain(Held::Lease(Arc::new(AtomicU64::new(revision)))),
+            Some(revision) => self.gain(Held::Lease(Arc::new(AtomicU64::new(revision))), sent),
             None => {
                 let other = match within(self.takeover_after, "", kv.get(key.as_str())).await {
                     Ok(Ok(Some(value))) => String::from_utf8_lossy(&value).into_owned(),
@@ -175,8 +262,9 @@ impl Ownership {
                     tokio::select! {
                         _ = stop.changed() => return Ok(Wait::Stopped),
                         _ = poll.tick() => {
+                            let sent = std::time::Instant::now();
                             match within(self.takeover_after, "taking the ownership lease", try_lease(&kv, &key, &holder)).await {
-                                Ok(Ok(Some(revision))) => break Some(Held::Lease(Arc::new(AtomicU64::new(revision)))),
+                                Ok(Ok(Some(revision))) => break Some((Held::Lease(Arc::new(AtomicU64::new(revision))), sent)),
                                 Ok(Ok(None)) => {}
                                 Ok(Err(error)) | Err(error) => tracing::warn!(topic = %self.topic, %error, "ownership lease could not be taken"),
                             }
@@ -186,8 +274,8 @@ impl Ownership {
             }
         };
         match held {
-            Some(held) => {
-                self.gain(held);
+            Some((held, sent)) => {
+                self.gain(held, sent);
                 Ok(Wait::Gained)
             }
             None => Ok(Wait::Stopped),
@@ -199,7 +287,7 @@ impl Ownership {
         &self,
         stop: &mut watch::Receiver<bool>,
         reconnects: &mut watch::Receiver<u64>,
-    ) -> Result<Option<Held>, NatsError> {
+    ) -> Result<Option<(Held, std::time::Instant)>, NatsError> {
         let inbox = Subject::from(self.client.new_inbox());
         let next_subject = Subject::from(self.next_subject());
         let mut replies = self.client.subscribe(inbox.clone()).await.map_err(|e| {
@@ -241,8 +329,10 @@ impl Ownership {
                     match message.status.map(|s| s.as_u16()) {
                         None => {
                             let pin = message.headers.as_ref().and_then(|h| h.get(PIN_HEADER)).map(|v| v.as_str().to_owned());
+                            // The broker pinned this subscription when that pull reached it.
+                            let sent = sent_at.map_or_else(std::time::Instant::now, |t| t.into_std());
                             match pin {
-                                Some(pin) => break Ok(Some(Held::Pin(pin))),
+                                Some(pin) => break Ok(Some((Held::Pin(pin), sent))),
                                 None => break Err(NatsError::Configuration(format!(
                                     "consumer `{}` of stream `{}` delivered without a pin: it has no pinned-client priority group (was it created outside the bus?)",
                                     self.consumer, self.stream
@@ -295,9 +385,11 @@ impl Ownership {
         }
     }
 
-    fn gain(&mut self, held: Held) {
+    /// Holds the claim taken by a request sent at `sent`.
+    fn gain(&mut self, held: Held, sent: std::time::Instant) {
         self.gained += 1;
         tracing::info!(topic = %self.topic, consumer = %self.consumer, ?held, "this subscription now owns the topic");
+        self.validity.grant(sent + fence(self.takeover_after));
         let (lost_tx, lost_rx) = mpsc::channel(1);
         let keeper = match &held {
             Held::Pin(pin) => tokio::spawn(keep_pin(
@@ -305,6 +397,7 @@ impl Ownership {
                 self.next_subject(),
                 pin.clone(),
                 self.takeover_after,
+                self.validity.clone(),
                 lost_tx,
             )),
             Held::Lease(revision) => {
@@ -317,6 +410,7 @@ impl Ownership {
                     holder.clone(),
                     revision.clone(),
                     self.takeover_after,
+                    self.validity.clone(),
                     lost_tx,
                 ))
             }
@@ -341,6 +435,7 @@ impl Ownership {
 
     /// Forgets the claim after the broker or the lease said it is gone.
     pub(crate) fn forget(&mut self) {
+        self.validity.revoke();
         if let Some(keeper) = self.keeper.take() {
             keeper.abort();
         }
@@ -353,6 +448,7 @@ impl Ownership {
     /// unacknowledged (held by halted aggregates), delivery is restarted at the ack floor first,
     /// so they are deliverable to the next owner at once instead of after AckWait.
     pub(crate) async fn release(mut self, returned: u64) {
+        self.validity.revoke();
         let held = self.held.take();
         if let Some(keeper) = self.keeper.take() {
             keeper.abort();
@@ -470,20 +566,32 @@ async fn try_lease(kv: &kv::Store, key: &str, holder: &str) -> Result<Option<u64
     }
 }
 
+/// How long after a confirmed request was sent the claim is held good: two thirds of
+/// `takeover_after`, the rest a margin for the two clocks' rates and the request's way.
+fn fence(takeover_after: Duration) -> Duration {
+    takeover_after * 2 / 3
+}
+
 /// Keeps the pin: a pull request that carries the pin ID restarts the broker's
 /// `priority_timeout`. These ask for at most 1 byte, so the broker never delivers on them (it
 /// answers 409 when a message is waiting, 408 at expiry), and they go on while the fetcher is
-/// blocked behind a full worker queue or drains on close. A 423 means the pin is gone.
+/// blocked behind a full worker queue or drains on close. A 423 means the pin is gone. Any other
+/// answer confirms the pin as of when its request was sent (answers come in the order the
+/// requests were sent: at expiry, or to the oldest one waiting), which moves the validity on;
+/// without a confirmation for [`fence`] the pin is given up before the broker can move it.
 async fn keep_pin(
     client: async_nats::Client,
     next_subject: String,
     pin: String,
     takeover_after: Duration,
+    validity: Arc<Validity>,
     lost: mpsc::Sender<String>,
 ) {
     let every = takeover_after / 4;
+    let fence = fence(takeover_after);
     let inbox = Subject::from(client.new_inbox());
     let Ok(mut replies) = client.subscribe(inbox.clone()).await else {
+        validity.revoke();
         let _ = lost
             .send("the pin keeper could not subscribe".to_owned())
             .await;
@@ -499,20 +607,46 @@ async fn keep_pin(
         }))
         .expect("pull request serialises"),
     );
+    // When each request still unanswered was sent, oldest first. A request a dropped
+    // connection lost is never answered: its time stays in front and makes the next
+    // confirmations count from earlier than they could, never later.
+    let mut sent: std::collections::VecDeque<std::time::Instant> = Default::default();
     let mut tick = tokio::time::interval(every);
+    let mut check = tokio::time::interval(every / 2);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(error) = client.publish_with_reply(next_subject.clone(), inbox.clone(), request.clone()).await {
-                    tracing::debug!(%error, "pin keep-alive not sent");
+                let at = std::time::Instant::now();
+                match client.publish_with_reply(next_subject.clone(), inbox.clone(), request.clone()).await {
+                    Ok(()) => {
+                        sent.push_back(at);
+                        // Bounded: a long run of lost requests leaves only the oldest times.
+                        if sent.len() > 64 {
+                            sent.pop_back();
+                        }
+                    }
+                    Err(error) => tracing::debug!(%error, "pin keep-alive not sent"),
                 }
             }
+            _ = check.tick() => {}
             Some(reply) = replies.next() => {
                 if reply.status.map(|s| s.as_u16()) == Some(423) {
+                    validity.revoke();
                     let _ = lost.send("the broker moved the pin to another subscriber (423)".to_owned()).await;
                     return;
                 }
+                if let Some(at) = sent.pop_front() {
+                    validity.extend(at + fence);
+                }
             }
+        }
+        if !validity.holds(std::time::Instant::now()) {
+            let _ = lost
+                .send(format!(
+                    "the broker confirmed the pin to no keep-alive sent in the last {fence:?}; stopping before it can move it"
+                ))
+                .await;
+            return;
         }
     }
 }
@@ -543,11 +677,12 @@ async fn keep_lease(
     holder: String,
     current: Arc<AtomicU64>,
     lifetime: Duration,
+    validity: Arc<Validity>,
     lost: mpsc::Sender<String>,
 ) {
     let mut revision = current.load(Ordering::Acquire);
     let every = lifetime / 4;
-    let fence = lifetime * 2 / 3;
+    let fence = fence(lifetime);
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     // The lease was written (taken) before this task started.
@@ -557,7 +692,8 @@ async fn keep_lease(
             _ = tick.tick() => {}
             _ = tokio::time::sleep_until(renewed + fence) => {}
         }
-        if renewed.elapsed() >= fence {
+        if renewed.elapsed() >= fence || !validity.holds(std::time::Instant::now()) {
+            validity.revoke();
             let _ = lost
                 .send(format!(
                     "the ownership lease `{key}` could not be renewed for {fence:?}; stopping before it can run out"
@@ -572,8 +708,12 @@ async fn keep_lease(
                 revision = next;
                 current.store(next, Ordering::Release);
                 renewed = sent;
+                // A renewal that comes back after the deadline passed does not revive it: the
+                // loop ends at the check above.
+                validity.extend(sent.into_std() + fence);
             }
             Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                validity.revoke();
                 let _ = lost
                     .send(format!("the ownership lease `{key}` was taken over"))
                     .await;
@@ -582,5 +722,43 @@ async fn keep_lease(
             Ok(Err(error)) => tracing::warn!(%key, %error, "ownership lease not renewed"),
             Err(_) => tracing::warn!(%key, "ownership lease renewal unanswered"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_claim_holds_until_its_deadline_and_a_passed_one_stays_passed() {
+        let validity = Validity::default();
+        let now = Instant::now();
+        assert!(!validity.holds(now), "nothing granted yet");
+        validity.grant(now + Duration::from_secs(10));
+        assert!(validity.holds(now));
+        assert!(validity.extend(now + Duration::from_secs(20)));
+        assert!(validity.holds(now + Duration::from_secs(15)));
+        // An older confirmation never moves the deadline back.
+        assert!(validity.extend(now + Duration::from_secs(5)));
+        assert!(validity.holds(now + Duration::from_secs(15)));
+        // Seen passed once, it is final: a later confirmation does not revive it.
+        assert!(!validity.holds(now + Duration::from_secs(25)));
+        assert!(!validity.extend(now + Duration::from_secs(60)));
+        assert!(!validity.holds(now));
+        // A new claim starts afresh; a revoked one holds no more.
+        validity.grant(now + Duration::from_secs(10));
+        assert!(validity.holds(now));
+        validity.revoke();
+        assert!(!validity.holds(now));
+    }
+
+    #[test]
+    fn a_confirmation_that_comes_after_the_deadline_does_not_extend_it() {
+        let validity = Validity::default();
+        let sent = Instant::now() - Duration::from_secs(2);
+        validity.grant(sent + Duration::from_millis(500));
+        assert!(!validity.extend(Instant::now() + Duration::from_secs(10)));
+        assert!(!validity.holds(Instant::now()));
     }
 }

@@ -87,6 +87,8 @@ pub(crate) struct Runner {
     /// The current ownership term; see [`Job::term`]. Unique in the process (from
     /// [`next_term`]), as handlers see it in their `Delivery::ownership_term`.
     pub(crate) term: AtomicU64,
+    /// Until when the claim on the topic is known good: a job is not started after it.
+    pub(crate) validity: Arc<super::ownership::Validity>,
     /// The partition consumed, for a partitioned topic.
     pub(crate) partition: Option<u32>,
     /// Handlers' cancellation (in their [`Delivery`]): `cancel` fires the signals given out so
@@ -108,8 +110,12 @@ impl Runner {
     pub(crate) async fn run(self: Arc<Self>, work: Work) -> Result<(), std::convert::Infallible> {
         match work {
             Work::Message(job) => {
-                if job.term() != self.term.load(Ordering::Acquire) {
-                    // Delivered before the subscription lost the topic: the new owner has it.
+                if job.term() != self.term.load(Ordering::Acquire)
+                    || !self.validity.holds(std::time::Instant::now())
+                {
+                    // Delivered before the subscription lost the topic, or its claim is no
+                    // longer known good (this process may have been stopped while another took
+                    // over, and its keeper has not said so yet): the new owner has it.
                     self.settle(&job, Outcome::Returned);
                     return Ok(());
                 }

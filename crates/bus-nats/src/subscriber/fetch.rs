@@ -96,7 +96,20 @@ impl Fetcher {
                     }
                 }
             };
-            match self.epoch(start).await? {
+            let end = match self.epoch(start).await? {
+                // A break found after the claim ran out (a stopped process that runs again)
+                // is not this subscription's to repair: restarting delivery would move the
+                // consumer under the owner that took over.
+                End::Discontinuity { why, .. }
+                    if !self.plan.runner.validity.holds(std::time::Instant::now()) =>
+                {
+                    End::Lost(format!(
+                        "delivery broke ({why}) after this subscription's claim ran out"
+                    ))
+                }
+                end => end,
+            };
+            match end {
                 End::Stopped => return Ok(()),
                 End::Discontinuity { why, seen_up_to } => {
                     tracing::warn!(topic = %self.plan.topic, subject = %self.plan.restarter.subject, %why, "delivery is no longer contiguous; restarting it at the ack floor");

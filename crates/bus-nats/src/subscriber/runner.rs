@@ -110,12 +110,8 @@ impl Runner {
     pub(crate) async fn run(self: Arc<Self>, work: Work) -> Result<(), std::convert::Infallible> {
         match work {
             Work::Message(job) => {
-                if job.term() != self.term.load(Ordering::Acquire)
-                    || !self.validity.holds(std::time::Instant::now())
-                {
-                    // Delivered before the subscription lost the topic, or its claim is no
-                    // longer known good (this process may have been stopped while another took
-                    // over, and its keeper has not said so yet): the new owner has it.
+                if job.term() != self.term.load(Ordering::Acquire) {
+                    // Delivered before the subscription lost the topic: the new owner has it.
                     self.settle(&job, Outcome::Returned);
                     return Ok(());
                 }
@@ -243,6 +239,12 @@ impl Runner {
         let cancellation = self.cancel.signal();
         let arrival = job.arrival();
         let started = std::time::Instant::now();
+        if !self.validity.holds(started) {
+            // The claim on the topic is no longer known good: this process may have been
+            // stopped while another took over, and its keeper has not said so yet. The new
+            // owner has the event.
+            return Ok(Outcome::Returned);
+        }
         // Pinned where it is made and instrumented by reference: the handler call's future is
         // not moved again.
         let attempts = std::pin::pin!(run_with_retry(

@@ -78,40 +78,53 @@ enum Held {
 }
 
 /// Until when this subscription's claim on its topic is known good, shared by its keeper (which
-/// extends it) and its workers (which check it before starting a job). Nanoseconds on the
-/// process's monotonic clock ([`clock_nanos`]); 0 when no claim is held, or once it passed.
-#[derive(Debug, Default)]
-pub(crate) struct Validity(AtomicU64);
+/// extends it) and its workers (which check it before starting a job): nanoseconds on the
+/// monotonic clock since `base`; 0 when no claim is held, or once it passed.
+#[derive(Debug)]
+pub(crate) struct Validity {
+    base: std::time::Instant,
+    deadline: AtomicU64,
+}
 
-/// Nanoseconds since the first call, on the monotonic clock (never 0).
-pub(crate) fn clock_nanos(at: std::time::Instant) -> u64 {
-    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let base = *BASE.get_or_init(|| std::time::Instant::now() - Duration::from_secs(1));
-    at.saturating_duration_since(base).as_nanos() as u64
+impl Default for Validity {
+    fn default() -> Self {
+        Self {
+            // A second back, so that no deadline counted from it is 0 (which means none).
+            base: {
+                let now = std::time::Instant::now();
+                now.checked_sub(Duration::from_secs(1)).unwrap_or(now)
+            },
+            deadline: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Validity {
+    fn nanos(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
     /// A new claim, good until `until`.
     fn grant(&self, until: std::time::Instant) {
-        self.0.store(clock_nanos(until), Ordering::Release);
+        self.deadline.store(self.nanos(until), Ordering::Release);
     }
 
     /// The claim is gone (lost, released, or its deadline passed).
     fn revoke(&self) {
-        self.0.store(0, Ordering::Release);
+        self.deadline.store(0, Ordering::Release);
     }
 
     /// Moves the deadline to `until` if the claim still holds now; `false` if it had passed
     /// (then it stays passed: what was returned meanwhile must not be followed by handling).
     fn extend(&self, until: std::time::Instant) -> bool {
-        let until = clock_nanos(until);
-        let mut current = self.0.load(Ordering::Acquire);
+        let until = self.nanos(until);
+        let mut current = self.deadline.load(Ordering::Acquire);
         loop {
-            if current == 0 || clock_nanos(std::time::Instant::now()) >= current {
-                self.0.store(0, Ordering::Release);
+            if current == 0 || self.nanos(std::time::Instant::now()) >= current {
+                self.deadline.store(0, Ordering::Release);
                 return false;
             }
-            match self.0.compare_exchange_weak(
+            match self.deadline.compare_exchange_weak(
                 current,
                 current.max(until),
                 Ordering::AcqRel,
@@ -124,9 +137,23 @@ impl Validity {
     }
 
     /// Whether the claim holds at `now`; once it does not, it does not again (for this claim).
+    #[inline]
     pub(crate) fn holds(&self, now: std::time::Instant) -> bool {
-        let mut current = self.0.load(Ordering::Acquire);
-        let now = clock_nanos(now);
+        let current = self.deadline.load(Ordering::Acquire);
+        if current == 0 {
+            return false;
+        }
+        let now = self.nanos(now);
+        if now < current {
+            return true;
+        }
+        self.passed(now, current)
+    }
+
+    /// [`holds`](Self::holds) found the deadline passed at `now`: made final, unless the
+    /// keeper moved it on meanwhile.
+    #[cold]
+    fn passed(&self, now: u64, mut current: u64) -> bool {
         loop {
             if current == 0 {
                 return false;
@@ -134,11 +161,12 @@ impl Validity {
             if now < current {
                 return true;
             }
-            // Passed: make it final, unless the keeper moved it on meanwhile.
-            match self
-                .0
-                .compare_exchange_weak(current, 0, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match self.deadline.compare_exchange_weak(
+                current,
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return false,
                 Err(moved) => current = moved,
             }

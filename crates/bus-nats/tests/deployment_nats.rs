@@ -129,6 +129,77 @@ async fn consumer_connection_cut_mid_batch_keeps_order_and_loses_nothing() {
     report.assert_exact(expected);
 }
 
+/// A dropped connection loses the pin keep-alive the broker was holding for the owner (it is
+/// never answered); the owner keeps its topic all the same, because the keep-alives after it
+/// still confirm the pin. Events published for three `takeover_after` after the cut are all
+/// handled by the one subscription, which restarted delivery after the cut and never lost the
+/// topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_does_not_cost_the_owner_its_topic() {
+    const TAKEOVER_AFTER: Duration = Duration::from_secs(1);
+    const EVENTS: u64 = 30;
+    let server = NatsServer::start();
+    let target = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+    let proxy = TcpProxy::start(target).await.unwrap();
+    let topic = Topic::new("cut-owner").unwrap();
+    let mut config = test_config(&proxy.url());
+    config.consumer.takeover_after = TAKEOVER_AFTER;
+    let consumer = NatsBus::connect(config).await.unwrap();
+    let handled = Arc::new(AtomicU64::new(0));
+    let subscription = {
+        let handled = handled.clone();
+        consumer
+            .subscribe(
+                &topic,
+                Arc::new(handler_fn(move |_e: Envelope| {
+                    let handled = handled.clone();
+                    async move {
+                        handled.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    }
+                })),
+            )
+            .await
+            .unwrap()
+    };
+    let control = subscription.control().unwrap();
+    let publisher = NatsBus::connect(unbatched_config(&server.url()))
+        .await
+        .unwrap();
+    let _receipt = publisher.publish(&topic, envelope("o-0", 1)).await.unwrap();
+    common::wait_for("the first event", Duration::from_secs(20), || {
+        handled.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.restore();
+    // The workload: events spread over three takeover_after.
+    for version in 2..=EVENTS {
+        let _receipt = publisher
+            .publish(&topic, envelope("o-0", version))
+            .await
+            .unwrap();
+        tokio::time::sleep(TAKEOVER_AFTER * 3 / EVENTS as u32).await;
+    }
+    common::wait_for("every event", Duration::from_secs(20), || {
+        handled.load(Ordering::SeqCst) == EVENTS
+    })
+    .await;
+    let metrics = control.metrics();
+    assert_eq!(proxy.cuts(), 1);
+    assert!(
+        metrics.delivery_restarts >= 1,
+        "the cut went unnoticed: {metrics:?}"
+    );
+    assert_eq!(
+        (metrics.ownership_lost, metrics.ownership_gained),
+        (0, 1),
+        "{metrics:?}"
+    );
+    subscription.close().await.unwrap();
+}
+
 /// Writes one message to `subject` over a raw connection, with `header_block` exactly as given
 /// (the client library would refuse to build it), and waits until the server has read it.
 fn publish_raw_header_block(url: &str, subject: &str, header_block: &[u8], payload: &[u8]) {

@@ -604,9 +604,10 @@ fn fence(takeover_after: Duration) -> Duration {
 /// `priority_timeout`. These ask for at most 1 byte, so the broker never delivers on them (it
 /// answers 409 when a message is waiting, 408 at expiry), and they go on while the fetcher is
 /// blocked behind a full worker queue or drains on close. A 423 means the pin is gone. Any other
-/// answer confirms the pin as of when its request was sent (answers come in the order the
-/// requests were sent: at expiry, or to the oldest one waiting), which moves the validity on;
-/// without a confirmation for [`fence`] the pin is given up before the broker can move it.
+/// answer confirms the pin as of when its request was sent (each request has a reply subject of
+/// its own, so the answer names it; one a dropped connection lost is never answered), which
+/// moves the validity on; without a confirmation for [`fence`] the pin is given up before the
+/// broker can move it.
 async fn keep_pin(
     client: async_nats::Client,
     next_subject: String,
@@ -617,8 +618,8 @@ async fn keep_pin(
 ) {
     let every = takeover_after / 4;
     let fence = fence(takeover_after);
-    let inbox = Subject::from(client.new_inbox());
-    let Ok(mut replies) = client.subscribe(inbox.clone()).await else {
+    let inbox = client.new_inbox();
+    let Ok(mut replies) = client.subscribe(Subject::from(format!("{inbox}.*"))).await else {
         validity.revoke();
         let _ = lost
             .send("the pin keeper could not subscribe".to_owned())
@@ -635,26 +636,27 @@ async fn keep_pin(
         }))
         .expect("pull request serialises"),
     );
-    // When each request still unanswered was sent, oldest first. A request a dropped
-    // connection lost is never answered: its time stays in front and makes the next
-    // confirmations count from earlier than they could, never later.
-    let mut sent: std::collections::VecDeque<std::time::Instant> = Default::default();
+    // When each request still unanswered was sent, by its number (the last token of its reply
+    // subject).
+    let mut sent: std::collections::BTreeMap<u64, std::time::Instant> = Default::default();
+    let mut number = 0u64;
     let mut tick = tokio::time::interval(every);
     let mut check = tokio::time::interval(every / 2);
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                number += 1;
                 let at = std::time::Instant::now();
-                match client.publish_with_reply(next_subject.clone(), inbox.clone(), request.clone()).await {
+                let reply = Subject::from(format!("{inbox}.{number}"));
+                match client.publish_with_reply(next_subject.clone(), reply, request.clone()).await {
                     Ok(()) => {
-                        sent.push_back(at);
-                        // Bounded: a long run of lost requests leaves only the oldest times.
-                        if sent.len() > 64 {
-                            sent.pop_back();
-                        }
+                        sent.insert(number, at);
                     }
                     Err(error) => tracing::debug!(%error, "pin keep-alive not sent"),
                 }
+                // Long past its expiry, a request is not answered any more (lost with a
+                // connection): forgotten.
+                sent.retain(|_, t| t.elapsed() < takeover_after * 2);
             }
             _ = check.tick() => {}
             Some(reply) = replies.next() => {
@@ -663,7 +665,8 @@ async fn keep_pin(
                     let _ = lost.send("the broker moved the pin to another subscriber (423)".to_owned()).await;
                     return;
                 }
-                if let Some(at) = sent.pop_front() {
+                let answered = reply.subject.rsplit('.').next().and_then(|n| n.parse::<u64>().ok());
+                if let Some(at) = answered.and_then(|n| sent.remove(&n)) {
                     validity.extend(at + fence);
                 }
             }

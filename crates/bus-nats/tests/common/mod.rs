@@ -154,12 +154,14 @@ pub async fn consumer_info(
     // On servers before 2.14 a new owner restarts delivery by deleting the consumer and
     // creating it again: read in between, it is not there for a moment.
     let name = bus.config().consumer_name(topic);
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer = bus_testkit::poll_until(
+    // One request per attempt: a consumer looked up and then asked for its info could be gone
+    // in between.
+    bus_testkit::poll_until(
         &format!("consumer `{name}` to be readable"),
         std::time::Duration::from_secs(10),
         || async {
-            match stream.get_consumer(&name).await {
-                Ok(consumer) => Some(consumer),
+            match stream.consumer_info(&name).await {
+                Ok(info) => Some(info),
                 Err(e) => {
                     eprintln!("consumer `{name}` not readable yet ({e}); asking again");
                     None
@@ -167,8 +169,7 @@ pub async fn consumer_info(
             }
         },
     )
-    .await;
-    consumer.info().await.unwrap().clone()
+    .await
 }
 
 /// The events in the messages the topic's consumer has delivered above its ack floor (a record

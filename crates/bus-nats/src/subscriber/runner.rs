@@ -253,8 +253,11 @@ impl Runner {
                 span.record("attempt", attempt);
                 let input = first.take().unwrap_or_else(|| job.input());
                 let dispatch = &self.dispatch;
-                // Once the subscription is going, a failed event is not tried again.
-                let going = attempt > 1 && self.cancel.has_fired(&cancellation);
+                // Once the subscription is going, or its claim is no longer known good (a
+                // process stopped during the backoff), a failed event is not tried again.
+                let going = attempt > 1
+                    && (self.cancel.has_fired(&cancellation)
+                        || !self.validity.holds(std::time::Instant::now()));
                 let delivery = Delivery {
                     attempt,
                     stream_sequence: job.sequence(),
@@ -324,8 +327,12 @@ impl Runner {
             RetryOutcome::Failed { attempts, reason } => Err(Failure {
                 // A retryable failure once the subscription is going may be the handler giving
                 // up because of it: returned, never dead-lettered. Permanent failures and
-                // panics follow the failure policy as ever.
-                reason: if self.cancel.has_fired(&cancellation) && reason.is_retryable() {
+                // panics follow the failure policy as ever. So once the claim is no longer
+                // known good: the loss is on its way to the fetcher.
+                reason: if reason.is_retryable()
+                    && (self.cancel.has_fired(&cancellation)
+                        || !self.validity.holds(std::time::Instant::now()))
+                {
                     Stop::Cancelled
                 } else {
                     Stop::Failed(DeadLetterReason::of_failure(&reason))

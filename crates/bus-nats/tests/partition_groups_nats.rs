@@ -706,9 +706,15 @@ fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime, wh
             "{process} repeated {count} events"
         );
     }
-    assert!(
-        repeats <= replayable,
-        "{repeats} repeats, {replayable} events awaited acknowledgement in the killed member's partitions"
-    );
+    // On servers before 2.14 every restart of delivery deletes and recreates a consumer and
+    // replays from its ack floor, and the members there restart often under this load (55
+    // restarts in one member of one CI run): repeats are not the kill's alone, and the bound
+    // (2 repeats against 1 event in one run on 2.9) holds only where restarts reset in place.
+    if matches!(which, TestServer::Current) {
+        assert!(
+            repeats <= replayable,
+            "{repeats} repeats, {replayable} events awaited acknowledgement in the killed member's partitions"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

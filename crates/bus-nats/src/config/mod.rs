@@ -36,7 +36,8 @@ pub const DEFAULT_BATCH_MAX_EVENTS: usize = 128;
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 64 << 10;
 
 /// Default batches of one topic (or partition) awaiting their ack at once
-/// ([`BatchConfig::max_in_flight`]): 8, of which partial batches take at most 4.
+/// ([`BatchConfig::max_in_flight`]): 8, of which a batch that is not full takes one only when
+/// it would be the only one.
 pub const DEFAULT_BATCH_MAX_IN_FLIGHT: usize = 8;
 
 /// Default events asked for in one pull request (optimisation 2: 10 → 500, then 2 000 for

@@ -55,8 +55,9 @@ pub struct BatchConfig {
     pub linger: Duration,
     /// Batches of one topic (one partition, for a partitioned topic) awaiting their ack at
     /// once (default [`DEFAULT_BATCH_MAX_IN_FLIGHT`]). A batch that is not full is sent only
-    /// while fewer than half of them (at least one) are in flight: under a light load events
-    /// gather into fewer, fuller batches, and under a heavy one full batches still have room.
+    /// while no other batch of its topic (partition) is in flight: events published meanwhile
+    /// gather into the next batch, so the broker stores, de-duplicates and delivers fewer,
+    /// fuller messages; full batches use the rest of the room.
     pub max_in_flight: usize,
 }
 
@@ -94,10 +95,12 @@ impl BatchConfig {
         }
     }
 
-    /// Batches in flight below which a batch that is not full is sent: half of
-    /// `max_in_flight`, at least one.
+    /// Batches in flight below which a batch that is not full is sent: one, so a partial batch
+    /// goes only while nothing else of its topic (partition) awaits an ack. At every load
+    /// measured this left fewer messages for the broker and a shorter tail than letting partial
+    /// batches take half of `max_in_flight` (`docs/performance.md`, twentieth look).
     pub fn partial_in_flight(&self) -> usize {
-        (self.max_in_flight / 2).max(1)
+        1
     }
 
     /// Whether events are packed into batches at all.

@@ -58,7 +58,8 @@ impl LaneState {
     }
 
     /// Whether a batch should be cut now: there is room in flight (for a batch that is not
-    /// full, in half of `max_in_flight`: partial batches do not crowd out full ones), and
+    /// full, only while nothing else is in flight: events published meanwhile gather into
+    /// the next batch, and full ones take the rest of `max_in_flight`), and
     /// either nothing lingers or the pending publishes fill a batch or have waited long enough.
     pub(super) fn ready(&self, limits: &BatchConfig, now: Instant) -> bool {
         let Some(oldest) = self.pending.front() else {
@@ -202,7 +203,7 @@ mod tests {
     }
 
     #[test]
-    fn partial_batches_take_half_the_room_in_flight_and_full_ones_the_rest() {
+    fn a_partial_batch_goes_alone_and_full_ones_take_the_rest_of_the_room() {
         let limits = limits(3, 1 << 20, 4);
         let now = Instant::now();
         let mut lane = LaneState::default();
@@ -213,27 +214,43 @@ mod tests {
                 lane.push(event(chain, 1, 10));
             }
         };
-        // Two partial batches of one event each: half of the four places.
-        for _ in 0..2 {
-            push(&mut lane, 1);
-            assert!(lane.ready(&limits, now));
-            lane.cut(&limits).unwrap();
-        }
+        // A partial batch of one event goes while nothing is in flight.
         push(&mut lane, 1);
-        assert!(!lane.ready(&limits, now), "a third partial batch waits");
+        assert!(lane.ready(&limits, now));
+        lane.cut(&limits).unwrap();
+        push(&mut lane, 1);
+        assert!(
+            !lane.ready(&limits, now),
+            "a second partial batch waits for the first"
+        );
         // Once a full batch's worth is pending it goes, up to all four places.
         push(&mut lane, 2);
         assert!(lane.ready(&limits, now));
         assert_eq!(lane.cut(&limits).unwrap().1.len(), 3);
-        push(&mut lane, 3);
-        assert!(lane.ready(&limits, now));
-        lane.cut(&limits).unwrap();
+        for _ in 0..2 {
+            push(&mut lane, 3);
+            assert!(lane.ready(&limits, now));
+            lane.cut(&limits).unwrap();
+        }
         push(&mut lane, 3);
         assert!(
             !lane.ready(&limits, now),
             "no place left, even for a full batch"
         );
         assert_eq!(lane.in_flight, 4);
+        // Settled down to nothing in flight, what is pending goes even when not full.
+        let mut lane = LaneState::default();
+        lane.push(event(1, 1, 10));
+        let (only, _) = lane.cut(&limits).unwrap();
+        lane.push(event(2, 1, 10));
+        lane.push(event(3, 1, 10));
+        assert!(!lane.ready(&limits, now));
+        assert!(lane.settled(only, [1], false).is_empty());
+        assert!(
+            lane.ready(&limits, now),
+            "nothing in flight: the partial batch goes"
+        );
+        assert_eq!(lane.cut(&limits).unwrap().1.len(), 2);
     }
 
     #[test]

@@ -136,6 +136,8 @@ pub struct Seen {
     pub ready: bool,
     pub owner: bool,
     pub gained: u64,
+    /// Ownership lost, over the partitions it runs (a group member), as of its last line.
+    pub lost: u64,
     /// The partitions it runs, owned or waiting as a standby (a group member).
     pub partitions: u64,
     pub closed: Option<String>,
@@ -202,6 +204,7 @@ impl Replica {
                         Some(&"owner") => {
                             state.owner = words[1] == "true";
                             state.gained = words[3].parse().unwrap();
+                            state.lost = words[5].parse().unwrap();
                             state.partitions = words[9].parse().unwrap();
                         }
                         Some(&"closed") => state.closed = Some(line.clone()),

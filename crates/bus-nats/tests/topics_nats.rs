@@ -30,13 +30,15 @@ async fn topics_are_listed_with_their_streams_and_consumers() {
     config.streams.push(partitioned);
     let bus = NatsBus::connect(config).await.unwrap();
 
+    // Each stored before the next is sent, so each is a message of its own (events published
+    // while a batch is in flight would share the next one) and the counts below are messages.
     let counts = [(&orders, 5), (&refunds, 2), (&parts, 6), (&solo, 1)];
     for (topic, n) in counts {
         for v in 1..=n {
             let e = Envelope::builder(format!("a-{v}"), "Listed", 1)
                 .build()
                 .unwrap();
-            let _receipt = bus.publish(topic, e).await.unwrap();
+            bus.publish(topic, e).await.unwrap().await.unwrap();
         }
     }
     bus.flush().await.unwrap();

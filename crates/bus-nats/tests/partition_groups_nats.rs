@@ -729,17 +729,7 @@ fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime, wh
             "{process} repeated {count} events"
         );
     }
-    let mut seen = std::collections::HashSet::new();
-    let mut repeats_by_partition = std::collections::BTreeMap::<u32, u64>::new();
-    let mut in_order = all_calls.iter().collect::<Vec<_>>();
-    in_order.sort_by_key(|c| c.start);
-    for c in in_order {
-        if !seen.insert((&c.aggregate, c.version)) {
-            *repeats_by_partition
-                .entry(c.partition.unwrap_or(u32::MAX))
-                .or_default() += 1;
-        }
-    }
+    let repeats_by_partition = &h.duplicates_in;
     let replayable: u64 = orphaned.iter().map(|p| pending_at_kill[*p as usize]).sum();
     let repeats_orphaned: u64 = orphaned
         .iter()

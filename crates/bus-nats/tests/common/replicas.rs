@@ -387,6 +387,8 @@ pub struct History {
     pub in_process_disorder: u64,
     /// Repeated events, by the process that repeated them.
     pub duplicates_by: BTreeMap<String, u64>,
+    /// Repeated events of a partitioned topic, by partition.
+    pub duplicates_in: BTreeMap<u32, u64>,
     /// Calls by process.
     pub calls_by: BTreeMap<String, u64>,
 }
@@ -400,6 +402,7 @@ pub fn history(all: &[Call], topic: &str) -> History {
     let mut last_of_partition: HashMap<u32, &Call> = HashMap::new();
     let mut last_in_process: HashMap<(&str, &str), u64> = HashMap::new();
     let mut duplicates_by: BTreeMap<String, u64> = BTreeMap::new();
+    let mut duplicates_in: BTreeMap<u32, u64> = BTreeMap::new();
     let mut calls_by: BTreeMap<String, u64> = BTreeMap::new();
     let mut seen = HashSet::new();
     for call in all {
@@ -428,6 +431,9 @@ pub fn history(all: &[Call], topic: &str) -> History {
         }
         if !seen.insert((&call.aggregate, call.version)) {
             *duplicates_by.entry(call.process.clone()).or_default() += 1;
+            if let Some(p) = call.partition {
+                *duplicates_in.entry(p).or_default() += 1;
+            }
         }
     }
     History {
@@ -436,6 +442,7 @@ pub fn history(all: &[Call], topic: &str) -> History {
         partition_overlaps,
         in_process_disorder,
         duplicates_by,
+        duplicates_in,
         calls_by,
     }
 }

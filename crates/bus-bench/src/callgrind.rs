@@ -66,7 +66,8 @@ pub(crate) fn count_instructions(name: &str, quick: bool, backlog: bool) -> Resu
         .arg("--tool=callgrind")
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(std::env::current_exe()?)
-        .args(["--row", name]);
+        .args(["--row", name])
+        .args(crate::threads_arg());
     if quick {
         command.arg("--quick");
     }

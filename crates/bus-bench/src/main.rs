@@ -142,6 +142,27 @@ struct Options {
     member: Option<String>,
     /// Rows whose process also runs under callgrind, to count its instructions per event.
     instructions: Vec<String>,
+    /// Worker threads of each process's tokio runtime (the bench's own, every row's and every
+    /// member's): one per core of the 2-core machine the figures come from, unless told.
+    threads: usize,
+}
+
+/// Default worker threads of the bench's runtimes: the machine the figures come from has 2 cores.
+const DEFAULT_THREADS: usize = 2;
+
+/// The runtime's worker threads, set once from `--threads`: rows and members are started with it.
+static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// `--threads N` for a child process of this binary.
+pub(crate) fn threads_arg() -> [String; 2] {
+    [
+        "--threads".into(),
+        THREADS
+            .get()
+            .copied()
+            .unwrap_or(DEFAULT_THREADS)
+            .to_string(),
+    ]
 }
 
 fn parse_args() -> Result<Options> {
@@ -153,6 +174,7 @@ fn parse_args() -> Result<Options> {
         rate: None,
         member: None,
         instructions: Vec::new(),
+        threads: DEFAULT_THREADS,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -162,6 +184,16 @@ fn parse_args() -> Result<Options> {
             "--row" => options.row = Some(args.next().context("--row needs a row name")?),
             "--rate" => options.rate = Some(args.next().context("--rate needs msg/s")?.parse()?),
             "--member" => options.member = Some(args.next().context("--member needs a URL")?),
+            "--threads" => {
+                options.threads = args
+                    .next()
+                    .context("--threads needs a number")?
+                    .parse()
+                    .context("--threads needs a number")?;
+                if options.threads == 0 {
+                    bail!("--threads needs at least 1");
+                }
+            }
             "--instructions" => options.instructions.extend(
                 args.next()
                     .context("--instructions needs row names")?
@@ -182,7 +214,8 @@ fn parse_args() -> Result<Options> {
                      --alone   with --only: skip the ceiling and latency rows (for profiling one row)\n\
                      --instructions ROW,ROW  run these rows once more under valgrind's callgrind and report the\n\
                                instructions their process executed per event (the broker is another process); for a\n\
-                               backlog row (default-backlog) split into publishing the backlog and draining it\n\n\
+                               backlog row (default-backlog) split into publishing the backlog and draining it\n\
+                     --threads N  worker threads of each process's tokio runtime (default 2, this machine's cores)\n\n\
                      Writes target/bench/report.{{md,json,svg}}."
                 );
                 std::process::exit(0);
@@ -202,6 +235,7 @@ const BROKER_GC_TUNED: &[(&str, &str)] = &[("GOGC", "off"), ("GOMEMLIMIT", "1GiB
 fn run_in_child(name: &str, quick: bool, rate: Option<f64>, env: &[(&str, &str)]) -> Result<Row> {
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command.args(["--row", name]);
+    command.args(threads_arg());
     command.envs(env.iter().copied());
     if quick {
         command.arg("--quick");
@@ -224,8 +258,7 @@ fn run_in_child(name: &str, quick: bool, rate: Option<f64>, env: &[(&str, &str)]
     Ok(serde_json::from_str(line)?)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -234,6 +267,17 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let options = parse_args()?;
+    THREADS
+        .set(options.threads)
+        .expect("the runtime's threads are set once");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.threads)
+        .enable_all()
+        .build()?
+        .block_on(run(options))
+}
+
+async fn run(options: Options) -> Result<()> {
     epoch();
     if let Some(url) = &options.member {
         return members::run_member(url).await;
@@ -360,7 +404,13 @@ async fn main() -> Result<()> {
         let client = async_nats::connect(server.url()).await?;
         client.server_info().version
     };
-    report::write(&rows, options.quick, &server_version, started.elapsed())?;
+    report::write(
+        &rows,
+        options.quick,
+        options.threads,
+        &server_version,
+        started.elapsed(),
+    )?;
     let bad: Vec<&Row> = rows
         .iter()
         .filter(|r| r.order_violations > 0 || r.lost > 0)

@@ -119,6 +119,7 @@ impl Member {
     pub(crate) fn spawn(url: &str) -> Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["--member", url])
+            .args(crate::threads_arg())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

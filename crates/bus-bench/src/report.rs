@@ -70,6 +70,8 @@ struct Report<'a> {
     quick: bool,
     nats_server: &'a str,
     machine_cores: usize,
+    /// Worker threads of each process's tokio runtime (`--threads`).
+    runtime_threads: usize,
     elapsed_s: f64,
     rows: &'a [Row],
 }
@@ -216,7 +218,13 @@ fn svg(rows: &[Row]) -> String {
     s
 }
 
-pub(crate) fn write(rows: &[Row], quick: bool, server: &str, elapsed: Duration) -> Result<()> {
+pub(crate) fn write(
+    rows: &[Row],
+    quick: bool,
+    threads: usize,
+    server: &str,
+    elapsed: Duration,
+) -> Result<()> {
     let dir = Path::new("target/bench");
     std::fs::create_dir_all(dir)?;
     let table = table(rows);
@@ -225,7 +233,7 @@ pub(crate) fn write(rows: &[Row], quick: bool, server: &str, elapsed: Duration) 
         .map(|n| n.get())
         .unwrap_or(0);
     let md = format!(
-        "# Benchmark report\n\nnats-server {server}, {cores} cores, {} run, {:.0} s.\n\
+        "# Benchmark report\n\nnats-server {server}, {cores} cores, {threads} runtime threads, {} run, {:.0} s.\n\
          Ratios are end-to-end msg/s against the `ceiling` row of this run; \"vs wire\" is against\n\
          `ceiling-bus-wire`, the broker's limit for the bus's wire format and default retention;\n\
          \"vs packed\" against `ceiling-packed`, raw async-nats with 128 events packed per message.\n\n{table}",
@@ -237,6 +245,7 @@ pub(crate) fn write(rows: &[Row], quick: bool, server: &str, elapsed: Duration) 
         quick,
         nats_server: server,
         machine_cores: cores,
+        runtime_threads: threads,
         elapsed_s: elapsed.as_secs_f64(),
         rows,
     })?;

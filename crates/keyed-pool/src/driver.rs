@@ -28,6 +28,11 @@ struct Wakeups {
     woken: Mutex<Vec<usize>>,
     /// Per worker: listed in `woken` and not looked at yet.
     listed: Vec<AtomicBool>,
+    /// Set by the first worker listed since the driver last took the list, which alone wakes
+    /// the driver: the others find it set and know the driver will take the list again. Most
+    /// events of a batch find their worker idle, and the wake-up of a task through
+    /// `AtomicWaker` costs several more atomic operations on lines the driver's thread touches.
+    called: AtomicBool,
     driver: AtomicWaker,
 }
 
@@ -45,7 +50,11 @@ impl Wake for WorkerWaker {
     fn wake_by_ref(self: &Arc<Self>) {
         if !self.wakeups.listed[self.worker].swap(true, Ordering::AcqRel) {
             self.wakeups.woken.lock().unwrap().push(self.worker);
-            self.wakeups.driver.wake();
+            // After the push: a driver that cleared `called` before it took the list either
+            // took this worker with it or is woken here.
+            if !self.wakeups.called.swap(true, Ordering::AcqRel) {
+                self.wakeups.driver.wake();
+            }
         }
     }
 }
@@ -160,6 +169,7 @@ where
         // Every worker is looked at once first, to start waiting on its queue.
         woken: Mutex::new((0..count).collect()),
         listed: (0..count).map(|_| AtomicBool::new(true)).collect(),
+        called: AtomicBool::new(true),
         driver: AtomicWaker::new(),
     });
     let mut workers: Vec<Worker<J, Fut>> = queues
@@ -192,6 +202,8 @@ where
             return Poll::Ready(true);
         }
         loop {
+            // Cleared before the list is taken: a worker listed after this wakes the driver.
+            wakeups.called.store(false, Ordering::Release);
             std::mem::swap(&mut taken, &mut *wakeups.woken.lock().unwrap());
             if taken.is_empty() {
                 return Poll::Pending;

@@ -58,6 +58,53 @@ async fn panicking_job_is_reported_and_worker_lives_on() {
     pool.shutdown().await;
 }
 
+/// Bursts of jobs for many keys, each burst submitted from a task of its own while the pool's
+/// drivers are idle, on two threads: every job runs. A driver is woken only by the first of its
+/// workers listed since it last took the list; a wake-up lost between a driver clearing that mark
+/// and the submitter setting it would leave a job queued and its completion waiting, which the
+/// timeout turns into a failure. Jobs that yield before they finish wake their own workers while
+/// their driver runs, the other path into the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_after_idle_drivers_all_run() {
+    let pool = Arc::new(KeyedPool::new(
+        PoolConfig {
+            workers: 64,
+            drivers: 2,
+            ..PoolConfig::default()
+        },
+        |n: u64| async move {
+            if n.is_multiple_of(3) {
+                tokio::task::yield_now().await;
+            }
+            Ok::<(), String>(())
+        },
+    ));
+    let mut submitted = 0u64;
+    for round in 0..2000u64 {
+        let burst = 1 + round % 97;
+        let submitter = {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut completions = Vec::new();
+                for key in 0..burst {
+                    completions.push(pool.submit_tracked(&(round, key), key).await.unwrap());
+                }
+                completions
+            })
+        };
+        let completions = submitter.await.unwrap();
+        let outcomes = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::future::join_all(completions),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: a job of the burst never ran"));
+        assert!(outcomes.iter().all(|o| *o == JobOutcome::Succeeded));
+        submitted += burst;
+    }
+    assert_eq!(pool.metrics().jobs_run, submitted);
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn try_submit_hands_back_on_full() {
     let (gate_tx, gate_rx) = watch::channel(false);

@@ -105,6 +105,102 @@ async fn bursts_after_idle_drivers_all_run() {
     assert_eq!(pool.metrics().jobs_run, submitted);
 }
 
+/// A job: counted as started, then waits on the gate if given, then counted as run.
+type GatedJob = (
+    Option<Arc<tokio::sync::Semaphore>>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+);
+
+/// Waits until `counter` reaches `count`, failing after 10 s.
+async fn count_reaches(counter: &AtomicU64, count: u64) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while counter.load(Ordering::Relaxed) < count {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} of {count}", counter.load(Ordering::Relaxed)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_slots_are_taken_while_jobs_run_not_kept_per_worker() {
+    const WORKERS: u64 = 256;
+    const DRIVERS: u64 = 4;
+    let pool = KeyedPool::new(
+        PoolConfig {
+            workers: WORKERS as usize,
+            queue_capacity: 64,
+            drivers: DRIVERS as usize,
+        },
+        |(gate, started, ran): GatedJob| async move {
+            started.fetch_add(1, Ordering::Relaxed);
+            if let Some(gate) = gate {
+                let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
+            }
+            ran.fetch_add(1, Ordering::Relaxed);
+            Ok::<(), String>(())
+        },
+    );
+    let (started, ran) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let fast = || (None, started.clone(), ran.clone());
+
+    // Jobs that complete on their first poll, to every worker: a driver reuses one slot.
+    for key in 0..20 * WORKERS {
+        pool.submit(&key, fast()).await.unwrap();
+    }
+    count_reaches(&ran, 20 * WORKERS).await;
+    let after_fast = pool.metrics().job_slots;
+    assert!(
+        (1..=DRIVERS).contains(&after_fast),
+        "{after_fast} slots for jobs that complete at once on {DRIVERS} drivers (one per worker would be {WORKERS})"
+    );
+
+    // One job that waits per worker reached: each holds a slot while it waits.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut workers = std::collections::HashSet::new();
+    let mut completions = Vec::new();
+    for key in 0..WORKERS {
+        if workers.insert(pool.worker_for(&key)) {
+            let job = (Some(gate.clone()), started.clone(), ran.clone());
+            completions.push(pool.submit_tracked(&key, job).await.unwrap());
+        }
+    }
+    let waiting = completions.len() as u64;
+    assert!(
+        waiting > WORKERS / 2,
+        "{waiting} workers hold a waiting job"
+    );
+    let ran_before = ran.load(Ordering::Relaxed);
+    count_reaches(&started, 20 * WORKERS + waiting).await;
+    assert_eq!(
+        ran.load(Ordering::Relaxed),
+        ran_before,
+        "the gate holds them"
+    );
+    let held = pool.metrics().job_slots;
+    assert!(
+        (waiting..=waiting + after_fast).contains(&held),
+        "{held} slots for {waiting} waiting jobs (and the fast jobs' {after_fast})"
+    );
+    gate.add_permits(waiting as usize);
+    for completion in completions {
+        assert_eq!(completion.await, JobOutcome::Succeeded);
+    }
+
+    // The slots given back serve later jobs: none is made.
+    for key in 0..20 * WORKERS {
+        pool.submit(&key, fast()).await.unwrap();
+    }
+    count_reaches(&ran, ran_before + waiting + 20 * WORKERS).await;
+    assert_eq!(
+        pool.metrics().job_slots,
+        held,
+        "slots given back are reused"
+    );
+    assert!(pool.shutdown().await.not_run.is_empty());
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn try_submit_hands_back_on_full() {
     let (gate_tx, gate_rx) = watch::channel(false);

@@ -1,14 +1,10 @@
 //! The driver tasks: each runs its share of the workers, one job at a time per worker.
 //!
-//! A worker is a queue, and a pinned slot for the job it runs while it runs one. Slots are the
-//! driver's: a worker takes one from the driver's spares when a job starts and gives it back
-//! when the job ends. Slots are reused from job to job (no allocation per job), and a pool holds
-//! about as many as jobs ever ran at once, not one per worker: a job's future can be large (the
-//! bus's is over a kilobyte), and a thousand workers each with a slot of its own held that much
-//! memory from the start. A worker has a waker of its own: its job waiting on I/O, or its empty
-//! queue waiting for a job, wakes it alone, and the driver polls only the workers woken since it
-//! last looked. A job that completes on its first poll, the usual case for fast handlers, costs
-//! no task wake-up: the driver takes the next job of each woken worker in one turn.
+//! A worker is a queue and one pinned slot for the job it runs, reused from job to job (no
+//! allocation per job). It has a waker of its own: its job waiting on I/O, or its empty queue
+//! waiting for a job, wakes it alone, and the driver polls only the workers woken since it last
+//! looked. A job that completes on its first poll, the usual case for fast handlers, costs no
+//! task wake-up: the driver takes the next job of each woken worker in one turn.
 
 use std::fmt;
 use std::future::Future;
@@ -63,14 +59,11 @@ impl Wake for WorkerWaker {
     }
 }
 
-/// Where a job's future lives while it runs: pinned, and emptied (`Pin::set`) when it ends.
-type JobSlot<Fut> = Pin<Box<Option<Fut>>>;
-
 /// One worker: its queue, the job it runs and whom to tell how that ended.
 struct Worker<J, Fut> {
     queue: queue::Receiver<Slot<J>>,
-    /// The job it runs, in a slot taken from the driver's spares (always `Some` inside).
-    job: Option<JobSlot<Fut>>,
+    /// Set from job to job (`Pin::set`): allocated once.
+    job: Pin<Box<Option<Fut>>>,
     done: Option<oneshot::Sender<JobOutcome>>,
     waker: Waker,
     /// Its queue is closed and empty, and no job runs.
@@ -83,25 +76,19 @@ where
     E: fmt::Display,
 {
     /// Runs the worker until it waits: on its job, on an empty queue, or on the task's budget
-    /// (then it has woken itself to go on later). Returns whether it just finished. A job's slot
-    /// comes from `spares` and goes back there when the job ends.
+    /// (then it has woken itself to go on later). Returns whether it just finished.
     fn turn<F: Fn(J) -> Fut>(
         &mut self,
         run: &F,
         counters: &Counters,
         stop: &watch::Receiver<bool>,
-        spares: &mut Vec<JobSlot<Fut>>,
     ) -> bool {
         if self.finished {
             return false;
         }
         let mut cx = Context::from_waker(&self.waker);
         loop {
-            if let Some(slot) = self.job.as_mut() {
-                let job = slot
-                    .as_mut()
-                    .as_pin_mut()
-                    .expect("a running job's slot holds it");
+            if let Some(job) = self.job.as_mut().as_pin_mut() {
                 let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| job.poll(&mut cx)))
                 {
                     Ok(Poll::Pending) => return false,
@@ -117,8 +104,7 @@ where
                         JobOutcome::Panicked(message)
                     }
                 };
-                slot.set(None);
-                spares.extend(self.job.take());
+                self.job.set(None);
                 finish_job(&mut self.done, outcome, counters);
             }
             // No job starts once stop is signalled (one atomic load): the driver hands the
@@ -131,15 +117,7 @@ where
                     self.done = slot.done;
                     let job = slot.job;
                     match std::panic::catch_unwind(AssertUnwindSafe(|| run(job))) {
-                        Ok(future) => {
-                            // The slot given back last: the one most likely still in cache.
-                            let mut slot = spares.pop().unwrap_or_else(|| {
-                                counters.job_slots.fetch_add(1, Ordering::Relaxed);
-                                Box::pin(None)
-                            });
-                            slot.set(Some(future));
-                            self.job = Some(slot);
-                        }
+                        Ok(future) => self.job.set(Some(future)),
                         Err(panic) => {
                             counters.panics.fetch_add(1, Ordering::Relaxed);
                             let message = panic_message(&*panic);
@@ -199,7 +177,7 @@ where
         .enumerate()
         .map(|(index, queue)| Worker {
             queue,
-            job: None,
+            job: Box::pin(None),
             done: None,
             waker: Waker::from(Arc::new(WorkerWaker {
                 wakeups: wakeups.clone(),
@@ -217,8 +195,6 @@ where
     };
     tokio::pin!(stopped);
     let mut taken = Vec::new();
-    // Slots of jobs that ended, given back to be reused: at most as many as ran at once.
-    let mut spares: Vec<JobSlot<Fut>> = Vec::new();
     let interrupted_by_stop = std::future::poll_fn(|cx| {
         let mut rounds = 0;
         wakeups.driver.register(cx.waker());
@@ -235,7 +211,7 @@ where
             for index in taken.drain(..) {
                 // Cleared before the worker runs: a wake-up during its turn lists it again.
                 wakeups.listed[index].store(false, Ordering::Release);
-                if workers[index].turn(&*run, &counters, &flag, &mut spares) {
+                if workers[index].turn(&*run, &counters, &flag) {
                     open -= 1;
                     if open == 0 {
                         return Poll::Ready(false);
@@ -259,7 +235,7 @@ where
         for worker in &mut workers {
             if worker.job.is_some() {
                 // Dropping the job's future stops it; its completion says it did not run.
-                worker.job = None;
+                worker.job.set(None);
                 worker.done = None;
                 interrupted += 1;
             }

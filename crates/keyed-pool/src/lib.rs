@@ -200,10 +200,6 @@ pub struct PoolMetrics {
     pub failures: u64,
     /// Jobs that panicked.
     pub panics: u64,
-    /// Places made for running jobs' futures: a job takes one from its driver's spares when it
-    /// starts and gives it back when it ends, so this is about as many as ever ran at once
-    /// (waiting on I/O, say) per driver, not one per worker.
-    pub job_slots: u64,
 }
 
 impl PoolMetrics {
@@ -256,7 +252,6 @@ struct Counters {
     jobs_run: AtomicU64,
     failures: AtomicU64,
     panics: AtomicU64,
-    job_slots: AtomicU64,
 }
 
 struct Slot<J> {
@@ -417,7 +412,6 @@ impl<J: Send + 'static> KeyedPool<J> {
             jobs_run: self.counters.jobs_run.load(Ordering::Relaxed),
             failures: self.counters.failures.load(Ordering::Relaxed),
             panics: self.counters.panics.load(Ordering::Relaxed),
-            job_slots: self.counters.job_slots.load(Ordering::Relaxed),
         }
     }
 

@@ -298,6 +298,15 @@ pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
                 1_000_000,
                 1,
             ),
+            // Few aggregates, each with many events in flight at once: a publisher's window
+            // holds about 100 events of each, so most batches leave later events of their
+            // aggregates behind (to wait for the batch to be stored).
+            Scenario::new(
+                "100-aggregates",
+                bus(BusSetup::default_config()),
+                100,
+                versions * 100,
+            ),
             Scenario {
                 payload: 1024,
                 ..Scenario::new(

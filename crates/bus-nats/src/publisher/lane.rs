@@ -15,10 +15,23 @@ pub(super) struct Lane {
 /// Invariant: while a chain's publishes are in a batch in flight, none of its later publishes
 /// is in `pending` (they are in the chain's `waiting`), so two batches in flight never hold
 /// the same aggregate, and a chain's next batch is cut only after its previous one is stored.
+///
+/// A chain's publishes in `pending` are linked from one to the next by their positions, so
+/// that those a cut leaves behind are moved to the chain's `waiting` without looking at the
+/// rest: the place each leaves in `pending` stays empty until it reaches the front. (A scan of
+/// all of `pending` at each such cut made publishing quadratic in the window: with 40 000
+/// publishes in flight, 62 % of the bus's time went to it.)
 #[derive(Default)]
 pub(super) struct LaneState {
-    /// Publishes waiting to be packed, in publish order.
-    pub(super) pending: VecDeque<Message>,
+    /// Publishes waiting to be packed, in publish order, with gaps where one was moved to its
+    /// chain's `waiting`; never a gap at the front.
+    pending: VecDeque<Pending>,
+    /// The position of `pending`'s front: positions count every publish ever put in
+    /// `pending`, so that they stay valid as the front is taken.
+    front: u64,
+    /// Gaps in `pending` (its publishes are the rest): while there is none, the front needs
+    /// no tidying.
+    gaps: usize,
     /// Their record bytes.
     pub(super) pending_bytes: usize,
     /// Aggregate chains with a publish pending or in flight, keyed by their [`chain_key`]
@@ -31,11 +44,25 @@ pub(super) struct LaneState {
     pub(super) lingering: bool,
 }
 
+/// A place in [`LaneState::pending`].
+struct Pending {
+    /// `None` once moved to its chain's `waiting`.
+    message: Option<Message>,
+    /// The position of its chain's next publish in `pending`, or [`NO_NEXT`] (a place of 16
+    /// bytes rather than 24: each publish is put in and taken out).
+    next: u64,
+}
+
+/// [`Pending::next`] of a chain's last publish in `pending`.
+const NO_NEXT: u64 = u64::MAX;
+
 /// One aggregate chain of a lane.
 #[derive(Default)]
 pub(super) struct Chain {
     /// Its publishes in `pending`.
     pub(super) pending: usize,
+    /// The position of the last of them (meaningful while `pending > 0`).
+    last: u64,
     /// The batch holding its earlier publishes, while that awaits its ack.
     pub(super) batch: Option<u64>,
     /// Its publishes that wait for that batch to be stored, in order.
@@ -51,22 +78,61 @@ impl LaneState {
                 chain.waiting.push_back(message);
                 return;
             }
+            let position = self.front + self.pending.len() as u64;
+            if chain.pending > 0 {
+                self.pending[(chain.last - self.front) as usize].next = position;
+            }
+            chain.last = position;
             chain.pending += 1;
         }
         self.pending_bytes += message.record_len;
-        self.pending.push_back(message);
+        self.pending.push_back(Pending {
+            message: Some(message),
+            next: NO_NEXT,
+        });
+    }
+
+    /// The oldest publish waiting to be packed.
+    #[inline]
+    pub(super) fn oldest(&self) -> Option<&Message> {
+        self.pending.front().map(|p| {
+            p.message
+                .as_ref()
+                .expect("the front of `pending` is never a gap")
+        })
+    }
+
+    /// Whether no publish waits to be packed.
+    pub(super) fn nothing_pending(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Publishes waiting to be packed.
+    fn waiting_to_pack(&self) -> usize {
+        self.pending.len() - self.gaps
+    }
+
+    /// Drops the gaps at the front of `pending`.
+    #[inline(always)]
+    fn close_front_gaps(&mut self) {
+        while self.gaps > 0 && self.pending.front().is_some_and(|p| p.message.is_none()) {
+            self.pending.pop_front();
+            self.front += 1;
+            self.gaps -= 1;
+        }
     }
 
     /// Whether a batch should be cut now: there is room in flight (for a batch that is not
     /// full, only while nothing else is in flight: events published meanwhile gather into
     /// the next batch, and full ones take the rest of `max_in_flight`), and
     /// either nothing lingers or the pending publishes fill a batch or have waited long enough.
+    #[inline]
     pub(super) fn ready(&self, limits: &BatchConfig, now: Instant) -> bool {
-        let Some(oldest) = self.pending.front() else {
+        let Some(oldest) = self.oldest() else {
             return false;
         };
         let full =
-            self.pending.len() >= limits.max_events || self.pending_bytes >= limits.max_bytes;
+            self.waiting_to_pack() >= limits.max_events || self.pending_bytes >= limits.max_bytes;
         let room = if full {
             limits.max_in_flight
         } else {
@@ -85,16 +151,23 @@ impl LaneState {
         }
         let number = self.next_number;
         self.next_number += 1;
-        let mut taken = Batched::with_capacity(self.pending.len().min(limits.max_events));
+        let mut taken = Batched::with_capacity(self.waiting_to_pack().min(limits.max_events));
         let mut bytes = 0;
-        let mut left_behind = false;
-        while let Some(next) = self.pending.front() {
+        // Chains with publishes left in `pending` behind this batch, with the position of the
+        // first of them as the batch's last publish of the chain links it (a chain is listed
+        // once per publish taken while more were left: its last entry is right).
+        let mut left_behind = Vec::new();
+        while let Some(next) = self.oldest() {
             if !taken.is_empty()
                 && (taken.len() >= limits.max_events || bytes + next.record_len > limits.max_bytes)
             {
                 break;
             }
-            let message = self.pending.pop_front().expect("front exists");
+            let place = self.pending.pop_front().expect("front exists");
+            self.front += 1;
+            let message = place
+                .message
+                .expect("the front of `pending` is never a gap");
             bytes += message.record_len;
             if let Some(key) = message.chain {
                 let chain = self
@@ -103,28 +176,41 @@ impl LaneState {
                     .expect("a pending publish's chain is known");
                 chain.pending -= 1;
                 chain.batch = Some(number);
-                left_behind |= chain.pending > 0;
+                if chain.pending > 0 {
+                    left_behind.push((key, place.next));
+                }
             }
             taken.push(message);
+            self.close_front_gaps();
         }
         self.pending_bytes -= bytes;
         self.in_flight += 1;
-        if left_behind {
-            // Later publishes of an aggregate in this batch did not fit: they wait for it to
-            // be stored rather than go in a batch that could overtake it.
-            let mut kept = VecDeque::with_capacity(self.pending.len());
-            for message in self.pending.drain(..) {
-                match message.chain.and_then(|k| self.chains.get_mut(&k)) {
-                    Some(chain) if chain.batch == Some(number) => {
-                        chain.pending -= 1;
-                        self.pending_bytes -= message.record_len;
-                        chain.waiting.push_back(message);
-                    }
-                    _ => kept.push_back(message),
+        // Later publishes of an aggregate in this batch did not fit: they wait for it to be
+        // stored rather than go in a batch that could overtake it.
+        for (key, first) in left_behind.into_iter().rev() {
+            let chain = self
+                .chains
+                .get_mut(&key)
+                .expect("a chain in a batch is known");
+            // Moved already from its last entry, when the batch took more than one of its
+            // publishes.
+            let mut position = first;
+            for left in (0..chain.pending).rev() {
+                let place = &mut self.pending[(position - self.front) as usize];
+                let message = place
+                    .message
+                    .take()
+                    .expect("a chain's pending position holds its publish");
+                self.pending_bytes -= message.record_len;
+                self.gaps += 1;
+                chain.waiting.push_back(message);
+                if left > 0 {
+                    position = place.next;
                 }
             }
-            self.pending = kept;
+            chain.pending = 0;
         }
+        self.close_front_gaps();
         Some((number, taken))
     }
 
@@ -148,22 +234,18 @@ impl LaneState {
             if chain.batch != Some(number) {
                 continue;
             }
+            // None of its publishes is in `pending` while its batch is in flight.
+            debug_assert_eq!(chain.pending, 0);
             chain.batch = None;
             let waiting = std::mem::take(&mut chain.waiting);
-            if failed {
-                if chain.pending == 0 {
-                    entry.remove();
-                }
+            if waiting.is_empty() {
+                entry.remove();
+            } else if failed {
+                entry.remove();
                 aborted.extend(waiting);
-            } else if waiting.is_empty() {
-                if chain.pending == 0 {
-                    entry.remove();
-                }
             } else {
-                chain.pending += waiting.len();
                 for message in waiting {
-                    self.pending_bytes += message.record_len;
-                    self.pending.push_back(message);
+                    self.push(message);
                 }
             }
         }
@@ -362,7 +444,7 @@ mod tests {
                 }
             }
             prop_assert_eq!(accounted, published);
-            prop_assert!(lane.pending.is_empty() && lane.chains.is_empty() && lane.pending_bytes == 0);
+            prop_assert!(lane.nothing_pending() && lane.pending.is_empty() && lane.gaps == 0 && lane.chains.is_empty() && lane.pending_bytes == 0);
         }
     }
 }

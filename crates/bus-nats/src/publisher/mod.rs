@@ -460,7 +460,7 @@ impl NatsPublisher {
                 && st.in_flight < limits.partial_in_flight()
             {
                 st.lingering = true;
-                let oldest = st.pending.front().map_or(now, |m| m.created);
+                let oldest = st.oldest().map_or(now, |m| m.created);
                 (None, Some(oldest + limits.linger))
             } else {
                 (None, None)

@@ -198,10 +198,10 @@ impl Settler<'_> {
         if !limits.linger.is_zero()
             && !st.lingering
             && st.in_flight < limits.partial_in_flight()
-            && !st.pending.is_empty()
+            && !st.nothing_pending()
         {
             st.lingering = true;
-            let deadline = st.pending.front().map_or(now, |m| m.created) + limits.linger;
+            let deadline = st.oldest().map_or(now, |m| m.created) + limits.linger;
             let (topic, lane) = (topic.clone(), lane.clone());
             timers.push(Box::pin(async move {
                 tokio::time::sleep_until(deadline.into()).await;

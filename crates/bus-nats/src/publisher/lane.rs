@@ -32,7 +32,7 @@ pub(super) struct LaneState {
     /// Gaps in `pending` (its publishes are the rest): while there is none, the front needs
     /// no tidying.
     gaps: usize,
-    /// Their record bytes.
+    /// The record bytes of the publishes in `pending`.
     pub(super) pending_bytes: usize,
     /// Aggregate chains with a publish pending or in flight, keyed by their [`chain_key`]
     /// (a hash already: not hashed again).

@@ -24,6 +24,10 @@ pub(crate) struct BusSetup {
     pub(crate) handled_once: bool,
     /// How the group owns each topic's consumer (the bus's default: the pinned group on 2.14+).
     pub(crate) ownership: bus_nats::Ownership,
+    /// Each topic's publishing task on a current-thread runtime of a thread of its own, with a
+    /// publisher on connections of its own made there
+    /// (`NatsBus::publisher_on_own_connections`); the subscriptions stay on the row's runtime.
+    pub(crate) publishing_thread: bool,
 }
 
 /// The typed rows' event: when it was sent, and the filler that makes up the payload size.
@@ -54,6 +58,7 @@ impl BusSetup {
             handled_once: false,
             batching: bus_nats::BatchConfig::off(),
             ownership: bus_nats::Ownership::Auto,
+            publishing_thread: false,
         }
     }
 
@@ -90,6 +95,7 @@ impl BusSetup {
             handled_once: false,
             batching: bus_nats::BatchConfig::default(),
             ownership: bus_nats::Ownership::Auto,
+            publishing_thread: false,
         }
     }
 
@@ -107,6 +113,29 @@ pub(crate) struct Timing {
     pub(crate) end_to_end: Duration,
     /// Messages the broker stored (a record batch is one), when the row knows.
     pub(crate) stored: Option<u64>,
+}
+
+/// Runs `task` on a current-thread runtime of a new thread; the handle ends with it.
+fn on_a_thread_of_its_own(
+    task: impl std::future::Future<Output = Result<()>> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<()>> {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("bench-publishing".into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(task));
+            let _ = done.send(outcome);
+        });
+    tokio::spawn(async move {
+        thread.context("starting the publishing thread")?;
+        finished
+            .await
+            .context("the publishing thread ended without an outcome")?
+    })
 }
 
 pub(crate) fn topics_for(s: &Scenario) -> Vec<Topic> {
@@ -266,12 +295,16 @@ pub(crate) async fn run_bus(
     let start = Instant::now();
     let mut publishers = Vec::new();
     for (t, topic) in topics.iter().enumerate() {
-        let publisher = bus.publisher();
+        // On a thread of its own, the publisher is made there (its ack task runs on the
+        // runtime it is made on, its connection on the runtime of its first publish).
+        let publisher = (!setup.publishing_thread).then(|| bus.publisher());
+        let own = bus.clone();
         let topic = topic.clone();
         let s = s.clone();
         let async_publish = setup.async_publish;
         let typed = setup.typed;
-        publishers.push(tokio::spawn(async move {
+        let publishing = async move {
+            let publisher = publisher.unwrap_or_else(|| own.publisher_on_own_connections());
             // Names are validated once, as a publisher of many events of the same aggregates
             // keeps them, and shared by every envelope (`Envelope::builder_for`).
             // Each written into one reused buffer (its numbers by `itoa`, not the formatting
@@ -319,7 +352,12 @@ pub(crate) async fn run_bus(
             }
             publisher.flush().await?;
             anyhow::Ok(())
-        }));
+        };
+        publishers.push(if setup.publishing_thread {
+            on_a_thread_of_its_own(publishing)
+        } else {
+            tokio::spawn(publishing)
+        });
     }
     for p in publishers {
         p.await??;

@@ -307,6 +307,17 @@ pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
                 100,
                 versions * 100,
             ),
+            // `default` with each topic's publishing task and its publisher on a thread of
+            // their own (a current-thread runtime), the subscriptions on the row's runtime.
+            Scenario::new(
+                "default-publishing-thread",
+                bus(BusSetup {
+                    publishing_thread: true,
+                    ..BusSetup::default_config()
+                }),
+                10_000,
+                versions,
+            ),
             Scenario {
                 payload: 1024,
                 ..Scenario::new(

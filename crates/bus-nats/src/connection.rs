@@ -198,10 +198,25 @@ impl Shared {
         if let Some(c) = self.publishing.read().unwrap().get(topic) {
             return Ok(c.clone());
         }
+        let connection = Arc::new(self.new_publish_connection(topic).await?);
+        self.publishing
+            .write()
+            .unwrap()
+            .insert(topic.clone(), connection.clone());
+        Ok(connection)
+    }
+
+    /// A new connection for `topic`'s publishes, kept by nobody but the caller (the publishing
+    /// connections above are kept by the bus). Its task runs on the runtime this is called on,
+    /// and ends when the caller drops the connection.
+    pub(crate) async fn new_publish_connection(
+        &self,
+        topic: &Topic,
+    ) -> Result<TopicConnection, NatsError> {
         self.check_open()?;
         let consuming = self.connections.read().unwrap().get(topic).cloned();
         let (client, signals) = self.connect(topic, Role::Publishing).await?;
-        let connection = Arc::new(match consuming {
+        Ok(match consuming {
             Some(consuming) => TopicConnection {
                 subject: consuming.subject.clone(),
                 partitions: consuming.partitions.clone(),
@@ -217,12 +232,7 @@ impl Shared {
                 retention: consuming.retention,
             },
             None => self.provisioned(topic, client, signals).await?,
-        });
-        self.publishing
-            .write()
-            .unwrap()
-            .insert(topic.clone(), connection.clone());
-        Ok(connection)
+        })
     }
 
     /// A JetStream context on `client`. The ack window is ours (`max_in_flight`); the

@@ -137,7 +137,7 @@ impl NatsBus {
             .connect(&probe, crate::connection::Role::Topic)
             .await?;
         drop(client);
-        let publisher = NatsPublisher::new(shared.clone());
+        let publisher = NatsPublisher::new(shared.clone(), false);
         Ok(Self {
             shared,
             publisher,
@@ -157,7 +157,32 @@ impl NatsBus {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn publisher(&self) -> NatsPublisher {
-        NatsPublisher::new(self.shared.clone())
+        NatsPublisher::new(self.shared.clone(), false)
+    }
+
+    /// A new publisher with its own in-flight window and connections of its own: one per
+    /// topic, made on its first publish to the topic, closed once every handle of the
+    /// publisher is dropped and its publishes are settled.
+    ///
+    /// For publishing from a runtime of its own, such as a current-thread runtime on a thread
+    /// that publishes in bulk. The bus's connections are made on the runtime of their first
+    /// use and end with it; this publisher's ack task runs on the runtime it is made on, and
+    /// each of its connections on the runtime of its first publish to the topic, so made and
+    /// used on such a thread all of its work stays there and ends with it, and the bus's
+    /// other publishers and subscriptions are not left a connection whose runtime is gone.
+    /// Kept on one thread, a publisher's tasks (the caller's, its ack task, its connection's)
+    /// hand each event to each other without moving it between cores: see
+    /// `docs/performance.md`, "Where the publisher's tasks run".
+    ///
+    /// Its connections are not in [`NatsBus::health`]'s report and [`NatsBus::close`] does not
+    /// close them; once the bus is closed its publishes fail with `Closed`. It ignores
+    /// [`NatsConfig::share_connection`] and
+    /// [`NatsConfig::separate_publish_connection`]: its connections are always its own.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn publisher_on_own_connections(&self) -> NatsPublisher {
+        NatsPublisher::new(self.shared.clone(), true)
     }
 
     /// The underlying client of `topic`'s connection, connecting on first use.

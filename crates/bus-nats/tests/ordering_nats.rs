@@ -81,7 +81,7 @@ async fn hundred_thousand_events_four_topics_eight_publishers() {
     const PUBLISHERS: usize = 8;
     let mut tasks = Vec::new();
     for p in 0..PUBLISHERS {
-        let publisher = bus.publisher();
+        let publisher = bus.publisher_on_own_connections();
         let topics = topics.clone();
         tasks.push(tokio::spawn(async move {
             for version in 1..=VERSIONS {
@@ -262,4 +262,115 @@ async fn garbage_from_a_plain_client_is_dead_lettered_and_the_topic_flows() {
     // The originals were terminated, not left for redelivery: the work queue is empty.
     let mut work = js.get_stream(&stream).await.unwrap();
     assert_eq!(work.info().await.unwrap().state.messages, 0);
+}
+
+/// A publisher made on a runtime of its own (a current-thread runtime on a thread that
+/// publishes in bulk), with connections of its own: its events arrive in order, and once that
+/// runtime has ended (and every task it ran with it) the bus's other publishers still publish
+/// to the topic. A publisher sharing the bus's connections would have made the topic's
+/// publishing connection on that runtime, and left the bus one whose task is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_on_a_runtime_of_its_own_keeps_order_and_leaves_the_bus_working() {
+    let server = NatsServer::start();
+    let mut config = test_config(&server.url());
+    // A dead connection fails a publish within this, rather than the default 30 s.
+    config.publish_retry_for = Duration::from_secs(3);
+    config.publish_ack_timeout = Duration::from_millis(500);
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("threads.own").unwrap();
+    let recorder = Recorder::new();
+    let subscription = subscribe_recording(&bus, &topic, &recorder).await;
+    const AGGREGATES: u64 = 50;
+    const VERSIONS: u64 = 40;
+    let publish = |publisher: bus_nats::NatsPublisher, topic: Topic, versions| async move {
+        for version in versions {
+            for a in 0..AGGREGATES {
+                let _receipt = publisher
+                    .publish(&topic, envelope(&format!("a{a}"), version))
+                    .await
+                    .unwrap();
+            }
+        }
+        publisher.flush().await
+    };
+    let (own_bus, own_topic) = (bus.clone(), topic.clone());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let publisher = own_bus.publisher_on_own_connections();
+            publish(publisher, own_topic, 1..=VERSIONS / 2).await
+        })
+    })
+    .join()
+    .unwrap()
+    .expect("the first half stored, from the runtime of its own");
+    recorder.wait_unique(AGGREGATES * VERSIONS / 2).await;
+    publish(bus.publisher(), topic.clone(), VERSIONS / 2 + 1..=VERSIONS)
+        .await
+        .expect("the second half stored, from the bus's runtime, after the other one ended");
+    recorder.wait_unique(AGGREGATES * VERSIONS).await;
+    subscription.close().await.unwrap();
+    recorder
+        .verifier
+        .report()
+        .assert_exact(AGGREGATES * VERSIONS);
+}
+
+/// A publisher's own connections close once its handles are dropped and its publishes are
+/// settled, and no other connection of the bus closes with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishers_own_connection_closes_with_it() {
+    let server = NatsServer::start();
+    let mut config = test_config(&server.url());
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    config.connection.on_event = Some(Arc::new(move |event| {
+        let _ = events.send(event);
+    }));
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = Topic::new("threads.closing").unwrap();
+    let recorder = Recorder::new();
+    let subscription = subscribe_recording(&bus, &topic, &recorder).await;
+    let publisher = bus.publisher_on_own_connections();
+    for version in 1..=100 {
+        let _receipt = publisher
+            .publish(&topic, envelope("closing", version))
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    recorder.wait_unique(100).await;
+    let closed = |event: &bus_nats::ConnectionEvent| matches!(event, bus_nats::ConnectionEvent::Closed { topic: t } if *t == topic);
+    while let Ok(event) = seen.try_recv() {
+        assert!(!closed(&event), "closed before the publisher was dropped");
+    }
+    drop(publisher);
+    let event = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let event = seen.recv().await.expect("the bus keeps the callback");
+            if matches!(event, bus_nats::ConnectionEvent::Closed { .. }) {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("a connection closed after the publisher was dropped");
+    assert!(closed(&event), "{event:?}");
+    // The subscription's connection is still there: more events arrive on the bus's own
+    // publisher.
+    for version in 101..=150 {
+        let _receipt = bus
+            .publish(&topic, envelope("closing", version))
+            .await
+            .unwrap();
+    }
+    bus.flush().await.unwrap();
+    recorder.wait_unique(150).await;
+    subscription.close().await.unwrap();
+    recorder.verifier.report().assert_exact(150);
+    while let Ok(event) = seen.try_recv() {
+        assert!(!closed(&event), "a second connection closed: {event:?}");
+    }
 }

@@ -113,6 +113,9 @@ struct State {
     retries: AtomicU64,
     /// Settled publishes kept to make the next ones in.
     spares: message::Spares,
+    /// Its publishes go out on connections of its own, not on the bus's
+    /// ([`NatsBus::publisher_on_own_connections`](crate::NatsBus::publisher_on_own_connections)).
+    own_connections: bool,
 }
 
 /// The key of an aggregate's chain in its lane: a hash of the topic and the aggregate. A
@@ -176,7 +179,7 @@ impl fmt::Debug for NatsPublisher {
 }
 
 impl NatsPublisher {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, own_connections: bool) -> Self {
         let state = Arc::new(State {
             window: Arc::new(Semaphore::new(shared.config.max_in_flight)),
             outstanding: AtomicU64::new(0),
@@ -189,6 +192,7 @@ impl NatsPublisher {
             next_id: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             spares: message::Spares::default(),
+            own_connections,
         });
         let (events, rx) = mpsc::unbounded_channel();
         tokio::spawn(collect_acks(rx, state.clone(), shared.clone()));
@@ -226,7 +230,15 @@ impl NatsPublisher {
         if let Some(route) = self.state.routes.read().unwrap().get(topic) {
             return Ok(route.clone());
         }
-        let connection = self.shared.publish_connection(topic).await.map_err(|e| {
+        let connection = if self.state.own_connections {
+            self.shared
+                .new_publish_connection(topic)
+                .await
+                .map(Arc::new)
+        } else {
+            self.shared.publish_connection(topic).await
+        };
+        let connection = connection.map_err(|e| {
             let kind = match e.kind() {
                 crate::NatsErrorKind::Closed => PublishErrorKind::Closed,
                 crate::NatsErrorKind::PermissionDenied => PublishErrorKind::Rejected,

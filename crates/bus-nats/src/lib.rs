@@ -98,6 +98,12 @@ pub use topics::{ConsumerState, TopicState};
 
 /// The NATS JetStream transport: a [`Publisher`] (through its default [`NatsPublisher`]) and a
 /// [`Subscriber`]. Clones share connections.
+///
+/// Each connection is made on the tokio runtime of its first use and runs there: use a bus on
+/// one runtime, the one it runs on for the life of the process. To publish from another, such
+/// as a current-thread runtime of a thread that publishes in bulk, make the publisher there
+/// with [`NatsBus::publisher_on_own_connections`]; a connection of the bus made on a runtime
+/// that has ended fails every later use.
 #[derive(Clone)]
 pub struct NatsBus {
     shared: Arc<Shared>,

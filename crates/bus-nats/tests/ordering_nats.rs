@@ -81,7 +81,7 @@ async fn hundred_thousand_events_four_topics_eight_publishers() {
     const PUBLISHERS: usize = 8;
     let mut tasks = Vec::new();
     for p in 0..PUBLISHERS {
-        let publisher = bus.publisher_on_own_connections();
+        let publisher = bus.publisher();
         let topics = topics.clone();
         tasks.push(tokio::spawn(async move {
             for version in 1..=VERSIONS {

@@ -757,6 +757,63 @@ mod tests {
     }
 
     #[test]
+    fn a_span_decodes_as_its_view_does_whatever_the_body() {
+        let e = Envelope::builder("a-1", "T", 2)
+            .event_id("e-2")
+            .payload(vec![7; 10])
+            .build()
+            .unwrap();
+        let body = batch_of(&[e.clone(), e.clone()]);
+        let (spans, _) = split_batch("2", &body, |_| ()).unwrap();
+        let mut ids = AggregateIds::new(4);
+        let decoded = |body: &Bytes, ids: &mut AggregateIds| {
+            spans[1]
+                .decode_with(body, ids)
+                .map(|r| r.map_err(|e| e.to_string()))
+        };
+        let viewed = |body: &Bytes, ids: &mut AggregateIds| {
+            spans[1]
+                .view(body)
+                .map(|v| v.decode_with(ids).map_err(|e| e.to_string()))
+        };
+        assert_eq!(decoded(&body, &mut ids), Some(Ok(e.clone())));
+        assert_eq!(decoded(&body.slice(..body.len() - 1), &mut ids), None);
+        // The same span over bodies whose bytes there differ: a line end inside the event's
+        // ID (the block is no longer one well-formed line), bytes that are not UTF-8, a
+        // version that is not one, a line without its LF.
+        let block = spans[1].headers.0 as usize;
+        let line = &body[block..spans[1].headers.1 as usize];
+        let at = |text: &[u8]| block + line.windows(text.len()).position(|w| w == text).unwrap();
+        for (what, spoiled) in [
+            ("CR in the ID", vec![(at(b"e-2") + 1, b'\r')]),
+            ("LF in the ID", vec![(at(b"e-2") + 1, b'\n')]),
+            (
+                "CR LF in the ID",
+                vec![(at(b"e-2"), b'\r'), (at(b"e-2") + 1, b'\n')],
+            ),
+            ("not UTF-8", vec![(at(b"a-1"), 0xFF)]),
+            ("not a version", vec![(at(b" 2 ") + 1, b'x')]),
+            ("no LF", vec![(spans[1].headers.1 as usize - 1, b'x')]),
+        ] {
+            let mut other = body.to_vec();
+            for (i, b) in spoiled {
+                other[i] = b;
+            }
+            let other = Bytes::from(other);
+            assert_eq!(
+                decoded(&other, &mut ids),
+                viewed(&other, &mut ids),
+                "{what}"
+            );
+            assert!(
+                !matches!(decoded(&other, &mut ids), Some(Ok(_))),
+                "{what}: {:?}",
+                decoded(&other, &mut ids)
+            );
+        }
+    }
+
+    #[test]
     fn a_batch_is_its_records_in_order() {
         let envelopes: Vec<Envelope> = (1..=3)
             .map(|v| {
@@ -1119,6 +1176,12 @@ mod tests {
                 (_, Err(_)) => {}
             }
             prop_assert_eq!(viewed.decode().map_err(|e| e.to_string()), general.clone().map_err(|e| e.to_string()));
+            // Decoded from its span as from its view (twice: the second finds the kept names).
+            let mut span_ids = AggregateIds::new(4);
+            for _ in 0..2 {
+                let from_span = spans[1].decode_with(&body, &mut span_ids).expect("a span of its own body");
+                prop_assert_eq!(from_span.map_err(|e| e.to_string()), general.clone().map_err(|e| e.to_string()));
+            }
         }
     }
 

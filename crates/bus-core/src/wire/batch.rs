@@ -143,6 +143,36 @@ impl RecordSpan {
         })
     }
 
+    /// The record as an envelope, from the body the span was split from: what
+    /// `self.view(body)` and then [`RecordView::decode_with`] give (`None` where `view` gives
+    /// `None`), at less cost. A header block of one `Bus-Event` line, as this library writes
+    /// it, is read as it lies, without going through it again for its line ends: each of that
+    /// line's fields admits neither CR nor LF, so a line that reads as an event is a
+    /// well-formed block. Any other block is checked as `view` checks it.
+    pub fn decode_with(
+        &self,
+        body: &Bytes,
+        ids: &mut AggregateIds,
+    ) -> Option<Result<Envelope, DecodeError>> {
+        if body.len() < self.headers.1.max(self.payload.1) as usize {
+            return None;
+        }
+        let block = body.get(self.headers.0 as usize..self.headers.1 as usize)?;
+        let line = block
+            .strip_prefix(b"Bus-Event: ")
+            .and_then(|rest| rest.strip_suffix(b"\r\n"));
+        if let Some(Ok(line)) = line.map(std::str::from_utf8) {
+            if let Some(fields) = event_fields_fast(line, Some(ids)) {
+                return Some(decode_from(
+                    Some(fields),
+                    std::iter::empty(),
+                    self.payload(body),
+                ));
+            }
+        }
+        Some(self.view(body)?.decode_with(ids))
+    }
+
     /// The record, from the body the span was split from; `None` from another body, too short
     /// or whose bytes there are not a header block.
     pub fn record(&self, body: &Bytes) -> Option<Record> {

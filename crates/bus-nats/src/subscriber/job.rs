@@ -166,12 +166,13 @@ impl BatchProgress {
             static IDS: RefCell<bus_core::AggregateIds> =
                 RefCell::new(bus_core::AggregateIds::new(0));
         }
-        let record = self.spans[index]
-            .view(&self.message.payload)
-            .expect("a batch's spans are of its own payload");
-        IDS.with(|ids| record.decode_with(&mut ids.borrow_mut()))
-            .map(Prepared::Envelope)
-            .map_err(|error| dead_letter_reason(Unhandleable::Undecodable(error.to_string())))
+        IDS.with(|ids| {
+            self.spans[index]
+                .decode_with(&self.message.payload, &mut ids.borrow_mut())
+                .expect("a batch's spans are of its own payload")
+        })
+        .map(Prepared::Envelope)
+        .map_err(|error| dead_letter_reason(Unhandleable::Undecodable(error.to_string())))
     }
 }
 

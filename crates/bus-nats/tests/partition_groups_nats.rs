@@ -598,6 +598,25 @@ fn members_join_leave_and_crash_under_load(runtime: &tokio::runtime::Runtime, wh
     }
     let so_far = all(&replicas);
     wait_handled(&replicas.iter().collect::<Vec<_>>(), so_far + 1_000);
+    // And while the member to be killed is handling: one between two epochs of its partitions
+    // (delivery restarting, frequent on 2.9) may have handled nothing for a while, and the
+    // partitions it held are read from what it handled in its last 300 ms.
+    let deadline = std::time::Instant::now() + common::replicas::STEP;
+    loop {
+        let last_of_c = calls(&replicas.iter().collect::<Vec<_>>())
+            .iter()
+            .filter(|c| c.process == "c")
+            .map(|c| c.start)
+            .max();
+        if last_of_c.is_some_and(|t| t + 100_000_000 > common::replicas::now_ns()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the member to be killed has handled nothing since {last_of_c:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let killed_at = common::replicas::now_ns();
     replicas.iter_mut().find(|r| r.name == "c").unwrap().kill();
     // The events each partition's consumer had awaiting acknowledgement at the kill: those of

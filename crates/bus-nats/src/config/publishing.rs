@@ -99,7 +99,7 @@ impl BatchConfig {
     /// goes only while nothing else of its topic (partition) awaits an ack. At every load
     /// measured this left fewer messages for the broker and a shorter tail than letting partial
     /// batches take half of `max_in_flight` (`docs/performance.md`, twentieth look).
-    pub fn partial_in_flight(&self) -> usize {
+    pub(crate) fn partial_in_flight(&self) -> usize {
         1
     }
 

@@ -26,8 +26,10 @@ pub(crate) struct BusSetup {
     pub(crate) ownership: bus_nats::Ownership,
     /// Each topic's publishing task on a current-thread runtime of a thread of its own, with a
     /// publisher on connections of its own made there
-    /// (`NatsBus::publisher_on_own_connections`); the subscriptions stay on the row's runtime.
+    /// (`NatsBus::publisher_on_own_connections`).
     pub(crate) publishing_thread: bool,
+    /// Where the subscriptions run (the bus's default: the row's runtime).
+    pub(crate) subscription_runtime: bus_nats::SubscriptionRuntime,
 }
 
 /// The typed rows' event: when it was sent, and the filler that makes up the payload size.
@@ -43,7 +45,8 @@ impl bus_core::Event for BenchEvent {
 
 impl BusSetup {
     /// The design note's "before": synchronous publish, fetch 10, MaxWait 1 s, MaxAckPending
-    /// 500, MaxWaiting 200, one connection for every topic.
+    /// 500, MaxWaiting 200, one connection for every topic, the subscriptions on the caller's
+    /// runtime.
     pub(crate) fn seed_before() -> Self {
         Self {
             async_publish: false,
@@ -59,6 +62,7 @@ impl BusSetup {
             batching: bus_nats::BatchConfig::off(),
             ownership: bus_nats::Ownership::Auto,
             publishing_thread: false,
+            subscription_runtime: bus_nats::SubscriptionRuntime::Caller,
         }
     }
 
@@ -96,6 +100,7 @@ impl BusSetup {
             batching: bus_nats::BatchConfig::default(),
             ownership: bus_nats::Ownership::Auto,
             publishing_thread: false,
+            subscription_runtime: bus_nats::SubscriptionRuntime::default(),
         }
     }
 
@@ -190,6 +195,7 @@ pub(crate) async fn run_bus(
     config.publish_ordering = setup.publish_ordering;
     config.batching = setup.batching.clone();
     config.consumer.ownership = setup.ownership;
+    config.subscription_runtime = setup.subscription_runtime;
     for (i, topic) in topics_for(s).into_iter().enumerate() {
         let mut spec = bus_nats::StreamSpec::new(format!("BENCH_{i}"), [topic]);
         spec.retention = setup.retention;

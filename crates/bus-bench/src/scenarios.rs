@@ -308,11 +308,22 @@ pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
                 versions * 100,
             ),
             // `default` with each topic's publishing task and its publisher on a thread of
-            // their own (a current-thread runtime), the subscriptions on the row's runtime.
+            // their own (a current-thread runtime).
             Scenario::new(
                 "default-publishing-thread",
                 bus(BusSetup {
                     publishing_thread: true,
+                    ..BusSetup::default_config()
+                }),
+                10_000,
+                versions,
+            ),
+            // `default` with each subscription on a thread of its own
+            // (`SubscriptionRuntime::OwnThread`), the publishing tasks on the row's runtime.
+            Scenario::new(
+                "default-own-thread",
+                bus(BusSetup {
+                    subscription_runtime: bus_nats::SubscriptionRuntime::OwnThread,
                     ..BusSetup::default_config()
                 }),
                 10_000,

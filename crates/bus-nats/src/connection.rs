@@ -64,6 +64,20 @@ pub(crate) struct Shared {
     /// renewing a lease never waits behind a topic's deliveries (a topic connection's reader
     /// blocks while a full pull inbox drains, and a lease not renewed in time is given up).
     pub(crate) coordination: tokio::sync::OnceCell<Coordination>,
+    /// The runtime the bus was connected on: every connection the bus keeps runs there,
+    /// whichever runtime first used it (a subscription's own thread, a handler on it, another
+    /// runtime's task), so that none ends with a runtime that ends before the bus.
+    pub(crate) home: tokio::runtime::Handle,
+}
+
+/// Where a new connection's task runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum On {
+    /// The bus's runtime ([`Shared::home`]): a connection the bus keeps.
+    Home,
+    /// The caller's runtime: a connection of a publisher made for another runtime, which
+    /// ends with it.
+    Caller,
 }
 
 /// See [`Shared::coordination`].
@@ -80,7 +94,7 @@ impl Shared {
         self.coordination
             .get_or_try_init(|| async {
                 let name = Topic::new("bus-coordination").expect("a valid topic");
-                let (client, signals) = self.connect(&name, Role::Topic).await?;
+                let (client, signals) = self.connect(&name, Role::Topic, On::Home).await?;
                 Ok(Coordination {
                     jetstream: jetstream::new(client.clone()),
                     client,
@@ -118,7 +132,7 @@ impl Shared {
         };
         let (client, signals) = match shared_client {
             Some(shared) => shared,
-            None => self.connect(topic, Role::Topic).await?,
+            None => self.connect(topic, Role::Topic, On::Home).await?,
         };
         let connection = Arc::new(self.provisioned(topic, client, signals).await?);
         self.connections
@@ -198,7 +212,7 @@ impl Shared {
         if let Some(c) = self.publishing.read().unwrap().get(topic) {
             return Ok(c.clone());
         }
-        let connection = Arc::new(self.new_publish_connection(topic).await?);
+        let connection = Arc::new(self.new_publish_connection(topic, On::Home).await?);
         self.publishing
             .write()
             .unwrap()
@@ -207,15 +221,16 @@ impl Shared {
     }
 
     /// A new connection for `topic`'s publishes, kept by nobody but the caller (the publishing
-    /// connections above are kept by the bus). Its task runs on the runtime this is called on,
-    /// and ends when the caller drops the connection.
+    /// connections above are kept by the bus). Its task runs on the runtime `on` says, and
+    /// ends when the caller drops the connection.
     pub(crate) async fn new_publish_connection(
         &self,
         topic: &Topic,
+        on: On,
     ) -> Result<TopicConnection, NatsError> {
         self.check_open()?;
         let consuming = self.connections.read().unwrap().get(topic).cloned();
-        let (client, signals) = self.connect(topic, Role::Publishing).await?;
+        let (client, signals) = self.connect(topic, Role::Publishing, on).await?;
         Ok(match consuming {
             Some(consuming) => TopicConnection {
                 subject: consuming.subject.clone(),
@@ -272,20 +287,46 @@ impl Shared {
         }
     }
 
-    /// Connects for `topic`, with a counter of the connection's re-connections.
+    /// Connects for `topic`, with a counter of the connection's re-connections. The client's
+    /// task runs on the runtime `on` says: async-nats spawns it where the connection is made.
     pub(crate) async fn connect(
         &self,
         topic: &Topic,
         role: Role,
+        on: On,
     ) -> Result<(async_nats::Client, Signals), NatsError> {
-        let c = &self.config.connection;
+        let connecting = connect(
+            self.config.connection.clone(),
+            self.config.max_in_flight,
+            topic.clone(),
+            role,
+        );
+        match on {
+            On::Caller => connecting.await,
+            On::Home => self.home.spawn(connecting).await.map_err(|_| {
+                NatsError::Closed("the tokio runtime the bus was connected on has shut down".into())
+            })?,
+        }
+    }
+}
+
+/// [`Shared::connect`], on the runtime it is polled on.
+async fn connect(
+    c: config::ConnectionConfig,
+    max_in_flight: usize,
+    topic: Topic,
+    role: Role,
+) -> Result<(async_nats::Client, Signals), NatsError> {
+    let topic = &topic;
+    let c = &c;
+    {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("{}:{topic}{}", c.client_name, role.suffix()))
             .connection_timeout(c.connect_timeout)
             .max_reconnects(c.max_reconnects)
             // A publisher's acks come back on one subscription, up to `max_in_flight` at a time;
             // a full subscription would drop them (and the publishes would time out).
-            .subscription_capacity(self.config.max_in_flight.saturating_mul(2).max(65_536));
+            .subscription_capacity(max_in_flight.saturating_mul(2).max(65_536));
         // The client ignores credentials written into URLs: take them out (they must not be
         // printed either) and pass them on as the connection's authentication.
         let mut servers = Vec::with_capacity(c.servers.len());

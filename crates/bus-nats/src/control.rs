@@ -87,7 +87,11 @@ pub(crate) async fn serve(
         .get_or_try_init(|| async {
             let name = Topic::new("bus-control").expect("a valid topic");
             shared
-                .connect(&name, crate::connection::Role::Topic)
+                .connect(
+                    &name,
+                    crate::connection::Role::Topic,
+                    crate::connection::On::Home,
+                )
                 .await
                 .map(|(client, _signals)| client)
         })

@@ -74,12 +74,13 @@ pub use config::{
     check_stream_name, default_stream_name, redact_url, Auth, BatchConfig, ConnectionCallback,
     ConnectionConfig, ConnectionEvent, ConsumerSpec, DeadLetterConfig, Discard, FetchConfig,
     NatsConfig, Ownership, Provisioning, PublishFailure, PublishFailureCallback, PublishOrdering,
-    Retention, StartAt, Storage, StreamSpec, TlsConfig, ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT,
-    DEFAULT_BATCH_MAX_BYTES, DEFAULT_BATCH_MAX_EVENTS, DEFAULT_BATCH_MAX_IN_FLIGHT,
-    DEFAULT_DEAD_LETTER_MAX_BYTES, DEFAULT_DUPLICATE_WINDOW, DEFAULT_FETCH_BATCH,
-    DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_WAITING,
-    DEFAULT_METRICS_INTERVAL, DEFAULT_PUBLISH_ACK_TIMEOUT, DEFAULT_PUBLISH_RETRY_FOR,
-    DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS, DEFAULT_TAKEOVER_AFTER, MAX_PARTITIONS,
+    Retention, StartAt, Storage, StreamSpec, SubscriptionRuntime, TlsConfig,
+    ACKNOWLEDGED_PURGE_EVERY, DEFAULT_ACK_WAIT, DEFAULT_BATCH_MAX_BYTES, DEFAULT_BATCH_MAX_EVENTS,
+    DEFAULT_BATCH_MAX_IN_FLIGHT, DEFAULT_DEAD_LETTER_MAX_BYTES, DEFAULT_DUPLICATE_WINDOW,
+    DEFAULT_FETCH_BATCH, DEFAULT_FETCH_EXPIRES, DEFAULT_MAX_ACK_PENDING, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_WAITING, DEFAULT_METRICS_INTERVAL, DEFAULT_PUBLISH_ACK_TIMEOUT,
+    DEFAULT_PUBLISH_RETRY_FOR, DEFAULT_STREAM_MAX_BYTES, DEFAULT_STREAM_MAX_MSGS,
+    DEFAULT_TAKEOVER_AFTER, MAX_PARTITIONS,
 };
 pub(crate) use connection::{Shared, TopicConnection};
 pub use control::{GroupReset, ResetTo};
@@ -99,11 +100,13 @@ pub use topics::{ConsumerState, TopicState};
 /// The NATS JetStream transport: a [`Publisher`] (through its default [`NatsPublisher`]) and a
 /// [`Subscriber`]. Clones share connections.
 ///
-/// Each connection is made on the tokio runtime of its first use and runs there: use a bus on
-/// one runtime, the one it runs on for the life of the process. To publish from another, such
-/// as a current-thread runtime of a thread that publishes in bulk, make the publisher there
-/// with [`NatsBus::publisher_on_own_connections`]; a connection of the bus made on a runtime
-/// that has ended fails every later use.
+/// The bus's connections run on the tokio runtime [`NatsBus::connect`] was called on,
+/// whichever runtime first uses them (a subscription on a thread of its own, a handler there,
+/// a task of another runtime): they last as long as that runtime, so connect the bus on the
+/// one the process runs on for its life. A publisher's ack task runs on the runtime the
+/// publisher is made on ([`NatsBus::publisher`]): to publish from another runtime, such as a
+/// current-thread runtime of a thread that publishes in bulk, make the publisher there, with
+/// [`NatsBus::publisher_on_own_connections`] to keep all of its work there.
 #[derive(Clone)]
 pub struct NatsBus {
     shared: Arc<Shared>,
@@ -125,8 +128,12 @@ impl fmt::Debug for NatsBus {
 }
 
 impl NatsBus {
-    /// Validates `config` and prepares the bus. Connections are made per topic on first use;
-    /// this call connects once to check that a server answers.
+    /// Validates `config` and prepares the bus. Connections are made per topic on first use,
+    /// on the runtime this is called on; this call connects once to check that a server
+    /// answers.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
     pub async fn connect(config: NatsConfig) -> Result<Self, NatsError> {
         config.validate()?;
         let shared = Arc::new(Shared {
@@ -136,11 +143,16 @@ impl NatsBus {
             connecting: tokio::sync::Mutex::new(()),
             closed: std::sync::atomic::AtomicBool::new(false),
             coordination: Default::default(),
+            home: tokio::runtime::Handle::current(),
         });
         // Fail at start-up, not at the first publish, when no server answers.
         let probe = Topic::new("bus-probe").expect("valid topic");
         let client = shared
-            .connect(&probe, crate::connection::Role::Topic)
+            .connect(
+                &probe,
+                crate::connection::Role::Topic,
+                crate::connection::On::Home,
+            )
             .await?;
         drop(client);
         let publisher = NatsPublisher::new(shared.clone(), false);
@@ -171,11 +183,10 @@ impl NatsBus {
     /// publisher is dropped and its publishes are settled.
     ///
     /// For publishing from a runtime of its own, such as a current-thread runtime on a thread
-    /// that publishes in bulk. The bus's connections are made on the runtime of their first
-    /// use and end with it; this publisher's ack task runs on the runtime it is made on, and
-    /// each of its connections on the runtime of its first publish to the topic, so made and
-    /// used on such a thread all of its work stays there and ends with it, and the bus's
-    /// other publishers and subscriptions are not left a connection whose runtime is gone.
+    /// that publishes in bulk. The bus's own connections run on the runtime the bus was
+    /// connected on; this publisher's ack task runs on the runtime it is made on, and each of
+    /// its connections on the runtime of its first publish to the topic, so made and used on
+    /// such a thread all of its work stays there and ends with it.
     /// Kept on one thread, a publisher's tasks (the caller's, its ack task, its connection's)
     /// hand each event to each other without moving it between cores: see
     /// `docs/performance.md`, "Where the publisher's tasks run".

@@ -58,7 +58,11 @@ impl NatsBus {
         let probe = Topic::new("bus-topics").expect("valid topic");
         let (client, _signals) = self
             .shared
-            .connect(&probe, crate::connection::Role::Topic)
+            .connect(
+                &probe,
+                crate::connection::Role::Topic,
+                crate::connection::On::Home,
+            )
             .await?;
         let jetstream = async_nats::jetstream::new(client);
         let streams: Vec<_> = jetstream

@@ -22,3 +22,18 @@ mod batched {
     use super::*;
     bus_testkit::conformance_tests!(NatsHarness::batched(Retention::WorkQueue).await);
 }
+
+/// Each subscription on a thread of its own (`SubscriptionRuntime::OwnThread`), with record
+/// batches as in `batched`.
+mod own_thread {
+    use super::*;
+    bus_testkit::conformance_tests!(
+        NatsHarness::with_config(Retention::WorkQueue, |config| {
+            config.subscription_runtime = bus_nats::SubscriptionRuntime::OwnThread;
+            config.batching = bus_nats::BatchConfig::on();
+            config.batching.max_events = 16;
+            config.batching.max_in_flight = 2;
+        })
+        .await
+    );
+}

@@ -58,6 +58,31 @@ pub enum Ownership {
     Lease,
 }
 
+/// Where a subscription's fetcher, workers and handlers run ([`NatsConfig::subscription_runtime`]).
+/// In configuration files: `subscription_runtime = "caller"` or `"own-thread"`. Either way the
+/// bus's connections run on the runtime the bus was connected on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubscriptionRuntime {
+    /// The tokio runtime `subscribe` is called on: its handlers run on that runtime's worker
+    /// threads, beside the caller's other tasks.
+    #[default]
+    Caller,
+    /// A current-thread tokio runtime on a thread of its own per subscription, named
+    /// `bus:<topic>`, ended when the subscription is closed or dropped. A subscription's tasks
+    /// then hand each event to each other on one thread, and never wait behind the caller's
+    /// tasks (publishing, above all) for a worker thread of the caller's runtime: at full load
+    /// a process that publishes and consumes ran 5-16 % faster here, and at half load its
+    /// latency was longer (a delivery wakes the thread from sleep: `docs/performance.md`, "A
+    /// subscription on a thread of its own"). Its handlers run there, one at a time: a handler
+    /// that computes for long holds up the subscription's other aggregates (move such work to
+    /// `tokio::task::spawn_blocking`), and one that blocks its thread past
+    /// [`ConsumerSpec::takeover_after`] lets a standby take the topic over;
+    /// `tokio::task::block_in_place` is not available there; tasks a handler spawns run there
+    /// too, and end with the subscription.
+    OwnThread,
+}
+
 /// Where a new consumer group starts reading a topic ([`ConsumerSpec::start`]). In
 /// configuration files: `start = "start"`, `"new"`, `{ sequence = 41 }` or
 /// `{ time = "2026-12-01T00:00:00Z" }`.

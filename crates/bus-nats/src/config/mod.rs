@@ -143,6 +143,9 @@ pub struct NatsConfig {
     pub publish_ack_timeout: Duration,
     /// Workers and queue sizes of each subscription's keyed pool.
     pub pool: PoolConfig,
+    /// Where each subscription's fetcher, workers and handlers run (default
+    /// [`SubscriptionRuntime::Caller`]: the runtime `subscribe` is called on).
+    pub subscription_runtime: SubscriptionRuntime,
     /// How retryable handler errors are retried, in place, while the aggregate's later events
     /// wait. Once retries are exhausted, or on a permanent error or a panic, `on_failure`
     /// decides.
@@ -192,6 +195,7 @@ impl Default for NatsConfig {
             publish_ack_timeout: DEFAULT_PUBLISH_ACK_TIMEOUT,
             batching: BatchConfig::default(),
             pool: PoolConfig::default(),
+            subscription_runtime: SubscriptionRuntime::default(),
             retry: RetryPolicy::default(),
             on_failure: FailurePolicy::default(),
             dead_letters: DeadLetterConfig::default(),
@@ -217,6 +221,7 @@ impl fmt::Debug for NatsConfig {
             .field("publish_ack_timeout", &self.publish_ack_timeout)
             .field("batching", &self.batching)
             .field("pool", &self.pool)
+            .field("subscription_runtime", &self.subscription_runtime)
             .field("retry", &self.retry)
             .field("on_failure", &self.on_failure)
             .field("dead_letters", &self.dead_letters)

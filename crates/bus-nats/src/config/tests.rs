@@ -143,6 +143,7 @@ mod files {
             ("BUS__RETRY__MAX_ATTEMPTS", "3"),
             ("BUS__RETRY__INITIAL_BACKOFF", "10ms"),
             ("BUS__ON_FAILURE", "halt-aggregate"),
+            ("BUS__SUBSCRIPTION_RUNTIME", "own-thread"),
             ("BUS__CONNECTION__AUTH__TOKEN", "s3cret"),
             (
                 "BUS__STREAMS",
@@ -161,6 +162,7 @@ mod files {
         assert_eq!(config.retry.max_attempts, 3);
         assert_eq!(config.retry.initial_backoff, Duration::from_millis(10));
         assert_eq!(config.on_failure, FailurePolicy::HaltAggregate);
+        assert_eq!(config.subscription_runtime, SubscriptionRuntime::OwnThread);
         assert!(matches!(&config.connection.auth, Auth::Token(t) if t == "s3cret"));
         assert_eq!(config.streams.len(), 1);
         assert_eq!(config.streams[0].replicas, 3);

@@ -232,7 +232,7 @@ impl NatsPublisher {
         }
         let connection = if self.state.own_connections {
             self.shared
-                .new_publish_connection(topic)
+                .new_publish_connection(topic, crate::connection::On::Caller)
                 .await
                 .map(Arc::new)
         } else {

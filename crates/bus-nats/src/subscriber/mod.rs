@@ -19,6 +19,7 @@ mod ownership;
 mod recovery;
 mod registry;
 mod runner;
+mod thread;
 mod unacked;
 pub(crate) use copies::BatchMemory;
 pub(crate) use group::MEMBERS_BUCKET;
@@ -88,6 +89,35 @@ fn subscribe_error(topic: &Topic, error: NatsError) -> SubscribeError {
 }
 
 pub(crate) async fn start(
+    shared: Arc<Shared>,
+    memory: Arc<BatchMemory>,
+    topic: &Topic,
+    dispatch: Dispatch,
+) -> Result<Subscription, SubscribeError> {
+    match shared.config.subscription_runtime {
+        crate::SubscriptionRuntime::Caller => start_here(shared, memory, topic, dispatch).await,
+        crate::SubscriptionRuntime::OwnThread => {
+            // Made there, its tasks are spawned there; the connections it uses run on the
+            // bus's runtime wherever they are made (`Shared::home`).
+            let thread = thread::OwnThread::start(topic).await?;
+            let made = {
+                let topic = topic.clone();
+                thread
+                    .run("subscribing", async move {
+                        start_here(shared, memory, &topic, dispatch).await
+                    })
+                    .await?
+            };
+            Ok(Subscription::new(thread::OnOwnThread {
+                inner: Some(made),
+                thread,
+            }))
+        }
+    }
+}
+
+/// [`start`], its tasks on the runtime this runs on.
+async fn start_here(
     shared: Arc<Shared>,
     memory: Arc<BatchMemory>,
     topic: &Topic,

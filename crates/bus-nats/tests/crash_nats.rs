@@ -22,12 +22,15 @@
 //! versions kept in the same write as the handler's effect (its log line), every version is
 //! handled exactly once across the kills, no replay at all; with them in NATS KV (written after
 //! the handler), no version is handled again once its record was stored, and the successors
-//! skipped what was recorded (both counted: the path under test was taken). Each case runs several rounds (`BUS_CRASH_ROUNDS`, default 2) of three kills, at 30 %, 50 %
+//! skipped what was recorded (both counted: the path under test was taken). One more runs the
+//! consumers' subscriptions on threads of their own (`SubscriptionRuntime::OwnThread`,
+//! work-queue batched on the current server). Each case runs several rounds (`BUS_CRASH_ROUNDS`, default 2) of three kills, at 30 %, 50 %
 //! and 70 % of the events. `BUS_CRASH_ONLY` picks cases by a part of their name.
 //!
 //! And an owner *stopped* (SIGSTOP) with thousands of events queued, taken over, then run
 //! again must not handle what it had queued (`an_owner_stopped_past_its_claim_handles_nothing_when_it_runs_again`,
-//! work-queue batched cases on the current server and 2.12). `BUS_CRASH_KIND=kill` or `stop`
+//! work-queue batched cases on the current server, the own-thread one included, and 2.12).
+//! `BUS_CRASH_KIND=kill` or `stop`
 //! runs only the one kind.
 //!
 //! This binary is its own child: run with `BUS_CRASH_CHILD_URL` set, it is a consumer that gets
@@ -93,6 +96,8 @@ struct Case {
     once: Once,
     /// `consumer.ownership` Lease: the lease on a server that has the pinned group too.
     lease: bool,
+    /// The consumers' subscriptions on a thread of their own (`SubscriptionRuntime::OwnThread`).
+    own_thread: bool,
 }
 
 /// Whether and where the consumers keep the versions they handled (`HandledOnce`).
@@ -120,6 +125,7 @@ impl Case {
                 Once::Kv => "-handled-once-in-kv",
             }
             + if self.lease { "-lease" } else { "" }
+            + if self.own_thread { "-own-thread" } else { "" }
     }
 }
 
@@ -160,6 +166,7 @@ fn main() {
             batched: true,
             once: Once::Off,
             lease: false,
+            own_thread: false,
         },
         Case {
             retention: Retention::WorkQueue,
@@ -167,6 +174,7 @@ fn main() {
             batched: true,
             once: Once::Off,
             lease: true,
+            own_thread: false,
         },
         Case {
             retention: Retention::WorkQueue,
@@ -174,6 +182,7 @@ fn main() {
             batched: false,
             once: Once::Off,
             lease: false,
+            own_thread: false,
         },
         Case {
             retention: Retention::Acknowledged,
@@ -181,6 +190,7 @@ fn main() {
             batched: true,
             once: Once::Off,
             lease: false,
+            own_thread: false,
         },
         Case {
             retention: Retention::Acknowledged,
@@ -188,6 +198,7 @@ fn main() {
             batched: true,
             once: Once::Off,
             lease: true,
+            own_thread: false,
         },
         Case {
             retention: Retention::WorkQueue,
@@ -195,6 +206,7 @@ fn main() {
             batched: true,
             once: Once::Off,
             lease: false,
+            own_thread: false,
         },
         Case {
             retention: Retention::WorkQueue,
@@ -202,6 +214,7 @@ fn main() {
             batched: false,
             once: Once::Off,
             lease: false,
+            own_thread: false,
         },
         Case {
             retention: Retention::WorkQueue,
@@ -209,6 +222,7 @@ fn main() {
             batched: true,
             once: Once::Off,
             lease: false,
+            own_thread: false,
         },
         Case {
             retention: Retention::WorkQueue,
@@ -216,6 +230,7 @@ fn main() {
             batched: true,
             once: Once::Off,
             lease: false,
+            own_thread: false,
         },
         Case {
             retention: Retention::WorkQueue,
@@ -223,6 +238,7 @@ fn main() {
             batched: true,
             once: Once::Log,
             lease: false,
+            own_thread: false,
         },
         Case {
             retention: Retention::WorkQueue,
@@ -230,6 +246,15 @@ fn main() {
             batched: true,
             once: Once::Kv,
             lease: false,
+            own_thread: false,
+        },
+        Case {
+            retention: Retention::WorkQueue,
+            server: TestServer::Current,
+            batched: true,
+            once: Once::Off,
+            lease: false,
+            own_thread: true,
         },
     ];
     let cases: Vec<&Case> = cases
@@ -398,9 +423,12 @@ async fn child(
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .try_init();
-    let bus = NatsBus::connect(config(&url, retention, batched, lease))
-        .await
-        .unwrap();
+    let mut config = config(&url, retention, batched, lease);
+    let own_thread = std::env::var("BUS_CRASH_CHILD_OWN_THREAD").is_ok();
+    if own_thread {
+        config.subscription_runtime = bus_nats::SubscriptionRuntime::OwnThread;
+    }
+    let bus = NatsBus::connect(config).await.unwrap();
     let log = PathBuf::from(log);
     let store = Arc::new(LogStore::open(&log));
     // With `BUS_CRASH_CHILD_AT_START` the line is written when the handler starts: a handler
@@ -410,6 +438,14 @@ async fn child(
         let store = store.clone();
         Arc::new(handler_fn(move |e: Envelope| {
             let store = store.clone();
+            // Off the subscription's thread the event is dead-lettered, not logged: the case
+            // then fails with events lost.
+            let thread = std::thread::current();
+            assert!(
+                !own_thread || thread.name().is_some_and(|n| n.starts_with("bus:")),
+                "handled on `{:?}`, not the subscription's own thread",
+                thread.name()
+            );
             async move {
                 if at_start {
                     store.handled(e.aggregate_id(), e.event_version());
@@ -699,6 +735,9 @@ fn spawn_child_with(url: &str, log: &Path, case: &Case, at_start: bool) -> Consu
     }
     if case.lease {
         command.env("BUS_CRASH_CHILD_LEASE", "1");
+    }
+    if case.own_thread {
+        command.env("BUS_CRASH_CHILD_OWN_THREAD", "1");
     }
     match case.once {
         Once::Off => {}

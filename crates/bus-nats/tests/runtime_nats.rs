@@ -238,3 +238,67 @@ async fn connections_first_used_on_a_subscriptions_thread_outlive_it() {
     recorder.verifier.report().assert_exact(40);
     invoices_seen.verifier.report().assert_exact(40);
 }
+
+/// A partitioned topic's subscription (its group membership, heartbeat, and one fetcher per
+/// partition it is assigned) on a thread of its own: every event once and in order, handled on
+/// that thread, and the thread ends with the subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_topic_on_its_own_thread_keeps_order_and_ends_with_it() {
+    let server = NatsServer::start();
+    let mut config = test_config(&server.url());
+    config.subscription_runtime = SubscriptionRuntime::OwnThread;
+    let topic = Topic::new("runtime.parted").unwrap();
+    let mut spec = bus_nats::StreamSpec::new("RUNTIME_PARTED", [topic.clone()]);
+    spec.partitions = 4;
+    config.streams.push(spec);
+    let bus = NatsBus::connect(config).await.unwrap();
+    let recorder = Recorder::new();
+    let threads: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let handler = {
+        let (recorder, threads, topic) = (recorder.clone(), threads.clone(), topic.clone());
+        handler_fn(move |e: Envelope| {
+            threads.lock().unwrap().push(Seen {
+                thread: std::thread::current().name().map(str::to_owned),
+                id: std::thread::current().id(),
+                runtime: tokio::runtime::Handle::current(),
+            });
+            recorder.record(&topic, &e);
+            async { Ok(()) }
+        })
+    };
+    let subscription = bus.subscribe(&topic, Arc::new(handler)).await.unwrap();
+    const AGGREGATES: u64 = 40;
+    const VERSIONS: u64 = 25;
+    for version in 1..=VERSIONS {
+        for a in 0..AGGREGATES {
+            let _receipt = bus
+                .publish(&topic, envelope(&format!("p{a}"), version))
+                .await
+                .unwrap();
+        }
+    }
+    bus.flush().await.unwrap();
+    recorder.wait_unique(AGGREGATES * VERSIONS).await;
+    subscription.close().await.unwrap();
+    recorder
+        .verifier
+        .report()
+        .assert_exact(AGGREGATES * VERSIONS);
+    let seen = threads.lock().unwrap().clone();
+    let first = seen.first().expect("handled").clone();
+    for call in &seen {
+        assert_eq!(call.thread.as_deref(), Some("bus:runtime.parted"));
+        assert_eq!(
+            call.id, first.id,
+            "every partition's handlers on the one thread"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !has_shut_down(&first.runtime).await {
+        assert!(
+            Instant::now() < deadline,
+            "the subscription's runtime still runs 10 s after its close"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -319,31 +319,30 @@ async fn connect(
 ) -> Result<(async_nats::Client, Signals), NatsError> {
     let topic = &topic;
     let c = &c;
-    {
-        let mut options = async_nats::ConnectOptions::new()
-            .name(format!("{}:{topic}{}", c.client_name, role.suffix()))
-            .connection_timeout(c.connect_timeout)
-            .max_reconnects(c.max_reconnects)
-            // A publisher's acks come back on one subscription, up to `max_in_flight` at a time;
-            // a full subscription would drop them (and the publishes would time out).
-            .subscription_capacity(max_in_flight.saturating_mul(2).max(65_536));
-        // The client ignores credentials written into URLs: take them out (they must not be
-        // printed either) and pass them on as the connection's authentication.
-        let mut servers = Vec::with_capacity(c.servers.len());
-        let mut from_urls: Option<config::UrlCredentials> = None;
-        for url in &c.servers {
-            let (stripped, credentials) = config::split_url_credentials(url);
-            servers.push(stripped);
-            if let Some(credentials) = credentials {
-                if from_urls.as_ref().is_some_and(|seen| *seen != credentials) {
-                    return Err(NatsError::Configuration(
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("{}:{topic}{}", c.client_name, role.suffix()))
+        .connection_timeout(c.connect_timeout)
+        .max_reconnects(c.max_reconnects)
+        // A publisher's acks come back on one subscription, up to `max_in_flight` at a time;
+        // a full subscription would drop them (and the publishes would time out).
+        .subscription_capacity(max_in_flight.saturating_mul(2).max(65_536));
+    // The client ignores credentials written into URLs: take them out (they must not be
+    // printed either) and pass them on as the connection's authentication.
+    let mut servers = Vec::with_capacity(c.servers.len());
+    let mut from_urls: Option<config::UrlCredentials> = None;
+    for url in &c.servers {
+        let (stripped, credentials) = config::split_url_credentials(url);
+        servers.push(stripped);
+        if let Some(credentials) = credentials {
+            if from_urls.as_ref().is_some_and(|seen| *seen != credentials) {
+                return Err(NatsError::Configuration(
                         "connection.servers: the server URLs carry different credentials; give one set in `connection.auth`".into(),
                     ));
-                }
-                from_urls = Some(credentials);
             }
+            from_urls = Some(credentials);
         }
-        let auth = match (&c.auth, from_urls) {
+    }
+    let auth = match (&c.auth, from_urls) {
             (auth, None) => auth.clone(),
             (config::Auth::None, Some(config::UrlCredentials::UserPassword(user, password))) => {
                 config::Auth::UserPassword { user, password }
@@ -357,102 +356,101 @@ async fn connect(
                 ))
             }
         };
-        options = match &auth {
-            config::Auth::None => options,
-            config::Auth::Token(t) => options.token(t.clone()),
-            config::Auth::UserPassword { user, password } => {
-                options.user_and_password(user.clone(), password.clone())
-            }
-            config::Auth::NKey(seed) => options.nkey(seed.clone()),
-            config::Auth::CredentialsFile(path) => {
-                options.credentials_file(path).await.map_err(|e| {
-                    NatsError::Configuration(format!(
-                        "credentials file `{}` could not be read: {e}",
-                        path.display()
-                    ))
-                })?
-            }
-        };
-        if let Some(tls) = &c.tls {
-            // The client would skip a CA file it cannot read or parse, and fail later with a
-            // handshake error that names no file.
-            for ca in &tls.ca_files {
-                check_pem(ca, "CA certificate", "CERTIFICATE")?;
-            }
-            if let Some((cert, key)) = &tls.client_certificate {
-                check_pem(cert, "client certificate", "CERTIFICATE")?;
-                check_pem(key, "client key", "PRIVATE KEY")?;
-            }
-            for ca in &tls.ca_files {
-                options = options.add_root_certificates(ca.clone());
-            }
-            if let Some((cert, key)) = &tls.client_certificate {
-                options = options.add_client_certificate(cert.clone(), key.clone());
-            }
-            options = options.require_tls(tls.require_tls);
+    options = match &auth {
+        config::Auth::None => options,
+        config::Auth::Token(t) => options.token(t.clone()),
+        config::Auth::UserPassword { user, password } => {
+            options.user_and_password(user.clone(), password.clone())
         }
-        if c.retry_on_initial_connect {
-            options = options.retry_on_initial_connect();
+        config::Auth::NKey(seed) => options.nkey(seed.clone()),
+        config::Auth::CredentialsFile(path) => {
+            options.credentials_file(path).await.map_err(|e| {
+                NatsError::Configuration(format!(
+                    "credentials file `{}` could not be read: {e}",
+                    path.display()
+                ))
+            })?
         }
-        let callback = c.on_event.clone();
-        let event_topic = topic.clone();
-        let (reconnected, reconnects) = watch::channel(0u64);
-        let reconnected = Arc::new(reconnected);
-        let (violated, violations) = watch::channel(None::<Violation>);
-        let violated = Arc::new(violated);
-        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        options = options.event_callback(move |event| {
-            let callback = callback.clone();
-            let topic = event_topic.clone();
-            let reconnected = reconnected.clone();
-            let first = first.clone();
-            let violated = violated.clone();
-            async move {
-                let event = match event {
-                    async_nats::Event::Connected => {
-                        // The first event is the first connection; every later one replaced a
-                        // lost socket.
-                        if first.swap(false, std::sync::atomic::Ordering::AcqRel) {
-                            tracing::debug!(%topic, role = role.suffix(), "connected");
-                        } else {
-                            reconnected.send_modify(|n| *n += 1);
-                        }
-                        ConnectionEvent::Connected { topic }
-                    }
-                    async_nats::Event::Disconnected => ConnectionEvent::Disconnected { topic },
-                    async_nats::Event::Closed => ConnectionEvent::Closed { topic },
-                    async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
-                        if let Some(violation) = Violation::parse(&text) {
-                            violated.send_replace(Some(violation));
-                        }
-                        ConnectionEvent::Error {
-                            topic,
-                            message: text,
-                        }
-                    }
-                    other => ConnectionEvent::Error {
-                        topic,
-                        message: other.to_string(),
-                    },
-                };
-                tracing::info!(?event, role = role.suffix(), "nats connection event");
-                if let Some(callback) = callback {
-                    callback(event);
-                }
-            }
-        });
-        let client = options
-            .connect(servers.clone())
-            .await
-            .map_err(|source| NatsError::Connect { servers, source })?;
-        Ok((
-            client,
-            Signals {
-                reconnects,
-                violations,
-            },
-        ))
+    };
+    if let Some(tls) = &c.tls {
+        // The client would skip a CA file it cannot read or parse, and fail later with a
+        // handshake error that names no file.
+        for ca in &tls.ca_files {
+            check_pem(ca, "CA certificate", "CERTIFICATE")?;
+        }
+        if let Some((cert, key)) = &tls.client_certificate {
+            check_pem(cert, "client certificate", "CERTIFICATE")?;
+            check_pem(key, "client key", "PRIVATE KEY")?;
+        }
+        for ca in &tls.ca_files {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &tls.client_certificate {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        options = options.require_tls(tls.require_tls);
     }
+    if c.retry_on_initial_connect {
+        options = options.retry_on_initial_connect();
+    }
+    let callback = c.on_event.clone();
+    let event_topic = topic.clone();
+    let (reconnected, reconnects) = watch::channel(0u64);
+    let reconnected = Arc::new(reconnected);
+    let (violated, violations) = watch::channel(None::<Violation>);
+    let violated = Arc::new(violated);
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    options = options.event_callback(move |event| {
+        let callback = callback.clone();
+        let topic = event_topic.clone();
+        let reconnected = reconnected.clone();
+        let first = first.clone();
+        let violated = violated.clone();
+        async move {
+            let event = match event {
+                async_nats::Event::Connected => {
+                    // The first event is the first connection; every later one replaced a
+                    // lost socket.
+                    if first.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                        tracing::debug!(%topic, role = role.suffix(), "connected");
+                    } else {
+                        reconnected.send_modify(|n| *n += 1);
+                    }
+                    ConnectionEvent::Connected { topic }
+                }
+                async_nats::Event::Disconnected => ConnectionEvent::Disconnected { topic },
+                async_nats::Event::Closed => ConnectionEvent::Closed { topic },
+                async_nats::Event::ServerError(async_nats::ServerError::Other(text)) => {
+                    if let Some(violation) = Violation::parse(&text) {
+                        violated.send_replace(Some(violation));
+                    }
+                    ConnectionEvent::Error {
+                        topic,
+                        message: text,
+                    }
+                }
+                other => ConnectionEvent::Error {
+                    topic,
+                    message: other.to_string(),
+                },
+            };
+            tracing::info!(?event, role = role.suffix(), "nats connection event");
+            if let Some(callback) = callback {
+                callback(event);
+            }
+        }
+    });
+    let client = options
+        .connect(servers.clone())
+        .await
+        .map_err(|source| NatsError::Connect { servers, source })?;
+    Ok((
+        client,
+        Signals {
+            reconnects,
+            violations,
+        },
+    ))
 }
 
 /// What a connection is for; its name on the server (`<client name>:<topic><suffix>`) says it.

@@ -72,7 +72,8 @@ pub enum SubscriptionRuntime {
     /// `bus:<topic>`, ended when the subscription is closed or dropped. A subscription's tasks
     /// then hand each event to each other on one thread, and never wait behind the caller's
     /// tasks (publishing, above all) for a worker thread of the caller's runtime: at full load
-    /// a process that publishes and consumes ran 5-16 % faster here, while at half load its
+    /// a process that publishes and consumes ran up to 16 % faster here (median +3 % to +11 %
+    /// over three sets of runs), while at half load its
     /// latency was longer (a delivery wakes the thread from sleep), and a process that only
     /// consumes drained a backlog 3-15 % slower (one thread where the caller's runtime has
     /// several: `docs/performance.md`, "A subscription on a thread of its own"). Its handlers

@@ -73,11 +73,10 @@ pub enum SubscriptionRuntime {
     /// then hand each event to each other on one thread, and never wait behind the caller's
     /// tasks (publishing, above all) for a worker thread of the caller's runtime: at full load
     /// a process that publishes and consumes ran up to 16 % faster here (median +3 % to +11 %
-    /// over three sets of runs), while at half load its
-    /// latency was longer (a delivery wakes the thread from sleep), and a process that only
-    /// consumes drained a backlog 3-15 % slower (one thread where the caller's runtime has
-    /// several: `docs/performance.md`, "A subscription on a thread of its own"). Its handlers
-    /// run there, one at a time: a handler
+    /// over three sets of runs), while at half load its latency was longer (a delivery wakes
+    /// the thread from sleep), and a process that only consumes drained a backlog 3-15 % slower
+    /// (one thread where the caller's runtime has several: `docs/performance.md`, "A
+    /// subscription on a thread of its own"). Its handlers run there, one at a time: a handler
     /// that computes for long holds up the subscription's other aggregates (move such work to
     /// `tokio::task::spawn_blocking`), and one that blocks its thread past
     /// [`ConsumerSpec::takeover_after`] lets a standby take the topic over;

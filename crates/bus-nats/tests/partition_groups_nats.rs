@@ -355,23 +355,7 @@ fn a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(
         let deadline = std::time::Instant::now() + common::replicas::STEP;
         for p in 0..PARTITIONS {
             loop {
-                // Before 2.14 a takeover deletes and recreates the partition's consumer, which a
-                // member leaving just before the kill may be doing now: read it once it is back.
-                let name = format!("{base}-p{p}");
-                let recreated_by = std::time::Instant::now() + common::replicas::STEP;
-                let info = loop {
-                    match stream.consumer_info(&name).await {
-                        Ok(info) => break info,
-                        Err(e)
-                            if e.kind()
-                                == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound
-                                && std::time::Instant::now() < recreated_by =>
-                        {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                        Err(e) => panic!("reading consumer `{name}` at the kill: {e}"),
-                    }
-                };
+                let info = stream.consumer_info(format!("{base}-p{p}")).await.unwrap();
                 if info.num_ack_pending > 0 {
                     // The ownership under test: the pinned group only by default on 2.14+.
                     assert_eq!(

@@ -301,27 +301,43 @@ fn a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(
         bus.flush().await.unwrap();
     });
     wait_handled(&replicas.iter().collect::<Vec<_>>(), AGGREGATES * versions);
-    // The first assignment has settled: every partition is owned by the member it is assigned
-    // to. A held event fetched by a member still closing a partition it handed over (the first
-    // member takes every partition until the second joins) would hold that close until its
-    // deadline, which abandons the handler: the event is then handled once, by the next
-    // owner, where this test counts the held call and the replay.
+    // The first assignment has settled: no member is still closing a partition it handed over
+    // (the first member takes every partition until the second joins). A held event fetched by
+    // such a member would hold that close until its deadline, which abandons the handler: the
+    // event is then handled once, by the next owner, where this test counts the held call and
+    // the replay. With a lease, every partition is then owned by the member it is assigned to.
+    // With the pinned group, a partition that moved after its last event was delivered has no
+    // owner until its next event (the broker pins a standby only when it has a message for
+    // it): its member waits as a standby, and the broker shows nobody pinned.
+    let pinned = matches!(which, TestServer::Current) && !lease;
+    let base = handover_config_with(&url, lease).consumer_name(&reset_topic());
     let deadline = std::time::Instant::now() + common::replicas::STEP;
     loop {
         let seen: Vec<(u64, u64, u64)> = replicas
             .iter()
             .map(|r| r.seen(|s| (s.partitions, s.gained, s.lost)))
             .collect();
-        if seen.iter().map(|s| s.0).sum::<u64>() == PARTITIONS as u64
-            && seen
-                .iter()
-                .all(|(partitions, gained, lost)| gained - lost == *partitions)
+        let standing_by: u64 = seen
+            .iter()
+            .map(|(partitions, gained, lost)| partitions.saturating_sub(gained - lost))
+            .sum();
+        // A pin held by a member that is still closing would leave the consumer pinned while
+        // its new member stands by: the two counts differ until that member lets go.
+        let unpinned = if pinned && standing_by > 0 {
+            runtime.block_on(unpinned_partitions(&url, "REGROUPED", &base))
+        } else {
+            0
+        };
+        // Both members have their share (the first one had them all until the second joined).
+        if seen.iter().all(|s| s.0 > 0)
+            && seen.iter().map(|s| s.0).sum::<u64>() == PARTITIONS as u64
+            && standing_by == unpinned
         {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the partitions were never all owned by the two members (partitions, gained, lost): {seen:?}"
+            "the first assignment never settled (partitions, gained, lost per member; partitions nobody is pinned to): {seen:?}, {unpinned}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -480,6 +496,24 @@ fn a_reset_moves_a_partition_being_handed_over_once_it_is_taken_over(
         again += versions.len();
     }
     assert_eq!(again, replayed, "every event stored from {from} on, once");
+}
+
+/// How many of the partitions' consumers (`<base>-p<n>`) of `stream` have no client pinned.
+async fn unpinned_partitions(url: &str, stream: &str, base: &str) -> u64 {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let stream = js.get_stream(stream).await.unwrap();
+    let mut unpinned = 0;
+    for p in 0..PARTITIONS {
+        let info = stream.consumer_info(format!("{base}-p{p}")).await.unwrap();
+        if info
+            .priority_groups
+            .iter()
+            .all(|g| g.pinned_client_id.as_deref().unwrap_or_default().is_empty())
+        {
+            unpinned += 1;
+        }
+    }
+    unpinned
 }
 
 /// The partitions a `GroupReset::moved_by` names, sorted (a partition moved twice, twice).

@@ -273,7 +273,9 @@ pub struct SubscriptionMetrics {
     /// Events held behind halted aggregates now, the failed ones included.
     pub halted_events: u64,
     /// Whether this subscription consumes its topic now; `false` while it waits as a standby
-    /// for another subscription of its group (in this or another process) to go.
+    /// for another subscription of its group (in this or another process) to go. A transport
+    /// may leave a standby waiting after the owner went until there is something to deliver
+    /// (the NATS transport's pinned group does): a quiet topic can then have no owner at all.
     pub owner: bool,
     /// Times this subscription became the one consuming its topic.
     pub ownership_gained: u64,

@@ -47,6 +47,11 @@ pub struct ConsumerSpec {
 pub enum Ownership {
     /// On nats-server 2.14 or newer a priority group with the pinned-client policy: the broker
     /// delivers only to the owner. On older servers a lease, as [`Ownership::Lease`].
+    ///
+    /// The broker pins a standby only when it has a message for it: once the owner has gone
+    /// (closed, or a group moved its partition), a topic with nothing new to deliver has no
+    /// owner (`SubscriptionMetrics::owner` is `false` everywhere) until its next event, which
+    /// the standby takes over with. With a lease the standby takes over as soon as it is free.
     #[default]
     Auto,
     /// A lease in the KV bucket `BUS_OWNERS` on every server, as before 2.14: the owner fences

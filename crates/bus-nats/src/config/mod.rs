@@ -36,11 +36,10 @@ pub const DEFAULT_BATCH_MAX_EVENTS: usize = 128;
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 64 << 10;
 
 /// Default batches of one topic (or partition) awaiting their ack at once
-/// ([`BatchConfig::max_in_flight`]): 16, of which a batch that is not full takes one only when
-/// it would be the only one. 16 rather than 8 was faster at full load in every one of eleven
-/// paired runs (`docs/performance.md`, twenty-seventh look); beyond 16 the consuming side,
-/// not the publisher, bounds a process that does both.
-pub const DEFAULT_BATCH_MAX_IN_FLIGHT: usize = 16;
+/// ([`BatchConfig::max_in_flight`]): 8, of which a batch that is not full takes one only when
+/// it would be the only one. 16 publishes faster at full load and leaves a longer tail at half
+/// load (`docs/performance.md`, twenty-seventh look).
+pub const DEFAULT_BATCH_MAX_IN_FLIGHT: usize = 8;
 
 /// Default events asked for in one pull request (optimisation 2: 10 → 500, then 2 000 for
 /// record batches; see [`FetchConfig::batch`]).

@@ -29,15 +29,13 @@ struct Seen {
     runtime: tokio::runtime::Handle,
 }
 
-/// Subscribes to `topic` with a handler that records where each call ran, publishes
-/// `events` events of one aggregate, and waits until all are handled.
-async fn handled_where(
-    bus: &NatsBus,
+/// A handler of `topic` that records each event in `recorder` and where each call ran, and
+/// those places as they are recorded.
+fn recording_where(
     topic: &Topic,
-    events: u64,
-) -> (bus_core::Subscription, Vec<Seen>) {
+    recorder: &Arc<Recorder>,
+) -> (Arc<dyn bus_core::Handler>, Arc<Mutex<Vec<Seen>>>) {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let recorder = Recorder::new();
     let handler = {
         let (seen, recorder, topic) = (seen.clone(), recorder.clone(), topic.clone());
         handler_fn(move |e: Envelope| {
@@ -50,7 +48,19 @@ async fn handled_where(
             async { Ok(()) }
         })
     };
-    let subscription = bus.subscribe(topic, Arc::new(handler)).await.unwrap();
+    (Arc::new(handler), seen)
+}
+
+/// Subscribes to `topic` with a handler that records where each call ran, publishes
+/// `events` events of one aggregate, and waits until all are handled.
+async fn handled_where(
+    bus: &NatsBus,
+    topic: &Topic,
+    events: u64,
+) -> (bus_core::Subscription, Vec<Seen>) {
+    let recorder = Recorder::new();
+    let (handler, seen) = recording_where(topic, &recorder);
+    let subscription = bus.subscribe(topic, handler).await.unwrap();
     for version in 1..=events {
         let _receipt = bus
             .publish(topic, envelope("where", version))
@@ -253,20 +263,8 @@ async fn a_partitioned_topic_on_its_own_thread_keeps_order_and_ends_with_it() {
     config.streams.push(spec);
     let bus = NatsBus::connect(config).await.unwrap();
     let recorder = Recorder::new();
-    let threads: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let handler = {
-        let (recorder, threads, topic) = (recorder.clone(), threads.clone(), topic.clone());
-        handler_fn(move |e: Envelope| {
-            threads.lock().unwrap().push(Seen {
-                thread: std::thread::current().name().map(str::to_owned),
-                id: std::thread::current().id(),
-                runtime: tokio::runtime::Handle::current(),
-            });
-            recorder.record(&topic, &e);
-            async { Ok(()) }
-        })
-    };
-    let subscription = bus.subscribe(&topic, Arc::new(handler)).await.unwrap();
+    let (handler, threads) = recording_where(&topic, &recorder);
+    let subscription = bus.subscribe(&topic, handler).await.unwrap();
     const AGGREGATES: u64 = 40;
     const VERSIONS: u64 = 25;
     for version in 1..=VERSIONS {

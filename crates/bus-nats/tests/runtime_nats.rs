@@ -84,6 +84,18 @@ async fn has_shut_down(runtime: &tokio::runtime::Handle) -> bool {
     }
 }
 
+/// Waits until `runtime`, a closed subscription's own, has shut down; fails after 10 s.
+async fn shuts_down_after_close(runtime: &tokio::runtime::Handle) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !has_shut_down(runtime).await {
+        assert!(
+            Instant::now() < deadline,
+            "the subscription's runtime still runs 10 s after its close"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// With `SubscriptionRuntime::OwnThread` each subscription's handlers run on a thread of its
 /// own, named after its topic, not on any thread of the caller's runtime; closing the
 /// subscription ends that thread's runtime.
@@ -128,14 +140,7 @@ async fn own_thread_handlers_run_on_the_subscriptions_thread_which_ends_with_it(
         "the thread runs while the subscription is open"
     );
     subscription.close().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !has_shut_down(&first.runtime).await {
-        assert!(
-            Instant::now() < deadline,
-            "the subscription's runtime still runs 10 s after its close"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    shuts_down_after_close(&first.runtime).await;
 }
 
 /// By default (`SubscriptionRuntime::Caller`) the handlers run on the runtime `subscribe` was
@@ -214,14 +219,7 @@ async fn connections_first_used_on_a_subscriptions_thread_outlive_it() {
     recorder.wait_unique(20).await;
     subscription.close().await.unwrap();
     let thread_runtime = runtimes.lock().unwrap()[0].clone();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !has_shut_down(&thread_runtime).await {
-        assert!(
-            Instant::now() < deadline,
-            "the subscription's runtime still runs 10 s after its close"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    shuts_down_after_close(&thread_runtime).await;
 
     // The topic connection the subscription made, and the publishing connection the handler
     // made, after the thread they were first used on has ended.
@@ -291,12 +289,5 @@ async fn a_partitioned_topic_on_its_own_thread_keeps_order_and_ends_with_it() {
             "every partition's handlers on the one thread"
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !has_shut_down(&first.runtime).await {
-        assert!(
-            Instant::now() < deadline,
-            "the subscription's runtime still runs 10 s after its close"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    shuts_down_after_close(&first.runtime).await;
 }

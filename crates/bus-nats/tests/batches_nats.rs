@@ -667,3 +667,64 @@ async fn a_handler_knows_when_its_event_was_stored_and_received() {
         assert!(received <= started, "{sequence}: started before received");
     }
 }
+
+/// A stream written by an earlier version holds batches whose records have text heads: they
+/// are read, in order, before and between the compact ones this version writes. The test
+/// checks that both forms are stored, and that every event is handled once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_with_text_heads_are_read_with_compact_ones() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(batched(&server.url(), |c| {
+        c.batching.linger = Duration::from_millis(200);
+    }))
+    .await
+    .unwrap();
+    let topic = Topic::new("heads").unwrap();
+    // The stream exists once the first event is stored: versions 1-2 of each aggregate.
+    publish_stored_at(&bus, &topic, &[("a", 1), ("b", 1), ("a", 2), ("b", 2)], 1).await;
+    // Versions 3-5 as an earlier version wrote them: one batch, text heads.
+    let mut body = Vec::new();
+    let mut first_id = None;
+    for (aggregate, version) in [("a", 3), ("b", 3), ("a", 4), ("a", 5), ("b", 4), ("b", 5)] {
+        let e = envelope(aggregate, version);
+        first_id.get_or_insert_with(|| e.event_id().as_str().to_owned());
+        bus_core::wire::encode_text_record(&e, &mut body);
+    }
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(bus_core::wire::BATCH, "6");
+    headers.insert("Nats-Msg-Id", format!("{}+6", first_id.unwrap()).as_str());
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let ack = js
+        .publish_with_headers(topic.as_str().to_owned(), headers, body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, 2);
+    publish_stored_at(&bus, &topic, &[("a", 6), ("b", 6), ("b", 7)], 3).await;
+
+    // Stored as written: compact heads, text heads, compact heads.
+    let s = stream(&server, &bus, &topic).await;
+    let mut heads = Vec::new();
+    for seq in 1..=3 {
+        let message = s.get_raw_message(seq).await.unwrap();
+        let count = message.headers.get(bus_core::wire::BATCH).unwrap();
+        let (spans, _) =
+            bus_core::wire::split_batch(count.as_ref(), &message.payload, |_| ()).unwrap();
+        heads.push(spans[0].header_block(&message.payload).first() == Some(&0));
+    }
+    assert_eq!(heads, [true, false, true], "compact heads per stored batch");
+
+    let recorder = Recorder::new();
+    let subscription = bus_testkit::conformance::subscribe_recording(&bus, &topic, &recorder).await;
+    recorder.wait_unique(13).await;
+    wait_acknowledged(&server, &bus, &topic).await;
+    let report = recorder.verifier.report();
+    assert_eq!(report.handled, 13, "{report:?}");
+    assert_eq!(
+        (report.order_violations, report.duplicates, report.gaps),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    subscription.close().await.unwrap();
+}

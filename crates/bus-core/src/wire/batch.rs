@@ -5,6 +5,9 @@
 
 use bytes::Bytes;
 
+use std::borrow::Cow;
+
+use super::compact::{self, COMPACT};
 use super::{
     decode, decode_from, digits, encode_other_headers, event_fields_fast, event_value_len,
     header_pairs, ill_formed_line, malformed, parse_decimal, push_event_value, well_formed_block,
@@ -23,15 +26,21 @@ use crate::names::AggregateIds;
 /// | bytes | what |
 /// |---|---|
 /// | 4 | `H`, the length of the record's header block, unsigned big-endian |
-/// | `H` | the header block: one `Name: value\r\n` line per header, UTF-8, exactly the headers a single-event message of the envelope carries (`Bus-Event` first) |
+/// | `H` | the header block: exactly the headers a single-event message of the envelope carries, `Bus-Event` first, as one `Name: value\r\n` line per header (UTF-8), or with the `Bus-Event` line as a *compact head* (its five fields in binary, below) |
 /// | 4 | `P`, the length of the payload, unsigned big-endian |
 /// | `P` | the payload |
 ///
 /// The message itself carries only `Bus-Batch` and the broker's `Nats-Msg-Id`. A message
 /// without `Bus-Batch` is a single event, in the format above.
+///
+/// This library writes compact heads: a 0 byte, then the aggregate ID, the event version, the
+/// event type, the timestamp and the event ID in binary (a UUID as its 16 bytes), then the
+/// other header lines as text. Readers take either form, record by record: a stream keeps the
+/// text heads earlier versions wrote. `docs/wire-format.md` has the byte layout.
 pub const BATCH: &str = "Bus-Batch";
 
-/// One event of a record batch: its header block and its payload, not yet decoded.
+/// One event of a record batch: its header block (in text form: a compact head as the
+/// `Bus-Event` line it stands for) and its payload, not yet decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Checked to be UTF-8 once, when the batch is split: reading the headers checks no more.
@@ -46,7 +55,7 @@ impl Record {
         header_pairs(&self.headers)
     }
 
-    /// The header block as it travelled.
+    /// The header block as text: as it travelled, or the text a compact head stands for.
     pub fn header_block(&self) -> &Bytes {
         self.headers.as_bytes()
     }
@@ -128,16 +137,25 @@ impl RecordSpan {
 
     /// The record, borrowed from the body the span was split from ([`split_batch`] hands the
     /// same view); `None` from another body, too short or whose bytes there are not a header
-    /// block (checked again: UTF-8 `Name: value` lines each ended by CR LF).
+    /// block (checked again: UTF-8 `Name: value` lines each ended by CR LF, after a compact
+    /// head that reads).
     pub fn view<'a>(&self, body: &'a Bytes) -> Option<RecordView<'a>> {
         if body.len() < self.headers.1.max(self.payload.1) as usize {
             return None;
         }
-        let headers =
-            std::str::from_utf8(body.get(self.headers.0 as usize..self.headers.1 as usize)?)
-                .ok()?;
-        well_formed_block(headers.as_bytes()).then_some(RecordView {
-            headers: Block::Text(headers),
+        let block = body.get(self.headers.0 as usize..self.headers.1 as usize)?;
+        let headers = if block.first() == Some(&COMPACT) {
+            compact::read(block).ok()?;
+            Block::Compact(block)
+        } else {
+            let text = std::str::from_utf8(block).ok()?;
+            if !well_formed_block(block) {
+                return None;
+            }
+            Block::Text(text)
+        };
+        Some(RecordView {
+            headers,
             body,
             span: *self,
         })
@@ -158,6 +176,10 @@ impl RecordSpan {
             return None;
         }
         let block = body.get(self.headers.0 as usize..self.headers.1 as usize)?;
+        if block.first() == Some(&COMPACT) {
+            let head = compact::read(block).ok()?;
+            return Some(head.decode(self.payload(body), Some(ids)));
+        }
         let line = block
             .strip_prefix(b"Bus-Event: ")
             .and_then(|rest| rest.strip_suffix(b"\r\n"));
@@ -176,20 +198,13 @@ impl RecordSpan {
     /// The record, from the body the span was split from; `None` from another body, too short
     /// or whose bytes there are not a header block.
     pub fn record(&self, body: &Bytes) -> Option<Record> {
-        if body.len() < self.headers.1.max(self.payload.1) as usize {
-            return None;
-        }
-        let headers = bytestring::ByteString::try_from(self.header_block(body)).ok()?;
-        Some(Record {
-            headers,
-            payload: self.payload(body),
-        })
+        Some(self.view(body)?.record())
     }
 }
 
 /// One record of a batch, borrowed from its body while it is split ([`split_batch`]): its
-/// header block, checked to be UTF-8 `Name: value` lines each ended by CR LF, and where its
-/// payload lies.
+/// header block, checked to be UTF-8 `Name: value` lines each ended by CR LF (after a compact
+/// head that reads, if it has one), and where its payload lies.
 ///
 /// As [`split_batch`] hands it, the block is kept as bytes (checked UTF-8 a word at a time)
 /// and read as text only when asked for, each time: a consumer that only routes the record by
@@ -201,38 +216,51 @@ pub struct RecordView<'a> {
     span: RecordSpan,
 }
 
-/// A record's header block: read as text already, or bytes checked to be UTF-8.
+/// A record's header block: read as text already, bytes checked to be UTF-8, or a compact
+/// head checked to read.
 #[derive(Debug, Clone, Copy)]
 enum Block<'a> {
     Text(&'a str),
     Checked(&'a [u8]),
+    Compact(&'a [u8]),
 }
 
 impl<'a> RecordView<'a> {
-    fn text(&self) -> &'a str {
+    /// The text block, or the compact head.
+    fn text(&self) -> Result<&'a str, compact::Head<'a>> {
         match self.headers {
-            Block::Text(text) => text,
+            Block::Text(text) => Ok(text),
             Block::Checked(bytes) => {
-                std::str::from_utf8(bytes).expect("checked to be UTF-8 when the view was made")
+                Ok(std::str::from_utf8(bytes).expect("checked to be UTF-8 when the view was made"))
+            }
+            Block::Compact(bytes) => {
+                Err(compact::read(bytes).expect("checked to read when the view was made"))
             }
         }
     }
 
-    fn bytes(&self) -> &'a [u8] {
-        match self.headers {
-            Block::Text(text) => text.as_bytes(),
-            Block::Checked(bytes) => bytes,
+    /// The header block as text: as it travelled, or (a compact head) the `Bus-Event` line
+    /// the head stands for and the lines after it. Its headers, in the order they were
+    /// written, are [`header_pairs`](super::header_pairs) of it.
+    pub fn header_block(&self) -> Cow<'a, str> {
+        match self.text() {
+            Ok(text) => Cow::Borrowed(text),
+            Err(head) => Cow::Owned(head.text()),
         }
     }
 
-    /// The record's headers, in the order they were written.
-    pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
-        header_pairs(self.text())
-    }
-
-    /// The header block as it travelled.
-    pub fn header_block(&self) -> &'a str {
-        self.text()
+    /// The record as an owned [`Record`].
+    pub fn record(&self) -> Record {
+        Record {
+            headers: match self.header_block() {
+                Cow::Borrowed(text) => {
+                    bytestring::ByteString::try_from(self.body.slice_ref(text.as_bytes()))
+                        .expect("text")
+                }
+                Cow::Owned(text) => bytestring::ByteString::from(text),
+            },
+            payload: self.payload(),
+        }
     }
 
     /// The payload, sharing the batch's memory.
@@ -246,8 +274,9 @@ impl<'a> RecordView<'a> {
     }
 
     /// The text the record's envelope has as its aggregate ID, read without decoding the
-    /// record, when its header block starts as this library writes it: `Bus-Event: `, then
-    /// anything but a space up to the next space on that line. `None` otherwise. A record
+    /// record, when its header block starts as this library writes it: a compact head's
+    /// aggregate ID, or `Bus-Event: ` then anything but a space up to the next space on that
+    /// line. `None` otherwise. A record
     /// that decodes has this aggregate ID (one that does not may have read anything here): a
     /// consumer can route the record by it and decode it later, elsewhere.
     pub fn aggregate_id_str(&self) -> Option<&'a str> {
@@ -259,7 +288,12 @@ impl<'a> RecordView<'a> {
     /// header block, which is, between two ASCII bytes. What a consumer that routes by the
     /// bytes themselves needs, at no cost per byte beyond finding the space.
     pub fn aggregate_id_bytes(&self) -> Option<&'a [u8]> {
-        let line = self.bytes().strip_prefix(b"Bus-Event: ")?;
+        let bytes = match self.headers {
+            Block::Text(text) => text.as_bytes(),
+            Block::Checked(bytes) => bytes,
+            Block::Compact(bytes) => return compact::aggregate_bytes(bytes),
+        };
+        let line = bytes.strip_prefix(b"Bus-Event: ")?;
         let end = memchr::memchr2(b' ', b'\r', line)?;
         if end == 0 || line[end] != b' ' {
             return None;
@@ -269,14 +303,20 @@ impl<'a> RecordView<'a> {
 
     /// The record as an envelope ([`Record::decode`]).
     pub fn decode(&self) -> Result<Envelope, DecodeError> {
-        decode_block(self.text(), self.payload(), None)
+        match self.text() {
+            Ok(text) => decode_block(text, self.payload(), None),
+            Err(head) => head.decode(self.payload(), None),
+        }
     }
 
     /// [`RecordView::decode`], sharing aggregate IDs and event types through `ids`
     /// ([`Record::decode_with`]).
     #[inline]
     pub fn decode_with(&self, ids: &mut AggregateIds) -> Result<Envelope, DecodeError> {
-        decode_block(self.text(), self.payload(), Some(ids))
+        match self.text() {
+            Ok(text) => decode_block(text, self.payload(), Some(ids)),
+            Err(head) => head.decode(self.payload(), Some(ids)),
+        }
     }
 }
 
@@ -292,11 +332,23 @@ pub fn batch_count(value: &str) -> Result<usize, DecodeError> {
     }
 }
 
-/// The bytes one envelope takes as a record in a batch body: counted, not formatted (it runs on
-/// every publish).
+/// The bytes one envelope takes as a record in a batch body, with a compact head: counted, not
+/// formatted (it runs on every publish).
 pub fn record_len(envelope: &Envelope) -> usize {
+    8 + compact::head_len(envelope) + other_lines_len(envelope) + envelope.payload.len()
+}
+
+/// The bytes of the envelope's header lines as text (`Name: value` ended by CR LF each,
+/// `Bus-Event` first): the header block of a text record, and of a single-event message less
+/// its first and last lines.
+pub fn header_lines_len(envelope: &Envelope) -> usize {
+    EVENT.len() + 2 + event_value_len(envelope) + 2 + other_lines_len(envelope)
+}
+
+/// The bytes of every header line but `Bus-Event`.
+fn other_lines_len(envelope: &Envelope) -> usize {
     let line = |name: &str, value: usize| name.len() + 2 + value + 2;
-    let mut headers = line(EVENT, event_value_len(envelope));
+    let mut headers = 0;
     if envelope.content_type != ContentType::Bytes {
         headers += line(CONTENT_TYPE, envelope.content_type.as_str().len());
     }
@@ -317,11 +369,30 @@ pub fn record_len(envelope: &Envelope) -> usize {
             headers += line(name, value.len());
         }
     }
-    8 + headers + envelope.payload.len()
+    headers
 }
 
-/// Appends `envelope` to a batch body as one record.
+/// Appends `envelope` to a batch body as one record, with a compact head.
 pub fn encode_record(envelope: &Envelope, body: &mut Vec<u8>) {
+    let at = body.len();
+    body.extend_from_slice(&[0; 4]);
+    compact::write_head(envelope, body);
+    encode_other_headers(envelope, |name, value| {
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(b": ");
+        body.extend_from_slice(value.as_bytes());
+        body.extend_from_slice(b"\r\n");
+    });
+    let headers = (body.len() - at - 4) as u32;
+    body[at..at + 4].copy_from_slice(&headers.to_be_bytes());
+    body.extend_from_slice(&(envelope.payload.len() as u32).to_be_bytes());
+    body.extend_from_slice(&envelope.payload);
+}
+
+/// Appends `envelope` to a batch body as one record with a text head, as versions before
+/// compact heads wrote every record: what a reader must still take from a stream they wrote
+/// to (for tools and tests; the publisher writes compact heads).
+pub fn encode_text_record(envelope: &Envelope, body: &mut Vec<u8>) {
     let at = body.len();
     body.extend_from_slice(&[0; 4]);
     body.extend_from_slice(EVENT.as_bytes());
@@ -342,15 +413,11 @@ pub fn encode_record(envelope: &Envelope, body: &mut Vec<u8>) {
 
 /// The records of a batch whose `Bus-Batch` header is `count`. The body must hold exactly that
 /// many well-formed records and nothing after them; each record's header block must be UTF-8
-/// `Name: value` lines, each ended by `\r\n`. Whether a record is a valid envelope is
+/// `Name: value` lines, each ended by `\r\n`, or a compact head that reads, followed by such
+/// lines. Whether a record is a valid envelope is
 /// [`Record::decode`]'s business: one bad record does not make the others unreadable.
 pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeError> {
-    let (_, records) = split_batch(count, body, |record| Record {
-        // The same bytes `split_batch` checked: UTF-8.
-        headers: bytestring::ByteString::try_from(record.span().header_block(body))
-            .expect("a header block checked to be UTF-8"),
-        payload: record.payload(),
-    })?;
+    let (_, records) = split_batch(count, body, |record| record.record())?;
     Ok(records)
 }
 
@@ -405,6 +472,18 @@ pub fn split_batch<T>(
     for i in 0..count {
         let headers = take(&mut at, "header block", i)?;
         let block = &body[headers.0 as usize..headers.1 as usize];
+        if block.first() == Some(&COMPACT) {
+            compact::read(block).map_err(|why| compact::refused(i, why))?;
+            let payload = take(&mut at, "payload", i)?;
+            let span = RecordSpan { headers, payload };
+            spans.push(span);
+            made.push(each(RecordView {
+                headers: Block::Compact(block),
+                body,
+                span,
+            }));
+            continue;
+        }
         if !block.is_ascii() {
             std::str::from_utf8(block).map_err(|e| {
                 malformed(format!("record {i}: its header block is not UTF-8 ({e})"))

@@ -342,9 +342,9 @@ impl NatsPublisher {
         let (header_len, payload_len) = match (&raw, &envelope) {
             (Some(raw), _) => (header_len(&raw.0), raw.1.len()),
             (None, Some(e)) => (
-                // A record's header lines, plus the block's first and last lines and the
+                // The envelope's header lines, plus the block's first and last lines and the
                 // `Nats-Msg-Id` a single-event message adds.
-                record_len - 8 - e.payload().len()
+                wire::header_lines_len(e)
                     + b"NATS/1.0\r\n\r\n".len()
                     + "Nats-Msg-Id: \r\n".len()
                     + e.event_id().as_str().len(),

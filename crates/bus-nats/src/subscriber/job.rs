@@ -277,7 +277,7 @@ pub(crate) fn prepare_record(
             topic,
             dispatch,
             subject,
-            record.headers(),
+            wire::header_pairs(&record.header_block()),
             &record.payload(),
         ),
     }

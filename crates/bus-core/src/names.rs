@@ -106,7 +106,7 @@ fn chars_error(
 
 /// Whether every byte of `bytes` is printable ASCII other than space (`0x21..=0x7E`), eight
 /// bytes at a time: an event ID is read on every delivery, and a generated one is 36 bytes.
-fn all_graphic(bytes: &[u8]) -> bool {
+pub(crate) fn all_graphic(bytes: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
     let mut chunks = bytes.chunks_exact(8);
@@ -554,58 +554,9 @@ impl EventId {
         let id = (random & !(u128::MAX << MILLIS_SHIFT) & !VERSION)
             | (u128::from(millis) << MILLIS_SHIFT)
             | (7 << 76);
-        Self::from_uuid(id)
-    }
-
-    /// The ID of the UUID `id`, written as [`EventId::generate`] writes one.
-    pub(crate) fn from_uuid(id: u128) -> Self {
         Self(Text::Inline(hyphenated(id)))
     }
-
-    /// The UUID this ID writes, when it is written as [`EventId::generate`] writes one
-    /// (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`, lower case): the one form a record's compact
-    /// head carries as 16 bytes, since [`EventId::from_uuid`] gives it back exactly.
-    pub(crate) fn uuid(&self) -> Option<u128> {
-        uuid_value(self.as_str())
-    }
 }
-
-/// The value of a UUID written `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in lower case (what
-/// [`hyphenated`] writes); `None` for any other text.
-fn uuid_value(text: &str) -> Option<u128> {
-    let bytes: &[u8; 36] = text.as_bytes().try_into().ok()?;
-    if [bytes[8], bytes[13], bytes[18], bytes[23]] != [b'-'; 4] {
-        return None;
-    }
-    let mut value = 0u128;
-    // The high bit of any byte that is not `0-9a-f`.
-    let mut bad = 0u8;
-    for (i, &b) in bytes.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            continue;
-        }
-        let digit = HEX_DIGITS[b as usize];
-        bad |= digit;
-        value = (value << 4) | u128::from(digit & 0x0F);
-    }
-    (bad & 0x80 == 0).then_some(value)
-}
-
-/// Each byte's value as a lower-case hexadecimal digit, 0x80 for any other byte.
-const HEX_DIGITS: [u8; 256] = {
-    let mut table = [0x80u8; 256];
-    let mut i = 0;
-    while i < 10 {
-        table[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        table[b'a' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    table
-};
 
 /// Eight hexadecimal digits (lower case) of `x`, most significant first, computed a word at a
 /// time: each nibble spread to a byte of its own, then turned into its digit.
@@ -886,36 +837,6 @@ mod tests {
         let anew = ids.event_type("T0").unwrap();
         assert!(!std::ptr::eq(first.as_str(), anew.as_str()));
         assert_eq!(anew, first);
-    }
-
-    proptest! {
-        /// A UUID's ID gives its value back; the same text with one byte changed has one only
-        /// when it is still a lower-case UUID.
-        #[test]
-        fn uuids_are_read_back_from_their_ids(id in any::<u128>(), at in 0usize..36, b in any::<u8>()) {
-            let ours = EventId::from_uuid(id);
-            prop_assert_eq!(ours.uuid(), Some(id));
-            let mut text = ours.as_str().as_bytes().to_vec();
-            text[at] = b;
-            let still = if matches!(at, 8 | 13 | 18 | 23) {
-                b == b'-'
-            } else {
-                b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
-            };
-            if let Ok(text) = std::str::from_utf8(&text) {
-                prop_assert_eq!(uuid_value(text).is_some(), still, "{}", text);
-            }
-        }
-    }
-
-    #[test]
-    fn only_lower_case_uuids_have_a_value() {
-        let id = "019aab3c-5f00-7d2e-8c41-2b9e0f6a1d77";
-        assert_eq!(uuid_value(id), Some(0x019aab3c_5f00_7d2e_8c41_2b9e0f6a1d77));
-        assert_eq!(uuid_value(&id.to_uppercase()), None);
-        assert_eq!(uuid_value("019aab3c5f007d2e8c412b9e0f6a1d77"), None);
-        assert_eq!(uuid_value("e1"), None);
-        assert_eq!(uuid_value(""), None);
     }
 
     proptest! {

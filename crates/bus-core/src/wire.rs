@@ -849,12 +849,10 @@ mod tests {
         // The documented example: the first record's bytes, with its compact head.
         let first = &body[..4 + 53 + 4 + 1];
         assert_eq!(&first[..4], &53u32.to_be_bytes());
-        let mut head = vec![0, 10];
-        head.extend_from_slice(b"account-42");
-        head.extend_from_slice(&[1, 9]);
-        head.extend_from_slice(b"Deposited");
-        head.extend_from_slice(&[0x00, 0x06, 0x44, 0x4b, 0xd8, 0x28, 0x00, 0x00, 2]);
-        head.extend_from_slice(b"e1Bus-Trace-Id: t-1\r\n");
+        let mut head = vec![0, 10, 9, 2];
+        head.extend_from_slice(b"account-42Depositede1");
+        head.extend_from_slice(&[1, 0x00, 0x06, 0x44, 0x4b, 0xd8, 0x28, 0x00, 0x00]);
+        head.extend_from_slice(b"Bus-Trace-Id: t-1\r\n");
         assert_eq!(&first[4..57], &head[..]);
         assert_eq!(&first[57..61], &1u32.to_be_bytes());
         assert_eq!(first[61], 1);
@@ -908,8 +906,8 @@ mod tests {
         let (spans, _) = split_batch("2", &good, |_| ()).unwrap();
         let head = spans[1].headers.0 as usize;
         let len = spans[1].headers.1 as usize - head;
-        // The second record's head: 0, 3 "a-1", 2, 1 "T", 8 bytes of time, 3 "e-2".
-        assert_eq!(len, 1 + 4 + 1 + 2 + 8 + 4);
+        // The second record's head: 0, the lengths 3 1 3, "a-1" "T" "e-2", 2, 8 bytes of time.
+        assert_eq!(len, 1 + 3 + 7 + 1 + 8);
         let spoiled = |at: usize, b: u8| {
             let mut body = good.to_vec();
             body[head + at] = b;
@@ -919,27 +917,23 @@ mod tests {
             (
                 "a name longer than the block",
                 spoiled(1, 100),
-                "aggregate ID is 100 bytes",
+                "names are 100 + 1 + 3 bytes, more than the block holds",
             ),
-            (
-                "an empty name",
-                spoiled(6, 0),
-                "event type is not 1 or more",
-            ),
+            ("an empty name", spoiled(2, 0), "its event type is empty"),
             (
                 "a space in a name",
-                spoiled(3, b' '),
-                "aggregate ID is not 1 or more",
+                spoiled(5, b' '),
+                "names are not printable ASCII",
             ),
             (
                 "a byte that is not ASCII",
-                spoiled(2, 0xC3),
-                "aggregate ID is not 1 or more",
+                spoiled(4, 0xC3),
+                "names are not printable ASCII",
             ),
             (
                 "an ID running past the block",
-                spoiled(16, 4),
-                "event ID is 4 bytes",
+                spoiled(3, 40),
+                "3 + 1 + 40 bytes, more than the block holds",
             ),
         ] {
             let refused = decode_batch("2", &body).unwrap_err().to_string();
@@ -957,9 +951,8 @@ mod tests {
             );
         }
         // Lines after the head must be header lines; a varint may not run past 64 bits.
-        let mut head_only = vec![0, 1, b'a', 1, 1, b'T'];
+        let mut head_only = vec![0, 1, 1, 1, b'a', b'T', b'e', 1];
         head_only.extend_from_slice(&[0; 8]);
-        head_only.extend_from_slice(&[1, b'e']);
         let record = |block: &[u8]| {
             let mut body = Vec::new();
             for _ in 0..2 {
@@ -995,18 +988,18 @@ mod tests {
             ),
             (
                 "a version past 64 bits",
-                [&[0, 1, b'a'][..], &[0xFF; 10], &[1]].concat(),
+                [&head_only[..7], &[0xFF; 10], &[1]].concat(),
                 "longer than a 64-bit varint",
             ),
             (
                 "no timestamp",
-                vec![0, 1, b'a', 1, 1, b'T', 0, 0],
+                [&head_only[..8], &[0, 0]].concat(),
                 "ends in the timestamp",
             ),
             (
-                "no UUID",
-                [&head_only[..14], &[0, 1, 2]].concat(),
-                "ends in the event ID",
+                "an empty event ID",
+                [&[0, 1, 1, 0, b'a', b'T'][..], &head_only[7..]].concat(),
+                "its event ID is empty",
             ),
         ] {
             let refused = decode_batch("2", &record(&block)).unwrap_err().to_string();
@@ -1014,7 +1007,7 @@ mod tests {
         }
         // A head that reads but whose fields an envelope refuses: its record alone is refused.
         let mut zero = head_only.clone();
-        zero[3] = 0;
+        zero[7] = 0;
         let records = decode_batch("2", &record(&zero)).unwrap();
         let refused = records[0].decode().unwrap_err().to_string();
         assert!(refused.contains("the event version must be"), "{refused}");
@@ -1037,19 +1030,18 @@ mod tests {
     }
 
     #[test]
-    fn a_uuid_event_id_takes_16_bytes_and_any_other_its_text() {
-        let generated = Envelope::builder("a-1", "T", 1).build().unwrap();
-        assert!(generated.event_id().uuid().is_some());
-        let upper = generated.event_id().as_str().to_uppercase();
-        let other = Envelope::builder("a-1", "T", 1)
-            .event_id(upper.clone())
+    fn a_compact_head_takes_about_half_the_bytes_of_the_line() {
+        // The benchmark's events: a 7-byte aggregate ID, a 10-byte event type, a version past
+        // 127, the default event ID (a UUID).
+        let e = Envelope::builder("t0-a123", "BenchEvent", 1_000)
+            .payload(vec![0; 128])
             .build()
             .unwrap();
-        assert_eq!(record_len(&other) - record_len(&generated), 37 - 17);
-        let body = batch_of(&[generated.clone(), other.clone()]);
-        let back = decode_batch("2", &body).unwrap();
-        assert_eq!(back[0].decode().unwrap(), generated);
-        assert_eq!(back[1].decode().unwrap().event_id().as_str(), upper);
+        let head = 1 + 3 + 7 + 10 + 36 + 2 + 8;
+        assert_eq!(record_len(&e), 4 + head + 4 + 128);
+        let line = "Bus-Event: t0-a123 1000 BenchEvent 1763942400000000 \r\n".len() + 36;
+        assert_eq!(header_lines_len(&e), line);
+        assert_eq!((head, line), (67, 90));
     }
 
     #[test]

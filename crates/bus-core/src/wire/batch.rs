@@ -33,9 +33,9 @@ use crate::names::AggregateIds;
 /// The message itself carries only `Bus-Batch` and the broker's `Nats-Msg-Id`. A message
 /// without `Bus-Batch` is a single event, in the format above.
 ///
-/// This library writes compact heads: a 0 byte, then the aggregate ID, the event version, the
-/// event type, the timestamp and the event ID in binary (a UUID as its 16 bytes), then the
-/// other header lines as text. Readers take either form, record by record: a stream keeps the
+/// This library writes compact heads: a 0 byte, the lengths of the aggregate ID, the event
+/// type and the event ID, those three names, then the event version and the timestamp in
+/// binary, then the other header lines as text. Readers take either form, record by record: a stream keeps the
 /// text heads earlier versions wrote. `docs/wire-format.md` has the byte layout.
 pub const BATCH: &str = "Bus-Batch";
 

@@ -1,21 +1,22 @@
-//! A record's compact head: the five fields of its `Bus-Event` line in binary, which takes
-//! about half the bytes of the line (`docs/wire-format.md`). The broker's work per event
-//! follows the bytes it stores and delivers.
+//! A record's compact head: the five fields of its `Bus-Event` line in binary, in about three
+//! quarters of the line's bytes (`docs/wire-format.md`). The broker's work per event follows the
+//! bytes it stores and delivers.
 //!
 //! | bytes | what |
 //! |---|---|
 //! | 1 | 0, which no text header block starts with (a header name does) |
-//! | varint `A`, `A` | the aggregate ID |
+//! | varint `A`, varint `T`, varint `I` | the lengths of the three names, each at least 1 |
+//! | `A`, `T`, `I` | the aggregate ID, the event type and the event ID, printable ASCII without spaces |
 //! | varint | the event version |
-//! | varint `T`, `T` | the event type |
 //! | 8 | the timestamp, microseconds since the Unix epoch, unsigned big-endian |
-//! | varint `I`, then `I` bytes, or 0 then 16 | the event ID: its text, or (`I` = 0) a UUID written `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in lower case, as its 16 bytes big-endian |
 //! | the rest | the record's other header lines, `Name: value` each ended by CR LF, as in a text block |
+//!
+//! The names lie together so that one check reads them as text. The event ID stays text: a
+//! UUID as its 16 bytes would save 20 more bytes an event, but reading and writing it cost the
+//! bus more than the broker saved (`docs/performance.md`, twenty-eighth look).
 //!
 //! A varint is unsigned LEB128: seven bits a byte, least significant first, the high bit set on
 //! every byte but the last; at most ten bytes.
-
-use std::borrow::Cow;
 
 use bytes::Bytes;
 
@@ -29,36 +30,36 @@ pub(super) const COMPACT: u8 = 0;
 
 /// The bytes the compact head of `envelope` takes, without its other header lines.
 pub(super) fn head_len(envelope: &Envelope) -> usize {
-    let text = |len: usize| varint_len(len as u64) + len;
-    1 + text(envelope.aggregate_id.as_str().len())
+    let names = names(envelope);
+    1 + names
+        .iter()
+        .map(|name| varint_len(name.len() as u64) + name.len())
+        .sum::<usize>()
         + varint_len(envelope.event_version.get())
-        + text(envelope.event_type.as_str().len())
         + 8
-        + match envelope.event_id.uuid() {
-            Some(_) => 1 + 16,
-            None => text(envelope.event_id.as_str().len()),
-        }
 }
 
 /// Appends the compact head of `envelope` (without its other header lines) to `out`.
 pub(super) fn write_head(envelope: &Envelope, out: &mut Vec<u8>) {
     out.push(COMPACT);
-    put_text(out, envelope.aggregate_id.as_str());
-    put_varint(out, envelope.event_version.get());
-    put_text(out, envelope.event_type.as_str());
-    out.extend_from_slice(&envelope.timestamp_micros.to_be_bytes());
-    match envelope.event_id.uuid() {
-        Some(id) => {
-            out.push(0);
-            out.extend_from_slice(&id.to_be_bytes());
-        }
-        None => put_text(out, envelope.event_id.as_str()),
+    let names = names(envelope);
+    for name in names {
+        put_varint(out, name.len() as u64);
     }
+    for name in names {
+        out.extend_from_slice(name.as_bytes());
+    }
+    put_varint(out, envelope.event_version.get());
+    out.extend_from_slice(&envelope.timestamp_micros.to_be_bytes());
 }
 
-fn put_text(out: &mut Vec<u8>, text: &str) {
-    put_varint(out, text.len() as u64);
-    out.extend_from_slice(text.as_bytes());
+/// The head's names, in order.
+fn names(envelope: &Envelope) -> [&str; 3] {
+    [
+        envelope.aggregate_id.as_str(),
+        envelope.event_type.as_str(),
+        envelope.event_id.as_str(),
+    ]
 }
 
 fn put_varint(out: &mut Vec<u8>, mut n: u64) {
@@ -81,54 +82,77 @@ pub(super) struct Head<'a> {
     pub(super) version: u64,
     pub(super) kind: &'a str,
     pub(super) micros: u64,
-    pub(super) id: Id<'a>,
+    pub(super) id: &'a str,
     /// The other header lines, checked to be UTF-8 `Name: value` lines each ended by CR LF.
     pub(super) rest: &'a str,
-}
-
-/// A compact head's event ID.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Id<'a> {
-    Uuid(u128),
-    Text(&'a str),
 }
 
 /// Reads a compact head (`block` starts with [`COMPACT`]), naming what does not fit.
 pub(super) fn read(block: &[u8]) -> Result<Head<'_>, String> {
     let mut at = 1;
-    let aggregate = name(block, &mut at, "aggregate ID")?;
+    let mut length = |what: &str| {
+        varint(block, &mut at, what)
+            .and_then(|len| usize::try_from(len).map_err(|_| format!("its {what} is {len} bytes")))
+    };
+    let (aggregate, kind, id) = (
+        length("aggregate ID")?,
+        length("event type")?,
+        length("event ID")?,
+    );
+    let Some(names) = aggregate
+        .checked_add(kind)
+        .and_then(|n| n.checked_add(id))
+        .and_then(|n| block.get(at..at.checked_add(n)?))
+    else {
+        return Err(format!(
+            "its names are {aggregate} + {kind} + {id} bytes, more than the block holds"
+        ));
+    };
+    for (len, what) in [
+        (aggregate, "aggregate ID"),
+        (kind, "event type"),
+        (id, "event ID"),
+    ] {
+        if len == 0 {
+            return Err(format!("its {what} is empty"));
+        }
+    }
+    if !crate::names::all_graphic(names) {
+        return Err("its names are not printable ASCII without spaces".to_owned());
+    }
+    at += names.len();
+    // The three names are read as text at once: ASCII, so UTF-8 (checked again only because
+    // this crate does without `unsafe`), split where their lengths say.
+    let names = std::str::from_utf8(names).expect("printable ASCII is UTF-8");
+    let (aggregate, names) = names.split_at(aggregate);
+    let (kind, id) = names.split_at(kind);
     let version = varint(block, &mut at, "event version")?;
-    let kind = name(block, &mut at, "event type")?;
     let micros = block
         .get(at..at + 8)
         .ok_or("the block ends in the timestamp")?;
     let micros = u64::from_be_bytes(micros.try_into().expect("8 bytes"));
     at += 8;
-    let id = if block.get(at) == Some(&0) {
-        let bytes = block
-            .get(at + 1..at + 17)
-            .ok_or("the block ends in the event ID")?;
-        at += 17;
-        Id::Uuid(u128::from_be_bytes(bytes.try_into().expect("16 bytes")))
-    } else {
-        Id::Text(name(block, &mut at, "event ID")?)
+    let rest = match &block[at..] {
+        [] => "",
+        rest => {
+            let rest = std::str::from_utf8(rest)
+                .map_err(|e| format!("its header lines are not UTF-8 ({e})"))?;
+            if !well_formed_block(rest.as_bytes()) {
+                return Err(
+                    "its header lines after the head are not `Name: value` each ended by CR LF"
+                        .to_owned(),
+                );
+            }
+            rest
+        }
     };
-    let rest = &block[at..];
-    if !rest.is_ascii() {
-        std::str::from_utf8(rest).map_err(|e| format!("its header lines are not UTF-8 ({e})"))?;
-    }
-    if !well_formed_block(rest) {
-        return Err(
-            "its header lines after the head are not `Name: value` each ended by CR LF".to_owned(),
-        );
-    }
     Ok(Head {
         aggregate,
         version,
         kind,
         micros,
         id,
-        rest: std::str::from_utf8(rest).expect("checked above"),
+        rest,
     })
 }
 
@@ -136,29 +160,22 @@ pub(super) fn read(block: &[u8]) -> Result<Head<'_>, String> {
 /// decoded (a record that does not decode may have read anything here).
 pub(super) fn aggregate_bytes(block: &[u8]) -> Option<&[u8]> {
     let mut at = 1;
-    let len = varint(block, &mut at, "").ok()?;
-    block.get(at..at.checked_add(usize::try_from(len).ok()?)?)
+    let aggregate = varint(block, &mut at, "").ok()?;
+    // Past the other two names' lengths.
+    varint(block, &mut at, "").ok()?;
+    varint(block, &mut at, "").ok()?;
+    block.get(at..at.checked_add(usize::try_from(aggregate).ok()?)?)
 }
 
-/// A name of a compact head: its length, then that many bytes of printable ASCII (no space).
-fn name<'a>(block: &'a [u8], at: &mut usize, what: &str) -> Result<&'a str, String> {
-    let len = varint(block, at, what)?;
-    let end = usize::try_from(len)
-        .ok()
-        .and_then(|len| at.checked_add(len))
-        .filter(|&end| end <= block.len())
-        .ok_or_else(|| format!("its {what} is {len} bytes, more than the block holds"))?;
-    let bytes = &block[*at..end];
-    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_graphic) {
-        return Err(format!(
-            "its {what} is not 1 or more printable ASCII characters without spaces"
-        ));
-    }
-    *at = end;
-    Ok(std::str::from_utf8(bytes).expect("ASCII"))
-}
-
+#[inline]
 fn varint(block: &[u8], at: &mut usize, what: &str) -> Result<u64, String> {
+    // Most varints here (a name's length, a version under 128) are one byte.
+    if let Some(&byte) = block.get(*at) {
+        if byte < 0x80 {
+            *at += 1;
+            return Ok(u64::from(byte));
+        }
+    }
     let mut value = 0u64;
     for shift in (0..70).step_by(7) {
         let Some(&byte) = block.get(*at) else {
@@ -180,13 +197,9 @@ fn varint(block: &[u8], at: &mut usize, what: &str) -> Result<u64, String> {
 impl<'a> Head<'a> {
     /// The `Bus-Event` value the head stands for.
     fn event_value(&self) -> String {
-        let id = match self.id {
-            Id::Uuid(id) => Cow::Owned(EventId::from_uuid(id).as_str().to_owned()),
-            Id::Text(text) => Cow::Borrowed(text),
-        };
         format!(
-            "{} {} {} {} {id}",
-            self.aggregate, self.version, self.kind, self.micros
+            "{} {} {} {} {}",
+            self.aggregate, self.version, self.kind, self.micros, self.id
         )
     }
 
@@ -220,10 +233,7 @@ impl<'a> Head<'a> {
                 .ok_or_else(|| invalid("the event version must be greater than 0"))?,
             event_type,
             micros: self.micros,
-            event_id: match self.id {
-                Id::Uuid(id) => EventId::from_uuid(id),
-                Id::Text(text) => EventId::new(text)?,
-            },
+            event_id: EventId::new(self.id)?,
         };
         if self.rest.is_empty() {
             decode_from(Some(fields), std::iter::empty(), payload)

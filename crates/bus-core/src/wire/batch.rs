@@ -145,7 +145,7 @@ impl RecordSpan {
         }
         let block = body.get(self.headers.0 as usize..self.headers.1 as usize)?;
         let headers = if block.first() == Some(&COMPACT) {
-            compact::read(block).ok()?;
+            compact::check(block).ok()?;
             Block::Compact(block)
         } else {
             let text = std::str::from_utf8(block).ok()?;
@@ -473,7 +473,7 @@ pub fn split_batch<T>(
         let headers = take(&mut at, "header block", i)?;
         let block = &body[headers.0 as usize..headers.1 as usize];
         if block.first() == Some(&COMPACT) {
-            compact::read(block).map_err(|why| compact::refused(i, why))?;
+            compact::check(block).map_err(|why| compact::refused(i, why))?;
             let payload = take(&mut at, "payload", i)?;
             let span = RecordSpan { headers, payload };
             spans.push(span);

@@ -89,16 +89,54 @@ pub(super) struct Head<'a> {
 
 /// Reads a compact head (`block` starts with [`COMPACT`]), naming what does not fit.
 pub(super) fn read(block: &[u8]) -> Result<Head<'_>, String> {
+    let fields = fields(block)?;
+    // The three names are read as text at once: ASCII, so UTF-8 (checked again only because
+    // this crate does without `unsafe`), split where their lengths say.
+    let names = std::str::from_utf8(fields.names).expect("printable ASCII is UTF-8");
+    let (aggregate, names) = names.split_at(fields.lengths[0]);
+    let (kind, id) = names.split_at(fields.lengths[1]);
+    Ok(Head {
+        aggregate,
+        version: fields.version,
+        kind,
+        micros: fields.micros,
+        id,
+        rest: match fields.rest {
+            [] => "",
+            rest => std::str::from_utf8(rest).expect("checked to be UTF-8"),
+        },
+    })
+}
+
+/// Whether `block` is a compact head that reads, naming what does not fit: [`read`] without
+/// reading the names as text, for a consumer that only splits and routes.
+pub(super) fn check(block: &[u8]) -> Result<(), String> {
+    fields(block).map(|_| ())
+}
+
+/// A compact head's parts, checked.
+struct Fields<'a> {
+    /// The three names, one after the other: printable ASCII without spaces.
+    names: &'a [u8],
+    lengths: [usize; 3],
+    version: u64,
+    micros: u64,
+    /// UTF-8 `Name: value` lines, each ended by CR LF.
+    rest: &'a [u8],
+}
+
+fn fields(block: &[u8]) -> Result<Fields<'_>, String> {
     let mut at = 1;
     let mut length = |what: &str| {
         varint(block, &mut at, what)
             .and_then(|len| usize::try_from(len).map_err(|_| format!("its {what} is {len} bytes")))
     };
-    let (aggregate, kind, id) = (
+    let lengths = [
         length("aggregate ID")?,
         length("event type")?,
         length("event ID")?,
-    );
+    ];
+    let [aggregate, kind, id] = lengths;
     let Some(names) = aggregate
         .checked_add(kind)
         .and_then(|n| n.checked_add(id))
@@ -108,12 +146,11 @@ pub(super) fn read(block: &[u8]) -> Result<Head<'_>, String> {
             "its names are {aggregate} + {kind} + {id} bytes, more than the block holds"
         ));
     };
-    for (len, what) in [
-        (aggregate, "aggregate ID"),
-        (kind, "event type"),
-        (id, "event ID"),
-    ] {
-        if len == 0 {
+    for (len, what) in lengths
+        .iter()
+        .zip(["aggregate ID", "event type", "event ID"])
+    {
+        if *len == 0 {
             return Err(format!("its {what} is empty"));
         }
     }
@@ -121,37 +158,26 @@ pub(super) fn read(block: &[u8]) -> Result<Head<'_>, String> {
         return Err("its names are not printable ASCII without spaces".to_owned());
     }
     at += names.len();
-    // The three names are read as text at once: ASCII, so UTF-8 (checked again only because
-    // this crate does without `unsafe`), split where their lengths say.
-    let names = std::str::from_utf8(names).expect("printable ASCII is UTF-8");
-    let (aggregate, names) = names.split_at(aggregate);
-    let (kind, id) = names.split_at(kind);
     let version = varint(block, &mut at, "event version")?;
     let micros = block
         .get(at..at + 8)
         .ok_or("the block ends in the timestamp")?;
     let micros = u64::from_be_bytes(micros.try_into().expect("8 bytes"));
     at += 8;
-    let rest = match &block[at..] {
-        [] => "",
-        rest => {
-            let rest = std::str::from_utf8(rest)
-                .map_err(|e| format!("its header lines are not UTF-8 ({e})"))?;
-            if !well_formed_block(rest.as_bytes()) {
-                return Err(
-                    "its header lines after the head are not `Name: value` each ended by CR LF"
-                        .to_owned(),
-                );
-            }
-            rest
-        }
-    };
-    Ok(Head {
-        aggregate,
+    let rest = &block[at..];
+    if !rest.is_ascii() {
+        std::str::from_utf8(rest).map_err(|e| format!("its header lines are not UTF-8 ({e})"))?;
+    }
+    if !well_formed_block(rest) {
+        return Err(
+            "its header lines after the head are not `Name: value` each ended by CR LF".to_owned(),
+        );
+    }
+    Ok(Fields {
+        names,
+        lengths,
         version,
-        kind,
         micros,
-        id,
         rest,
     })
 }

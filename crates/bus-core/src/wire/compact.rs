@@ -125,17 +125,16 @@ struct Fields<'a> {
     rest: &'a [u8],
 }
 
+const NAMES: [&str; 3] = ["aggregate ID", "event type", "event ID"];
+
 fn fields(block: &[u8]) -> Result<Fields<'_>, String> {
-    let mut at = 1;
-    let mut length = |what: &str| {
-        varint(block, &mut at, what)
-            .and_then(|len| usize::try_from(len).map_err(|_| format!("its {what} is {len} bytes")))
+    // Names under 128 bytes each (all but the longest) have one-byte lengths: read at once.
+    let (lengths, mut at) = match block.get(1..4) {
+        Some(&[a, t, i]) if (a | t | i) < 0x80 => {
+            ([usize::from(a), usize::from(t), usize::from(i)], 4)
+        }
+        _ => long_lengths(block)?,
     };
-    let lengths = [
-        length("aggregate ID")?,
-        length("event type")?,
-        length("event ID")?,
-    ];
     let [aggregate, kind, id] = lengths;
     let Some(names) = aggregate
         .checked_add(kind)
@@ -146,13 +145,9 @@ fn fields(block: &[u8]) -> Result<Fields<'_>, String> {
             "its names are {aggregate} + {kind} + {id} bytes, more than the block holds"
         ));
     };
-    for (len, what) in lengths
-        .iter()
-        .zip(["aggregate ID", "event type", "event ID"])
-    {
-        if *len == 0 {
-            return Err(format!("its {what} is empty"));
-        }
+    if aggregate == 0 || kind == 0 || id == 0 {
+        let empty = NAMES[lengths.iter().position(|&len| len == 0).expect("one is 0")];
+        return Err(format!("its {empty} is empty"));
     }
     if !crate::names::all_graphic(names) {
         return Err("its names are not printable ASCII without spaces".to_owned());
@@ -182,6 +177,18 @@ fn fields(block: &[u8]) -> Result<Fields<'_>, String> {
     })
 }
 
+/// The three names' lengths, any of them longer than one byte, and where the names start.
+#[cold]
+fn long_lengths(block: &[u8]) -> Result<([usize; 3], usize), String> {
+    let mut at = 1;
+    let mut lengths = [0; 3];
+    for (length, what) in lengths.iter_mut().zip(NAMES) {
+        let len = varint(block, &mut at, what)?;
+        *length = usize::try_from(len).map_err(|_| format!("its {what} is {len} bytes"))?;
+    }
+    Ok((lengths, at))
+}
+
 /// The aggregate ID's bytes of a compact head, unchecked: what routes a record before it is
 /// decoded (a record that does not decode may have read anything here).
 pub(super) fn aggregate_bytes(block: &[u8]) -> Option<&[u8]> {
@@ -195,12 +202,17 @@ pub(super) fn aggregate_bytes(block: &[u8]) -> Option<&[u8]> {
 
 #[inline]
 fn varint(block: &[u8], at: &mut usize, what: &str) -> Result<u64, String> {
-    // Most varints here (a name's length, a version under 128) are one byte.
-    if let Some(&byte) = block.get(*at) {
-        if byte < 0x80 {
+    // Most varints here (a name's length, a version under 16 384) are one or two bytes.
+    match block.get(*at..) {
+        Some(&[low, ..]) if low < 0x80 => {
             *at += 1;
-            return Ok(u64::from(byte));
+            return Ok(u64::from(low));
         }
+        Some(&[low, high, ..]) if high < 0x80 => {
+            *at += 2;
+            return Ok(u64::from(low & 0x7F) | (u64::from(high) << 7));
+        }
+        _ => {}
     }
     let mut value = 0u64;
     for shift in (0..70).step_by(7) {

@@ -3,9 +3,9 @@
 //! [`BATCH`]'s; a record's header block is exactly the headers a single-event message of the
 //! envelope carries (the parent module).
 
-use bytes::Bytes;
-
 use std::borrow::Cow;
+
+use bytes::Bytes;
 
 use super::compact::{self, COMPACT};
 use super::{
@@ -35,8 +35,9 @@ use crate::names::AggregateIds;
 ///
 /// This library writes compact heads: a 0 byte, the lengths of the aggregate ID, the event
 /// type and the event ID, those three names, then the event version and the timestamp in
-/// binary, then the other header lines as text. Readers take either form, record by record: a stream keeps the
-/// text heads earlier versions wrote. `docs/wire-format.md` has the byte layout.
+/// binary, then the other header lines as text. Readers take either form, record by record:
+/// a stream keeps the text heads earlier versions wrote. `docs/wire-format.md` has the byte
+/// layout.
 pub const BATCH: &str = "Bus-Batch";
 
 /// One event of a record batch: its header block (in text form: a compact head as the
@@ -276,17 +277,18 @@ impl<'a> RecordView<'a> {
     /// The text the record's envelope has as its aggregate ID, read without decoding the
     /// record, when its header block starts as this library writes it: a compact head's
     /// aggregate ID, or `Bus-Event: ` then anything but a space up to the next space on that
-    /// line. `None` otherwise. A record
-    /// that decodes has this aggregate ID (one that does not may have read anything here): a
-    /// consumer can route the record by it and decode it later, elsewhere.
+    /// line. `None` otherwise. A record that decodes has this aggregate ID (one that does not
+    /// may have read anything here): a consumer can route the record by it and decode it
+    /// later, elsewhere.
     pub fn aggregate_id_str(&self) -> Option<&'a str> {
         // A run of a UTF-8 block between ASCII bytes (the prefix, a space).
         std::str::from_utf8(self.aggregate_id_bytes()?).ok()
     }
 
-    /// [`RecordView::aggregate_id_str`] as bytes, not checked again to be UTF-8: a run of the
-    /// header block, which is, between two ASCII bytes. What a consumer that routes by the
-    /// bytes themselves needs, at no cost per byte beyond finding the space.
+    /// [`RecordView::aggregate_id_str`] as bytes, not checked again to be UTF-8: printable
+    /// ASCII in a compact head (checked when the view was made), and in a text one a run of a
+    /// UTF-8 block between two ASCII bytes. What a consumer that routes by the bytes
+    /// themselves needs, at no cost per byte beyond finding where it ends.
     pub fn aggregate_id_bytes(&self) -> Option<&'a [u8]> {
         let bytes = match self.headers {
             Block::Text(text) => text.as_bytes(),

@@ -376,31 +376,32 @@ fn other_lines_len(envelope: &Envelope) -> usize {
 
 /// Appends `envelope` to a batch body as one record, with a compact head.
 pub fn encode_record(envelope: &Envelope, body: &mut Vec<u8>) {
-    let at = body.len();
-    body.extend_from_slice(&[0; 4]);
-    compact::write_head(envelope, body);
-    encode_other_headers(envelope, |name, value| {
-        body.extend_from_slice(name.as_bytes());
-        body.extend_from_slice(b": ");
-        body.extend_from_slice(value.as_bytes());
-        body.extend_from_slice(b"\r\n");
-    });
-    let headers = (body.len() - at - 4) as u32;
-    body[at..at + 4].copy_from_slice(&headers.to_be_bytes());
-    body.extend_from_slice(&(envelope.payload.len() as u32).to_be_bytes());
-    body.extend_from_slice(&envelope.payload);
+    encode_with(envelope, body, compact::write_head);
 }
 
 /// Appends `envelope` to a batch body as one record with a text head, as versions before
 /// compact heads wrote every record: what a reader must still take from a stream they wrote
 /// to (for tools and tests; the publisher writes compact heads).
 pub fn encode_text_record(envelope: &Envelope, body: &mut Vec<u8>) {
+    encode_with(envelope, body, |envelope, body| {
+        body.extend_from_slice(EVENT.as_bytes());
+        body.extend_from_slice(b": ");
+        push_event_value(envelope, |part| body.extend_from_slice(part.as_bytes()));
+        body.extend_from_slice(b"\r\n");
+    });
+}
+
+/// Appends one record: its header block (the `Bus-Event` part as `head` writes it, then the
+/// other headers' lines) and its payload, each after its length.
+#[inline]
+fn encode_with(
+    envelope: &Envelope,
+    body: &mut Vec<u8>,
+    head: impl FnOnce(&Envelope, &mut Vec<u8>),
+) {
     let at = body.len();
     body.extend_from_slice(&[0; 4]);
-    body.extend_from_slice(EVENT.as_bytes());
-    body.extend_from_slice(b": ");
-    push_event_value(envelope, |part| body.extend_from_slice(part.as_bytes()));
-    body.extend_from_slice(b"\r\n");
+    head(envelope, body);
     encode_other_headers(envelope, |name, value| {
         body.extend_from_slice(name.as_bytes());
         body.extend_from_slice(b": ");
@@ -416,8 +417,8 @@ pub fn encode_text_record(envelope: &Envelope, body: &mut Vec<u8>) {
 /// The records of a batch whose `Bus-Batch` header is `count`. The body must hold exactly that
 /// many well-formed records and nothing after them; each record's header block must be UTF-8
 /// `Name: value` lines, each ended by `\r\n`, or a compact head that reads, followed by such
-/// lines. Whether a record is a valid envelope is
-/// [`Record::decode`]'s business: one bad record does not make the others unreadable.
+/// lines. Whether a record is a valid envelope is [`Record::decode`]'s business: one bad
+/// record does not make the others unreadable.
 pub fn decode_batch(count: &str, body: &Bytes) -> Result<Vec<Record>, DecodeError> {
     let (_, records) = split_batch(count, body, |record| record.record())?;
     Ok(records)

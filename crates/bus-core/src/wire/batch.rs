@@ -475,44 +475,38 @@ pub fn split_batch<T>(
     for i in 0..count {
         let headers = take(&mut at, "header block", i)?;
         let block = &body[headers.0 as usize..headers.1 as usize];
-        if block.first() == Some(&COMPACT) {
+        let checked = if block.first() == Some(&COMPACT) {
             compact::check(block).map_err(|why| compact::refused(i, why))?;
-            let payload = take(&mut at, "payload", i)?;
-            let span = RecordSpan { headers, payload };
-            spans.push(span);
-            made.push(each(RecordView {
-                headers: Block::Compact(block),
-                body,
-                span,
-            }));
-            continue;
-        }
-        if !block.is_ascii() {
-            std::str::from_utf8(block).map_err(|e| {
-                malformed(format!("record {i}: its header block is not UTF-8 ({e})"))
-            })?;
-        }
-        if !block.is_empty() && !block.ends_with(b"\r\n") {
-            return Err(malformed(format!(
-                "record {i}: its header block does not end with CR LF"
-            )));
-        }
-        // Every line ends with CR LF (a bare LF would be a line break no NATS header holds)
-        // and holds a `:`.
-        if !well_formed_block(block) {
-            let text = std::str::from_utf8(block).expect("checked above");
-            if let Some(line) = ill_formed_line(text) {
+            Block::Compact(block)
+        } else {
+            if !block.is_ascii() {
+                std::str::from_utf8(block).map_err(|e| {
+                    malformed(format!("record {i}: its header block is not UTF-8 ({e})"))
+                })?;
+            }
+            if !block.is_empty() && !block.ends_with(b"\r\n") {
                 return Err(malformed(format!(
-                    "record {i}: header line `{}` is not `Name: value`",
-                    line.escape_debug()
+                    "record {i}: its header block does not end with CR LF"
                 )));
             }
-        }
+            // Every line ends with CR LF (a bare LF would be a line break no NATS header
+            // holds) and holds a `:`.
+            if !well_formed_block(block) {
+                let text = std::str::from_utf8(block).expect("checked above");
+                if let Some(line) = ill_formed_line(text) {
+                    return Err(malformed(format!(
+                        "record {i}: header line `{}` is not `Name: value`",
+                        line.escape_debug()
+                    )));
+                }
+            }
+            Block::Checked(block)
+        };
         let payload = take(&mut at, "payload", i)?;
         let span = RecordSpan { headers, payload };
         spans.push(span);
         made.push(each(RecordView {
-            headers: Block::Checked(block),
+            headers: checked,
             body,
             span,
         }));

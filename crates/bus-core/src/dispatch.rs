@@ -64,9 +64,9 @@ pub fn prepare<'a>(
 }
 
 /// [`prepare`] of one record of a record batch, as [`wire::split_batch`] gives it, for an
-/// envelope handler (a raw handler gets [`wire::header_pairs`] of [`wire::RecordView::header_block`] and its payload through
-/// [`prepare`]); the aggregate ID is shared with earlier records' through `ids`
-/// ([`wire::RecordView::decode_with`]).
+/// envelope handler (a raw handler gets [`wire::header_pairs`] of
+/// [`wire::RecordView::header_block`] and its payload through [`prepare`]); the aggregate ID
+/// is shared with earlier records' through `ids` ([`wire::RecordView::decode_with`]).
 #[inline]
 pub fn prepare_record(
     subject: &str,

@@ -105,7 +105,8 @@ fn chars_error(
 }
 
 /// Whether every byte of `bytes` is printable ASCII other than space (`0x21..=0x7E`), eight
-/// bytes at a time: an event ID is read on every delivery, and a generated one is 36 bytes.
+/// bytes at a time: an event ID is read on every delivery, and a generated one is 36 bytes;
+/// a record's compact head has its three names checked at once (`wire::compact`).
 pub(crate) fn all_graphic(bytes: &[u8]) -> bool {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);

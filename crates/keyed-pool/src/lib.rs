@@ -9,6 +9,8 @@
 //!
 //! * Back-pressure, never loss: [`KeyedPool::submit`] waits while the key's queue is full;
 //!   [`KeyedPool::try_submit`] hands the job back when it is full or closed.
+//! * [`KeyedPool::submit_all`] queues many jobs as `submit` would one after another, handing
+//!   each driver its share at once.
 //! * [`KeyedPool::submit_tracked`] returns a [`Completion`] that says how the job ended, so the
 //!   caller can act (acknowledge a message, say) only after success.
 //! * A panicking job is caught and reported as that job's failure; its worker lives on.
@@ -53,7 +55,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -211,21 +213,29 @@ impl PoolMetrics {
 
 /// Reads a pool's queue depths; see [`KeyedPool::probe`].
 pub struct PoolProbe<J> {
-    queues: Vec<queue::Probe<Slot<J>>>,
+    rooms: Vec<Arc<Room>>,
+    open: Arc<AtomicBool>,
+    _jobs: std::marker::PhantomData<fn() -> J>,
 }
 
 impl<J> PoolProbe<J> {
     /// Jobs waiting in all queues now (not counting those running); 0 once the pool is shut
     /// down.
     pub fn queued(&self) -> usize {
-        self.queues.iter().map(queue::Probe::len).sum()
+        if self.open.load(Ordering::Acquire) {
+            self.rooms.iter().map(|room| room.queued()).sum()
+        } else {
+            0
+        }
     }
 }
 
 impl<J> Clone for PoolProbe<J> {
     fn clone(&self) -> Self {
         Self {
-            queues: self.queues.clone(),
+            rooms: self.rooms.clone(),
+            open: self.open.clone(),
+            _jobs: std::marker::PhantomData,
         }
     }
 }
@@ -261,7 +271,14 @@ struct Slot<J> {
 
 /// The keyed executor; see the [crate documentation](crate).
 pub struct KeyedPool<J> {
-    senders: Vec<queue::Sender<Slot<J>>>,
+    /// Per driver: where jobs are posted to it. Worker `w` is driver `w % drivers`'s worker
+    /// `w / drivers`.
+    ports: Vec<Port<J>>,
+    /// Per worker: its jobs not yet taken, and who waits for a place.
+    rooms: Vec<Arc<Room>>,
+    capacity: usize,
+    /// Cleared once the pool takes no more jobs: probes then read 0.
+    open: Arc<AtomicBool>,
     hasher: ahash::RandomState,
     counters: Arc<Counters>,
     stop: watch::Sender<bool>,
@@ -272,8 +289,27 @@ pub struct KeyedPool<J> {
 impl<J> fmt::Debug for KeyedPool<J> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedPool")
-            .field("workers", &self.senders.len())
+            .field("workers", &self.rooms.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// Dropped without [`KeyedPool::shutdown`], the pool still runs what was submitted: its drivers
+/// end once they have.
+impl<J> Drop for KeyedPool<J> {
+    fn drop(&mut self) {
+        self.seal();
+    }
+}
+
+impl<J> KeyedPool<J> {
+    /// No more jobs: each driver runs what was posted to it, then ends.
+    fn seal(&self) {
+        self.open.store(false, Ordering::Release);
+        for port in &self.ports {
+            port.mailbox.seal();
+            port.call();
+        }
     }
 }
 
@@ -316,20 +352,20 @@ impl<J: Send + 'static> KeyedPool<J> {
         let counters = Arc::new(Counters::default());
         let (stop, stop_rx) = watch::channel(false);
         let drivers = config.drivers.min(config.workers);
-        let mut senders = Vec::with_capacity(config.workers);
-        let mut receivers: Vec<Vec<queue::Receiver<Slot<J>>>> =
-            (0..drivers).map(|_| Vec::new()).collect();
-        for worker in 0..config.workers {
-            let (tx, rx) = queue::channel(config.queue_capacity);
-            senders.push(tx);
-            // Worker `w` is driven by driver `w % drivers`: neighbours apart.
-            receivers[worker % drivers].push(rx);
-        }
-        let workers = receivers
-            .into_iter()
-            .map(|queues| {
+        let rooms: Vec<Arc<Room>> = (0..config.workers).map(|_| Arc::default()).collect();
+        // Worker `w` is driven by driver `w % drivers`: neighbours apart.
+        let ports: Vec<Port<J>> = (0..drivers)
+            .map(|d| Port::new((d..config.workers).step_by(drivers).count()))
+            .collect();
+        let workers = ports
+            .iter()
+            .enumerate()
+            .map(|(d, port)| {
+                let rooms = rooms.iter().skip(d).step_by(drivers).cloned().collect();
                 tokio::spawn(driver::drive(
-                    queues,
+                    port.clone(),
+                    driver::CloseOnEnd::new(port, rooms),
+                    config.queue_capacity,
                     run.clone(),
                     counters.clone(),
                     stop_rx.clone(),
@@ -337,7 +373,10 @@ impl<J: Send + 'static> KeyedPool<J> {
             })
             .collect();
         Self {
-            senders,
+            ports,
+            rooms,
+            capacity: config.queue_capacity,
+            open: Arc::new(AtomicBool::new(true)),
             hasher: ahash::RandomState::with_seeds(
                 HASH_SEEDS.0,
                 HASH_SEEDS.1,
@@ -352,13 +391,13 @@ impl<J: Send + 'static> KeyedPool<J> {
 
     /// The number of workers.
     pub fn workers(&self) -> usize {
-        self.senders.len()
+        self.rooms.len()
     }
 
     /// The worker that runs the jobs of `key`.
     pub fn worker_for<K: Hash + ?Sized>(&self, key: &K) -> usize {
         // Multiply-shift reduction: uniform for a uniform hash, and cheaper than `%`.
-        ((u128::from(self.hasher.hash_one(key)) * self.senders.len() as u128) >> 64) as usize
+        ((u128::from(self.hasher.hash_one(key)) * self.rooms.len() as u128) >> 64) as usize
     }
 
     /// Queues `job` behind the earlier jobs of `key`, waiting while that queue is full.
@@ -367,16 +406,144 @@ impl<J: Send + 'static> KeyedPool<J> {
     }
 
     async fn put<K: Hash + ?Sized>(&self, key: &K, slot: Slot<J>) -> Result<(), Closed<J>> {
-        let sender = &self.senders[self.worker_for(key)];
-        // Room in the queue is the usual case: taken without making a waiting future. A full
-        // queue is waited on in turn (its free places go to those waiting first).
-        match sender.try_send(slot) {
-            Ok(()) => Ok(()),
-            Err(queue::TrySendError::Full(slot)) => {
-                sender.send(slot).await.map_err(|slot| Closed(slot.job))
-            }
-            Err(queue::TrySendError::Closed(slot)) => Err(Closed(slot.job)),
+        let worker = self.worker_for(key);
+        let port = self.port_of(worker);
+        // Room in the queue is the usual case: taken without making a waiting future.
+        if !self.rooms[worker].try_reserve(self.capacity)
+            && !self.rooms[worker]
+                .reserve(self.capacity, &port.mailbox)
+                .await
+        {
+            return Err(Closed(slot.job));
         }
+        self.post_one(worker, slot).map_err(|slot| Closed(slot.job))
+    }
+
+    /// Queues each of `jobs` behind the earlier jobs of its key, as [`submit`](Self::submit)
+    /// would one after another, but hands each driver its share of them at once: one lock and
+    /// at most one wake-up per driver, where jobs submitted one by one take one each. Waits
+    /// while a job's queue is full; the jobs of its driver gathered before it are queued
+    /// meanwhile, and no later job is.
+    ///
+    /// If the pool stops taking jobs, the ones not queued are handed back, in submission order.
+    pub async fn submit_all<'k, K, I>(&self, jobs: I) -> Result<(), Closed<Vec<J>>>
+    where
+        K: Hash + ?Sized + 'k,
+        I: IntoIterator<Item = (&'k K, J)>,
+    {
+        let drivers = self.ports.len();
+        // Each job with its worker and driver, then their places grouped by driver (a counting
+        // sort), in submission order within each, so each key's jobs keep theirs. What is
+        // handed back is put back in its place first.
+        let mut jobs: Vec<(usize, usize, Option<J>)> = jobs
+            .into_iter()
+            .map(|(key, job)| {
+                let worker = self.worker_for(key);
+                (worker, worker % drivers, Some(job))
+            })
+            .collect();
+        let mut starts = vec![0u32; drivers + 1];
+        for (_, driver, _) in &jobs {
+            starts[driver + 1] += 1;
+        }
+        for driver in 0..drivers {
+            starts[driver + 1] += starts[driver];
+        }
+        let mut order = vec![0u32; jobs.len()];
+        let mut next = starts.clone();
+        for (at, (_, driver, _)) in jobs.iter().enumerate() {
+            order[next[*driver] as usize] = at as u32;
+            next[*driver] += 1;
+        }
+        let mut share: Vec<(usize, Slot<J>)> = Vec::new();
+        // Where in `jobs` each job of `share` was.
+        let mut places: Vec<usize> = Vec::new();
+        for driver in 0..drivers {
+            for &at in &order[starts[driver] as usize..starts[driver + 1] as usize] {
+                let at = at as usize;
+                let worker = jobs[at].0;
+                let room = &self.rooms[worker];
+                if !room.try_reserve(self.capacity) {
+                    // The jobs gathered so far go now; then this one waits for a place.
+                    if let Err(not_posted) = self.post(driver, &mut share) {
+                        return Err(hand_back(jobs, places, not_posted));
+                    }
+                    places.clear();
+                    if !room
+                        .reserve(self.capacity, &self.ports[driver].mailbox)
+                        .await
+                    {
+                        return Err(hand_back(jobs, places, Vec::new()));
+                    }
+                }
+                let job = jobs[at].2.take().expect("each job is taken once");
+                share.push((worker / drivers, Slot { job, done: None }));
+                places.push(at);
+            }
+            if let Err(not_posted) = self.post(driver, &mut share) {
+                return Err(hand_back(jobs, places, not_posted));
+            }
+            places.clear();
+        }
+        Ok(())
+    }
+
+    /// Posts `share` (jobs of `driver`'s workers, their places reserved) to `driver`, and
+    /// calls it if its mailbox was empty. If the mailbox is closed their places are given back
+    /// and the jobs handed back, in order.
+    fn post(&self, driver: usize, share: &mut Vec<(usize, Slot<J>)>) -> Result<(), Vec<Slot<J>>> {
+        if share.is_empty() {
+            return Ok(());
+        }
+        let port = &self.ports[driver];
+        match port.mailbox.post(share) {
+            Ok(true) => {
+                port.call();
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(PostClosed(jobs)) => {
+                let drivers = self.ports.len();
+                Err(jobs
+                    .into_iter()
+                    .map(|(index, slot)| {
+                        self.rooms[index * drivers + driver].release(self.capacity);
+                        slot
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// [`post`](Self::post) for one job of `worker`, its place reserved.
+    fn post_one(&self, worker: usize, slot: Slot<J>) -> Result<(), Slot<J>> {
+        let port = self.port_of(worker);
+        match port.mailbox.post_one(self.index_of(worker), slot) {
+            Ok(true) => {
+                port.call();
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(slot) => {
+                self.rooms[worker].release(self.capacity);
+                Err(slot)
+            }
+        }
+    }
+
+    /// The port of `worker`'s driver.
+    fn port_of(&self, worker: usize) -> &Port<J> {
+        &self.ports[self.driver_of(worker)]
+    }
+
+    /// The driver of `worker`.
+    fn driver_of(&self, worker: usize) -> usize {
+        worker % self.ports.len()
+    }
+
+    /// `worker`'s index among its driver's workers.
+    fn index_of(&self, worker: usize) -> usize {
+        worker / self.ports.len()
     }
 
     /// Like [`submit`](Self::submit), and returns a [`Completion`] for the job.
@@ -396,19 +563,22 @@ impl<J: Send + 'static> KeyedPool<J> {
 
     /// Queues `job` if the key's queue has room; hands it back otherwise.
     pub fn try_submit<K: Hash + ?Sized>(&self, key: &K, job: J) -> Result<(), TrySubmitError<J>> {
+        let worker = self.worker_for(key);
+        if self.port_of(worker).mailbox.is_closed() {
+            return Err(TrySubmitError::Closed(job));
+        }
+        if !self.rooms[worker].try_reserve(self.capacity) {
+            return Err(TrySubmitError::Full(job));
+        }
         let slot = Slot { job, done: None };
-        self.senders[self.worker_for(key)]
-            .try_send(slot)
-            .map_err(|e| match e {
-                queue::TrySendError::Full(s) => TrySubmitError::Full(s.job),
-                queue::TrySendError::Closed(s) => TrySubmitError::Closed(s.job),
-            })
+        self.post_one(worker, slot)
+            .map_err(|slot| TrySubmitError::Closed(slot.job))
     }
 
     /// A snapshot of the pool's counters.
     pub fn metrics(&self) -> PoolMetrics {
         PoolMetrics {
-            queue_depths: self.senders.iter().map(queue::Sender::len).collect(),
+            queue_depths: self.rooms.iter().map(|room| room.queued()).collect(),
             jobs_run: self.counters.jobs_run.load(Ordering::Relaxed),
             failures: self.counters.failures.load(Ordering::Relaxed),
             panics: self.counters.panics.load(Ordering::Relaxed),
@@ -419,7 +589,9 @@ impl<J: Send + 'static> KeyedPool<J> {
     /// keeping the pool's queues open.
     pub fn probe(&self) -> PoolProbe<J> {
         PoolProbe {
-            queues: self.senders.iter().map(queue::Sender::probe).collect(),
+            rooms: self.rooms.clone(),
+            open: self.open.clone(),
+            _jobs: std::marker::PhantomData,
         }
     }
 
@@ -434,16 +606,10 @@ impl<J: Send + 'static> KeyedPool<J> {
         self.finish(Some(deadline)).await
     }
 
-    async fn finish(self, deadline: Option<Duration>) -> ShutdownReport<J> {
-        let KeyedPool {
-            senders,
-            stop,
-            workers,
-            ..
-        } = self;
-        // Closing the queues lets each worker drain what is queued and then exit.
-        drop(senders);
-        let mut joined = futures::future::join_all(workers);
+    async fn finish(mut self, deadline: Option<Duration>) -> ShutdownReport<J> {
+        self.seal();
+        let stop = self.stop.clone();
+        let mut joined = futures::future::join_all(std::mem::take(&mut self.workers));
         let results = match deadline {
             None => (&mut joined).await,
             Some(deadline) => match tokio::time::timeout(deadline, &mut joined).await {
@@ -471,8 +637,25 @@ impl<J: Send + 'static> KeyedPool<J> {
     }
 }
 
+/// What [`KeyedPool::submit_all`] hands back when the pool stopped, in submission order: the
+/// jobs gathered for a driver and not posted (taken from `places` of `jobs`) put back, and every
+/// job not taken.
+fn hand_back<J>(
+    mut jobs: Vec<(usize, usize, Option<J>)>,
+    places: Vec<usize>,
+    not_posted: Vec<Slot<J>>,
+) -> Closed<Vec<J>> {
+    for (at, slot) in places.into_iter().zip(not_posted) {
+        jobs[at].2 = Some(slot.job);
+    }
+    Closed(jobs.into_iter().filter_map(|(_, _, job)| job).collect())
+}
+
 mod driver;
-mod queue;
+mod mailbox;
+
+use driver::Port;
+use mailbox::{PostClosed, Room};
 
 #[cfg(test)]
 mod tests;

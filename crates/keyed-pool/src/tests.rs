@@ -5,11 +5,20 @@ use std::sync::Mutex;
 type Log = Arc<Mutex<Vec<(u32, u32)>>>;
 
 fn recording_pool(workers: usize, capacity: usize, log: Log) -> KeyedPool<(u32, u32, u64)> {
+    recording_pool_with(workers, capacity, DEFAULT_DRIVERS, log)
+}
+
+fn recording_pool_with(
+    workers: usize,
+    capacity: usize,
+    drivers: usize,
+    log: Log,
+) -> KeyedPool<(u32, u32, u64)> {
     KeyedPool::new(
         PoolConfig {
             workers,
             queue_capacity: capacity,
-            ..PoolConfig::default()
+            drivers,
         },
         move |(key, seq, delay_us): (u32, u32, u64)| {
             let log = log.clone();
@@ -300,6 +309,167 @@ async fn shutdown_deadline_hands_back_jobs_not_started() {
     assert_eq!(stuck.await, JobOutcome::NotRun);
 }
 
+/// `submit_all` into a full queue: the jobs of the same driver before the full one are queued
+/// at once, the submitter waits until the worker takes a job, and every job then runs, in order
+/// per key.
+#[tokio::test(flavor = "current_thread")]
+async fn submit_all_waits_for_room_and_keeps_each_keys_order() {
+    let (gate_tx, gate_rx) = watch::channel(false);
+    let log: Arc<Mutex<Vec<(u32, u32)>>> = Default::default();
+    let pool = {
+        let log = log.clone();
+        KeyedPool::new(
+            PoolConfig {
+                workers: 2,
+                queue_capacity: 1,
+                drivers: 1,
+            },
+            move |(key, n): (u32, u32)| {
+                let (mut gate, log) = (gate_rx.clone(), log.clone());
+                async move {
+                    if n == 0 {
+                        gate.wait_for(|open| *open)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    log.lock().unwrap().push((key, n));
+                    Ok::<(), String>(())
+                }
+            },
+        )
+    };
+    let (a, b) = (
+        0u32,
+        (1..64u32)
+            .find(|k| pool.worker_for(k) != pool.worker_for(&0u32))
+            .unwrap(),
+    );
+    // Key `a`'s first job holds its worker; its second fills the queue.
+    let holding = pool.submit_tracked(&a, (a, 0)).await.unwrap();
+    while pool.metrics().queued() != 0 {
+        tokio::task::yield_now().await;
+    }
+    pool.submit(&a, (a, 1)).await.unwrap();
+    let jobs = [(b, 1), (a, 2), (b, 2), (a, 3)];
+    let keys: Vec<u32> = jobs.iter().map(|(k, _)| *k).collect();
+    {
+        let submitting = pool.submit_all(keys.iter().zip(jobs));
+        tokio::pin!(submitting);
+        for _ in 0..10 {
+            assert!(
+                futures::poll!(submitting.as_mut()).is_pending(),
+                "key {a}'s queue is full: the submitter waits"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            pool.metrics().queue_depths[pool.worker_for(&a)],
+            1,
+            "nothing more of key {a} is queued while the submitter waits"
+        );
+        assert!(
+            log.lock().unwrap().contains(&(b, 1)),
+            "key {b}'s job before the full queue ran meanwhile"
+        );
+        gate_tx.send(true).unwrap();
+        submitting.await.unwrap();
+    }
+    assert_eq!(holding.await, JobOutcome::Succeeded);
+    let report = pool.shutdown().await;
+    assert!(report.not_run.is_empty());
+    let log = log.lock().unwrap();
+    let of = |key: u32| -> Vec<u32> {
+        log.iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, n)| *n)
+            .collect()
+    };
+    assert_eq!(of(a), [0, 1, 2, 3]);
+    assert_eq!(of(b), [1, 2]);
+}
+
+/// A pool whose drivers are gone (their runtime dropped, here before they ever ran) takes no
+/// job: each way of submitting hands the jobs back, `submit_all` in submission order.
+#[test]
+fn a_pool_whose_drivers_are_gone_hands_every_job_back() {
+    let first = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let pool = {
+        let _inside = first.enter();
+        KeyedPool::new(
+            PoolConfig {
+                workers: 8,
+                queue_capacity: 4,
+                drivers: 3,
+            },
+            |_n: u32| async { Ok::<(), String>(()) },
+        )
+    };
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        let keys: Vec<u32> = (0..20).collect();
+        let jobs: Vec<u32> = (100..120).collect();
+        match pool.submit_all(keys.iter().zip(jobs.clone())).await {
+            Err(Closed(back)) => assert_eq!(back, jobs, "handed back in submission order"),
+            Ok(()) => panic!("a pool without drivers took jobs"),
+        }
+        assert_eq!(pool.submit(&1u32, 7).await, Err(Closed(7)));
+        assert_eq!(pool.try_submit(&1u32, 8), Err(TrySubmitError::Closed(8)));
+        assert_eq!(pool.metrics().queued(), 0, "places given back");
+    });
+}
+
+/// A submitter of `submit_all` waiting for room when the pool's drivers go is turned away with
+/// the jobs it had not queued, in submission order.
+#[test]
+fn submit_all_waiting_for_room_when_the_drivers_go_hands_the_rest_back() {
+    let drivers_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    let pool = Arc::new({
+        let _inside = drivers_runtime.enter();
+        KeyedPool::new(
+            PoolConfig {
+                workers: 1,
+                queue_capacity: 1,
+                drivers: 1,
+            },
+            |_n: u32| async {
+                std::future::pending::<()>().await;
+                Ok::<(), String>(())
+            },
+        )
+    });
+    let submitter = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    submitter.block_on(async {
+        pool.submit(&0u32, 1).await.unwrap();
+        while pool.metrics().queued() != 0 {
+            tokio::task::yield_now().await;
+        }
+        pool.submit(&0u32, 2).await.unwrap();
+        let keys = [0u32; 3];
+        let submitting = pool.submit_all(keys.iter().zip([3, 4, 5]));
+        tokio::pin!(submitting);
+        assert!(
+            futures::poll!(submitting.as_mut()).is_pending(),
+            "the queue is full"
+        );
+        drivers_runtime.shutdown_background();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), submitting)
+            .await
+            .expect("the drivers' end turns the waiting submitter away");
+        assert_eq!(outcome, Err(Closed(vec![3, 4, 5])));
+    });
+}
+
 #[test]
 fn keys_spread_over_workers() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -336,7 +506,10 @@ proptest! {
         jobs in proptest::collection::vec((0u32..12, 0u64..300), 1..300),
         workers in 1usize..8,
         capacity in 1usize..6,
-        tracked in any::<bool>(),
+        drivers in 1usize..4,
+        // 0: `submit`, 1: `submit_tracked`, 2: `submit_all` in runs of `run` jobs.
+        how in 0u8..3,
+        run in 1usize..40,
     ) {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -356,10 +529,16 @@ proptest! {
             })
             .collect();
         let outcomes = rt.block_on(async {
-            let pool = recording_pool(workers, capacity, log.clone());
+            let pool = recording_pool_with(workers, capacity, drivers, log.clone());
             let mut completions = Vec::new();
-            for job in submitted {
-                if tracked {
+            if how == 2 {
+                for jobs in submitted.chunks(run) {
+                    let keys: Vec<u32> = jobs.iter().map(|job| job.0).collect();
+                    pool.submit_all(keys.iter().zip(jobs.iter().copied())).await.unwrap();
+                }
+            }
+            for job in submitted.into_iter().filter(|_| how != 2) {
+                if how == 1 {
                     completions.push(pool.submit_tracked(&job.0, job).await.unwrap());
                 } else {
                     pool.submit(&job.0, job).await.unwrap();

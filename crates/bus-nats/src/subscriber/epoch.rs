@@ -14,7 +14,8 @@ use tokio::sync::watch;
 use super::acker::Acker;
 use super::copies::{ack_info, Copies, Seen};
 use super::job::{
-    prepare, prepare_record, submit, Arrival, BatchProgress, Event, Job, RecordEvent, Single, Work,
+    prepare, prepare_record, submit, submit_all, Arrival, BatchProgress, Event, Job, RecordEvent,
+    Single, Work,
 };
 use super::recovery::Restarter;
 use super::runner::{Counters, Runner};
@@ -285,9 +286,10 @@ struct Batch {
     ready: Vec<Event>,
 }
 
-/// Dispatches the events of a record batch, each to its key's worker, in record order. Events
-/// settled before the batch was last released in this subscription (handled or dead-lettered)
-/// are not handed to the handler again.
+/// Dispatches the events of a record batch, each to its key's worker, in record order (each
+/// worker's driver takes its share of the batch in one hand-over). Events settled before the
+/// batch was last released in this subscription (handled or dead-lettered) are not handed to
+/// the handler again.
 async fn dispatch_batch(
     plan: &FetchPlan,
     pool: &KeyedPool<Work>,
@@ -342,16 +344,17 @@ async fn dispatch_batch(
         .lock()
         .unwrap()
         .link(sequence, keys.iter().copied(), keys.len());
-    let mut stopped = None;
-    let mut dispatched = 0;
-    for index in to_run.iter().copied() {
-        let job = Job::Record(progress.clone(), index);
-        if submit(pool, keys[index], Work::Message(job)).await.is_err() {
-            stopped = Some(End::Stopped);
-            break;
-        }
-        dispatched += 1;
-    }
+    // Each worker's driver takes its share of the batch in one hand-over.
+    let work = to_run.iter().map(|&index| {
+        (
+            keys[index],
+            Work::Message(Job::Record(progress.clone(), index)),
+        )
+    });
+    let (stopped, dispatched) = match submit_all(pool, work).await {
+        Ok(()) => (None, to_run.len()),
+        Err(keyed_pool::Closed(not_taken)) => (Some(End::Stopped), to_run.len() - not_taken.len()),
+    };
     // The events never dispatched (the pool stopped) and the guard.
     plan.runner
         .settle_records(&progress, Some(sequence), to_run.len() - dispatched + 1);

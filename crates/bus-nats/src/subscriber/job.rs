@@ -27,6 +27,16 @@ pub(crate) async fn submit(
     pool.submit(key, work).await
 }
 
+/// [`submit`] for each of `work`, every worker's driver handed its share at once (a record
+/// batch's events, say): as submitted one after another, each behind the earlier work of its
+/// key. If the pool stops, what it did not take is handed back.
+pub(crate) async fn submit_all<'k>(
+    pool: &keyed_pool::KeyedPool<Work>,
+    work: impl IntoIterator<Item = (&'k [u8], Work)>,
+) -> Result<(), keyed_pool::Closed<Vec<Work>>> {
+    pool.submit_all(work).await
+}
+
 /// One event ready for its handler: the ordering key (aggregate ID) the pool routes it by, and
 /// its message decoded for the handler, or why it cannot be handled.
 pub(crate) struct Event {

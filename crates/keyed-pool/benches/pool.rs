@@ -42,6 +42,34 @@ fn distinct_keys(c: &mut Criterion) {
     group.finish();
 }
 
+/// The same jobs handed over with `submit_all` in runs of 128 (a record batch's events), each
+/// driver taking its share of a run at once.
+fn distinct_keys_in_runs(c: &mut Criterion) {
+    const RUN: u64 = 128;
+    let rt = runtime();
+    let mut group = c.benchmark_group("jobs_per_second_in_runs_of_128");
+    group.throughput(Throughput::Elements(JOBS));
+    group.sample_size(10);
+    for keys in [1u64, 1_000, 1_000_000] {
+        group.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, &keys| {
+            b.to_async(&rt).iter(|| async move {
+                let pool = KeyedPool::new(PoolConfig::default(), |n: u64| async move {
+                    std::hint::black_box(n);
+                    Ok::<(), std::convert::Infallible>(())
+                });
+                let mut keyed = Vec::with_capacity(RUN as usize);
+                for start in (0..JOBS).step_by(RUN as usize) {
+                    keyed.clear();
+                    keyed.extend((start..(start + RUN).min(JOBS)).map(|i| i % keys));
+                    pool.submit_all(keyed.iter().zip(start..)).await.unwrap();
+                }
+                pool.shutdown().await;
+            });
+        });
+    }
+    group.finish();
+}
+
 /// One key in a hundred sleeps 1 ms per job; every other key is instant. With W workers the
 /// slow key's worker also serves about 1/W of the other keys, which wait behind it, and once its
 /// queue is full the producer waits too. Two measures, both from the first submit: when 99 % of
@@ -127,5 +155,5 @@ async fn fast_keys_done(workers: usize, measure: Measure) -> Duration {
     Duration::from_nanos(reached.load(Ordering::Relaxed))
 }
 
-criterion_group!(benches, distinct_keys, head_of_line);
+criterion_group!(benches, distinct_keys, distinct_keys_in_runs, head_of_line);
 criterion_main!(benches);

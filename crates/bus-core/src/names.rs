@@ -521,6 +521,15 @@ impl EventId {
         Ok(Self(Text::new(value)))
     }
 
+    /// `value` as an event ID when its bytes are known to be printable ASCII without spaces (a
+    /// compact head's names, checked together when the head was read): only its length is
+    /// checked here.
+    pub(crate) fn from_graphic(value: &str) -> Result<Self, ValidationError> {
+        debug_assert!(all_graphic(value.as_bytes()), "{value:?} was checked");
+        check_len("event_id", value, MAX_NAME_LEN)?;
+        Ok(Self(Text::new(value)))
+    }
+
     /// The validated value.
     pub fn as_str(&self) -> &str {
         self.0.as_str()

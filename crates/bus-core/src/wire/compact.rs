@@ -271,7 +271,8 @@ impl<'a> Head<'a> {
                 .ok_or_else(|| invalid("the event version must be greater than 0"))?,
             event_type,
             micros: self.micros,
-            event_id: EventId::new(self.id)?,
+            // Its bytes were checked with the other names when the head was read.
+            event_id: EventId::from_graphic(self.id)?,
         };
         if self.rest.is_empty() {
             decode_from(Some(fields), std::iter::empty(), payload)

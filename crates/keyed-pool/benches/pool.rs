@@ -21,33 +21,20 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn distinct_keys(c: &mut Criterion) {
-    let rt = runtime();
-    let mut group = c.benchmark_group("jobs_per_second");
-    group.throughput(Throughput::Elements(JOBS));
-    group.sample_size(10);
-    for keys in [1u64, 1_000, 1_000_000] {
-        group.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, &keys| {
-            b.to_async(&rt).iter(|| async move {
-                let pool = KeyedPool::new(PoolConfig::default(), |n: u64| async move {
-                    std::hint::black_box(n);
-                    Ok::<(), std::convert::Infallible>(())
-                });
-                for i in 0..JOBS {
-                    pool.submit(&(i % keys), i).await.unwrap();
-                }
-                pool.shutdown().await;
-            });
-        });
-    }
-    group.finish();
+    jobs_per_second(c, "jobs_per_second", None);
 }
 
 /// The same jobs handed over with `submit_all` in runs of 128 (a record batch's events), each
 /// driver taking its share of a run at once.
 fn distinct_keys_in_runs(c: &mut Criterion) {
-    const RUN: u64 = 128;
+    jobs_per_second(c, "jobs_per_second_in_runs_of_128", Some(128));
+}
+
+/// `JOBS` jobs over 1, 1 000 and 1 000 000 keys, each submitted alone or, with `run`, in runs
+/// of that many with `submit_all`.
+fn jobs_per_second(c: &mut Criterion, name: &str, run: Option<u64>) {
     let rt = runtime();
-    let mut group = c.benchmark_group("jobs_per_second_in_runs_of_128");
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(JOBS));
     group.sample_size(10);
     for keys in [1u64, 1_000, 1_000_000] {
@@ -57,11 +44,20 @@ fn distinct_keys_in_runs(c: &mut Criterion) {
                     std::hint::black_box(n);
                     Ok::<(), std::convert::Infallible>(())
                 });
-                let mut keyed = Vec::with_capacity(RUN as usize);
-                for start in (0..JOBS).step_by(RUN as usize) {
-                    keyed.clear();
-                    keyed.extend((start..(start + RUN).min(JOBS)).map(|i| i % keys));
-                    pool.submit_all(keyed.iter().zip(start..)).await.unwrap();
+                match run {
+                    None => {
+                        for i in 0..JOBS {
+                            pool.submit(&(i % keys), i).await.unwrap();
+                        }
+                    }
+                    Some(run) => {
+                        let mut keyed = Vec::with_capacity(run as usize);
+                        for start in (0..JOBS).step_by(run as usize) {
+                            keyed.clear();
+                            keyed.extend((start..(start + run).min(JOBS)).map(|i| i % keys));
+                            pool.submit_all(keyed.iter().zip(start..)).await.unwrap();
+                        }
+                    }
                 }
                 pool.shutdown().await;
             });

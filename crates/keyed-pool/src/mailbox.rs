@@ -199,8 +199,9 @@ mod tests {
         assert!(room.try_reserve(2), "a place given back is taken again");
     }
 
-    #[tokio::test]
-    async fn a_submitter_waiting_for_room_is_let_in_when_a_place_is_given_back() {
+    /// A room of one place, taken, and a submitter waiting for it.
+    async fn a_submitter_waiting() -> (Arc<Room>, Arc<Mailbox<u32>>, tokio::task::JoinHandle<bool>)
+    {
         let room = Arc::new(Room::default());
         let mailbox = Arc::new(Mailbox::<u32>::new());
         assert!(room.try_reserve(1));
@@ -209,6 +210,12 @@ mod tests {
             tokio::spawn(async move { room.reserve(1, &mailbox).await })
         };
         tokio::task::yield_now().await;
+        (room, mailbox, waiting)
+    }
+
+    #[tokio::test]
+    async fn a_submitter_waiting_for_room_is_let_in_when_a_place_is_given_back() {
+        let (room, _mailbox, waiting) = a_submitter_waiting().await;
         assert!(!waiting.is_finished());
         assert_eq!(room.waiting.lock().unwrap().len(), 1, "the submitter waits");
         room.release(1);
@@ -219,14 +226,8 @@ mod tests {
 
     #[tokio::test]
     async fn closing_the_mailbox_turns_a_waiting_submitter_away() {
-        let room = Arc::new(Room::default());
-        let mailbox = Arc::new(Mailbox::<u32>::new());
-        assert!(room.try_reserve(1));
-        let waiting = {
-            let (room, mailbox) = (room.clone(), mailbox.clone());
-            tokio::spawn(async move { room.reserve(1, &mailbox).await })
-        };
-        tokio::task::yield_now().await;
+        let (room, mailbox, waiting) = a_submitter_waiting().await;
+        assert!(!waiting.is_finished());
         let left = mailbox.close();
         assert!(left.is_empty());
         room.wake_waiting();

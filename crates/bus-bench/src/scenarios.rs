@@ -188,7 +188,7 @@ pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
         versions,
     ));
     if !quick {
-        // Each batching limit moved alone from the default (128 events, 64 KiB, 8 in flight,
+        // Each batching limit moved alone from the default (128 events, 64 KiB, 16 in flight,
         // no linger).
         for (name, setup) in [
             ("batched-max-8", BusSetup::batched(|b| b.max_events = 8)),
@@ -203,8 +203,8 @@ pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
                 BusSetup::batched(|b| b.max_in_flight = 1),
             ),
             (
-                "batched-16-in-flight",
-                BusSetup::batched(|b| b.max_in_flight = 16),
+                "batched-8-in-flight",
+                BusSetup::batched(|b| b.max_in_flight = 8),
             ),
             (
                 "batched-linger-1ms",

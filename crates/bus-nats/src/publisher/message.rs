@@ -54,16 +54,41 @@ impl Drop for Message {
 /// publish is made by the caller's task and settled by the ack task, often on the other
 /// thread, and an allocation freed on another thread than the one that made it takes the
 /// allocator's slow path on both (callgrind, `--quick --row default`: about 380 instructions
-/// per event for this one allocation). At most [`SPARES`] are kept.
-#[derive(Default)]
-pub(super) struct Spares(Mutex<Vec<Arc<Publish>>>);
+/// per event for this one allocation). At most as many are kept as a lane's batches in flight
+/// hold ([`Spares::for_batches`]): the acks of those batches can come in together while the
+/// caller waits for room, and every publish they settle is needed again.
+pub(super) struct Spares {
+    kept: Mutex<Vec<Arc<Publish>>>,
+    most: usize,
+}
 
-/// The most settled publishes a publisher keeps for reuse (about 400 bytes each).
+/// The fewest settled publishes a publisher keeps for reuse (about 400 bytes each).
 const SPARES: usize = 1024;
 
+impl Default for Spares {
+    fn default() -> Self {
+        Self {
+            kept: Mutex::default(),
+            most: SPARES,
+        }
+    }
+}
+
 impl Spares {
+    /// Room for the publishes of `batching.max_in_flight` full batches, at least [`SPARES`]
+    /// and at most `window`, the publishes a publisher has outstanding at once. With room for
+    /// 1 024 and 16 batches of 128 in flight, 59 % of the publishes of `--quick --row default`
+    /// were made in new allocations, against 20 % with 8 in flight (callgrind).
+    pub(super) fn for_batches(batching: &crate::BatchConfig, window: usize) -> Self {
+        let held = batching.max_in_flight.saturating_mul(batching.max_events);
+        Self {
+            kept: Mutex::default(),
+            most: held.max(SPARES).min(window.max(1)),
+        }
+    }
+
     fn take(&self) -> Option<Arc<Publish>> {
-        self.0
+        self.kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .pop()
@@ -90,10 +115,10 @@ impl Spares {
             return;
         }
         let mut spares = self
-            .0
+            .kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let room = SPARES - spares.len();
+        let room = self.most.saturating_sub(spares.len());
         spares.extend(keep.take(room));
     }
 }
@@ -320,11 +345,11 @@ mod tests {
         let publish = first.0.clone();
         drop(first);
         spares.keep(publish);
-        assert_eq!(spares.0.lock().unwrap().len(), 1);
+        assert_eq!(spares.kept.lock().unwrap().len(), 1);
 
         let second = publish_in(&spares, Some(2), 20, Some(envelope(2)));
         assert_eq!(Arc::as_ptr(&second.0), first_at, "made in the spare");
-        assert!(spares.0.lock().unwrap().is_empty());
+        assert!(spares.kept.lock().unwrap().is_empty());
         assert_eq!((second.chain, second.record_len), (Some(2), 20));
         assert!(!second.settled.load(Ordering::Acquire));
         assert_eq!(
@@ -356,7 +381,7 @@ mod tests {
         spares.keep(publish);
         let unsettled = publish_in(&spares, Some(2), 10, Some(envelope(2)));
         spares.keep(unsettled.0.clone());
-        assert!(spares.0.lock().unwrap().is_empty());
+        assert!(spares.kept.lock().unwrap().is_empty());
         // At most `SPARES` are kept.
         for _ in 0..SPARES + 10 {
             let m = publish_in(&Spares::default(), None, 0, None);
@@ -365,7 +390,7 @@ mod tests {
             drop(m);
             spares.keep(publish);
         }
-        assert_eq!(spares.0.lock().unwrap().len(), SPARES);
+        assert_eq!(spares.kept.lock().unwrap().len(), SPARES);
         // Kept together, as a batch's are: only as many as there is room for.
         let spares = Spares::default();
         let settled = |n: usize| {
@@ -385,13 +410,50 @@ mod tests {
         let taken_at = Arc::as_ptr(&unsettled.0);
         last.insert(0, unsettled.0.clone());
         spares.keep_all(last);
-        let kept = spares.0.lock().unwrap();
+        let kept = spares.kept.lock().unwrap();
         // One was taken for the publish in flight: room for three of the five.
         assert_eq!(kept.len(), SPARES);
         assert!(
             kept.iter().all(|p| Arc::as_ptr(p) != taken_at),
             "not while in flight"
         );
+    }
+
+    /// A publisher keeps as many spares as its batches in flight hold, within its window: the
+    /// publishes of 16 batches of 128 settled together are all kept.
+    #[test]
+    fn spares_are_kept_for_the_batches_in_flight() {
+        let batching = |max_in_flight, max_events| crate::BatchConfig {
+            max_in_flight,
+            max_events,
+            ..crate::BatchConfig::default()
+        };
+        let settled = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    let m = publish_in(&Spares::default(), None, 0, None);
+                    m.resolve(Ok(published()));
+                    let publish = m.0.clone();
+                    drop(m);
+                    publish
+                })
+                .collect::<Vec<_>>()
+        };
+        for (max_in_flight, max_events, window, kept) in [
+            (16, 128, 10_000, 2_048),
+            (8, 128, 10_000, SPARES),
+            (1, 1, 10_000, SPARES),
+            (64, 512, 10_000, 10_000),
+            (16, 128, 100, 100),
+        ] {
+            let spares = Spares::for_batches(&batching(max_in_flight, max_events), window);
+            spares.keep_all(settled(kept + 7));
+            assert_eq!(
+                spares.kept.lock().unwrap().len(),
+                kept,
+                "{max_in_flight} x {max_events} in flight, window {window}"
+            );
+        }
     }
 
     #[test]

@@ -191,7 +191,10 @@ impl NatsPublisher {
             awaiting: Mutex::new(Awaiting::default()),
             next_id: AtomicU64::new(0),
             retries: AtomicU64::new(0),
-            spares: message::Spares::default(),
+            spares: message::Spares::for_batches(
+                &shared.config.batching,
+                shared.config.max_in_flight,
+            ),
             own_connections,
         });
         let (events, rx) = mpsc::unbounded_channel();

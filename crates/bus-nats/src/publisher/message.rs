@@ -324,6 +324,19 @@ mod tests {
         Receipt::from_outcome(m.0.clone())
     }
 
+    /// `n` publishes settled and given up by their holders, as a batch's are when acked.
+    fn settled(n: usize) -> Vec<Arc<Publish>> {
+        (0..n)
+            .map(|_| {
+                let m = publish_in(&Spares::default(), None, 0, None);
+                m.resolve(Ok(published()));
+                let publish = m.0.clone();
+                drop(m);
+                publish
+            })
+            .collect()
+    }
+
     fn published() -> Published {
         Published {
             topic: Topic::new("orders").unwrap(),
@@ -393,17 +406,6 @@ mod tests {
         assert_eq!(spares.kept.lock().unwrap().len(), SPARES);
         // Kept together, as a batch's are: only as many as there is room for.
         let spares = Spares::default();
-        let settled = |n: usize| {
-            (0..n)
-                .map(|_| {
-                    let m = publish_in(&Spares::default(), None, 0, None);
-                    m.resolve(Ok(published()));
-                    let publish = m.0.clone();
-                    drop(m);
-                    publish
-                })
-                .collect::<Vec<_>>()
-        };
         spares.keep_all(settled(SPARES - 2));
         let mut last = settled(5);
         let unsettled = publish_in(&spares, None, 0, None);
@@ -427,17 +429,6 @@ mod tests {
             max_in_flight,
             max_events,
             ..crate::BatchConfig::default()
-        };
-        let settled = |n: usize| {
-            (0..n)
-                .map(|_| {
-                    let m = publish_in(&Spares::default(), None, 0, None);
-                    m.resolve(Ok(published()));
-                    let publish = m.0.clone();
-                    drop(m);
-                    publish
-                })
-                .collect::<Vec<_>>()
         };
         for (max_in_flight, max_events, window, kept) in [
             (16, 128, 10_000, 2_048),

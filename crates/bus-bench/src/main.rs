@@ -145,6 +145,8 @@ struct Options {
     /// Worker threads of each process's tokio runtime (the bench's own, every row's and every
     /// member's): one per core of the 2-core machine the figures come from, unless told.
     threads: usize,
+    /// Times the selection runs, each run with its own ceilings (`--runs`).
+    runs: usize,
 }
 
 /// Default worker threads of the bench's runtimes: the machine the figures come from has 2 cores.
@@ -175,6 +177,7 @@ fn parse_args() -> Result<Options> {
         member: None,
         instructions: Vec::new(),
         threads: DEFAULT_THREADS,
+        runs: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -192,6 +195,16 @@ fn parse_args() -> Result<Options> {
                     .context("--threads needs a number")?;
                 if options.threads == 0 {
                     bail!("--threads needs at least 1");
+                }
+            }
+            "--runs" => {
+                options.runs = args
+                    .next()
+                    .context("--runs needs a number")?
+                    .parse()
+                    .context("--runs needs a number")?;
+                if options.runs == 0 {
+                    bail!("--runs needs at least 1");
                 }
             }
             "--instructions" => options.instructions.extend(
@@ -215,7 +228,7 @@ fn parse_args() -> Result<Options> {
                      --instructions ROW,ROW  run these rows once more under valgrind's callgrind and report the\n\
                                instructions their process executed per event (the broker is another process); for a\n\
                                backlog row (default-backlog) split into publishing the backlog and draining it\n\
-                     --threads N  worker threads of each process's tokio runtime (default 2, this machine's cores)\n\n\
+                     --threads N  worker threads of each process's tokio runtime (default 2, this machine's cores)\n                     --runs N  run the selection N times (default 1), each run against its own ceilings, and report\n                               each row's median over the runs as well as the last run's rows\n\n\
                      Writes target/bench/report.{{md,json,svg}}."
                 );
                 std::process::exit(0);
@@ -308,9 +321,76 @@ async fn run(options: Options) -> Result<()> {
         println!("ROW {}", serde_json::to_string(&row)?);
         return Ok(());
     }
-    let mut rows: Vec<Row> = Vec::new();
     let started = Instant::now();
-    for s in &plan {
+    let mut runs = Vec::with_capacity(options.runs);
+    for _ in 0..options.runs {
+        runs.push(run_once(&options, &plan).await?);
+    }
+    let mut rows = runs.pop().expect("at least one run");
+    let mut medians = if runs.is_empty() {
+        Vec::new()
+    } else {
+        runs.push(rows.clone());
+        report::medians(&runs)?
+    };
+    for name in &options.instructions {
+        let backlog = plan.iter().any(|s| &s.name == name && s.backlog);
+        match count_instructions(name, options.quick, backlog) {
+            Ok(counted) => {
+                let per_event = counted.per_event;
+                match counted.split {
+                    Some((publish, consume)) => println!(
+                        "{name}: {per_event:.0} instructions per event (callgrind, the row's process): {publish:.0} publishing the backlog, {consume:.0} draining it"
+                    ),
+                    None => println!(
+                        "{name}: {per_event:.0} instructions per event (callgrind, the row's process)"
+                    ),
+                }
+                for row in rows.iter_mut().chain(medians.iter_mut()) {
+                    if &row.name == name {
+                        row.instructions_per_event = per_event;
+                        row.instructions_split = counted.split;
+                    }
+                }
+            }
+            Err(e) => eprintln!("instructions of row `{name}` not counted: {e:#}"),
+        }
+    }
+    let server_version = {
+        let server = NatsServer::try_start(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let client = async_nats::connect(server.url()).await?;
+        client.server_info().version
+    };
+    report::write(
+        &rows,
+        &medians,
+        &runs,
+        options.quick,
+        options.threads,
+        &server_version,
+        started.elapsed(),
+    )?;
+    // Every run's rows: a failure in any run fails the bench.
+    let bad: Vec<&Row> = runs
+        .iter()
+        .flatten()
+        .chain(&rows)
+        .filter(|r| r.order_violations > 0 || r.lost > 0)
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "ordering or loss failures in rows: {:?}",
+            bad.iter().map(|r| &r.name).collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+/// Runs the selection once: every row in a child process, the latency rows at half of the
+/// capacity this run measured, and each row's ratios to this run's ceilings.
+async fn run_once(options: &Options, plan: &[Scenario]) -> Result<Vec<Row>> {
+    let mut rows: Vec<Row> = Vec::new();
+    for s in plan {
         rows.push(run_in_child(&s.name, options.quick, None, &[])?);
     }
     // Latency at a fixed rate: half of the default row's measured end-to-end capacity.
@@ -367,27 +447,6 @@ async fn run(options: Options) -> Result<()> {
         .find(|r| r.name == "ceiling-bus-wire")
         .map(|r| r.e2e_msgs_per_s)
         .unwrap_or(0.0);
-    for name in &options.instructions {
-        let backlog = plan.iter().any(|s| &s.name == name && s.backlog);
-        match count_instructions(name, options.quick, backlog) {
-            Ok(counted) => {
-                let per_event = counted.per_event;
-                match counted.split {
-                    Some((publish, consume)) => println!(
-                        "{name}: {per_event:.0} instructions per event (callgrind, the row's process): {publish:.0} publishing the backlog, {consume:.0} draining it"
-                    ),
-                    None => println!(
-                        "{name}: {per_event:.0} instructions per event (callgrind, the row's process)"
-                    ),
-                }
-                if let Some(row) = rows.iter_mut().find(|r| &r.name == name) {
-                    row.instructions_per_event = per_event;
-                    row.instructions_split = counted.split;
-                }
-            }
-            Err(e) => eprintln!("instructions of row `{name}` not counted: {e:#}"),
-        }
-    }
     let packed = rows
         .iter()
         .find(|r| r.name == "ceiling-packed")
@@ -399,27 +458,5 @@ async fn run(options: Options) -> Result<()> {
         row.ratio_to_ceiling_bus_wire = ratio(row.e2e_msgs_per_s, wire);
         row.ratio_to_ceiling_packed = ratio(row.e2e_msgs_per_s, packed);
     }
-    let server_version = {
-        let server = NatsServer::try_start(&[]).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let client = async_nats::connect(server.url()).await?;
-        client.server_info().version
-    };
-    report::write(
-        &rows,
-        options.quick,
-        options.threads,
-        &server_version,
-        started.elapsed(),
-    )?;
-    let bad: Vec<&Row> = rows
-        .iter()
-        .filter(|r| r.order_violations > 0 || r.lost > 0)
-        .collect();
-    if !bad.is_empty() {
-        bail!(
-            "ordering or loss failures in rows: {:?}",
-            bad.iter().map(|r| &r.name).collect::<Vec<_>>()
-        );
-    }
-    Ok(())
+    Ok(rows)
 }

@@ -74,6 +74,11 @@ struct Report<'a> {
     runtime_threads: usize,
     elapsed_s: f64,
     rows: &'a [Row],
+    /// With `--runs N` (N > 1): each row's median over the runs (see [`medians`]); empty
+    /// otherwise.
+    medians: &'a [Row],
+    /// With `--runs N` (N > 1): every run's rows, the last being `rows`; empty otherwise.
+    runs: &'a [Vec<Row>],
 }
 
 fn table(rows: &[Row]) -> String {
@@ -218,8 +223,103 @@ fn svg(rows: &[Row]) -> String {
     s
 }
 
+/// Each row's median over `runs` (every run of the same selection, so the same rows in the same
+/// order): every rate, ratio, latency, memory and core figure is the median of that figure over
+/// the runs, each taken on its own (the medians of one row may come from different runs);
+/// violations, losses and duplicates are summed over the runs; tasks and threads are the most
+/// any run had. A latency row is named for a rate its run measured: where the runs' names
+/// differ, the rate in the name stands as `half-capacity`. Instructions are not taken from the
+/// runs (they are counted once, after).
+pub(crate) fn medians(runs: &[Vec<Row>]) -> Result<Vec<Row>> {
+    let first = runs.first().map_or(&[][..], Vec::as_slice);
+    if let Some(run) = runs.iter().find(|run| run.len() != first.len()) {
+        anyhow::bail!(
+            "the runs have different rows ({} and {}): no medians",
+            first.len(),
+            run.len()
+        );
+    }
+    Ok((0..first.len())
+        .map(|i| {
+            let rows: Vec<&Row> = runs.iter().map(|run| &run[i]).collect();
+            let median_of = |f: &dyn Fn(&Row) -> f64| median(rows.iter().map(|r| f(r)).collect());
+            let optional = |f: &dyn Fn(&Row) -> Option<f64>| {
+                let values: Vec<f64> = rows.iter().filter_map(|r| f(r)).collect();
+                (!values.is_empty()).then(|| median(values))
+            };
+            let stage = |p99: bool, at: usize| {
+                median_of(&|r| {
+                    r.stages
+                        .map_or(0.0, |s| if p99 { s.p99_ms[at] } else { s.p50_ms[at] })
+                })
+            };
+            Row {
+                name: common_name(&rows),
+                messages: first[i].messages,
+                publish_msgs_per_s: median_of(&|r| r.publish_msgs_per_s),
+                e2e_msgs_per_s: median_of(&|r| r.e2e_msgs_per_s),
+                p50_ms: median_of(&|r| r.p50_ms),
+                p99_ms: median_of(&|r| r.p99_ms),
+                p999_ms: median_of(&|r| r.p999_ms),
+                rss_peak_mib: median_of(&|r| r.rss_peak_mib),
+                tasks: rows.iter().map(|r| r.tasks).max().unwrap_or(0),
+                threads: rows.iter().map(|r| r.threads).max().unwrap_or(0),
+                order_violations: rows.iter().map(|r| r.order_violations).sum(),
+                lost: rows.iter().map(|r| r.lost).sum(),
+                duplicates: rows.iter().map(|r| r.duplicates).sum(),
+                ratio_to_ceiling: median_of(&|r| r.ratio_to_ceiling),
+                ratio_to_ceiling_bus_wire: median_of(&|r| r.ratio_to_ceiling_bus_wire),
+                broker_msgs_per_s: median_of(&|r| r.broker_msgs_per_s),
+                ratio_to_ceiling_packed: median_of(&|r| r.ratio_to_ceiling_packed),
+                instructions_per_event: 0.0,
+                instructions_split: None,
+                stages: rows.iter().all(|r| r.stages.is_some()).then(|| Stages {
+                    p50_ms: [stage(false, 0), stage(false, 1), stage(false, 2)],
+                    p99_ms: [stage(true, 0), stage(true, 1), stage(true, 2)],
+                }),
+                cores: (optional(&|r| r.cores.0), optional(&|r| r.cores.1)),
+            }
+        })
+        .collect())
+}
+
+/// The median of `values` (the mean of the middle two of an even count); 0 of none.
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// The rows' name if they share it; otherwise (latency rows, named for the rate each run
+/// measured) what they share up to its last `-`, then `half-capacity`.
+fn common_name(rows: &[&Row]) -> String {
+    let first = &rows[0].name;
+    if rows.iter().all(|r| &r.name == first) {
+        return first.clone();
+    }
+    let shared = rows.iter().fold(first.len(), |len, r| {
+        first
+            .bytes()
+            .zip(r.name.bytes())
+            .take(len)
+            .take_while(|(a, b)| a == b)
+            .count()
+    });
+    let prefix = &first[..first[..shared].rfind('-').map_or(0, |at| at + 1)];
+    format!("{prefix}half-capacity")
+}
+
 pub(crate) fn write(
     rows: &[Row],
+    medians: &[Row],
+    runs: &[Vec<Row>],
     quick: bool,
     threads: usize,
     server: &str,
@@ -227,7 +327,15 @@ pub(crate) fn write(
 ) -> Result<()> {
     let dir = Path::new("target/bench");
     std::fs::create_dir_all(dir)?;
-    let table = table(rows);
+    let mut table = table(rows);
+    if !medians.is_empty() {
+        table = format!(
+            "The last of {} runs:\n\n{table}\nEach row's median over the {} runs (violations, losses and duplicates summed):\n\n{}",
+            runs.len(),
+            runs.len(),
+            self::table(medians)
+        );
+    }
     println!("\n{table}");
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -248,6 +356,8 @@ pub(crate) fn write(
         runtime_threads: threads,
         elapsed_s: elapsed.as_secs_f64(),
         rows,
+        medians,
+        runs,
     })?;
     std::fs::write(dir.join("report.json"), json)?;
     std::fs::write(dir.join("report.svg"), svg(rows))?;
@@ -338,5 +448,55 @@ mod tests {
             lines[2]
         );
         assert!(lines[3].contains("| 4.0 | 0.50 / - | 5 |"), "{}", lines[3]);
+    }
+
+    #[test]
+    fn medians_take_each_figure_over_the_runs_and_sum_the_failures() {
+        let run = |rate: f64, packed: f64, p99: f64, latency: &str, violations: u64| {
+            let mut default = row("default", rate, 0.9);
+            default.ratio_to_ceiling_packed = packed;
+            default.order_violations = violations;
+            let mut latency = row(latency, rate / 2.0, 0.0);
+            latency.p99_ms = p99;
+            vec![row("ceiling", 100.0, 0.0), default, latency]
+        };
+        let runs = vec![
+            run(600.0, 0.41, 4.0, "latency-at-300-msg-s", 0),
+            run(500.0, 0.37, 9.0, "latency-at-250-msg-s", 1),
+            run(700.0, 0.39, 3.0, "latency-at-350-msg-s", 0),
+        ];
+        let medians = medians(&runs).unwrap();
+        let names: Vec<&str> = medians.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["ceiling", "default", "latency-at-half-capacity"]);
+        assert_eq!(medians[1].e2e_msgs_per_s, 600.0);
+        assert_eq!(medians[1].ratio_to_ceiling_packed, 0.39);
+        assert_eq!(medians[1].order_violations, 1);
+        assert_eq!(medians[2].p99_ms, 4.0);
+        assert_eq!(medians[2].e2e_msgs_per_s, 300.0);
+    }
+
+    #[test]
+    fn an_even_count_of_runs_has_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn runs_of_different_rows_have_no_medians() {
+        let runs = vec![
+            vec![row("ceiling", 1.0, 0.0)],
+            vec![row("ceiling", 1.0, 0.0), row("default", 1.0, 0.0)],
+        ];
+        let error = medians(&runs).unwrap_err().to_string();
+        assert!(error.contains("different rows"), "{error}");
+    }
+
+    #[test]
+    fn latency_names_keep_what_the_runs_share_up_to_a_dash() {
+        // 295 and 291 share a digit: the name is cut back to the dash before it.
+        let a = row("latency-lease-at-295000-msg-s", 1.0, 0.0);
+        let b = row("latency-lease-at-291000-msg-s", 1.0, 0.0);
+        assert_eq!(common_name(&[&a, &b]), "latency-lease-at-half-capacity");
+        assert_eq!(common_name(&[&a, &a]), "latency-lease-at-295000-msg-s");
     }
 }

@@ -67,7 +67,7 @@ pub(crate) fn count_instructions(name: &str, quick: bool, backlog: bool) -> Resu
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(std::env::current_exe()?)
         .args(["--row", name])
-        .args(crate::threads_arg());
+        .args(crate::row_args());
     if quick {
         command.arg("--quick");
     }

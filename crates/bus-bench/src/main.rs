@@ -147,6 +147,8 @@ struct Options {
     threads: usize,
     /// Times the selection runs, each run with its own ceilings (`--runs`).
     runs: usize,
+    /// Events of each aggregate in the rows that take the run's standard count (`--versions`).
+    versions: Option<u64>,
 }
 
 /// Default worker threads of the bench's runtimes: the machine the figures come from has 2 cores.
@@ -154,6 +156,9 @@ const DEFAULT_THREADS: usize = 2;
 
 /// The runtime's worker threads, set once from `--threads`: rows and members are started with it.
 static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// `--versions N`, set once: row processes are started with it.
+static VERSIONS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
 
 /// `--threads N` for a child process of this binary.
 pub(crate) fn threads_arg() -> [String; 2] {
@@ -167,6 +172,16 @@ pub(crate) fn threads_arg() -> [String; 2] {
     ]
 }
 
+/// What a row's process of this binary is started with besides its row: `--threads N`, and
+/// `--versions N` when the run was given it.
+pub(crate) fn row_args() -> Vec<String> {
+    let mut args = threads_arg().to_vec();
+    if let Some(versions) = VERSIONS.get().copied().flatten() {
+        args.extend(["--versions".into(), versions.to_string()]);
+    }
+    args
+}
+
 fn parse_args() -> Result<Options> {
     let mut options = Options {
         quick: false,
@@ -178,6 +193,7 @@ fn parse_args() -> Result<Options> {
         instructions: Vec::new(),
         threads: DEFAULT_THREADS,
         runs: 1,
+        versions: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -207,6 +223,17 @@ fn parse_args() -> Result<Options> {
                     bail!("--runs needs at least 1");
                 }
             }
+            "--versions" => {
+                let versions: u64 = args
+                    .next()
+                    .context("--versions needs a number")?
+                    .parse()
+                    .context("--versions needs a number")?;
+                if versions == 0 {
+                    bail!("--versions needs at least 1");
+                }
+                options.versions = Some(versions);
+            }
             "--instructions" => options.instructions.extend(
                 args.next()
                     .context("--instructions needs row names")?
@@ -228,7 +255,10 @@ fn parse_args() -> Result<Options> {
                      --instructions ROW,ROW  run these rows once more under valgrind's callgrind and report the\n\
                                instructions their process executed per event (the broker is another process); for a\n\
                                backlog row (default-backlog) split into publishing the backlog and draining it\n\
-                     --threads N  worker threads of each process's tokio runtime (default 2, this machine's cores)\n                     --runs N  run the selection N times (default 1), each run against its own ceilings, and report\n                               each row's median over the runs as well as the last run's rows\n\n\
+                     --threads N  worker threads of each process's tokio runtime (default 2, this machine's cores)\n                     --versions N  events of each aggregate in the rows that take the run's standard count (20, or 5\n\
+                               with --quick; `default` has 10 000 aggregates, so 100 makes it a million events): rows\n\
+                               long enough for a steady state, whose start and end weigh little\n\
+                     --runs N  run the selection N times (default 1), each run against its own ceilings, and report\n                               each row's median over the runs as well as the last run's rows\n\n\
                      Writes target/bench/report.{{md,json,svg}}."
                 );
                 std::process::exit(0);
@@ -248,7 +278,7 @@ const BROKER_GC_TUNED: &[(&str, &str)] = &[("GOGC", "off"), ("GOMEMLIMIT", "1GiB
 fn run_in_child(name: &str, quick: bool, rate: Option<f64>, env: &[(&str, &str)]) -> Result<Row> {
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command.args(["--row", name]);
-    command.args(threads_arg());
+    command.args(row_args());
     command.envs(env.iter().copied());
     if quick {
         command.arg("--quick");
@@ -283,6 +313,9 @@ fn main() -> Result<()> {
     THREADS
         .set(options.threads)
         .expect("the runtime's threads are set once");
+    VERSIONS
+        .set(options.versions)
+        .expect("the rows' versions are set once");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(options.threads)
         .enable_all()
@@ -295,7 +328,7 @@ async fn run(options: Options) -> Result<()> {
     if let Some(url) = &options.member {
         return members::run_member(url).await;
     }
-    let mut plan = scenarios(options.quick);
+    let mut plan = scenarios(options.quick, options.versions);
     if !options.only.is_empty() {
         plan.retain(|s| (s.name == "ceiling" && !options.alone) || options.only.contains(&s.name));
     }

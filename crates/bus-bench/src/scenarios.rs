@@ -67,9 +67,11 @@ impl Scenario {
     }
 }
 
-pub(crate) fn scenarios(quick: bool) -> Vec<Scenario> {
+/// Every row, for a quick run or a full one; `versions` (`--versions`) in place of the run's
+/// standard count of events per aggregate, in every row that takes it.
+pub(crate) fn scenarios(quick: bool, versions: Option<u64>) -> Vec<Scenario> {
     // 10 000 aggregates; versions set the message count.
-    let versions = if quick { 5 } else { 20 };
+    let versions = versions.unwrap_or(if quick { 5 } else { 20 });
     let seed_versions = if quick { 1 } else { 4 };
     let bus = |setup: BusSetup| Kind::Bus(setup);
     let seed = BusSetup::seed_before;
@@ -429,5 +431,29 @@ pub(crate) fn latency_scenario(name: &str, rate: f64, quick: bool) -> Scenario {
     Scenario {
         rate: Some(rate),
         ..Scenario::new(name, kind, 10_000, versions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(plan: &[Scenario], name: &str) -> u64 {
+        plan.iter().find(|s| s.name == name).unwrap().messages()
+    }
+
+    #[test]
+    fn versions_set_the_events_of_the_rows_that_take_the_standard_count() {
+        let standard = scenarios(false, None);
+        let long = scenarios(false, Some(100));
+        assert_eq!(events(&standard, "default"), 200_000);
+        assert_eq!(events(&long, "default"), 1_000_000);
+        assert_eq!(events(&long, "ceiling-packed"), 1_000_000);
+        // A row with a count of its own keeps it.
+        assert_eq!(
+            events(&long, "1m-aggregates"),
+            events(&standard, "1m-aggregates")
+        );
+        assert_eq!(events(&scenarios(true, None), "default"), 50_000);
     }
 }

@@ -182,6 +182,18 @@ pub(crate) fn row_args() -> Vec<String> {
     args
 }
 
+/// The number that follows `flag` on the command line, which must be at least 1.
+fn at_least_one(value: Option<String>, flag: &str) -> Result<u64> {
+    let n: u64 = value
+        .with_context(|| format!("{flag} needs a number"))?
+        .parse()
+        .with_context(|| format!("{flag} needs a number"))?;
+    if n == 0 {
+        bail!("{flag} needs at least 1");
+    }
+    Ok(n)
+}
+
 fn parse_args() -> Result<Options> {
     let mut options = Options {
         quick: false,
@@ -203,37 +215,9 @@ fn parse_args() -> Result<Options> {
             "--row" => options.row = Some(args.next().context("--row needs a row name")?),
             "--rate" => options.rate = Some(args.next().context("--rate needs msg/s")?.parse()?),
             "--member" => options.member = Some(args.next().context("--member needs a URL")?),
-            "--threads" => {
-                options.threads = args
-                    .next()
-                    .context("--threads needs a number")?
-                    .parse()
-                    .context("--threads needs a number")?;
-                if options.threads == 0 {
-                    bail!("--threads needs at least 1");
-                }
-            }
-            "--runs" => {
-                options.runs = args
-                    .next()
-                    .context("--runs needs a number")?
-                    .parse()
-                    .context("--runs needs a number")?;
-                if options.runs == 0 {
-                    bail!("--runs needs at least 1");
-                }
-            }
-            "--versions" => {
-                let versions: u64 = args
-                    .next()
-                    .context("--versions needs a number")?
-                    .parse()
-                    .context("--versions needs a number")?;
-                if versions == 0 {
-                    bail!("--versions needs at least 1");
-                }
-                options.versions = Some(versions);
-            }
+            "--threads" => options.threads = at_least_one(args.next(), "--threads")? as usize,
+            "--runs" => options.runs = at_least_one(args.next(), "--runs")? as usize,
+            "--versions" => options.versions = Some(at_least_one(args.next(), "--versions")?),
             "--instructions" => options.instructions.extend(
                 args.next()
                     .context("--instructions needs row names")?
@@ -492,4 +476,22 @@ async fn run_once(options: &Options, plan: &[Scenario]) -> Result<Vec<Row>> {
         row.ratio_to_ceiling_packed = ratio(row.e2e_msgs_per_s, packed);
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::at_least_one;
+
+    #[test]
+    fn counts_on_the_command_line_are_numbers_of_at_least_one() {
+        assert_eq!(at_least_one(Some("5".into()), "--runs").unwrap(), 5);
+        for (value, why) in [
+            (None, "--runs needs a number"),
+            (Some("five".into()), "--runs needs a number"),
+            (Some("0".into()), "--runs needs at least 1"),
+        ] {
+            let error = at_least_one(value, "--runs").unwrap_err().to_string();
+            assert_eq!(error, why);
+        }
+    }
 }

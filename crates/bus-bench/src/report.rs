@@ -225,7 +225,8 @@ fn svg(rows: &[Row]) -> String {
 
 /// Each row's median over `runs` (every run of the same selection, so the same rows in the same
 /// order): every rate, ratio, latency, memory and core figure is the median of that figure over
-/// the runs, each taken on its own (the medians of one row may come from different runs);
+/// the runs, each taken on its own (the medians of one row may come from different runs), and
+/// so is its number of events (a latency row's follows its rate);
 /// violations, losses and duplicates are summed over the runs; tasks and threads are the most
 /// any run had. A latency row is named for a rate its run measured: where the runs' names
 /// differ, the rate in the name stands as `half-capacity`. Instructions are not taken from the
@@ -255,7 +256,7 @@ pub(crate) fn medians(runs: &[Vec<Row>]) -> Result<Vec<Row>> {
             };
             Row {
                 name: common_name(&rows),
-                messages: first[i].messages,
+                messages: median_of(&|r| r.messages as f64).round() as u64,
                 publish_msgs_per_s: median_of(&|r| r.publish_msgs_per_s),
                 e2e_msgs_per_s: median_of(&|r| r.e2e_msgs_per_s),
                 p50_ms: median_of(&|r| r.p50_ms),
@@ -458,6 +459,7 @@ mod tests {
             default.order_violations = violations;
             let mut latency = row(latency, rate / 2.0, 0.0);
             latency.p99_ms = p99;
+            latency.messages = rate as u64 * 10;
             vec![row("ceiling", 100.0, 0.0), default, latency]
         };
         let runs = vec![
@@ -473,6 +475,7 @@ mod tests {
         assert_eq!(medians[1].order_violations, 1);
         assert_eq!(medians[2].p99_ms, 4.0);
         assert_eq!(medians[2].e2e_msgs_per_s, 300.0);
+        assert_eq!(medians[2].messages, 6_000);
     }
 
     #[test]

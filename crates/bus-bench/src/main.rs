@@ -239,10 +239,12 @@ fn parse_args() -> Result<Options> {
                      --instructions ROW,ROW  run these rows once more under valgrind's callgrind and report the\n\
                                instructions their process executed per event (the broker is another process); for a\n\
                                backlog row (default-backlog) split into publishing the backlog and draining it\n\
-                     --threads N  worker threads of each process's tokio runtime (default 2, this machine's cores)\n                     --versions N  events of each aggregate in the rows that take the run's standard count (20, or 5\n\
+                     --threads N  worker threads of each process's tokio runtime (default 2, this machine's cores)\n\
+                     --versions N  events of each aggregate in the rows that take the run's standard count (20, or 5\n\
                                with --quick; `default` has 10 000 aggregates, so 100 makes it a million events): rows\n\
                                long enough for a steady state, whose start and end weigh little\n\
-                     --runs N  run the selection N times (default 1), each run against its own ceilings, and report\n                               each row's median over the runs as well as the last run's rows\n\n\
+                     --runs N  run the selection N times (default 1), each run against its own ceilings, and report\n\
+                               each row's median over the runs as well as the last run's rows\n\n\
                      Writes target/bench/report.{{md,json,svg}}."
                 );
                 std::process::exit(0);
